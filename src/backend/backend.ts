@@ -1,0 +1,147 @@
+/**
+ * The Backend service: where tensors live and ops run. Implementations: the CPU reference and
+ * WebGPU (src/kernels.wgsl). Selection: WebGPU when an adapter exists, CPU otherwise; override
+ * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
+ * @module
+ */
+import { Context, Data, Effect, Layer } from "effect";
+import type { Scope } from "effect";
+import { makeCpuOps } from "./cpu/ops.ts";
+import type { CpuPrecision } from "./cpu/scope.ts";
+import type { BackendInfo, Ops } from "./ops.ts";
+import { GpuContext } from "./webgpu/context.ts";
+import { loadKernels } from "./webgpu/kernels.ts";
+import { makeGpuOps } from "./webgpu/ops.ts";
+
+/** Backend shape: static info plus a way to open scoped Ops. */
+export interface BackendShape {
+  readonly info: BackendInfo;
+  /** Ops whose tensors are released when the enclosing Scope closes. */
+  readonly ops: Effect.Effect<Ops, never, Scope.Scope>;
+  /** Waits for all submitted device work (for timing); a no-op on the CPU. */
+  readonly sync: Effect.Effect<void, BackendError>;
+  /** The GPU context, when the backend is WebGPU (counters for benches and tests). */
+  readonly gpu: GpuContext | null;
+}
+
+/** The Backend service key. */
+export const Backend: Context.Key<BackendShape, BackendShape> = Context.Service<BackendShape>(
+  "lorafold/Backend",
+);
+
+/** Backend setup or device failure. */
+export class BackendError extends Data.TaggedError("BackendError")<{ readonly message: string }> {}
+
+/** Which backend to use. */
+export type BackendChoice = "auto" | "cpu" | "webgpu";
+
+/** The CPU reference backend (f64 precision serves tests as a float64 reference). */
+export const cpuBackend = (precision: CpuPrecision = "f32"): BackendShape => {
+  const ops = makeCpuOps(precision).ops.info;
+  return {
+    info: ops,
+    ops: Effect.acquireRelease(
+      Effect.sync(() => makeCpuOps(precision)),
+      ({ scope }) => Effect.sync(() => scope.release()),
+    ).pipe(Effect.map(({ ops }) => ops)),
+    sync: Effect.void,
+    gpu: null,
+  };
+};
+
+const gpuApi = (): GPU | undefined =>
+  (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+
+/** Opens the WebGPU device with the adapter's raised limits; released with the scope. */
+export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scope> = Effect
+  .acquireRelease(
+    Effect.tryPromise({
+      try: async () => {
+        const gpu = gpuApi();
+        if (!gpu) throw new Error("navigator.gpu is not available in this runtime");
+        const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
+        if (!adapter) throw new Error("no WebGPU adapter");
+        const l = adapter.limits;
+        const device = await adapter.requestDevice({
+          requiredLimits: {
+            maxBufferSize: l.maxBufferSize,
+            maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+            maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+            maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+            maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+            maxComputeWorkgroupSizeY: l.maxComputeWorkgroupSizeY,
+            maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+          },
+        });
+        const info = adapter.info;
+        const description = info.description || `${info.vendor} ${info.device}`.trim();
+        return new GpuContext(
+          device,
+          { name: "webgpu", description, fallback: info.isFallbackAdapter ?? false },
+          await loadKernels(),
+        );
+      },
+      catch: (e) => new BackendError({ message: e instanceof Error ? e.message : String(e) }),
+    }),
+    (ctx) => Effect.sync(() => ctx.destroy()),
+  ).pipe(Effect.map((ctx): BackendShape => ({
+    info: ctx.info,
+    ops: Effect.acquireRelease(
+      Effect.sync(() => makeGpuOps(ctx)),
+      ({ scope }) => Effect.sync(() => scope.release()),
+    ).pipe(Effect.map(({ ops }) => ops)),
+    sync: Effect.tryPromise({
+      try: () => ctx.sync(),
+      catch: (e) => new BackendError({ message: String(e) }),
+    }),
+    gpu: ctx,
+  })));
+
+/** Reads LORAFOLD_BACKEND (auto when unset); an unknown value is an error naming the choices. */
+export const backendChoiceFromEnv = (): Effect.Effect<BackendChoice, BackendError> =>
+  Effect.suspend(() => {
+    let v: string | undefined;
+    try {
+      v = (globalThis as { process?: { env: Record<string, string | undefined> } }).process?.env
+        .LORAFOLD_BACKEND ?? (globalThis as { Deno?: { env: { get(k: string): string | undefined } } })
+        .Deno?.env.get("LORAFOLD_BACKEND");
+    } catch {
+      v = undefined;
+    }
+    const c = (v ?? "auto").trim().toLowerCase();
+    return c === "auto" || c === "cpu" || c === "webgpu"
+      ? Effect.succeed(c as BackendChoice)
+      : Effect.fail(
+        new BackendError({ message: `LORAFOLD_BACKEND="${v}": expected one of auto, cpu, webgpu` }),
+      );
+  });
+
+/** Chooses a backend: `webgpu` fails without an adapter; `auto` falls back to the CPU. */
+export const selectBackend = (
+  choice: BackendChoice,
+): Effect.Effect<BackendShape, BackendError, Scope.Scope> => {
+  const chosen = choice === "cpu"
+    ? Effect.succeed(cpuBackend())
+    : choice === "webgpu"
+    ? webgpuBackend
+    : webgpuBackend.pipe(
+      Effect.catch((e) =>
+        Effect.logWarning(`WebGPU unavailable (${e.message}); using the CPU backend`).pipe(
+          Effect.as(cpuBackend()),
+        )
+      ),
+    );
+  return chosen.pipe(
+    Effect.tap((b) => Effect.logInfo(`backend: ${b.info.name} — ${b.info.description}`)),
+  );
+};
+
+/** Layer providing the Backend chosen by `choice` (default: from LORAFOLD_BACKEND). */
+export const BackendLive = (choice?: BackendChoice): Layer.Layer<BackendShape, BackendError> =>
+  Layer.effect(
+    Backend,
+    Effect.flatMap(
+      choice ? Effect.succeed(choice) : backendChoiceFromEnv(),
+      selectBackend,
+    ),
+  );

@@ -1,0 +1,78 @@
+/**
+ * CPU reference backend: plain TypeScript, simple and obviously correct; the oracle the WebGPU
+ * kernels are tested against, and the fallback where no GPU adapter exists.
+ * @module
+ */
+import { Effect } from "effect";
+import type { BackendInfo, Ops } from "../ops.ts";
+import type { DType, Tensor } from "../tensor.ts";
+import { require, sizeOf } from "../tensor.ts";
+import * as attention from "./attention.ts";
+import * as elementwise from "./elementwise.ts";
+import * as layers from "./layers.ts";
+import * as matmul from "./matmul.ts";
+import { type CpuPrecision, CpuScope, CpuTensor } from "./scope.ts";
+
+/** Describes the CPU backend. */
+export const cpuInfo = (precision: CpuPrecision): BackendInfo => ({
+  name: "cpu",
+  description: `TypeScript reference (${precision}, ${navigator.hardwareConcurrency} cpus)`,
+  fallback: false,
+});
+
+/** Ops bound to a fresh CPU scope; call `release` of the returned scope when it closes. */
+export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope } => {
+  const sc = new CpuScope(precision);
+  const fromArray = (data: ArrayLike<number>, shape: readonly number[], dtype: DType = "f32") => {
+    require(sizeOf(shape) === data.length, "fromArray", () => `shape [${shape}] vs length ${data.length}`);
+    const store = dtype === "i32" ? Int32Array.from(data) : sc.floats(data.length);
+    if (dtype === "f32") store.set(data);
+    return sc.wrap(shape, store, dtype);
+  };
+  const ops: Ops = {
+    info: cpuInfo(precision),
+    fromArray,
+    zeros: (shape, dtype = "f32") =>
+      sc.wrap(shape, dtype === "i32" ? new Int32Array(sizeOf(shape)) : sc.floats(sizeOf(shape)), dtype),
+    copy: (t) => {
+      const c = sc.any(t, "copy");
+      return sc.wrap(c.shape, c.data.slice(), c.dtype);
+    },
+    reshape: (t: Tensor, shape) => {
+      const c = sc.any(t, "reshape");
+      require(sizeOf(shape) === c.size, "reshape", () => `[${c.shape}] -> [${shape}]`);
+      return new CpuTensor(shape, c.dtype, c.data, c.life);
+    },
+    read: (ts) => Effect.sync(() => ts.map((t) => sc.f(t, "read").slice())),
+    readInt: (ts) => Effect.sync(() => ts.map((t) => sc.i(t, "readInt").slice())),
+    flush: () => {},
+    matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
+    add: (a, b) => elementwise.add(sc, a, b),
+    sub: (a, b) => elementwise.sub(sc, a, b),
+    mul: (a, b) => elementwise.mul(sc, a, b),
+    scale: (a, s) => elementwise.scale(sc, a, s),
+    addScaled: (a, b, s) => elementwise.addScaled(sc, a, b, s),
+    addScaledInPlace: (dst, src, s) => elementwise.addScaledInPlace(sc, dst, src, s),
+    addRow: (a, row) => elementwise.addRow(sc, a, row),
+    sumRows: (a) => elementwise.sumRows(sc, a),
+    sumSquares: (a) => elementwise.sumSquares(sc, a),
+    gatherRows: (src, rows) => elementwise.gatherRows(sc, src, rows),
+    scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
+    swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),
+    swigluBackward: (dh, gate, up) => elementwise.swigluBackward(sc, dh, gate, up),
+    adamw: (param, grad, m, v, opts) => elementwise.adamw(sc, param, grad, m, v, opts),
+    loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
+    rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
+    rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
+    rope: (x, positions, heads, headDim, theta) => layers.rope(sc, x, positions, heads, headDim, theta),
+    ropeBackward: (dy, positions, heads, headDim, theta) => layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
+    embedding: (table, ids) => layers.embedding(sc, table, ids),
+    embeddingBackward: (dy, ids, vocab) => layers.embeddingBackward(sc, dy, ids, vocab),
+    logProbs: (logits, targets, temperature) => layers.logProbs(sc, logits, targets, temperature),
+    logProbsBackward: (dlogp, logits, targets, lse, temperature) => layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
+    entropy: (logits, temperature) => layers.entropy(sc, logits, temperature),
+    attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
+    attentionBackward: (dOut, q, k, v, out, lse, opts) => attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
+  };
+  return { ops, scope: sc };
+};

@@ -1,0 +1,84 @@
+/**
+ * CPU reference backend: storage and lifetime. Values are Float32Array (or Float64Array in the
+ * f64 mode that tests use as a float64 reference), ids Int32Array.
+ * @module
+ */
+import type { DType, FloatArray, Tensor } from "../tensor.ts";
+import { ReleasedTensorError, require, ShapeError, sizeOf } from "../tensor.ts";
+
+/** Arithmetic precision of the CPU backend. */
+export type CpuPrecision = "f32" | "f64";
+
+interface Life {
+  released: boolean;
+}
+
+/** A tensor of the CPU backend. */
+export class CpuTensor implements Tensor {
+  readonly backend = "cpu";
+  readonly size: number;
+  constructor(
+    readonly shape: readonly number[],
+    readonly dtype: DType,
+    /** @internal */ readonly data: FloatArray | Int32Array,
+    /** @internal */ readonly life: Life,
+  ) {
+    this.size = sizeOf(shape);
+  }
+}
+
+/** Allocation and access for CPU op implementations; one per Ops scope. */
+export class CpuScope {
+  private readonly life: Life = { released: false };
+  constructor(readonly precision: CpuPrecision) {}
+
+  /** Fresh float storage of the backend precision. */
+  floats(n: number): FloatArray {
+    return this.precision === "f64" ? new Float64Array(n) : new Float32Array(n);
+  }
+
+  /** Wraps storage as a tensor owned by this scope. */
+  wrap(shape: readonly number[], data: FloatArray | Int32Array, dtype: DType = "f32"): CpuTensor {
+    require(sizeOf(shape) === data.length, "wrap", () => `shape [${shape}] vs ${data.length}`);
+    return new CpuTensor(shape, dtype, data, this.life);
+  }
+
+  /** Fresh zero-filled f32 tensor. */
+  out(shape: readonly number[]): CpuTensor {
+    return this.wrap(shape, this.floats(sizeOf(shape)));
+  }
+
+  private check(t: Tensor, op: string): CpuTensor {
+    if (!(t instanceof CpuTensor)) {
+      throw new ShapeError({ op, message: `tensor from backend "${t.backend}" given to cpu` });
+    }
+    if (t.life.released) {
+      throw new ReleasedTensorError({ op, message: `tensor [${t.shape}] used after its scope closed` });
+    }
+    return t;
+  }
+
+  /** Float storage of `t` (checked: this backend, alive, f32). */
+  f(t: Tensor, op: string): FloatArray {
+    const c = this.check(t, op);
+    require(c.dtype === "f32", op, () => `expected f32 tensor, got ${c.dtype}`);
+    return c.data as FloatArray;
+  }
+
+  /** Int storage of `t` (checked: this backend, alive, i32). */
+  i(t: Tensor, op: string): Int32Array {
+    const c = this.check(t, op);
+    require(c.dtype === "i32", op, () => `expected i32 tensor, got ${c.dtype}`);
+    return c.data as Int32Array;
+  }
+
+  /** Any storage of `t` (checked). */
+  any(t: Tensor, op: string): CpuTensor {
+    return this.check(t, op);
+  }
+
+  /** Releases every tensor of this scope: later use raises ReleasedTensorError. */
+  release(): void {
+    this.life.released = true;
+  }
+}

@@ -1,0 +1,185 @@
+/**
+ * The tensor operations a Llama-style decoder needs for its forward and backward pass, as one
+ * interface implemented by the CPU reference backend and the WebGPU backend.
+ *
+ * Lifetime: an `Ops` value is bound to an Effect `Scope`; every tensor it creates is released when
+ * that scope closes (GPU buffers go back to the pool). Long-lived tensors (weights, optimizer state)
+ * come from an `Ops` bound to a long-lived scope; per-step temporaries from a per-step scope.
+ * Ops are synchronous: on WebGPU they only encode work, which is submitted in batches; `read`
+ * is the only place that waits, so a training step reads back as few (small) tensors as it can.
+ * @module
+ */
+import type { Effect } from "effect";
+import type { DType, FloatArray, Tensor } from "./tensor.ts";
+
+/** Error raised by a backend at run time (device lost, readback failure, out of memory). */
+export interface BackendFailure {
+  readonly _tag: "BackendError";
+  readonly message: string;
+}
+
+/** Matmul transpose flags: `transA` means `a` is stored as [K, M]; `transB` means `b` is [N, K]. */
+export interface MatmulOptions {
+  readonly transA?: boolean;
+  readonly transB?: boolean;
+}
+
+/** Geometry of an attention call. Rows of q are `batch * tq`, rows of k/v are `batch * tk`. */
+export interface AttentionOptions {
+  readonly batch: number;
+  /** Query positions per sequence. */
+  readonly tq: number;
+  /** Key/value positions per sequence (rows per sequence in k and v). */
+  readonly tk: number;
+  readonly heads: number;
+  /** Key/value heads; `heads` must be a multiple (grouped-query attention). */
+  readonly kvHeads: number;
+  readonly headDim: number;
+  /**
+   * Absolute position of query row 0 within the key sequence (KV-cache decoding: tk - tq).
+   * Query i attends keys j <= qOffset + i (causal). Default 0.
+   */
+  readonly qOffset?: number;
+  /**
+   * Number of valid key rows per sequence (<= tk); keys at or beyond it are masked. Lets a KV cache
+   * be allocated at full length and filled as decoding goes. Default tk.
+   */
+  readonly kvLen?: number;
+  /** Optional i32 [batch]: keys before kvStart[b] are masked (left padding). Default 0. */
+  readonly kvStart?: Tensor;
+}
+
+/** AdamW hyper-parameters for one update; `step` is 1-based (bias correction). */
+export interface AdamWOptions {
+  readonly lr: number;
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  readonly step: number;
+  /** Gradient multiplier applied before the update (gradient clipping / accumulation). Default 1. */
+  readonly gradScale?: number;
+}
+
+/** Static facts about a backend, logged once when it is chosen. */
+export interface BackendInfo {
+  readonly name: "cpu" | "webgpu";
+  /** Adapter or CPU description, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)". */
+  readonly description: string;
+  /** True for a software adapter such as llvmpipe. */
+  readonly fallback: boolean;
+}
+
+/** Tensor operations bound to one scope. All shapes are row-major. */
+export interface Ops {
+  readonly info: BackendInfo;
+
+  // ---- creation, views, transfer -------------------------------------------------------------
+  /** Fresh tensor holding `data` (converted to `dtype`, default f32). */
+  fromArray(data: ArrayLike<number>, shape: readonly number[], dtype?: DType): Tensor;
+  /** Fresh tensor of zeros. */
+  zeros(shape: readonly number[], dtype?: DType): Tensor;
+  /** Fresh copy (owned by this scope) of any tensor of this backend. */
+  copy(t: Tensor): Tensor;
+  /** View with another shape of the same size; shares storage, owned by the source's scope. */
+  reshape(t: Tensor, shape: readonly number[]): Tensor;
+  /** Host copies of f32 tensors, fetched with a single wait. */
+  read(ts: readonly Tensor[]): Effect.Effect<FloatArray[], BackendFailure>;
+  /** Host copies of i32 tensors, fetched with a single wait. */
+  readInt(ts: readonly Tensor[]): Effect.Effect<Int32Array[], BackendFailure>;
+  /** Submits pending work without waiting (lets the device run while the host prepares more). */
+  flush(): void;
+
+  // ---- matmul --------------------------------------------------------------------------------
+  /** C[M,N] = op(A)·op(B); see MatmulOptions. X·Wᵀ is `{transB:true}`, dYᵀ·X is `{transA:true}`. */
+  matmul(a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor;
+
+  // ---- elementwise and reductions (f32) ------------------------------------------------------
+  /** a + b, same shape. */
+  add(a: Tensor, b: Tensor): Tensor;
+  /** a - b, same shape. */
+  sub(a: Tensor, b: Tensor): Tensor;
+  /** a * b elementwise, same shape. */
+  mul(a: Tensor, b: Tensor): Tensor;
+  /** s * a. */
+  scale(a: Tensor, s: number): Tensor;
+  /** a + s * b, same shape. */
+  addScaled(a: Tensor, b: Tensor, s: number): Tensor;
+  /** In place: dst += s * src (gradient accumulation). */
+  addScaledInPlace(dst: Tensor, src: Tensor, s: number): void;
+  /** a[R,C] + row[C] broadcast over rows (bias add). */
+  addRow(a: Tensor, row: Tensor): Tensor;
+  /** Column sums of a[R,C] -> [C] (bias gradient). */
+  sumRows(a: Tensor): Tensor;
+  /** Sum of squares of all elements -> [1] (gradient norms; read back with `read`). */
+  sumSquares(a: Tensor): Tensor;
+  /** Rows of src[R,C] picked by host indices -> [rows.length, C]. */
+  gatherRows(src: Tensor, rows: ArrayLike<number>): Tensor;
+  /** In place: dst[rows[i], :] = src[i, :] (KV-cache writes). */
+  scatterRowsInPlace(dst: Tensor, src: Tensor, rows: ArrayLike<number>): void;
+
+  // ---- decoder layers ------------------------------------------------------------------------
+  /** RMSNorm over the last dim: y = x / sqrt(mean(x²) + eps) * w. Also returns rstd [R]. */
+  rmsNorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
+  /** Gradients of rmsNorm: dx [R,H] and dw [H]. */
+  rmsNormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
+  /**
+   * Rotary embedding (Hugging Face "rotate_half" layout) on x [R, heads*headDim] with i32
+   * positions [R]: for i < d/2, (x_i, x_{i+d/2}) rotated by pos * theta^(-2i/d).
+   */
+  rope(x: Tensor, positions: Tensor, heads: number, headDim: number, theta: number): Tensor;
+  /** Gradient of rope (rotation by the opposite angle). */
+  ropeBackward(dy: Tensor, positions: Tensor, heads: number, headDim: number, theta: number): Tensor;
+  /**
+   * Causal softmax attention with grouped-query heads, scale 1/sqrt(headDim).
+   * q [batch*tq, heads*headDim], k and v [batch*tk, kvHeads*headDim] -> out like q, and the
+   * log-sum-exp of the scaled scores, lse [batch*tq, heads] (kept for the backward pass).
+   * A query row with no visible key gets out = 0 and lse = 0.
+   */
+  attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): { out: Tensor; lse: Tensor };
+  /** Gradients of attention given dOut and the forward's out and lse. */
+  attentionBackward(
+    dOut: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    opts: AttentionOptions,
+  ): { dq: Tensor; dk: Tensor; dv: Tensor };
+  /** SiLU-gated MLP activation: silu(gate) * up. */
+  swiglu(gate: Tensor, up: Tensor): Tensor;
+  /** Gradients of swiglu. */
+  swigluBackward(dh: Tensor, gate: Tensor, up: Tensor): { dGate: Tensor; dUp: Tensor };
+  /** Embedding gather: table[V,H], ids i32 [N] -> [N,H]. */
+  embedding(table: Tensor, ids: Tensor): Tensor;
+  /**
+   * Embedding gradient: scatter-add of dy[N,H] into a fresh [vocab,H] by the host ids (the ids are
+   * known on the host, which makes the reduction deterministic and free of float atomics).
+   */
+  embeddingBackward(dy: Tensor, ids: ArrayLike<number>, vocab: number): Tensor;
+  /**
+   * Token log-probs at a temperature: logp[i] = log_softmax(logits[i]/T)[targets[i]] for logits
+   * [N,V] and i32 targets [N]; also returns lse [N] = logsumexp(logits[i]/T).
+   */
+  logProbs(logits: Tensor, targets: Tensor, temperature: number): { logp: Tensor; lse: Tensor };
+  /** d logits [N,V] from d logp [N]: (onehot(target) - softmax(logits/T)) * dlogp / T. */
+  logProbsBackward(
+    dlogp: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    temperature: number,
+  ): Tensor;
+  /** Per-row entropy [N] of softmax(logits/T). */
+  entropy(logits: Tensor, temperature: number): Tensor;
+
+  // ---- optimizer and LoRA --------------------------------------------------------------------
+  /** In place AdamW (decoupled weight decay) on param, m, v with gradient g. */
+  adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;
+  /**
+   * Out-of-place LoRA fold: a FRESH tensor W + s·B·A for W [out,in], B [out,r], A [r,in].
+   * Never writes to W: the heart of the alias-free snapshot.
+   */
+  loraFold(w: Tensor, b: Tensor, a: Tensor, s: number): Tensor;
+}

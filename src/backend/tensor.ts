@@ -1,0 +1,71 @@
+/**
+ * Tensor handles shared by every backend. A tensor is an opaque handle: its data lives in the
+ * backend (a typed array on the CPU, a GPU buffer on WebGPU) and is reached only through `Ops`.
+ * @module
+ */
+import { Data } from "effect";
+
+/** Element type: `f32` for values, `i32` for token ids and positions. */
+export type DType = "f32" | "i32";
+
+/** Host arrays the backends hand back. The CPU reference in f64 mode returns Float64Array. */
+export type FloatArray = Float32Array | Float64Array;
+
+/** A handle to backend-owned data of a fixed shape. Immutable except through in-place ops. */
+export interface Tensor {
+  readonly shape: readonly number[];
+  readonly dtype: DType;
+  /** Number of elements (product of shape). */
+  readonly size: number;
+  /** Which backend created it ("cpu" | "webgpu"); ops refuse tensors from another backend. */
+  readonly backend: string;
+}
+
+/** A shape or dtype that an op cannot accept: a programming error, thrown synchronously. */
+export class ShapeError extends Data.TaggedError("ShapeError")<{
+  readonly op: string;
+  readonly message: string;
+}> {}
+
+/** A tensor used after the scope that owned it closed. */
+export class ReleasedTensorError extends Data.TaggedError("ReleasedTensorError")<{
+  readonly op: string;
+  readonly message: string;
+}> {}
+
+/** Product of dimensions; validates that every dimension is a non-negative integer. */
+export const sizeOf = (shape: readonly number[]): number => {
+  let n = 1;
+  for (const d of shape) {
+    if (!Number.isInteger(d) || d < 0) {
+      throw new ShapeError({ op: "shape", message: `invalid dimension ${d} in [${shape}]` });
+    }
+    n *= d;
+  }
+  return n;
+};
+
+/** Throws a ShapeError unless `cond` holds. */
+export const require = (cond: boolean, op: string, message: () => string): void => {
+  if (!cond) throw new ShapeError({ op, message: message() });
+};
+
+/** Checks `t.shape` equals `shape` (use -1 for "any"). */
+export const expectShape = (
+  op: string,
+  name: string,
+  t: Tensor,
+  shape: readonly number[],
+): void => {
+  require(
+    t.shape.length === shape.length && shape.every((d, i) => d === -1 || d === t.shape[i]),
+    op,
+    () => `${name} has shape [${t.shape}], expected [${shape.map((d) => d === -1 ? "*" : d)}]`,
+  );
+};
+
+/** Shape as a matrix [rows, cols]: all leading dims folded into rows. */
+export const asMatrix = (t: Tensor): [number, number] => {
+  const cols = t.shape.length === 0 ? 1 : t.shape[t.shape.length - 1];
+  return [cols === 0 ? 0 : t.size / cols, cols];
+};

@@ -1,0 +1,259 @@
+/**
+ * WebGPU device context: pipeline cache, buffer pool, batched command encoding, uniforms and
+ * readback. Ops only encode; work is submitted in batches and the host waits only in `read`.
+ * @module
+ */
+import type { BackendInfo } from "../ops.ts";
+
+/** Marks a uniform parameter as f32 (plain numbers are u32). */
+export interface F32 {
+  readonly f: number;
+}
+/** Wraps a float uniform parameter. */
+export const f32 = (f: number): F32 => ({ f });
+/** A uniform parameter: u32 (number, or negative i32 stored as two's complement) or f32. */
+export type Param = number | F32;
+
+/** Bytes of one uniform slot (minUniformBufferOffsetAlignment). */
+const SLOT = 256;
+const SLOTS = 1024;
+/** Dispatches per submitted batch before an automatic flush. */
+const MAX_BATCH = 1024;
+/** Pooled bytes above which released buffers are destroyed instead of kept. */
+const POOL_CAP_BYTES = 1 << 30;
+
+/** Largest workgroup count per dimension (WebGPU default limit). */
+export const MAX_GROUPS = 65535;
+
+/** Splits `n` workgroups into an [x, y] grid within the per-dimension limit. */
+export const grid = (n: number): [number, number] => {
+  if (n <= MAX_GROUPS) return [Math.max(n, 1), 1];
+  const y = Math.ceil(n / MAX_GROUPS);
+  return [Math.ceil(n / y), y];
+};
+
+/** One WebGPU device with its caches; shared by all scopes of the backend. */
+export class GpuContext {
+  private readonly pipelines = new Map<string, GPUComputePipeline>();
+  private readonly pool = new Map<number, GPUBuffer[]>();
+  private pooledBytes = 0;
+  private encoder: GPUCommandEncoder | null = null;
+  private pass: GPUComputePassEncoder | null = null;
+  private readonly uniform: GPUBuffer;
+  private readonly uniformData = new ArrayBuffer(SLOT * SLOTS);
+  private slots = 0;
+  private dispatches = 0;
+  /** First uncaptured device error since the last read (surfaced as a failed read). */
+  error: string | null = null;
+  /** Number of host waits so far (readbacks): a training step should add only a few. */
+  waits = 0;
+  /** Number of submits so far. */
+  submits = 0;
+
+  constructor(
+    readonly device: GPUDevice,
+    readonly info: BackendInfo,
+    private readonly kernels: Map<string, string>,
+  ) {
+    this.uniform = device.createBuffer({
+      size: SLOT * SLOTS,
+      usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    });
+    device.addEventListener("uncapturederror", (e) => {
+      const msg = (e as GPUUncapturedErrorEvent).error.message;
+      this.error ??= msg;
+    });
+  }
+
+  /** Compiled pipeline for a kernel (and override constants), cached. */
+  pipeline(name: string, constants?: Record<string, number>): GPUComputePipeline {
+    const key = constants ? `${name}|${JSON.stringify(constants)}` : name;
+    let p = this.pipelines.get(key);
+    if (!p) {
+      const code = this.kernels.get(name);
+      if (code === undefined) throw new Error(`kernel "${name}" not found in kernels.wgsl`);
+      const module = this.device.createShaderModule({ code, label: name });
+      p = this.device.createComputePipeline({
+        layout: "auto",
+        label: name,
+        compute: { module, entryPoint: "main", constants },
+      });
+      this.pipelines.set(key, p);
+    }
+    return p;
+  }
+
+  /** A storage buffer of at least `bytes` (pooled by exact size; contents undefined). */
+  alloc(bytes: number): GPUBuffer {
+    const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    const list = this.pool.get(size);
+    if (list && list.length > 0) {
+      this.pooledBytes -= size;
+      return list.pop()!;
+    }
+    return this.device.createBuffer({
+      size,
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    });
+  }
+
+  /** Buffers currently idle in the pool (tests check that scopes return what they take). */
+  pooledBufferCount(bytes?: number): number {
+    if (bytes !== undefined) return this.pool.get(Math.max(4, Math.ceil(bytes / 4) * 4))?.length ?? 0;
+    let n = 0;
+    for (const l of this.pool.values()) n += l.length;
+    return n;
+  }
+
+  /** A fresh buffer initialised from host data (fresh, so no pending command can see it). */
+  upload(data: Float32Array | Int32Array): GPUBuffer {
+    const size = Math.max(4, data.byteLength);
+    const buf = this.device.createBuffer({
+      size,
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+      mappedAtCreation: true,
+    });
+    const view = data instanceof Int32Array
+      ? new Int32Array(buf.getMappedRange())
+      : new Float32Array(buf.getMappedRange());
+    view.set(data);
+    buf.unmap();
+    return buf;
+  }
+
+  /**
+   * Returns a buffer to the pool. Safe while earlier encoded work still uses it: the queue runs
+   * in order, so a later user only ever writes after those reads.
+   */
+  release(buf: GPUBuffer): void {
+    if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
+      this.flush();
+      buf.destroy();
+      return;
+    }
+    const list = this.pool.get(buf.size) ?? [];
+    list.push(buf);
+    this.pool.set(buf.size, list);
+    this.pooledBytes += buf.size;
+  }
+
+  private enc(): GPUCommandEncoder {
+    this.encoder ??= this.device.createCommandEncoder();
+    return this.encoder;
+  }
+
+  private endPass(): void {
+    if (this.pass) {
+      this.pass.end();
+      this.pass = null;
+    }
+  }
+
+  /**
+   * Encodes one dispatch of `kernel`. Binding 0 is the uniform `params` (when `params` is given),
+   * bindings 1.. are `buffers` in order; every declared binding must be used by the kernel.
+   */
+  dispatch(
+    kernel: string,
+    buffers: readonly GPUBuffer[],
+    groups: readonly [number, number?, number?],
+    params?: readonly Param[],
+    constants?: Record<string, number>,
+  ): void {
+    if ((groups[0] ?? 0) === 0 || (groups[1] ?? 1) === 0 || (groups[2] ?? 1) === 0) return;
+    if (this.slots >= SLOTS || this.dispatches >= MAX_BATCH) this.flush();
+    const pipeline = this.pipeline(kernel, constants);
+    const entries: GPUBindGroupEntry[] = [];
+    let first = 0;
+    if (params) {
+      if (params.length * 4 > SLOT) throw new Error(`too many params for ${kernel}`);
+      const view = new DataView(this.uniformData, this.slots * SLOT, SLOT);
+      params.forEach((p, i) => {
+        if (typeof p === "number") view.setUint32(i * 4, p >>> 0, true);
+        else view.setFloat32(i * 4, p.f, true);
+      });
+      entries.push({ binding: 0, resource: { buffer: this.uniform, offset: this.slots * SLOT, size: SLOT } });
+      this.slots++;
+      first = 1;
+    }
+    buffers.forEach((b, i) => entries.push({ binding: first + i, resource: { buffer: b } }));
+    const bindGroup = this.device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries,
+    });
+    this.pass ??= this.enc().beginComputePass();
+    this.pass.setPipeline(pipeline);
+    this.pass.setBindGroup(0, bindGroup);
+    this.pass.dispatchWorkgroups(groups[0], groups[1] ?? 1, groups[2] ?? 1);
+    this.dispatches++;
+  }
+
+  /** Encodes a buffer-to-buffer copy (ordered with the dispatches). */
+  copy(src: GPUBuffer, srcOffset: number, dst: GPUBuffer, dstOffset: number, bytes: number): void {
+    if (bytes === 0) return;
+    this.endPass();
+    this.enc().copyBufferToBuffer(src, srcOffset, dst, dstOffset, bytes);
+    this.dispatches++;
+  }
+
+  /** Encodes zero-filling of a buffer range (ordered with the dispatches). */
+  clear(buf: GPUBuffer, bytes?: number): void {
+    this.endPass();
+    this.enc().clearBuffer(buf, 0, bytes === undefined ? undefined : Math.ceil(bytes / 4) * 4);
+    this.dispatches++;
+  }
+
+  /** Submits encoded work (uniforms are written first; the queue keeps the order). */
+  flush(): void {
+    this.endPass();
+    if (!this.encoder) return;
+    if (this.slots > 0) this.device.queue.writeBuffer(this.uniform, 0, this.uniformData, 0, this.slots * SLOT);
+    this.device.queue.submit([this.encoder.finish()]);
+    this.encoder = null;
+    this.slots = 0;
+    this.dispatches = 0;
+    this.submits++;
+  }
+
+  /** Copies buffers to the host with one submit and one wait. */
+  async read(srcs: readonly { buffer: GPUBuffer; bytes: number }[]): Promise<ArrayBuffer[]> {
+    const staging = srcs.map(({ buffer, bytes }) => {
+      const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+      const s = this.device.createBuffer({
+        size,
+        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+      this.copy(buffer, 0, s, 0, size);
+      return s;
+    });
+    this.flush();
+    this.waits++;
+    try {
+      await Promise.all(staging.map((s) => s.mapAsync(GPUMapMode.READ)));
+      if (this.error) {
+        const e = this.error;
+        this.error = null;
+        throw new Error(e);
+      }
+      return staging.map((s, i) => s.getMappedRange(0, srcs[i].bytes === 0 ? 0 : s.size).slice(0, srcs[i].bytes));
+    } finally {
+      staging.forEach((s) => s.destroy());
+    }
+  }
+
+  /** Waits until all submitted work is done (used before timing and at shutdown). */
+  async sync(): Promise<void> {
+    this.flush();
+    this.waits++;
+    await this.device.queue.onSubmittedWorkDone();
+  }
+
+  /** Frees pooled buffers and the device. */
+  destroy(): void {
+    this.flush();
+    for (const list of this.pool.values()) for (const b of list) b.destroy();
+    this.pool.clear();
+    this.uniform.destroy();
+    this.device.destroy();
+  }
+}

@@ -1,0 +1,62 @@
+import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
+import { Effect } from "effect";
+import { hasGpu, testBackends, withOps } from "./support/backends.ts";
+import { ReleasedTensorError } from "../src/backend/tensor.ts";
+import type { Ops, Tensor } from "../mod.ts";
+
+const { gpu, cpu } = await testBackends();
+const both = [cpu, ...(gpu ? [gpu] : [])];
+
+for (const b of both) {
+  Deno.test(`${b.info.name}: fromArray / copy / reshape / read round-trip`, () =>
+    withOps(b, (ops) =>
+      Effect.gen(function* () {
+        const t = ops.fromArray([1.5, -2, 3, 4, 5, 6], [2, 3]);
+        const c = ops.copy(t);
+        const r = ops.reshape(c, [3, 2]);
+        const ids = ops.fromArray([7, -1, 0], [3], "i32");
+        const [x, y] = yield* ops.read([t, r]);
+        const [z] = yield* ops.readInt([ids]);
+        assertEquals(Array.from(x), [1.5, -2, 3, 4, 5, 6]);
+        assertEquals(Array.from(y), [1.5, -2, 3, 4, 5, 6]);
+        assertEquals(r.shape, [3, 2]);
+        assertEquals(Array.from(z), [7, -1, 0]);
+        const [zeros] = yield* ops.read([ops.zeros([5])]);
+        assertEquals(Array.from(zeros), [0, 0, 0, 0, 0]);
+      })));
+
+  Deno.test(`${b.info.name}: a tensor used after its scope closed raises ReleasedTensorError`, async () => {
+    let leaked: Tensor | undefined;
+    await withOps(b, (ops: Ops) => {
+      leaked = ops.fromArray([1, 2], [2]);
+    });
+    await withOps(b, (ops) => {
+      let caught: unknown;
+      try {
+        ops.copy(leaked!);
+      } catch (e) {
+        caught = e;
+      }
+      assert(caught instanceof ReleasedTensorError);
+    });
+  });
+}
+
+Deno.test({
+  name: "webgpu: pooled buffers are reused across scopes (nothing leaks over a long run)",
+  ignore: !hasGpu,
+  fn: async () => {
+    const ctx = gpu!.gpu!;
+    for (let i = 0; i < 50; i++) {
+      await withOps(gpu!, (ops) =>
+        Effect.gen(function* () {
+          const t = ops.zeros([1024, 64]);
+          const [x] = yield* ops.read([ops.copy(t)]);
+          assertEquals(x.length, 1024 * 64);
+        }));
+    }
+    // Every scope returned its two buffers and the next scope took them again: two in all.
+    const n = ctx.pooledBufferCount(1024 * 64 * 4);
+    assert(n === 2, `pool holds ${n} buffers of that size after 50 scopes`);
+  },
+});
