@@ -1,0 +1,38 @@
+/**
+ * Shared bench plumbing: machine description and writing bench/results/<topic>.json.
+ * @module
+ */
+import { mkdir, writeFile } from "node:fs/promises";
+import { cpus } from "node:os";
+
+/** Machine facts recorded next to every result. */
+export const machine = async (): Promise<Record<string, string | number>> => {
+  const gpu = (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+  const adapter = gpu ? await gpu.requestAdapter() : null;
+  return {
+    cpus: cpus().length,
+    cpu_model: cpus()[0]?.model ?? "unknown",
+    gpu_adapter: adapter?.info.description || "none",
+    gpu_fallback_adapter: String(adapter?.info.isFallbackAdapter ?? false),
+    runtime: `deno ${Deno.version.deno}`,
+    date: new Date().toISOString(),
+  };
+};
+
+/** Writes results (plus machine facts) to bench/results/<topic>.json and returns the path. */
+export const writeResult = async (
+  topic: string,
+  results: Record<string, number | string | boolean>,
+): Promise<string> => {
+  const dir = new URL("./results/", import.meta.url);
+  await mkdir(dir, { recursive: true });
+  const path = new URL(`${topic}.json`, dir);
+  await writeFile(path, JSON.stringify({ ...results, ...(await machine()) }, null, 2) + "\n");
+  return path.pathname;
+};
+
+/** Median of samples. */
+export const median = (xs: readonly number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};

@@ -1,0 +1,425 @@
+/**
+ * Llama/Qwen2 decoder on any backend: forward to logits (optionally recording a tape), full
+ * backward pass, and KV-cached incremental forward for generation. Weights are read, never
+ * written: LoRA runs beside the frozen base as y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+ * @module
+ */
+import type { Ops } from "../backend/ops.ts";
+import type { Tensor } from "../backend/tensor.ts";
+import { require } from "../backend/tensor.ts";
+import type { ModelConfig } from "./config.ts";
+import type { Rng } from "./rng.ts";
+import { PROJECTIONS, type Projection, projectionPath, type WeightMap } from "./weights.ts";
+
+/** A model's weights uploaded to a backend (owned by the scope of the Ops that uploaded them). */
+export interface DeviceModel {
+  readonly config: ModelConfig;
+  readonly weights: ReadonlyMap<string, Tensor>;
+}
+
+/** One LoRA module on the device: A [r, in], B [out, r]. */
+export interface LoraModule {
+  readonly a: Tensor;
+  readonly b: Tensor;
+}
+
+/** LoRA applied at run time. Keys of `modules` are projection paths (see projectionPath). */
+export interface LoraRuntime {
+  readonly scale: number;
+  readonly dropout: number;
+  readonly modules: ReadonlyMap<string, LoraModule>;
+}
+
+/** Uploads host weights. */
+export const uploadModel = (ops: Ops, config: ModelConfig, weights: WeightMap): DeviceModel => {
+  const out = new Map<string, Tensor>();
+  for (const [name, t] of weights) out.set(name, ops.fromArray(t.data, t.shape));
+  return { config, weights: out };
+};
+
+/** Tokens of a forward call: `batch` sequences of `seqLen` rows each (right- or left-padded). */
+export interface ForwardInput {
+  readonly ids: ArrayLike<number>;
+  readonly batch: number;
+  readonly seqLen: number;
+  /** Rotary positions per row; default: index within the sequence minus its left padding. */
+  readonly positions?: ArrayLike<number>;
+  /** Left padding per sequence: keys before it are masked. Default 0. */
+  readonly kvStart?: ArrayLike<number>;
+  /** Distinct rows whose logits are wanted (default: all rows). */
+  readonly logitRows?: ArrayLike<number>;
+}
+
+/** What backward needs from the forward pass. */
+export interface Tape {
+  readonly model: DeviceModel;
+  readonly lora: LoraRuntime | null;
+  readonly input: ForwardInput;
+  readonly rows: number;
+  readonly positions: Tensor;
+  readonly kvStart: Tensor | undefined;
+  readonly layers: LayerTape[];
+  readonly xFinal: Tensor;
+  readonly rstdFinal: Tensor;
+  readonly hFinal: Tensor;
+}
+
+interface LinearTape {
+  readonly x: Tensor;
+  readonly xd?: Tensor;
+  readonly xa?: Tensor;
+  readonly mask?: Tensor;
+}
+
+interface LayerTape {
+  readonly x: Tensor;
+  readonly rstd1: Tensor;
+  readonly h1: Tensor;
+  readonly q: Tensor;
+  readonly k: Tensor;
+  readonly v: Tensor;
+  readonly att: Tensor;
+  readonly lse: Tensor;
+  readonly x2: Tensor;
+  readonly rstd2: Tensor;
+  readonly h2: Tensor;
+  readonly gate: Tensor;
+  readonly up: Tensor;
+  readonly act: Tensor;
+  readonly lin: Map<Projection, LinearTape>;
+}
+
+/** KV cache for incremental decoding: per layer [batch*maxLen, kvHeads*headDim]. */
+export interface KvCache {
+  readonly k: Tensor[];
+  readonly v: Tensor[];
+  readonly batch: number;
+  readonly maxLen: number;
+  /** Rows filled so far per sequence (same for all sequences; padding is on the left). */
+  len: number;
+}
+
+/** Allocates an empty KV cache. */
+export const makeKvCache = (ops: Ops, c: ModelConfig, batch: number, maxLen: number): KvCache => {
+  const shape = [batch * maxLen, c.numKvHeads * c.headDim];
+  return {
+    k: Array.from({ length: c.numLayers }, () => ops.zeros(shape)),
+    v: Array.from({ length: c.numLayers }, () => ops.zeros(shape)),
+    batch,
+    maxLen,
+    len: 0,
+  };
+};
+
+const weight = (m: DeviceModel, name: string): Tensor => {
+  const w = m.weights.get(name);
+  if (!w) throw new Error(`model has no tensor ${name}`);
+  return w;
+};
+
+interface Ctx {
+  readonly ops: Ops;
+  readonly model: DeviceModel;
+  readonly lora: LoraRuntime | null;
+  readonly rng: Rng | null;
+  readonly record: boolean;
+}
+
+const linear = (
+  cx: Ctx,
+  layer: number,
+  p: Projection,
+  x: Tensor,
+  tape: Map<Projection, LinearTape> | null,
+): Tensor => {
+  const { ops, model } = cx;
+  const path = projectionPath(layer, p);
+  let y = ops.matmul(x, weight(model, `${path}.weight`), { transB: true });
+  const bias = model.weights.get(`${path}.bias`);
+  if (bias) y = ops.addRow(y, bias);
+  const m = cx.lora?.modules.get(path);
+  if (!m) {
+    tape?.set(p, { x });
+    return y;
+  }
+  let xd = x;
+  let mask: Tensor | undefined;
+  if (cx.record && cx.rng && cx.lora!.dropout > 0) {
+    const keep = 1 - cx.lora!.dropout;
+    const host = new Float32Array(x.size);
+    for (let i = 0; i < host.length; i++) host[i] = cx.rng.next() < keep ? 1 / keep : 0;
+    mask = ops.fromArray(host, x.shape);
+    xd = ops.mul(x, mask);
+  }
+  const xa = ops.matmul(xd, m.a, { transB: true });
+  y = ops.addScaled(y, ops.matmul(xa, m.b, { transB: true }), cx.lora!.scale);
+  tape?.set(p, { x, xd, xa, mask });
+  return y;
+};
+
+const defaultPositions = (input: ForwardInput): Int32Array => {
+  const pos = new Int32Array(input.batch * input.seqLen);
+  for (let b = 0; b < input.batch; b++) {
+    const pad = input.kvStart ? input.kvStart[b] : 0;
+    for (let t = 0; t < input.seqLen; t++) pos[b * input.seqLen + t] = Math.max(0, t - pad);
+  }
+  return pos;
+};
+
+/** Options of a forward pass. */
+export interface ForwardOptions {
+  readonly lora?: LoraRuntime | null;
+  /** Record a tape for backward (and apply LoRA dropout, drawing masks from `rng`). */
+  readonly train?: boolean;
+  readonly rng?: Rng | null;
+}
+
+/** Forward pass to logits [logitRows or all rows, vocab]; with `train`, also the tape. */
+export const forward = (
+  ops: Ops,
+  model: DeviceModel,
+  input: ForwardInput,
+  opts: ForwardOptions = {},
+): { logits: Tensor; tape: Tape | null } => {
+  const c = model.config;
+  const rows = input.batch * input.seqLen;
+  require(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
+  const cx: Ctx = { ops, model, lora: opts.lora ?? null, rng: opts.rng ?? null, record: !!opts.train };
+  const positions = ops.fromArray(input.positions ?? defaultPositions(input), [rows], "i32");
+  const kvStart = input.kvStart ? ops.fromArray(input.kvStart, [input.batch], "i32") : undefined;
+  const attnOpts = {
+    batch: input.batch,
+    tq: input.seqLen,
+    tk: input.seqLen,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    kvStart,
+  };
+  let x = ops.embedding(weight(model, "model.embed_tokens.weight"), ops.fromArray(input.ids, [rows], "i32"));
+  const layers: LayerTape[] = [];
+  for (let l = 0; l < c.numLayers; l++) {
+    const lin = cx.record ? new Map<Projection, LinearTape>() : null;
+    const pre = `model.layers.${l}`;
+    const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
+    const q = ops.rope(linear(cx, l, "q_proj", n1.y, lin), positions, c.numHeads, c.headDim, c.ropeTheta);
+    const k = ops.rope(linear(cx, l, "k_proj", n1.y, lin), positions, c.numKvHeads, c.headDim, c.ropeTheta);
+    const v = linear(cx, l, "v_proj", n1.y, lin);
+    const att = ops.attention(q, k, v, attnOpts);
+    const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, lin));
+    const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
+    const gate = linear(cx, l, "gate_proj", n2.y, lin);
+    const up = linear(cx, l, "up_proj", n2.y, lin);
+    const act = ops.swiglu(gate, up);
+    const x3 = ops.add(x2, linear(cx, l, "down_proj", act, lin));
+    if (lin) {
+      layers.push({
+        x,
+        rstd1: n1.rstd,
+        h1: n1.y,
+        q,
+        k,
+        v,
+        att: att.out,
+        lse: att.lse,
+        x2,
+        rstd2: n2.rstd,
+        h2: n2.y,
+        gate,
+        up,
+        act,
+        lin,
+      });
+    }
+    x = x3;
+  }
+  const nf = ops.rmsNorm(x, weight(model, "model.norm.weight"), c.rmsNormEps);
+  const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
+  const head = weight(model, c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  const logits = ops.matmul(hSel, head, { transB: true });
+  const tape: Tape | null = cx.record
+    ? {
+      model,
+      lora: cx.lora,
+      input,
+      rows,
+      positions,
+      kvStart,
+      layers,
+      xFinal: x,
+      rstdFinal: nf.rstd,
+      hFinal: nf.y,
+    }
+    : null;
+  return { logits, tape };
+};
+
+/** Which parameters receive gradients. */
+export type GradMode = "lora" | "full";
+
+/** Gradient key of a LoRA matrix (PEFT-style suffix on the projection path). */
+export const loraGradKey = (path: string, which: "A" | "B"): string => `${path}.lora_${which}`;
+
+const accumulate = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Tensor): void => {
+  const prev = grads.get(key);
+  grads.set(key, prev ? ops.add(prev, g) : g);
+};
+
+const linearBackward = (
+  ops: Ops,
+  tape: Tape,
+  layer: number,
+  p: Projection,
+  dy: Tensor,
+  lt: LinearTape,
+  mode: GradMode,
+  grads: Map<string, Tensor>,
+): Tensor => {
+  const path = projectionPath(layer, p);
+  const w = weight(tape.model, `${path}.weight`);
+  let dx = ops.matmul(dy, w);
+  if (mode === "full") {
+    accumulate(ops, grads, `${path}.weight`, ops.matmul(dy, lt.x, { transA: true }));
+    if (tape.model.weights.has(`${path}.bias`)) accumulate(ops, grads, `${path}.bias`, ops.sumRows(dy));
+  }
+  const m = tape.lora?.modules.get(path);
+  if (m && lt.xa && lt.xd) {
+    const s = tape.lora!.scale;
+    const dxa = ops.scale(ops.matmul(dy, m.b), s);
+    if (mode === "lora") {
+      accumulate(ops, grads, loraGradKey(path, "B"), ops.scale(ops.matmul(dy, lt.xa, { transA: true }), s));
+      accumulate(ops, grads, loraGradKey(path, "A"), ops.matmul(dxa, lt.xd, { transA: true }));
+    }
+    let dxd = ops.matmul(dxa, m.a);
+    if (lt.mask) dxd = ops.mul(dxd, lt.mask);
+    dx = ops.add(dx, dxd);
+  }
+  return dx;
+};
+
+/**
+ * Backward pass from d logits (same rows as the forward's logits) to parameter gradients:
+ * LoRA A/B (mode "lora", keys from loraGradKey) or every weight (mode "full", HF names).
+ */
+export const backward = (
+  ops: Ops,
+  tape: Tape,
+  dLogits: Tensor,
+  mode: GradMode,
+): Map<string, Tensor> => {
+  const { model } = tape;
+  const c = model.config;
+  const grads = new Map<string, Tensor>();
+  const headName = c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  const head = weight(model, headName);
+  const sel = tape.input.logitRows;
+  const hSel = sel ? ops.gatherRows(tape.hFinal, sel) : tape.hFinal;
+  let dh = ops.matmul(dLogits, head);
+  if (mode === "full") accumulate(ops, grads, headName, ops.matmul(dLogits, hSel, { transA: true }));
+  if (sel) {
+    const full = ops.zeros([tape.rows, c.hiddenSize]);
+    ops.scatterRowsInPlace(full, dh, sel);
+    dh = full;
+  }
+  const nf = ops.rmsNormBackward(dh, tape.xFinal, weight(model, "model.norm.weight"), tape.rstdFinal);
+  if (mode === "full") accumulate(ops, grads, "model.norm.weight", nf.dw);
+  let dx = nf.dx;
+  const attnOpts = {
+    batch: tape.input.batch,
+    tq: tape.input.seqLen,
+    tk: tape.input.seqLen,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    kvStart: tape.kvStart,
+  };
+  for (let l = c.numLayers - 1; l >= 0; l--) {
+    const t = tape.layers[l];
+    const pre = `model.layers.${l}`;
+    const lb = (p: Projection, dy: Tensor) => linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
+    // x3 = x2 + down(act): the residual passes dx through unchanged
+    const dAct = lb("down_proj", dx);
+    const sw = ops.swigluBackward(dAct, t.gate, t.up);
+    const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
+    const n2 = ops.rmsNormBackward(dh2, t.x2, weight(model, `${pre}.post_attention_layernorm.weight`), t.rstd2);
+    if (mode === "full") accumulate(ops, grads, `${pre}.post_attention_layernorm.weight`, n2.dw);
+    const dx2 = ops.add(dx, n2.dx);
+    const dAtt = lb("o_proj", dx2);
+    const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
+    const dqPre = ops.ropeBackward(ab.dq, tape.positions, c.numHeads, c.headDim, c.ropeTheta);
+    const dkPre = ops.ropeBackward(ab.dk, tape.positions, c.numKvHeads, c.headDim, c.ropeTheta);
+    const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
+    const n1 = ops.rmsNormBackward(dh1, t.x, weight(model, `${pre}.input_layernorm.weight`), t.rstd1);
+    if (mode === "full") accumulate(ops, grads, `${pre}.input_layernorm.weight`, n1.dw);
+    dx = ops.add(dx2, n1.dx);
+  }
+  if (mode === "full") {
+    accumulate(ops, grads, "model.embed_tokens.weight", ops.embeddingBackward(dx, tape.input.ids, c.vocabSize));
+  }
+  return grads;
+};
+
+/**
+ * Incremental forward for generation: `ids` are `cache.batch * tq` new tokens (tq per sequence)
+ * appended after `cache.len`; returns logits of each sequence's last new token [batch, vocab].
+ */
+export const forwardCached = (
+  ops: Ops,
+  model: DeviceModel,
+  cache: KvCache,
+  ids: ArrayLike<number>,
+  tq: number,
+  kvStart: ArrayLike<number>,
+  lora: LoraRuntime | null = null,
+): Tensor => {
+  const c = model.config;
+  const B = cache.batch;
+  const rows = B * tq;
+  require(ids.length === rows, "forwardCached", () => `ids ${ids.length} != ${rows}`);
+  require(cache.len + tq <= cache.maxLen, "forwardCached", () => `cache full (${cache.maxLen})`);
+  const cx: Ctx = { ops, model, lora, rng: null, record: false };
+  const pos = new Int32Array(rows);
+  const cacheRows = new Int32Array(rows);
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < tq; t++) {
+      pos[b * tq + t] = Math.max(0, cache.len + t - kvStart[b]);
+      cacheRows[b * tq + t] = b * cache.maxLen + cache.len + t;
+    }
+  }
+  const positions = ops.fromArray(pos, [rows], "i32");
+  const kvStartT = ops.fromArray(kvStart, [B], "i32");
+  const attnOpts = {
+    batch: B,
+    tq,
+    tk: cache.maxLen,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    qOffset: cache.len,
+    kvLen: cache.len + tq,
+    kvStart: kvStartT,
+  };
+  let x = ops.embedding(weight(model, "model.embed_tokens.weight"), ops.fromArray(ids, [rows], "i32"));
+  for (let l = 0; l < c.numLayers; l++) {
+    const pre = `model.layers.${l}`;
+    const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
+    const q = ops.rope(linear(cx, l, "q_proj", n1.y, null), positions, c.numHeads, c.headDim, c.ropeTheta);
+    const k = ops.rope(linear(cx, l, "k_proj", n1.y, null), positions, c.numKvHeads, c.headDim, c.ropeTheta);
+    const v = linear(cx, l, "v_proj", n1.y, null);
+    ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
+    ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
+    const att = ops.attention(q, cache.k[l], cache.v[l], attnOpts);
+    const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, null));
+    const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
+    const act = ops.swiglu(linear(cx, l, "gate_proj", n2.y, null), linear(cx, l, "up_proj", n2.y, null));
+    x = ops.add(x2, linear(cx, l, "down_proj", act, null));
+  }
+  cache.len += tq;
+  const last = Array.from({ length: B }, (_, b) => b * tq + tq - 1);
+  const nf = ops.rmsNorm(ops.gatherRows(x, last), weight(model, "model.norm.weight"), c.rmsNormEps);
+  const head = weight(model, c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  return ops.matmul(nf.y, head, { transB: true });
+};
+
+/** Names of all projections, re-exported for adapters. */
+export { PROJECTIONS };

@@ -1,0 +1,61 @@
+/**
+ * Loads and saves Hugging Face checkpoint directories (config.json + safetensors, single or
+ * sharded). Every tensor is converted to f32 and checked against the config.
+ * @module
+ */
+import { Effect } from "effect";
+import { join } from "node:path";
+import { mkdir, readFile } from "node:fs/promises";
+import { loadCheckpoint, saveCheckpoint, writeFileAtomic } from "../io/checkpoint.ts";
+import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
+import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
+import { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./config.ts";
+import { type HostTensor, validateWeights, type WeightMap, type WeightsError } from "./weights.ts";
+
+/** Errors of loading a model directory. */
+export type LoadError = ModelConfigError | WeightsError | CheckpointError | SafetensorsError;
+
+/** Reads and validates dir/config.json. */
+export const loadConfig = (dir: string): Effect.Effect<ModelConfig, ModelConfigError> =>
+  Effect.tryPromise({
+    try: async () => JSON.parse(await readFile(join(dir, "config.json"), "utf8")) as unknown,
+    catch: (e) =>
+      new ModelConfigError({
+        field: "config.json",
+        message: `cannot read ${join(dir, "config.json")}: ${e instanceof Error ? e.message : e}`,
+      }),
+  }).pipe(Effect.flatMap(parseHfConfig));
+
+/** Loads config and weights (f32) of a Hugging Face llama/qwen2 checkpoint directory. */
+export const loadModel = (
+  dir: string,
+): Effect.Effect<{ config: ModelConfig; weights: WeightMap }, LoadError> =>
+  Effect.gen(function* () {
+    const config = yield* loadConfig(dir);
+    const ckpt = yield* loadCheckpoint(dir);
+    const tensors = new Map<string, HostTensor>();
+    for (const [name, entry] of ckpt.tensors) {
+      if (name.includes("rotary_emb.inv_freq")) continue; // derived, not a weight
+      tensors.set(name, { shape: entry.shape, data: yield* toFloat32(entry, dir) });
+    }
+    const weights = yield* validateWeights(config, tensors);
+    return { config, weights };
+  });
+
+/** Writes config.json and the weights (F32 by default) as a checkpoint directory. */
+export const saveModel = (
+  dir: string,
+  config: ModelConfig,
+  weights: ReadonlyMap<string, HostTensor>,
+  options: { dtype?: "F32" | "F16" | "BF16"; maxShardBytes?: number } = {},
+): Effect.Effect<void, CheckpointError | SafetensorsError> =>
+  Effect.gen(function* () {
+    yield* Effect.promise(() => mkdir(dir, { recursive: true }));
+    const entries = [...weights].map(([n, t]) => fromFloat32(n, t.data, t.shape, options.dtype ?? "F32"));
+    yield* saveCheckpoint(dir, entries, { maxShardBytes: options.maxShardBytes });
+    const cfg = { ...toHfConfig(config), torch_dtype: dtypeName(options.dtype ?? "F32") };
+    yield* writeFileAtomic(join(dir, "config.json"), new TextEncoder().encode(JSON.stringify(cfg, null, 2) + "\n"));
+  });
+
+const dtypeName = (d: "F32" | "F16" | "BF16"): string =>
+  d === "F32" ? "float32" : d === "F16" ? "float16" : "bfloat16";
