@@ -20,3 +20,1176 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let i = linear_id(gid, nwg, 256u);
   if (i < params.n) { out[i] = params.value; }
 }
+
+//! kernel attn_fwd
+// Causal grouped-query attention forward (Ops.attention), online softmax in registers.
+// Work item: a tile of two query vectors (row i, head h) of one sequence b and kv head g, which
+// share every k/v load. Query vectors of (b, g) are numbered e = i * group + (h - g * group);
+// tile t holds e = 2t, 2t+1. Invocation id = split * (batch * kv_heads * ntile) + (b * kv_heads
+// + g) * ntile + t. With nsplit = 1 it writes out and lse; otherwise it covers the keys
+// [split * split_len, +split_len) and writes its unnormalised partial (m, l, acc) for
+// attn_fwd_combine. Visible keys of query i: [kv_start[b], min(q_offset + i + 1, kv_len)).
+// Override HD = head dim, a multiple of 4 (the host pads other sizes) and at most 128.
+// Bindings: q, k, v, kv_start (i32 [batch], read only when has_start != 0), out, lse,
+// part_ml (2 per partial), part_acc (HD per partial).
+struct AttnParams {
+  batch: u32, tq: u32, tk: u32, heads: u32,
+  kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
+  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+}
+@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> kv_start: array<i32>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(7) var<storage, read_write> part_ml: array<f32>;
+@group(0) @binding(8) var<storage, read_write> part_acc: array<vec4<f32>>;
+override HD: u32 = 64u;
+override WG: u32 = 64u;
+override HD4: u32 = HD / 4u;
+const MAXD4: u32 = 32u;
+const NEG: f32 = -3.0e38;
+
+fn attn_first_key(b: u32) -> u32 {
+  if (params.has_start == 0u) { return 0u; }
+  return u32(max(kv_start[b], 0));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, WG);
+  let heads = params.heads;
+  let group = heads / params.kv_heads;
+  let nvec = params.tq * group;
+  let ntile = (nvec + 1u) / 2u;
+  let ntot = params.batch * params.kv_heads * ntile;
+  if (id >= ntot * params.nsplit) { return; }
+  let split = id / ntot;
+  let tile = id % ntile;
+  let bg = (id % ntot) / ntile;
+  let g = bg % params.kv_heads;
+  let b = bg / params.kv_heads;
+  let e0 = 2u * tile;
+  let has1 = e0 + 1u < nvec;
+  let e1 = select(e0, e0 + 1u, has1);
+  // Vector index = lse index (row * heads + h); a lone last vector is computed twice, stored once.
+  let r0 = (b * params.tq + e0 / group) * heads + g * group + e0 % group;
+  let r1 = (b * params.tq + e1 / group) * heads + g * group + e1 % group;
+  let lo = max(attn_first_key(b), split * params.split_len);
+  let cap = select(params.kv_len, min(params.kv_len, (split + 1u) * params.split_len), params.nsplit > 1u);
+  let hi0 = min(params.q_offset + e0 / group + 1u, cap);
+  let hi1 = min(params.q_offset + e1 / group + 1u, cap);
+  var qa: array<vec4<f32>, MAXD4>;
+  var qb: array<vec4<f32>, MAXD4>;
+  var aa: array<vec4<f32>, MAXD4>;
+  var ab: array<vec4<f32>, MAXD4>;
+  for (var d = 0u; d < HD4; d++) {
+    qa[d] = q[r0 * HD4 + d] * params.scale;
+    qb[d] = q[r1 * HD4 + d] * params.scale;
+    aa[d] = vec4<f32>(0.0);
+    ab[d] = vec4<f32>(0.0);
+  }
+  var m0 = NEG;
+  var m1 = NEG;
+  var l0 = 0.0;
+  var l1 = 0.0;
+  let kstride = params.kv_heads * HD4;
+  var ko = (b * params.tk + lo) * kstride + g * HD4;
+  let hmax = max(hi0, hi1);
+  for (var j = lo; j < hmax; j++) {
+    var s0 = 0.0;
+    var s1 = 0.0;
+    for (var d = 0u; d < HD4; d++) {
+      let kk = k[ko + d];
+      s0 += dot(qa[d], kk);
+      s1 += dot(qb[d], kk);
+    }
+    let vis0 = j < hi0;
+    let vis1 = j < hi1;
+    let n0 = select(m0, max(m0, s0), vis0);
+    let n1 = select(m1, max(m1, s1), vis1);
+    let c0 = exp(m0 - n0);
+    let c1 = exp(m1 - n1);
+    let p0 = select(0.0, exp(s0 - n0), vis0);
+    let p1 = select(0.0, exp(s1 - n1), vis1);
+    l0 = l0 * c0 + p0;
+    l1 = l1 * c1 + p1;
+    m0 = n0;
+    m1 = n1;
+    for (var d = 0u; d < HD4; d++) {
+      let vv = v[ko + d];
+      aa[d] = aa[d] * c0 + p0 * vv;
+      ab[d] = ab[d] * c1 + p1 * vv;
+    }
+    ko += kstride;
+  }
+  if (params.nsplit > 1u) {
+    let n = params.batch * params.tq * heads;
+    let p0 = split * n + r0;
+    let p1 = split * n + r1;
+    part_ml[2u * p0] = m0;
+    part_ml[2u * p0 + 1u] = l0;
+    for (var d = 0u; d < HD4; d++) { part_acc[p0 * HD4 + d] = aa[d]; }
+    if (has1) {
+      part_ml[2u * p1] = m1;
+      part_ml[2u * p1 + 1u] = l1;
+      for (var d = 0u; d < HD4; d++) { part_acc[p1 * HD4 + d] = ab[d]; }
+    }
+    return;
+  }
+  let inv0 = select(0.0, 1.0 / l0, l0 > 0.0);
+  for (var d = 0u; d < HD4; d++) { out[r0 * HD4 + d] = aa[d] * inv0; }
+  lse[r0] = select(0.0, m0 + log(l0), l0 > 0.0);
+  if (has1) {
+    let inv1 = select(0.0, 1.0 / l1, l1 > 0.0);
+    for (var d = 0u; d < HD4; d++) { out[r1 * HD4 + d] = ab[d] * inv1; }
+    lse[r1] = select(0.0, m1 + log(l1), l1 > 0.0);
+  }
+}
+
+//! kernel attn_fwd_combine
+// Merges the nsplit key-range partials of attn_fwd into out and lse; one invocation per query
+// vector (row * heads + h). Bindings: part_ml, part_acc, out, lse. Override HD as in attn_fwd.
+struct AttnParams {
+  batch: u32, tq: u32, tk: u32, heads: u32,
+  kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
+  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+}
+@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(1) var<storage, read> part_ml: array<f32>;
+@group(0) @binding(2) var<storage, read> part_acc: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+override HD: u32 = 64u;
+override WG: u32 = 64u;
+override HD4: u32 = HD / 4u;
+const MAXD4: u32 = 32u;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, WG);
+  let n = params.batch * params.tq * params.heads;
+  if (id >= n) { return; }
+  var m = -3.0e38;
+  for (var s = 0u; s < params.nsplit; s++) {
+    let p = s * n + id;
+    if (part_ml[2u * p + 1u] > 0.0) { m = max(m, part_ml[2u * p]); }
+  }
+  var acc: array<vec4<f32>, MAXD4>;
+  for (var d = 0u; d < HD4; d++) { acc[d] = vec4<f32>(0.0); }
+  var l = 0.0;
+  for (var s = 0u; s < params.nsplit; s++) {
+    let p = s * n + id;
+    let ls = part_ml[2u * p + 1u];
+    if (ls > 0.0) {
+      let c = exp(part_ml[2u * p] - m);
+      l += ls * c;
+      for (var d = 0u; d < HD4; d++) { acc[d] += c * part_acc[p * HD4 + d]; }
+    }
+  }
+  let inv = select(0.0, 1.0 / l, l > 0.0);
+  for (var d = 0u; d < HD4; d++) { out[id * HD4 + d] = acc[d] * inv; }
+  lse[id] = select(0.0, m + log(l), l > 0.0);
+}
+
+//! kernel attn_bwd_dq
+// Attention backward, query side: tiles of two query vectors as in attn_fwd (nsplit = 1)
+// recompute P = exp(S - lse) over the visible keys and write dq = scale * sum_j P (dP - D) k_j
+// and delta = D = dOut · out (read by attn_bwd_dkdv). Bindings: dout, q, k, v, out, lse,
+// kv_start, dq, delta. Override HD as in attn_fwd.
+struct AttnParams {
+  batch: u32, tq: u32, tk: u32, heads: u32,
+  kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
+  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+}
+@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(1) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> out: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> lse: array<f32>;
+@group(0) @binding(7) var<storage, read> kv_start: array<i32>;
+@group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> delta: array<f32>;
+override HD: u32 = 64u;
+override WG: u32 = 64u;
+override HD4: u32 = HD / 4u;
+const MAXD4: u32 = 32u;
+
+fn attn_first_key(b: u32) -> u32 {
+  if (params.has_start == 0u) { return 0u; }
+  return u32(max(kv_start[b], 0));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, WG);
+  let heads = params.heads;
+  let group = heads / params.kv_heads;
+  let nvec = params.tq * group;
+  let ntile = (nvec + 1u) / 2u;
+  if (id >= params.batch * params.kv_heads * ntile) { return; }
+  let tile = id % ntile;
+  let bg = id / ntile;
+  let g = bg % params.kv_heads;
+  let b = bg / params.kv_heads;
+  let e0 = 2u * tile;
+  let has1 = e0 + 1u < nvec;
+  let e1 = select(e0, e0 + 1u, has1);
+  let r0 = (b * params.tq + e0 / group) * heads + g * group + e0 % group;
+  let r1 = (b * params.tq + e1 / group) * heads + g * group + e1 % group;
+  let lo = attn_first_key(b);
+  let hi0 = min(params.q_offset + e0 / group + 1u, params.kv_len);
+  let hi1 = min(params.q_offset + e1 / group + 1u, params.kv_len);
+  var qa: array<vec4<f32>, MAXD4>;
+  var qb: array<vec4<f32>, MAXD4>;
+  var da: array<vec4<f32>, MAXD4>;
+  var db: array<vec4<f32>, MAXD4>;
+  var ga: array<vec4<f32>, MAXD4>;
+  var gb: array<vec4<f32>, MAXD4>;
+  var dd0 = 0.0;
+  var dd1 = 0.0;
+  for (var d = 0u; d < HD4; d++) {
+    qa[d] = q[r0 * HD4 + d] * params.scale;
+    qb[d] = q[r1 * HD4 + d] * params.scale;
+    da[d] = dout[r0 * HD4 + d];
+    db[d] = dout[r1 * HD4 + d];
+    dd0 += dot(da[d], out[r0 * HD4 + d]);
+    dd1 += dot(db[d], out[r1 * HD4 + d]);
+    ga[d] = vec4<f32>(0.0);
+    gb[d] = vec4<f32>(0.0);
+  }
+  let lse0 = lse[r0];
+  let lse1 = lse[r1];
+  let kstride = params.kv_heads * HD4;
+  var ko = (b * params.tk + lo) * kstride + g * HD4;
+  let hmax = max(hi0, hi1);
+  for (var j = lo; j < hmax; j++) {
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var dp0 = 0.0;
+    var dp1 = 0.0;
+    for (var d = 0u; d < HD4; d++) {
+      let kk = k[ko + d];
+      let vv = v[ko + d];
+      s0 += dot(qa[d], kk);
+      s1 += dot(qb[d], kk);
+      dp0 += dot(da[d], vv);
+      dp1 += dot(db[d], vv);
+    }
+    let ds0 = select(0.0, exp(s0 - lse0) * (dp0 - dd0), j < hi0);
+    let ds1 = select(0.0, exp(s1 - lse1) * (dp1 - dd1), j < hi1);
+    for (var d = 0u; d < HD4; d++) {
+      let kk = k[ko + d];
+      ga[d] += ds0 * kk;
+      gb[d] += ds1 * kk;
+    }
+    ko += kstride;
+  }
+  for (var d = 0u; d < HD4; d++) { dq[r0 * HD4 + d] = ga[d] * params.scale; }
+  delta[r0] = dd0;
+  if (has1) {
+    for (var d = 0u; d < HD4; d++) { dq[r1 * HD4 + d] = gb[d] * params.scale; }
+    delta[r1] = dd1;
+  }
+}
+
+//! kernel attn_bwd_dkdv
+// Attention backward, key side: one invocation per two adjacent key rows (j, j + 1) of one
+// sequence and kv head loops over the query rows that see them and the query heads of the
+// group (sharing each q/dOut load): dv = sum P dOut, dk = scale * sum P (dP - D) q. Each
+// invocation owns its dk/dv rows, so no atomics. Invocation id = (b * kv_heads + g) * npair + jp.
+// Bindings: dout, q, k, v, lse, delta, kv_start, dk, dv. Override HD as in attn_fwd.
+struct AttnParams {
+  batch: u32, tq: u32, tk: u32, heads: u32,
+  kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
+  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+}
+@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(1) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> lse: array<f32>;
+@group(0) @binding(6) var<storage, read> delta: array<f32>;
+@group(0) @binding(7) var<storage, read> kv_start: array<i32>;
+@group(0) @binding(8) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> dv: array<vec4<f32>>;
+override HD: u32 = 64u;
+override WG: u32 = 64u;
+override HD4: u32 = HD / 4u;
+const MAXD4: u32 = 32u;
+
+fn attn_first_key(b: u32) -> u32 {
+  if (params.has_start == 0u) { return 0u; }
+  return u32(max(kv_start[b], 0));
+}
+
+// First query row that sees key j (tq when none does: masked by kv_len or kv_start).
+fn attn_first_row(j: u32, lo: u32) -> u32 {
+  if (j >= params.kv_len || j < lo) { return params.tq; }
+  return select(0u, j - params.q_offset, j > params.q_offset);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, WG);
+  let kvh = params.kv_heads;
+  let npair = (params.tk + 1u) / 2u;
+  if (id >= params.batch * kvh * npair) { return; }
+  let jp = id % npair;
+  let bg = id / npair;
+  let g = bg % kvh;
+  let b = bg / kvh;
+  let j0 = 2u * jp;
+  let has1 = j0 + 1u < params.tk;
+  let j1 = select(j0, j0 + 1u, has1);
+  let heads = params.heads;
+  let group = heads / kvh;
+  let o0 = ((b * params.tk + j0) * kvh + g) * HD4;
+  let o1 = ((b * params.tk + j1) * kvh + g) * HD4;
+  var ka: array<vec4<f32>, MAXD4>;
+  var kb: array<vec4<f32>, MAXD4>;
+  var va: array<vec4<f32>, MAXD4>;
+  var vb: array<vec4<f32>, MAXD4>;
+  var gka: array<vec4<f32>, MAXD4>;
+  var gkb: array<vec4<f32>, MAXD4>;
+  var gva: array<vec4<f32>, MAXD4>;
+  var gvb: array<vec4<f32>, MAXD4>;
+  for (var d = 0u; d < HD4; d++) {
+    ka[d] = k[o0 + d] * params.scale;
+    kb[d] = k[o1 + d] * params.scale;
+    va[d] = v[o0 + d];
+    vb[d] = v[o1 + d];
+    gka[d] = vec4<f32>(0.0);
+    gkb[d] = vec4<f32>(0.0);
+    gva[d] = vec4<f32>(0.0);
+    gvb[d] = vec4<f32>(0.0);
+  }
+  let lo = attn_first_key(b);
+  let i0 = attn_first_row(j0, lo);
+  let i1 = select(params.tq, attn_first_row(j1, lo), has1);
+  for (var i = min(i0, i1); i < params.tq; i++) {
+    let see0 = i >= i0;
+    let see1 = i >= i1;
+    let rb = (b * params.tq + i) * heads + g * group;
+    for (var hh = 0u; hh < group; hh++) {
+      let r = rb + hh;
+      let qo = r * HD4;
+      var s0 = 0.0;
+      var s1 = 0.0;
+      var dp0 = 0.0;
+      var dp1 = 0.0;
+      for (var d = 0u; d < HD4; d++) {
+        let qq = q[qo + d];
+        let oo = dout[qo + d];
+        s0 += dot(qq, ka[d]);
+        s1 += dot(qq, kb[d]);
+        dp0 += dot(oo, va[d]);
+        dp1 += dot(oo, vb[d]);
+      }
+      let rl = lse[r];
+      let rd = delta[r];
+      let p0 = select(0.0, exp(s0 - rl), see0);
+      let p1 = select(0.0, exp(s1 - rl), see1);
+      let ds0 = p0 * (dp0 - rd);
+      let ds1 = p1 * (dp1 - rd);
+      for (var d = 0u; d < HD4; d++) {
+        let qq = q[qo + d];
+        let oo = dout[qo + d];
+        gva[d] += p0 * oo;
+        gvb[d] += p1 * oo;
+        gka[d] += ds0 * qq;
+        gkb[d] += ds1 * qq;
+      }
+    }
+  }
+  for (var d = 0u; d < HD4; d++) {
+    dk[o0 + d] = gka[d] * params.scale;
+    dv[o0 + d] = gva[d];
+  }
+  if (has1) {
+    for (var d = 0u; d < HD4; d++) {
+      dk[o1 + d] = gkb[d] * params.scale;
+      dv[o1 + d] = gvb[d];
+    }
+  }
+}
+
+//! kernel attn_restride
+// Copies rows of width src_w into rows of width dst_w, zero-filling the extra columns: pads the
+// head dim of attention operands to a multiple of 4 (and strips the padding from results).
+// One invocation per destination element. Bindings: src, dst.
+struct Params { n: u32, src_w: u32, dst_w: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.dst_w;
+  let c = i % params.dst_w;
+  var x = 0.0;
+  if (c < params.src_w) { x = src[r * params.src_w + c]; }
+  dst[i] = x;
+}
+
+//! kernel ew_binary
+// out = a (op) b elementwise. op 0: a + b, 1: a - b, 2: a * b, 3: a + s * b.
+struct Params { n: u32, op: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = a[i];
+  let y = b[i];
+  var r: f32;
+  switch params.op {
+    case 0u: { r = x + y; }
+    case 1u: { r = x - y; }
+    case 2u: { r = x * y; }
+    default: { r = x + params.s * y; }
+  }
+  out[i] = r;
+}
+
+//! kernel ew_scale
+// out = s * a.
+struct Params { n: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { out[i] = params.s * a[i]; }
+}
+
+//! kernel ew_axpy_inplace
+// In place: dst += s * src (src must be another buffer).
+struct Params { n: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(2) var<storage, read> src: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { dst[i] = dst[i] + params.s * src[i]; }
+}
+
+//! kernel ew_add_row
+// out[R, C] = a[R, C] + row[C] broadcast over rows.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> row: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { out[i] = a[i] + row[i % params.cols]; }
+}
+
+//! kernel ew_sum_rows
+// Partial column sums of a[rows, cols] over chunks of chunk_rows rows: invocation t < n
+// (= chunks * cols) writes out[t] = sum of a[r, t % cols] for r in chunk t / cols, in row order.
+// With chunk_rows >= rows it is the whole column sum (out [cols]).
+struct Params { n: u32, cols: u32, rows: u32, chunk_rows: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let t = linear_id(gid, nwg, 256u);
+  if (t >= params.n) { return; }
+  let chunk = t / params.cols;
+  let c = t - chunk * params.cols;
+  let r0 = chunk * params.chunk_rows;
+  let r1 = min(r0 + params.chunk_rows, params.rows);
+  var acc = 0.0;
+  for (var r = r0; r < r1; r++) { acc += a[r * params.cols + c]; }
+  out[t] = acc;
+}
+
+//! kernel ew_sum_squares
+// Workgroup w writes out[w] = sum over i = w*256 + lid, stepping by 256 * workgroups, of x[i]²
+// (or of x[i] when square == 0), reduced by a fixed tree: deterministic. One workgroup over the
+// partials (square = 0) finishes the reduction.
+struct Params { n: u32, square: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+var<workgroup> part: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(
+  @builtin(local_invocation_id) lid: vec3<u32>,
+  @builtin(workgroup_id) wid: vec3<u32>,
+  @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+  let stride = nwg.x * 256u;
+  var acc = 0.0;
+  for (var i = wid.x * 256u + lid.x; i < params.n; i += stride) {
+    let v = x[i];
+    acc += select(v, v * v, params.square != 0u);
+  }
+  part[lid.x] = acc;
+  workgroupBarrier();
+  for (var h = 128u; h > 0u; h = h >> 1u) {
+    if (lid.x < h) { part[lid.x] = part[lid.x] + part[lid.x + h]; }
+    workgroupBarrier();
+  }
+  if (lid.x == 0u) { out[wid.x] = part[0]; }
+}
+
+//! kernel ew_gather_rows
+// out[i, c] = src[idx[i], c] for out [rows, cols]; n = rows * cols.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  out[i] = src[u32(idx[r]) * params.cols + c];
+}
+
+//! kernel ew_scatter_rows
+// In place: dst[idx[i], c] = src[i, c] for src [rows, cols]; n = rows * cols; idx distinct.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  dst[u32(idx[r]) * params.cols + c] = src[i];
+}
+
+//! kernel swiglu
+// out = silu(g) * u, silu(g) = g * sigmoid(g) (sigmoid evaluated without overflow).
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> g: array<f32>;
+@group(0) @binding(2) var<storage, read> u: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+fn sigmoid(x: f32) -> f32 {
+  let e = exp(-abs(x));
+  return select(e, 1.0, x >= 0.0) / (1.0 + e);
+}
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = g[i];
+  out[i] = x * sigmoid(x) * u[i];
+}
+
+//! kernel swiglu_backward
+// With s = sigmoid(g): du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)).
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dh: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read> u: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dg: array<f32>;
+@group(0) @binding(5) var<storage, read_write> du: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = g[i];
+  let e = exp(-abs(x));
+  // sigmoid(x) and 1 - sigmoid(x), each without cancellation.
+  let s = select(e, 1.0, x >= 0.0) / (1.0 + e);
+  let t = select(1.0, e, x >= 0.0) / (1.0 + e);
+  let d = dh[i];
+  du[i] = d * x * s;
+  dg[i] = d * u[i] * s * (1.0 + x * t);
+}
+
+//! kernel adamw
+// In place AdamW (PyTorch): g' = gscale * g; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'²;
+// p = p * decay - lr * (m / bc1) / (sqrt(v / bc2) + eps), decay = 1 - lr * wd, bc = 1 - beta^t.
+struct Params {
+  n: u32, lr: f32, b1: f32, omb1: f32, b2: f32, omb2: f32, eps: f32, decay: f32, gscale: f32,
+  bc1: f32, bc2: f32,
+}
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> p: array<f32>;
+@group(0) @binding(2) var<storage, read> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> m: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let g = params.gscale * grad[i];
+  let mi = params.b1 * m[i] + params.omb1 * g;
+  let vi = params.b2 * v[i] + params.omb2 * g * g;
+  m[i] = mi;
+  v[i] = vi;
+  p[i] = p[i] * params.decay - params.lr * (mi / params.bc1) / (sqrt(vi / params.bc2) + params.eps);
+}
+
+//! kernel lora_fold
+// out = w + s * (bm · am) for w [rows, cols], bm [rows, rank], am [rank, cols]; w, bm, am are
+// only read. A 16x16 workgroup covers a 64x64 tile; invocation (x, y) owns rows r0 + 16p and
+// columns c0 + 16q (p, q < 4), keeping the 4x4 block of bm · am in registers. Where the update
+// is zero the output is w's element, bit for bit.
+struct Params { rows: u32, cols: u32, rank: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> bm: array<f32>;
+@group(0) @binding(3) var<storage, read> am: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(16, 16)
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let rows = params.rows;
+  let cols = params.cols;
+  let rank = params.rank;
+  let r0 = wid.y * 64u + lid.y;
+  let c0 = wid.x * 64u + lid.x;
+  // Clamped indices keep the loads in bounds; the stores below are guarded.
+  let ri = min(vec4<u32>(r0, r0 + 16u, r0 + 32u, r0 + 48u), vec4<u32>(rows - 1u)) * rank;
+  let cj = min(vec4<u32>(c0, c0 + 16u, c0 + 32u, c0 + 48u), vec4<u32>(cols - 1u));
+  var acc: array<vec4<f32>, 4>;
+  for (var k = 0u; k < rank; k++) {
+    let bv = vec4<f32>(bm[ri.x + k], bm[ri.y + k], bm[ri.z + k], bm[ri.w + k]);
+    let ka = k * cols;
+    let av = vec4<f32>(am[ka + cj.x], am[ka + cj.y], am[ka + cj.z], am[ka + cj.w]);
+    acc[0] += bv.x * av;
+    acc[1] += bv.y * av;
+    acc[2] += bv.z * av;
+    acc[3] += bv.w * av;
+  }
+  for (var p = 0u; p < 4u; p++) {
+    let i = r0 + 16u * p;
+    if (i >= rows) { break; }
+    for (var q = 0u; q < 4u; q++) {
+      let j = c0 + 16u * q;
+      if (j >= cols) { break; }
+      let idx = i * cols + j;
+      let wv = w[idx];
+      let d = params.s * acc[p][q];
+      out[idx] = select(wv + d, wv, d == 0.0);
+    }
+  }
+}
+
+//! kernel rmsnorm_fwd_row
+// RMSNorm, one invocation per row: y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps).
+// Loops are unrolled by 8: llvmpipe stops any invocation after 65535 loop iterations in all, so
+// a row loop must stay well below that (the TypeScript side picks the _wg form for longer rows).
+struct Params { rows: u32, h: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
+fn sq(i: u32) -> f32 { let v = x[i]; return v * v; }
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.rows) { return; }
+  let h = params.h;
+  let h8 = h & ~7u;
+  let base = r * h;
+  var ss = 0.0;
+  for (var j = 0u; j < h8; j += 8u) {
+    let b = base + j;
+    ss += ((sq(b) + sq(b + 1u)) + (sq(b + 2u) + sq(b + 3u))) +
+      ((sq(b + 4u) + sq(b + 5u)) + (sq(b + 6u) + sq(b + 7u)));
+  }
+  for (var j = h8; j < h; j++) { ss += sq(base + j); }
+  let s = 1.0 / sqrt(ss / f32(h) + params.eps);
+  rstd[r] = s;
+  for (var j = 0u; j < h8; j += 8u) {
+    let b = base + j;
+    y[b] = x[b] * s * w[j];
+    y[b + 1u] = x[b + 1u] * s * w[j + 1u];
+    y[b + 2u] = x[b + 2u] * s * w[j + 2u];
+    y[b + 3u] = x[b + 3u] * s * w[j + 3u];
+    y[b + 4u] = x[b + 4u] * s * w[j + 4u];
+    y[b + 5u] = x[b + 5u] * s * w[j + 5u];
+    y[b + 6u] = x[b + 6u] * s * w[j + 6u];
+    y[b + 7u] = x[b + 7u] * s * w[j + 7u];
+  }
+  for (var j = h8; j < h; j++) { y[base + j] = x[base + j] * s * w[j]; }
+}
+
+//! kernel rmsnorm_fwd_wg
+// RMSNorm, one workgroup per row with a shared-memory reduction of the sum of squares.
+const WG = 64u;
+struct Params { rows: u32, h: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
+var<workgroup> part: array<f32, WG>;
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.rows) { return; }
+  let h = params.h;
+  let base = r * h;
+  var ss = 0.0;
+  for (var j = lid; j < h; j += WG) { let v = x[base + j]; ss += v * v; }
+  part[lid] = ss;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { part[lid] += part[lid + k]; }
+  }
+  workgroupBarrier();
+  let s = 1.0 / sqrt(part[0] / f32(h) + params.eps);
+  if (lid == 0u) { rstd[r] = s; }
+  for (var j = lid; j < h; j += WG) { y[base + j] = x[base + j] * s * w[j]; }
+}
+
+//! kernel rmsnorm_bwd_dx_row
+// RMSNorm input gradient, one invocation per row (loops unrolled by 8, see rmsnorm_fwd_row):
+// dx = s*w*dy - s^3/H * x * sum(dy*w*x), with s = rstd of the row.
+struct Params { rows: u32, h: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<f32>;
+@group(0) @binding(4) var<storage, read> rstd: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+fn t(b: u32, j: u32) -> f32 { return dy[b] * w[j] * x[b]; }
+fn g(b: u32, j: u32, s: f32, c: f32) { dx[b] = s * w[j] * dy[b] - c * x[b]; }
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.rows) { return; }
+  let h = params.h;
+  let h8 = h & ~7u;
+  let base = r * h;
+  var dot = 0.0;
+  for (var j = 0u; j < h8; j += 8u) {
+    let b = base + j;
+    dot += ((t(b, j) + t(b + 1u, j + 1u)) + (t(b + 2u, j + 2u) + t(b + 3u, j + 3u))) +
+      ((t(b + 4u, j + 4u) + t(b + 5u, j + 5u)) + (t(b + 6u, j + 6u) + t(b + 7u, j + 7u)));
+  }
+  for (var j = h8; j < h; j++) { dot += t(base + j, j); }
+  let s = rstd[r];
+  let c = s * s * s * dot / f32(h);
+  for (var j = 0u; j < h8; j += 8u) {
+    let b = base + j;
+    g(b, j, s, c);
+    g(b + 1u, j + 1u, s, c);
+    g(b + 2u, j + 2u, s, c);
+    g(b + 3u, j + 3u, s, c);
+    g(b + 4u, j + 4u, s, c);
+    g(b + 5u, j + 5u, s, c);
+    g(b + 6u, j + 6u, s, c);
+    g(b + 7u, j + 7u, s, c);
+  }
+  for (var j = h8; j < h; j++) { g(base + j, j, s, c); }
+}
+
+//! kernel rmsnorm_bwd_dx_wg
+// RMSNorm input gradient, one workgroup per row (shared-memory reduction of the dot product).
+const WG = 64u;
+struct Params { rows: u32, h: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<f32>;
+@group(0) @binding(4) var<storage, read> rstd: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+var<workgroup> part: array<f32, WG>;
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.rows) { return; }
+  let h = params.h;
+  let base = r * h;
+  var dot = 0.0;
+  for (var j = lid; j < h; j += WG) { dot += dy[base + j] * w[j] * x[base + j]; }
+  part[lid] = dot;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { part[lid] += part[lid + k]; }
+  }
+  workgroupBarrier();
+  let s = rstd[r];
+  let c = s * s * s * part[0] / f32(h);
+  for (var j = lid; j < h; j += WG) { dx[base + j] = s * w[j] * dy[base + j] - c * x[base + j]; }
+}
+
+//! kernel rmsnorm_bwd_dw
+// RMSNorm weight gradient over a chunk of rows, one invocation per (chunk c, column j):
+// out[c, j] = sum over rows r of chunk c of dy[r,j] * x[r,j] * rstd[r], in row order. With one
+// chunk `out` is dw; otherwise rmsnorm_bwd_dw_sum adds the chunks (fixed order: deterministic).
+struct Params { total: u32, rows: u32, h: u32, chunk: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> rstd: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 64u);
+  if (idx >= params.total) { return; }
+  let h = params.h;
+  let c = idx / h;
+  let j = idx - c * h;
+  let end = min(params.rows, (c + 1u) * params.chunk);
+  var acc = 0.0;
+  for (var r = c * params.chunk; r < end; r++) { acc += dy[r * h + j] * x[r * h + j] * rstd[r]; }
+  out[idx] = acc;
+}
+
+//! kernel rmsnorm_bwd_dw_sum
+// dw[j] = sum over chunks c of part[c, j] (see rmsnorm_bwd_dw).
+struct Params { chunks: u32, h: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> part: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let j = linear_id(gid, nwg, 64u);
+  if (j >= params.h) { return; }
+  var acc = 0.0;
+  for (var c = 0u; c < params.chunks; c++) { acc += part[c * params.h + j]; }
+  dw[j] = acc;
+}
+
+//! kernel rope_apply
+// Rotary embedding (HF rotate_half layout), one invocation per (row, head, pair i < half):
+// (x_i, x_{i+half}) rotated by sign * angle, angle = f32(pos) * inv_freq[i] rounded to f32 as
+// Hugging Face computes it. cos/sin are taken after an exact Cody-Waite reduction modulo 2*pi,
+// so large angles (positions in the thousands) stay accurate on every driver.
+struct Params { n: u32, half: u32, heads: u32, sign: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> pos: array<i32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// 2*pi = C1 + C2 + C3; C1 and C2 have 8 and 11 significant bits, so k*C1 and k*C2 are exact for
+// |k| < 2^13 (angles up to ~51000).
+const C1 = 6.28125;
+const C2 = 0.0019350051879882812;
+const C3 = 3.019916050561733e-07;
+const INV_2PI = 0.15915493667125702;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.n) { return; }
+  let half = params.half;
+  let i = idx % half;
+  let t = idx / half;
+  let hd = t % params.heads;
+  let r = t / params.heads;
+  let a = f32(pos[r]) * inv_freq[i];
+  let k = round(a * INV_2PI);
+  let red = ((a - k * C1) - k * C2) - k * C3;
+  let c = cos(red);
+  let sn = sin(red) * params.sign;
+  let lo = (r * params.heads + hd) * 2u * half + i;
+  let x1 = x[lo];
+  let x2 = x[lo + half];
+  out[lo] = x1 * c - x2 * sn;
+  out[lo + half] = x2 * c + x1 * sn;
+}
+
+//! kernel embed_gather
+// Embedding rows: out[r, c] = table[ids[r], c]; an id outside [0, V) gives a zero row (never an
+// out-of-bounds read).
+struct Params { total: u32, h: u32, v: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> table: array<f32>;
+@group(0) @binding(2) var<storage, read> ids: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let r = idx / params.h;
+  let c = idx - r * params.h;
+  let id = ids[r];
+  var val = 0.0;
+  if (id >= 0 && u32(id) < params.v) { val = table[u32(id) * params.h + c]; }
+  out[idx] = val;
+}
+
+//! kernel embed_grad
+// Embedding gradient from a host-built CSR list, one invocation per (segment s, column c).
+// csr = [S segment ids | S+1 offsets into the positions | N row positions grouped by id,
+// ascending | D distinct ids | D+1 first segments of each distinct id]. An id's positions are
+// split into segments of bounded length (llvmpipe caps loop iterations). Sums dy[p, c] over the
+// positions of segment s in ascending order into out[id, c] when `direct` (every id has one
+// segment), else into part[s, c] for embed_grad_sum.
+struct Params { total: u32, segs: u32, h: u32, direct: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> csr: array<i32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let h = params.h;
+  let ns = params.segs;
+  let s = idx / h;
+  let c = idx - s * h;
+  let start = u32(csr[ns + s]);
+  let end = u32(csr[ns + s + 1u]);
+  var acc = 0.0;
+  for (var k = start; k < end; k++) { acc += dy[u32(csr[2u * ns + 1u + k]) * h + c]; }
+  if (params.direct != 0u) { out[u32(csr[s]) * h + c] = acc; } else { out[idx] = acc; }
+}
+
+//! kernel embed_grad_sum
+// Adds the segment sums of each distinct id (see embed_grad), one invocation per (id j, column c).
+struct Params { total: u32, d: u32, h: u32, at: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> csr: array<i32>;
+@group(0) @binding(2) var<storage, read> part: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let h = params.h;
+  let j = idx / h;
+  let c = idx - j * h;
+  let at = params.at;
+  let first = u32(csr[at + params.d + j]);
+  let last = u32(csr[at + params.d + j + 1u]);
+  var acc = 0.0;
+  for (var s = first; s < last; s++) { acc += part[s * h + c]; }
+  out[u32(csr[at + j]) * h + c] = acc;
+}
+
+//! kernel logprob_fwd_row
+// Token log-probs, one invocation per row (loops unrolled by 8, see rmsnorm_fwd_row):
+// lse = logsumexp(logits/T) (max, then sum of exp), logp = logits[target]/T - lse; a target
+// outside [0, V) gives NaN (never an out-of-bounds read).
+struct Params { n: u32, v: u32, inv_t: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> logp: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+fn mx(b: u32) -> f32 {
+  return max(max(max(logits[b], logits[b + 1u]), max(logits[b + 2u], logits[b + 3u])),
+    max(max(logits[b + 4u], logits[b + 5u]), max(logits[b + 6u], logits[b + 7u])));
+}
+fn ex(i: u32, it: f32, m: f32) -> f32 { return exp(logits[i] * it - m); }
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let v8 = v & ~7u;
+  let it = params.inv_t;
+  let base = r * v;
+  var mraw = -3.4028235e38;
+  for (var j = 0u; j < v8; j += 8u) { mraw = max(mraw, mx(base + j)); }
+  for (var j = v8; j < v; j++) { mraw = max(mraw, logits[base + j]); }
+  let m = mraw * it;
+  var s = 0.0;
+  for (var j = 0u; j < v8; j += 8u) {
+    let b = base + j;
+    s += ((ex(b, it, m) + ex(b + 1u, it, m)) + (ex(b + 2u, it, m) + ex(b + 3u, it, m))) +
+      ((ex(b + 4u, it, m) + ex(b + 5u, it, m)) + (ex(b + 6u, it, m) + ex(b + 7u, it, m)));
+  }
+  for (var j = v8; j < v; j++) { s += ex(base + j, it, m); }
+  let l = m + log(s);
+  lse[r] = l;
+  let t = targets[r];
+  if (t >= 0 && u32(t) < v) {
+    logp[r] = logits[base + u32(t)] * it - l;
+  } else {
+    logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
+  }
+}
+
+//! kernel logprob_fwd_wg
+// Token log-probs, one workgroup per row: per-invocation online (max, sum) over a strided slice,
+// then a shared-memory tree combine. Same outputs as logprob_fwd_row.
+const WG = 64u;
+const NEG = -3.4028235e38;
+struct Params { n: u32, v: u32, inv_t: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> logp: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+var<workgroup> pm: array<f32, WG>;
+var<workgroup> ps: array<f32, WG>;
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let it = params.inv_t;
+  let base = r * v;
+  var m = NEG;
+  var s = 0.0;
+  for (var j = lid; j < v; j += WG) {
+    let z = logits[base + j] * it;
+    if (z > m) { s = s * exp(m - z) + 1.0; m = z; } else { s += exp(z - m); }
+  }
+  pm[lid] = m;
+  ps[lid] = s;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) {
+      let m1 = pm[lid];
+      let m2 = pm[lid + k];
+      let mm = max(m1, m2);
+      ps[lid] = ps[lid] * exp(m1 - mm) + ps[lid + k] * exp(m2 - mm);
+      pm[lid] = mm;
+    }
+  }
+  if (lid == 0u) {
+    let l = pm[0] + log(ps[0]);
+    lse[r] = l;
+    let t = targets[r];
+    if (t >= 0 && u32(t) < v) {
+      logp[r] = logits[base + u32(t)] * it - l;
+    } else {
+      logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
+    }
+  }
+}
+
+//! kernel logprob_bwd
+// d logits = (onehot(target) - exp(logits/T - lse)) * dlogp / T, one invocation per element.
+struct Params { total: u32, v: u32, inv_t: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dlogp: array<f32>;
+@group(0) @binding(2) var<storage, read> logits: array<f32>;
+@group(0) @binding(3) var<storage, read> targets: array<i32>;
+@group(0) @binding(4) var<storage, read> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let r = idx / params.v;
+  let j = idx - r * params.v;
+  let p = exp(logits[idx] * params.inv_t - lse[r]);
+  let onehot = select(0.0, 1.0, i32(j) == targets[r]);
+  out[idx] = (onehot - p) * (dlogp[r] * params.inv_t);
+}
+
+//! kernel entropy_row
+// Entropy of softmax(logits/T), one invocation per row (loops unrolled by 8, see
+// rmsnorm_fwd_row): with m = max z and e = exp(z - m), H = log(sum e) - sum(e * (z - m)) / sum e.
+struct Params { n: u32, v: u32, inv_t: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+fn mx(b: u32) -> f32 {
+  return max(max(max(logits[b], logits[b + 1u]), max(logits[b + 2u], logits[b + 3u])),
+    max(max(logits[b + 4u], logits[b + 5u]), max(logits[b + 6u], logits[b + 7u])));
+}
+// (e, e * z) for z = logits[i]/T - m; the product is 0 where e underflows (z may be -inf).
+fn ez(i: u32, it: f32, m: f32) -> vec2<f32> {
+  let z = logits[i] * it - m;
+  let e = exp(z);
+  return vec2<f32>(e, select(0.0, e * z, e > 0.0));
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let v8 = v & ~7u;
+  let it = params.inv_t;
+  let base = r * v;
+  var mraw = -3.4028235e38;
+  for (var j = 0u; j < v8; j += 8u) { mraw = max(mraw, mx(base + j)); }
+  for (var j = v8; j < v; j++) { mraw = max(mraw, logits[base + j]); }
+  let m = mraw * it;
+  var acc = vec2<f32>(0.0, 0.0);
+  for (var j = 0u; j < v8; j += 8u) {
+    let b = base + j;
+    acc += ((ez(b, it, m) + ez(b + 1u, it, m)) + (ez(b + 2u, it, m) + ez(b + 3u, it, m))) +
+      ((ez(b + 4u, it, m) + ez(b + 5u, it, m)) + (ez(b + 6u, it, m) + ez(b + 7u, it, m)));
+  }
+  for (var j = v8; j < v; j++) { acc += ez(base + j, it, m); }
+  out[r] = log(acc.x) - acc.y / acc.x;
+}
+
+//! kernel entropy_wg
+// Entropy, one workgroup per row: online (max, sum e, sum e*(z-max)) per invocation, then a
+// shared-memory tree combine. Same output as entropy_row.
+const WG = 64u;
+const NEG = -3.4028235e38;
+struct Params { n: u32, v: u32, inv_t: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+var<workgroup> pm: array<f32, WG>;
+var<workgroup> ps: array<f32, WG>;
+var<workgroup> pz: array<f32, WG>;
+// Moves a partial (m, s, sz) to a larger max mm: s' = a*s, sz' = a*(sz + (m - mm)*s), a = e^(m-mm).
+fn rescale(m: f32, s: f32, sz: f32, mm: f32) -> vec2<f32> {
+  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
+  let a = exp(m - mm);
+  return vec2<f32>(a * s, a * (sz + (m - mm) * s));
+}
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let it = params.inv_t;
+  let base = r * v;
+  var m = NEG;
+  var s = 0.0;
+  var sz = 0.0;
+  for (var j = lid; j < v; j += WG) {
+    let z = logits[base + j] * it;
+    if (z > m) {
+      let q = rescale(m, s, sz, z);
+      s = q.x + 1.0;
+      sz = q.y;
+      m = z;
+    } else {
+      let e = exp(z - m);
+      s += e;
+      if (e > 0.0) { sz += e * (z - m); }
+    }
+  }
+  pm[lid] = m;
+  ps[lid] = s;
+  pz[lid] = sz;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) {
+      let mm = max(pm[lid], pm[lid + k]);
+      let a = rescale(pm[lid], ps[lid], pz[lid], mm);
+      let b = rescale(pm[lid + k], ps[lid + k], pz[lid + k], mm);
+      pm[lid] = mm;
+      ps[lid] = a.x + b.x;
+      pz[lid] = a.y + b.y;
+    }
+  }
+  if (lid == 0u) { out[r] = log(ps[0]) - pz[0] / ps[0]; }
+}

@@ -54,10 +54,36 @@ const utf8Encoder = new TextEncoder();
 /** Replaces invalid sequences with U+FFFD; keeps a leading U+FEFF. */
 const utf8Decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 
-/** Maps text to its byte-level form (one printable character per UTF-8 byte). */
+/**
+ * Maps text to its byte-level form (one printable character per UTF-8 byte). Lone surrogates
+ * become U+FFFD, as with TextEncoder.
+ */
 export const toByteLevel = (text: string): string => {
+  const T = BYTE_TO_CHAR;
   let s = "";
-  for (const b of utf8Encoder.encode(text)) s += BYTE_TO_CHAR[b];
+  for (let i = 0; i < text.length; i++) {
+    let c = text.charCodeAt(i);
+    if (c < 0x80) {
+      s += T[c];
+      continue;
+    }
+    if (c < 0x800) {
+      s += T[0xc0 | (c >> 6)] + T[0x80 | (c & 0x3f)];
+      continue;
+    }
+    if (c >= 0xd800 && c <= 0xdfff) {
+      const d = text.charCodeAt(i + 1);
+      if (c <= 0xdbff && d >= 0xdc00 && d <= 0xdfff) {
+        c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
+        i++;
+        s += T[0xf0 | (c >> 18)] + T[0x80 | ((c >> 12) & 0x3f)] + T[0x80 | ((c >> 6) & 0x3f)] +
+          T[0x80 | (c & 0x3f)];
+        continue;
+      }
+      c = 0xfffd;
+    }
+    s += T[0xe0 | (c >> 12)] + T[0x80 | ((c >> 6) & 0x3f)] + T[0x80 | (c & 0x3f)];
+  }
   return s;
 };
 
@@ -198,6 +224,25 @@ const findMatches = (s: string, re: RegExp): Piece[] => {
   return out;
 };
 
+/** Matches and gaps as strings (the "Isolated" behavior), without intermediate tuples. */
+const isolate = (s: string, re: RegExp): string[] => {
+  const out: string[] = [];
+  let last = 0;
+  re.lastIndex = 0;
+  for (let m = re.exec(s); m !== null; m = re.exec(s)) {
+    const len = m[0].length;
+    if (len === 0) {
+      re.lastIndex += (s.codePointAt(re.lastIndex) ?? 0) > 0xffff ? 2 : 1;
+      continue;
+    }
+    if (m.index > last) out.push(s.slice(last, m.index));
+    out.push(m[0]);
+    last = m.index + len;
+  }
+  if (last < s.length) out.push(s.slice(last));
+  return out;
+};
+
 type Behavior = "Removed" | "Isolated" | "MergedWithPrevious" | "MergedWithNext" | "Contiguous";
 const BEHAVIORS: readonly Behavior[] = [
   "Removed",
@@ -209,10 +254,9 @@ const BEHAVIORS: readonly Behavior[] = [
 
 /** Hugging Face `split` with a delimiter behavior (same folding rules as tokenizers' Rust). */
 const splitWith = (s: string, re: RegExp, behavior: Behavior, invert: boolean): string[] => {
+  if (behavior === "Isolated") return isolate(s, re);
   const ms = findMatches(s, re).map(([t, m]) => [t, invert ? !m : m] as const);
   switch (behavior) {
-    case "Isolated":
-      return ms.map(([t]) => t);
     case "Removed":
       return ms.filter(([, m]) => !m).map(([t]) => t);
     case "MergedWithPrevious": {
@@ -352,7 +396,8 @@ class PairHeap {
     return this.rank.length;
   }
   #less(a: number, b: number): boolean {
-    return this.rank[a] < this.rank[b] || (this.rank[a] === this.rank[b] && this.pos[a] < this.pos[b]);
+    return this.rank[a] < this.rank[b] ||
+      (this.rank[a] === this.rank[b] && this.pos[a] < this.pos[b]);
   }
   #swap(a: number, b: number): void {
     for (const arr of [this.rank, this.pos, this.left, this.right] as unknown[][]) {
@@ -495,7 +540,9 @@ export class ByteLevelBpeTokenizer implements Tokenizer {
 
     // vocab
     const rawVocab = model.vocab;
-    if (rawVocab === undefined || rawVocab === null) return fail("model.vocab", "model.vocab missing");
+    if (rawVocab === undefined || rawVocab === null) {
+      return fail("model.vocab", "model.vocab missing");
+    }
     if (!isRecord(rawVocab)) return fail("model.vocab", "model.vocab is not an object");
     const vocab = new Map<string, number>();
     const seen = new Map<number, string>();
@@ -817,7 +864,6 @@ export const loadTokenizer = (
     }
     return yield* Effect.try({
       try: () => tokenizerFromJSON(json, specials),
-      catch: (e) =>
-        e instanceof TokenizerError ? e : new TokenizerError({ reason: String(e) }),
+      catch: (e) => e instanceof TokenizerError ? e : new TokenizerError({ reason: String(e) }),
     });
   });

@@ -1,82 +1,264 @@
 /**
- * CPU backend: elementwise ops. TODO(owner): implement; see Ops in ../ops.ts for contracts.
+ * CPU backend: elementwise ops, reductions, row gather/scatter, SwiGLU, AdamW and the LoRA fold.
+ * Plain loops computing in JS numbers (float64) and storing in the scope precision: the reference
+ * the WebGPU kernels are tested against. Contracts: Ops in ../ops.ts.
  * @module
  */
 import type { AdamWOptions } from "../ops.ts";
-import type { Tensor } from "../tensor.ts";
+import type { FloatArray, Tensor } from "../tensor.ts";
+import { asMatrix, expectShape, require } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
+const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
+  require(
+    a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]),
+    op,
+    () => `${an} [${a.shape}] and ${bn} [${b.shape}] must have the same shape`,
+  );
+
+/** Checks host row indices: integers in [0, rows). */
+const checkRows = (op: string, idx: ArrayLike<number>, rows: number): void => {
+  for (let i = 0; i < idx.length; i++) {
+    const r = idx[i];
+    require(
+      Number.isInteger(r) && r >= 0 && r < rows,
+      op,
+      () => `row index ${r} (at ${i}) out of range [0, ${rows})`,
+    );
+  }
+};
+
+/** Fresh tensor of a's shape with out[i] = f(x[i], y[i]). */
+const zip = (
+  sc: CpuScope,
+  op: string,
+  a: Tensor,
+  b: Tensor,
+  f: (x: number, y: number) => number,
+): Tensor => {
+  sameShape(op, a, b);
+  const x = sc.f(a, op);
+  const y = sc.f(b, op);
+  const out = sc.floats(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = f(x[i], y[i]);
+  return sc.wrap(a.shape, out);
+};
+
+const sigmoid = (x: number): number => 1 / (1 + Math.exp(-x));
+
 /** See Ops.add. */
-export function add(_sc: CpuScope, _a: Tensor, _b: Tensor): Tensor {
-  throw new Error("cpu add: not implemented");
+export function add(sc: CpuScope, a: Tensor, b: Tensor): Tensor {
+  return zip(sc, "add", a, b, (x, y) => x + y);
 }
 
 /** See Ops.sub. */
-export function sub(_sc: CpuScope, _a: Tensor, _b: Tensor): Tensor {
-  throw new Error("cpu sub: not implemented");
+export function sub(sc: CpuScope, a: Tensor, b: Tensor): Tensor {
+  return zip(sc, "sub", a, b, (x, y) => x - y);
 }
 
 /** See Ops.mul. */
-export function mul(_sc: CpuScope, _a: Tensor, _b: Tensor): Tensor {
-  throw new Error("cpu mul: not implemented");
+export function mul(sc: CpuScope, a: Tensor, b: Tensor): Tensor {
+  return zip(sc, "mul", a, b, (x, y) => x * y);
 }
 
 /** See Ops.scale. */
-export function scale(_sc: CpuScope, _a: Tensor, _s: number): Tensor {
-  throw new Error("cpu scale: not implemented");
+export function scale(sc: CpuScope, a: Tensor, s: number): Tensor {
+  const x = sc.f(a, "scale");
+  const out = sc.floats(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = s * x[i];
+  return sc.wrap(a.shape, out);
 }
 
 /** See Ops.addScaled. */
-export function addScaled(_sc: CpuScope, _a: Tensor, _b: Tensor, _s: number): Tensor {
-  throw new Error("cpu addScaled: not implemented");
+export function addScaled(sc: CpuScope, a: Tensor, b: Tensor, s: number): Tensor {
+  return zip(sc, "addScaled", a, b, (x, y) => x + s * y);
 }
 
 /** See Ops.addScaledInPlace. */
-export function addScaledInPlace(_sc: CpuScope, _dst: Tensor, _src: Tensor, _s: number): void {
-  throw new Error("cpu addScaledInPlace: not implemented");
+export function addScaledInPlace(sc: CpuScope, dst: Tensor, src: Tensor, s: number): void {
+  sameShape("addScaledInPlace", dst, src, "dst", "src");
+  const d = sc.f(dst, "addScaledInPlace");
+  const x = sc.f(src, "addScaledInPlace");
+  for (let i = 0; i < d.length; i++) d[i] = d[i] + s * x[i];
 }
 
 /** See Ops.addRow. */
-export function addRow(_sc: CpuScope, _a: Tensor, _row: Tensor): Tensor {
-  throw new Error("cpu addRow: not implemented");
+export function addRow(sc: CpuScope, a: Tensor, row: Tensor): Tensor {
+  require(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
+  const [rows, cols] = asMatrix(a);
+  expectShape("addRow", "row", row, [cols]);
+  const x = sc.f(a, "addRow");
+  const r = sc.f(row, "addRow");
+  const out = sc.floats(x.length);
+  for (let i = 0; i < rows; i++) {
+    for (let j = 0; j < cols; j++) out[i * cols + j] = x[i * cols + j] + r[j];
+  }
+  return sc.wrap(a.shape, out);
 }
 
 /** See Ops.sumRows. */
-export function sumRows(_sc: CpuScope, _a: Tensor): Tensor {
-  throw new Error("cpu sumRows: not implemented");
+export function sumRows(sc: CpuScope, a: Tensor): Tensor {
+  require(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
+  const [rows, cols] = asMatrix(a);
+  const x = sc.f(a, "sumRows");
+  const acc = new Float64Array(cols);
+  for (let i = 0; i < rows; i++) {
+    for (let j = 0; j < cols; j++) acc[j] += x[i * cols + j];
+  }
+  const out = sc.floats(cols);
+  out.set(acc);
+  return sc.wrap([cols], out);
 }
 
 /** See Ops.sumSquares. */
-export function sumSquares(_sc: CpuScope, _a: Tensor): Tensor {
-  throw new Error("cpu sumSquares: not implemented");
+export function sumSquares(sc: CpuScope, a: Tensor): Tensor {
+  const x = sc.f(a, "sumSquares");
+  let acc = 0;
+  for (let i = 0; i < x.length; i++) acc += x[i] * x[i];
+  const out = sc.floats(1);
+  out[0] = acc;
+  return sc.wrap([1], out);
 }
 
 /** See Ops.gatherRows. */
-export function gatherRows(_sc: CpuScope, _src: Tensor, _rows: ArrayLike<number>): Tensor {
-  throw new Error("cpu gatherRows: not implemented");
+export function gatherRows(sc: CpuScope, src: Tensor, rows: ArrayLike<number>): Tensor {
+  expectShape("gatherRows", "src", src, [-1, -1]);
+  const [r, c] = src.shape;
+  checkRows("gatherRows", rows, r);
+  const x = sc.f(src, "gatherRows");
+  const out = sc.floats(rows.length * c);
+  for (let i = 0; i < rows.length; i++) {
+    out.set(x.subarray(rows[i] * c, rows[i] * c + c), i * c);
+  }
+  return sc.wrap([rows.length, c], out);
 }
 
-/** See Ops.scatterRowsInPlace. */
-export function scatterRowsInPlace(_sc: CpuScope, _dst: Tensor, _src: Tensor, _rows: ArrayLike<number>): void {
-  throw new Error("cpu scatterRowsInPlace: not implemented");
+/**
+ * See Ops.scatterRowsInPlace. Row indices must be distinct (each destination row is written
+ * once, so the result does not depend on the order of the writes).
+ */
+export function scatterRowsInPlace(
+  sc: CpuScope,
+  dst: Tensor,
+  src: Tensor,
+  rows: ArrayLike<number>,
+): void {
+  const op = "scatterRowsInPlace";
+  expectShape(op, "dst", dst, [-1, -1]);
+  const [r, c] = dst.shape;
+  expectShape(op, "src", src, [rows.length, c]);
+  checkRows(op, rows, r);
+  require(new Set(Array.from(rows)).size === rows.length, op, () => `row indices must be distinct`);
+  const d = sc.f(dst, op);
+  // Copy first: src may be a view of dst.
+  const x: FloatArray = sc.f(src, op).slice();
+  for (let i = 0; i < rows.length; i++) d.set(x.subarray(i * c, i * c + c), rows[i] * c);
 }
 
-/** See Ops.swiglu. */
-export function swiglu(_sc: CpuScope, _gate: Tensor, _up: Tensor): Tensor {
-  throw new Error("cpu swiglu: not implemented");
+/** See Ops.swiglu: silu(g) * u with silu(g) = g * sigmoid(g). */
+export function swiglu(sc: CpuScope, gate: Tensor, up: Tensor): Tensor {
+  sameShape("swiglu", gate, up, "gate", "up");
+  return zip(sc, "swiglu", gate, up, (g, u) => g * sigmoid(g) * u);
 }
 
-/** See Ops.swigluBackward. */
-export function swigluBackward(_sc: CpuScope, _dh: Tensor, _gate: Tensor, _up: Tensor): { dGate: Tensor; dUp: Tensor } {
-  throw new Error("cpu swigluBackward: not implemented");
+/**
+ * See Ops.swigluBackward. With σ = sigmoid(g): dUp = dh · g·σ and
+ * dGate = dh · u · σ · (1 + g·(1 - σ)).
+ */
+export function swigluBackward(
+  sc: CpuScope,
+  dh: Tensor,
+  gate: Tensor,
+  up: Tensor,
+): { dGate: Tensor; dUp: Tensor } {
+  const op = "swigluBackward";
+  sameShape(op, gate, up, "gate", "up");
+  sameShape(op, dh, gate, "dh", "gate");
+  const d = sc.f(dh, op);
+  const g = sc.f(gate, op);
+  const u = sc.f(up, op);
+  const dg = sc.floats(g.length);
+  const du = sc.floats(g.length);
+  for (let i = 0; i < g.length; i++) {
+    const s = sigmoid(g[i]);
+    du[i] = d[i] * g[i] * s;
+    dg[i] = d[i] * u[i] * s * (1 + g[i] * (1 - s));
+  }
+  return { dGate: sc.wrap(gate.shape, dg), dUp: sc.wrap(gate.shape, du) };
 }
 
-/** See Ops.adamw. */
-export function adamw(_sc: CpuScope, _param: Tensor, _grad: Tensor, _m: Tensor, _v: Tensor, _opts: AdamWOptions): void {
-  throw new Error("cpu adamw: not implemented");
+/**
+ * See Ops.adamw (PyTorch AdamW): g ← gradScale·g; m ← β1·m + (1-β1)·g; v ← β2·v + (1-β2)·g²;
+ * p ← p·(1 - lr·wd) - lr · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + eps). The four tensors must
+ * have one shape and distinct storage.
+ */
+export function adamw(
+  sc: CpuScope,
+  param: Tensor,
+  grad: Tensor,
+  m: Tensor,
+  v: Tensor,
+  opts: AdamWOptions,
+): void {
+  const op = "adamw";
+  sameShape(op, param, grad, "param", "grad");
+  sameShape(op, param, m, "param", "m");
+  sameShape(op, param, v, "param", "v");
+  require(
+    Number.isInteger(opts.step) && opts.step >= 1,
+    op,
+    () => `step must be an integer >= 1, got ${opts.step}`,
+  );
+  const p = sc.f(param, op);
+  const g = sc.f(grad, op);
+  const mm = sc.f(m, op);
+  const vv = sc.f(v, op);
+  require(
+    new Set([p, g, mm, vv]).size === 4,
+    op,
+    () => "param, grad, m and v must not share storage",
+  );
+  const { lr, beta1, beta2, eps, weightDecay, step } = opts;
+  const gs = opts.gradScale ?? 1;
+  const bc1 = 1 - beta1 ** step;
+  const bc2 = 1 - beta2 ** step;
+  const decay = 1 - lr * weightDecay;
+  for (let i = 0; i < p.length; i++) {
+    const gi = gs * g[i];
+    const mi = beta1 * mm[i] + (1 - beta1) * gi;
+    const vi = beta2 * vv[i] + (1 - beta2) * gi * gi;
+    mm[i] = mi;
+    vv[i] = vi;
+    p[i] = p[i] * decay - lr * (mi / bc1) / (Math.sqrt(vi / bc2) + eps);
+  }
 }
 
-/** See Ops.loraFold. */
-export function loraFold(_sc: CpuScope, _w: Tensor, _b: Tensor, _a: Tensor, _s: number): Tensor {
-  throw new Error("cpu loraFold: not implemented");
+/**
+ * See Ops.loraFold: a fresh W + s·(B·A). Reads W, B and A only. Where the update s·(B·A)[i,j]
+ * is zero the output element is W's, bit for bit (B = 0 reproduces W exactly, -0 included).
+ */
+export function loraFold(sc: CpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {
+  const op = "loraFold";
+  expectShape(op, "w", w, [-1, -1]);
+  const [rows, cols] = w.shape;
+  expectShape(op, "b", b, [rows, -1]);
+  const rank = b.shape[1];
+  expectShape(op, "a", a, [rank, cols]);
+  const wd = sc.f(w, op);
+  const bd = sc.f(b, op);
+  const ad = sc.f(a, op);
+  const out = sc.floats(rows * cols);
+  const acc = new Float64Array(cols);
+  for (let i = 0; i < rows; i++) {
+    acc.fill(0);
+    for (let k = 0; k < rank; k++) {
+      const bik = bd[i * rank + k];
+      for (let j = 0; j < cols; j++) acc[j] += bik * ad[k * cols + j];
+    }
+    for (let j = 0; j < cols; j++) {
+      const d = s * acc[j];
+      out[i * cols + j] = d === 0 ? wd[i * cols + j] : wd[i * cols + j] + d;
+    }
+  }
+  return sc.wrap([rows, cols], out);
 }

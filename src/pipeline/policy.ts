@@ -1,0 +1,339 @@
+/**
+ * The live, trainable policy: frozen base weights on the device, the trainable parameters (LoRA
+ * A/B, or a full copy of the weights), AdamW state, and the version counter. A training step
+ * runs forward → token log-probs → (host) loss → backward → clip → AdamW with three host waits.
+ * Snapshots are taken out of place (see src/sync/snapshot.ts); nothing here merges weights.
+ * @module
+ */
+import { Data, Effect, type Scope } from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import type { BackendFailure, Ops } from "../backend/ops.ts";
+import type { Tensor } from "../backend/tensor.ts";
+import type { ModelConfig } from "../model/config.ts";
+import {
+  backward,
+  type DeviceModel,
+  forward,
+  type GradMode,
+  loraGradKey,
+  type LoraRuntime,
+  uploadModel,
+} from "../model/decoder.ts";
+import type { HostTensor, WeightMap } from "../model/weights.ts";
+import { initLora, type LoraConfig, type LoraWeights, uploadLora } from "../lora/adapter.ts";
+import { Rng } from "../model/rng.ts";
+import { copySnapshot, foldSnapshot, type Snapshot } from "../sync/snapshot.ts";
+
+/** AdamW and clipping settings (PyTorch/TRL names in camelCase). */
+export interface OptimizerConfig {
+  readonly learningRate: number;
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  /** Global gradient-norm clip; 0 disables. */
+  readonly maxGradNorm: number;
+}
+
+/** Defaults as TRL's GRPOConfig / transformers' TrainingArguments (lr tuned per task). */
+export const defaultOptimizer: OptimizerConfig = {
+  learningRate: 1e-5,
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  weightDecay: 0,
+  maxGradNorm: 1,
+};
+
+/** NaN or Inf in log-probs, loss or gradients: the step is not applied. */
+export class NonFiniteStepError extends Data.TaggedError("NonFiniteStepError")<{
+  readonly step: number;
+  readonly quantity: string;
+  readonly message: string;
+}> {}
+
+/** One sequence to train on: prompt tokens (with BOS when the model uses one) and completion. */
+export interface TrainSequence {
+  readonly prompt: readonly number[];
+  readonly completion: readonly number[];
+}
+
+/** Per-sequence log-probs (and entropies) of the completion tokens. */
+export interface SequenceLogProbs {
+  readonly logp: Float64Array[];
+  readonly entropy: Float64Array[];
+}
+
+/** The host side of a step: loss and d loss / d logp per sequence from the log-probs. */
+export type LossFn<E> = (lp: SequenceLogProbs) => Effect.Effect<
+  { loss: number; dLogp: readonly Float64Array[]; metrics: Record<string, number> },
+  E
+>;
+
+/** What a step reports. */
+export interface StepStats {
+  readonly loss: number;
+  readonly gradNorm: number;
+  readonly tokens: number;
+  readonly metrics: Record<string, number>;
+}
+
+/** Serializable training state (resume). */
+export interface PolicyState {
+  readonly version: number;
+  readonly params: Map<string, HostTensor>;
+  readonly m: Map<string, HostTensor>;
+  readonly v: Map<string, HostTensor>;
+  readonly rng: number[];
+}
+
+/** Options of a policy. */
+export interface PolicyOptions {
+  readonly mode: GradMode;
+  /** Required for mode "lora". */
+  readonly lora?: LoraConfig;
+  readonly seed: number;
+  readonly optimizer: OptimizerConfig;
+}
+
+/** Right-padded batch layout: ids, rows whose logits predict completion tokens, targets. */
+export const layoutBatch = (seqs: readonly TrainSequence[], padId: number) => {
+  const T = Math.max(1, ...seqs.map((s) => s.prompt.length + s.completion.length));
+  const ids = new Int32Array(seqs.length * T).fill(padId);
+  const rows: number[] = [];
+  const targets: number[] = [];
+  seqs.forEach((s, b) => {
+    ids.set(s.prompt, b * T);
+    ids.set(s.completion, b * T + s.prompt.length);
+    for (let j = 0; j < s.completion.length; j++) {
+      rows.push(b * T + s.prompt.length - 1 + j);
+      targets.push(s.completion[j]);
+    }
+  });
+  return { ids, T, rows, targets };
+};
+
+/** The trainable policy (see module doc). Create with `Policy.make` inside a long-lived scope. */
+export class Policy {
+  private constructor(
+    readonly backend: BackendShape,
+    readonly config: ModelConfig,
+    readonly options: PolicyOptions,
+    /** Frozen host copy of the base (snapshots share its untouched tensors). */
+    readonly base: WeightMap,
+    /** Frozen base on the device; never written. */
+    readonly baseDevice: DeviceModel,
+    /** The model the policy runs: the base itself (LoRA) or a trainable copy (full). */
+    private readonly live: DeviceModel,
+    private readonly lora: LoraRuntime | null,
+    /** Trainable tensors by gradient key, with AdamW moments. */
+    private readonly params: Map<string, { p: Tensor; m: Tensor; v: Tensor }>,
+    private rngState: Rng,
+  ) {}
+
+  /** The policy's random stream (dropout); restored on resume. */
+  get rng(): Rng {
+    return this.rngState;
+  }
+
+  /** Optimizer steps taken; snapshot k is taken after k steps. */
+  version = 0;
+
+  /** Uploads base and trainable state in the current scope. */
+  static make(
+    backend: BackendShape,
+    config: ModelConfig,
+    base: WeightMap,
+    options: PolicyOptions,
+    initialLora?: LoraWeights,
+  ): Effect.Effect<Policy, never, Scope.Scope> {
+    return Effect.gen(function* () {
+      const ops = yield* backend.ops;
+      const baseDevice = uploadModel(ops, config, base);
+      const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
+      const track = (key: string, p: Tensor) => params.set(key, { p, m: ops.zeros(p.shape), v: ops.zeros(p.shape) });
+      let live = baseDevice;
+      let lora: LoraRuntime | null = null;
+      if (options.mode === "lora") {
+        if (!options.lora) throw new Error("mode lora needs a LoRA config");
+        lora = uploadLora(ops, initialLora ?? initLora(config, options.lora, options.seed));
+        for (const [path, m] of lora.modules) {
+          track(loraGradKey(path, "A"), m.a);
+          track(loraGradKey(path, "B"), m.b);
+        }
+      } else {
+        const w = new Map<string, Tensor>();
+        for (const [name, t] of baseDevice.weights) w.set(name, ops.copy(t));
+        live = { config, weights: w };
+        for (const [name, t] of w) track(name, t);
+      }
+      return new Policy(backend, config, options, base, baseDevice, live, lora, params, new Rng(options.seed + 1));
+    });
+  }
+
+  /** Trainable parameter count. */
+  get trainableParameters(): number {
+    let n = 0;
+    for (const { p } of this.params.values()) n += p.size;
+    return n;
+  }
+
+  private logProbsOn(
+    ops: Ops,
+    seqs: readonly TrainSequence[],
+    temperature: number,
+    model: DeviceModel,
+    lora: LoraRuntime | null,
+    train: boolean,
+  ) {
+    const { ids, T, rows, targets } = layoutBatch(seqs, 0);
+    const out = forward(ops, model, { ids, batch: seqs.length, seqLen: T, logitRows: rows }, {
+      lora,
+      train,
+      rng: this.rng,
+    });
+    const tgt = ops.fromArray(targets, [targets.length], "i32");
+    const lp = ops.logProbs(out.logits, tgt, temperature);
+    return { ...out, ...lp, tgt, rows };
+  }
+
+  private split(seqs: readonly TrainSequence[], flat: ArrayLike<number>): Float64Array[] {
+    let o = 0;
+    return seqs.map((s) => {
+      const a = Float64Array.from({ length: s.completion.length }, (_, j) => flat[o + j]);
+      o += s.completion.length;
+      return a;
+    });
+  }
+
+  /**
+   * Log-probs of completion tokens without gradients: of the policy, or of the reference
+   * (`reference: true`: adapters disabled for LoRA, the frozen base for full fine-tuning).
+   */
+  logProbs(
+    seqs: readonly TrainSequence[],
+    temperature: number,
+    reference = false,
+  ): Effect.Effect<Float64Array[], BackendFailure> {
+    // deno-lint-ignore no-this-alias
+    const self = this;
+    return Effect.scoped(Effect.gen(function* () {
+      const ops = yield* self.backend.ops;
+      const r = reference
+        ? self.logProbsOn(ops, seqs, temperature, self.baseDevice, null, false)
+        : self.logProbsOn(ops, seqs, temperature, self.live, self.lora, false);
+      const [lp] = yield* ops.read([r.logp]);
+      return self.split(seqs, lp);
+    }));
+  }
+
+  /** One optimizer step; NaN/Inf anywhere fails with NonFiniteStepError before any weight changes. */
+  step<E>(
+    seqs: readonly TrainSequence[],
+    temperature: number,
+    lossFn: LossFn<E>,
+  ): Effect.Effect<StepStats, E | BackendFailure | NonFiniteStepError> {
+    const stepNo = this.version + 1;
+    const nonFinite = (quantity: string, detail: string) =>
+      new NonFiniteStepError({ step: stepNo, quantity, message: `step ${stepNo}: non-finite ${quantity} (${detail})` });
+    // deno-lint-ignore no-this-alias
+    const self = this;
+    return Effect.scoped(Effect.gen(function* () {
+      const ops = yield* self.backend.ops;
+      const r = self.logProbsOn(ops, seqs, temperature, self.live, self.lora, true);
+      const ent = ops.entropy(r.logits, temperature);
+      const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
+      const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
+      if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
+      const res = yield* lossFn({ logp: self.split(seqs, lpFlat), entropy: self.split(seqs, entFlat) });
+      if (!Number.isFinite(res.loss)) return yield* Effect.fail(nonFinite("loss", String(res.loss)));
+      const flat = new Float32Array(lpFlat.length);
+      let o = 0;
+      for (const d of res.dLogp) {
+        flat.set(d, o);
+        o += d.length;
+      }
+      const dLogits = ops.logProbsBackward(ops.fromArray(flat, [flat.length]), r.logits, r.tgt, r.lse, temperature);
+      const grads = backward(ops, r.tape!, dLogits, self.options.mode);
+      const keys = [...self.params.keys()];
+      const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
+      let total = 0;
+      sq.forEach((x, i) => {
+        if (!Number.isFinite(x[0])) throw nonFinite("gradient", keys[i]);
+        total += x[0];
+      });
+      const gradNorm = Math.sqrt(total);
+      if (!Number.isFinite(gradNorm)) return yield* Effect.fail(nonFinite("gradient norm", String(gradNorm)));
+      const o2 = self.options.optimizer;
+      const clip = o2.maxGradNorm > 0 ? Math.min(1, o2.maxGradNorm / (gradNorm + 1e-6)) : 1;
+      for (const k of keys) {
+        const g = grads.get(k);
+        if (!g) continue;
+        const s = self.params.get(k)!;
+        ops.adamw(s.p, g, s.m, s.v, {
+          lr: o2.learningRate,
+          beta1: o2.beta1,
+          beta2: o2.beta2,
+          eps: o2.eps,
+          weightDecay: o2.weightDecay,
+          step: stepNo,
+          gradScale: clip,
+        });
+      }
+      ops.flush();
+      self.version = stepNo;
+      return { loss: res.loss, gradNorm, tokens: flat.length, metrics: res.metrics };
+    }).pipe(
+      Effect.catchDefect((d) => d instanceof NonFiniteStepError ? Effect.fail(d) : Effect.die(d)),
+    ));
+  }
+
+  /** An immutable snapshot of the current weights (folded out of place, or copied). */
+  snapshot(): Effect.Effect<Snapshot, BackendFailure> {
+    return this.lora
+      ? foldSnapshot(this.backend, this.version, this.base, this.baseDevice, this.lora, this.options.lora!)
+      : copySnapshot(this.backend, this.version, this.live);
+  }
+
+  /** Host copies of parameters and optimizer moments (one wait), for checkpoints. */
+  exportState(): Effect.Effect<PolicyState, BackendFailure> {
+    // deno-lint-ignore no-this-alias
+    const self = this;
+    return Effect.scoped(Effect.gen(function* () {
+      const ops = yield* self.backend.ops;
+      const keys = [...self.params.keys()];
+      const all = yield* ops.read(keys.flatMap((k) => {
+        const s = self.params.get(k)!;
+        return [s.p, s.m, s.v];
+      }));
+      const pick = (j: number) =>
+        new Map(keys.map((k, i) => [k, { shape: [...self.params.get(k)!.p.shape], data: Float32Array.from(all[3 * i + j]) }]));
+      return { version: self.version, params: pick(0), m: pick(1), v: pick(2), rng: self.rng.state() };
+    }));
+  }
+
+  /** Restores parameters, moments, version and RNG from a checkpoint (shapes must match). */
+  importState(state: PolicyState): Effect.Effect<void, BackendFailure> {
+    // deno-lint-ignore no-this-alias
+    const self = this;
+    return Effect.scoped(Effect.gen(function* () {
+      const ops = yield* self.backend.ops;
+      for (const [k, s] of self.params) {
+        const get = (m: Map<string, HostTensor>) => {
+          const t = m.get(k);
+          if (!t || t.data.length !== s.p.size) throw new Error(`checkpoint lacks ${k} or its shape differs`);
+          return ops.fromArray(t.data, s.p.shape);
+        };
+        // bit-exact copies into the long-lived tensors (one row covering the whole tensor)
+        const assign = (dst: Tensor, src: Tensor) =>
+          ops.scatterRowsInPlace(ops.reshape(dst, [1, dst.size]), ops.reshape(src, [1, src.size]), [0]);
+        assign(s.p, get(state.params));
+        assign(s.m, get(state.m));
+        assign(s.v, get(state.v));
+      }
+      yield* ops.read([ops.zeros([1])]);
+      self.version = state.version;
+      self.rngState = new Rng(state.rng);
+    }));
+  }
+}
