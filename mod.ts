@@ -23,3 +23,61 @@ export {
   selectBackend,
   webgpuBackend,
 } from "./src/backend/backend.ts";
+
+// ---- model, LoRA, snapshots ------------------------------------------------------------------
+export { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./src/model/config.ts";
+export {
+  type HostTensor,
+  initWeights,
+  type Projection,
+  PROJECTIONS,
+  validateWeights,
+  type WeightMap,
+  WeightsError,
+} from "./src/model/weights.ts";
+export {
+  backward,
+  type DeviceModel,
+  forward,
+  forwardCached,
+  type LoraRuntime,
+  makeKvCache,
+  uploadModel,
+} from "./src/model/decoder.ts";
+export { generate, type Generation, type GenerationRequest } from "./src/model/generate.ts";
+export { loadModel, saveModel } from "./src/model/loader.ts";
+export { Rng } from "./src/model/rng.ts";
+export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/model/tokenizer.ts";
+export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/model/bpe.ts";
+export { initLora, type LoraConfig, loraScale, type LoraWeights, uploadLora } from "./src/lora/adapter.ts";
+export { loadPeftAdapter, savePeftAdapter } from "./src/lora/peft.ts";
+export { copySnapshot, foldSnapshot, Snapshot, SnapshotCorrupted } from "./src/sync/snapshot.ts";
+export { exportAdapter, exportCheckpoint } from "./src/sync/export.ts";
+
+// ---- GRPO and the pipeline -------------------------------------------------------------------
+export * from "./src/grpo/mod.ts";
+export {
+  type PushReport,
+  RolloutEngine,
+  type RolloutEngineShape,
+  RolloutError,
+  type RolloutRequest,
+  SyncError,
+  SyncMismatch,
+  SyncTarget,
+  type SyncTargetShape,
+} from "./src/pipeline/services.ts";
+export { NonFiniteStepError, Policy, type PolicyOptions } from "./src/pipeline/policy.ts";
+export { LocalEngineLive, makeLocalEngine } from "./src/pipeline/local_engine.ts";
+export {
+  advantage,
+  type PromptItem,
+  push,
+  reward,
+  rollout,
+  snapshot,
+  steps,
+  update,
+} from "./src/pipeline/stages.ts";
+export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/pipeline/config.ts";
+export { loadBase, runTraining, type TrainSummary } from "./src/pipeline/trainer.ts";

@@ -23,15 +23,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 //! kernel attn_fwd
 // Causal grouped-query attention forward (Ops.attention), online softmax in registers.
-// Work item: a tile of two query vectors (row i, head h) of one sequence b and kv head g, which
+// Work item: a tile of four query vectors (row i, head h) of one sequence b and kv head g, which
 // share every k/v load. Query vectors of (b, g) are numbered e = i * group + (h - g * group);
-// tile t holds e = 2t, 2t+1. Invocation id = split * (batch * kv_heads * ntile) + (b * kv_heads
-// + g) * ntile + t. With nsplit = 1 it writes out and lse; otherwise it covers the keys
-// [split * split_len, +split_len) and writes its unnormalised partial (m, l, acc) for
-// attn_fwd_combine. Visible keys of query i: [kv_start[b], min(q_offset + i + 1, kv_len)).
-// Override HD = head dim, a multiple of 4 (the host pads other sizes) and at most 128.
-// Bindings: q, k, v, kv_start (i32 [batch], read only when has_start != 0), out, lse,
-// part_ml (2 per partial), part_acc (HD per partial).
+// tile t holds e = 4t .. 4t+3 (a short last tile repeats its last vector, stored once).
+// Invocation id = split * (batch * kv_heads * ntile) + (b * kv_heads + g) * ntile + t. With
+// nsplit = 1 it writes out and lse; otherwise it covers keys [split * split_len, +split_len)
+// and writes unnormalised partials (m, l, acc) for attn_fwd_combine. Visible keys of query i:
+// [kv_start[b], min(q_offset + i + 1, kv_len)). Override HD = head dim, a multiple of 4 (the
+// host pads other sizes), at most 128. Bindings: q, k, v, kv_start (i32 [batch], read only when
+// has_start != 0), out, lse, part_ml (2 per partial), part_acc (HD per partial).
 struct AttnParams {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
@@ -57,13 +57,27 @@ fn attn_first_key(b: u32) -> u32 {
   return u32(max(kv_start[b], 0));
 }
 
+// Writes the result (or partial) of query vector r (lse index); `acc` is unnormalised.
+fn attn_store(r: u32, split: u32, m: f32, l: f32, acc: ptr<function, array<vec4<f32>, MAXD4>>) {
+  if (params.nsplit > 1u) {
+    let p = split * params.batch * params.tq * params.heads + r;
+    part_ml[2u * p] = m;
+    part_ml[2u * p + 1u] = l;
+    for (var d = 0u; d < HD4; d++) { part_acc[p * HD4 + d] = (*acc)[d]; }
+    return;
+  }
+  let inv = select(0.0, 1.0 / l, l > 0.0);
+  for (var d = 0u; d < HD4; d++) { out[r * HD4 + d] = (*acc)[d] * inv; }
+  lse[r] = select(0.0, m + log(l), l > 0.0);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
   let heads = params.heads;
   let group = heads / params.kv_heads;
   let nvec = params.tq * group;
-  let ntile = (nvec + 1u) / 2u;
+  let ntile = (nvec + 3u) / 4u;
   let ntot = params.batch * params.kv_heads * ntile;
   if (id >= ntot * params.nsplit) { return; }
   let split = id / ntot;
@@ -71,82 +85,61 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let bg = (id % ntot) / ntile;
   let g = bg % params.kv_heads;
   let b = bg / params.kv_heads;
-  let e0 = 2u * tile;
-  let has1 = e0 + 1u < nvec;
-  let e1 = select(e0, e0 + 1u, has1);
-  // Vector index = lse index (row * heads + h); a lone last vector is computed twice, stored once.
-  let r0 = (b * params.tq + e0 / group) * heads + g * group + e0 % group;
-  let r1 = (b * params.tq + e1 / group) * heads + g * group + e1 % group;
+  let e = min(vec4<u32>(4u * tile) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nvec - 1u));
+  let row = e / group;
+  let r = (b * params.tq + row) * heads + g * group + e % group;
   let lo = max(attn_first_key(b), split * params.split_len);
   let cap = select(params.kv_len, min(params.kv_len, (split + 1u) * params.split_len), params.nsplit > 1u);
-  let hi0 = min(params.q_offset + e0 / group + 1u, cap);
-  let hi1 = min(params.q_offset + e1 / group + 1u, cap);
+  let hi = min(vec4<u32>(params.q_offset + 1u) + row, vec4<u32>(cap));
   var qa: array<vec4<f32>, MAXD4>;
   var qb: array<vec4<f32>, MAXD4>;
+  var qc: array<vec4<f32>, MAXD4>;
+  var qd: array<vec4<f32>, MAXD4>;
   var aa: array<vec4<f32>, MAXD4>;
   var ab: array<vec4<f32>, MAXD4>;
+  var ac: array<vec4<f32>, MAXD4>;
+  var ad: array<vec4<f32>, MAXD4>;
   for (var d = 0u; d < HD4; d++) {
-    qa[d] = q[r0 * HD4 + d] * params.scale;
-    qb[d] = q[r1 * HD4 + d] * params.scale;
+    qa[d] = q[r.x * HD4 + d] * params.scale;
+    qb[d] = q[r.y * HD4 + d] * params.scale;
+    qc[d] = q[r.z * HD4 + d] * params.scale;
+    qd[d] = q[r.w * HD4 + d] * params.scale;
     aa[d] = vec4<f32>(0.0);
     ab[d] = vec4<f32>(0.0);
+    ac[d] = vec4<f32>(0.0);
+    ad[d] = vec4<f32>(0.0);
   }
-  var m0 = NEG;
-  var m1 = NEG;
-  var l0 = 0.0;
-  var l1 = 0.0;
+  var m = vec4<f32>(NEG);
+  var l = vec4<f32>(0.0);
   let kstride = params.kv_heads * HD4;
   var ko = (b * params.tk + lo) * kstride + g * HD4;
-  let hmax = max(hi0, hi1);
+  let hmax = max(max(hi.x, hi.y), max(hi.z, hi.w));
   for (var j = lo; j < hmax; j++) {
-    var s0 = 0.0;
-    var s1 = 0.0;
+    var s = vec4<f32>(0.0);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
-      s0 += dot(qa[d], kk);
-      s1 += dot(qb[d], kk);
+      s += vec4<f32>(dot(qa[d], kk), dot(qb[d], kk), dot(qc[d], kk), dot(qd[d], kk));
     }
-    let vis0 = j < hi0;
-    let vis1 = j < hi1;
-    let n0 = select(m0, max(m0, s0), vis0);
-    let n1 = select(m1, max(m1, s1), vis1);
-    let c0 = exp(m0 - n0);
-    let c1 = exp(m1 - n1);
-    let p0 = select(0.0, exp(s0 - n0), vis0);
-    let p1 = select(0.0, exp(s1 - n1), vis1);
-    l0 = l0 * c0 + p0;
-    l1 = l1 * c1 + p1;
-    m0 = n0;
-    m1 = n1;
+    let vis = vec4<u32>(j) < hi;
+    let n = select(m, max(m, s), vis);
+    let c = exp(m - n);
+    let p = select(vec4<f32>(0.0), exp(s - n), vis);
+    l = l * c + p;
+    m = n;
     for (var d = 0u; d < HD4; d++) {
       let vv = v[ko + d];
-      aa[d] = aa[d] * c0 + p0 * vv;
-      ab[d] = ab[d] * c1 + p1 * vv;
+      aa[d] = aa[d] * c.x + p.x * vv;
+      ab[d] = ab[d] * c.y + p.y * vv;
+      ac[d] = ac[d] * c.z + p.z * vv;
+      ad[d] = ad[d] * c.w + p.w * vv;
     }
     ko += kstride;
   }
-  if (params.nsplit > 1u) {
-    let n = params.batch * params.tq * heads;
-    let p0 = split * n + r0;
-    let p1 = split * n + r1;
-    part_ml[2u * p0] = m0;
-    part_ml[2u * p0 + 1u] = l0;
-    for (var d = 0u; d < HD4; d++) { part_acc[p0 * HD4 + d] = aa[d]; }
-    if (has1) {
-      part_ml[2u * p1] = m1;
-      part_ml[2u * p1 + 1u] = l1;
-      for (var d = 0u; d < HD4; d++) { part_acc[p1 * HD4 + d] = ab[d]; }
-    }
-    return;
-  }
-  let inv0 = select(0.0, 1.0 / l0, l0 > 0.0);
-  for (var d = 0u; d < HD4; d++) { out[r0 * HD4 + d] = aa[d] * inv0; }
-  lse[r0] = select(0.0, m0 + log(l0), l0 > 0.0);
-  if (has1) {
-    let inv1 = select(0.0, 1.0 / l1, l1 > 0.0);
-    for (var d = 0u; d < HD4; d++) { out[r1 * HD4 + d] = ab[d] * inv1; }
-    lse[r1] = select(0.0, m1 + log(l1), l1 > 0.0);
-  }
+  let e0 = 4u * tile;
+  attn_store(r.x, split, m.x, l.x, &aa);
+  if (e0 + 1u < nvec) { attn_store(r.y, split, m.y, l.y, &ab); }
+  if (e0 + 2u < nvec) { attn_store(r.z, split, m.z, l.z, &ac); }
+  if (e0 + 3u < nvec) { attn_store(r.w, split, m.w, l.w, &ad); }
 }
 
 //! kernel attn_fwd_combine
@@ -195,7 +188,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //! kernel attn_bwd_dq
-// Attention backward, query side: tiles of two query vectors as in attn_fwd (nsplit = 1)
+// Attention backward, query side: tiles of four query vectors as in attn_fwd (nsplit = 1)
 // recompute P = exp(S - lse) over the visible keys and write dq = scale * sum_j P (dP - D) k_j
 // and delta = D = dOut · out (read by attn_bwd_dkdv). Bindings: dout, q, k, v, out, lse,
 // kv_start, dq, delta. Override HD as in attn_fwd.
@@ -224,85 +217,98 @@ fn attn_first_key(b: u32) -> u32 {
   return u32(max(kv_start[b], 0));
 }
 
+fn attn_store_dq(r: u32, dd: f32, acc: ptr<function, array<vec4<f32>, MAXD4>>) {
+  for (var d = 0u; d < HD4; d++) { dq[r * HD4 + d] = (*acc)[d] * params.scale; }
+  delta[r] = dd;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
   let heads = params.heads;
   let group = heads / params.kv_heads;
   let nvec = params.tq * group;
-  let ntile = (nvec + 1u) / 2u;
+  let ntile = (nvec + 3u) / 4u;
   if (id >= params.batch * params.kv_heads * ntile) { return; }
   let tile = id % ntile;
   let bg = id / ntile;
   let g = bg % params.kv_heads;
   let b = bg / params.kv_heads;
-  let e0 = 2u * tile;
-  let has1 = e0 + 1u < nvec;
-  let e1 = select(e0, e0 + 1u, has1);
-  let r0 = (b * params.tq + e0 / group) * heads + g * group + e0 % group;
-  let r1 = (b * params.tq + e1 / group) * heads + g * group + e1 % group;
+  let e = min(vec4<u32>(4u * tile) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nvec - 1u));
+  let row = e / group;
+  let r = (b * params.tq + row) * heads + g * group + e % group;
   let lo = attn_first_key(b);
-  let hi0 = min(params.q_offset + e0 / group + 1u, params.kv_len);
-  let hi1 = min(params.q_offset + e1 / group + 1u, params.kv_len);
+  let hi = min(vec4<u32>(params.q_offset + 1u) + row, vec4<u32>(params.kv_len));
   var qa: array<vec4<f32>, MAXD4>;
   var qb: array<vec4<f32>, MAXD4>;
-  var da: array<vec4<f32>, MAXD4>;
-  var db: array<vec4<f32>, MAXD4>;
+  var qc: array<vec4<f32>, MAXD4>;
+  var qd: array<vec4<f32>, MAXD4>;
+  var oa: array<vec4<f32>, MAXD4>;
+  var ob: array<vec4<f32>, MAXD4>;
+  var oc: array<vec4<f32>, MAXD4>;
+  var od: array<vec4<f32>, MAXD4>;
   var ga: array<vec4<f32>, MAXD4>;
   var gb: array<vec4<f32>, MAXD4>;
-  var dd0 = 0.0;
-  var dd1 = 0.0;
+  var gc: array<vec4<f32>, MAXD4>;
+  var gd: array<vec4<f32>, MAXD4>;
+  var dd = vec4<f32>(0.0);
   for (var d = 0u; d < HD4; d++) {
-    qa[d] = q[r0 * HD4 + d] * params.scale;
-    qb[d] = q[r1 * HD4 + d] * params.scale;
-    da[d] = dout[r0 * HD4 + d];
-    db[d] = dout[r1 * HD4 + d];
-    dd0 += dot(da[d], out[r0 * HD4 + d]);
-    dd1 += dot(db[d], out[r1 * HD4 + d]);
+    qa[d] = q[r.x * HD4 + d] * params.scale;
+    qb[d] = q[r.y * HD4 + d] * params.scale;
+    qc[d] = q[r.z * HD4 + d] * params.scale;
+    qd[d] = q[r.w * HD4 + d] * params.scale;
+    oa[d] = dout[r.x * HD4 + d];
+    ob[d] = dout[r.y * HD4 + d];
+    oc[d] = dout[r.z * HD4 + d];
+    od[d] = dout[r.w * HD4 + d];
+    dd += vec4<f32>(
+      dot(oa[d], out[r.x * HD4 + d]),
+      dot(ob[d], out[r.y * HD4 + d]),
+      dot(oc[d], out[r.z * HD4 + d]),
+      dot(od[d], out[r.w * HD4 + d]),
+    );
     ga[d] = vec4<f32>(0.0);
     gb[d] = vec4<f32>(0.0);
+    gc[d] = vec4<f32>(0.0);
+    gd[d] = vec4<f32>(0.0);
   }
-  let lse0 = lse[r0];
-  let lse1 = lse[r1];
+  let rl = vec4<f32>(lse[r.x], lse[r.y], lse[r.z], lse[r.w]);
   let kstride = params.kv_heads * HD4;
   var ko = (b * params.tk + lo) * kstride + g * HD4;
-  let hmax = max(hi0, hi1);
+  let hmax = max(max(hi.x, hi.y), max(hi.z, hi.w));
   for (var j = lo; j < hmax; j++) {
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var dp0 = 0.0;
-    var dp1 = 0.0;
+    var s = vec4<f32>(0.0);
+    var dp = vec4<f32>(0.0);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
       let vv = v[ko + d];
-      s0 += dot(qa[d], kk);
-      s1 += dot(qb[d], kk);
-      dp0 += dot(da[d], vv);
-      dp1 += dot(db[d], vv);
+      s += vec4<f32>(dot(qa[d], kk), dot(qb[d], kk), dot(qc[d], kk), dot(qd[d], kk));
+      dp += vec4<f32>(dot(oa[d], vv), dot(ob[d], vv), dot(oc[d], vv), dot(od[d], vv));
     }
-    let ds0 = select(0.0, exp(s0 - lse0) * (dp0 - dd0), j < hi0);
-    let ds1 = select(0.0, exp(s1 - lse1) * (dp1 - dd1), j < hi1);
+    let ds = select(vec4<f32>(0.0), exp(s - rl) * (dp - dd), vec4<u32>(j) < hi);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
-      ga[d] += ds0 * kk;
-      gb[d] += ds1 * kk;
+      ga[d] += ds.x * kk;
+      gb[d] += ds.y * kk;
+      gc[d] += ds.z * kk;
+      gd[d] += ds.w * kk;
     }
     ko += kstride;
   }
-  for (var d = 0u; d < HD4; d++) { dq[r0 * HD4 + d] = ga[d] * params.scale; }
-  delta[r0] = dd0;
-  if (has1) {
-    for (var d = 0u; d < HD4; d++) { dq[r1 * HD4 + d] = gb[d] * params.scale; }
-    delta[r1] = dd1;
-  }
+  let e0 = 4u * tile;
+  attn_store_dq(r.x, dd.x, &ga);
+  if (e0 + 1u < nvec) { attn_store_dq(r.y, dd.y, &gb); }
+  if (e0 + 2u < nvec) { attn_store_dq(r.z, dd.z, &gc); }
+  if (e0 + 3u < nvec) { attn_store_dq(r.w, dd.w, &gd); }
 }
 
 //! kernel attn_bwd_dkdv
-// Attention backward, key side: one invocation per two adjacent key rows (j, j + 1) of one
-// sequence and kv head loops over the query rows that see them and the query heads of the
-// group (sharing each q/dOut load): dv = sum P dOut, dk = scale * sum P (dP - D) q. Each
-// invocation owns its dk/dv rows, so no atomics. Invocation id = (b * kv_heads + g) * npair + jp.
-// Bindings: dout, q, k, v, lse, delta, kv_start, dk, dv. Override HD as in attn_fwd.
+// Attention backward, key side: one invocation per four adjacent key rows of one sequence and
+// kv head loops over the query rows that see them and the query heads of the group (sharing each
+// q/dOut load): dv = sum P dOut, dk = scale * sum P (dP - D) q. Each invocation owns its dk/dv
+// rows, so no atomics. Invocation id = (b * kv_heads + g) * nquad + jq; a short last quad
+// repeats its last key, stored once. Bindings: dout, q, k, v, lse, delta, kv_start, dk, dv.
+// Override HD as in attn_fwd.
 struct AttnParams {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
@@ -334,89 +340,104 @@ fn attn_first_row(j: u32, lo: u32) -> u32 {
   return select(0u, j - params.q_offset, j > params.q_offset);
 }
 
+fn attn_store_dkdv(o: u32, gk: ptr<function, array<vec4<f32>, MAXD4>>,
+                   gv: ptr<function, array<vec4<f32>, MAXD4>>) {
+  for (var d = 0u; d < HD4; d++) {
+    dk[o + d] = (*gk)[d] * params.scale;
+    dv[o + d] = (*gv)[d];
+  }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
   let kvh = params.kv_heads;
-  let npair = (params.tk + 1u) / 2u;
-  if (id >= params.batch * kvh * npair) { return; }
-  let jp = id % npair;
-  let bg = id / npair;
+  let nquad = (params.tk + 3u) / 4u;
+  if (id >= params.batch * kvh * nquad) { return; }
+  let jq = id % nquad;
+  let bg = id / nquad;
   let g = bg % kvh;
   let b = bg / kvh;
-  let j0 = 2u * jp;
-  let has1 = j0 + 1u < params.tk;
-  let j1 = select(j0, j0 + 1u, has1);
+  let j = min(vec4<u32>(4u * jq) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(params.tk - 1u));
   let heads = params.heads;
   let group = heads / kvh;
-  let o0 = ((b * params.tk + j0) * kvh + g) * HD4;
-  let o1 = ((b * params.tk + j1) * kvh + g) * HD4;
+  let o = ((b * params.tk + j) * kvh + g) * HD4;
   var ka: array<vec4<f32>, MAXD4>;
   var kb: array<vec4<f32>, MAXD4>;
+  var kc: array<vec4<f32>, MAXD4>;
+  var kd: array<vec4<f32>, MAXD4>;
   var va: array<vec4<f32>, MAXD4>;
   var vb: array<vec4<f32>, MAXD4>;
+  var vc: array<vec4<f32>, MAXD4>;
+  var vd: array<vec4<f32>, MAXD4>;
   var gka: array<vec4<f32>, MAXD4>;
   var gkb: array<vec4<f32>, MAXD4>;
+  var gkc: array<vec4<f32>, MAXD4>;
+  var gkd: array<vec4<f32>, MAXD4>;
   var gva: array<vec4<f32>, MAXD4>;
   var gvb: array<vec4<f32>, MAXD4>;
+  var gvc: array<vec4<f32>, MAXD4>;
+  var gvd: array<vec4<f32>, MAXD4>;
   for (var d = 0u; d < HD4; d++) {
-    ka[d] = k[o0 + d] * params.scale;
-    kb[d] = k[o1 + d] * params.scale;
-    va[d] = v[o0 + d];
-    vb[d] = v[o1 + d];
+    ka[d] = k[o.x + d] * params.scale;
+    kb[d] = k[o.y + d] * params.scale;
+    kc[d] = k[o.z + d] * params.scale;
+    kd[d] = k[o.w + d] * params.scale;
+    va[d] = v[o.x + d];
+    vb[d] = v[o.y + d];
+    vc[d] = v[o.z + d];
+    vd[d] = v[o.w + d];
     gka[d] = vec4<f32>(0.0);
     gkb[d] = vec4<f32>(0.0);
+    gkc[d] = vec4<f32>(0.0);
+    gkd[d] = vec4<f32>(0.0);
     gva[d] = vec4<f32>(0.0);
     gvb[d] = vec4<f32>(0.0);
+    gvc[d] = vec4<f32>(0.0);
+    gvd[d] = vec4<f32>(0.0);
   }
   let lo = attn_first_key(b);
-  let i0 = attn_first_row(j0, lo);
-  let i1 = select(params.tq, attn_first_row(j1, lo), has1);
-  for (var i = min(i0, i1); i < params.tq; i++) {
-    let see0 = i >= i0;
-    let see1 = i >= i1;
+  let i0 = vec4<u32>(
+    attn_first_row(j.x, lo),
+    attn_first_row(j.y, lo),
+    attn_first_row(j.z, lo),
+    attn_first_row(j.w, lo),
+  );
+  for (var i = min(min(i0.x, i0.y), min(i0.z, i0.w)); i < params.tq; i++) {
+    let see = vec4<u32>(i) >= i0;
     let rb = (b * params.tq + i) * heads + g * group;
     for (var hh = 0u; hh < group; hh++) {
       let r = rb + hh;
       let qo = r * HD4;
-      var s0 = 0.0;
-      var s1 = 0.0;
-      var dp0 = 0.0;
-      var dp1 = 0.0;
+      var s = vec4<f32>(0.0);
+      var dp = vec4<f32>(0.0);
       for (var d = 0u; d < HD4; d++) {
         let qq = q[qo + d];
         let oo = dout[qo + d];
-        s0 += dot(qq, ka[d]);
-        s1 += dot(qq, kb[d]);
-        dp0 += dot(oo, va[d]);
-        dp1 += dot(oo, vb[d]);
+        s += vec4<f32>(dot(qq, ka[d]), dot(qq, kb[d]), dot(qq, kc[d]), dot(qq, kd[d]));
+        dp += vec4<f32>(dot(oo, va[d]), dot(oo, vb[d]), dot(oo, vc[d]), dot(oo, vd[d]));
       }
-      let rl = lse[r];
-      let rd = delta[r];
-      let p0 = select(0.0, exp(s0 - rl), see0);
-      let p1 = select(0.0, exp(s1 - rl), see1);
-      let ds0 = p0 * (dp0 - rd);
-      let ds1 = p1 * (dp1 - rd);
+      let p = select(vec4<f32>(0.0), exp(s - lse[r]), see);
+      let ds = p * (dp - delta[r]);
       for (var d = 0u; d < HD4; d++) {
         let qq = q[qo + d];
         let oo = dout[qo + d];
-        gva[d] += p0 * oo;
-        gvb[d] += p1 * oo;
-        gka[d] += ds0 * qq;
-        gkb[d] += ds1 * qq;
+        gva[d] += p.x * oo;
+        gvb[d] += p.y * oo;
+        gvc[d] += p.z * oo;
+        gvd[d] += p.w * oo;
+        gka[d] += ds.x * qq;
+        gkb[d] += ds.y * qq;
+        gkc[d] += ds.z * qq;
+        gkd[d] += ds.w * qq;
       }
     }
   }
-  for (var d = 0u; d < HD4; d++) {
-    dk[o0 + d] = gka[d] * params.scale;
-    dv[o0 + d] = gva[d];
-  }
-  if (has1) {
-    for (var d = 0u; d < HD4; d++) {
-      dk[o1 + d] = gkb[d] * params.scale;
-      dv[o1 + d] = gvb[d];
-    }
-  }
+  let j0 = 4u * jq;
+  attn_store_dkdv(o.x, &gka, &gva);
+  if (j0 + 1u < params.tk) { attn_store_dkdv(o.y, &gkb, &gvb); }
+  if (j0 + 2u < params.tk) { attn_store_dkdv(o.z, &gkc, &gvc); }
+  if (j0 + 3u < params.tk) { attn_store_dkdv(o.w, &gkd, &gvd); }
 }
 
 //! kernel attn_restride
@@ -649,9 +670,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 //! kernel lora_fold
 // out = w + s * (bm · am) for w [rows, cols], bm [rows, rank], am [rank, cols]; w, bm, am are
-// only read. A 16x16 workgroup covers a 64x64 tile; invocation (x, y) owns rows r0 + 16p and
-// columns c0 + 16q (p, q < 4), keeping the 4x4 block of bm · am in registers. Where the update
-// is zero the output is w's element, bit for bit.
+// only read. A 16x16 workgroup covers a 128x128 tile; invocation (x, y) owns rows r0 + 16p and
+// columns c0 + 16q (p, q < 8), keeping its 8x8 block of bm · am in registers (8 loads of bm and
+// 8 of am per 64 multiply-adds). Where the update is zero the output is w's element, bit for bit.
 struct Params { rows: u32, cols: u32, rank: u32, s: f32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -663,25 +684,32 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
   let rows = params.rows;
   let cols = params.cols;
   let rank = params.rank;
-  let r0 = wid.y * 64u + lid.y;
-  let c0 = wid.x * 64u + lid.x;
-  // Clamped indices keep the loads in bounds; the stores below are guarded.
-  let ri = min(vec4<u32>(r0, r0 + 16u, r0 + 32u, r0 + 48u), vec4<u32>(rows - 1u)) * rank;
-  let cj = min(vec4<u32>(c0, c0 + 16u, c0 + 32u, c0 + 48u), vec4<u32>(cols - 1u));
-  var acc: array<vec4<f32>, 4>;
-  for (var k = 0u; k < rank; k++) {
-    let bv = vec4<f32>(bm[ri.x + k], bm[ri.y + k], bm[ri.z + k], bm[ri.w + k]);
-    let ka = k * cols;
-    let av = vec4<f32>(am[ka + cj.x], am[ka + cj.y], am[ka + cj.z], am[ka + cj.w]);
-    acc[0] += bv.x * av;
-    acc[1] += bv.y * av;
-    acc[2] += bv.z * av;
-    acc[3] += bv.w * av;
+  let r0 = wid.y * 128u + lid.y;
+  let c0 = wid.x * 128u + lid.x;
+  // Clamped offsets keep the loads in bounds; the stores below are guarded.
+  var ri: array<u32, 8>;
+  var cj: array<u32, 8>;
+  for (var t = 0u; t < 8u; t++) {
+    ri[t] = min(r0 + 16u * t, rows - 1u) * rank;
+    cj[t] = min(c0 + 16u * t, cols - 1u);
   }
-  for (var p = 0u; p < 4u; p++) {
+  var acc: array<array<f32, 8>, 8>;
+  for (var k = 0u; k < rank; k++) {
+    var bv: array<f32, 8>;
+    var av: array<f32, 8>;
+    let ka = k * cols;
+    for (var t = 0u; t < 8u; t++) {
+      bv[t] = bm[ri[t] + k];
+      av[t] = am[ka + cj[t]];
+    }
+    for (var p = 0u; p < 8u; p++) {
+      for (var q = 0u; q < 8u; q++) { acc[p][q] += bv[p] * av[q]; }
+    }
+  }
+  for (var p = 0u; p < 8u; p++) {
     let i = r0 + 16u * p;
     if (i >= rows) { break; }
-    for (var q = 0u; q < 4u; q++) {
+    for (var q = 0u; q < 8u; q++) {
       let j = c0 + 16u * q;
       if (j >= cols) { break; }
       let idx = i * cols + j;
@@ -983,8 +1011,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 //! kernel logprob_fwd_row
 // Token log-probs, one invocation per row (loops unrolled by 8, see rmsnorm_fwd_row):
-// lse = logsumexp(logits/T) (max, then sum of exp), logp = logits[target]/T - lse; a target
-// outside [0, V) gives NaN (never an out-of-bounds read).
+// lse = m + log(s) with m = max(logits/T), s = sum exp(logits/T - m); logp = (logits[target]/T - m)
+// - log(s) (no large intermediate); a target outside [0, V) gives NaN (never an out-of-bounds read).
 struct Params { n: u32, v: u32, inv_t: f32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
@@ -1015,11 +1043,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
       ((ex(b + 4u, it, m) + ex(b + 5u, it, m)) + (ex(b + 6u, it, m) + ex(b + 7u, it, m)));
   }
   for (var j = v8; j < v; j++) { s += ex(base + j, it, m); }
-  let l = m + log(s);
-  lse[r] = l;
+  let ls = log(s);
+  lse[r] = m + ls;
   let t = targets[r];
   if (t >= 0 && u32(t) < v) {
-    logp[r] = logits[base + u32(t)] * it - l;
+    logp[r] = (logits[base + u32(t)] * it - m) - ls;
   } else {
     logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
   }
@@ -1065,11 +1093,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
   }
   if (lid == 0u) {
-    let l = pm[0] + log(ps[0]);
-    lse[r] = l;
+    let ls = log(ps[0]);
+    lse[r] = pm[0] + ls;
     let t = targets[r];
     if (t >= 0 && u32(t) < v) {
-      logp[r] = logits[base + u32(t)] * it - l;
+      logp[r] = (logits[base + u32(t)] * it - pm[0]) - ls;
     } else {
       logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
     }

@@ -10,7 +10,6 @@ import type { BackendShape } from "../src/backend/backend.ts";
 import type { AdamWOptions, Ops } from "../src/backend/ops.ts";
 import { type FloatArray, ShapeError, type Tensor } from "../src/backend/tensor.ts";
 import {
-  closeGpu,
   hasGpu,
   numericGradient,
   relError,
@@ -624,6 +623,3 @@ gpuTest("elementwise launches beyond 65535 workgroups use the 2-D grid", async (
     if (y[i] !== -2 * x[i]) assert(false, `element ${i}: ${y[i]} vs ${-2 * x[i]}`);
   }
 });
-
-// Last test of the file: release the shared device before the process exits.
-gpuTest("close the device", closeGpu);

@@ -23,15 +23,23 @@ export interface Problem {
   readonly answer: string;
 }
 
-/** The problem a + b. */
-export const problem = (a: number, b: number): Problem => ({ prompt: `${a}+${b}=`, answer: String(a + b) });
+const pad = (x: number, width: number): string => String(x).padStart(width, "0");
+
+/**
+ * The problem a + b in fixed width: operands zero-padded to `digits`, the answer to digits + 1
+ * ("05+38=" -> "043"), so every digit has a fixed column.
+ */
+export const problem = (a: number, b: number, digits = 2): Problem => ({
+  prompt: `${pad(a, digits)}+${pad(b, digits)}=`,
+  answer: pad(a + b, digits + 1),
+});
 
 /** Whether a + b carries out of the units digit. */
 export const hasCarry = (a: number, b: number): boolean => (a % 10) + (b % 10) >= 10;
 
 /** The flawed answer: the carry out of the units column is forgotten. */
-export const droppedCarryAnswer = (a: number, b: number): string =>
-  String(a + b - (hasCarry(a, b) ? 10 : 0));
+export const droppedCarryAnswer = (a: number, b: number, digits = 2): string =>
+  pad(a + b - (hasCarry(a, b) ? 10 : 0), digits + 1);
 
 /** Problem space of the task: operands with up to `digits` digits. */
 export interface ArithmeticTask {
@@ -48,14 +56,14 @@ export const arithmeticTask = (digits = 2, heldOutSize = 200, seed = 1234): Arit
   const held = new Set<number>();
   const r = new Rng(seed);
   while (held.size < Math.min(heldOutSize, (max * max) / 2)) held.add(r.int(max * max));
-  const heldOut = [...held].map((k) => problem(Math.floor(k / max), k % max));
+  const heldOut = [...held].map((k) => problem(Math.floor(k / max), k % max, digits));
   return {
     digits,
     heldOut,
     sample: (rng) => {
       for (;;) {
         const k = rng.int(max * max);
-        if (!held.has(k)) return problem(Math.floor(k / max), k % max);
+        if (!held.has(k)) return problem(Math.floor(k / max), k % max, digits);
       }
     },
   };
@@ -65,7 +73,7 @@ export const arithmeticTask = (digits = 2, heldOutSize = 200, seed = 1234): Arit
 export const corpusLine = (task: ArithmeticTask, rng: Rng, dropRate: number): Problem => {
   const p = task.sample(rng);
   const [a, b] = p.prompt.slice(0, -1).split("+").map(Number);
-  return hasCarry(a, b) && rng.next() < dropRate ? { prompt: p.prompt, answer: droppedCarryAnswer(a, b) } : p;
+  return hasCarry(a, b) && rng.next() < dropRate ? { prompt: p.prompt, answer: droppedCarryAnswer(a, b, task.digits) } : p;
 };
 
 /** 1 when the completion is exactly the answer, else 0. */
@@ -74,9 +82,9 @@ export const exactMatchReward: NamedReward = {
   fn: (completions, ctx) => completions.map((c, i) => (ctx.answers[i] === null ? null : c === ctx.answers[i] ? 1 : 0)),
 };
 
-/** 1 for a completion of 1..digits+1 digits and nothing else, else 0 (weighted lightly). */
+/** 1 for a completion of exactly digits+1 digits and nothing else, else 0 (weighted lightly). */
 export const formatReward = (digits: number, weight = 0.1): NamedReward => ({
   name: "format",
   weight,
-  fn: (completions) => completions.map((c) => (new RegExp(`^[0-9]{1,${digits + 1}}$`).test(c) ? 1 : 0)),
+  fn: (completions) => completions.map((c) => (new RegExp(`^[0-9]{${digits + 1}}$`).test(c) ? 1 : 0)),
 });

@@ -26,6 +26,19 @@ export const openGpu = (): Promise<BackendShape | null> => {
   return opened;
 };
 
+// Tear the device down before the process exits: llvmpipe's worker threads occasionally crash
+// ("double free or corruption") when the process exits with a live device. beforeunload fires
+// when the event loop is empty; scheduling the close keeps the loop alive until it is done.
+let closing = false;
+globalThis.addEventListener("beforeunload", () => {
+  if (closing || opened === undefined) return;
+  closing = true;
+  void opened.then(async (b) => {
+    if (b?.gpu) await b.gpu.sync();
+    await closeGpu();
+  });
+});
+
 /** All backends under test. */
 export const testBackends = async (): Promise<TestBackends> => ({
   gpu: await openGpu(),

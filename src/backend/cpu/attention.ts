@@ -47,13 +47,18 @@ export const checkAttention = (
       `batch ${batch}, tq ${tq}, tk ${tk}, heads ${heads}, kvHeads ${kvHeads}, headDim ${headDim} ` +
       `must be positive integers`,
   );
-  require(heads % kvHeads === 0, op, () => `heads ${heads} is not a multiple of kvHeads ${kvHeads}`);
+  require(
+    heads % kvHeads === 0,
+    op,
+    () => `heads ${heads} is not a multiple of kvHeads ${kvHeads}`,
+  );
   const qOffset = opts.qOffset ?? 0;
   const kvLen = opts.kvLen ?? tk;
   require(
     isCount(qOffset, 0) && qOffset + tq <= tk,
     op,
-    () => `qOffset ${qOffset} must be a non-negative integer with qOffset + tq (${tq}) <= tk (${tk})`,
+    () =>
+      `qOffset ${qOffset} must be a non-negative integer with qOffset + tq (${tq}) <= tk (${tk})`,
   );
   require(isCount(kvLen, 0) && kvLen <= tk, op, () => `kvLen ${kvLen} must be in [0, tk=${tk}]`);
   for (const t of [q, k, v]) {

@@ -251,14 +251,14 @@ const checkLogits = (op: string, logits: Tensor, targets: Tensor | null): [numbe
   return [n, v];
 };
 
-/** log Σ_j exp(row_j / T) of one row, stable. */
-const rowLse = (xs: FloatArray, off: number, v: number, t: number): number => {
+/** Max m of row/T and log Σ_j exp(row_j/T − m) of one row (lse = m + that), stable. */
+const rowLse = (xs: FloatArray, off: number, v: number, t: number): [number, number] => {
   let m = -Infinity;
   for (let j = 0; j < v; j++) m = Math.max(m, xs[off + j] / t);
-  if (m === -Infinity) return m;
+  if (m === -Infinity) return [m, 0];
   let s = 0;
   for (let j = 0; j < v; j++) s += Math.exp(xs[off + j] / t - m);
-  return m + Math.log(s);
+  return [m, Math.log(s)];
 };
 
 /** See Ops.logProbs. Targets outside [0, V) raise ShapeError. */
@@ -277,9 +277,9 @@ export function logProbs(
   const logp = sc.floats(n);
   const lse = sc.floats(n);
   for (let i = 0; i < n; i++) {
-    const l = rowLse(xs, i * v, v, temperature);
-    lse[i] = l;
-    logp[i] = xs[i * v + ts[i]] / temperature - l;
+    const [m, ls] = rowLse(xs, i * v, v, temperature);
+    lse[i] = m + ls;
+    logp[i] = (xs[i * v + ts[i]] / temperature - m) - ls;
   }
   return { logp: sc.wrap([n], logp), lse: sc.wrap([n], lse) };
 }

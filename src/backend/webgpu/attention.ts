@@ -28,10 +28,12 @@ export const MAX_HEAD_DIM = 128;
 const SPLIT_TARGET = 64;
 /** Fewest keys one split covers. */
 const MIN_SPLIT_LEN = 32;
+/** Query vectors (forward, dq) or key rows (dk, dv) per invocation, as in the kernels. */
+const TILE = 4;
 
 /** Key-range split of the forward: nsplit invocations of splitLen keys per query-vector pair. */
 export const splitPlan = (g: AttentionGeometry): { nsplit: number; splitLen: number } => {
-  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / 2);
+  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / TILE);
   const maxKeys = Math.min(g.qOffset + g.tq, g.kvLen);
   const nsplit = Math.max(
     1,
@@ -65,7 +67,7 @@ const params = (g: AttentionGeometry, hasStart: boolean, splitLen = 0, nsplit = 
   f32(g.scale),
   splitLen,
   nsplit,
-  0,
+  padded(g.headDim) / 4,
 ];
 
 /** Encodes one attention kernel over `n` invocations. */
@@ -122,7 +124,7 @@ export function attention(
   const ob = hp === hd ? out.buffer : sc.out([vecs, hp]).buffer;
   const { nsplit, splitLen } = splitPlan(g);
   const p = params(g, !!opts.kvStart, splitLen, nsplit);
-  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / 2);
+  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / TILE);
   if (nsplit === 1) {
     const none = sc.out([4]).buffer; // partials unused (a vec4 binding needs 16 bytes)
     launch(sc, "attn_fwd", [qb, kb, vb, sb, ob, lse.buffer, none, none], tiles, p, hp);
@@ -175,13 +177,18 @@ export function attentionBackward(
     : [sc.out([vecs, hp]).buffer, sc.out([kvecs, hp]).buffer, sc.out([kvecs, hp]).buffer];
   const delta = sc.out([rows, g.heads]).buffer;
   const p = params(g, !!opts.kvStart);
-  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / 2);
+  const tiles = g.batch * g.kvHeads * Math.ceil((g.tq * g.group) / TILE);
   launch(sc, "attn_bwd_dq", [dob, qb, kb, vb, ob, lb, sb, dqb, delta], tiles, p, hp);
-  const pairs = g.batch * g.kvHeads * Math.ceil(g.tk / 2);
+  const pairs = g.batch * g.kvHeads * Math.ceil(g.tk / TILE);
   launch(sc, "attn_bwd_dkdv", [dob, qb, kb, vb, lb, delta, sb, dkb, dvb], pairs, p, hp);
   if (hp !== hd) {
     for (const [src, dst, n] of [[dqb, dq, vecs], [dkb, dk, kvecs], [dvb, dv, kvecs]] as const) {
-      sc.dispatch("attn_restride", [src, dst.buffer], grid(Math.ceil((n * hd) / 256)), [n * hd, hp, hd, 0]);
+      sc.dispatch("attn_restride", [src, dst.buffer], grid(Math.ceil((n * hd) / 256)), [
+        n * hd,
+        hp,
+        hd,
+        0,
+      ]);
     }
   }
   return { dq, dk, dv };

@@ -292,12 +292,12 @@ export function adamw(
   ]);
 }
 
-/** Output tile edge of one lora_fold workgroup (16x16 invocations, 4x4 outputs each). */
-const FOLD_TILE = 64;
+/** Output tile edge of one lora_fold workgroup (16x16 invocations, 8x8 outputs each). */
+const FOLD_TILE = 128;
 
 /**
- * See Ops.loraFold: a fresh W + s·(B·A), W bound read-only. Each invocation keeps a 4x4 block of
- * B·A in registers (4 values of B and 4 of A per rank step); a zero update leaves W's element
+ * See Ops.loraFold: a fresh W + s·(B·A), W bound read-only. Each invocation keeps an 8x8 block of
+ * B·A in registers (8 values of B and 8 of A per rank step); a zero update leaves W's element
  * bit for bit.
  */
 export function loraFold(sc: GpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {

@@ -5,7 +5,7 @@
  *
  * Row reductions (norm, log-softmax, entropy) come in two forms: one invocation per row looping
  * over it (`*_row`, no barriers) and one workgroup per row with a shared-memory tree (`*_wg`).
- * `rowKernel` picks one by shape; see its comment for the measurements behind the choice.
+ * `rowKernel` picks one by adapter and shape; see its comment for the measurements behind it.
  * @module
  */
 import type { Tensor } from "../tensor.ts";
@@ -14,23 +14,56 @@ import { checkIds, checkRmsNorm, checkRope, checkTemperature, ropeInvFreq } from
 import { f32, type GpuContext, grid } from "./context.ts";
 import type { GpuScope } from "./scope.ts";
 
-/** Invocations per workgroup of the one-invocation-per-row kernels. */
+/** Invocations per workgroup of the one-invocation-per-row kernels (`*_row`). */
 const ROW_WG = 64;
 /** Invocations per workgroup of the elementwise kernels. */
 const ELEM_WG = 256;
+/**
+ * Loop iterations one invocation may run. llvmpipe ends an invocation after 65535 iterations of
+ * all its loops together (its guard against endless loops), silently; keep well below.
+ */
+const LOOP_BUDGET = 60000;
+/** Rows per chunk of the rmsNorm weight-gradient reduction (and its loop length). */
+const DW_CHUNK = 1024;
+/** Longest run of positions one embed_grad invocation sums (longer lists are split). */
+export const EMBED_SEGMENT = 1024;
 
 /**
- * Chooses the per-row loop or the workgroup-per-row kernel for `rows` rows of `cols` elements.
- * Measured on Mesa llvmpipe (2 cores), see tests/layers_test.ts's bench notes in the report:
- * barriers are expensive there, so the loop wins whenever there are enough rows to keep the
- * cores busy; with few long rows the workgroup form spreads a row over many invocations.
+ * Picks the form of a row reduction over `rows` rows of `cols` elements read in `passes` loops:
+ * `${base}_row` (one invocation per row, loops unrolled by 8, no barriers) or `${base}_wg` (one
+ * workgroup of 64 per row, strided loops and a shared-memory tree).
+ *
+ * Measured on Mesa llvmpipe (2 cores, busy machine, best of 4x4 runs, ms row / wg):
+ * logProbs N=512 V=256 6.0/15.9, N=512 V=32000 47/103, N=8 V=32000 3.6/4.2, N=64 V=152000
+ * 69/129; entropy 512x256 3.9/22, 512x32000 67/200; rmsNorm 512x2048 10.7/22.5, 512x32000 221/493.
+ * Barriers are costly there and the row loop wins at every shape tried, so a software adapter uses
+ * it whenever the row fits the loop budget. A hardware GPU gets the workgroup form, which keeps
+ * its many cores busy when rows are few.
  */
-export const rowKernel = (base: string, rows: number, cols: number): string =>
-  rows >= ROW_MIN_ROWS || cols < ROW_MIN_COLS_WG ? `${base}_row` : `${base}_wg`;
-/** Rows from which the per-row loop is used regardless of the row length. */
-const ROW_MIN_ROWS = 256;
-/** Row length below which the per-row loop is used regardless of the number of rows. */
-const ROW_MIN_COLS_WG = 1024;
+export const rowKernel = (
+  ctx: GpuContext,
+  base: string,
+  rows: number,
+  cols: number,
+  passes = 2,
+): { kernel: string; groups: [number, number] } => {
+  const fits = passes * Math.ceil(cols / 8) + 16 <= LOOP_BUDGET;
+  const row = forcedForm === "row" ? fits : forcedForm === "wg" ? false : ctx.info.fallback && fits;
+  return row
+    ? { kernel: `${base}_row`, groups: groups(rows, ROW_WG) }
+    : { kernel: `${base}_wg`, groups: grid(rows) };
+};
+
+let forcedForm: "row" | "wg" | undefined;
+
+/**
+ * Overrides the choice of `rowKernel` (tests and benchmarks run both forms on one adapter);
+ * `undefined` restores the choice by adapter and shape. The row form is still refused for rows
+ * longer than the loop budget.
+ */
+export const setRowForm = (form: "row" | "wg" | undefined): void => {
+  forcedForm = form;
+};
 
 /** Dispatch size for `n` invocations of workgroups of `wg`. */
 const groups = (n: number, wg: number): [number, number] => grid(Math.ceil(n / wg));
@@ -67,9 +100,8 @@ export function rmsNorm(
   require(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
-  const k = rowKernel("rmsnorm_fwd", r, h);
-  const g = k.endsWith("_row") ? groups(r, ROW_WG) : grid(r);
-  sc.dispatch(k, [xb, wb, y.buffer, rstd.buffer], g, [r, h, f32(eps)]);
+  const k = rowKernel(sc.ctx, "rmsnorm_fwd", r, h);
+  sc.dispatch(k.kernel, [xb, wb, y.buffer, rstd.buffer], k.groups, [r, h, f32(eps)]);
   return { y, rstd };
 }
 
@@ -91,11 +123,20 @@ export function rmsNormBackward(
   expectShape(op, "rstd", rstd, [r]);
   const dx = sc.out(x.shape);
   const dw = sc.out([h]);
-  const k = rowKernel("rmsnorm_bwd_dx", r, h);
-  const g = k.endsWith("_row") ? groups(r, ROW_WG) : grid(r);
-  sc.dispatch(k, [dyb, xb, wb, sb, dx.buffer], g, [r, h]);
-  if (r === 0) sc.ctx.clear(dw.buffer, h * 4);
-  else sc.dispatch("rmsnorm_bwd_dw", [dyb, xb, sb, dw.buffer], groups(h, ROW_WG), [r, h]);
+  const k = rowKernel(sc.ctx, "rmsnorm_bwd_dx", r, h);
+  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, [r, h]);
+  const chunks = Math.max(1, Math.ceil(r / DW_CHUNK));
+  const part = chunks === 1 ? dw : sc.out([chunks, h]);
+  const total = chunks * h;
+  sc.dispatch(
+    "rmsnorm_bwd_dw",
+    [dyb, xb, sb, part.buffer],
+    groups(total, ROW_WG),
+    [total, r, h, DW_CHUNK],
+  );
+  if (chunks > 1) {
+    sc.dispatch("rmsnorm_bwd_dw_sum", [part.buffer, dw.buffer], groups(h, ROW_WG), [chunks, h]);
+  }
   return { dx, dw };
 }
 
@@ -163,28 +204,47 @@ export function embedding(sc: GpuScope, table: Tensor, ids: Tensor): Tensor {
 }
 
 /**
- * Host-side CSR of the positions of each distinct id, packed as one i32 array:
- * [D distinct ids ascending | D+1 offsets | N positions grouped by id, ascending within an id].
+ * Host-side CSR of the positions of each distinct id, split into segments of at most `segment`
+ * positions, packed as one i32 array (see the embed_grad kernel):
+ * [S segment ids | S+1 offsets | N positions grouped by id, ascending | D distinct ids ascending |
+ * D+1 first segment of each distinct id].
  */
-export const idCsr = (ids: ArrayLike<number>): { csr: Int32Array; distinct: number } => {
+export const idCsr = (
+  ids: ArrayLike<number>,
+  segment: number = EMBED_SEGMENT,
+): { csr: Int32Array; segments: number; distinct: number } => {
   const n = ids.length;
   const order = Array.from({ length: n }, (_, i) => i);
   order.sort((a, b) => ids[a] - ids[b] || a - b);
+  const segIds: number[] = [];
+  const segOff: number[] = [];
   const uniq: number[] = [];
-  const offsets: number[] = [];
+  const firstSeg: number[] = [];
+  let runStart = 0;
   for (let k = 0; k < n; k++) {
-    if (k === 0 || ids[order[k]] !== ids[order[k - 1]]) {
-      uniq.push(ids[order[k]]);
-      offsets.push(k);
+    const id = ids[order[k]];
+    const fresh = k === 0 || id !== ids[order[k - 1]];
+    if (fresh) {
+      uniq.push(id);
+      firstSeg.push(segIds.length);
+      runStart = k;
+    }
+    if (fresh || (k - runStart) % segment === 0) {
+      segIds.push(id);
+      segOff.push(k);
     }
   }
-  offsets.push(n);
+  segOff.push(n);
+  firstSeg.push(segIds.length);
+  const s = segIds.length;
   const d = uniq.length;
-  const csr = new Int32Array(2 * d + 1 + n);
-  csr.set(uniq, 0);
-  csr.set(offsets, d);
-  csr.set(order, 2 * d + 1);
-  return { csr, distinct: d };
+  const csr = new Int32Array(2 * s + 1 + n + 2 * d + 1);
+  csr.set(segIds, 0);
+  csr.set(segOff, s);
+  csr.set(order, 2 * s + 1);
+  csr.set(uniq, 2 * s + 1 + n);
+  csr.set(firstSeg, 2 * s + 1 + n + d);
+  return { csr, segments: s, distinct: d };
 };
 
 /** See Ops.embeddingBackward. */
@@ -203,15 +263,26 @@ export function embeddingBackward(
   checkIds(op, ids, vocab);
   const out = sc.zeros([vocab, h]);
   if (n === 0 || h === 0) return out;
-  const { csr, distinct } = idCsr(ids);
-  const csrT = sc.upload(csr, [csr.length], "i32");
-  const total = distinct * h;
+  const { csr, segments, distinct } = idCsr(ids);
+  const csrBuf = sc.upload(csr, [csr.length], "i32").buffer;
+  const direct = segments === distinct;
+  const part = direct ? out : sc.out([segments, h]);
+  const total = segments * h;
   sc.dispatch(
     "embed_grad",
-    [csrT.buffer, db, out.buffer],
+    [csrBuf, db, part.buffer],
     groups(total, ELEM_WG),
-    [total, distinct, h],
+    [total, segments, h, direct ? 1 : 0],
   );
+  if (!direct) {
+    const sumTotal = distinct * h;
+    sc.dispatch(
+      "embed_grad_sum",
+      [csrBuf, part.buffer, out.buffer],
+      groups(sumTotal, ELEM_WG),
+      [sumTotal, distinct, h, 2 * segments + 1 + n],
+    );
+  }
   return out;
 }
 
@@ -240,9 +311,8 @@ export function logProbs(
   checkTemperature(op, temperature);
   const logp = sc.out([n]);
   const lse = sc.out([n]);
-  const k = rowKernel("logprob_fwd", n, v);
-  const g = k.endsWith("_row") ? groups(n, ROW_WG) : grid(n);
-  sc.dispatch(k, [lb, tb, logp.buffer, lse.buffer], g, [n, v, f32(1 / temperature)]);
+  const k = rowKernel(sc.ctx, "logprob_fwd", n, v);
+  sc.dispatch(k.kernel, [lb, tb, logp.buffer, lse.buffer], k.groups, [n, v, f32(1 / temperature)]);
   return { logp, lse };
 }
 
@@ -282,8 +352,7 @@ export function entropy(sc: GpuScope, logits: Tensor, temperature: number): Tens
   const [n, v] = checkLogits(op, logits, null);
   checkTemperature(op, temperature);
   const out = sc.out([n]);
-  const k = rowKernel("entropy", n, v);
-  const g = k.endsWith("_row") ? groups(n, ROW_WG) : grid(n);
-  sc.dispatch(k, [lb, out.buffer], g, [n, v, f32(1 / temperature)]);
+  const k = rowKernel(sc.ctx, "entropy", n, v);
+  sc.dispatch(k.kernel, [lb, out.buffer], k.groups, [n, v, f32(1 / temperature)]);
   return out;
 }

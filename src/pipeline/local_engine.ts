@@ -1,0 +1,117 @@
+/**
+ * The in-process rollout engine and its sync target: rollouts are generated from the most
+ * recently pushed snapshot, uploaded into a scope of its own (released when the next one
+ * arrives). No server is involved; this is the "local engine" half of the LoRA × engine table.
+ * @module
+ */
+import { Context, Effect, Exit, Layer, Scope } from "effect";
+import { Backend, type BackendShape } from "../backend/backend.ts";
+import { type DeviceModel, uploadModel } from "../model/decoder.ts";
+import { generate, type GenerationRequest } from "../model/generate.ts";
+import { Rng } from "../model/rng.ts";
+import type { Snapshot } from "../sync/snapshot.ts";
+import {
+  type PushReport,
+  RolloutEngine,
+  type RolloutEngineShape,
+  RolloutError,
+  type RolloutRequest,
+  SyncError,
+  SyncTarget,
+  type SyncTargetShape,
+} from "./services.ts";
+
+/** Expands requests into one generation per sample (sample j uses seed + j, as vLLM does). */
+export const expandRequests = (
+  requests: readonly RolloutRequest[],
+): GenerationRequest[] =>
+  requests.flatMap((r) =>
+    Array.from({ length: r.n }, (_, j) => ({
+      prompt: r.prompt,
+      maxTokens: r.maxTokens,
+      stopTokenIds: r.stopTokenIds,
+      temperature: r.temperature,
+      topP: r.topP,
+      topK: r.topK,
+      seed: r.seed === null ? null : r.seed + j,
+    }))
+  );
+
+interface Loaded {
+  readonly version: number;
+  readonly model: DeviceModel;
+  readonly scope: Scope.Closeable;
+}
+
+/** Builds the local engine and its in-process sync target over one backend. */
+export const makeLocalEngine = (
+  backend: BackendShape,
+  seed = 0,
+): Effect.Effect<{ engine: RolloutEngineShape; target: SyncTargetShape }, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    let current: Loaded | null = null;
+    const rng = new Rng(seed);
+    yield* Effect.addFinalizer(() => current ? Scope.close(current.scope, Exit.void) : Effect.void);
+    const engine: RolloutEngineShape = {
+      name: "local",
+      generate: (requests) =>
+        Effect.gen(function* () {
+          const loaded = current;
+          if (!loaded) {
+            return yield* Effect.fail(new RolloutError({ engine: "local", message: "no snapshot pushed yet" }));
+          }
+          const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng).pipe(
+            Effect.mapError((e) => new RolloutError({ engine: "local", message: e.message, cause: e })),
+          );
+          let k = 0;
+          const completions = requests.map((r) =>
+            Array.from({ length: r.n }, () => {
+              const g = gens[k++];
+              return { tokens: g.tokens, logprobs: g.processedLogprobs, finishReason: g.finishReason };
+            })
+          );
+          return { completions, policyVersion: loaded.version };
+        }),
+    };
+    const target: SyncTargetShape = {
+      name: "in-process",
+      push: (snapshot: Snapshot) =>
+        Effect.gen(function* () {
+          const t0 = performance.now();
+          yield* snapshot.verify().pipe(
+            Effect.mapError((e) => new SyncError({ target: "in-process", version: snapshot.version, message: e.message, cause: e })),
+          );
+          const scope = yield* Scope.make();
+          const weights = snapshot.weights();
+          const model = yield* Scope.provide(scope)(
+            Effect.map(backend.ops, (ops) => uploadModel(ops, snapshot.config, weights)),
+          );
+          const old = current;
+          current = { version: snapshot.version, model, scope };
+          if (old) yield* Scope.close(old.scope, Exit.void);
+          let bytes = 0;
+          for (const t of weights.values()) bytes += t.data.byteLength;
+          const report: PushReport = {
+            version: snapshot.version,
+            target: "in-process",
+            bytes,
+            latencyMs: performance.now() - t0,
+            logpDiffMean: null,
+            logpDiffMax: null,
+          };
+          return report;
+        }),
+    };
+    return { engine, target };
+  });
+
+/** Layer providing RolloutEngine (local) and SyncTarget (in-process) over the Backend. */
+export const LocalEngineLive = (
+  seed = 0,
+): Layer.Layer<RolloutEngineShape | SyncTargetShape, never, BackendShape> =>
+  Layer.effectContext(
+    Effect.gen(function* () {
+      const { engine, target } = yield* makeLocalEngine(yield* Backend, seed);
+      return Context.add(Context.make(RolloutEngine, engine), SyncTarget, target);
+    }),
+  );

@@ -1,0 +1,274 @@
+/**
+ * The GRPO pipeline as composable Effect Stream stages:
+ *
+ *   steps → rollout → reward → advantage → update → snapshot → push
+ *
+ * Each stage is a function Stream<In> → Stream<Out> with typed errors and service requirements
+ * (RolloutEngine, SyncTarget), so users recombine them: swap the reward list, insert a filter
+ * between stages, or provide another SyncTarget Layer. Stages run one step at a time, in order,
+ * so step k+1's rollouts always come from the snapshot pushed at step k (on-policy).
+ * @module
+ */
+import { Effect, Stream } from "effect";
+import type { BackendFailure } from "../backend/ops.ts";
+import { groupAdvantages } from "../grpo/advantages.ts";
+import type { GrpoConfig } from "../grpo/config.ts";
+import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
+import { countLossTokens, grpoLoss, type LossSequence } from "../grpo/loss.ts";
+import { type NamedReward, type RewardError, rewardMetrics, type RewardTable, scoreRewards } from "../grpo/rewards.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import { Rng } from "../model/rng.ts";
+import type { Snapshot } from "../sync/snapshot.ts";
+import type { NonFiniteStepError, Policy, StepStats, TrainSequence } from "./policy.ts";
+import {
+  type PushReport,
+  RolloutEngine,
+  type RolloutError,
+  type RolloutRequest,
+  type RolloutResult,
+  type SyncError,
+  type SyncMismatch,
+  SyncTarget,
+} from "./services.ts";
+
+/** A prompt with its reference answer (null when the task has none). */
+export interface PromptItem {
+  readonly prompt: string;
+  readonly answer: string | null;
+}
+
+/** Where prompts come from: a function of the step's random stream. */
+export type PromptSource = (rng: Rng) => PromptItem;
+
+/** Per-stage wall time in ms, filled as the step moves through the pipeline. */
+export type StageTimes = Record<string, number>;
+
+/** A step entering the pipeline. */
+export interface Step {
+  readonly step: number;
+  readonly times: StageTimes;
+}
+
+/** Rollouts of one step: P prompts × G completions, flattened prompt-major. */
+export interface Rollouts extends Step {
+  readonly prompts: readonly PromptItem[];
+  readonly numGenerations: number;
+  readonly result: RolloutResult;
+  /** Training sequences, prompt-major (index = prompt * G + j). */
+  readonly sequences: readonly TrainSequence[];
+  readonly completionTexts: readonly string[];
+  readonly engineLogp: readonly (readonly number[])[];
+  readonly endedWithEos: readonly boolean[];
+}
+
+/** Rollouts with rewards. */
+export interface Scored extends Rollouts {
+  readonly rewards: RewardTable;
+}
+
+/** Rollouts with rewards and advantages. */
+export interface Advantaged extends Scored {
+  readonly advantages: Float64Array;
+  readonly metrics: Record<string, number>;
+}
+
+/** After the optimizer step. */
+export interface Updated extends Advantaged {
+  readonly stats: StepStats;
+}
+
+/** After the snapshot. */
+export interface Snapshotted extends Updated {
+  readonly snapshot: Snapshot;
+}
+
+/** After the push. */
+export interface Pushed extends Snapshotted {
+  readonly push: PushReport;
+}
+
+const timed = <A extends Step, B, E, R>(
+  name: string,
+  f: (a: A) => Effect.Effect<B, E, R>,
+): (a: A) => Effect.Effect<B & { times: StageTimes }, E, R> =>
+(a) => {
+  const t0 = performance.now();
+  return Effect.map(f(a), (b) => ({ ...b, times: { ...a.times, [name]: performance.now() - t0 } }));
+};
+
+/** Steps first..last as a stream (one element per chunk, so stages interleave per step). */
+export const steps = (first: number, last: number): Stream.Stream<Step> =>
+  Stream.range(first, last).pipe(Stream.rechunk(1), Stream.map((step) => ({ step, times: {} })));
+
+/** Rollout stage options. */
+export interface RolloutOptions {
+  readonly tokenizer: Tokenizer;
+  readonly prompts: PromptSource;
+  readonly promptsPerStep: number;
+  readonly config: GrpoConfig;
+  /** Prompts and sampling seeds are derived from (seed, step): a resumed run replays exactly. */
+  readonly seed: number;
+}
+
+const promptTokens = (tok: Tokenizer, text: string): number[] => [
+  ...(tok.bosId === null ? [] : [tok.bosId]),
+  ...tok.encode(text),
+];
+
+/** Samples prompts and asks the RolloutEngine for G completions of each. */
+export const rollout = (o: RolloutOptions) => <E, R>(
+  s: Stream.Stream<Step, E, R>,
+): Stream.Stream<Rollouts, E | RolloutError, R | typeof RolloutEngine.Identifier> =>
+  Stream.mapEffect(
+    s,
+    timed("rollout", (st: Step) =>
+      Effect.gen(function* () {
+        const engine = yield* RolloutEngine;
+        const rng = new Rng([o.seed >>> 0, st.step >>> 0, 0x9e3779b9, 7]);
+        const prompts = Array.from({ length: o.promptsPerStep }, () => o.prompts(rng));
+        const G = o.config.numGenerations;
+        const requests: RolloutRequest[] = prompts.map((p, i) => ({
+          prompt: promptTokens(o.tokenizer, p.prompt),
+          n: G,
+          maxTokens: o.config.maxCompletionLength,
+          temperature: o.config.temperature,
+          topP: o.config.topP,
+          topK: o.config.topK,
+          seed: ((o.seed * 1_000_003 + st.step * 10_007 + i * G) >>> 0) % 2147483647,
+          stopTokenIds: [o.tokenizer.eosId],
+        }));
+        const result = yield* engine.generate(requests);
+        const sequences: TrainSequence[] = [];
+        const texts: string[] = [];
+        const engineLogp: number[][] = [];
+        const ended: boolean[] = [];
+        result.completions.forEach((group, i) =>
+          group.forEach((c) => {
+            sequences.push({ prompt: requests[i].prompt, completion: c.tokens });
+            texts.push(o.tokenizer.decode(c.tokens));
+            engineLogp.push([...c.logprobs]);
+            ended.push(c.finishReason === "stop");
+          })
+        );
+        return {
+          ...st,
+          prompts,
+          numGenerations: G,
+          result,
+          sequences,
+          completionTexts: texts,
+          engineLogp,
+          endedWithEos: ended,
+        };
+      })),
+  );
+
+/** Scores every completion with the weighted reward functions. */
+export const reward = (rewards: readonly NamedReward[], weights?: readonly number[] | null) => <E, R>(
+  s: Stream.Stream<Rollouts, E, R>,
+): Stream.Stream<Scored, E | RewardError, R> =>
+  Stream.mapEffect(
+    s,
+    timed("reward", (r: Rollouts) =>
+      Effect.map(
+        scoreRewards(rewards, r.completionTexts, {
+          prompts: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.prompt)),
+          answers: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.answer)),
+        }, { rewardWeights: weights ?? null }),
+        (table) => ({ ...r, rewards: table }),
+      )),
+  );
+
+/** Group-relative advantages (scale_rewards as configured) and the rollout metrics. */
+export const advantage = (config: GrpoConfig) => <E, R>(
+  s: Stream.Stream<Scored, E, R>,
+): Stream.Stream<Advantaged, E | GrpoInputError | GrpoNumericError, R> =>
+  Stream.mapEffect(
+    s,
+    timed("advantage", (r: Scored) =>
+      Effect.map(
+        groupAdvantages(r.rewards.combined, { numGenerations: r.numGenerations, scaleRewards: config.scaleRewards }),
+        (a) => {
+          const lengths = r.sequences.map((q) => q.completion.length);
+          const metrics: Record<string, number> = {
+            ...a.metrics,
+            ...rewardMetrics(r.rewards.names, r.rewards.perFunction),
+            "completions/mean_length": lengths.reduce((x, y) => x + y, 0) / Math.max(1, lengths.length),
+            "completions/min_length": Math.min(...lengths),
+            "completions/max_length": Math.max(...lengths),
+            "completions/clipped_ratio": r.endedWithEos.filter((e) => !e).length / Math.max(1, lengths.length),
+          };
+          return { ...r, advantages: a.advantages, metrics };
+        },
+      )),
+  );
+
+/** Update stage options. */
+export interface UpdateOptions {
+  readonly policy: Policy;
+  readonly config: GrpoConfig;
+}
+
+/**
+ * One GRPO optimizer step per generation batch for each of num_iterations (old log-probs are
+ * recorded before the first pass when they are needed); the loss is computed on the host from
+ * the device's token log-probs and its gradient flows back through the model.
+ */
+export const update = (o: UpdateOptions) => <E, R>(
+  s: Stream.Stream<Advantaged, E, R>,
+): Stream.Stream<Updated, E | BackendFailure | NonFiniteStepError | GrpoInputError | GrpoNumericError, R> =>
+  Stream.mapEffect(
+    s,
+    timed("update", (r: Advantaged) =>
+      Effect.gen(function* () {
+        const c = o.config;
+        const needOld = c.numIterations > 1;
+        const old = needOld ? yield* o.policy.logProbs(r.sequences, c.temperature) : null;
+        const ref = c.beta !== 0 ? yield* o.policy.logProbs(r.sequences, c.temperature, true) : null;
+        const masks = r.sequences.map((q) => new Float64Array(q.completion.length).fill(1));
+        const dapoNormalizer = countLossTokens(
+          masks.map((mask, i) => ({ mask, endedWithEos: r.endedWithEos[i] })),
+          c.maskTruncatedCompletions,
+        );
+        let stats: StepStats | null = null;
+        for (let it = 0; it < c.numIterations; it++) {
+          stats = yield* o.policy.step(r.sequences, c.temperature, (lp) =>
+            Effect.map(
+              grpoLoss(
+                lp.logp.map((logp, i): LossSequence => ({
+                  logp,
+                  oldLogp: old ? old[i] : null,
+                  refLogp: ref ? ref[i] : null,
+                  engineLogp: c.vllmImportanceSamplingCorrection ? r.engineLogp[i] : null,
+                  mask: masks[i],
+                  entropy: lp.entropy[i],
+                  advantage: r.advantages[i],
+                  endedWithEos: r.endedWithEos[i],
+                })),
+                { ...c, dapoNormalizer },
+              ),
+              (res) => ({ loss: res.loss, dLogp: res.dLogp, metrics: res.metrics as Record<string, number> }),
+            ));
+        }
+        return { ...r, stats: stats! };
+      })),
+  );
+
+/** Takes an immutable snapshot of the policy after its update. */
+export const snapshot = (policy: Policy) => <A extends Step, E, R>(
+  s: Stream.Stream<A, E, R>,
+): Stream.Stream<A & { snapshot: Snapshot }, E | BackendFailure, R> =>
+  Stream.mapEffect(s, timed("snapshot", (a: A) => Effect.map(policy.snapshot(), (snap) => ({ ...a, snapshot: snap }))));
+
+/** Publishes each snapshot to the SyncTarget (which verifies it). */
+export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
+  s: Stream.Stream<A, E, R>,
+): Stream.Stream<A & { push: PushReport }, E | SyncError | SyncMismatch, R | typeof SyncTarget.Identifier> =>
+  Stream.mapEffect(
+    s,
+    timed("push", (a: A) =>
+      Effect.gen(function* () {
+        const target = yield* SyncTarget;
+        return { ...a, push: yield* target.push(a.snapshot) };
+      })),
+  );

@@ -1,0 +1,238 @@
+/**
+ * The composed GRPO trainer behind `deno task train`: loads the base model, evaluates it, then
+ * runs rollout → reward → advantage → update → snapshot → push for each step, logging TRL's
+ * metrics to runs/<id>/metrics.jsonl, checkpointing atomically, and finally writing the adapter
+ * (PEFT) or the full model, an SVG reward plot and a summary.
+ * @module
+ */
+import { Effect, Layer, Stream } from "effect";
+import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
+import { uploadModel } from "../model/decoder.ts";
+import { loadModel } from "../model/loader.ts";
+import { loadTokenizer } from "../model/bpe.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import type { ModelConfig } from "../model/config.ts";
+import type { WeightMap } from "../model/weights.ts";
+import { arithmeticTask, exactMatchReward, formatReward } from "../task/arithmetic.ts";
+import { accuracy } from "../task/evaluate.ts";
+import { exportAdapter, exportCheckpoint } from "../sync/export.ts";
+import { lineChartSvg } from "../io/svg_plot.ts";
+import type { TrainConfig } from "./config.ts";
+import { loadTrainCheckpoint, saveTrainCheckpoint } from "./checkpoint.ts";
+import { Policy } from "./policy.ts";
+import { LocalEngineLive } from "./local_engine.ts";
+import { SyncTarget } from "./services.ts";
+import type { RolloutEngineShape, SyncTargetShape } from "./services.ts";
+import { advantage, type Pushed, push, reward, rollout, snapshot, steps, update } from "./stages.ts";
+
+/** Directory of the shipped base model (built by `deno task pretrain`). */
+export const BUILTIN_MODEL_DIR: string = fileURLToPath(new URL("../../assets/arithmetic-base/", import.meta.url));
+
+/** What a finished run reports (also written to runs/<id>/summary.json). */
+export interface TrainSummary {
+  readonly runDir: string;
+  readonly backend: string;
+  readonly mode: "lora" | "full";
+  readonly engine: string;
+  readonly steps: number;
+  readonly accuracyBefore: number;
+  readonly accuracyAfter: number;
+  readonly rewardFirst: number;
+  readonly rewardLast: number;
+  readonly trainWallS: number;
+  readonly trainedTokensPerS: number;
+  /** Mean ms per step of each stage. */
+  readonly stageMs: Record<string, number>;
+  readonly trainableParameters: number;
+}
+
+/** A base model with its tokenizer. */
+export interface BaseModel {
+  readonly dir: string;
+  readonly config: ModelConfig;
+  readonly weights: WeightMap;
+  readonly tokenizer: Tokenizer;
+}
+
+/** Loads the configured base model (the built-in one by default). */
+export const loadBase = (dir: string | null) =>
+  Effect.gen(function* () {
+    const d = dir ?? BUILTIN_MODEL_DIR;
+    const { config, weights } = yield* loadModel(d);
+    const tokenizer = yield* loadTokenizer(d);
+    return { dir: d, config, weights, tokenizer } satisfies BaseModel;
+  });
+
+/** Engine + sync target Layer for a config (the server engine is added by src/sync). */
+export type EngineLayerFactory = (
+  cfg: TrainConfig,
+  base: BaseModel,
+) => Layer.Layer<RolloutEngineShape | SyncTargetShape, unknown, BackendShape>;
+
+const localEngine: EngineLayerFactory = (cfg) => LocalEngineLive(cfg.seed);
+
+const fmtTime = (s: number): string =>
+  !Number.isFinite(s) ? "?" : s >= 60 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s` : `${s.toFixed(0)}s`;
+
+/** Runs training; `log` receives progress and result lines. */
+export const runTraining = (
+  cfg: TrainConfig,
+  log: (line: string, transient?: boolean) => void,
+  engineLayer: EngineLayerFactory = localEngine,
+) =>
+  Effect.gen(function* () {
+    const base = yield* loadBase(cfg.model);
+    const program = Effect.gen(function* () {
+      const backend = yield* Backend;
+      const tok = base.tokenizer;
+      const task = arithmeticTask(2, cfg.evalSize);
+      const runId = cfg.runId ?? new Date().toISOString().replace(/[:.]/g, "-");
+      const runDir = join(cfg.outputDir, runId);
+      yield* Effect.promise(() => mkdir(runDir, { recursive: true }));
+      const metricsPath = join(runDir, "metrics.jsonl");
+      const ckptPath = join(runDir, "checkpoint.safetensors");
+      const policy = yield* Policy.make(backend, base.config, base.weights, {
+        mode: cfg.mode,
+        lora: {
+          r: cfg.loraR,
+          alpha: cfg.loraAlpha,
+          dropout: cfg.loraDropout,
+          targetModules: cfg.targetModules,
+          useRslora: cfg.useRslora,
+        },
+        seed: cfg.seed,
+        optimizer: {
+          learningRate: cfg.grpo.learningRate,
+          beta1: cfg.adamBeta1,
+          beta2: cfg.adamBeta2,
+          eps: cfg.adamEpsilon,
+          weightDecay: cfg.weightDecay,
+          maxGradNorm: cfg.maxGradNorm,
+        },
+      });
+      let first = 1;
+      const history: Record<string, number>[] = [];
+      if (cfg.resume) {
+        const ck = yield* loadTrainCheckpoint(ckptPath);
+        yield* policy.importState(ck.state);
+        first = ck.step + 1;
+        // keep the metrics of the steps the checkpoint covers; later lines are replayed
+        const text = yield* Effect.promise(() => readFile(metricsPath, "utf8").catch(() => ""));
+        const kept = text.split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l) as Record<string, number>)
+          .filter((m) => m.step <= ck.step);
+        history.push(...kept);
+        yield* Effect.promise(() => writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join("")));
+        log(`resumed ${runDir} at step ${ck.step} (policy v${ck.state.version})`);
+      } else {
+        yield* Effect.promise(() => writeFile(metricsPath, ""));
+      }
+      const maxTokens = cfg.grpo.maxCompletionLength;
+      const evaluate = (label: string) =>
+        Effect.scoped(Effect.gen(function* () {
+          const snap = yield* policy.snapshot();
+          const ops = yield* backend.ops;
+          const acc = yield* accuracy(backend, uploadModel(ops, base.config, snap.weights()), tok, task.heldOut, maxTokens);
+          log(`${label}: held-out exact-match accuracy ${(acc * 100).toFixed(1)}% (${task.heldOut.length} problems, greedy)`);
+          return acc;
+        }));
+      const accBefore = yield* Effect.scoped(Effect.gen(function* () {
+        const ops = yield* backend.ops;
+        const acc = yield* accuracy(backend, uploadModel(ops, base.config, base.weights), tok, task.heldOut, maxTokens);
+        log(`base model: held-out exact-match accuracy ${(acc * 100).toFixed(1)}% (${task.heldOut.length} problems, greedy)`);
+        return acc;
+      }));
+      const target = yield* SyncTarget;
+      yield* target.push(yield* policy.snapshot());
+      const t0 = performance.now();
+      let tokens = 0;
+      const stageTotals: Record<string, number> = {};
+      const total = cfg.steps - first + 1;
+      const onStep = (p: Pushed) =>
+        Effect.gen(function* () {
+          const stepTime = Object.values(p.times).reduce((a, b) => a + b, 0) / 1000;
+          const trained = p.sequences.reduce((a, s) => a + s.prompt.length + s.completion.length, 0);
+          tokens += trained;
+          for (const [k, v] of Object.entries(p.times)) stageTotals[k] = (stageTotals[k] ?? 0) + v;
+          const m: Record<string, number> = {
+            step: p.step,
+            ...p.metrics,
+            ...p.stats.metrics,
+            loss: p.stats.loss,
+            grad_norm: p.stats.gradNorm,
+            learning_rate: cfg.grpo.learningRate,
+            num_tokens: (history.at(-1)?.num_tokens ?? 0) + trained,
+            step_time: stepTime,
+            policy_version: p.snapshot.version,
+            rollout_policy_version: p.result.policyVersion,
+            ...Object.fromEntries(Object.entries(p.times).map(([k, v]) => [`time/${k}_ms`, v])),
+            push_bytes: p.push.bytes,
+            push_latency_ms: p.push.latencyMs,
+            ...(p.push.logpDiffMax !== null ? { "sync/verify_logp_diff_max": p.push.logpDiffMax } : {}),
+          };
+          history.push(m);
+          yield* Effect.promise(() => appendFile(metricsPath, JSON.stringify(m) + "\n"));
+          const done = p.step - first + 1;
+          const elapsed = (performance.now() - t0) / 1000;
+          if (!cfg.quiet) {
+            log(
+              `step ${p.step}/${cfg.steps} | reward ${m.reward.toFixed(3)} | reward_std ${m.reward_std.toFixed(3)} | kl ${
+                (m.kl ?? 0).toFixed(4)
+              } | ${Math.round(tokens / elapsed)} tok/s | ETA ${fmtTime((elapsed / done) * (total - done))}`,
+              true,
+            );
+          }
+          if ((cfg.checkpointEvery > 0 && p.step % cfg.checkpointEvery === 0) || p.step === cfg.steps) {
+            yield* saveTrainCheckpoint(ckptPath, { step: p.step, state: yield* policy.exportState() });
+          }
+        });
+      const stream = steps(first, cfg.steps).pipe(
+        rollout({ tokenizer: tok, prompts: (rng) => task.sample(rng), promptsPerStep: cfg.promptsPerStep, config: cfg.grpo, seed: cfg.seed }),
+        reward([exactMatchReward, formatReward(task.digits)]),
+        advantage(cfg.grpo),
+        update({ policy, config: cfg.grpo }),
+        snapshot(policy),
+        push,
+        Stream.tap(onStep),
+      );
+      yield* Stream.runDrain(stream);
+      const trainWallS = (performance.now() - t0) / 1000;
+      log("");
+      const accAfter = yield* evaluate("trained policy");
+      const final = yield* policy.snapshot();
+      if (cfg.mode === "lora") yield* exportAdapter(final, join(runDir, "adapter"), base.dir);
+      else yield* exportCheckpoint(final, join(runDir, "model"));
+      const rewards = history.map((h) => [h.step, h.reward] as const);
+      const svg = lineChartSvg(`GRPO ${cfg.mode} — reward per step`, "step", "reward", [
+        { label: "reward", points: rewards, color: "#1f77b4" },
+        { label: "rewards/exact_match/mean", points: history.map((h) => [h.step, h["rewards/exact_match/mean"]] as const), color: "#2ca02c" },
+      ]);
+      yield* Effect.promise(() => writeFile(join(runDir, "reward.svg"), svg));
+      const steps_ = Math.max(1, total);
+      const summary: TrainSummary = {
+        runDir,
+        backend: `${backend.info.name} (${backend.info.description})`,
+        mode: cfg.mode,
+        engine: cfg.engine,
+        steps: cfg.steps,
+        accuracyBefore: accBefore,
+        accuracyAfter: accAfter,
+        rewardFirst: history[0]?.reward ?? NaN,
+        rewardLast: history.at(-1)?.reward ?? NaN,
+        trainWallS,
+        trainedTokensPerS: tokens / trainWallS,
+        stageMs: Object.fromEntries(Object.entries(stageTotals).map(([k, v]) => [k, v / steps_])),
+        trainableParameters: policy.trainableParameters,
+      };
+      yield* Effect.promise(() => writeFile(join(runDir, "summary.json"), JSON.stringify(summary, null, 2) + "\n"));
+      log(`accuracy ${(accBefore * 100).toFixed(1)}% -> ${(accAfter * 100).toFixed(1)}% in ${trainWallS.toFixed(1)} s; run in ${runDir}`);
+      return summary;
+    });
+    return yield* program.pipe(
+      Effect.scoped,
+      Effect.provide(engineLayer(cfg, base)),
+      Effect.provide(BackendLive(cfg.backend)),
+    );
+  });

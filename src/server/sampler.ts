@@ -1,0 +1,148 @@
+/**
+ * Per-step sampling for the server, on top of `sampleToken` (src/model/sampling.ts, the same
+ * sampler the in-process engine uses, so seeded results agree): adds vLLM's min_p and min_tokens
+ * masking, and reports logprobs in vLLM's two modes with the top-k alternatives.
+ *
+ * - raw_logprobs (default): log_softmax of the model's logits, before any masking or temperature.
+ * - processed_logprobs: log-probabilities of the distribution actually sampled from (after the
+ *   min_tokens mask, temperature, min_p, top-k and top-p; filtered tokens are -inf). At
+ *   temperature 0 (greedy) it is log_softmax of the masked logits, as in vLLM.
+ * @module
+ */
+import type { FloatArray } from "../backend/tensor.ts";
+import type { Rng } from "../model/rng.ts";
+import { logSoftmax, sampleToken } from "../model/sampling.ts";
+
+/** Logprobs mode of the server (vLLM's --logprobs-mode). */
+export type LogprobsMode = "raw_logprobs" | "processed_logprobs";
+
+/** Sampling parameters of one sequence. */
+export interface StepParams {
+  readonly temperature: number;
+  readonly topP: number;
+  /** 0 or -1 = off. */
+  readonly topK: number;
+  /** 0 = off. */
+  readonly minP: number;
+}
+
+/** The result of one sampling step. */
+export interface StepResult {
+  readonly token: number;
+  /** Logprob of the sampled token in the server's mode. */
+  readonly logprob: number;
+  /** The `topN` most likely tokens (mode's distribution), best first; null when not asked. */
+  readonly top: ReadonlyArray<readonly [number, number]> | null;
+}
+
+/** The `n` largest entries of `lp` as [index, value], best first (ties: lower index first). */
+export const topEntries = (lp: ArrayLike<number>, n: number): [number, number][] => {
+  const out: [number, number][] = [];
+  if (n <= 0) return out;
+  for (let i = 0; i < lp.length; i++) {
+    const v = lp[i];
+    if (out.length === n && !(v > out[n - 1][1])) continue;
+    let j = out.length < n ? out.length : n - 1;
+    if (out.length < n) out.push([i, v]);
+    else out[j] = [i, v];
+    while (j > 0 && out[j - 1][1] < out[j][1]) {
+      [out[j - 1], out[j]] = [out[j], out[j - 1]];
+      j--;
+    }
+  }
+  return out;
+};
+
+/** 1-based rank of entry `i` in `lp` (1 + number of strictly larger entries). */
+export const rankOf = (lp: ArrayLike<number>, i: number): number => {
+  const v = lp[i];
+  let r = 1;
+  for (let j = 0; j < lp.length; j++) if (lp[j] > v) r++;
+  return r;
+};
+
+/**
+ * The tempered, top-k/top-p filtered and renormalised log-distribution that `sampleToken`
+ * samples from (same ordering and cut rules), with -Infinity for filtered tokens.
+ */
+export const processedLogprobs = (logits: ArrayLike<number>, p: StepParams): Float64Array => {
+  const lp = logSoftmax(logits, p.temperature);
+  const filtering = (p.topK > 0 && p.topK < lp.length) || p.topP < 1;
+  if (!filtering) return lp;
+  let order = Array.from({ length: lp.length }, (_, i) => i).sort((a, b) => lp[b] - lp[a] || a - b);
+  if (p.topK > 0 && p.topK < order.length) order = order.slice(0, p.topK);
+  if (p.topP < 1) {
+    let mass = 0;
+    let keep = 0;
+    while (keep < order.length && (keep === 0 || mass < p.topP)) {
+      mass += Math.exp(lp[order[keep++]]);
+    }
+    order = order.slice(0, keep);
+  }
+  let total = 0;
+  for (const i of order) total += Math.exp(lp[i]);
+  const out = new Float64Array(lp.length).fill(-Infinity);
+  const lt = Math.log(total);
+  for (const i of order) out[i] = lp[i] - lt;
+  return out;
+};
+
+/**
+ * Samples one token from a row of logits. `banned` ids (stop tokens while fewer than min_tokens
+ * were generated) get -inf before sampling; `topN` asks for that many alternatives.
+ */
+export const sampleStep = (
+  row: FloatArray,
+  p: StepParams,
+  rng: Rng,
+  banned: readonly number[],
+  mode: LogprobsMode,
+  topN: number | null,
+): StepResult => {
+  const V = row.length;
+  let work: ArrayLike<number> = row;
+  let topK = p.topK;
+  const ban = banned.filter((t) => t >= 0 && t < V);
+  if (ban.length > 0 && ban.length < V) {
+    const w = Float64Array.from(row);
+    for (const t of ban) w[t] = -Infinity;
+    work = w;
+  }
+  if (p.minP > 0 && p.temperature > 0) {
+    const lpT = logSoftmax(work, p.temperature);
+    let max = -Infinity;
+    for (let i = 0; i < V; i++) max = Math.max(max, lpT[i]);
+    const threshold = max + Math.log(p.minP);
+    const w = Float64Array.from(work);
+    let kept = 0;
+    for (let i = 0; i < V; i++) {
+      if (lpT[i] < threshold) w[i] = -Infinity;
+      else kept++;
+    }
+    work = w;
+    // the kept tokens are exactly the `kept` most likely: cap top-k so that no masked token
+    // can be drawn through rounding at the tail of the cumulative sum
+    topK = topK > 0 ? Math.min(topK, kept) : kept;
+  }
+  const s = sampleToken(work, { temperature: p.temperature, topP: p.topP, topK }, rng);
+  if (mode === "raw_logprobs") {
+    const raw = logSoftmax(row);
+    return {
+      token: s.token,
+      logprob: raw[s.token],
+      top: topN === null ? null : topEntries(raw, topN),
+    };
+  }
+  if (p.temperature <= 0) {
+    const lp = logSoftmax(work);
+    return {
+      token: s.token,
+      logprob: lp[s.token],
+      top: topN === null ? null : topEntries(lp, topN),
+    };
+  }
+  const top = topN === null || topN === 0
+    ? (topN === null ? null : [])
+    : topEntries(processedLogprobs(work, { ...p, topK }), topN);
+  return { token: s.token, logprob: s.processedLogprob, top };
+};

@@ -1,0 +1,279 @@
+/**
+ * Wire shapes of the vLLM-compatible server: request bodies as effect Schemas (decoded with
+ * `decodeBody`, which turns any failure into a 400 naming the field), response types, and the
+ * error envelope `{"error":{message,type,param,code}}` (vLLM >= 0.10.1).
+ * @module
+ */
+import { Data, Effect, Schema, SchemaIssue } from "effect";
+
+// ---- errors ----------------------------------------------------------------------------------
+
+/** An API error: rendered as the vLLM error envelope with `code` = HTTP status. */
+export class ApiError extends Data.TaggedError("ApiError")<{
+  readonly status: number;
+  readonly message: string;
+  /** The request field at fault, or null. */
+  readonly param: string | null;
+}> {}
+
+/** 400 BadRequestError. */
+export const badRequest = (message: string, param: string | null = null): ApiError =>
+  new ApiError({ status: 400, message, param });
+
+/** 404 NotFoundError. */
+export const notFound = (message: string, param: string | null = null): ApiError =>
+  new ApiError({ status: 404, message, param });
+
+/** 500 InternalServerError. */
+export const internalError = (message: string): ApiError =>
+  new ApiError({ status: 500, message, param: null });
+
+/** vLLM's error `type` for an HTTP status. */
+export const errorType = (status: number): string =>
+  status === 400
+    ? "BadRequestError"
+    : status === 401
+    ? "AuthenticationError"
+    : status === 404
+    ? "NotFoundError"
+    : status === 503
+    ? "ServiceUnavailableError"
+    : status >= 500
+    ? "InternalServerError"
+    : "BadRequestError";
+
+/** The JSON error envelope. */
+export interface ErrorEnvelope {
+  readonly error: {
+    readonly message: string;
+    readonly type: string;
+    readonly param: string | null;
+    readonly code: number;
+  };
+}
+
+/** Renders an ApiError as the envelope. */
+export const errorEnvelope = (e: ApiError): ErrorEnvelope => ({
+  error: { message: e.message, type: errorType(e.status), param: e.param, code: e.status },
+});
+
+// ---- request bodies --------------------------------------------------------------------------
+
+const opt = <S extends Schema.Constraint>(s: S) => Schema.optional(Schema.NullOr(s));
+
+/** A prompt: one string, strings, one token-id list, or token-id lists. */
+export const PromptInput = Schema.Union([
+  Schema.String,
+  Schema.Array(Schema.String),
+  Schema.Array(Schema.Int),
+  Schema.Array(Schema.Array(Schema.Int)),
+]);
+
+/** POST /v1/completions (fields vLLM accepts; unknown fields are ignored like vLLM does). */
+export const CompletionRequest = Schema.Struct({
+  model: opt(Schema.String),
+  prompt: PromptInput,
+  max_tokens: opt(Schema.Int),
+  n: opt(Schema.Int),
+  best_of: opt(Schema.Int),
+  temperature: opt(Schema.Number),
+  top_p: opt(Schema.Number),
+  top_k: opt(Schema.Int),
+  min_p: opt(Schema.Number),
+  seed: opt(Schema.Int),
+  logprobs: opt(Schema.Int),
+  prompt_logprobs: opt(Schema.Int),
+  echo: opt(Schema.Boolean),
+  stream: opt(Schema.Boolean),
+  return_tokens_as_token_ids: opt(Schema.Boolean),
+  return_token_ids: opt(Schema.Boolean),
+  stop: opt(Schema.Union([Schema.String, Schema.Array(Schema.String)])),
+  stop_token_ids: opt(Schema.Array(Schema.Int)),
+  include_stop_str_in_output: opt(Schema.Boolean),
+  ignore_eos: opt(Schema.Boolean),
+  min_tokens: opt(Schema.Int),
+  skip_special_tokens: opt(Schema.Boolean),
+  spaces_between_special_tokens: opt(Schema.Boolean),
+  add_special_tokens: opt(Schema.Boolean),
+  cache_salt: opt(Schema.String),
+  presence_penalty: opt(Schema.Number),
+  frequency_penalty: opt(Schema.Number),
+  repetition_penalty: opt(Schema.Number),
+  length_penalty: opt(Schema.Number),
+  logit_bias: opt(Schema.Record(Schema.String, Schema.Number)),
+  suffix: opt(Schema.String),
+  user: opt(Schema.String),
+  priority: opt(Schema.Int),
+  request_id: opt(Schema.String),
+});
+/** Decoded /v1/completions body. */
+export type CompletionRequest = typeof CompletionRequest.Type;
+
+/** POST /tokenize. */
+export const TokenizeRequest = Schema.Struct({
+  model: opt(Schema.String),
+  prompt: Schema.String,
+  add_special_tokens: opt(Schema.Boolean),
+  return_token_strs: opt(Schema.Boolean),
+});
+/** Decoded /tokenize body. */
+export type TokenizeRequest = typeof TokenizeRequest.Type;
+
+/** POST /detokenize. */
+export const DetokenizeRequest = Schema.Struct({
+  model: opt(Schema.String),
+  tokens: Schema.Array(Schema.Int),
+});
+/** Decoded /detokenize body. */
+export type DetokenizeRequest = typeof DetokenizeRequest.Type;
+
+/** POST /v1/load_lora_adapter (missing names are checked by the handler: vLLM's 400 text). */
+export const LoadLoraRequest = Schema.Struct({
+  lora_name: opt(Schema.String),
+  lora_path: opt(Schema.String),
+  load_inplace: opt(Schema.Boolean),
+});
+/** Decoded /v1/load_lora_adapter body. */
+export type LoadLoraRequest = typeof LoadLoraRequest.Type;
+
+/** POST /v1/unload_lora_adapter. */
+export const UnloadLoraRequest = Schema.Struct({
+  lora_name: opt(Schema.String),
+  lora_int_id: opt(Schema.Int),
+});
+/** Decoded /v1/unload_lora_adapter body. */
+export type UnloadLoraRequest = typeof UnloadLoraRequest.Type;
+
+/** POST /collective_rpc (dev mode). */
+export const CollectiveRpcRequest = Schema.Struct({
+  method: Schema.String,
+  args: opt(Schema.Array(Schema.Unknown)),
+  kwargs: opt(Schema.Record(Schema.String, Schema.Unknown)),
+  timeout: opt(Schema.Number),
+});
+/** Decoded /collective_rpc body. */
+export type CollectiveRpcRequest = typeof CollectiveRpcRequest.Type;
+
+/** kwargs of collective_rpc "reload_weights". */
+export const ReloadWeightsKwargs = Schema.Struct({
+  weights_path: opt(Schema.String),
+  is_checkpoint_format: opt(Schema.Boolean),
+});
+
+const formatter = SchemaIssue.makeFormatterStandardSchemaV1();
+
+const pathText = (path: ReadonlyArray<unknown>): string =>
+  path.map((p, i) =>
+    typeof p === "number"
+      ? `[${p}]`
+      : i === 0
+      ? String(p)
+      : `.${String((p as { key?: unknown })?.key ?? p)}`
+  ).join("");
+
+/** Turns a SchemaError into a 400 naming the first offending field. */
+export const schemaErrorToApi = (e: Schema.SchemaError, prefix = ""): ApiError => {
+  const issues = formatter(e.issue).issues;
+  const first = issues[0];
+  if (!first) return badRequest(`invalid request: ${e.message}`);
+  const path = (first.path ?? []).map((p) =>
+    typeof p === "object" && p !== null && "key" in p ? (p as { key: PropertyKey }).key : p
+  );
+  const field = prefix + pathText(path);
+  const all = [
+    ...new Set(
+      issues.filter((i) => pathText(i.path ?? []) === pathText(first.path ?? [])).map((i) =>
+        i.message
+      ),
+    ),
+  ];
+  return badRequest(
+    field
+      ? `invalid field '${field}': ${all.join("; ")}`
+      : `invalid request body: ${all.join("; ")}`,
+    field || null,
+  );
+};
+
+/** Parses a JSON body text: malformed JSON -> 400. */
+export const parseJson = (text: string): Effect.Effect<unknown, ApiError> =>
+  Effect.try({
+    try: () => (text.trim() === "" ? undefined : JSON.parse(text)) as unknown,
+    catch: (e) => badRequest(`JSON decode error: ${e instanceof Error ? e.message : String(e)}`),
+  }).pipe(
+    Effect.flatMap((v) =>
+      v === undefined
+        ? Effect.fail(badRequest("request body is empty: expected a JSON object"))
+        : Effect.succeed(v)
+    ),
+  );
+
+/** Decodes a parsed JSON value with `schema`; any failure is a 400 naming the field. */
+export const decodeBody = <S extends Schema.ConstraintDecoder<unknown>>(
+  schema: S,
+  json: unknown,
+  prefix = "",
+): Effect.Effect<S["Type"], ApiError> =>
+  typeof json !== "object" || json === null || Array.isArray(json)
+    ? Effect.fail(badRequest(`${prefix || "request body"} must be a JSON object`, prefix || null))
+    : (Schema.decodeUnknownEffect(schema)(json, { errors: "all" }) as Effect.Effect<
+      S["Type"],
+      Schema.SchemaError
+    >).pipe(Effect.mapError((e) => schemaErrorToApi(e, prefix ? `${prefix}.` : "")));
+
+// ---- responses -------------------------------------------------------------------------------
+
+/** The OpenAI/vLLM logprobs object of a completion choice. */
+export interface CompletionLogprobs {
+  readonly text_offset: number[];
+  readonly token_logprobs: (number | null)[];
+  readonly tokens: string[];
+  readonly top_logprobs: (Record<string, number> | null)[];
+}
+
+/** One prompt position of `prompt_logprobs`. */
+export type PromptLogprobEntry = Record<
+  string,
+  { readonly logprob: number; readonly rank: number; readonly decoded_token: string }
+>;
+
+/** One choice of a completion. */
+export interface CompletionChoice {
+  readonly index: number;
+  readonly text: string;
+  readonly logprobs: CompletionLogprobs | null;
+  readonly finish_reason: "stop" | "length" | "abort" | null;
+  readonly stop_reason: number | string | null;
+  readonly token_ids: number[] | null;
+  readonly prompt_logprobs: (PromptLogprobEntry | null)[] | null;
+  readonly prompt_token_ids: number[] | null;
+}
+
+/** Token counts of a completion. */
+export interface Usage {
+  readonly prompt_tokens: number;
+  readonly completion_tokens: number;
+  readonly total_tokens: number;
+  readonly prompt_tokens_details: null;
+}
+
+/** The /v1/completions response. */
+export interface CompletionResponse {
+  readonly id: string;
+  readonly object: "text_completion";
+  readonly created: number;
+  readonly model: string;
+  readonly choices: CompletionChoice[];
+  readonly usage: Usage;
+}
+
+/** One card of GET /v1/models. */
+export interface ModelCard {
+  readonly id: string;
+  readonly object: "model";
+  readonly created: number;
+  readonly owned_by: "vllm";
+  readonly root: string;
+  readonly parent: string | null;
+  readonly max_model_len: number | null;
+}
