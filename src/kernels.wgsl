@@ -1221,3 +1221,280 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   if (lid == 0u) { out[r] = log(ps[0]) - pz[0] / ps[0]; }
 }
+
+// ---- matmul (src/backend/webgpu/matmul.ts) ------------------------------------------------
+
+//! kernel matmul_pack
+// Packs a strided matrix view into an rgba32float texture for the matmul_t* kernels: texel (x, y)
+// holds src[(row0 + y) * sr + (4x + i) * sc] for i = 0..3, and 0 outside rows x cols.
+struct Params { rows: u32, cols: u32, sr: u32, sc: u32, row0: u32, width: u32, height: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+fn elem(r: u32, c: u32) -> f32 {
+  // Clamped index and select instead of a branch: no divergent control flow around the load.
+  let v = src[min(r, params.rows - 1u) * params.sr + min(c, params.cols - 1u) * params.sc];
+  return select(0.0, v, r < params.rows && c < params.cols);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= params.width || gid.y >= params.height) { return; }
+  let r = params.row0 + gid.y;
+  let c = gid.x * 4u;
+  let v = vec4<f32>(elem(r, c), elem(r, c + 1u), elem(r, c + 2u), elem(r, c + 3u));
+  textureStore(dst, vec2<i32>(i32(gid.x), i32(gid.y)), v);
+}
+
+//! kernel matmul_small
+// Direct matmul for small or unusual shapes: each invocation computes a 4x4 block of C[m, n]
+// from op(A)[i, k] = a[i * sam + k * sak] and op(B)[k, j] = b[k * sbk + j * sbn] (any transpose).
+struct Params { m: u32, n: u32, k: u32, sam: u32, sak: u32, sbk: u32, sbn: u32, tiles_n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+fn put(row: u32, col: u32, v: vec4<f32>) {
+  if (row >= params.m) { return; }
+  let o = row * params.n + col;
+  if (col < params.n) { c[o] = v.x; }
+  if (col + 1u < params.n) { c[o + 1u] = v.y; }
+  if (col + 2u < params.n) { c[o + 2u] = v.z; }
+  if (col + 3u < params.n) { c[o + 3u] = v.w; }
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, 64u);
+  let r0 = (id / params.tiles_n) * 4u;
+  let c0 = (id % params.tiles_n) * 4u;
+  // Rows and columns past the edge are clamped (their results are never stored).
+  let a0 = min(r0, params.m - 1u) * params.sam;
+  let a1 = min(r0 + 1u, params.m - 1u) * params.sam;
+  let a2 = min(r0 + 2u, params.m - 1u) * params.sam;
+  let a3 = min(r0 + 3u, params.m - 1u) * params.sam;
+  let b0 = min(c0, params.n - 1u) * params.sbn;
+  let b1 = min(c0 + 1u, params.n - 1u) * params.sbn;
+  let b2 = min(c0 + 2u, params.n - 1u) * params.sbn;
+  let b3 = min(c0 + 3u, params.n - 1u) * params.sbn;
+  var s0 = vec4<f32>();
+  var s1 = vec4<f32>();
+  var s2 = vec4<f32>();
+  var s3 = vec4<f32>();
+  for (var k = 0u; k < params.k; k++) {
+    let ka = k * params.sak;
+    let kb = k * params.sbk;
+    let bv = vec4<f32>(b[kb + b0], b[kb + b1], b[kb + b2], b[kb + b3]);
+    s0 += a[ka + a0] * bv;
+    s1 += a[ka + a1] * bv;
+    s2 += a[ka + a2] * bv;
+    s3 += a[ka + a3] * bv;
+  }
+  put(r0, c0, s0);
+  put(r0 + 1u, c0, s1);
+  put(r0 + 2u, c0, s2);
+  put(r0 + 3u, c0, s3);
+}
+
+//! kernel matmul_unpad
+// dst[r, col] = src[r * ld + col] for a [rows, cols] result computed with a padded row stride.
+struct Params { rows: u32, cols: u32, ld: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.rows * params.cols) { return; }
+  let r = i / params.cols;
+  dst[i] = src[r * params.ld + (i - r * params.cols)];
+}
+
+//! kernel matmul_t16
+// C tile of 16x16 per invocation from packed operands (see matmul_pack): at row m holds
+// op(A)[m, :] and bt row n holds op(B)[:, n], four k per texel. Accumulates in registers only
+// (no workgroup memory: barriers are very expensive on software adapters such as llvmpipe).
+// Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
+struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var at: texture_2d<f32>;
+@group(0) @binding(2) var bt: texture_2d<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+// Rows r..r+3 of op(A) at k-texel k, transposed: column kk holds op(A)[r..r+3, 4k + kk].
+fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
+  return transpose(mat4x4<f32>(
+    textureLoad(at, vec2<i32>(k, r), 0),
+    textureLoad(at, vec2<i32>(k, r + 1), 0),
+    textureLoad(at, vec2<i32>(k, r + 2), 0),
+    textureLoad(at, vec2<i32>(k, r + 3), 0),
+  ));
+}
+// Columns n..n+3 of op(B) at k-texel k: column j holds op(B)[4k..4k+3, n + j].
+fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
+  return mat4x4<f32>(
+    textureLoad(bt, vec2<i32>(k, n), 0),
+    textureLoad(bt, vec2<i32>(k, n + 1), 0),
+    textureLoad(bt, vec2<i32>(k, n + 2), 0),
+    textureLoad(bt, vec2<i32>(k, n + 3), 0),
+  );
+}
+fn put(row: u32, col: u32, v: vec4<f32>) {
+  if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
+}
+// Stores a 4x4 block whose column j is C[row..row+3, col + j].
+fn put4(row: u32, col: u32, t: mat4x4<f32>) {
+  let u = transpose(t);
+  put(row, col, u[0]);
+  put(row + 1u, col, u[1]);
+  put(row + 2u, col, u[2]);
+  put(row + 3u, col, u[3]);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, 64u);
+  let tm = id / params.tiles_n;
+  let tn = id % params.tiles_n;
+  let m0 = i32(tm * 16u);
+  let n0 = i32(tn * 16u);
+  let k4 = i32(params.k4);
+  var c00 = mat4x4<f32>(); var c01 = mat4x4<f32>(); var c02 = mat4x4<f32>(); var c03 = mat4x4<f32>();
+  var c10 = mat4x4<f32>(); var c11 = mat4x4<f32>(); var c12 = mat4x4<f32>(); var c13 = mat4x4<f32>();
+  var c20 = mat4x4<f32>(); var c21 = mat4x4<f32>(); var c22 = mat4x4<f32>(); var c23 = mat4x4<f32>();
+  var c30 = mat4x4<f32>(); var c31 = mat4x4<f32>(); var c32 = mat4x4<f32>(); var c33 = mat4x4<f32>();
+  for (var k = 0; k < k4; k++) {
+    let a0 = rows_a(k, m0);
+    let a1 = rows_a(k, m0 + 4);
+    let a2 = rows_a(k, m0 + 8);
+    let a3 = rows_a(k, m0 + 12);
+    let b0 = cols_b(k, n0);
+    let b1 = cols_b(k, n0 + 4);
+    let b2 = cols_b(k, n0 + 8);
+    let b3 = cols_b(k, n0 + 12);
+    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+    c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+    c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+  }
+  let r = u32(m0);
+  let q = u32(n0);
+  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02); put4(r, q + 12u, c03);
+  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12); put4(r + 4u, q + 12u, c13);
+  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22); put4(r + 8u, q + 12u, c23);
+  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32); put4(r + 12u, q + 12u, c33);
+}
+
+//! kernel matmul_t32
+// C tile of 32x32 per invocation from packed operands (see matmul_pack): at row m holds
+// op(A)[m, :] and bt row n holds op(B)[:, n], four k per texel. Accumulates in registers only
+// (no workgroup memory: barriers are very expensive on software adapters such as llvmpipe).
+// Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
+struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var at: texture_2d<f32>;
+@group(0) @binding(2) var bt: texture_2d<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+// Rows r..r+3 of op(A) at k-texel k, transposed: column kk holds op(A)[r..r+3, 4k + kk].
+fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
+  return transpose(mat4x4<f32>(
+    textureLoad(at, vec2<i32>(k, r), 0),
+    textureLoad(at, vec2<i32>(k, r + 1), 0),
+    textureLoad(at, vec2<i32>(k, r + 2), 0),
+    textureLoad(at, vec2<i32>(k, r + 3), 0),
+  ));
+}
+// Columns n..n+3 of op(B) at k-texel k: column j holds op(B)[4k..4k+3, n + j].
+fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
+  return mat4x4<f32>(
+    textureLoad(bt, vec2<i32>(k, n), 0),
+    textureLoad(bt, vec2<i32>(k, n + 1), 0),
+    textureLoad(bt, vec2<i32>(k, n + 2), 0),
+    textureLoad(bt, vec2<i32>(k, n + 3), 0),
+  );
+}
+fn put(row: u32, col: u32, v: vec4<f32>) {
+  if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
+}
+// Stores a 4x4 block whose column j is C[row..row+3, col + j].
+fn put4(row: u32, col: u32, t: mat4x4<f32>) {
+  let u = transpose(t);
+  put(row, col, u[0]);
+  put(row + 1u, col, u[1]);
+  put(row + 2u, col, u[2]);
+  put(row + 3u, col, u[3]);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, 64u);
+  let tm = id / params.tiles_n;
+  let tn = id % params.tiles_n;
+  let m0 = i32(tm * 32u);
+  let n0 = i32(tn * 32u);
+  let k4 = i32(params.k4);
+  var c00 = mat4x4<f32>(); var c01 = mat4x4<f32>(); var c02 = mat4x4<f32>(); var c03 = mat4x4<f32>();
+  var c04 = mat4x4<f32>(); var c05 = mat4x4<f32>(); var c06 = mat4x4<f32>(); var c07 = mat4x4<f32>();
+  var c10 = mat4x4<f32>(); var c11 = mat4x4<f32>(); var c12 = mat4x4<f32>(); var c13 = mat4x4<f32>();
+  var c14 = mat4x4<f32>(); var c15 = mat4x4<f32>(); var c16 = mat4x4<f32>(); var c17 = mat4x4<f32>();
+  var c20 = mat4x4<f32>(); var c21 = mat4x4<f32>(); var c22 = mat4x4<f32>(); var c23 = mat4x4<f32>();
+  var c24 = mat4x4<f32>(); var c25 = mat4x4<f32>(); var c26 = mat4x4<f32>(); var c27 = mat4x4<f32>();
+  var c30 = mat4x4<f32>(); var c31 = mat4x4<f32>(); var c32 = mat4x4<f32>(); var c33 = mat4x4<f32>();
+  var c34 = mat4x4<f32>(); var c35 = mat4x4<f32>(); var c36 = mat4x4<f32>(); var c37 = mat4x4<f32>();
+  var c40 = mat4x4<f32>(); var c41 = mat4x4<f32>(); var c42 = mat4x4<f32>(); var c43 = mat4x4<f32>();
+  var c44 = mat4x4<f32>(); var c45 = mat4x4<f32>(); var c46 = mat4x4<f32>(); var c47 = mat4x4<f32>();
+  var c50 = mat4x4<f32>(); var c51 = mat4x4<f32>(); var c52 = mat4x4<f32>(); var c53 = mat4x4<f32>();
+  var c54 = mat4x4<f32>(); var c55 = mat4x4<f32>(); var c56 = mat4x4<f32>(); var c57 = mat4x4<f32>();
+  var c60 = mat4x4<f32>(); var c61 = mat4x4<f32>(); var c62 = mat4x4<f32>(); var c63 = mat4x4<f32>();
+  var c64 = mat4x4<f32>(); var c65 = mat4x4<f32>(); var c66 = mat4x4<f32>(); var c67 = mat4x4<f32>();
+  var c70 = mat4x4<f32>(); var c71 = mat4x4<f32>(); var c72 = mat4x4<f32>(); var c73 = mat4x4<f32>();
+  var c74 = mat4x4<f32>(); var c75 = mat4x4<f32>(); var c76 = mat4x4<f32>(); var c77 = mat4x4<f32>();
+  for (var k = 0; k < k4; k++) {
+    let a0 = rows_a(k, m0);
+    let a1 = rows_a(k, m0 + 4);
+    let a2 = rows_a(k, m0 + 8);
+    let a3 = rows_a(k, m0 + 12);
+    let a4 = rows_a(k, m0 + 16);
+    let a5 = rows_a(k, m0 + 20);
+    let a6 = rows_a(k, m0 + 24);
+    let a7 = rows_a(k, m0 + 28);
+    let b0 = cols_b(k, n0);
+    let b1 = cols_b(k, n0 + 4);
+    let b2 = cols_b(k, n0 + 8);
+    let b3 = cols_b(k, n0 + 12);
+    let b4 = cols_b(k, n0 + 16);
+    let b5 = cols_b(k, n0 + 20);
+    let b6 = cols_b(k, n0 + 24);
+    let b7 = cols_b(k, n0 + 28);
+    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+    c04 += a0 * b4; c05 += a0 * b5; c06 += a0 * b6; c07 += a0 * b7;
+    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+    c14 += a1 * b4; c15 += a1 * b5; c16 += a1 * b6; c17 += a1 * b7;
+    c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+    c24 += a2 * b4; c25 += a2 * b5; c26 += a2 * b6; c27 += a2 * b7;
+    c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+    c34 += a3 * b4; c35 += a3 * b5; c36 += a3 * b6; c37 += a3 * b7;
+    c40 += a4 * b0; c41 += a4 * b1; c42 += a4 * b2; c43 += a4 * b3;
+    c44 += a4 * b4; c45 += a4 * b5; c46 += a4 * b6; c47 += a4 * b7;
+    c50 += a5 * b0; c51 += a5 * b1; c52 += a5 * b2; c53 += a5 * b3;
+    c54 += a5 * b4; c55 += a5 * b5; c56 += a5 * b6; c57 += a5 * b7;
+    c60 += a6 * b0; c61 += a6 * b1; c62 += a6 * b2; c63 += a6 * b3;
+    c64 += a6 * b4; c65 += a6 * b5; c66 += a6 * b6; c67 += a6 * b7;
+    c70 += a7 * b0; c71 += a7 * b1; c72 += a7 * b2; c73 += a7 * b3;
+    c74 += a7 * b4; c75 += a7 * b5; c76 += a7 * b6; c77 += a7 * b7;
+  }
+  let r = u32(m0);
+  let q = u32(n0);
+  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02); put4(r, q + 12u, c03);
+  put4(r, q + 16u, c04); put4(r, q + 20u, c05); put4(r, q + 24u, c06); put4(r, q + 28u, c07);
+  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12); put4(r + 4u, q + 12u, c13);
+  put4(r + 4u, q + 16u, c14); put4(r + 4u, q + 20u, c15); put4(r + 4u, q + 24u, c16); put4(r + 4u, q + 28u, c17);
+  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22); put4(r + 8u, q + 12u, c23);
+  put4(r + 8u, q + 16u, c24); put4(r + 8u, q + 20u, c25); put4(r + 8u, q + 24u, c26); put4(r + 8u, q + 28u, c27);
+  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32); put4(r + 12u, q + 12u, c33);
+  put4(r + 12u, q + 16u, c34); put4(r + 12u, q + 20u, c35); put4(r + 12u, q + 24u, c36); put4(r + 12u, q + 28u, c37);
+  put4(r + 16u, q, c40); put4(r + 16u, q + 4u, c41); put4(r + 16u, q + 8u, c42); put4(r + 16u, q + 12u, c43);
+  put4(r + 16u, q + 16u, c44); put4(r + 16u, q + 20u, c45); put4(r + 16u, q + 24u, c46); put4(r + 16u, q + 28u, c47);
+  put4(r + 20u, q, c50); put4(r + 20u, q + 4u, c51); put4(r + 20u, q + 8u, c52); put4(r + 20u, q + 12u, c53);
+  put4(r + 20u, q + 16u, c54); put4(r + 20u, q + 20u, c55); put4(r + 20u, q + 24u, c56); put4(r + 20u, q + 28u, c57);
+  put4(r + 24u, q, c60); put4(r + 24u, q + 4u, c61); put4(r + 24u, q + 8u, c62); put4(r + 24u, q + 12u, c63);
+  put4(r + 24u, q + 16u, c64); put4(r + 24u, q + 20u, c65); put4(r + 24u, q + 24u, c66); put4(r + 24u, q + 28u, c67);
+  put4(r + 28u, q, c70); put4(r + 28u, q + 4u, c71); put4(r + 28u, q + 8u, c72); put4(r + 28u, q + 12u, c73);
+  put4(r + 28u, q + 16u, c74); put4(r + 28u, q + 20u, c75); put4(r + 28u, q + 24u, c76); put4(r + 28u, q + 28u, c77);
+}
+

@@ -81,16 +81,14 @@ const assertEnvelope = (
   assert.ok(e, `no error envelope: ${r.text}`);
   assert.deepEqual(Object.keys(e).sort(), ["code", "message", "param", "type"]);
   assert.equal(e.code, status);
-  assert.equal(
-    e.type,
-    status === 400
-      ? "BadRequestError"
-      : status === 404
-      ? "NotFoundError"
-      : status === 401
-      ? "AuthenticationError"
-      : "InternalServerError",
-  );
+  const types: Record<number, string> = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+  };
+  assert.equal(e.type, types[status]);
   assert.equal(typeof e.message, "string");
   if (mentions) {
     assert.ok(`${e.message} ${e.param}`.includes(mentions), `"${mentions}" not in ${r.text}`);
@@ -254,7 +252,12 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
         },
       );
       assert.equal(typeof card.created, "number");
-      assert.equal((await get(srv, "/no/such/route")).status, 404);
+      assert.deepEqual(await get(srv, "/no/such/route"), {
+        status: 404,
+        json: { detail: "Not Found" },
+        text: '{"detail":"Not Found"}',
+      });
+      assert.equal((await get(srv, "/v1/completions")).status, 405);
     });
 
     await t.step("completion shape: every key present, nulls included", async () => {
@@ -953,6 +956,18 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
       await post(srv, "/resume", {});
       const ok = await complete(srv, { prompt: "ab", max_tokens: 2 });
       assert.equal(ok.choices.length, 1);
+    });
+
+    await t.step("SIGTERM with a request held by a pause: 503 for it, clean exit", async () => {
+      assert.equal((await post(srv, "/pause?mode=keep", {})).status, 200);
+      const held = post(srv, "/v1/completions", { prompt: "ab", max_tokens: 2 });
+      while ((await metric(srv, "vllm:num_requests_waiting")) < 1) await sleep(5);
+      const t0 = Date.now();
+      const status = await srv.stop();
+      assert.ok(Date.now() - t0 < 4000, "graceful shutdown took too long");
+      assert.equal(status.code, 0);
+      const r = await held;
+      assertEnvelope(r, 503);
     });
   } catch (e) {
     console.error(srv.logs());

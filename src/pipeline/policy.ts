@@ -288,11 +288,26 @@ export class Policy {
     ));
   }
 
-  /** An immutable snapshot of the current weights (folded out of place, or copied). */
-  snapshot(): Effect.Effect<Snapshot, BackendFailure> {
-    return this.lora
+  /**
+   * An immutable snapshot of the current weights (folded out of place, or copied). Weights that
+   * an update drove to NaN/Inf fail here, so they are never pushed or checkpointed.
+   */
+  snapshot(): Effect.Effect<Snapshot, BackendFailure | NonFiniteStepError> {
+    const make = this.lora
       ? foldSnapshot(this.backend, this.version, this.base, this.baseDevice, this.lora, this.options.lora!)
       : copySnapshot(this.backend, this.version, this.live);
+    return Effect.flatMap(make, (snap) => {
+      const bad = snap.firstNonFinite();
+      return bad
+        ? Effect.fail(
+          new NonFiniteStepError({
+            step: snap.version,
+            quantity: "weights",
+            message: `step ${snap.version}: non-finite weights (${bad.name}[${bad.index}] = ${bad.value})`,
+          }),
+        )
+        : Effect.succeed(snap);
+    });
   }
 
   /** Host copies of parameters and optimizer moments (one wait), for checkpoints. */

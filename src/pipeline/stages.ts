@@ -257,7 +257,7 @@ export const update = (o: UpdateOptions) => <E, R>(
 /** Takes an immutable snapshot of the policy after its update. */
 export const snapshot = (policy: Policy) => <A extends Step, E, R>(
   s: Stream.Stream<A, E, R>,
-): Stream.Stream<A & { snapshot: Snapshot }, E | BackendFailure, R> =>
+): Stream.Stream<A & { snapshot: Snapshot }, E | BackendFailure | NonFiniteStepError, R> =>
   Stream.mapEffect(s, timed("snapshot", (a: A) => Effect.map(policy.snapshot(), (snap) => ({ ...a, snapshot: snap }))));
 
 /** Publishes each snapshot to the SyncTarget (which verifies it). */

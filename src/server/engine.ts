@@ -897,10 +897,14 @@ export class Engine {
       s.stoppedByToken = true;
       return this.#finish(s, "stop", r.token);
     }
-    if (spec.stop.length > 0 && s.tokens.length > spec.minTokens) {
+    if (spec.stop.length > 0) {
+      // like vLLM: only text produced after min_tokens can match (look-back = stop length)
       const text = decodeIds(this.tokenizer, s.tokens, spec.skipSpecial);
-      const hit = checkStopStrings(text, text.length - s.textLen, spec.stop, spec.includeStop);
+      const newChars = text.length - s.textLen;
       s.textLen = text.length;
+      const hit = s.tokens.length > spec.minTokens
+        ? checkStopStrings(text, newChars, spec.stop, spec.includeStop)
+        : null;
       if (hit) {
         s.stopText = hit.text;
         return this.#finish(s, "stop", hit.stop);

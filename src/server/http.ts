@@ -137,8 +137,11 @@ export const routes = (
   engine: Engine,
   opts: HttpOptions,
 ): Layer.Layer<never, never, HttpRouter.HttpRouter> => {
-  const r = (method: "GET" | "POST", path: `/${string}`, h: Handler) =>
-    HttpRouter.add(method, path, h);
+  const known = new Set<string>();
+  const r = (method: "GET" | "POST", path: `/${string}`, h: Handler) => {
+    known.add(path);
+    return HttpRouter.add(method, path, h);
+  };
   const base = [
     r(
       "GET",
@@ -307,10 +310,16 @@ export const routes = (
       ),
     ),
   ];
+  // FastAPI's answers for an unknown path (404) and a known path with another method (405)
   const notFoundRoute = HttpRouter.add(
     "*",
     "*",
-    Effect.succeed(json({ detail: "Not Found" }, 404)),
+    (req: Req) =>
+      Effect.sync(() =>
+        known.has(new URL(req.url, "http://localhost").pathname)
+          ? json({ detail: "Method Not Allowed" }, 405)
+          : json({ detail: "Not Found" }, 404)
+      ),
   );
   return Layer.mergeAll(notFoundRoute, ...base, ...lora, ...dev);
 };

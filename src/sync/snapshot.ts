@@ -98,6 +98,18 @@ export class Snapshot {
     return a ? new Map([...a].map(([n, t]) => [n, { shape: [...t.shape], data: t.data.slice() }])) : null;
   }
 
+  /** The first NaN/Inf among weights and adapter, or null when every value is finite. */
+  firstNonFinite(): { name: string; index: number; value: number } | null {
+    const { weights, adapter } = this.store;
+    for (const m of adapter ? [weights, adapter] : [weights]) {
+      for (const [name, t] of m) {
+        const d = t.data;
+        for (let i = 0; i < d.length; i++) if (!Number.isFinite(d[i])) return { name, index: i, value: d[i] };
+      }
+    }
+    return null;
+  }
+
   /** Recomputes the digest; fails with SnapshotCorrupted when the bytes changed. */
   verify(): Effect.Effect<void, SnapshotCorrupted> {
     return Effect.flatMap(digestOf(this.store), (actual) =>

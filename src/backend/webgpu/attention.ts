@@ -67,7 +67,7 @@ const params = (g: AttentionGeometry, hasStart: boolean, splitLen = 0, nsplit = 
   f32(g.scale),
   splitLen,
   nsplit,
-  padded(g.headDim) / 4,
+  0,
 ];
 
 /** Encodes one attention kernel over `n` invocations. */
