@@ -1236,7 +1236,9 @@ fn elem(r: u32, c: u32) -> f32 {
   let v = src[min(r, params.rows - 1u) * params.sr + min(c, params.cols - 1u) * params.sc];
   return select(0.0, v, r < params.rows && c < params.cols);
 }
-@compute @workgroup_size(64)
+// A workgroup covers 16 columns x 16 rows of the source view, a 64-byte line per row on both
+// the read side (either layout) and the texture side: the transposing case stays cache-friendly.
+@compute @workgroup_size(4, 16)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (gid.x >= params.width || gid.y >= params.height) { return; }
   let r = params.row0 + gid.y;
@@ -1347,9 +1349,12 @@ fn put4(row: u32, col: u32, t: mat4x4<f32>) {
   put(row + 2u, col, u[2]);
   put(row + 3u, col, u[3]);
 }
-@compute @workgroup_size(64)
+// Invocations per workgroup: 64, or 8 when there are few tiles (a workgroup runs on one
+// thread of a software adapter).
+override WG: u32 = 64u;
+@compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let id = linear_id(gid, nwg, 64u);
+  let id = linear_id(gid, nwg, WG);
   let tm = id / params.tiles_n;
   let tn = id % params.tiles_n;
   let m0 = i32(tm * 16u);
@@ -1420,9 +1425,12 @@ fn put4(row: u32, col: u32, t: mat4x4<f32>) {
   put(row + 2u, col, u[2]);
   put(row + 3u, col, u[3]);
 }
-@compute @workgroup_size(64)
+// Invocations per workgroup: 64, or 8 when there are few tiles (a workgroup runs on one
+// thread of a software adapter).
+override WG: u32 = 64u;
+@compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let id = linear_id(gid, nwg, 64u);
+  let id = linear_id(gid, nwg, WG);
   let tm = id / params.tiles_n;
   let tn = id % params.tiles_n;
   let m0 = i32(tm * 32u);

@@ -4,6 +4,7 @@
  * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Context, Data, Effect, Layer } from "effect";
 import type { Scope } from "effect";
 import { makeCpuOps } from "./cpu/ops.ts";
@@ -29,8 +30,9 @@ export const Backend: Context.Key<BackendShape, BackendShape> = Context.Service<
   "lorafold/Backend",
 );
 
+const BackendErrorBase: TaggedErrorClass<"BackendError", { readonly message: string }> = Data.TaggedError("BackendError");
 /** Backend setup or device failure. */
-export class BackendError extends Data.TaggedError("BackendError")<{ readonly message: string }> {}
+export class BackendError extends BackendErrorBase {}
 
 /** Which backend to use. */
 export type BackendChoice = "auto" | "cpu" | "webgpu";

@@ -3,6 +3,7 @@
  * backend (a typed array on the CPU, a GPU buffer on WebGPU) and is reached only through `Ops`.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data } from "effect";
 
 /** Element type: `f32` for values, `i32` for token ids and positions. */
@@ -21,17 +22,19 @@ export interface Tensor {
   readonly backend: string;
 }
 
+const ShapeErrorBase: TaggedErrorClass<"ShapeError", {
+  readonly op: string;
+  readonly message: string;
+}> = Data.TaggedError("ShapeError");
 /** A shape or dtype that an op cannot accept: a programming error, thrown synchronously. */
-export class ShapeError extends Data.TaggedError("ShapeError")<{
-  readonly op: string;
-  readonly message: string;
-}> {}
+export class ShapeError extends ShapeErrorBase {}
 
-/** A tensor used after the scope that owned it closed. */
-export class ReleasedTensorError extends Data.TaggedError("ReleasedTensorError")<{
+const ReleasedTensorErrorBase: TaggedErrorClass<"ReleasedTensorError", {
   readonly op: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("ReleasedTensorError");
+/** A tensor used after the scope that owned it closed. */
+export class ReleasedTensorError extends ReleasedTensorErrorBase {}
 
 /** Product of dimensions; validates that every dimension is a non-negative integer. */
 export const sizeOf = (shape: readonly number[]): number => {

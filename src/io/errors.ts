@@ -4,6 +4,7 @@
  * problem, so a log line alone is enough to find the culprit.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data } from "effect";
 
 /** Fields of a {@link SafetensorsError}. */
@@ -17,9 +18,10 @@ export interface SafetensorsErrorFields {
 }
 
 /** A malformed safetensors file, or a tensor that cannot be encoded, decoded or converted. */
-export class SafetensorsError extends Data.TaggedError("SafetensorsError")<
-  SafetensorsErrorFields & { readonly message: string }
-> {
+const SafetensorsErrorBase: TaggedErrorClass<"SafetensorsError", SafetensorsErrorFields & { readonly message: string }> = Data.TaggedError(
+  "SafetensorsError",
+);
+export class SafetensorsError extends SafetensorsErrorBase {
   constructor(fields: SafetensorsErrorFields) {
     super({
       ...fields,
@@ -41,9 +43,10 @@ export interface NonFiniteTensorErrorFields {
 }
 
 /** A tensor that holds NaN or ±Infinity where only finite values are allowed. */
-export class NonFiniteTensorError extends Data.TaggedError("NonFiniteTensorError")<
-  NonFiniteTensorErrorFields & { readonly message: string }
-> {
+const NonFiniteTensorErrorBase: TaggedErrorClass<"NonFiniteTensorError", NonFiniteTensorErrorFields & { readonly message: string }> = Data.TaggedError(
+  "NonFiniteTensorError",
+);
+export class NonFiniteTensorError extends NonFiniteTensorErrorBase {
   constructor(fields: NonFiniteTensorErrorFields) {
     super({
       ...fields,
@@ -64,9 +67,10 @@ export interface CheckpointErrorFields {
 }
 
 /** A checkpoint file or directory that cannot be read or written, or an inconsistent index. */
-export class CheckpointError extends Data.TaggedError("CheckpointError")<
-  CheckpointErrorFields & { readonly message: string }
-> {
+const CheckpointErrorBase: TaggedErrorClass<"CheckpointError", CheckpointErrorFields & { readonly message: string }> = Data.TaggedError(
+  "CheckpointError",
+);
+export class CheckpointError extends CheckpointErrorBase {
   constructor(fields: CheckpointErrorFields) {
     super({
       ...fields,

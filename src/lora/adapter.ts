@@ -3,6 +3,7 @@
  * host/device forms of the A [r, in] and B [out, r] matrices for each targeted projection.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data } from "effect";
 import type { Ops } from "../backend/ops.ts";
 import type { LoraRuntime } from "../model/decoder.ts";
@@ -26,11 +27,12 @@ export interface LoraConfig {
   readonly useRslora: boolean;
 }
 
-/** An invalid LoRA configuration. */
-export class LoraConfigError extends Data.TaggedError("LoraConfigError")<{
+const LoraConfigErrorBase: TaggedErrorClass<"LoraConfigError", {
   readonly field: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("LoraConfigError");
+/** An invalid LoRA configuration. */
+export class LoraConfigError extends LoraConfigErrorBase {}
 
 /** Checks a LoRA config; throws nothing, returns the first problem or null. */
 export const loraConfigProblem = (c: LoraConfig): LoraConfigError | null => {

@@ -2,6 +2,7 @@
  * Decoder configuration, read from a Hugging Face config.json (llama and qwen2 families).
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect } from "effect";
 
 /** Architecture of a Llama-style decoder. */
@@ -24,11 +25,12 @@ export interface ModelConfig {
   readonly eosTokenIds: readonly number[];
 }
 
-/** A config.json field that is missing, of the wrong type, or inconsistent. */
-export class ModelConfigError extends Data.TaggedError("ModelConfigError")<{
+const ModelConfigErrorBase: TaggedErrorClass<"ModelConfigError", {
   readonly field: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("ModelConfigError");
+/** A config.json field that is missing, of the wrong type, or inconsistent. */
+export class ModelConfigError extends ModelConfigErrorBase {}
 
 type Json = Record<string, unknown>;
 

@@ -14,9 +14,10 @@
  * @module
  */
 import { Data } from "effect";
+import type { TaggedErrorClass } from "../tagged_error.ts";
 
 /** A tokenizer failure. `reason` names the problem (and the JSON field, for malformed files). */
-export class TokenizerError extends Data.TaggedError("TokenizerError")<{
+const TokenizerErrorBase: TaggedErrorClass<"TokenizerError", {
   readonly reason: string;
   /** UTF-16 offset in the text (encode), or index in the id array (decode). */
   readonly position?: number;
@@ -24,7 +25,8 @@ export class TokenizerError extends Data.TaggedError("TokenizerError")<{
   readonly char?: string;
   /** The offending JSON field path, e.g. `model.merges[12]` (fromJSON / loadTokenizer). */
   readonly field?: string;
-}> {
+}> = Data.TaggedError("TokenizerError");
+export class TokenizerError extends TokenizerErrorBase {
   override get message(): string {
     return this.reason;
   }

@@ -3,6 +3,7 @@
  * weight maps, validation and seeded initialisation.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect } from "effect";
 import type { ModelConfig } from "./config.ts";
 import { Rng } from "./rng.ts";
@@ -74,11 +75,12 @@ export const weightSpecs = (c: ModelConfig): { name: string; shape: number[] }[]
   return specs;
 };
 
-/** A checkpoint that does not fit its config: missing tensor, wrong shape, non-finite value. */
-export class WeightsError extends Data.TaggedError("WeightsError")<{
+const WeightsErrorBase: TaggedErrorClass<"WeightsError", {
   readonly tensor: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("WeightsError");
+/** A checkpoint that does not fit its config: missing tensor, wrong shape, non-finite value. */
+export class WeightsError extends WeightsErrorBase {}
 
 /**
  * Checks that `tensors` holds exactly the config's weights with the right shapes and finite

@@ -4,6 +4,7 @@
  * value gives one line naming the option and the allowed values.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect, Exit, Schema } from "effect";
 import { decodeGrpoConfig, type GrpoConfig, trlOptionNames } from "../grpo/config.ts";
 import { PROJECTIONS, type Projection } from "../model/weights.ts";
@@ -54,11 +55,12 @@ export interface TrainConfig extends TrainOptions {
   readonly grpo: GrpoConfig;
 }
 
-/** A bad option: one line naming it and what is allowed. */
-export class TrainConfigError extends Data.TaggedError("TrainConfigError")<{
+const TrainConfigErrorBase: TaggedErrorClass<"TrainConfigError", {
   readonly option: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("TrainConfigError");
+/** A bad option: one line naming it and what is allowed. */
+export class TrainConfigError extends TrainConfigErrorBase {}
 
 interface Spec {
   readonly schema: Schema.Top;

@@ -5,6 +5,7 @@
  * Snapshots are taken out of place (see src/sync/snapshot.ts); nothing here merges weights.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect, type Scope } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure, Ops } from "../backend/ops.ts";
@@ -45,12 +46,13 @@ export const defaultOptimizer: OptimizerConfig = {
   maxGradNorm: 1,
 };
 
-/** NaN or Inf in log-probs, loss or gradients: the step is not applied. */
-export class NonFiniteStepError extends Data.TaggedError("NonFiniteStepError")<{
+const NonFiniteStepErrorBase: TaggedErrorClass<"NonFiniteStepError", {
   readonly step: number;
   readonly quantity: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("NonFiniteStepError");
+/** NaN or Inf in log-probs, loss or gradients: the step is not applied. */
+export class NonFiniteStepError extends NonFiniteStepErrorBase {}
 
 /** One sequence to train on: prompt tokens (with BOS when the model uses one) and completion. */
 export interface TrainSequence {

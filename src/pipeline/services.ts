@@ -4,6 +4,7 @@
  * src/backend/backend.ts.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Context, Data, type Effect } from "effect";
 import type { Snapshot } from "../sync/snapshot.ts";
 
@@ -36,12 +37,13 @@ export interface RolloutResult {
   readonly policyVersion: number;
 }
 
-/** Generation failed (engine down, bad answer, timeout). */
-export class RolloutError extends Data.TaggedError("RolloutError")<{
+const RolloutErrorBase: TaggedErrorClass<"RolloutError", {
   readonly engine: string;
   readonly message: string;
   readonly cause?: unknown;
-}> {}
+}> = Data.TaggedError("RolloutError");
+/** Generation failed (engine down, bad answer, timeout). */
+export class RolloutError extends RolloutErrorBase {}
 
 /** Generates completions from the most recently pushed snapshot. */
 export interface RolloutEngineShape {
@@ -67,22 +69,24 @@ export interface PushReport {
   readonly logpDiffMax: number | null;
 }
 
-/** A push failed (I/O, HTTP, or the engine serves other weights than the snapshot's). */
-export class SyncError extends Data.TaggedError("SyncError")<{
+const SyncErrorBase: TaggedErrorClass<"SyncError", {
   readonly target: string;
   readonly version: number;
   readonly message: string;
   readonly cause?: unknown;
-}> {}
+}> = Data.TaggedError("SyncError");
+/** A push failed (I/O, HTTP, or the engine serves other weights than the snapshot's). */
+export class SyncError extends SyncErrorBase {}
 
-/** The engine's answers do not match the pushed snapshot beyond tolerance. */
-export class SyncMismatch extends Data.TaggedError("SyncMismatch")<{
+const SyncMismatchBase: TaggedErrorClass<"SyncMismatch", {
   readonly target: string;
   readonly version: number;
   readonly maxAbsDiff: number;
   readonly tolerance: number;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("SyncMismatch");
+/** The engine's answers do not match the pushed snapshot beyond tolerance. */
+export class SyncMismatch extends SyncMismatchBase {}
 
 /** Publishes immutable snapshots to the rollout engine. */
 export interface SyncTargetShape {

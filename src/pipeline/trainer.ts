@@ -13,7 +13,14 @@ import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
 import { uploadModel } from "../model/decoder.ts";
 import { loadModel } from "../model/loader.ts";
 import { loadTokenizer } from "../model/bpe.ts";
-import type { Tokenizer } from "../model/tokenizer.ts";
+import type { Tokenizer, TokenizerError } from "../model/tokenizer.ts";
+import type { LoadError } from "../model/loader.ts";
+import type { BackendError } from "../backend/backend.ts";
+import type { BackendFailure } from "../backend/ops.ts";
+import type { RewardError } from "../grpo/rewards.ts";
+import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
+import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
+import type { SnapshotCorrupted } from "../sync/snapshot.ts";
 import type { ModelConfig } from "../model/config.ts";
 import type { WeightMap } from "../model/weights.ts";
 import { arithmeticTask, exactMatchReward, formatReward } from "../task/arithmetic.ts";
@@ -22,10 +29,10 @@ import { exportAdapter, exportCheckpoint } from "../sync/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
 import type { TrainConfig } from "./config.ts";
 import { loadTrainCheckpoint, saveTrainCheckpoint } from "./checkpoint.ts";
-import { Policy } from "./policy.ts";
+import { type NonFiniteStepError, Policy } from "./policy.ts";
 import { LocalEngineLive } from "./local_engine.ts";
 import { SyncTarget } from "./services.ts";
-import type { RolloutEngineShape, SyncTargetShape } from "./services.ts";
+import type { RolloutEngineShape, RolloutError, SyncError, SyncMismatch, SyncTargetShape } from "./services.ts";
 import { advantage, type Pushed, push, reward, rollout, snapshot, steps, update } from "./stages.ts";
 
 /** Directory of the shipped base model (built by `deno task pretrain`). */
@@ -58,7 +65,7 @@ export interface BaseModel {
 }
 
 /** Loads the configured base model (the built-in one by default). */
-export const loadBase = (dir: string | null) =>
+export const loadBase = (dir: string | null): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
   Effect.gen(function* () {
     const d = dir ?? BUILTIN_MODEL_DIR;
     const { config, weights } = yield* loadModel(d);
@@ -70,7 +77,24 @@ export const loadBase = (dir: string | null) =>
 export type EngineLayerFactory = (
   cfg: TrainConfig,
   base: BaseModel,
-) => Layer.Layer<RolloutEngineShape | SyncTargetShape, unknown, BackendShape>;
+) => Layer.Layer<RolloutEngineShape | SyncTargetShape, RolloutError | SyncError, BackendShape>;
+
+/** Everything a training run can fail with (each a typed, tagged error). */
+export type TrainError =
+  | LoadError
+  | TokenizerError
+  | BackendError
+  | BackendFailure
+  | RolloutError
+  | RewardError
+  | GrpoInputError
+  | GrpoNumericError
+  | NonFiniteStepError
+  | SyncError
+  | SyncMismatch
+  | SnapshotCorrupted
+  | CheckpointError
+  | SafetensorsError;
 
 const localEngine: EngineLayerFactory = (cfg) => LocalEngineLive(cfg.seed);
 
@@ -82,7 +106,7 @@ export const runTraining = (
   cfg: TrainConfig,
   log: (line: string, transient?: boolean) => void,
   engineLayer: EngineLayerFactory = localEngine,
-) =>
+): Effect.Effect<TrainSummary, TrainError> =>
   Effect.gen(function* () {
     const base = yield* loadBase(cfg.model);
     const program = Effect.gen(function* () {

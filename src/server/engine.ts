@@ -16,6 +16,7 @@
  * @module
  */
 import { Data, Effect, Exit, Scope } from "effect";
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { access } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
@@ -78,9 +79,11 @@ export interface EngineOptions {
   readonly maxBatchSequences: number;
 }
 
+const EngineStartErrorBase: TaggedErrorClass<"EngineStartError", { readonly message: string }> =
+  Data
+    .TaggedError("EngineStartError");
 /** The engine could not start (model or tokenizer unreadable). */
-export class EngineStartError
-  extends Data.TaggedError("EngineStartError")<{ readonly message: string }> {}
+export class EngineStartError extends EngineStartErrorBase {}
 
 /** Pause modes of POST /pause. */
 export type PauseMode = "abort" | "wait" | "keep";

@@ -5,16 +5,18 @@
  * @module
  */
 import { Data, Effect, Schema, SchemaIssue } from "effect";
+import type { TaggedErrorClass } from "../tagged_error.ts";
 
 // ---- errors ----------------------------------------------------------------------------------
 
-/** An API error: rendered as the vLLM error envelope with `code` = HTTP status. */
-export class ApiError extends Data.TaggedError("ApiError")<{
+const ApiErrorBase: TaggedErrorClass<"ApiError", {
   readonly status: number;
   readonly message: string;
   /** The request field at fault, or null. */
   readonly param: string | null;
-}> {}
+}> = Data.TaggedError("ApiError");
+/** An API error: rendered as the vLLM error envelope with `code` = HTTP status. */
+export class ApiError extends ApiErrorBase {}
 
 /** 400 BadRequestError. */
 export const badRequest = (message: string, param: string | null = null): ApiError =>

@@ -9,6 +9,7 @@
  * creation and re-checked by everything that publishes it.
  * @module
  */
+import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
@@ -17,13 +18,14 @@ import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
 import type { HostTensor, WeightMap } from "../model/weights.ts";
 import type { LoraConfig } from "../lora/adapter.ts";
 
-/** A snapshot whose bytes no longer match the digest taken at its creation. */
-export class SnapshotCorrupted extends Data.TaggedError("SnapshotCorrupted")<{
+const SnapshotCorruptedBase: TaggedErrorClass<"SnapshotCorrupted", {
   readonly version: number;
   readonly expected: string;
   readonly actual: string;
   readonly message: string;
-}> {}
+}> = Data.TaggedError("SnapshotCorrupted");
+/** A snapshot whose bytes no longer match the digest taken at its creation. */
+export class SnapshotCorrupted extends SnapshotCorruptedBase {}
 
 /** How a snapshot was made. */
 export type SnapshotKind = "lora" | "full";
