@@ -102,3 +102,17 @@ Deno.test("PEFT adapter: wrong shape, missing tensor, NaN, bad config are typed 
   assertEquals(((await fail(loadPeftAdapter(dir, c))) as { field: string }).field, "target_modules");
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("model directory: a tokenizer larger than the config's vocab_size is a typed error naming the field", async () => {
+  const { loadBase } = await import("../src/pipeline/trainer.ts");
+  const { CharTokenizer } = await import("../src/model/tokenizer.ts");
+  const dir = await Deno.makeTempDir();
+  const c = tinyConfig({ vocabSize: 6 });
+  await run(saveModel(dir, c, initWeights(c, 1)));
+  await writeFile(join(dir, "tokenizer.json"), JSON.stringify(new CharTokenizer("0123456789").toJSON()));
+  const e = await fail(loadBase(dir));
+  assertEquals(e._tag, "ModelConfigError");
+  assertEquals((e as { field: string }).field, "vocab_size");
+  assert(e.message.includes("13"), e.message);
+  await Deno.remove(dir, { recursive: true });
+});

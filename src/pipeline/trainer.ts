@@ -21,7 +21,7 @@ import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import type { SnapshotCorrupted } from "../sync/snapshot.ts";
-import type { ModelConfig } from "../model/config.ts";
+import { type ModelConfig, ModelConfigError } from "../model/config.ts";
 import type { WeightMap } from "../model/weights.ts";
 import { arithmeticTask, exactMatchReward, formatReward } from "../task/arithmetic.ts";
 import { accuracy } from "../task/evaluate.ts";
@@ -70,6 +70,16 @@ export const loadBase = (dir: string | null): Effect.Effect<BaseModel, LoadError
     const d = dir ?? BUILTIN_MODEL_DIR;
     const { config, weights } = yield* loadModel(d);
     const tokenizer = yield* loadTokenizer(d);
+    // HF configs may pad the vocabulary beyond the tokenizer; the reverse would index past the
+    // embedding table.
+    if (tokenizer.vocabSize > config.vocabSize) {
+      return yield* Effect.fail(
+        new ModelConfigError({
+          field: "vocab_size",
+          message: `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
+        }),
+      );
+    }
     return { dir: d, config, weights, tokenizer } satisfies BaseModel;
   });
 
