@@ -9,14 +9,8 @@ import fc from "fast-check";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { AttentionOptions, FloatArray, Ops, Tensor } from "../mod.ts";
 import { ShapeError } from "../mod.ts";
-import {
-  hasGpu,
-  numericGradient,
-  relError,
-  seededValues,
-  testBackends,
-  withOps,
-} from "./support/backends.ts";
+import { attentionTuning } from "../src/backend/webgpu/attention.ts";
+import { gpuTeardown, hasGpu, numericGradient, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 
@@ -96,10 +90,15 @@ const runCase = (b: BackendShape, c: Case, x: Inputs): Promise<FloatArray[]> =>
     return ops.read([out, lse, g.dq, g.dk, g.dv]);
   });
 
-const HEADS: readonly (readonly [number, number])[] = [[1, 1], [2, 1], [2, 2], [4, 1], [4, 2], [
-  4,
-  4,
-]];
+/** [heads, kvHeads] pairs: multi-head, grouped-query and multi-query attention. */
+const HEADS: readonly (readonly [number, number])[] = [
+  [1, 1],
+  [2, 1],
+  [2, 2],
+  [4, 1],
+  [4, 2],
+  [4, 4],
+];
 
 /** Random geometry: qOffset = tk - tq or any smaller offset; optional kvLen and kvStart. */
 const caseArb = (p: {
@@ -151,21 +150,29 @@ Deno.test({
     fc.assert(
       fc.asyncProperty(
         caseArb({ maxBatch: 3, maxTq: 9, maxExtra: 6, dims: [1, 2, 3, 4, 6, 8, 16, 32] }),
-        async (c) => {
+        // Kernel tile sizes and key-range splits chosen by the host, or forced (every code path).
+        fc.constantFrom(undefined, 1, 2, 4),
+        fc.option(fc.integer({ min: 1, max: 4 }), { nil: undefined }),
+        async (c, tile, splitLen) => {
           const x = inputsOf(c);
           const want = await runCase(cpu, c, x);
-          const got = await runCase(gpu!, c, x);
+          Object.assign(attentionTuning, { tile, splitLen });
+          const got = await runCase(gpu!, c, x).finally(() => {
+            delete attentionTuning.tile;
+            delete attentionTuning.splitLen;
+          });
           // Natural scales of the gradients (the terms of dP - D, times q or k, cancel).
           const dvScale = maxAbs(x.dOut);
           const dqkScale = dvScale * maxAbs(x.v) * Math.max(maxAbs(x.q), maxAbs(x.k));
           const floors = [0, 0, dqkScale, dqkScale, dvScale];
           got.forEach((g, i) => {
             const err = relErrorFloor(g, want[i], floors[i]);
-            assert(err <= 1e-5, `${NAMES[i]}: error ${err} for ${JSON.stringify(c)}`);
+            const at = JSON.stringify({ ...c, tile, splitLen });
+            assert(err <= 1e-5, `${NAMES[i]}: error ${err} for ${at}`);
           });
         },
       ),
-      { numRuns: 30 },
+      { numRuns: 40 },
     ),
 });
 
@@ -398,3 +405,5 @@ Deno.test({
       throws(() => ops.attention(x, x, x, o), ShapeError);
     }),
 });
+
+gpuTeardown();

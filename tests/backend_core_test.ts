@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { Effect } from "effect";
-import { hasGpu, testBackends, withOps } from "./support/backends.ts";
+import { gpuTeardown, hasGpu, testBackends, withOps } from "./support/backends.ts";
 import { ReleasedTensorError } from "../src/backend/tensor.ts";
 import type { Ops, Tensor } from "../mod.ts";
 
@@ -60,3 +60,5 @@ Deno.test({
     assert(n === 2, `pool holds ${n} buffers of that size after 50 scopes`);
   },
 });
+
+gpuTeardown();

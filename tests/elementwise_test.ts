@@ -9,14 +9,7 @@ import { Effect } from "effect";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { AdamWOptions, Ops } from "../src/backend/ops.ts";
 import { type FloatArray, ShapeError, type Tensor } from "../src/backend/tensor.ts";
-import {
-  hasGpu,
-  numericGradient,
-  relError,
-  seededValues,
-  testBackends,
-  withOps,
-} from "./support/backends.ts";
+import { gpuTeardown, hasGpu, numericGradient, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 /** CPU f32 and WebGPU (when present): the backends whose ops are under test. */
@@ -623,3 +616,5 @@ gpuTest("elementwise launches beyond 65535 workgroups use the 2-D grid", async (
     if (y[i] !== -2 * x[i]) assert(false, `element ${i}: ${y[i]} vs ${-2 * x[i]}`);
   }
 });
+
+gpuTeardown();

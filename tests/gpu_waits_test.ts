@@ -6,7 +6,7 @@ import { deepStrictEqual as assertEquals } from "node:assert/strict";
 import { Effect } from "effect";
 import { Policy } from "../src/pipeline/policy.ts";
 import { initWeights } from "../src/model/weights.ts";
-import { hasGpu, openGpu } from "./support/backends.ts";
+import { gpuTeardown, hasGpu, openGpu } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 
 Deno.test({
@@ -34,3 +34,5 @@ Deno.test({
     })));
   },
 });
+
+gpuTeardown();

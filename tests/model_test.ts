@@ -19,7 +19,7 @@ import {
 import { Rng } from "../src/model/rng.ts";
 import { initWeights, validateWeights, type WeightMap, WeightsError } from "../src/model/weights.ts";
 import { initLora, type LoraWeights, uploadLora } from "../src/lora/adapter.ts";
-import { hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
+import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 
 const { gpu, cpu, ref } = await testBackends();
@@ -264,3 +264,5 @@ Deno.test({
     assert(err < 1e-5, `relative error ${err}`);
   },
 });
+
+gpuTeardown();

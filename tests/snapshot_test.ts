@@ -14,7 +14,7 @@ import { initWeights, type HostTensor, type WeightMap } from "../src/model/weigh
 import { initLora, type LoraWeights, loraScale, uploadLora } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
 import { foldSnapshot, type Snapshot } from "../src/sync/snapshot.ts";
-import { hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
+import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 import { aliasingFold } from "./support/aliasing_fold.ts";
 
@@ -258,3 +258,5 @@ Deno.test({
   ignore: !hasGpu,
   fn: () => runtimeVsFolded(gpu!),
 });
+
+gpuTeardown();

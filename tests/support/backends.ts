@@ -26,19 +26,6 @@ export const openGpu = (): Promise<BackendShape | null> => {
   return opened;
 };
 
-// Tear the device down before the process exits: llvmpipe's worker threads occasionally crash
-// ("double free or corruption") when the process exits with a live device. beforeunload fires
-// when the event loop is empty; scheduling the close keeps the loop alive until it is done.
-let closing = false;
-globalThis.addEventListener("beforeunload", () => {
-  if (closing || opened === undefined) return;
-  closing = true;
-  void opened.then(async (b) => {
-    if (b?.gpu) await b.gpu.sync();
-    await closeGpu();
-  });
-});
-
 /** All backends under test. */
 export const testBackends = async (): Promise<TestBackends> => ({
   gpu: await openGpu(),
@@ -52,6 +39,23 @@ export const hasGpu: boolean = (await openGpu()) !== null;
 /** Closes the shared GPU device (call from the last test of a file, or let the process exit). */
 export const closeGpu = (): Promise<void> =>
   Effect.runPromise(Scope.close(gpuScope, Exit.void));
+
+/**
+ * Registers the last test of a file that uses the GPU: every scope has returned its buffers
+ * (nothing leaked), then the device is destroyed while the test worker is still alive (letting
+ * the worker end with a live llvmpipe device crashes the process now and then).
+ */
+export const gpuTeardown = (): void =>
+  Deno.test({
+    name: "webgpu: every scope released its buffers; device closes cleanly",
+    ignore: !hasGpu,
+    fn: async () => {
+      const ctx = (await openGpu())!.gpu!;
+      await ctx.sync();
+      if (ctx.outstanding !== 0) throw new Error(`${ctx.outstanding} GPU buffers were never released`);
+      await closeGpu();
+    },
+  });
 
 /** Runs `f` with Ops of `b` whose tensors are released afterwards. */
 export const withOps = <A>(

@@ -2,7 +2,7 @@
  * CPU backend: matmul (reference and fallback). Operands are brought to row-major op(A) [M,K]
  * and op(B) [K,N] (a transposed operand is copied once, which costs O(MK + KN) against the
  * O(MNK) product), then a cache-blocked i-k-j loop with a contiguous inner loop over N runs,
- * four k-steps at a time into a float64 row accumulator.
+ * four rows and four k-steps at a time (accumulating in the output's precision).
  * @module
  */
 import type { MatmulOptions } from "../ops.ts";
@@ -10,10 +10,10 @@ import type { FloatArray, Tensor } from "../tensor.ts";
 import { require } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
-/** Columns of C per block: a KB x NB panel of B (<= 512 KiB in f32) stays in L2. */
-const NB = 512;
+/** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
+const NB = 256;
 /** k-steps per block. */
-const KB = 256;
+const KB = 128;
 
 /** Shapes of op(A) [M,K] and op(B) [K,N]; throws ShapeError on a non-2-D operand or a mismatch. */
 export const matmulDims = (
@@ -32,15 +32,19 @@ export const matmulDims = (
     k === kb,
     op,
     () =>
-      `inner dimensions differ: op(a) is [${m},${k}] (a [${a.shape}]${transA ? ", transA" : ""}), ` +
+      `inner dimensions differ: op(a) is [${m},${k}] (a [${a.shape}]${
+        transA ? ", transA" : ""
+      }), ` +
       `op(b) is [${kb},${n}] (b [${b.shape}]${transB ? ", transB" : ""})`,
   );
   return { m, n, k, transA, transB };
 };
 
-/** Row-major transpose of src [rows, cols] into a fresh float64 [cols, rows]. */
-const transpose = (src: FloatArray, rows: number, cols: number): Float64Array => {
-  const out = new Float64Array(rows * cols);
+/** Row-major transpose of src [rows, cols] into a fresh [cols, rows] of the same precision. */
+const transpose = (src: FloatArray, rows: number, cols: number): FloatArray => {
+  const out = src instanceof Float32Array
+    ? new Float32Array(rows * cols)
+    : new Float64Array(rows * cols);
   for (let r = 0; r < rows; r++) {
     const s = r * cols;
     for (let c = 0; c < cols; c++) out[c * rows + r] = src[s + c];
@@ -48,7 +52,10 @@ const transpose = (src: FloatArray, rows: number, cols: number): Float64Array =>
   return out;
 };
 
-/** c[M,N] = a[M,K]·b[K,N], all row-major; c must be zero on entry. */
+/**
+ * c[M,N] += a[M,K]·b[K,N], all row-major. Blocked over N and K; four rows of C take four k-steps
+ * per pass over a row segment, so each loaded element of B feeds 16 multiply-adds.
+ */
 const gemm = (
   a: FloatArray,
   b: FloatArray,
@@ -57,35 +64,49 @@ const gemm = (
   n: number,
   k: number,
 ): void => {
-  const acc = new Float64Array(Math.min(n, NB));
   for (let j0 = 0; j0 < n; j0 += NB) {
-    const nb = Math.min(NB, n - j0);
+    const j1 = Math.min(n, j0 + NB);
     for (let k0 = 0; k0 < k; k0 += KB) {
       const k1 = Math.min(k, k0 + KB);
-      for (let i = 0; i < m; i++) {
-        acc.fill(0);
-        const ar = i * k;
+      let i = 0;
+      for (; i + 4 <= m; i += 4) {
+        const r0 = i * k, r1 = r0 + k, r2 = r1 + k, r3 = r2 + k;
+        const c0 = i * n, c1 = c0 + n, c2 = c1 + n, c3 = c2 + n;
         let p = k0;
         for (; p + 4 <= k1; p += 4) {
-          const a0 = a[ar + p];
-          const a1 = a[ar + p + 1];
-          const a2 = a[ar + p + 2];
-          const a3 = a[ar + p + 3];
-          const b0 = p * n + j0;
-          const b1 = b0 + n;
-          const b2 = b1 + n;
-          const b3 = b2 + n;
-          for (let j = 0; j < nb; j++) {
-            acc[j] += a0 * b[b0 + j] + a1 * b[b1 + j] + a2 * b[b2 + j] + a3 * b[b3 + j];
+          const a00 = a[r0 + p], a01 = a[r0 + p + 1], a02 = a[r0 + p + 2], a03 = a[r0 + p + 3];
+          const a10 = a[r1 + p], a11 = a[r1 + p + 1], a12 = a[r1 + p + 2], a13 = a[r1 + p + 3];
+          const a20 = a[r2 + p], a21 = a[r2 + p + 1], a22 = a[r2 + p + 2], a23 = a[r2 + p + 3];
+          const a30 = a[r3 + p], a31 = a[r3 + p + 1], a32 = a[r3 + p + 2], a33 = a[r3 + p + 3];
+          const b0 = p * n, b1 = b0 + n, b2 = b1 + n, b3 = b2 + n;
+          for (let j = j0; j < j1; j++) {
+            const x0 = b[b0 + j], x1 = b[b1 + j], x2 = b[b2 + j], x3 = b[b3 + j];
+            c[c0 + j] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3;
+            c[c1 + j] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3;
+            c[c2 + j] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3;
+            c[c3 + j] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3;
           }
         }
         for (; p < k1; p++) {
-          const a0 = a[ar + p];
-          const b0 = p * n + j0;
-          for (let j = 0; j < nb; j++) acc[j] += a0 * b[b0 + j];
+          const a0 = a[r0 + p], a1 = a[r1 + p], a2 = a[r2 + p], a3 = a[r3 + p];
+          const b0 = p * n;
+          for (let j = j0; j < j1; j++) {
+            const x = b[b0 + j];
+            c[c0 + j] += a0 * x;
+            c[c1 + j] += a1 * x;
+            c[c2 + j] += a2 * x;
+            c[c3 + j] += a3 * x;
+          }
         }
-        const cr = i * n + j0;
-        for (let j = 0; j < nb; j++) c[cr + j] += acc[j];
+      }
+      for (; i < m; i++) {
+        const ar = i * k;
+        const cr = i * n;
+        for (let p = k0; p < k1; p++) {
+          const a0 = a[ar + p];
+          const b0 = p * n;
+          for (let j = j0; j < j1; j++) c[cr + j] += a0 * b[b0 + j];
+        }
       }
     }
   }

@@ -49,6 +49,9 @@ export class GpuContext {
   waits = 0;
   /** Number of submits so far. */
   submits = 0;
+  /** Buffers handed out by alloc/upload and not yet released (0 when every scope closed). */
+  outstanding = 0;
+  private readonly persistent: GPUBuffer[] = [];
 
   constructor(
     readonly device: GPUDevice,
@@ -85,6 +88,7 @@ export class GpuContext {
 
   /** A storage buffer of at least `bytes` (pooled by exact size; contents undefined). */
   alloc(bytes: number): GPUBuffer {
+    this.outstanding++;
     const size = Math.max(4, Math.ceil(bytes / 4) * 4);
     const list = this.pool.get(size);
     if (list && list.length > 0) {
@@ -107,6 +111,7 @@ export class GpuContext {
 
   /** A fresh buffer initialised from host data (fresh, so no pending command can see it). */
   upload(data: Float32Array | Int32Array): GPUBuffer {
+    this.outstanding++;
     const size = Math.max(4, data.byteLength);
     const buf = this.device.createBuffer({
       size,
@@ -121,11 +126,20 @@ export class GpuContext {
     return buf;
   }
 
+  /** A device-lifetime buffer (constant tables): destroyed with the device, never pooled. */
+  uploadPersistent(data: Float32Array | Int32Array): GPUBuffer {
+    const b = this.upload(data);
+    this.outstanding--;
+    this.persistent.push(b);
+    return b;
+  }
+
   /**
    * Returns a buffer to the pool. Safe while earlier encoded work still uses it: the queue runs
    * in order, so a later user only ever writes after those reads.
    */
   release(buf: GPUBuffer): void {
+    this.outstanding--;
     if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
       this.flush();
       buf.destroy();
@@ -252,6 +266,7 @@ export class GpuContext {
   destroy(): void {
     this.flush();
     for (const list of this.pool.values()) for (const b of list) b.destroy();
+    for (const b of this.persistent) b.destroy();
     this.pool.clear();
     this.uniform.destroy();
     this.device.destroy();

@@ -80,7 +80,7 @@ const invFreqBuffer = (ctx: GpuContext, headDim: number, theta: number): GPUBuff
   const key = `${headDim}|${theta}`;
   let b = m.get(key);
   if (!b) {
-    b = ctx.upload(ropeInvFreq(headDim, theta));
+    b = ctx.uploadPersistent(ropeInvFreq(headDim, theta));
     m.set(key, b);
   }
   return b;

@@ -26,6 +26,10 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
+/** Outputs below this many elements use the 16x16 tile. */
+const BIG_TILE_MIN_MN = 128 * 128;
+/** Tiles below which workgroups shrink from 64 to 8 invocations. */
+const FEW_TILES = 256;
 /** Texture sizes are rounded up to these multiples so that similar shapes share textures. */
 const TEX_W_STEP = 64;
 const TEX_H_STEP = 128;
@@ -105,16 +109,22 @@ const stateOf = (ctx: GpuContext): TileState => {
   return s;
 };
 
-/** One operand of the tiled path: rows of the packed texture are `src[r * sr + k * sc]`. */
+/**
+ * One operand of the tiled path, seen as `rows` vectors of length K (rows of op(A), columns of
+ * op(B)): stored either [rows, K] (`kContiguous`) or [K, rows].
+ */
 interface Operand {
   readonly buffer: GPUBuffer;
-  /** Rows of the view (M for A, N for B). */
   readonly rows: number;
-  readonly sr: number;
-  readonly sc: number;
+  readonly kContiguous: boolean;
 }
 
-/** Encodes the tiled path and submits it; returns nothing (results land in `c`). */
+/** How a chunk of an operand reaches its texture. */
+type Load =
+  | { kind: "copy"; op: Operand; kMajor: boolean; row0: number; rows: number; tex: Packed }
+  | { kind: "pack"; op: Operand; row0: number; rows: number; tex: Packed; u: GPUBufferBinding };
+
+/** Encodes the tiled path and submits it (results land in `c`). */
 const tiled = (
   ctx: GpuContext,
   a: Operand,
@@ -130,33 +140,40 @@ const tiled = (
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const k4 = Math.ceil(k / 4);
-  // Rows per chunk: a multiple of the tile that fits the texture height limit.
+  // Rows per chunk: a multiple of the tile that fits the texture limits.
   const chunk = Math.floor(limit / tile) * tile;
   const params: number[][] = [];
   const slot = (p: number[]): GPUBufferBinding => {
     params.push(p);
     return { buffer: null as unknown as GPUBuffer, offset: (params.length - 1) * SLOT, size: 32 };
   };
-  type Step =
-    | { kind: "copy"; op: Operand; row0: number; rows: number; tex: Packed }
-    | { kind: "pack"; op: Operand; row0: number; rows: number; tex: Packed; u: GPUBufferBinding }
-    | { kind: "main"; at: Packed; bt: Packed; u: GPUBufferBinding; groups: number };
-  const steps: Step[] = [];
+  // Texture layout of an operand: k-major (texel = 4 consecutive k of one row) unless the
+  // operand is stored [K, rows] with rows and K multiples of 64 and 4, which is copied as is
+  // (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
+  const kMajor = (op: Operand) => op.kContiguous || op.rows % 64 !== 0 || k % 4 !== 0 || k > limit;
+  const copyable = (op: Operand) => !op.kContiguous ? !kMajor(op) : k % 64 === 0;
+  const loads: Load[] = [];
   const load = (op: Operand, role: string, row0: number, rows: number): Packed => {
     const padded = Math.ceil(rows / tile) * tile;
-    const tex = st.texture(role, k4, padded);
-    if (op.sc === 1 && op.sr === k && k % 64 === 0) {
-      // Already row-major along k with rows of a multiple of 256 bytes: a plain copy. Rows past
-      // `rows` keep stale values; they only reach results that are never stored.
-      steps.push({ kind: "copy", op, row0, rows, tex });
+    if (!kMajor(op)) {
+      const tex = st.texture(role + "m", padded / 4, k);
+      loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex });
+      return tex;
+    }
+    const tex = st.texture(role + "k", k4, padded);
+    if (copyable(op)) {
+      // Rows past `rows` keep stale values; they only reach results that are never stored.
+      loads.push({ kind: "copy", op, kMajor: true, row0, rows, tex });
     } else {
-      const u = slot([op.rows, k, op.sr, op.sc, row0, k4, padded]);
-      steps.push({ kind: "pack", op, row0, rows: padded, tex, u });
+      const [sr, sc] = op.kContiguous ? [k, 1] : [1, op.rows];
+      const u = slot([op.rows, k, sr, sc, row0, k4, padded]);
+      loads.push({ kind: "pack", op, row0, rows: padded, tex, u });
     }
     return tex;
   };
-  const pipeline = ctx.pipeline(`matmul_t${tile}`);
-  // With a single row chunk, A is packed once and serves every column chunk.
+  type Main = { loads: Load[]; at: Packed; bt: Packed; u: GPUBufferBinding; tiles: number };
+  const mains: Main[] = [];
+  // With a single row chunk, A is loaded once and serves every column chunk.
   const single = m <= chunk ? load(a, "a", 0, m) : null;
   for (let n0 = 0; n0 < n; n0 += chunk) {
     const nc = Math.min(chunk, n - n0);
@@ -167,9 +184,15 @@ const tiled = (
       const tilesN = Math.ceil(nc / tile);
       const tiles = Math.ceil(mc / tile) * tilesN;
       const u = slot([mc, nc, k4, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
-      steps.push({ kind: "main", at, bt, u, groups: Math.ceil(tiles / 64) });
+      mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
   }
+  // Few tiles: small workgroups, so that both threads of a software adapter get work.
+  const wg = Math.ceil(m / tile) * Math.ceil(n / tile) >= FEW_TILES ? 64 : 8;
+  const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
+  if (wg !== 64) constants.WG = wg;
+  const pipeline = ctx.pipeline(`matmul_t${tile}`, constants);
+  const pack = ctx.pipeline("matmul_pack");
 
   ctx.flush(); // the context's pending work first: it may produce our operands
   const ubuf = st.uniforms(params.length);
@@ -177,55 +200,45 @@ const tiled = (
   params.forEach((p, i) => data.set(p, i * (SLOT / 4)));
   dev.queue.writeBuffer(ubuf, 0, data);
   const bind = (u: GPUBufferBinding): GPUBufferBinding => ({ ...u, buffer: ubuf });
+
   const enc = dev.createCommandEncoder({ label: "matmul" });
   let pass: GPUComputePassEncoder | null = null;
   const endPass = () => {
     pass?.end();
     pass = null;
   };
-  const pack = ctx.pipeline("matmul_pack");
-  for (const s of steps) {
-    if (s.kind === "copy") {
-      endPass();
-      enc.copyBufferToTexture(
-        { buffer: s.op.buffer, offset: s.row0 * k * 4, bytesPerRow: k * 4, rowsPerImage: s.rows },
-        { texture: s.tex.texture },
-        [k4, s.rows],
-      );
-      continue;
+  const bindGroup = (p: GPUComputePipeline, resources: GPUBindingResource[]) =>
+    dev.createBindGroup({
+      layout: p.getBindGroupLayout(0),
+      entries: resources.map((resource, binding) => ({ binding, resource })),
+    });
+  for (const main of mains) {
+    for (const l of main.loads) {
+      if (l.kind === "copy") {
+        endPass();
+        const { op, row0, rows } = l;
+        enc.copyBufferToTexture(
+          l.kMajor
+            ? { buffer: op.buffer, offset: row0 * k * 4, bytesPerRow: k * 4, rowsPerImage: rows }
+            : { buffer: op.buffer, offset: row0 * 4, bytesPerRow: op.rows * 4, rowsPerImage: k },
+          { texture: l.tex.texture },
+          l.kMajor ? [k4, rows] : [Math.ceil(rows / 4), k],
+        );
+      } else {
+        pass ??= enc.beginComputePass({ label: "matmul" });
+        pass.setPipeline(pack);
+        pass.setBindGroup(0, bindGroup(pack, [bind(l.u), { buffer: l.op.buffer }, l.tex.view]));
+        pass.dispatchWorkgroups(Math.ceil(k4 / 4), Math.ceil(l.rows / 16));
+      }
     }
     pass ??= enc.beginComputePass({ label: "matmul" });
-    if (s.kind === "pack") {
-      pass.setPipeline(pack);
-      pass.setBindGroup(
-        0,
-        dev.createBindGroup({
-          layout: pack.getBindGroupLayout(0),
-          entries: [
-            { binding: 0, resource: bind(s.u) },
-            { binding: 1, resource: { buffer: s.op.buffer } },
-            { binding: 2, resource: s.tex.view },
-          ],
-        }),
-      );
-      pass.dispatchWorkgroups(Math.ceil(k4 / 64), s.rows);
-    } else {
-      pass.setPipeline(pipeline);
-      pass.setBindGroup(
-        0,
-        dev.createBindGroup({
-          layout: pipeline.getBindGroupLayout(0),
-          entries: [
-            { binding: 0, resource: bind(s.u) },
-            { binding: 1, resource: s.at.view },
-            { binding: 2, resource: s.bt.view },
-            { binding: 3, resource: { buffer: c } },
-          ],
-        }),
-      );
-      const [gx, gy] = grid(s.groups);
-      pass.dispatchWorkgroups(gx, gy);
-    }
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(
+      0,
+      bindGroup(pipeline, [bind(main.u), main.at.view, main.bt.view, { buffer: c }]),
+    );
+    const [gx, gy] = grid(Math.ceil(main.tiles / wg));
+    pass.dispatchWorkgroups(gx, gy);
   }
   endPass();
   dev.queue.submit([enc.finish()]);
@@ -236,12 +249,12 @@ const tiled = (
 const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): 16 | 32 | null => {
   if (m * n * k < SMALL_MACS) return null;
   if (Math.ceil(k / 4) > ctx.device.limits.maxTextureDimension2D) return null;
-  // Padded work: a 32-tile costs about 0.75 of a 16-tile per multiply-add (fewer fetches per
-  // flop) but wastes more on edges.
+  // The 32-tile kernel takes seconds to compile the first time: only for large outputs.
+  if (m * n < BIG_TILE_MIN_MN) return 16;
+  // Padded work: a 32-tile costs ~0.75 of a 16-tile per multiply-add (fewer fetches per flop,
+  // measured on llvmpipe) but wastes more on the edges.
   const pad = (x: number, t: number) => Math.ceil(x / t) * t;
-  const c16 = pad(m, 16) * pad(n, 16);
-  const c32 = 0.75 * pad(m, 32) * pad(n, 32);
-  return c32 <= c16 ? 32 : 16;
+  return 0.75 * pad(m, 32) * pad(n, 32) <= pad(m, 16) * pad(n, 16) ? 32 : 16;
 };
 
 /** See Ops.matmul. */
@@ -269,9 +282,9 @@ export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
     ]);
     return out;
   }
-  // Packed row r of A is op(A)[r, :]; packed row r of B is op(B)[:, r].
-  const opA: Operand = { buffer: ab, rows: m, sr: transA ? 1 : k, sc: transA ? m : 1 };
-  const opB: Operand = { buffer: bb, rows: n, sr: transB ? k : 1, sc: transB ? 1 : n };
+  // Rows of op(A) and columns of op(B), each a vector along k.
+  const opA: Operand = { buffer: ab, rows: m, kContiguous: !transA };
+  const opB: Operand = { buffer: bb, rows: n, kContiguous: transB };
   const out: GpuTensor = sc.out([m, n]);
   if (n % 4 === 0) {
     tiled(ctx, opA, opB, out.buffer, m, n, k, n, tile);
