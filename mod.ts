@@ -25,7 +25,12 @@ export {
 } from "./src/backend/backend.ts";
 
 // ---- model, LoRA, snapshots ------------------------------------------------------------------
-export { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./src/model/config.ts";
+export {
+  type ModelConfig,
+  ModelConfigError,
+  parseHfConfig,
+  toHfConfig,
+} from "./src/model/config.ts";
 export {
   type HostTensor,
   initWeights,
@@ -49,7 +54,13 @@ export { loadModel, saveModel } from "./src/model/loader.ts";
 export { Rng } from "./src/model/rng.ts";
 export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/model/tokenizer.ts";
 export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/model/bpe.ts";
-export { initLora, type LoraConfig, loraScale, type LoraWeights, uploadLora } from "./src/lora/adapter.ts";
+export {
+  initLora,
+  type LoraConfig,
+  loraScale,
+  type LoraWeights,
+  uploadLora,
+} from "./src/lora/adapter.ts";
 export { loadPeftAdapter, savePeftAdapter } from "./src/lora/peft.ts";
 export { copySnapshot, foldSnapshot, Snapshot, SnapshotCorrupted } from "./src/sync/snapshot.ts";
 export { exportAdapter, exportCheckpoint } from "./src/sync/export.ts";

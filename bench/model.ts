@@ -25,18 +25,29 @@ const time = async (f: () => Promise<unknown>, reps: number): Promise<number> =>
   return median(xs);
 };
 
-const run1 = <A>(e: Effect.Effect<A, unknown, Scope.Scope>) => Effect.runPromise(Effect.scoped(e) as Effect.Effect<A>);
+const run1 = <A>(e: Effect.Effect<A, unknown, Scope.Scope>) =>
+  Effect.runPromise(Effect.scoped(e) as Effect.Effect<A>);
 
 /** Fold (r) vs copy of the same model on one backend: ms each and the ratio. */
 const foldVsCopy = async (b: BackendShape, c: ModelConfig, r: number) => {
   const base = initWeights(c, 1);
-  const lora = initLora(c, { r, alpha: 2 * r, dropout: 0, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], useRslora: false }, 1);
+  const lora = initLora(c, {
+    r,
+    alpha: 2 * r,
+    dropout: 0,
+    targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    useRslora: false,
+  }, 1);
   return await run1(Effect.gen(function* () {
     const ops = yield* b.ops;
     const device = uploadModel(ops, c, base);
     const run = uploadLora(ops, lora);
-    const fold = yield* Effect.promise(() => time(() => Effect.runPromise(foldSnapshot(b, 1, base, device, run, lora.config)), 5));
-    const copy = yield* Effect.promise(() => time(() => Effect.runPromise(copySnapshot(b, 1, device)), 5));
+    const fold = yield* Effect.promise(() =>
+      time(() => Effect.runPromise(foldSnapshot(b, 1, base, device, run, lora.config)), 5)
+    );
+    const copy = yield* Effect.promise(() =>
+      time(() => Effect.runPromise(copySnapshot(b, 1, device)), 5)
+    );
     return { fold, copy };
   }));
 };
@@ -44,7 +55,13 @@ const foldVsCopy = async (b: BackendShape, c: ModelConfig, r: number) => {
 /** Forward and forward+backward (LoRA grads) tokens/s for a batch of sequences. */
 const throughput = async (b: BackendShape, c: ModelConfig, batch: number, seqLen: number) => {
   const base = initWeights(c, 2);
-  const lora = initLora(c, { r: 8, alpha: 16, dropout: 0, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], useRslora: false }, 2);
+  const lora = initLora(c, {
+    r: 8,
+    alpha: 16,
+    dropout: 0,
+    targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    useRslora: false,
+  }, 2);
   const ids = Array.from({ length: batch * seqLen }, (_, i) => (i * 7) % c.vocabSize);
   return await run1(Effect.gen(function* () {
     const ops = yield* b.ops;
@@ -67,11 +84,24 @@ const throughput = async (b: BackendShape, c: ModelConfig, batch: number, seqLen
 /** Runs the model benches. */
 export async function run(): Promise<Record<string, number | string>> {
   const { config } = await Effect.runPromise(loadBase(null));
-  const large: ModelConfig = { ...config, hiddenSize: 512, intermediateSize: 1376, numLayers: 8, numHeads: 8, numKvHeads: 8, headDim: 64 };
+  const large: ModelConfig = {
+    ...config,
+    hiddenSize: 512,
+    intermediateSize: 1376,
+    numLayers: 8,
+    numHeads: 8,
+    numKvHeads: 8,
+    headDim: 64,
+  };
   const out: Record<string, number | string> = {};
   const gpuScope = Scope.makeUnsafe();
-  const gpu = await Effect.runPromise(Scope.provide(gpuScope)(webgpuBackend).pipe(Effect.catch(() => Effect.succeed(null))));
-  const backends: [string, BackendShape][] = [["cpu", cpuBackend()], ...(gpu ? [["webgpu", gpu] as [string, BackendShape]] : [])];
+  const gpu = await Effect.runPromise(
+    Scope.provide(gpuScope)(webgpuBackend).pipe(Effect.catch(() => Effect.succeed(null))),
+  );
+  const backends: [string, BackendShape][] = [
+    ["cpu", cpuBackend()],
+    ...(gpu ? [["webgpu", gpu] as [string, BackendShape]] : []),
+  ];
   for (const [name, b] of backends) {
     for (const r of [8, 16]) {
       const d = await foldVsCopy(b, large, r);
@@ -89,8 +119,10 @@ export async function run(): Promise<Record<string, number | string>> {
     out[`${name}_forward_backward_tokens_per_s_large`] = Math.round(tl.fb);
     console.log(name, JSON.stringify(out));
   }
-  out.fold_vs_copy_ratio = out[gpu ? "webgpu_fold_vs_copy_ratio_large_r16" : "cpu_fold_vs_copy_ratio_large_r16"];
-  out.large_config = "hidden 512, 8 layers, intermediate 1376, 8 heads, head_dim 64, all 7 projections adapted";
+  out.fold_vs_copy_ratio =
+    out[gpu ? "webgpu_fold_vs_copy_ratio_large_r16" : "cpu_fold_vs_copy_ratio_large_r16"];
+  out.large_config =
+    "hidden 512, 8 layers, intermediate 1376, 8 heads, head_dim 64, all 7 projections adapted";
   await Effect.runPromise(Scope.close(gpuScope, Exit.void));
   return out;
 }

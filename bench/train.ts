@@ -38,6 +38,8 @@ export async function run(args: readonly string[] = []): Promise<Record<string, 
 }
 
 if (import.meta.main) {
-  const topic = Deno.args.includes("--backend") ? `train_${Deno.args[Deno.args.indexOf("--backend") + 1]}` : "train";
+  const topic = Deno.args.includes("--backend")
+    ? `train_${Deno.args[Deno.args.indexOf("--backend") + 1]}`
+    : "train";
   console.log(await writeResult(topic, await run(Deno.args)));
 }

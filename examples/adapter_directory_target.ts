@@ -37,8 +37,19 @@ const AdapterDirectoryLive = (dir: string) =>
       name: "in-process+adapter-dir",
       push: (snap) =>
         Effect.gen(function* () {
-          yield* exportAdapter(snap, join(dir, `policy-v${snap.version}`), "lorafold-arithmetic-base").pipe(
-            Effect.mapError((e) => new SyncError({ target: "adapter-dir", version: snap.version, message: e.message, cause: e })),
+          yield* exportAdapter(
+            snap,
+            join(dir, `policy-v${snap.version}`),
+            "lorafold-arithmetic-base",
+          ).pipe(
+            Effect.mapError((e) =>
+              new SyncError({
+                target: "adapter-dir",
+                version: snap.version,
+                message: e.message,
+                cause: e,
+              })
+            ),
           );
           return yield* target.push(snap);
         }),
@@ -51,18 +62,35 @@ export const runExample = (n: number, dir: string) =>
   Effect.gen(function* () {
     const base = yield* loadBase(null);
     const backend = yield* Backend;
-    const config = yield* decodeGrpoConfig({ numGenerations: 4, maxCompletionLength: 5, learningRate: 3e-3 });
+    const config = yield* decodeGrpoConfig({
+      numGenerations: 4,
+      maxCompletionLength: 5,
+      learningRate: 3e-3,
+    });
     const policy = yield* Policy.make(backend, base.config, base.weights, {
       mode: "lora",
       lora: { r: 4, alpha: 8, dropout: 0, targetModules: ["q_proj", "v_proj"], useRslora: false },
       seed: 2,
-      optimizer: { learningRate: config.learningRate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+      optimizer: {
+        learningRate: config.learningRate,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0,
+        maxGradNorm: 1,
+      },
     });
     yield* (yield* SyncTarget).push(yield* policy.snapshot());
     const task = arithmeticTask();
     const versions: number[] = [];
     yield* steps(1, n).pipe(
-      rollout({ tokenizer: base.tokenizer, prompts: (rng) => task.sample(rng), promptsPerStep: 4, config, seed: 2 }),
+      rollout({
+        tokenizer: base.tokenizer,
+        prompts: (rng) => task.sample(rng),
+        promptsPerStep: 4,
+        config,
+        seed: 2,
+      }),
       reward([exactMatchReward]),
       advantage(config),
       update({ policy, config }),

@@ -11,8 +11,8 @@ import {
   Backend,
   cpuBackend,
   decodeGrpoConfig,
-  LocalEngineLive,
   loadBase,
+  LocalEngineLive,
   type NamedReward,
   Policy,
   push,
@@ -29,7 +29,9 @@ import { arithmeticTask } from "../src/task/arithmetic.ts";
 const exactWithLengthPenalty: NamedReward = {
   name: "exact_len",
   fn: (completions, ctx) =>
-    completions.map((c, i) => (c === ctx.answers[i] ? 1 : 0) - 0.5 * Math.max(0, c.length - (ctx.answers[i]?.length ?? 0))),
+    completions.map((c, i) =>
+      (c === ctx.answers[i] ? 1 : 0) - 0.5 * Math.max(0, c.length - (ctx.answers[i]?.length ?? 0))
+    ),
 };
 
 /** Runs `n` steps and returns per-step reward and how many steps the filter dropped. */
@@ -37,12 +39,30 @@ export const runExample = (n: number) =>
   Effect.gen(function* () {
     const base = yield* loadBase(null);
     const backend = yield* Backend;
-    const config = yield* decodeGrpoConfig({ numGenerations: 8, maxCompletionLength: 5, learningRate: 3e-3, epsilonHigh: 0.28 });
+    const config = yield* decodeGrpoConfig({
+      numGenerations: 8,
+      maxCompletionLength: 5,
+      learningRate: 3e-3,
+      epsilonHigh: 0.28,
+    });
     const policy = yield* Policy.make(backend, base.config, base.weights, {
       mode: "lora",
-      lora: { r: 8, alpha: 16, dropout: 0, targetModules: ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], useRslora: false },
+      lora: {
+        r: 8,
+        alpha: 16,
+        dropout: 0,
+        targetModules: ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        useRslora: false,
+      },
       seed: 1,
-      optimizer: { learningRate: config.learningRate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+      optimizer: {
+        learningRate: config.learningRate,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0,
+        maxGradNorm: 1,
+      },
     });
     const target = yield* SyncTarget;
     yield* target.push(yield* policy.snapshot());
@@ -50,7 +70,13 @@ export const runExample = (n: number) =>
     let dropped = 0;
     const rewards: number[] = [];
     yield* steps(1, n).pipe(
-      rollout({ tokenizer: base.tokenizer, prompts: (rng) => task.sample(rng), promptsPerStep: 8, config, seed: 1 }),
+      rollout({
+        tokenizer: base.tokenizer,
+        prompts: (rng) => task.sample(rng),
+        promptsPerStep: 8,
+        config,
+        seed: 1,
+      }),
       reward([exactWithLengthPenalty]),
       advantage(config),
       // the inserted stage: skip batches where no group has reward variance

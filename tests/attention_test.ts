@@ -10,7 +10,15 @@ import type { BackendShape } from "../src/backend/backend.ts";
 import type { AttentionOptions, FloatArray, Ops, Tensor } from "../mod.ts";
 import { ShapeError } from "../mod.ts";
 import { attentionTuning } from "../src/backend/webgpu/attention.ts";
-import { gpuTeardown, hasGpu, numericGradient, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
+import {
+  gpuTeardown,
+  hasGpu,
+  numericGradient,
+  relError,
+  seededValues,
+  testBackends,
+  withOps,
+} from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 

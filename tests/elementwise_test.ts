@@ -9,7 +9,15 @@ import { Effect } from "effect";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { AdamWOptions, Ops } from "../src/backend/ops.ts";
 import { type FloatArray, ShapeError, type Tensor } from "../src/backend/tensor.ts";
-import { gpuTeardown, hasGpu, numericGradient, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
+import {
+  gpuTeardown,
+  hasGpu,
+  numericGradient,
+  relError,
+  seededValues,
+  testBackends,
+  withOps,
+} from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 /** CPU f32 and WebGPU (when present): the backends whose ops are under test. */

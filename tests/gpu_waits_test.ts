@@ -19,14 +19,38 @@ Deno.test({
     await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
       const policy = yield* Policy.make(gpu, c, initWeights(c, 1), {
         mode: "lora",
-        lora: { r: 2, alpha: 4, dropout: 0, targetModules: ["q_proj", "v_proj", "down_proj"], useRslora: false },
+        lora: {
+          r: 2,
+          alpha: 4,
+          dropout: 0,
+          targetModules: ["q_proj", "v_proj", "down_proj"],
+          useRslora: false,
+        },
         seed: 1,
-        optimizer: { learningRate: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+        optimizer: {
+          learningRate: 1e-3,
+          beta1: 0.9,
+          beta2: 0.999,
+          eps: 1e-8,
+          weightDecay: 0,
+          maxGradNorm: 1,
+        },
       });
-      const seqs = [{ prompt: [1, 3, 4], completion: [5, 6, 2] }, { prompt: [1, 7], completion: [8, 2] }];
+      const seqs = [{ prompt: [1, 3, 4], completion: [5, 6, 2] }, {
+        prompt: [1, 7],
+        completion: [8, 2],
+      }];
       const before = ctx.waits;
-      yield* policy.step(seqs, 1, (lp) =>
-        Effect.succeed({ loss: 0, dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-0.1)), metrics: {} }));
+      yield* policy.step(
+        seqs,
+        1,
+        (lp) =>
+          Effect.succeed({
+            loss: 0,
+            dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-0.1)),
+            metrics: {},
+          }),
+      );
       assertEquals(ctx.waits - before, 2);
       const mid = ctx.waits;
       yield* policy.snapshot();

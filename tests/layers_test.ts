@@ -11,7 +11,15 @@ import type { Ops } from "../src/backend/ops.ts";
 import { ShapeError, type Tensor } from "../src/backend/tensor.ts";
 import type { FloatArray } from "../src/backend/tensor.ts";
 import { setRowForm } from "../src/backend/webgpu/layers.ts";
-import { gpuTeardown, hasGpu, numericGradient, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
+import {
+  gpuTeardown,
+  hasGpu,
+  numericGradient,
+  relError,
+  seededValues,
+  testBackends,
+  withOps,
+} from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 const both = [cpu, ...(gpu ? [gpu] : [])];

@@ -6,7 +6,12 @@ import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/stric
 import { Effect } from "effect";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { Ops } from "../src/backend/ops.ts";
-import { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "../src/model/config.ts";
+import {
+  type ModelConfig,
+  ModelConfigError,
+  parseHfConfig,
+  toHfConfig,
+} from "../src/model/config.ts";
 import {
   backward,
   type DeviceModel,
@@ -17,7 +22,12 @@ import {
   uploadModel,
 } from "../src/model/decoder.ts";
 import { Rng } from "../src/model/rng.ts";
-import { initWeights, validateWeights, type WeightMap, WeightsError } from "../src/model/weights.ts";
+import {
+  initWeights,
+  validateWeights,
+  type WeightMap,
+  WeightsError,
+} from "../src/model/weights.ts";
 import { initLora, type LoraWeights, uploadLora } from "../src/lora/adapter.ts";
 import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
@@ -105,7 +115,9 @@ const makeWeights = (c: ModelConfig, seed: number): WeightMap => {
   const rng = new Rng(seed + 7);
   for (const [name, t] of w) {
     if (name.endsWith("norm.weight") || name.endsWith(".bias")) {
-      for (let i = 0; i < t.data.length; i++) t.data[i] = (name.endsWith(".bias") ? 0 : 1) + 0.3 * rng.normal();
+      for (let i = 0; i < t.data.length; i++) {
+        t.data[i] = (name.endsWith(".bias") ? 0 : 1) + 0.3 * rng.normal();
+      }
     }
   }
   return w;
@@ -121,7 +133,9 @@ const makeLora = (c: ModelConfig, seed: number): LoraWeights => {
     useRslora: false,
   }, seed);
   const rng = new Rng(seed + 3);
-  for (const m of l.modules.values()) for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = 0.3 * rng.normal();
+  for (const m of l.modules.values()) {
+    for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = 0.3 * rng.normal();
+  }
   return l;
 };
 
@@ -173,11 +187,16 @@ const checkGradients = async (
 ) => {
   const weights = makeWeights(c, 11);
   const lora = mode === "lora" ? makeLora(c, 5) : null;
-  const proj = Float64Array.from({ length: input.ids.length * c.vocabSize }, (_, i) => Math.sin(i * 1.7));
+  const proj = Float64Array.from(
+    { length: input.ids.length * c.vocabSize },
+    (_, i) => Math.sin(i * 1.7),
+  );
   const grads = await gradsOn(b, c, weights, lora, proj, mode);
   const params: [string, Float32Array][] = mode === "full"
     ? [...weights].map(([n, t]) => [n, t.data])
-    : [...lora!.modules].flatMap(([p, m]) => [[`${p}.lora_A`, m.a.data], [`${p}.lora_B`, m.b.data]] as [string, Float32Array][]);
+    : [...lora!.modules].flatMap(([p, m]) =>
+      [[`${p}.lora_A`, m.a.data], [`${p}.lora_B`, m.b.data]] as [string, Float32Array][]
+    );
   assertEquals(new Set(grads.keys()), new Set(params.map(([n]) => n)));
   const rng = new Rng(3);
   let worst = 0;
@@ -196,7 +215,10 @@ const checkGradients = async (
       const fd = (up - down) / (Math.fround(keep + h) - Math.fround(keep - h));
       const err = Math.abs(g[i] - fd) / Math.max(1, Math.abs(fd));
       worst = Math.max(worst, err);
-      assert(err < tol, `${b.info.name} ${mode} d/d ${name}[${i}]: analytic ${g[i]} vs numeric ${fd}`);
+      assert(
+        err < tol,
+        `${b.info.name} ${mode} d/d ${name}[${i}]: analytic ${g[i]} vs numeric ${fd}`,
+      );
     }
   }
   return worst;
@@ -204,7 +226,10 @@ const checkGradients = async (
 
 const variants: [string, ModelConfig][] = [
   ["llama GQA", tinyConfig()],
-  ["qwen2 biases, tied head", tinyConfig({ modelType: "qwen2", attentionBias: true, tieWordEmbeddings: true, numKvHeads: 2 })],
+  [
+    "qwen2 biases, tied head",
+    tinyConfig({ modelType: "qwen2", attentionBias: true, tieWordEmbeddings: true, numKvHeads: 2 }),
+  ],
 ];
 
 for (const b of [cpu, ...(gpu ? [gpu] : [])]) {
@@ -239,7 +264,8 @@ const decodeMatchesForward = async (b: BackendShape) => {
     }));
 };
 
-Deno.test("cpu: KV-cached decoding reproduces the full forward's logits", () => decodeMatchesForward(cpu));
+Deno.test("cpu: KV-cached decoding reproduces the full forward's logits", () =>
+  decodeMatchesForward(cpu));
 Deno.test({
   name: "webgpu: KV-cached decoding reproduces the full forward's logits",
   ignore: !hasGpu,

@@ -39,13 +39,32 @@ for (const mode of ["lora", "full"] as const) {
     const exact = m.map((x) => x["rewards/exact_match/mean"]);
     const rise = mean(exact.slice(-5)) - mean(exact.slice(0, 5));
     assert(rise >= 0.05, `${mode}: exact-match reward rose by only ${rise.toFixed(3)}`);
-    assert(s.accuracyAfter - s.accuracyBefore >= 0.1, `${mode}: accuracy ${s.accuracyBefore} -> ${s.accuracyAfter}`);
+    assert(
+      s.accuracyAfter - s.accuracyBefore >= 0.1,
+      `${mode}: accuracy ${s.accuracyBefore} -> ${s.accuracyAfter}`,
+    );
     const files = [...Deno.readDirSync(s.runDir)].map((e) => e.name).sort();
-    for (const f of ["metrics.jsonl", "reward.svg", "summary.json", mode === "lora" ? "adapter" : "model"]) {
+    for (
+      const f of [
+        "metrics.jsonl",
+        "reward.svg",
+        "summary.json",
+        mode === "lora" ? "adapter" : "model",
+      ]
+    ) {
       assert(files.includes(f), `run dir lacks ${f}: ${files}`);
     }
     assert((await readFile(join(s.runDir, "reward.svg"), "utf8")).includes("<path"));
-    for (const k of ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean", "num_tokens"]) {
+    for (
+      const k of [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "clip_ratio/region_mean",
+        "num_tokens",
+      ]
+    ) {
       assert(typeof m[0][k] === "number", `metric ${k} missing`);
     }
     await Deno.remove(out, { recursive: true });
@@ -54,7 +73,13 @@ for (const mode of ["lora", "full"] as const) {
 
 Deno.test("resume: a run interrupted after its checkpoint continues identically", async () => {
   const out = await Deno.makeTempDir();
-  const common = { steps: 4, promptsPerStep: 4, numGenerations: 4, checkpointEvery: 2, outputDir: out };
+  const common = {
+    steps: 4,
+    promptsPerStep: 4,
+    numGenerations: 4,
+    checkpointEvery: 2,
+    outputDir: out,
+  };
   await train({ ...common, runId: "straight" });
   // "killed" after step 2: the checkpoint of step 2 is the last thing it wrote
   await train({ ...common, runId: "resumed", steps: 2 });
@@ -62,7 +87,11 @@ Deno.test("resume: a run interrupted after its checkpoint continues identically"
   const a = await metrics(join(out, "straight"));
   const b = await metrics(join(out, "resumed"));
   const strip = (x: Record<string, number>) =>
-    Object.fromEntries(Object.entries(x).filter(([k]) => !k.startsWith("time/") && k !== "step_time" && k !== "push_latency_ms"));
+    Object.fromEntries(
+      Object.entries(x).filter(([k]) =>
+        !k.startsWith("time/") && k !== "step_time" && k !== "push_latency_ms"
+      ),
+    );
   assertEquals(b.map(strip), a.map(strip));
   const wa = await readFile(join(out, "straight", "adapter", "adapter_model.safetensors"));
   const wb = await readFile(join(out, "resumed", "adapter", "adapter_model.safetensors"));
@@ -72,7 +101,14 @@ Deno.test("resume: a run interrupted after its checkpoint continues identically"
 
 Deno.test("NaN/Inf: a diverging step fails with NonFiniteStepError naming it; the saved checkpoint is intact", async () => {
   const out = await Deno.makeTempDir();
-  await train({ steps: 1, promptsPerStep: 4, numGenerations: 4, outputDir: out, runId: "n", checkpointEvery: 1 });
+  await train({
+    steps: 1,
+    promptsPerStep: 4,
+    numGenerations: 4,
+    outputDir: out,
+    runId: "n",
+    checkpointEvery: 1,
+  });
   const ckpt = join(out, "n", "checkpoint.safetensors");
   const before = await readFile(ckpt);
   const cfg = await config({
@@ -87,7 +123,12 @@ Deno.test("NaN/Inf: a diverging step fails with NonFiniteStepError naming it; th
     maxGradNorm: 0,
   });
   const err = await Effect.runPromise(
-    Effect.flip(runTraining(cfg, quiet) as Effect.Effect<TrainSummary, { _tag: string; step?: number; message: string }>),
+    Effect.flip(
+      runTraining(cfg, quiet) as Effect.Effect<
+        TrainSummary,
+        { _tag: string; step?: number; message: string }
+      >,
+    ),
   );
   assertEquals(err._tag, "NonFiniteStepError");
   assertEquals(err.step, 2); // the first step after resuming overflows the weights
@@ -109,9 +150,22 @@ Deno.test("options: bad values give one line naming the option and the allowed v
   await bad({ targetModules: ["qkv"] }, "q_proj");
   await bad({ stepz: 3 }, "unknown option");
   await bad({ mode: "full", push: "lora" }, "push");
-  const args = await Effect.runPromise(parseArgs(["--steps", "5", "--loss-type", "bnpo", "--use-rslora", "--target-modules", "q_proj,v_proj"]));
+  const args = await Effect.runPromise(
+    parseArgs([
+      "--steps",
+      "5",
+      "--loss-type",
+      "bnpo",
+      "--use-rslora",
+      "--target-modules",
+      "q_proj,v_proj",
+    ]),
+  );
   const cfg = await Effect.runPromise(decodeTrainConfig(args));
-  assertEquals([cfg.steps, cfg.grpo.lossType, cfg.useRslora, cfg.targetModules], [5, "bnpo", true, ["q_proj", "v_proj"]]);
+  assertEquals([cfg.steps, cfg.grpo.lossType, cfg.useRslora, cfg.targetModules], [5, "bnpo", true, [
+    "q_proj",
+    "v_proj",
+  ]]);
 });
 
 Deno.test("example: user pipeline with a custom reward and an inserted filter stage runs", async () => {
@@ -126,7 +180,9 @@ Deno.test("example: user SyncTarget writing PEFT adapter directories runs", asyn
   const versions = await Effect.runPromise(adapterDirectory(3, dir));
   assertEquals(versions, [1, 2, 3]);
   for (const v of [0, 1, 2, 3]) {
-    const cfg = JSON.parse(await Deno.readTextFile(join(dir, `policy-v${v}`, "adapter_config.json")));
+    const cfg = JSON.parse(
+      await Deno.readTextFile(join(dir, `policy-v${v}`, "adapter_config.json")),
+    );
     assertEquals(cfg.peft_type, "LORA");
   }
   await Deno.remove(dir, { recursive: true });

@@ -10,8 +10,8 @@ import fc from "fast-check";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { ModelConfig } from "../src/model/config.ts";
 import { forward, uploadModel } from "../src/model/decoder.ts";
-import { initWeights, type HostTensor, type WeightMap } from "../src/model/weights.ts";
-import { initLora, type LoraWeights, loraScale, uploadLora } from "../src/lora/adapter.ts";
+import { type HostTensor, initWeights, type WeightMap } from "../src/model/weights.ts";
+import { initLora, loraScale, type LoraWeights, uploadLora } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
 import { foldSnapshot, type Snapshot } from "../src/sync/snapshot.ts";
 import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
@@ -40,7 +40,8 @@ interface Case {
   readonly r: number;
   readonly alpha: number;
   readonly rs: boolean;
-  readonly targets: ("q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj")[];
+  readonly targets:
+    ("q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj")[];
   readonly seed: number;
   readonly zeroB: boolean;
 }
@@ -55,9 +56,12 @@ const caseArb: fc.Arbitrary<Case> = fc.record({
   r: fc.integer({ min: 1, max: 8 }),
   alpha: fc.constantFrom(1, 8, 16, 32),
   rs: fc.boolean(),
-  targets: fc.subarray(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const, {
-    minLength: 1,
-  }),
+  targets: fc.subarray(
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const,
+    {
+      minLength: 1,
+    },
+  ),
   seed: fc.integer({ min: 1, max: 1 << 30 }),
   zeroB: fc.boolean(),
 }).map((x) => {
@@ -92,7 +96,9 @@ const setup = (c: Case): { base: WeightMap; lora: LoraWeights } => {
   }, c.seed + 1);
   if (!c.zeroB) {
     const rng = new Rng(c.seed + 2);
-    for (const m of lora.modules.values()) for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = rng.normal();
+    for (const m of lora.modules.values()) {
+      for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = rng.normal();
+    }
   }
   return { base, lora };
 };
@@ -103,7 +109,13 @@ type FoldImpl = (
   base: WeightMap,
   lora: LoraWeights,
   train: () => void,
-) => Promise<{ weights: Map<string, HostTensor>; later: () => Promise<Map<string, HostTensor>>; live: () => Promise<WeightMap> }>;
+) => Promise<
+  {
+    weights: Map<string, HostTensor>;
+    later: () => Promise<Map<string, HostTensor>>;
+    live: () => Promise<WeightMap>;
+  }
+>;
 
 /**
  * The property both implementations face: values equal the float64 merge (bit-exact base when
@@ -114,12 +126,16 @@ const snapshotProperty = (impl: FoldImpl) =>
     const { base, lora } = setup(c);
     const s = loraScale(lora.config);
     const merged = new Map<string, Float64Array>();
-    for (const [path, m] of lora.modules) merged.set(path, mergedRef(base.get(`${path}.weight`)!, m.a, m.b, s));
+    for (const [path, m] of lora.modules) {
+      merged.set(path, mergedRef(base.get(`${path}.weight`)!, m.a, m.b, s));
+    }
     const rng = new Rng(c.seed + 5);
     // "training": the adapter changes after the snapshot is taken
     const train = () => {
       for (const m of lora.modules.values()) {
-        for (let i = 0; i < m.b.data.length; i++) m.b.data[i] += 0.5 * rng.normal();
+        for (let i = 0; i < m.b.data.length; i++) {
+          m.b.data[i] += 0.5 * rng.normal();
+        }
         for (let i = 0; i < m.a.data.length; i++) m.a.data[i] += 0.5 * rng.normal();
       }
     };
@@ -139,7 +155,9 @@ const snapshotProperty = (impl: FoldImpl) =>
     if (!check(await snap.later())) return false;
     // the live model never holds a merged state: its weights are still the base, bit for bit
     const live = await snap.live();
-    for (const [name, t] of base) if (!t.data.every((x, i) => Object.is(x, live.get(name)!.data[i]))) return false;
+    for (
+      const [name, t] of base
+    ) if (!t.data.every((x, i) => Object.is(x, live.get(name)!.data[i]))) return false;
     return true;
   });
 
@@ -164,20 +182,31 @@ const lorafoldImpl = (b: BackendShape): FoldImpl => (c, base, lora, train) =>
           weightDecay: 0.01,
           step: 1,
         });
-        ops.adamw(m.b, ops.fromArray(new Float32Array(m.b.size).fill(1), m.b.shape), ops.zeros(m.b.shape), ops.zeros(m.b.shape), {
-          lr: 0.1,
-          beta1: 0.9,
-          beta2: 0.999,
-          eps: 1e-8,
-          weightDecay: 0,
-          step: 1,
-        });
+        ops.adamw(
+          m.b,
+          ops.fromArray(new Float32Array(m.b.size).fill(1), m.b.shape),
+          ops.zeros(m.b.shape),
+          ops.zeros(m.b.shape),
+          {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weightDecay: 0,
+            step: 1,
+          },
+        );
       }
       yield* ops.read([run.modules.values().next().value!.a]);
       yield* snap.verify();
       const names = [...device.weights.keys()];
       const liveHost = yield* ops.read(names.map((n) => device.weights.get(n)!));
-      const live = new Map(names.map((n, i) => [n, { shape: base.get(n)!.shape, data: Float32Array.from(liveHost[i]) }]));
+      const live = new Map(
+        names.map((
+          n,
+          i,
+        ) => [n, { shape: base.get(n)!.shape, data: Float32Array.from(liveHost[i]) }]),
+      );
       return {
         weights,
         later: () => Promise.resolve(snap.weights()),
@@ -190,14 +219,20 @@ const aliasingImpl: FoldImpl = (_c, base, lora, train) => {
   const live = new Map([...base].map(([n, t]) => [n, { shape: t.shape, data: t.data.slice() }]));
   const weights = aliasingFold(live, lora.modules, loraScale(lora.config));
   train();
-  return Promise.resolve({ weights, later: () => Promise.resolve(weights), live: () => Promise.resolve(live) });
+  return Promise.resolve({
+    weights,
+    later: () => Promise.resolve(weights),
+    live: () => Promise.resolve(live),
+  });
 };
 
 for (const b of [cpu, ...(gpu ? [gpu] : [])]) {
   Deno.test({
-    name: `${b.info.name}: snapshots equal W + s·B·A (float64), stay unchanged under training, live weights never merged`,
+    name:
+      `${b.info.name}: snapshots equal W + s·B·A (float64), stay unchanged under training, live weights never merged`,
     ignore: b.info.name === "webgpu" && !hasGpu,
-    fn: () => fc.assert(snapshotProperty(lorafoldImpl(b)), { numRuns: b.info.name === "cpu" ? 40 : 25 }),
+    fn: () =>
+      fc.assert(snapshotProperty(lorafoldImpl(b)), { numRuns: b.info.name === "cpu" ? 40 : 25 }),
   });
 }
 
@@ -213,7 +248,13 @@ Deno.test("snapshot: digest fixed at creation; tensors only as copies; re-check 
     Effect.gen(function* () {
       const c = tinyConfig();
       const base = initWeights(c, 3);
-      const lora = initLora(c, { r: 2, alpha: 4, dropout: 0, targetModules: ["q_proj"], useRslora: false }, 3);
+      const lora = initLora(c, {
+        r: 2,
+        alpha: 4,
+        dropout: 0,
+        targetModules: ["q_proj"],
+        useRslora: false,
+      }, 3);
       const device = uploadModel(ops, c, base);
       const snap = yield* foldSnapshot(cpu, 7, base, device, uploadLora(ops, lora), lora.config);
       assertEquals(snap.version, 7);
@@ -248,11 +289,15 @@ const runtimeVsFolded = async (b: BackendShape) => {
       const [x, y, z] = yield* ops.read([withAdapter, folded, plain]);
       const err = relError(y, x);
       assert(err < 1e-5, `runtime-adapter vs folded logits: relative error ${err}`);
-      assert(relError(z, x) > 1e-3, "the adapter must change the logits for this check to mean anything");
+      assert(
+        relError(z, x) > 1e-3,
+        "the adapter must change the logits for this check to mean anything",
+      );
     }));
 };
 
-Deno.test("cpu: logits with the adapter applied at run time equal the folded snapshot's", () => runtimeVsFolded(cpu));
+Deno.test("cpu: logits with the adapter applied at run time equal the folded snapshot's", () =>
+  runtimeVsFolded(cpu));
 Deno.test({
   name: "webgpu: logits with the adapter applied at run time equal the folded snapshot's",
   ignore: !hasGpu,

@@ -30,7 +30,8 @@ export const Backend: Context.Key<BackendShape, BackendShape> = Context.Service<
   "lorafold/Backend",
 );
 
-const BackendErrorBase: TaggedErrorClass<"BackendError", { readonly message: string }> = Data.TaggedError("BackendError");
+const BackendErrorBase: TaggedErrorClass<"BackendError", { readonly message: string }> = Data
+  .TaggedError("BackendError");
 /** Backend setup or device failure. */
 export class BackendError extends BackendErrorBase {}
 
@@ -51,8 +52,7 @@ export const cpuBackend = (precision: CpuPrecision = "f32"): BackendShape => {
   };
 };
 
-const gpuApi = (): GPU | undefined =>
-  (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+const gpuApi = (): GPU | undefined => (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
 
 /** Opens the WebGPU device with the adapter's raised limits; released with the scope. */
 export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scope> = Effect
@@ -105,8 +105,9 @@ export const backendChoiceFromEnv = (): Effect.Effect<BackendChoice, BackendErro
     let v: string | undefined;
     try {
       v = (globalThis as { process?: { env: Record<string, string | undefined> } }).process?.env
-        .LORAFOLD_BACKEND ?? (globalThis as { Deno?: { env: { get(k: string): string | undefined } } })
-        .Deno?.env.get("LORAFOLD_BACKEND");
+        .LORAFOLD_BACKEND ??
+        (globalThis as { Deno?: { env: { get(k: string): string | undefined } } })
+          .Deno?.env.get("LORAFOLD_BACKEND");
     } catch {
       v = undefined;
     }

@@ -129,7 +129,13 @@ export interface Ops {
    */
   rope(x: Tensor, positions: Tensor, heads: number, headDim: number, theta: number): Tensor;
   /** Gradient of rope (rotation by the opposite angle). */
-  ropeBackward(dy: Tensor, positions: Tensor, heads: number, headDim: number, theta: number): Tensor;
+  ropeBackward(
+    dy: Tensor,
+    positions: Tensor,
+    heads: number,
+    headDim: number,
+    theta: number,
+  ): Tensor;
   /**
    * Causal softmax attention with grouped-query heads, scale 1/sqrt(headDim).
    * q [batch*tq, heads*headDim], k and v [batch*tk, kvHeads*headDim] -> out like q, and the

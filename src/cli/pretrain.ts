@@ -5,7 +5,7 @@
 import { Effect } from "effect";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { BackendLive, Backend } from "../backend/backend.ts";
+import { Backend, BackendLive } from "../backend/backend.ts";
 import { saveModel } from "../model/loader.ts";
 import { pretrain } from "../task/pretrain.ts";
 import { BUILTIN_MODEL_DIR } from "../pipeline/trainer.ts";
@@ -21,8 +21,12 @@ export const pretrainMain = async (args: readonly string[]): Promise<number> => 
   const out = opt("out", BUILTIN_MODEL_DIR);
   const backend = opt("backend", "cpu") as "cpu" | "webgpu" | "auto";
   const target = Number(opt("target-accuracy", "0.5"));
-  if (!Number.isInteger(seed) || !Number.isInteger(steps) || steps < 1 || !(target > 0 && target <= 1)) {
-    console.error("pretrain: --seed and --steps must be integers (steps >= 1), --target-accuracy in (0, 1]");
+  if (
+    !Number.isInteger(seed) || !Number.isInteger(steps) || steps < 1 || !(target > 0 && target <= 1)
+  ) {
+    console.error(
+      "pretrain: --seed and --steps must be integers (steps >= 1), --target-accuracy in (0, 1]",
+    );
     return 2;
   }
   const t0 = performance.now();
@@ -42,11 +46,25 @@ export const pretrainMain = async (args: readonly string[]): Promise<number> => 
     }).pipe(Effect.provide(BackendLive(backend))),
   );
   await Effect.runPromise(saveModel(out, r.config, r.weights));
-  await writeFile(join(out, "tokenizer.json"), JSON.stringify(r.tokenizer.toJSON(), null, 2) + "\n");
+  await writeFile(
+    join(out, "tokenizer.json"),
+    JSON.stringify(r.tokenizer.toJSON(), null, 2) + "\n",
+  );
   await writeFile(
     join(out, "pretrain.json"),
-    JSON.stringify({ seed, steps: r.steps, held_out_accuracy: r.accuracy, wall_s: (performance.now() - t0) / 1000 }, null, 2) + "\n",
+    JSON.stringify(
+      {
+        seed,
+        steps: r.steps,
+        held_out_accuracy: r.accuracy,
+        wall_s: (performance.now() - t0) / 1000,
+      },
+      null,
+      2,
+    ) + "\n",
   );
-  console.log(`wrote ${out}: ${r.steps} steps, held-out accuracy ${(r.accuracy * 100).toFixed(1)}%`);
+  console.log(
+    `wrote ${out}: ${r.steps} steps, held-out accuracy ${(r.accuracy * 100).toFixed(1)}%`,
+  );
   return 0;
 };

@@ -18,7 +18,10 @@ export interface SafetensorsErrorFields {
 }
 
 /** A malformed safetensors file, or a tensor that cannot be encoded, decoded or converted. */
-const SafetensorsErrorBase: TaggedErrorClass<"SafetensorsError", SafetensorsErrorFields & { readonly message: string }> = Data.TaggedError(
+const SafetensorsErrorBase: TaggedErrorClass<
+  "SafetensorsError",
+  SafetensorsErrorFields & { readonly message: string }
+> = Data.TaggedError(
   "SafetensorsError",
 );
 export class SafetensorsError extends SafetensorsErrorBase {
@@ -43,7 +46,10 @@ export interface NonFiniteTensorErrorFields {
 }
 
 /** A tensor that holds NaN or ±Infinity where only finite values are allowed. */
-const NonFiniteTensorErrorBase: TaggedErrorClass<"NonFiniteTensorError", NonFiniteTensorErrorFields & { readonly message: string }> = Data.TaggedError(
+const NonFiniteTensorErrorBase: TaggedErrorClass<
+  "NonFiniteTensorError",
+  NonFiniteTensorErrorFields & { readonly message: string }
+> = Data.TaggedError(
   "NonFiniteTensorError",
 );
 export class NonFiniteTensorError extends NonFiniteTensorErrorBase {
@@ -67,7 +73,10 @@ export interface CheckpointErrorFields {
 }
 
 /** A checkpoint file or directory that cannot be read or written, or an inconsistent index. */
-const CheckpointErrorBase: TaggedErrorClass<"CheckpointError", CheckpointErrorFields & { readonly message: string }> = Data.TaggedError(
+const CheckpointErrorBase: TaggedErrorClass<
+  "CheckpointError",
+  CheckpointErrorFields & { readonly message: string }
+> = Data.TaggedError(
   "CheckpointError",
 );
 export class CheckpointError extends CheckpointErrorBase {

@@ -13,9 +13,16 @@ export interface Series {
 const esc = (s: string): string => s.replace(/[&<>"]/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Renders series on shared axes with ticks and a legend. */
-export const lineChartSvg = (title: string, xLabel: string, yLabel: string, series: readonly Series[]): string => {
+export const lineChartSvg = (
+  title: string,
+  xLabel: string,
+  yLabel: string,
+  series: readonly Series[],
+): string => {
   const W = 720, H = 420, L = 64, R = 20, T = 40, B = 56;
-  const pts = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  const pts = series.flatMap((s) => s.points).filter(([x, y]) =>
+    Number.isFinite(x) && Number.isFinite(y)
+  );
   const xs = pts.map((p) => p[0]);
   const ys = pts.map((p) => p[1]);
   const x0 = Math.min(...xs, 0), x1 = Math.max(...xs, 1);
@@ -30,7 +37,9 @@ export const lineChartSvg = (title: string, xLabel: string, yLabel: string, seri
     `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="black"/>`,
     `<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="black"/>`,
     `<text x="${(L + W - R) / 2}" y="${H - 14}" text-anchor="middle">${esc(xLabel)}</text>`,
-    `<text x="16" y="${(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 ${(T + H - B) / 2})">${esc(yLabel)}</text>`,
+    `<text x="16" y="${(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 ${
+      (T + H - B) / 2
+    })">${esc(yLabel)}</text>`,
   ];
   for (let i = 0; i <= 5; i++) {
     const yv = y0 + ((y1 - y0) * i) / 5;

@@ -11,9 +11,9 @@ import type { ModelConfig } from "../model/config.ts";
 import { Rng } from "../model/rng.ts";
 import {
   type HostTensor,
-  PROJECTIONS,
   type Projection,
   projectionPath,
+  PROJECTIONS,
   projectionShape,
 } from "../model/weights.ts";
 
@@ -36,12 +36,20 @@ export class LoraConfigError extends LoraConfigErrorBase {}
 
 /** Checks a LoRA config; throws nothing, returns the first problem or null. */
 export const loraConfigProblem = (c: LoraConfig): LoraConfigError | null => {
-  if (!Number.isInteger(c.r) || c.r < 1) return new LoraConfigError({ field: "r", message: `r must be a positive integer, got ${c.r}` });
+  if (!Number.isInteger(c.r) || c.r < 1) {
+    return new LoraConfigError({ field: "r", message: `r must be a positive integer, got ${c.r}` });
+  }
   if (!(Number.isFinite(c.alpha) && c.alpha > 0)) {
-    return new LoraConfigError({ field: "lora_alpha", message: `lora_alpha must be positive, got ${c.alpha}` });
+    return new LoraConfigError({
+      field: "lora_alpha",
+      message: `lora_alpha must be positive, got ${c.alpha}`,
+    });
   }
   if (!(c.dropout >= 0 && c.dropout < 1)) {
-    return new LoraConfigError({ field: "lora_dropout", message: `lora_dropout must be in [0, 1), got ${c.dropout}` });
+    return new LoraConfigError({
+      field: "lora_dropout",
+      message: `lora_dropout must be in [0, 1), got ${c.dropout}`,
+    });
   }
   if (c.targetModules.length === 0) {
     return new LoraConfigError({ field: "target_modules", message: "target_modules is empty" });
@@ -57,7 +65,8 @@ export const loraConfigProblem = (c: LoraConfig): LoraConfigError | null => {
 };
 
 /** The adapter's output scale s in W + s·B·A. */
-export const loraScale = (c: LoraConfig): number => c.useRslora ? c.alpha / Math.sqrt(c.r) : c.alpha / c.r;
+export const loraScale = (c: LoraConfig): number =>
+  c.useRslora ? c.alpha / Math.sqrt(c.r) : c.alpha / c.r;
 
 /** Host adapter: per projection path, A [r, in] and B [out, r]. */
 export interface LoraWeights {
@@ -69,7 +78,9 @@ export interface LoraWeights {
 export const targetPaths = (m: ModelConfig, c: LoraConfig): { path: string; p: Projection }[] => {
   const out: { path: string; p: Projection }[] = [];
   for (let l = 0; l < m.numLayers; l++) {
-    for (const p of PROJECTIONS) if (c.targetModules.includes(p)) out.push({ path: projectionPath(l, p), p });
+    for (const p of PROJECTIONS) {
+      if (c.targetModules.includes(p)) out.push({ path: projectionPath(l, p), p });
+    }
   }
   return out;
 };
@@ -86,14 +97,20 @@ export const initLora = (m: ModelConfig, c: LoraConfig, seed: number): LoraWeigh
     const bound = 1 / Math.sqrt(inp);
     const a = new Float32Array(c.r * inp);
     for (let i = 0; i < a.length; i++) a[i] = (rng.next() * 2 - 1) * bound;
-    modules.set(path, { a: { shape: [c.r, inp], data: a }, b: { shape: [out, c.r], data: new Float32Array(out * c.r) } });
+    modules.set(path, {
+      a: { shape: [c.r, inp], data: a },
+      b: { shape: [out, c.r], data: new Float32Array(out * c.r) },
+    });
   }
   return { config: c, modules };
 };
 
 /** Uploads an adapter as a LoraRuntime (device tensors owned by `ops`' scope). */
 export const uploadLora = (ops: Ops, w: LoraWeights): LoraRuntime => {
-  const modules = new Map<string, { a: ReturnType<Ops["fromArray"]>; b: ReturnType<Ops["fromArray"]> }>();
+  const modules = new Map<
+    string,
+    { a: ReturnType<Ops["fromArray"]>; b: ReturnType<Ops["fromArray"]> }
+  >();
   for (const [path, { a, b }] of w.modules) {
     modules.set(path, { a: ops.fromArray(a.data, a.shape), b: ops.fromArray(b.data, b.shape) });
   }

@@ -11,8 +11,19 @@ import { readSafetensorsFile, writeFileAtomic, writeSafetensorsFile } from "../i
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
 import type { ModelConfig } from "../model/config.ts";
-import { type HostTensor, PROJECTIONS, type Projection, projectionShape } from "../model/weights.ts";
-import { type LoraConfig, LoraConfigError, loraConfigProblem, type LoraWeights, targetPaths } from "./adapter.ts";
+import {
+  type HostTensor,
+  type Projection,
+  PROJECTIONS,
+  projectionShape,
+} from "../model/weights.ts";
+import {
+  type LoraConfig,
+  LoraConfigError,
+  loraConfigProblem,
+  type LoraWeights,
+  targetPaths,
+} from "./adapter.ts";
 
 /** File names inside an adapter directory. */
 export const ADAPTER_CONFIG = "adapter_config.json";
@@ -21,7 +32,8 @@ export const ADAPTER_WEIGHTS = "adapter_model.safetensors";
 const PREFIX = "base_model.model.";
 
 /** PEFT tensor name of a module's A or B matrix. */
-export const peftTensorName = (path: string, which: "A" | "B"): string => `${PREFIX}${path}.lora_${which}.weight`;
+export const peftTensorName = (path: string, which: "A" | "B"): string =>
+  `${PREFIX}${path}.lora_${which}.weight`;
 
 /** adapter_config.json contents for a LoRA config. */
 export const peftConfigJson = (c: LoraConfig, baseModel: string): Record<string, unknown> => ({
@@ -62,17 +74,35 @@ export const savePeftAdapter = (
 export const parsePeftConfig = (json: unknown): Effect.Effect<LoraConfig, LoraConfigError> =>
   Effect.suspend(() => {
     if (typeof json !== "object" || json === null) {
-      return Effect.fail(new LoraConfigError({ field: "(root)", message: "adapter_config.json must be an object" }));
+      return Effect.fail(
+        new LoraConfigError({ field: "(root)", message: "adapter_config.json must be an object" }),
+      );
     }
     const j = json as Record<string, unknown>;
     if (j.peft_type !== undefined && j.peft_type !== "LORA") {
-      return Effect.fail(new LoraConfigError({ field: "peft_type", message: `peft_type ${JSON.stringify(j.peft_type)}: only "LORA"` }));
+      return Effect.fail(
+        new LoraConfigError({
+          field: "peft_type",
+          message: `peft_type ${JSON.stringify(j.peft_type)}: only "LORA"`,
+        }),
+      );
     }
-    if (j.use_dora === true) return Effect.fail(new LoraConfigError({ field: "use_dora", message: "DoRA is not supported" }));
+    if (j.use_dora === true) {
+      return Effect.fail(
+        new LoraConfigError({ field: "use_dora", message: "DoRA is not supported" }),
+      );
+    }
     let targets = j.target_modules;
-    if (typeof targets === "string") targets = targets === "all-linear" ? [...PROJECTIONS] : [targets];
+    if (typeof targets === "string") {
+      targets = targets === "all-linear" ? [...PROJECTIONS] : [targets];
+    }
     if (!Array.isArray(targets) || !targets.every((t) => typeof t === "string")) {
-      return Effect.fail(new LoraConfigError({ field: "target_modules", message: "target_modules must be a list of names" }));
+      return Effect.fail(
+        new LoraConfigError({
+          field: "target_modules",
+          message: "target_modules must be a list of names",
+        }),
+      );
     }
     const c: LoraConfig = {
       r: j.r as number,
@@ -93,7 +123,11 @@ export const loadPeftAdapter = (
   Effect.gen(function* () {
     const json = yield* Effect.tryPromise({
       try: async () => JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), "utf8")) as unknown,
-      catch: (e) => new LoraConfigError({ field: ADAPTER_CONFIG, message: `cannot read ${join(dir, ADAPTER_CONFIG)}: ${e}` }),
+      catch: (e) =>
+        new LoraConfigError({
+          field: ADAPTER_CONFIG,
+          message: `cannot read ${join(dir, ADAPTER_CONFIG)}: ${e}`,
+        }),
     });
     const config = yield* parsePeftConfig(json);
     const file = yield* readSafetensorsFile(join(dir, ADAPTER_WEIGHTS));
@@ -104,19 +138,31 @@ export const loadPeftAdapter = (
         Effect.gen(function* () {
           const name = peftTensorName(path, which);
           const e = file.tensors.get(name);
-          if (!e) return yield* Effect.fail(new LoraConfigError({ field: name, message: `adapter is missing tensor ${name}` }));
+          if (!e) {
+            return yield* Effect.fail(
+              new LoraConfigError({ field: name, message: `adapter is missing tensor ${name}` }),
+            );
+          }
           if (e.shape.length !== 2 || e.shape[0] !== shape[0] || e.shape[1] !== shape[1]) {
             return yield* Effect.fail(
-              new LoraConfigError({ field: name, message: `tensor ${name} has shape [${e.shape}], expected [${shape}]` }),
+              new LoraConfigError({
+                field: name,
+                message: `tensor ${name} has shape [${e.shape}], expected [${shape}]`,
+              }),
             );
           }
           const data = yield* toFloat32(e, join(dir, ADAPTER_WEIGHTS));
           if (!data.every(Number.isFinite)) {
-            return yield* Effect.fail(new LoraConfigError({ field: name, message: `tensor ${name} holds NaN or Inf` }));
+            return yield* Effect.fail(
+              new LoraConfigError({ field: name, message: `tensor ${name} holds NaN or Inf` }),
+            );
           }
           return { shape, data } as HostTensor;
         });
-      modules.set(path, { a: yield* get("A", [config.r, inp]), b: yield* get("B", [out, config.r]) });
+      modules.set(path, {
+        a: yield* get("A", [config.r, inp]),
+        b: yield* get("B", [out, config.r]),
+      });
     }
     return { config, modules };
   });

@@ -34,13 +34,21 @@ export class ModelConfigError extends ModelConfigErrorBase {}
 
 type Json = Record<string, unknown>;
 
-const fail = (field: string, message: string) => Effect.fail(new ModelConfigError({ field, message }));
+const fail = (field: string, message: string) =>
+  Effect.fail(new ModelConfigError({ field, message }));
 
-const posInt = (j: Json, field: string, fallback?: number): Effect.Effect<number, ModelConfigError> => {
+const posInt = (
+  j: Json,
+  field: string,
+  fallback?: number,
+): Effect.Effect<number, ModelConfigError> => {
   const v = j[field] ?? fallback;
   if (v === undefined) return fail(field, `config.json: "${field}" is missing`);
   if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) {
-    return fail(field, `config.json: "${field}" must be a positive integer, got ${JSON.stringify(v)}`);
+    return fail(
+      field,
+      `config.json: "${field}" must be a positive integer, got ${JSON.stringify(v)}`,
+    );
   }
   return Effect.succeed(v);
 };
@@ -85,10 +93,15 @@ export const parseHfConfig = (json: unknown): Effect.Effect<ModelConfig, ModelCo
       );
     }
     if (j.head_dim === undefined && hiddenSize % numHeads !== 0) {
-      return yield* fail("head_dim", `hidden_size ${hiddenSize} not divisible by ${numHeads} heads`);
+      return yield* fail(
+        "head_dim",
+        `hidden_size ${hiddenSize} not divisible by ${numHeads} heads`,
+      );
     }
     const headDim = yield* posInt(j, "head_dim", hiddenSize / numHeads);
-    if (headDim % 2 !== 0) return yield* fail("head_dim", `head_dim ${headDim} must be even (rotary)`);
+    if (headDim % 2 !== 0) {
+      return yield* fail("head_dim", `head_dim ${headDim} must be even (rotary)`);
+    }
     const rope = j.rope_parameters as Json | undefined;
     const ropeTheta = yield* posNum(
       j.rope_theta ?? (rope && typeof rope === "object" ? rope.rope_theta : undefined) ?? 10000,
@@ -96,7 +109,10 @@ export const parseHfConfig = (json: unknown): Effect.Effect<ModelConfig, ModelCo
     );
     const scaling = j.rope_scaling ?? (rope && typeof rope === "object" ? rope.rope_type : null);
     if (scaling !== undefined && scaling !== null && scaling !== "default") {
-      return yield* fail("rope_scaling", `rope scaling ${JSON.stringify(scaling)} is not supported`);
+      return yield* fail(
+        "rope_scaling",
+        `rope scaling ${JSON.stringify(scaling)} is not supported`,
+      );
     }
     const eos = yield* tokenIds(j.eos_token_id, "eos_token_id");
     const bos = yield* tokenIds(j.bos_token_id, "bos_token_id");

@@ -9,7 +9,7 @@ import type { Tensor } from "../backend/tensor.ts";
 import { require } from "../backend/tensor.ts";
 import type { ModelConfig } from "./config.ts";
 import type { Rng } from "./rng.ts";
-import { PROJECTIONS, type Projection, projectionPath, type WeightMap } from "./weights.ts";
+import { type Projection, projectionPath, PROJECTIONS, type WeightMap } from "./weights.ts";
 
 /** A model's weights uploaded to a backend (owned by the scope of the Ops that uploaded them). */
 export interface DeviceModel {
@@ -184,7 +184,13 @@ export const forward = (
   const c = model.config;
   const rows = input.batch * input.seqLen;
   require(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
-  const cx: Ctx = { ops, model, lora: opts.lora ?? null, rng: opts.rng ?? null, record: !!opts.train };
+  const cx: Ctx = {
+    ops,
+    model,
+    lora: opts.lora ?? null,
+    rng: opts.rng ?? null,
+    record: !!opts.train,
+  };
   const positions = ops.fromArray(input.positions ?? defaultPositions(input), [rows], "i32");
   const kvStart = input.kvStart ? ops.fromArray(input.kvStart, [input.batch], "i32") : undefined;
   const attnOpts = {
@@ -196,18 +202,37 @@ export const forward = (
     headDim: c.headDim,
     kvStart,
   };
-  let x = ops.embedding(weight(model, "model.embed_tokens.weight"), ops.fromArray(input.ids, [rows], "i32"));
+  let x = ops.embedding(
+    weight(model, "model.embed_tokens.weight"),
+    ops.fromArray(input.ids, [rows], "i32"),
+  );
   const layers: LayerTape[] = [];
   for (let l = 0; l < c.numLayers; l++) {
     const lin = cx.record ? new Map<Projection, LinearTape>() : null;
     const pre = `model.layers.${l}`;
     const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-    const q = ops.rope(linear(cx, l, "q_proj", n1.y, lin), positions, c.numHeads, c.headDim, c.ropeTheta);
-    const k = ops.rope(linear(cx, l, "k_proj", n1.y, lin), positions, c.numKvHeads, c.headDim, c.ropeTheta);
+    const q = ops.rope(
+      linear(cx, l, "q_proj", n1.y, lin),
+      positions,
+      c.numHeads,
+      c.headDim,
+      c.ropeTheta,
+    );
+    const k = ops.rope(
+      linear(cx, l, "k_proj", n1.y, lin),
+      positions,
+      c.numKvHeads,
+      c.headDim,
+      c.ropeTheta,
+    );
     const v = linear(cx, l, "v_proj", n1.y, lin);
     const att = ops.attention(q, k, v, attnOpts);
     const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, lin));
-    const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
+    const n2 = ops.rmsNorm(
+      x2,
+      weight(model, `${pre}.post_attention_layernorm.weight`),
+      c.rmsNormEps,
+    );
     const gate = linear(cx, l, "gate_proj", n2.y, lin);
     const up = linear(cx, l, "up_proj", n2.y, lin);
     const act = ops.swiglu(gate, up);
@@ -280,14 +305,21 @@ const linearBackward = (
   let dx = ops.matmul(dy, w);
   if (mode === "full") {
     accumulate(ops, grads, `${path}.weight`, ops.matmul(dy, lt.x, { transA: true }));
-    if (tape.model.weights.has(`${path}.bias`)) accumulate(ops, grads, `${path}.bias`, ops.sumRows(dy));
+    if (tape.model.weights.has(`${path}.bias`)) {
+      accumulate(ops, grads, `${path}.bias`, ops.sumRows(dy));
+    }
   }
   const m = tape.lora?.modules.get(path);
   if (m && lt.xa && lt.xd) {
     const s = tape.lora!.scale;
     const dxa = ops.scale(ops.matmul(dy, m.b), s);
     if (mode === "lora") {
-      accumulate(ops, grads, loraGradKey(path, "B"), ops.scale(ops.matmul(dy, lt.xa, { transA: true }), s));
+      accumulate(
+        ops,
+        grads,
+        loraGradKey(path, "B"),
+        ops.scale(ops.matmul(dy, lt.xa, { transA: true }), s),
+      );
       accumulate(ops, grads, loraGradKey(path, "A"), ops.matmul(dxa, lt.xd, { transA: true }));
     }
     let dxd = ops.matmul(dxa, m.a);
@@ -315,13 +347,20 @@ export const backward = (
   const sel = tape.input.logitRows;
   const hSel = sel ? ops.gatherRows(tape.hFinal, sel) : tape.hFinal;
   let dh = ops.matmul(dLogits, head);
-  if (mode === "full") accumulate(ops, grads, headName, ops.matmul(dLogits, hSel, { transA: true }));
+  if (mode === "full") {
+    accumulate(ops, grads, headName, ops.matmul(dLogits, hSel, { transA: true }));
+  }
   if (sel) {
     const full = ops.zeros([tape.rows, c.hiddenSize]);
     ops.scatterRowsInPlace(full, dh, sel);
     dh = full;
   }
-  const nf = ops.rmsNormBackward(dh, tape.xFinal, weight(model, "model.norm.weight"), tape.rstdFinal);
+  const nf = ops.rmsNormBackward(
+    dh,
+    tape.xFinal,
+    weight(model, "model.norm.weight"),
+    tape.rstdFinal,
+  );
   if (mode === "full") accumulate(ops, grads, "model.norm.weight", nf.dw);
   let dx = nf.dx;
   const attnOpts = {
@@ -336,12 +375,18 @@ export const backward = (
   for (let l = c.numLayers - 1; l >= 0; l--) {
     const t = tape.layers[l];
     const pre = `model.layers.${l}`;
-    const lb = (p: Projection, dy: Tensor) => linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
+    const lb = (p: Projection, dy: Tensor) =>
+      linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
     // x3 = x2 + down(act): the residual passes dx through unchanged
     const dAct = lb("down_proj", dx);
     const sw = ops.swigluBackward(dAct, t.gate, t.up);
     const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
-    const n2 = ops.rmsNormBackward(dh2, t.x2, weight(model, `${pre}.post_attention_layernorm.weight`), t.rstd2);
+    const n2 = ops.rmsNormBackward(
+      dh2,
+      t.x2,
+      weight(model, `${pre}.post_attention_layernorm.weight`),
+      t.rstd2,
+    );
     if (mode === "full") accumulate(ops, grads, `${pre}.post_attention_layernorm.weight`, n2.dw);
     const dx2 = ops.add(dx, n2.dx);
     const dAtt = lb("o_proj", dx2);
@@ -349,12 +394,22 @@ export const backward = (
     const dqPre = ops.ropeBackward(ab.dq, tape.positions, c.numHeads, c.headDim, c.ropeTheta);
     const dkPre = ops.ropeBackward(ab.dk, tape.positions, c.numKvHeads, c.headDim, c.ropeTheta);
     const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
-    const n1 = ops.rmsNormBackward(dh1, t.x, weight(model, `${pre}.input_layernorm.weight`), t.rstd1);
+    const n1 = ops.rmsNormBackward(
+      dh1,
+      t.x,
+      weight(model, `${pre}.input_layernorm.weight`),
+      t.rstd1,
+    );
     if (mode === "full") accumulate(ops, grads, `${pre}.input_layernorm.weight`, n1.dw);
     dx = ops.add(dx2, n1.dx);
   }
   if (mode === "full") {
-    accumulate(ops, grads, "model.embed_tokens.weight", ops.embeddingBackward(dx, tape.input.ids, c.vocabSize));
+    accumulate(
+      ops,
+      grads,
+      "model.embed_tokens.weight",
+      ops.embeddingBackward(dx, tape.input.ids, c.vocabSize),
+    );
   }
   return grads;
 };
@@ -399,19 +454,41 @@ export const forwardCached = (
     kvLen: cache.len + tq,
     kvStart: kvStartT,
   };
-  let x = ops.embedding(weight(model, "model.embed_tokens.weight"), ops.fromArray(ids, [rows], "i32"));
+  let x = ops.embedding(
+    weight(model, "model.embed_tokens.weight"),
+    ops.fromArray(ids, [rows], "i32"),
+  );
   for (let l = 0; l < c.numLayers; l++) {
     const pre = `model.layers.${l}`;
     const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-    const q = ops.rope(linear(cx, l, "q_proj", n1.y, null), positions, c.numHeads, c.headDim, c.ropeTheta);
-    const k = ops.rope(linear(cx, l, "k_proj", n1.y, null), positions, c.numKvHeads, c.headDim, c.ropeTheta);
+    const q = ops.rope(
+      linear(cx, l, "q_proj", n1.y, null),
+      positions,
+      c.numHeads,
+      c.headDim,
+      c.ropeTheta,
+    );
+    const k = ops.rope(
+      linear(cx, l, "k_proj", n1.y, null),
+      positions,
+      c.numKvHeads,
+      c.headDim,
+      c.ropeTheta,
+    );
     const v = linear(cx, l, "v_proj", n1.y, null);
     ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
     ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
     const att = ops.attention(q, cache.k[l], cache.v[l], attnOpts);
     const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, null));
-    const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
-    const act = ops.swiglu(linear(cx, l, "gate_proj", n2.y, null), linear(cx, l, "up_proj", n2.y, null));
+    const n2 = ops.rmsNorm(
+      x2,
+      weight(model, `${pre}.post_attention_layernorm.weight`),
+      c.rmsNormEps,
+    );
+    const act = ops.swiglu(
+      linear(cx, l, "gate_proj", n2.y, null),
+      linear(cx, l, "up_proj", n2.y, null),
+    );
     x = ops.add(x2, linear(cx, l, "down_proj", act, null));
   }
   cache.len += tq;

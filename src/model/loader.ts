@@ -51,10 +51,15 @@ export const saveModel = (
 ): Effect.Effect<void, CheckpointError | SafetensorsError> =>
   Effect.gen(function* () {
     yield* Effect.promise(() => mkdir(dir, { recursive: true }));
-    const entries = [...weights].map(([n, t]) => fromFloat32(n, t.data, t.shape, options.dtype ?? "F32"));
+    const entries = [...weights].map(([n, t]) =>
+      fromFloat32(n, t.data, t.shape, options.dtype ?? "F32")
+    );
     yield* saveCheckpoint(dir, entries, { maxShardBytes: options.maxShardBytes });
     const cfg = { ...toHfConfig(config), torch_dtype: dtypeName(options.dtype ?? "F32") };
-    yield* writeFileAtomic(join(dir, "config.json"), new TextEncoder().encode(JSON.stringify(cfg, null, 2) + "\n"));
+    yield* writeFileAtomic(
+      join(dir, "config.json"),
+      new TextEncoder().encode(JSON.stringify(cfg, null, 2) + "\n"),
+    );
   });
 
 const dtypeName = (d: "F32" | "F16" | "BF16"): string =>

@@ -51,7 +51,9 @@ export const sampleToken = (logits: ArrayLike<number>, p: SamplingParams, rng: R
   if (p.topP < 1) {
     let mass = 0;
     let keep = 0;
-    while (keep < order.length && (keep === 0 || mass < p.topP)) mass += Math.exp(lp[order[keep++]]);
+    while (keep < order.length && (keep === 0 || mass < p.topP)) {
+      mass += Math.exp(lp[order[keep++]]);
+    }
     order = order.slice(0, keep);
   }
   let total = 0;

@@ -18,7 +18,14 @@ export interface HostTensor {
 export type WeightMap = ReadonlyMap<string, HostTensor>;
 
 /** Linear projections of a decoder layer that LoRA can target. */
-export type Projection = "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj";
+export type Projection =
+  | "q_proj"
+  | "k_proj"
+  | "v_proj"
+  | "o_proj"
+  | "gate_proj"
+  | "up_proj"
+  | "down_proj";
 
 /** All projections, in layer order. */
 export const PROJECTIONS: readonly Projection[] = [
@@ -33,7 +40,9 @@ export const PROJECTIONS: readonly Projection[] = [
 
 /** HF name of a layer's projection weight (without ".weight"). */
 export const projectionPath = (layer: number, p: Projection): string =>
-  `model.layers.${layer}.${p === "gate_proj" || p === "up_proj" || p === "down_proj" ? "mlp" : "self_attn"}.${p}`;
+  `model.layers.${layer}.${
+    p === "gate_proj" || p === "up_proj" || p === "down_proj" ? "mlp" : "self_attn"
+  }.${p}`;
 
 /** [out, in] of a projection. */
 export const projectionShape = (c: ModelConfig, p: Projection): [number, number] => {
@@ -68,10 +77,15 @@ export const weightSpecs = (c: ModelConfig): { name: string; shape: number[] }[]
         specs.push({ name: `${projectionPath(i, p)}.bias`, shape: [projectionShape(c, p)[0]] });
       }
     }
-    specs.push({ name: `model.layers.${i}.post_attention_layernorm.weight`, shape: [c.hiddenSize] });
+    specs.push({
+      name: `model.layers.${i}.post_attention_layernorm.weight`,
+      shape: [c.hiddenSize],
+    });
   }
   specs.push({ name: "model.norm.weight", shape: [c.hiddenSize] });
-  if (!c.tieWordEmbeddings) specs.push({ name: "lm_head.weight", shape: [c.vocabSize, c.hiddenSize] });
+  if (!c.tieWordEmbeddings) {
+    specs.push({ name: "lm_head.weight", shape: [c.vocabSize, c.hiddenSize] });
+  }
   return specs;
 };
 
@@ -94,7 +108,11 @@ export const validateWeights = (
     const out = new Map<string, HostTensor>();
     for (const { name, shape } of weightSpecs(c)) {
       const t = tensors.get(name);
-      if (!t) return yield* Effect.fail(new WeightsError({ tensor: name, message: `missing tensor ${name}` }));
+      if (!t) {
+        return yield* Effect.fail(
+          new WeightsError({ tensor: name, message: `missing tensor ${name}` }),
+        );
+      }
       if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
         return yield* Effect.fail(
           new WeightsError({
@@ -106,7 +124,10 @@ export const validateWeights = (
       const bad = t.data.findIndex((x) => !Number.isFinite(x));
       if (bad >= 0) {
         return yield* Effect.fail(
-          new WeightsError({ tensor: name, message: `tensor ${name} holds ${t.data[bad]} at index ${bad}` }),
+          new WeightsError({
+            tensor: name,
+            message: `tensor ${name} holds ${t.data[bad]} at index ${bad}`,
+          }),
         );
       }
       out.set(name, t);
@@ -122,7 +143,7 @@ export const initWeights = (c: ModelConfig, seed: number, std = 0.02): WeightMap
     const n = shape.reduce((a, b) => a * b, 1);
     const data = new Float32Array(n);
     if (name.endsWith("norm.weight")) data.fill(1);
-    else if (!name.endsWith(".bias")) for (let i = 0; i < n; i++) data[i] = rng.normal() * std;
+    else if (!name.endsWith(".bias")) { for (let i = 0; i < n; i++) data[i] = rng.normal() * std; }
     out.set(name, { shape, data });
   }
   return out;

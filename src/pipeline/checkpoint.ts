@@ -26,7 +26,9 @@ export const saveTrainCheckpoint = (
 ): Effect.Effect<void, CheckpointError | SafetensorsError> => {
   const { state } = ckpt;
   const maps = { param: state.params, m: state.m, v: state.v };
-  const entries = GROUPS.flatMap((g) => [...maps[g]].map(([k, t]) => fromFloat32(`${g}/${k}`, t.data, t.shape)));
+  const entries = GROUPS.flatMap((g) =>
+    [...maps[g]].map(([k, t]) => fromFloat32(`${g}/${k}`, t.data, t.shape))
+  );
   return writeSafetensorsFile(path, entries, {
     format: "lorafold-train-state",
     step: String(ckpt.step),
@@ -42,8 +44,11 @@ export const loadTrainCheckpoint = (
   Effect.gen(function* () {
     const file = yield* readSafetensorsFile(path);
     const md = file.metadata;
-    const bad = (reason: string) => Effect.fail(new CheckpointError({ path, tensor: null, reason }));
-    if (md.format !== "lorafold-train-state") return yield* bad(`not a lorafold training checkpoint (format=${md.format})`);
+    const bad = (reason: string) =>
+      Effect.fail(new CheckpointError({ path, tensor: null, reason }));
+    if (md.format !== "lorafold-train-state") {
+      return yield* bad(`not a lorafold training checkpoint (format=${md.format})`);
+    }
     const step = Number(md.step);
     const version = Number(md.version);
     let rng: unknown;
@@ -52,10 +57,17 @@ export const loadTrainCheckpoint = (
     } catch {
       rng = null;
     }
-    if (!Number.isInteger(step) || !Number.isInteger(version) || !Array.isArray(rng) || rng.length !== 4) {
+    if (
+      !Number.isInteger(step) || !Number.isInteger(version) || !Array.isArray(rng) ||
+      rng.length !== 4
+    ) {
       return yield* bad("metadata step/version/rng missing or malformed");
     }
-    const maps = { param: new Map<string, HostTensor>(), m: new Map<string, HostTensor>(), v: new Map<string, HostTensor>() };
+    const maps = {
+      param: new Map<string, HostTensor>(),
+      m: new Map<string, HostTensor>(),
+      v: new Map<string, HostTensor>(),
+    };
     for (const [name, e] of file.tensors) {
       const slash = name.indexOf("/");
       const g = name.slice(0, slash) as typeof GROUPS[number];
@@ -64,5 +76,8 @@ export const loadTrainCheckpoint = (
       if (!data.every(Number.isFinite)) return yield* bad(`tensor ${name} holds NaN or Inf`);
       maps[g].set(name.slice(slash + 1), { shape: e.shape, data });
     }
-    return { step, state: { version, params: maps.param, m: maps.m, v: maps.v, rng: rng as number[] } };
+    return {
+      step,
+      state: { version, params: maps.param, m: maps.m, v: maps.v, rng: rng as number[] },
+    };
   });

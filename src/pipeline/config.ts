@@ -7,7 +7,7 @@
 import type { TaggedErrorClass } from "../tagged_error.ts";
 import { Data, Effect, Exit, Schema } from "effect";
 import { decodeGrpoConfig, type GrpoConfig, trlOptionNames } from "../grpo/config.ts";
-import { PROJECTIONS, type Projection } from "../model/weights.ts";
+import { type Projection, PROJECTIONS } from "../model/weights.ts";
 
 /** Everything `train` needs besides the GRPO options. */
 export interface TrainOptions {
@@ -78,10 +78,18 @@ const lit = <const L extends readonly string[]>(values: L, d: L[number]): Spec =
 });
 
 const specs: { readonly [K in keyof TrainOptions]: Spec } = {
-  model: { schema: Schema.NullOr(Schema.String), default: null, allowed: "a directory path, or null (built-in)" },
+  model: {
+    schema: Schema.NullOr(Schema.String),
+    default: null,
+    allowed: "a directory path, or null (built-in)",
+  },
   mode: lit(["lora", "full"], "lora"),
   engine: lit(["local", "server"], "local"),
-  serverUrl: { schema: Schema.NullOr(Schema.String), default: null, allowed: "an http(s) URL, or null" },
+  serverUrl: {
+    schema: Schema.NullOr(Schema.String),
+    default: null,
+    allowed: "an http(s) URL, or null",
+  },
   push: lit(["auto", "lora", "full"], "auto"),
   steps: { schema: int(1), default: 60, allowed: "an integer >= 1" },
   promptsPerStep: { schema: int(1), default: 16, allowed: "an integer >= 1" },
@@ -89,7 +97,13 @@ const specs: { readonly [K in keyof TrainOptions]: Spec } = {
   backend: lit(["auto", "cpu", "webgpu"], "auto"),
   loraR: { schema: int(1), default: 8, allowed: "an integer >= 1" },
   loraAlpha: { schema: num(0, true), default: 16, allowed: "a number > 0" },
-  loraDropout: { schema: Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true })), default: 0, allowed: "a number in [0, 1)" },
+  loraDropout: {
+    schema: Schema.Finite.check(
+      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
+    ),
+    default: 0,
+    allowed: "a number in [0, 1)",
+  },
   targetModules: {
     schema: Schema.Array(Schema.Literals(PROJECTIONS)),
     default: [...PROJECTIONS],
@@ -98,11 +112,27 @@ const specs: { readonly [K in keyof TrainOptions]: Spec } = {
   useRslora: { schema: Schema.Boolean, default: false, allowed: "true | false" },
   weightDecay: { schema: num(0), default: 0, allowed: "a number >= 0" },
   maxGradNorm: { schema: num(0), default: 1, allowed: "a number >= 0 (0 = no clipping)" },
-  adamBeta1: { schema: Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true })), default: 0.9, allowed: "a number in [0, 1)" },
-  adamBeta2: { schema: Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true })), default: 0.999, allowed: "a number in [0, 1)" },
+  adamBeta1: {
+    schema: Schema.Finite.check(
+      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
+    ),
+    default: 0.9,
+    allowed: "a number in [0, 1)",
+  },
+  adamBeta2: {
+    schema: Schema.Finite.check(
+      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
+    ),
+    default: 0.999,
+    allowed: "a number in [0, 1)",
+  },
   adamEpsilon: { schema: num(0, true), default: 1e-8, allowed: "a number > 0" },
   outputDir: { schema: Schema.String, default: "runs", allowed: "a directory path" },
-  runId: { schema: Schema.NullOr(Schema.String.check(Schema.isPattern(/^[A-Za-z0-9._-]+$/))), default: null, allowed: "letters, digits, . _ -" },
+  runId: {
+    schema: Schema.NullOr(Schema.String.check(Schema.isPattern(/^[A-Za-z0-9._-]+$/))),
+    default: null,
+    allowed: "letters, digits, . _ -",
+  },
   checkpointEvery: { schema: int(0), default: 10, allowed: "an integer >= 0" },
   resume: { schema: Schema.Boolean, default: false, allowed: "true | false" },
   evalSize: { schema: int(1), default: 200, allowed: "an integer >= 1" },
@@ -120,7 +150,8 @@ export const builtinGrpoDefaults: Record<string, unknown> = {
   temperature: 1,
 };
 
-const camel = (k: string): string => k.replace(/[-_]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+const camel = (k: string): string =>
+  k.replace(/[-_]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 
 const trainKeys = new Set(Object.keys(specs));
 const grpoKeys = new Map<string, string>(
@@ -128,7 +159,9 @@ const grpoKeys = new Map<string, string>(
 );
 
 /** Decodes options (any key spelling), filling defaults; errors are one line. */
-export const decodeTrainConfig = (input: Record<string, unknown>): Effect.Effect<TrainConfig, TrainConfigError> =>
+export const decodeTrainConfig = (
+  input: Record<string, unknown>,
+): Effect.Effect<TrainConfig, TrainConfigError> =>
   Effect.gen(function* () {
     const train: Record<string, unknown> = {};
     const grpo: Record<string, unknown> = { ...builtinGrpoDefaults };
@@ -139,7 +172,10 @@ export const decodeTrainConfig = (input: Record<string, unknown>): Effect.Effect
         const spec = specs[key as keyof TrainOptions];
         if (Exit.isFailure(Schema.decodeUnknownExit(spec.schema as Schema.Codec<unknown>)(value))) {
           return yield* Effect.fail(
-            new TrainConfigError({ option: key, message: `option ${key}: got ${JSON.stringify(value)}; allowed: ${spec.allowed}` }),
+            new TrainConfigError({
+              option: key,
+              message: `option ${key}: got ${JSON.stringify(value)}; allowed: ${spec.allowed}`,
+            }),
           );
         }
         train[key] = value;
@@ -149,7 +185,9 @@ export const decodeTrainConfig = (input: Record<string, unknown>): Effect.Effect
         return yield* Effect.fail(
           new TrainConfigError({
             option: rawKey,
-            message: `unknown option "${rawKey}"; options: ${[...trainKeys, ...new Set(grpoKeys.values())].join(", ")}`,
+            message: `unknown option "${rawKey}"; options: ${
+              [...trainKeys, ...new Set(grpoKeys.values())].join(", ")
+            }`,
           }),
         );
       }
@@ -158,26 +196,45 @@ export const decodeTrainConfig = (input: Record<string, unknown>): Effect.Effect
       Effect.mapError((e) => new TrainConfigError({ option: e.option, message: e.message })),
     );
     const out: Record<string, unknown> = {};
-    for (const k of trainKeys) out[k] = k in train ? train[k] : specs[k as keyof TrainOptions].default;
+    for (const k of trainKeys) {
+      out[k] = k in train ? train[k] : specs[k as keyof TrainOptions].default;
+    }
     const cfg = { ...(out as unknown as TrainOptions), grpo: g };
     if (cfg.engine === "local" && cfg.serverUrl !== null) {
-      return yield* Effect.fail(new TrainConfigError({ option: "serverUrl", message: "option serverUrl needs engine \"server\"" }));
+      return yield* Effect.fail(
+        new TrainConfigError({
+          option: "serverUrl",
+          message: 'option serverUrl needs engine "server"',
+        }),
+      );
     }
     if (cfg.push === "lora" && cfg.mode === "full") {
-      return yield* Effect.fail(new TrainConfigError({ option: "push", message: "option push: \"lora\" needs mode \"lora\" (full fine-tuning has no adapter)" }));
+      return yield* Effect.fail(
+        new TrainConfigError({
+          option: "push",
+          message: 'option push: "lora" needs mode "lora" (full fine-tuning has no adapter)',
+        }),
+      );
     }
     return cfg;
   });
 
 /** Parses CLI arguments `--key value`, `--flag`, `--no-flag`, `--config FILE` into raw options. */
-export const parseArgs = (args: readonly string[]): Effect.Effect<Record<string, unknown>, TrainConfigError> =>
+export const parseArgs = (
+  args: readonly string[],
+): Effect.Effect<Record<string, unknown>, TrainConfigError> =>
   Effect.gen(function* () {
     const out: Record<string, unknown> = {};
     let file: string | null = null;
     for (let i = 0; i < args.length; i++) {
       const a = args[i];
       if (!a.startsWith("--")) {
-        return yield* Effect.fail(new TrainConfigError({ option: a, message: `unexpected argument "${a}" (options look like --steps 20)` }));
+        return yield* Effect.fail(
+          new TrainConfigError({
+            option: a,
+            message: `unexpected argument "${a}" (options look like --steps 20)`,
+          }),
+        );
       }
       let [key, value] = a.slice(2).split(/=(.*)/s, 2) as [string, string | undefined];
       if (value === undefined) {
@@ -199,14 +256,27 @@ export const parseArgs = (args: readonly string[]): Effect.Effect<Record<string,
     if (file !== null) {
       const text = yield* Effect.tryPromise({
         try: () => import("node:fs/promises").then((fs) => fs.readFile(file!, "utf8")),
-        catch: (e) => new TrainConfigError({ option: "config", message: `cannot read config file ${file}: ${e}` }),
+        catch: (e) =>
+          new TrainConfigError({
+            option: "config",
+            message: `cannot read config file ${file}: ${e}`,
+          }),
       });
       const json = yield* Effect.try({
         try: () => JSON.parse(text) as unknown,
-        catch: (e) => new TrainConfigError({ option: "config", message: `config file ${file} is not JSON: ${e}` }),
+        catch: (e) =>
+          new TrainConfigError({
+            option: "config",
+            message: `config file ${file} is not JSON: ${e}`,
+          }),
       });
       if (typeof json !== "object" || json === null || Array.isArray(json)) {
-        return yield* Effect.fail(new TrainConfigError({ option: "config", message: `config file ${file} must hold an object` }));
+        return yield* Effect.fail(
+          new TrainConfigError({
+            option: "config",
+            message: `config file ${file} must hold an object`,
+          }),
+        );
       }
       return { ...(json as Record<string, unknown>), ...out }; // flags win over the file
     }

@@ -58,16 +58,25 @@ export const makeLocalEngine = (
         Effect.gen(function* () {
           const loaded = current;
           if (!loaded) {
-            return yield* Effect.fail(new RolloutError({ engine: "local", message: "no snapshot pushed yet" }));
+            return yield* Effect.fail(
+              new RolloutError({ engine: "local", message: "no snapshot pushed yet" }),
+            );
           }
-          const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng).pipe(
-            Effect.mapError((e) => new RolloutError({ engine: "local", message: e.message, cause: e })),
-          );
+          const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng)
+            .pipe(
+              Effect.mapError((e) =>
+                new RolloutError({ engine: "local", message: e.message, cause: e })
+              ),
+            );
           let k = 0;
           const completions = requests.map((r) =>
             Array.from({ length: r.n }, () => {
               const g = gens[k++];
-              return { tokens: g.tokens, logprobs: g.processedLogprobs, finishReason: g.finishReason };
+              return {
+                tokens: g.tokens,
+                logprobs: g.processedLogprobs,
+                finishReason: g.finishReason,
+              };
             })
           );
           return { completions, policyVersion: loaded.version };
@@ -79,7 +88,14 @@ export const makeLocalEngine = (
         Effect.gen(function* () {
           const t0 = performance.now();
           yield* snapshot.verify().pipe(
-            Effect.mapError((e) => new SyncError({ target: "in-process", version: snapshot.version, message: e.message, cause: e })),
+            Effect.mapError((e) =>
+              new SyncError({
+                target: "in-process",
+                version: snapshot.version,
+                message: e.message,
+                cause: e,
+              })
+            ),
           );
           const scope = yield* Scope.make();
           const weights = snapshot.weights();

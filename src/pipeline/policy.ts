@@ -153,7 +153,8 @@ export class Policy {
       const ops = yield* backend.ops;
       const baseDevice = uploadModel(ops, config, base);
       const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
-      const track = (key: string, p: Tensor) => params.set(key, { p, m: ops.zeros(p.shape), v: ops.zeros(p.shape) });
+      const track = (key: string, p: Tensor) =>
+        params.set(key, { p, m: ops.zeros(p.shape), v: ops.zeros(p.shape) });
       let live = baseDevice;
       let lora: LoraRuntime | null = null;
       if (options.mode === "lora") {
@@ -169,7 +170,17 @@ export class Policy {
         live = { config, weights: w };
         for (const [name, t] of w) track(name, t);
       }
-      return new Policy(backend, config, options, base, baseDevice, live, lora, params, new Rng(options.seed + 1));
+      return new Policy(
+        backend,
+        config,
+        options,
+        base,
+        baseDevice,
+        live,
+        lora,
+        params,
+        new Rng(options.seed + 1),
+      );
     });
   }
 
@@ -237,57 +248,76 @@ export class Policy {
   ): Effect.Effect<StepStats, E | BackendFailure | NonFiniteStepError> {
     const stepNo = this.version + 1;
     const nonFinite = (quantity: string, detail: string) =>
-      new NonFiniteStepError({ step: stepNo, quantity, message: `step ${stepNo}: non-finite ${quantity} (${detail})` });
+      new NonFiniteStepError({
+        step: stepNo,
+        quantity,
+        message: `step ${stepNo}: non-finite ${quantity} (${detail})`,
+      });
     // deno-lint-ignore no-this-alias
     const self = this;
-    return Effect.scoped(Effect.gen(function* () {
-      const ops = yield* self.backend.ops;
-      const r = self.logProbsOn(ops, seqs, temperature, self.live, self.lora, true);
-      const ent = ops.entropy(r.logits, temperature);
-      const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
-      const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
-      if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
-      const res = yield* lossFn({ logp: self.split(seqs, lpFlat), entropy: self.split(seqs, entFlat) });
-      if (!Number.isFinite(res.loss)) return yield* Effect.fail(nonFinite("loss", String(res.loss)));
-      const flat = new Float32Array(lpFlat.length);
-      let o = 0;
-      for (const d of res.dLogp) {
-        flat.set(d, o);
-        o += d.length;
-      }
-      const dLogits = ops.logProbsBackward(ops.fromArray(flat, [flat.length]), r.logits, r.tgt, r.lse, temperature);
-      const grads = backward(ops, r.tape!, dLogits, self.options.mode);
-      const keys = [...self.params.keys()];
-      const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
-      let total = 0;
-      sq.forEach((x, i) => {
-        if (!Number.isFinite(x[0])) throw nonFinite("gradient", keys[i]);
-        total += x[0];
-      });
-      const gradNorm = Math.sqrt(total);
-      if (!Number.isFinite(gradNorm)) return yield* Effect.fail(nonFinite("gradient norm", String(gradNorm)));
-      const o2 = self.options.optimizer;
-      const clip = o2.maxGradNorm > 0 ? Math.min(1, o2.maxGradNorm / (gradNorm + 1e-6)) : 1;
-      for (const k of keys) {
-        const g = grads.get(k);
-        if (!g) continue;
-        const s = self.params.get(k)!;
-        ops.adamw(s.p, g, s.m, s.v, {
-          lr: o2.learningRate,
-          beta1: o2.beta1,
-          beta2: o2.beta2,
-          eps: o2.eps,
-          weightDecay: o2.weightDecay,
-          step: stepNo,
-          gradScale: clip,
+    return Effect.scoped(
+      Effect.gen(function* () {
+        const ops = yield* self.backend.ops;
+        const r = self.logProbsOn(ops, seqs, temperature, self.live, self.lora, true);
+        const ent = ops.entropy(r.logits, temperature);
+        const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
+        const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
+        if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
+        const res = yield* lossFn({
+          logp: self.split(seqs, lpFlat),
+          entropy: self.split(seqs, entFlat),
         });
-      }
-      ops.flush();
-      self.version = stepNo;
-      return { loss: res.loss, gradNorm, tokens: flat.length, metrics: res.metrics };
-    }).pipe(
-      Effect.catchDefect((d) => d instanceof NonFiniteStepError ? Effect.fail(d) : Effect.die(d)),
-    ));
+        if (!Number.isFinite(res.loss)) {
+          return yield* Effect.fail(nonFinite("loss", String(res.loss)));
+        }
+        const flat = new Float32Array(lpFlat.length);
+        let o = 0;
+        for (const d of res.dLogp) {
+          flat.set(d, o);
+          o += d.length;
+        }
+        const dLogits = ops.logProbsBackward(
+          ops.fromArray(flat, [flat.length]),
+          r.logits,
+          r.tgt,
+          r.lse,
+          temperature,
+        );
+        const grads = backward(ops, r.tape!, dLogits, self.options.mode);
+        const keys = [...self.params.keys()];
+        const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
+        let total = 0;
+        sq.forEach((x, i) => {
+          if (!Number.isFinite(x[0])) throw nonFinite("gradient", keys[i]);
+          total += x[0];
+        });
+        const gradNorm = Math.sqrt(total);
+        if (!Number.isFinite(gradNorm)) {
+          return yield* Effect.fail(nonFinite("gradient norm", String(gradNorm)));
+        }
+        const o2 = self.options.optimizer;
+        const clip = o2.maxGradNorm > 0 ? Math.min(1, o2.maxGradNorm / (gradNorm + 1e-6)) : 1;
+        for (const k of keys) {
+          const g = grads.get(k);
+          if (!g) continue;
+          const s = self.params.get(k)!;
+          ops.adamw(s.p, g, s.m, s.v, {
+            lr: o2.learningRate,
+            beta1: o2.beta1,
+            beta2: o2.beta2,
+            eps: o2.eps,
+            weightDecay: o2.weightDecay,
+            step: stepNo,
+            gradScale: clip,
+          });
+        }
+        ops.flush();
+        self.version = stepNo;
+        return { loss: res.loss, gradNorm, tokens: flat.length, metrics: res.metrics };
+      }).pipe(
+        Effect.catchDefect((d) => d instanceof NonFiniteStepError ? Effect.fail(d) : Effect.die(d)),
+      ),
+    );
   }
 
   /**
@@ -296,7 +326,14 @@ export class Policy {
    */
   snapshot(): Effect.Effect<Snapshot, BackendFailure | NonFiniteStepError> {
     const make = this.lora
-      ? foldSnapshot(this.backend, this.version, this.base, this.baseDevice, this.lora, this.options.lora!)
+      ? foldSnapshot(
+        this.backend,
+        this.version,
+        this.base,
+        this.baseDevice,
+        this.lora,
+        this.options.lora!,
+      )
       : copySnapshot(this.backend, this.version, this.live);
     return Effect.flatMap(make, (snap) => {
       const bad = snap.firstNonFinite();
@@ -305,7 +342,8 @@ export class Policy {
           new NonFiniteStepError({
             step: snap.version,
             quantity: "weights",
-            message: `step ${snap.version}: non-finite weights (${bad.name}[${bad.index}] = ${bad.value})`,
+            message:
+              `step ${snap.version}: non-finite weights (${bad.name}[${bad.index}] = ${bad.value})`,
           }),
         )
         : Effect.succeed(snap);
@@ -324,8 +362,22 @@ export class Policy {
         return [s.p, s.m, s.v];
       }));
       const pick = (j: number) =>
-        new Map(keys.map((k, i) => [k, { shape: [...self.params.get(k)!.p.shape], data: Float32Array.from(all[3 * i + j]) }]));
-      return { version: self.version, params: pick(0), m: pick(1), v: pick(2), rng: self.rng.state() };
+        new Map(
+          keys.map((
+            k,
+            i,
+          ) => [k, {
+            shape: [...self.params.get(k)!.p.shape],
+            data: Float32Array.from(all[3 * i + j]),
+          }]),
+        );
+      return {
+        version: self.version,
+        params: pick(0),
+        m: pick(1),
+        v: pick(2),
+        rng: self.rng.state(),
+      };
     }));
   }
 
@@ -338,12 +390,16 @@ export class Policy {
       for (const [k, s] of self.params) {
         const get = (m: Map<string, HostTensor>) => {
           const t = m.get(k);
-          if (!t || t.data.length !== s.p.size) throw new Error(`checkpoint lacks ${k} or its shape differs`);
+          if (!t || t.data.length !== s.p.size) {
+            throw new Error(`checkpoint lacks ${k} or its shape differs`);
+          }
           return ops.fromArray(t.data, s.p.shape);
         };
         // bit-exact copies into the long-lived tensors (one row covering the whole tensor)
         const assign = (dst: Tensor, src: Tensor) =>
-          ops.scatterRowsInPlace(ops.reshape(dst, [1, dst.size]), ops.reshape(src, [1, src.size]), [0]);
+          ops.scatterRowsInPlace(ops.reshape(dst, [1, dst.size]), ops.reshape(src, [1, src.size]), [
+            0,
+          ]);
         assign(s.p, get(state.params));
         assign(s.m, get(state.m));
         assign(s.v, get(state.v));

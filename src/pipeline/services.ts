@@ -95,6 +95,8 @@ export interface SyncTargetShape {
 }
 
 /** SyncTarget service key. */
-export const SyncTarget: Context.Key<SyncTargetShape, SyncTargetShape> = Context.Service<SyncTargetShape>(
+export const SyncTarget: Context.Key<SyncTargetShape, SyncTargetShape> = Context.Service<
+  SyncTargetShape
+>(
   "lorafold/SyncTarget",
 );

@@ -15,7 +15,13 @@ import { groupAdvantages } from "../grpo/advantages.ts";
 import type { GrpoConfig } from "../grpo/config.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import { countLossTokens, grpoLoss, type LossSequence } from "../grpo/loss.ts";
-import { type NamedReward, type RewardError, rewardMetrics, type RewardTable, scoreRewards } from "../grpo/rewards.ts";
+import {
+  type NamedReward,
+  type RewardError,
+  rewardMetrics,
+  type RewardTable,
+  scoreRewards,
+} from "../grpo/rewards.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { Rng } from "../model/rng.ts";
 import type { Snapshot } from "../sync/snapshot.ts";
@@ -116,7 +122,8 @@ const promptTokens = (tok: Tokenizer, text: string): number[] => [
 ];
 
 /** Samples prompts and asks the RolloutEngine for G completions of each. */
-export const rollout = (o: RolloutOptions) => <E, R>(
+export const rollout = (o: RolloutOptions) =>
+<E, R>(
   s: Stream.Stream<Step, E, R>,
 ): Stream.Stream<Rollouts, E | RolloutError, R | typeof RolloutEngine.Identifier> =>
   Stream.mapEffect(
@@ -164,39 +171,47 @@ export const rollout = (o: RolloutOptions) => <E, R>(
   );
 
 /** Scores every completion with the weighted reward functions. */
-export const reward = (rewards: readonly NamedReward[], weights?: readonly number[] | null) => <E, R>(
-  s: Stream.Stream<Rollouts, E, R>,
-): Stream.Stream<Scored, E | RewardError, R> =>
-  Stream.mapEffect(
-    s,
-    timed("reward", (r: Rollouts) =>
-      Effect.map(
-        scoreRewards(rewards, r.completionTexts, {
-          prompts: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.prompt)),
-          answers: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.answer)),
-        }, { rewardWeights: weights ?? null }),
-        (table) => ({ ...r, rewards: table }),
-      )),
-  );
+export const reward =
+  (rewards: readonly NamedReward[], weights?: readonly number[] | null) =>
+  <E, R>(
+    s: Stream.Stream<Rollouts, E, R>,
+  ): Stream.Stream<Scored, E | RewardError, R> =>
+    Stream.mapEffect(
+      s,
+      timed("reward", (r: Rollouts) =>
+        Effect.map(
+          scoreRewards(rewards, r.completionTexts, {
+            prompts: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.prompt)),
+            answers: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.answer)),
+          }, { rewardWeights: weights ?? null }),
+          (table) => ({ ...r, rewards: table }),
+        )),
+    );
 
 /** Group-relative advantages (scale_rewards as configured) and the rollout metrics. */
-export const advantage = (config: GrpoConfig) => <E, R>(
+export const advantage = (config: GrpoConfig) =>
+<E, R>(
   s: Stream.Stream<Scored, E, R>,
 ): Stream.Stream<Advantaged, E | GrpoInputError | GrpoNumericError, R> =>
   Stream.mapEffect(
     s,
     timed("advantage", (r: Scored) =>
       Effect.map(
-        groupAdvantages(r.rewards.combined, { numGenerations: r.numGenerations, scaleRewards: config.scaleRewards }),
+        groupAdvantages(r.rewards.combined, {
+          numGenerations: r.numGenerations,
+          scaleRewards: config.scaleRewards,
+        }),
         (a) => {
           const lengths = r.sequences.map((q) => q.completion.length);
           const metrics: Record<string, number> = {
             ...a.metrics,
             ...rewardMetrics(r.rewards.names, r.rewards.perFunction),
-            "completions/mean_length": lengths.reduce((x, y) => x + y, 0) / Math.max(1, lengths.length),
+            "completions/mean_length": lengths.reduce((x, y) => x + y, 0) /
+              Math.max(1, lengths.length),
             "completions/min_length": Math.min(...lengths),
             "completions/max_length": Math.max(...lengths),
-            "completions/clipped_ratio": r.endedWithEos.filter((e) => !e).length / Math.max(1, lengths.length),
+            "completions/clipped_ratio": r.endedWithEos.filter((e) => !e).length /
+              Math.max(1, lengths.length),
           };
           return { ...r, advantages: a.advantages, metrics };
         },
@@ -214,9 +229,14 @@ export interface UpdateOptions {
  * recorded before the first pass when they are needed); the loss is computed on the host from
  * the device's token log-probs and its gradient flows back through the model.
  */
-export const update = (o: UpdateOptions) => <E, R>(
+export const update = (o: UpdateOptions) =>
+<E, R>(
   s: Stream.Stream<Advantaged, E, R>,
-): Stream.Stream<Updated, E | BackendFailure | NonFiniteStepError | GrpoInputError | GrpoNumericError, R> =>
+): Stream.Stream<
+  Updated,
+  E | BackendFailure | NonFiniteStepError | GrpoInputError | GrpoNumericError,
+  R
+> =>
   Stream.mapEffect(
     s,
     timed("update", (r: Advantaged) =>
@@ -224,7 +244,9 @@ export const update = (o: UpdateOptions) => <E, R>(
         const c = o.config;
         const needOld = c.numIterations > 1;
         const old = needOld ? yield* o.policy.logProbs(r.sequences, c.temperature) : null;
-        const ref = c.beta !== 0 ? yield* o.policy.logProbs(r.sequences, c.temperature, true) : null;
+        const ref = c.beta !== 0
+          ? yield* o.policy.logProbs(r.sequences, c.temperature, true)
+          : null;
         const masks = r.sequences.map((q) => new Float64Array(q.completion.length).fill(1));
         const dapoNormalizer = countLossTokens(
           masks.map((mask, i) => ({ mask, endedWithEos: r.endedWithEos[i] })),
@@ -247,7 +269,11 @@ export const update = (o: UpdateOptions) => <E, R>(
                 })),
                 { ...c, dapoNormalizer },
               ),
-              (res) => ({ loss: res.loss, dLogp: res.dLogp, metrics: res.metrics as Record<string, number> }),
+              (res) => ({
+                loss: res.loss,
+                dLogp: res.dLogp,
+                metrics: res.metrics as Record<string, number>,
+              }),
             ));
         }
         return { ...r, stats: stats! };
@@ -255,15 +281,26 @@ export const update = (o: UpdateOptions) => <E, R>(
   );
 
 /** Takes an immutable snapshot of the policy after its update. */
-export const snapshot = (policy: Policy) => <A extends Step, E, R>(
+export const snapshot = (policy: Policy) =>
+<A extends Step, E, R>(
   s: Stream.Stream<A, E, R>,
 ): Stream.Stream<A & { snapshot: Snapshot }, E | BackendFailure | NonFiniteStepError, R> =>
-  Stream.mapEffect(s, timed("snapshot", (a: A) => Effect.map(policy.snapshot(), (snap) => ({ ...a, snapshot: snap }))));
+  Stream.mapEffect(
+    s,
+    timed(
+      "snapshot",
+      (a: A) => Effect.map(policy.snapshot(), (snap) => ({ ...a, snapshot: snap })),
+    ),
+  );
 
 /** Publishes each snapshot to the SyncTarget (which verifies it). */
 export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
   s: Stream.Stream<A, E, R>,
-): Stream.Stream<A & { push: PushReport }, E | SyncError | SyncMismatch, R | typeof SyncTarget.Identifier> =>
+): Stream.Stream<
+  A & { push: PushReport },
+  E | SyncError | SyncMismatch,
+  R | typeof SyncTarget.Identifier
+> =>
   Stream.mapEffect(
     s,
     timed("push", (a: A) =>

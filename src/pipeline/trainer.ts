@@ -5,7 +5,7 @@
  * (PEFT) or the full model, an SVG reward plot and a summary.
  * @module
  */
-import { Effect, Layer, Stream } from "effect";
+import { Effect, type Layer, Stream } from "effect";
 import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -32,11 +32,28 @@ import { loadTrainCheckpoint, saveTrainCheckpoint } from "./checkpoint.ts";
 import { type NonFiniteStepError, Policy } from "./policy.ts";
 import { LocalEngineLive } from "./local_engine.ts";
 import { SyncTarget } from "./services.ts";
-import type { RolloutEngineShape, RolloutError, SyncError, SyncMismatch, SyncTargetShape } from "./services.ts";
-import { advantage, type Pushed, push, reward, rollout, snapshot, steps, update } from "./stages.ts";
+import type {
+  RolloutEngineShape,
+  RolloutError,
+  SyncError,
+  SyncMismatch,
+  SyncTargetShape,
+} from "./services.ts";
+import {
+  advantage,
+  push,
+  type Pushed,
+  reward,
+  rollout,
+  snapshot,
+  steps,
+  update,
+} from "./stages.ts";
 
 /** Directory of the shipped base model (built by `deno task pretrain`). */
-export const BUILTIN_MODEL_DIR: string = fileURLToPath(new URL("../../assets/arithmetic-base/", import.meta.url));
+export const BUILTIN_MODEL_DIR: string = fileURLToPath(
+  new URL("../../assets/arithmetic-base/", import.meta.url),
+);
 
 /** What a finished run reports (also written to runs/<id>/summary.json). */
 export interface TrainSummary {
@@ -65,7 +82,9 @@ export interface BaseModel {
 }
 
 /** Loads the configured base model (the built-in one by default). */
-export const loadBase = (dir: string | null): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
+export const loadBase = (
+  dir: string | null,
+): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
   Effect.gen(function* () {
     const d = dir ?? BUILTIN_MODEL_DIR;
     const { config, weights } = yield* loadModel(d);
@@ -76,7 +95,8 @@ export const loadBase = (dir: string | null): Effect.Effect<BaseModel, LoadError
       return yield* Effect.fail(
         new ModelConfigError({
           field: "vocab_size",
-          message: `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
+          message:
+            `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
         }),
       );
     }
@@ -109,7 +129,11 @@ export type TrainError =
 const localEngine: EngineLayerFactory = (cfg) => LocalEngineLive(cfg.seed);
 
 const fmtTime = (s: number): string =>
-  !Number.isFinite(s) ? "?" : s >= 60 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s` : `${s.toFixed(0)}s`;
+  !Number.isFinite(s)
+    ? "?"
+    : s >= 60
+    ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`
+    : `${s.toFixed(0)}s`;
 
 /** Runs training; `log` receives progress and result lines. */
 export const runTraining = (
@@ -155,10 +179,14 @@ export const runTraining = (
         first = ck.step + 1;
         // keep the metrics of the steps the checkpoint covers; later lines are replayed
         const text = yield* Effect.promise(() => readFile(metricsPath, "utf8").catch(() => ""));
-        const kept = text.split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l) as Record<string, number>)
+        const kept = text.split("\n").filter((l) => l.trim()).map((l) =>
+          JSON.parse(l) as Record<string, number>
+        )
           .filter((m) => m.step <= ck.step);
         history.push(...kept);
-        yield* Effect.promise(() => writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join("")));
+        yield* Effect.promise(() =>
+          writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join(""))
+        );
         log(`resumed ${runDir} at step ${ck.step} (policy v${ck.state.version})`);
       } else {
         yield* Effect.promise(() => writeFile(metricsPath, ""));
@@ -168,14 +196,34 @@ export const runTraining = (
         Effect.scoped(Effect.gen(function* () {
           const snap = yield* policy.snapshot();
           const ops = yield* backend.ops;
-          const acc = yield* accuracy(backend, uploadModel(ops, base.config, snap.weights()), tok, task.heldOut, maxTokens);
-          log(`${label}: held-out exact-match accuracy ${(acc * 100).toFixed(1)}% (${task.heldOut.length} problems, greedy)`);
+          const acc = yield* accuracy(
+            backend,
+            uploadModel(ops, base.config, snap.weights()),
+            tok,
+            task.heldOut,
+            maxTokens,
+          );
+          log(
+            `${label}: held-out exact-match accuracy ${
+              (acc * 100).toFixed(1)
+            }% (${task.heldOut.length} problems, greedy)`,
+          );
           return acc;
         }));
       const accBefore = yield* Effect.scoped(Effect.gen(function* () {
         const ops = yield* backend.ops;
-        const acc = yield* accuracy(backend, uploadModel(ops, base.config, base.weights), tok, task.heldOut, maxTokens);
-        log(`base model: held-out exact-match accuracy ${(acc * 100).toFixed(1)}% (${task.heldOut.length} problems, greedy)`);
+        const acc = yield* accuracy(
+          backend,
+          uploadModel(ops, base.config, base.weights),
+          tok,
+          task.heldOut,
+          maxTokens,
+        );
+        log(
+          `base model: held-out exact-match accuracy ${
+            (acc * 100).toFixed(1)
+          }% (${task.heldOut.length} problems, greedy)`,
+        );
         return acc;
       }));
       const target = yield* SyncTarget;
@@ -187,7 +235,10 @@ export const runTraining = (
       const onStep = (p: Pushed) =>
         Effect.gen(function* () {
           const stepTime = Object.values(p.times).reduce((a, b) => a + b, 0) / 1000;
-          const trained = p.sequences.reduce((a, s) => a + s.prompt.length + s.completion.length, 0);
+          const trained = p.sequences.reduce(
+            (a, s) => a + s.prompt.length + s.completion.length,
+            0,
+          );
           tokens += trained;
           for (const [k, v] of Object.entries(p.times)) stageTotals[k] = (stageTotals[k] ?? 0) + v;
           const m: Record<string, number> = {
@@ -204,7 +255,9 @@ export const runTraining = (
             ...Object.fromEntries(Object.entries(p.times).map(([k, v]) => [`time/${k}_ms`, v])),
             push_bytes: p.push.bytes,
             push_latency_ms: p.push.latencyMs,
-            ...(p.push.logpDiffMax !== null ? { "sync/verify_logp_diff_max": p.push.logpDiffMax } : {}),
+            ...(p.push.logpDiffMax !== null
+              ? { "sync/verify_logp_diff_max": p.push.logpDiffMax }
+              : {}),
           };
           history.push(m);
           yield* Effect.promise(() => appendFile(metricsPath, JSON.stringify(m) + "\n"));
@@ -212,18 +265,31 @@ export const runTraining = (
           const elapsed = (performance.now() - t0) / 1000;
           if (!cfg.quiet) {
             log(
-              `step ${p.step}/${cfg.steps} | reward ${m.reward.toFixed(3)} | reward_std ${m.reward_std.toFixed(3)} | kl ${
-                (m.kl ?? 0).toFixed(4)
-              } | ${Math.round(tokens / elapsed)} tok/s | ETA ${fmtTime((elapsed / done) * (total - done))}`,
+              `step ${p.step}/${cfg.steps} | reward ${m.reward.toFixed(3)} | reward_std ${
+                m.reward_std.toFixed(3)
+              } | kl ${(m.kl ?? 0).toFixed(4)} | ${Math.round(tokens / elapsed)} tok/s | ETA ${
+                fmtTime((elapsed / done) * (total - done))
+              }`,
               true,
             );
           }
-          if ((cfg.checkpointEvery > 0 && p.step % cfg.checkpointEvery === 0) || p.step === cfg.steps) {
-            yield* saveTrainCheckpoint(ckptPath, { step: p.step, state: yield* policy.exportState() });
+          if (
+            (cfg.checkpointEvery > 0 && p.step % cfg.checkpointEvery === 0) || p.step === cfg.steps
+          ) {
+            yield* saveTrainCheckpoint(ckptPath, {
+              step: p.step,
+              state: yield* policy.exportState(),
+            });
           }
         });
       const stream = steps(first, cfg.steps).pipe(
-        rollout({ tokenizer: tok, prompts: (rng) => task.sample(rng), promptsPerStep: cfg.promptsPerStep, config: cfg.grpo, seed: cfg.seed }),
+        rollout({
+          tokenizer: tok,
+          prompts: (rng) => task.sample(rng),
+          promptsPerStep: cfg.promptsPerStep,
+          config: cfg.grpo,
+          seed: cfg.seed,
+        }),
         reward([exactMatchReward, formatReward(task.digits)]),
         advantage(cfg.grpo),
         update({ policy, config: cfg.grpo }),
@@ -241,7 +307,11 @@ export const runTraining = (
       const rewards = history.map((h) => [h.step, h.reward] as const);
       const svg = lineChartSvg(`GRPO ${cfg.mode} — reward per step`, "step", "reward", [
         { label: "reward", points: rewards, color: "#1f77b4" },
-        { label: "rewards/exact_match/mean", points: history.map((h) => [h.step, h["rewards/exact_match/mean"]] as const), color: "#2ca02c" },
+        {
+          label: "rewards/exact_match/mean",
+          points: history.map((h) => [h.step, h["rewards/exact_match/mean"]] as const),
+          color: "#2ca02c",
+        },
       ]);
       yield* Effect.promise(() => writeFile(join(runDir, "reward.svg"), svg));
       const steps_ = Math.max(1, total);
@@ -260,8 +330,14 @@ export const runTraining = (
         stageMs: Object.fromEntries(Object.entries(stageTotals).map(([k, v]) => [k, v / steps_])),
         trainableParameters: policy.trainableParameters,
       };
-      yield* Effect.promise(() => writeFile(join(runDir, "summary.json"), JSON.stringify(summary, null, 2) + "\n"));
-      log(`accuracy ${(accBefore * 100).toFixed(1)}% -> ${(accAfter * 100).toFixed(1)}% in ${trainWallS.toFixed(1)} s; run in ${runDir}`);
+      yield* Effect.promise(() =>
+        writeFile(join(runDir, "summary.json"), JSON.stringify(summary, null, 2) + "\n")
+      );
+      log(
+        `accuracy ${(accBefore * 100).toFixed(1)}% -> ${(accAfter * 100).toFixed(1)}% in ${
+          trainWallS.toFixed(1)
+        } s; run in ${runDir}`,
+      );
       return summary;
     });
     return yield* program.pipe(

@@ -16,7 +16,10 @@ export const exportCheckpoint = (
   dir: string,
   dtype: "F32" | "F16" | "BF16" = "F32",
 ): Effect.Effect<void, SnapshotCorrupted | CheckpointError | SafetensorsError> =>
-  Effect.flatMap(snapshot.verify(), () => saveModel(dir, snapshot.config, snapshot.weights(), { dtype }));
+  Effect.flatMap(
+    snapshot.verify(),
+    () => saveModel(dir, snapshot.config, snapshot.weights(), { dtype }),
+  );
 
 /** Writes the snapshot's LoRA adapter as a PEFT directory; fails for full fine-tuning snapshots. */
 export const exportAdapter = (
@@ -28,7 +31,9 @@ export const exportAdapter = (
     yield* snapshot.verify();
     const tensors = snapshot.adapter();
     if (!tensors || !snapshot.loraConfig) {
-      return yield* Effect.die(new Error(`snapshot v${snapshot.version} is a full-weight snapshot: no adapter`));
+      return yield* Effect.die(
+        new Error(`snapshot v${snapshot.version} is a full-weight snapshot: no adapter`),
+      );
     }
     const modules = new Map<string, { a: HostTensor; b: HostTensor }>();
     for (const [name, t] of tensors) {

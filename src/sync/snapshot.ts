@@ -97,7 +97,9 @@ export class Snapshot {
   /** Fresh copies of the adapter tensors (PEFT names without prefix: `<path>.lora_A`), or null. */
   adapter(): Map<string, HostTensor> | null {
     const a = this.store.adapter;
-    return a ? new Map([...a].map(([n, t]) => [n, { shape: [...t.shape], data: t.data.slice() }])) : null;
+    return a
+      ? new Map([...a].map(([n, t]) => [n, { shape: [...t.shape], data: t.data.slice() }]))
+      : null;
   }
 
   /** The first NaN/Inf among weights and adapter, or null when every value is finite. */
@@ -106,7 +108,9 @@ export class Snapshot {
     for (const m of adapter ? [weights, adapter] : [weights]) {
       for (const [name, t] of m) {
         const d = t.data;
-        for (let i = 0; i < d.length; i++) if (!Number.isFinite(d[i])) return { name, index: i, value: d[i] };
+        for (let i = 0; i < d.length; i++) {
+          if (!Number.isFinite(d[i])) return { name, index: i, value: d[i] };
+        }
       }
     }
     return null;
@@ -114,15 +118,20 @@ export class Snapshot {
 
   /** Recomputes the digest; fails with SnapshotCorrupted when the bytes changed. */
   verify(): Effect.Effect<void, SnapshotCorrupted> {
-    return Effect.flatMap(digestOf(this.store), (actual) =>
-      actual === this.digest ? Effect.void : Effect.fail(
-        new SnapshotCorrupted({
-          version: this.version,
-          expected: this.digest,
-          actual,
-          message: `snapshot v${this.version} changed after creation (digest ${actual.slice(0, 12)} != ${this.digest.slice(0, 12)})`,
-        }),
-      ));
+    return Effect.flatMap(
+      digestOf(this.store),
+      (actual) =>
+        actual === this.digest ? Effect.void : Effect.fail(
+          new SnapshotCorrupted({
+            version: this.version,
+            expected: this.digest,
+            actual,
+            message: `snapshot v${this.version} changed after creation (digest ${
+              actual.slice(0, 12)
+            } != ${this.digest.slice(0, 12)})`,
+          }),
+        ),
+    );
   }
 }
 
@@ -196,9 +205,12 @@ export const copySnapshot = (
     const names = [...device.weights.keys()];
     const host = yield* ops.read(names.map((n) => device.weights.get(n)!));
     const weights = new Map<string, HostTensor>();
-    names.forEach((n, i) => weights.set(n, { shape: [...device.weights.get(n)!.shape], data: toF32(host[i]) }));
+    names.forEach((n, i) =>
+      weights.set(n, { shape: [...device.weights.get(n)!.shape], data: toF32(host[i]) })
+    );
     return yield* Snapshot.create(version, "full", device.config, null, { weights, adapter: null });
   }));
 
 // Backends hand back fresh arrays; f64 reference arrays are narrowed to the f32 storage format.
-const toF32 = (a: Float32Array | Float64Array): Float32Array => a instanceof Float32Array ? a : Float32Array.from(a);
+const toF32 = (a: Float32Array | Float64Array): Float32Array =>
+  a instanceof Float32Array ? a : Float32Array.from(a);

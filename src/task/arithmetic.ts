@@ -73,18 +73,22 @@ export const arithmeticTask = (digits = 2, heldOutSize = 200, seed = 1234): Arit
 export const corpusLine = (task: ArithmeticTask, rng: Rng, dropRate: number): Problem => {
   const p = task.sample(rng);
   const [a, b] = p.prompt.slice(0, -1).split("+").map(Number);
-  return hasCarry(a, b) && rng.next() < dropRate ? { prompt: p.prompt, answer: droppedCarryAnswer(a, b, task.digits) } : p;
+  return hasCarry(a, b) && rng.next() < dropRate
+    ? { prompt: p.prompt, answer: droppedCarryAnswer(a, b, task.digits) }
+    : p;
 };
 
 /** 1 when the completion is exactly the answer, else 0. */
 export const exactMatchReward: NamedReward = {
   name: "exact_match",
-  fn: (completions, ctx) => completions.map((c, i) => (ctx.answers[i] === null ? null : c === ctx.answers[i] ? 1 : 0)),
+  fn: (completions, ctx) =>
+    completions.map((c, i) => (ctx.answers[i] === null ? null : c === ctx.answers[i] ? 1 : 0)),
 };
 
 /** 1 for a completion of exactly digits+1 digits and nothing else, else 0 (weighted lightly). */
 export const formatReward = (digits: number, weight = 0.1): NamedReward => ({
   name: "format",
   weight,
-  fn: (completions) => completions.map((c) => (new RegExp(`^[0-9]{${digits + 1}}$`).test(c) ? 1 : 0)),
+  fn: (completions) =>
+    completions.map((c) => (new RegExp(`^[0-9]{${digits + 1}}$`).test(c) ? 1 : 0)),
 });

@@ -57,7 +57,14 @@ export const pretrain = (backend: BackendShape, o: PretrainOptions) =>
     const policy = yield* Policy.make(backend, config, base, {
       mode: "full",
       seed: o.seed,
-      optimizer: { learningRate: o.learningRate, beta1: 0.9, beta2: 0.98, eps: 1e-8, weightDecay: 0.01, maxGradNorm: 1 },
+      optimizer: {
+        learningRate: o.learningRate,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weightDecay: 0.01,
+        maxGradNorm: 1,
+      },
     });
     const rng = new Rng(o.seed + 99);
     let acc = 0;
@@ -65,7 +72,13 @@ export const pretrain = (backend: BackendShape, o: PretrainOptions) =>
     const evalNow = Effect.gen(function* () {
       const snap = yield* policy.snapshot();
       const ops = yield* backend.ops;
-      return yield* accuracy(backend, uploadModel(ops, config, snap.weights()), tok, task.heldOut, task.digits + 2);
+      return yield* accuracy(
+        backend,
+        uploadModel(ops, config, snap.weights()),
+        tok,
+        task.heldOut,
+        task.digits + 2,
+      );
     }).pipe(Effect.scoped);
     while (step < o.maxSteps) {
       const seqs = Array.from({ length: o.batchSize }, () => {
@@ -75,12 +88,20 @@ export const pretrain = (backend: BackendShape, o: PretrainOptions) =>
       const stats = yield* policy.step(seqs, 1, (lp) => {
         const n = lp.logp.reduce((a, x) => a + x.length, 0);
         const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
-        return Effect.succeed({ loss, dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)), metrics: {} });
+        return Effect.succeed({
+          loss,
+          dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
+          metrics: {},
+        });
       });
       step++;
       if (step % o.evalEvery === 0) {
         acc = yield* evalNow;
-        o.log(`pretrain step ${step}: loss ${stats.loss.toFixed(4)} held-out accuracy ${(acc * 100).toFixed(1)}%`);
+        o.log(
+          `pretrain step ${step}: loss ${stats.loss.toFixed(4)} held-out accuracy ${
+            (acc * 100).toFixed(1)
+          }%`,
+        );
         if (acc >= o.targetAccuracy) break;
       }
     }

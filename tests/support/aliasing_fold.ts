@@ -33,8 +33,12 @@ export const aliasingFold = (
   adapter: ReadonlyMap<string, { a: HostTensor; b: HostTensor }>,
   scale: number,
 ): Map<string, HostTensor> => {
-  for (const [path, { a, b }] of adapter) deltaInPlace(live.get(`${path}.weight`)!.data, a, b, scale, 1);
+  for (const [path, { a, b }] of adapter) {
+    deltaInPlace(live.get(`${path}.weight`)!.data, a, b, scale, 1);
+  }
   const stateDict = new Map(live); // views of the live arrays, as torch's state_dict() returns
-  for (const [path, { a, b }] of adapter) deltaInPlace(live.get(`${path}.weight`)!.data, a, b, scale, -1);
+  for (const [path, { a, b }] of adapter) {
+    deltaInPlace(live.get(`${path}.weight`)!.data, a, b, scale, -1);
+  }
   return stateDict;
 };

@@ -37,8 +37,7 @@ export const testBackends = async (): Promise<TestBackends> => ({
 export const hasGpu: boolean = (await openGpu()) !== null;
 
 /** Closes the shared GPU device (call from the last test of a file, or let the process exit). */
-export const closeGpu = (): Promise<void> =>
-  Effect.runPromise(Scope.close(gpuScope, Exit.void));
+export const closeGpu = (): Promise<void> => Effect.runPromise(Scope.close(gpuScope, Exit.void));
 
 /**
  * Registers the last test of a file that uses the GPU: every scope has returned its buffers
@@ -52,7 +51,9 @@ export const gpuTeardown = (): void =>
     fn: async () => {
       const ctx = (await openGpu())!.gpu!;
       await ctx.sync();
-      if (ctx.outstanding !== 0) throw new Error(`${ctx.outstanding} GPU buffers were never released`);
+      if (ctx.outstanding !== 0) {
+        throw new Error(`${ctx.outstanding} GPU buffers were never released`);
+      }
       await closeGpu();
     },
   });
@@ -66,7 +67,7 @@ export const withOps = <A>(
     Effect.scoped(
       Effect.flatMap(b.ops, (ops) =>
         Effect.flatMap(
-          Effect.promise(async () => f(ops)),
+          Effect.promise(() => Promise.resolve(f(ops))),
           (r) => Effect.isEffect(r) ? (r as Effect.Effect<A, unknown>) : Effect.succeed(r as A),
         )),
     ) as Effect.Effect<A, unknown>,

@@ -24,7 +24,11 @@ export const cpuInfo = (precision: CpuPrecision): BackendInfo => ({
 export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope } => {
   const sc = new CpuScope(precision);
   const fromArray = (data: ArrayLike<number>, shape: readonly number[], dtype: DType = "f32") => {
-    require(sizeOf(shape) === data.length, "fromArray", () => `shape [${shape}] vs length ${data.length}`);
+    require(
+      sizeOf(shape) === data.length,
+      "fromArray",
+      () => `shape [${shape}] vs length ${data.length}`,
+    );
     const store = dtype === "i32" ? Int32Array.from(data) : sc.floats(data.length);
     if (dtype === "f32") store.set(data);
     return sc.wrap(shape, store, dtype);
@@ -33,7 +37,11 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     info: cpuInfo(precision),
     fromArray,
     zeros: (shape, dtype = "f32") =>
-      sc.wrap(shape, dtype === "i32" ? new Int32Array(sizeOf(shape)) : sc.floats(sizeOf(shape)), dtype),
+      sc.wrap(
+        shape,
+        dtype === "i32" ? new Int32Array(sizeOf(shape)) : sc.floats(sizeOf(shape)),
+        dtype,
+      ),
     copy: (t) => {
       const c = sc.any(t, "copy");
       return sc.wrap(c.shape, c.data.slice(), c.dtype);
@@ -64,15 +72,19 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
     rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
-    rope: (x, positions, heads, headDim, theta) => layers.rope(sc, x, positions, heads, headDim, theta),
-    ropeBackward: (dy, positions, heads, headDim, theta) => layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
+    rope: (x, positions, heads, headDim, theta) =>
+      layers.rope(sc, x, positions, heads, headDim, theta),
+    ropeBackward: (dy, positions, heads, headDim, theta) =>
+      layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
     embedding: (table, ids) => layers.embedding(sc, table, ids),
     embeddingBackward: (dy, ids, vocab) => layers.embeddingBackward(sc, dy, ids, vocab),
     logProbs: (logits, targets, temperature) => layers.logProbs(sc, logits, targets, temperature),
-    logProbsBackward: (dlogp, logits, targets, lse, temperature) => layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
+    logProbsBackward: (dlogp, logits, targets, lse, temperature) =>
+      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
     entropy: (logits, temperature) => layers.entropy(sc, logits, temperature),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
-    attentionBackward: (dOut, q, k, v, out, lse, opts) => attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
+    attentionBackward: (dOut, q, k, v, out, lse, opts) =>
+      attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
   };
   return { ops, scope: sc };
 };

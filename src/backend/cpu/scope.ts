@@ -53,7 +53,10 @@ export class CpuScope {
       throw new ShapeError({ op, message: `tensor from backend "${t.backend}" given to cpu` });
     }
     if (t.life.released) {
-      throw new ReleasedTensorError({ op, message: `tensor [${t.shape}] used after its scope closed` });
+      throw new ReleasedTensorError({
+        op,
+        message: `tensor [${t.shape}] used after its scope closed`,
+      });
     }
     return t;
   }

@@ -103,7 +103,9 @@ export class GpuContext {
 
   /** Buffers currently idle in the pool (tests check that scopes return what they take). */
   pooledBufferCount(bytes?: number): number {
-    if (bytes !== undefined) return this.pool.get(Math.max(4, Math.ceil(bytes / 4) * 4))?.length ?? 0;
+    if (bytes !== undefined) {
+      return this.pool.get(Math.max(4, Math.ceil(bytes / 4) * 4))?.length ?? 0;
+    }
     let n = 0;
     for (const l of this.pool.values()) n += l.length;
     return n;
@@ -186,7 +188,10 @@ export class GpuContext {
         if (typeof p === "number") view.setUint32(i * 4, p >>> 0, true);
         else view.setFloat32(i * 4, p.f, true);
       });
-      entries.push({ binding: 0, resource: { buffer: this.uniform, offset: this.slots * SLOT, size: SLOT } });
+      entries.push({
+        binding: 0,
+        resource: { buffer: this.uniform, offset: this.slots * SLOT, size: SLOT },
+      });
       this.slots++;
       first = 1;
     }
@@ -221,7 +226,9 @@ export class GpuContext {
   flush(): void {
     this.endPass();
     if (!this.encoder) return;
-    if (this.slots > 0) this.device.queue.writeBuffer(this.uniform, 0, this.uniformData, 0, this.slots * SLOT);
+    if (this.slots > 0) {
+      this.device.queue.writeBuffer(this.uniform, 0, this.uniformData, 0, this.slots * SLOT);
+    }
     this.device.queue.submit([this.encoder.finish()]);
     this.encoder = null;
     this.slots = 0;
@@ -249,7 +256,9 @@ export class GpuContext {
         this.error = null;
         throw new Error(e);
       }
-      return staging.map((s, i) => s.getMappedRange(0, srcs[i].bytes === 0 ? 0 : s.size).slice(0, srcs[i].bytes));
+      return staging.map((s, i) =>
+        s.getMappedRange(0, srcs[i].bytes === 0 ? 0 : s.size).slice(0, srcs[i].bytes)
+      );
     } finally {
       staging.forEach((s) => s.destroy());
     }

@@ -63,7 +63,10 @@ export class GpuScope {
       throw new ShapeError({ op, message: `tensor from backend "${t.backend}" given to webgpu` });
     }
     if (t.life.released) {
-      throw new ReleasedTensorError({ op, message: `tensor [${t.shape}] used after its scope closed` });
+      throw new ReleasedTensorError({
+        op,
+        message: `tensor [${t.shape}] used after its scope closed`,
+      });
     }
     return t;
   }
