@@ -49,9 +49,12 @@ export const sizeOf = (shape: readonly number[]): number => {
 };
 
 /** Throws a ShapeError unless `cond` holds. */
-export const require = (cond: boolean, op: string, message: () => string): void => {
+export const ensure = (cond: boolean, op: string, message: () => string): void => {
   if (!cond) throw new ShapeError({ op, message: message() });
 };
+
+/** @deprecated alias of `ensure` (kept while older modules migrate). */
+export const require = ensure;
 
 /** Checks `t.shape` equals `shape` (use -1 for "any"). */
 export const expectShape = (
@@ -60,7 +63,7 @@ export const expectShape = (
   t: Tensor,
   shape: readonly number[],
 ): void => {
-  require(
+  ensure(
     t.shape.length === shape.length && shape.every((d, i) => d === -1 || d === t.shape[i]),
     op,
     () => `${name} has shape [${t.shape}], expected [${shape.map((d) => d === -1 ? "*" : d)}]`,

@@ -6,7 +6,7 @@
  */
 import type { Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
-import { require } from "../backend/tensor.ts";
+import { ensure } from "../backend/tensor.ts";
 import type { ModelConfig } from "./config.ts";
 import type { Rng } from "./rng.ts";
 import { type Projection, projectionPath, PROJECTIONS, type WeightMap } from "./weights.ts";
@@ -183,7 +183,7 @@ export const forward = (
 ): { logits: Tensor; tape: Tape | null } => {
   const c = model.config;
   const rows = input.batch * input.seqLen;
-  require(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
+  ensure(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
   const cx: Ctx = {
     ops,
     model,
@@ -430,8 +430,8 @@ export const forwardCached = (
   const c = model.config;
   const B = cache.batch;
   const rows = B * tq;
-  require(ids.length === rows, "forwardCached", () => `ids ${ids.length} != ${rows}`);
-  require(cache.len + tq <= cache.maxLen, "forwardCached", () => `cache full (${cache.maxLen})`);
+  ensure(ids.length === rows, "forwardCached", () => `ids ${ids.length} != ${rows}`);
+  ensure(cache.len + tq <= cache.maxLen, "forwardCached", () => `cache full (${cache.maxLen})`);
   const cx: Ctx = { ops, model, lora, rng: null, record: false };
   const pos = new Int32Array(rows);
   const cacheRows = new Int32Array(rows);

@@ -6,7 +6,7 @@
  */
 import type { AttentionOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { expectShape, require } from "../tensor.ts";
+import { ensure, expectShape } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Attention geometry with every default resolved (shared with the WebGPU backend). */
@@ -39,7 +39,7 @@ export const checkAttention = (
   opts: AttentionOptions,
 ): AttentionGeometry => {
   const { batch, tq, tk, heads, kvHeads, headDim } = opts;
-  require(
+  ensure(
     isCount(batch, 1) && isCount(tq, 1) && isCount(tk, 1) && isCount(heads, 1) &&
       isCount(kvHeads, 1) && isCount(headDim, 1),
     op,
@@ -47,29 +47,29 @@ export const checkAttention = (
       `batch ${batch}, tq ${tq}, tk ${tk}, heads ${heads}, kvHeads ${kvHeads}, headDim ${headDim} ` +
       `must be positive integers`,
   );
-  require(
+  ensure(
     heads % kvHeads === 0,
     op,
     () => `heads ${heads} is not a multiple of kvHeads ${kvHeads}`,
   );
   const qOffset = opts.qOffset ?? 0;
   const kvLen = opts.kvLen ?? tk;
-  require(
+  ensure(
     isCount(qOffset, 0) && qOffset + tq <= tk,
     op,
     () =>
       `qOffset ${qOffset} must be a non-negative integer with qOffset + tq (${tq}) <= tk (${tk})`,
   );
-  require(isCount(kvLen, 0) && kvLen <= tk, op, () => `kvLen ${kvLen} must be in [0, tk=${tk}]`);
+  ensure(isCount(kvLen, 0) && kvLen <= tk, op, () => `kvLen ${kvLen} must be in [0, tk=${tk}]`);
   for (const t of [q, k, v]) {
-    require(t.dtype === "f32", op, () => `q, k, v must be f32, got ${t.dtype}`);
+    ensure(t.dtype === "f32", op, () => `q, k, v must be f32, got ${t.dtype}`);
   }
   expectShape(op, "q", q, [batch * tq, heads * headDim]);
   expectShape(op, "k", k, [batch * tk, kvHeads * headDim]);
   expectShape(op, "v", v, [batch * tk, kvHeads * headDim]);
   if (opts.kvStart !== undefined) {
     expectShape(op, "kvStart", opts.kvStart, [batch]);
-    require(
+    ensure(
       opts.kvStart.dtype === "i32",
       op,
       () => `kvStart must be i32, got ${opts.kvStart!.dtype}`,
@@ -98,7 +98,7 @@ export const checkAttentionBackward = (
   lse: Tensor,
 ): void => {
   for (const t of [dOut, out, lse]) {
-    require(t.dtype === "f32", op, () => `dOut, out, lse must be f32, got ${t.dtype}`);
+    ensure(t.dtype === "f32", op, () => `dOut, out, lse must be f32, got ${t.dtype}`);
   }
   expectShape(op, "dOut", dOut, [g.batch * g.tq, g.heads * g.headDim]);
   expectShape(op, "out", out, [g.batch * g.tq, g.heads * g.headDim]);

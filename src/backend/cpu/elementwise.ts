@@ -6,11 +6,11 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { asMatrix, expectShape, require } from "../tensor.ts";
+import { asMatrix, ensure, expectShape } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
 const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
-  require(
+  ensure(
     a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]),
     op,
     () => `${an} [${a.shape}] and ${bn} [${b.shape}] must have the same shape`,
@@ -20,7 +20,7 @@ const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =
 const checkRows = (op: string, idx: ArrayLike<number>, rows: number): void => {
   for (let i = 0; i < idx.length; i++) {
     const r = idx[i];
-    require(
+    ensure(
       Number.isInteger(r) && r >= 0 && r < rows,
       op,
       () => `row index ${r} (at ${i}) out of range [0, ${rows})`,
@@ -84,7 +84,7 @@ export function addScaledInPlace(sc: CpuScope, dst: Tensor, src: Tensor, s: numb
 
 /** See Ops.addRow. */
 export function addRow(sc: CpuScope, a: Tensor, row: Tensor): Tensor {
-  require(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
+  ensure(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
   const [rows, cols] = asMatrix(a);
   expectShape("addRow", "row", row, [cols]);
   const x = sc.f(a, "addRow");
@@ -98,7 +98,7 @@ export function addRow(sc: CpuScope, a: Tensor, row: Tensor): Tensor {
 
 /** See Ops.sumRows. */
 export function sumRows(sc: CpuScope, a: Tensor): Tensor {
-  require(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
+  ensure(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
   const [rows, cols] = asMatrix(a);
   const x = sc.f(a, "sumRows");
   const acc = new Float64Array(cols);
@@ -148,7 +148,7 @@ export function scatterRowsInPlace(
   const [r, c] = dst.shape;
   expectShape(op, "src", src, [rows.length, c]);
   checkRows(op, rows, r);
-  require(new Set(Array.from(rows)).size === rows.length, op, () => `row indices must be distinct`);
+  ensure(new Set(Array.from(rows)).size === rows.length, op, () => `row indices must be distinct`);
   const d = sc.f(dst, op);
   // Copy first: src may be a view of dst.
   const x: FloatArray = sc.f(src, op).slice();
@@ -204,7 +204,7 @@ export function adamw(
   sameShape(op, param, grad, "param", "grad");
   sameShape(op, param, m, "param", "m");
   sameShape(op, param, v, "param", "v");
-  require(
+  ensure(
     Number.isInteger(opts.step) && opts.step >= 1,
     op,
     () => `step must be an integer >= 1, got ${opts.step}`,
@@ -213,7 +213,7 @@ export function adamw(
   const g = sc.f(grad, op);
   const mm = sc.f(m, op);
   const vv = sc.f(v, op);
-  require(
+  ensure(
     new Set([p, g, mm, vv]).size === 4,
     op,
     () => "param, grad, m and v must not share storage",

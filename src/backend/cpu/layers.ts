@@ -5,7 +5,7 @@
  * @module
  */
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { asMatrix, expectShape, require } from "../tensor.ts";
+import { asMatrix, ensure, expectShape } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
 /**
@@ -35,24 +35,24 @@ export const checkRope = (
   headDim: number,
   theta: number,
 ): number => {
-  require(
+  ensure(
     Number.isInteger(heads) && heads > 0 && Number.isInteger(headDim) && headDim > 0 &&
       headDim % 2 === 0,
     op,
     () => `heads ${heads} and headDim ${headDim} must be positive integers, headDim even`,
   );
-  require(Number.isFinite(theta) && theta > 0, op, () => `theta ${theta} must be positive`);
-  require(x.shape.length === 2, op, () => `x must be 2-D, got [${x.shape}]`);
+  ensure(Number.isFinite(theta) && theta > 0, op, () => `theta ${theta} must be positive`);
+  ensure(x.shape.length === 2, op, () => `x must be 2-D, got [${x.shape}]`);
   const rows = x.shape[0];
   expectShape(op, "x", x, [rows, heads * headDim]);
   expectShape(op, "positions", positions, [rows]);
-  require(positions.dtype === "i32", op, () => `positions must be i32, got ${positions.dtype}`);
+  ensure(positions.dtype === "i32", op, () => `positions must be i32, got ${positions.dtype}`);
   return rows;
 };
 
 /** Validates a temperature. */
 export const checkTemperature = (op: string, temperature: number): void =>
-  require(
+  ensure(
     Number.isFinite(temperature) && temperature > 0,
     op,
     () => `temperature ${temperature} must be positive and finite`,
@@ -60,7 +60,7 @@ export const checkTemperature = (op: string, temperature: number): void =>
 
 /** Validates rmsNorm arguments; returns [rows, cols]. */
 export const checkRmsNorm = (op: string, x: Tensor, w: Tensor): [number, number] => {
-  require(x.shape.length >= 1, op, () => `x must have at least one dimension`);
+  ensure(x.shape.length >= 1, op, () => `x must have at least one dimension`);
   const [r, h] = asMatrix(x);
   expectShape(op, "w", w, [h]);
   return [r, h];
@@ -70,7 +70,7 @@ export const checkRmsNorm = (op: string, x: Tensor, w: Tensor): [number, number]
 export const checkIds = (op: string, ids: ArrayLike<number>, vocab: number): void => {
   for (let i = 0; i < ids.length; i++) {
     const id = ids[i];
-    require(
+    ensure(
       Number.isInteger(id) && id >= 0 && id < vocab,
       op,
       () => `id ${id} at ${i} is outside [0, ${vocab})`,
@@ -89,7 +89,7 @@ export function rmsNorm(
   const xs = sc.f(x, op);
   const ws = sc.f(w, op);
   const [r, h] = checkRmsNorm(op, x, w);
-  require(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
+  ensure(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
   const y = sc.floats(r * h);
   const rstd = sc.floats(r);
   for (let i = 0; i < r; i++) {
@@ -208,8 +208,8 @@ export function embedding(sc: CpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
   const ts = sc.f(table, op);
   const is = sc.i(ids, op);
-  require(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
-  require(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
+  ensure(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
+  ensure(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
   const [v, h] = table.shape;
   checkIds(op, is, v);
   const out = sc.floats(is.length * h);
@@ -226,10 +226,10 @@ export function embeddingBackward(
 ): Tensor {
   const op = "embeddingBackward";
   const ds = sc.f(dy, op);
-  require(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
-  require(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
+  ensure(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
+  ensure(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
   const [n, h] = dy.shape;
-  require(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
+  ensure(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
   checkIds(op, ids, vocab);
   const out = sc.floats(vocab * h);
   for (let i = 0; i < n; i++) {
@@ -241,12 +241,12 @@ export function embeddingBackward(
 
 /** Validates logits [N,V] and i32 targets [N]; returns [N, V]. */
 const checkLogits = (op: string, logits: Tensor, targets: Tensor | null): [number, number] => {
-  require(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
+  ensure(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
   const [n, v] = logits.shape;
-  require(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
+  ensure(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
   if (targets) {
     expectShape(op, "targets", targets, [n]);
-    require(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
+    ensure(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
   }
   return [n, v];
 };

@@ -6,7 +6,7 @@
 import { Effect } from "effect";
 import type { BackendInfo, Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { require, sizeOf } from "../tensor.ts";
+import { ensure, sizeOf } from "../tensor.ts";
 import * as attention from "./attention.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
@@ -24,7 +24,7 @@ export const cpuInfo = (precision: CpuPrecision): BackendInfo => ({
 export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope } => {
   const sc = new CpuScope(precision);
   const fromArray = (data: ArrayLike<number>, shape: readonly number[], dtype: DType = "f32") => {
-    require(
+    ensure(
       sizeOf(shape) === data.length,
       "fromArray",
       () => `shape [${shape}] vs length ${data.length}`,
@@ -48,7 +48,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     },
     reshape: (t: Tensor, shape) => {
       const c = sc.any(t, "reshape");
-      require(sizeOf(shape) === c.size, "reshape", () => `[${c.shape}] -> [${shape}]`);
+      ensure(sizeOf(shape) === c.size, "reshape", () => `[${c.shape}] -> [${shape}]`);
       return new CpuTensor(shape, c.dtype, c.data, c.life);
     },
     read: (ts) => Effect.sync(() => ts.map((t) => sc.f(t, "read").slice())),

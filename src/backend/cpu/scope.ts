@@ -4,7 +4,7 @@
  * @module
  */
 import type { DType, FloatArray, Tensor } from "../tensor.ts";
-import { ReleasedTensorError, require, ShapeError, sizeOf } from "../tensor.ts";
+import { ensure, ReleasedTensorError, ShapeError, sizeOf } from "../tensor.ts";
 
 /** Arithmetic precision of the CPU backend. */
 export type CpuPrecision = "f32" | "f64";
@@ -39,7 +39,7 @@ export class CpuScope {
 
   /** Wraps storage as a tensor owned by this scope. */
   wrap(shape: readonly number[], data: FloatArray | Int32Array, dtype: DType = "f32"): CpuTensor {
-    require(sizeOf(shape) === data.length, "wrap", () => `shape [${shape}] vs ${data.length}`);
+    ensure(sizeOf(shape) === data.length, "wrap", () => `shape [${shape}] vs ${data.length}`);
     return new CpuTensor(shape, dtype, data, this.life);
   }
 
@@ -64,14 +64,14 @@ export class CpuScope {
   /** Float storage of `t` (checked: this backend, alive, f32). */
   f(t: Tensor, op: string): FloatArray {
     const c = this.check(t, op);
-    require(c.dtype === "f32", op, () => `expected f32 tensor, got ${c.dtype}`);
+    ensure(c.dtype === "f32", op, () => `expected f32 tensor, got ${c.dtype}`);
     return c.data as FloatArray;
   }
 
   /** Int storage of `t` (checked: this backend, alive, i32). */
   i(t: Tensor, op: string): Int32Array {
     const c = this.check(t, op);
-    require(c.dtype === "i32", op, () => `expected i32 tensor, got ${c.dtype}`);
+    ensure(c.dtype === "i32", op, () => `expected i32 tensor, got ${c.dtype}`);
     return c.data as Int32Array;
   }
 

@@ -14,7 +14,7 @@
  */
 import type { AttentionOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { require } from "../tensor.ts";
+import { ensure } from "../tensor.ts";
 import {
   type AttentionGeometry,
   checkAttention,
@@ -73,7 +73,7 @@ const wgFor = (n: number): number => (n >= 2048 ? 64 : 8);
 
 const check = (op: string, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) => {
   const g = checkAttention(op, q, k, v, opts);
-  require(
+  ensure(
     g.headDim <= MAX_HEAD_DIM,
     op,
     () => `headDim ${g.headDim} exceeds the WebGPU kernels' limit of ${MAX_HEAD_DIM}`,

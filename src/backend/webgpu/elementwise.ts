@@ -10,7 +10,7 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { asMatrix, expectShape, require } from "../tensor.ts";
+import { asMatrix, ensure, expectShape } from "../tensor.ts";
 import { f32, grid } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 
@@ -20,7 +20,7 @@ const WG = 256;
 const groups1d = (n: number): [number, number] => grid(Math.ceil(n / WG));
 
 const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
-  require(
+  ensure(
     a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]),
     op,
     () => `${an} [${a.shape}] and ${bn} [${b.shape}] must have the same shape`,
@@ -31,7 +31,7 @@ const rowIndices = (op: string, idx: ArrayLike<number>, rows: number): Int32Arra
   const out = new Int32Array(idx.length);
   for (let i = 0; i < idx.length; i++) {
     const r = idx[i];
-    require(
+    ensure(
       Number.isInteger(r) && r >= 0 && r < rows,
       op,
       () => `row index ${r} (at ${i}) out of range [0, ${rows})`,
@@ -102,7 +102,7 @@ export function addScaledInPlace(sc: GpuScope, dst: Tensor, src: Tensor, s: numb
 
 /** See Ops.addRow. */
 export function addRow(sc: GpuScope, a: Tensor, row: Tensor): Tensor {
-  require(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
+  ensure(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
   const [, cols] = asMatrix(a);
   expectShape("addRow", "row", row, [cols]);
   const x = sc.f(a, "addRow");
@@ -119,7 +119,7 @@ const SUM_ROWS_MAX_CHUNKS = 256;
 
 /** See Ops.sumRows: column sums in fixed chunks of rows, then a sum over the chunks. */
 export function sumRows(sc: GpuScope, a: Tensor): Tensor {
-  require(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
+  ensure(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
   const [rows, cols] = asMatrix(a);
   const x = sc.f(a, "sumRows");
   const out = sc.out([cols]);
@@ -195,7 +195,7 @@ export function scatterRowsInPlace(
   const [r, c] = dst.shape;
   expectShape(op, "src", src, [rows.length, c]);
   const idx = rowIndices(op, rows, r);
-  require(new Set(idx).size === idx.length, op, () => `row indices must be distinct`);
+  ensure(new Set(idx).size === idx.length, op, () => `row indices must be distinct`);
   const d = sc.f(dst, op);
   let x = sc.f(src, op);
   const n = rows.length * c;
@@ -261,7 +261,7 @@ export function adamw(
   sameShape(op, param, grad, "param", "grad");
   sameShape(op, param, m, "param", "m");
   sameShape(op, param, v, "param", "v");
-  require(
+  ensure(
     Number.isInteger(opts.step) && opts.step >= 1,
     op,
     () => `step must be an integer >= 1, got ${opts.step}`,
@@ -270,7 +270,7 @@ export function adamw(
   const g = sc.f(grad, op);
   const mb = sc.f(m, op);
   const vb = sc.f(v, op);
-  require(
+  ensure(
     new Set([p, g, mb, vb]).size === 4,
     op,
     () => "param, grad, m and v must not share storage",

@@ -9,7 +9,7 @@
  * @module
  */
 import type { Tensor } from "../tensor.ts";
-import { expectShape, require } from "../tensor.ts";
+import { ensure, expectShape } from "../tensor.ts";
 import { checkIds, checkRmsNorm, checkRope, checkTemperature, ropeInvFreq } from "../cpu/layers.ts";
 import { f32, type GpuContext, grid } from "./context.ts";
 import type { GpuScope } from "./scope.ts";
@@ -97,7 +97,7 @@ export function rmsNorm(
   const xb = sc.f(x, op);
   const wb = sc.f(w, op);
   const [r, h] = checkRmsNorm(op, x, w);
-  require(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
+  ensure(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
   const k = rowKernel(sc.ctx, "rmsnorm_fwd", r, h);
@@ -193,8 +193,8 @@ export function embedding(sc: GpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
   const tb = sc.f(table, op);
   const ib = sc.i(ids, op);
-  require(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
-  require(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
+  ensure(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
+  ensure(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
   const [v, h] = table.shape;
   const n = ids.shape[0];
   const out = sc.out([n, h]);
@@ -256,10 +256,10 @@ export function embeddingBackward(
 ): Tensor {
   const op = "embeddingBackward";
   const db = sc.f(dy, op);
-  require(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
-  require(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
+  ensure(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
+  ensure(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
   const [n, h] = dy.shape;
-  require(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
+  ensure(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
   checkIds(op, ids, vocab);
   const out = sc.zeros([vocab, h]);
   if (n === 0 || h === 0) return out;
@@ -287,12 +287,12 @@ export function embeddingBackward(
 }
 
 const checkLogits = (op: string, logits: Tensor, targets: Tensor | null): [number, number] => {
-  require(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
+  ensure(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
   const [n, v] = logits.shape;
-  require(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
+  ensure(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
   if (targets) {
     expectShape(op, "targets", targets, [n]);
-    require(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
+    ensure(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
   }
   return [n, v];
 };

@@ -6,7 +6,7 @@
 import { Effect } from "effect";
 import type { BackendFailure, Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { require, sizeOf } from "../tensor.ts";
+import { ensure, sizeOf } from "../tensor.ts";
 import * as attention from "./attention.ts";
 import type { GpuContext } from "./context.ts";
 import * as elementwise from "./elementwise.ts";
@@ -30,7 +30,11 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
   const ops: Ops = {
     info: ctx.info,
     fromArray: (data: ArrayLike<number>, shape: readonly number[], dtype: DType = "f32") => {
-      require(sizeOf(shape) === data.length, "fromArray", () => `shape [${shape}] vs length ${data.length}`);
+      ensure(
+        sizeOf(shape) === data.length,
+        "fromArray",
+        () => `shape [${shape}] vs length ${data.length}`,
+      );
       const host = dtype === "i32" ? Int32Array.from(data) : Float32Array.from(data);
       return sc.upload(host, shape, dtype);
     },
@@ -42,7 +46,7 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
       return out;
     },
     reshape: (t, shape) => {
-      require(sizeOf(shape) === t.size, "reshape", () => `[${t.shape}] -> [${shape}]`);
+      ensure(sizeOf(shape) === t.size, "reshape", () => `[${t.shape}] -> [${shape}]`);
       return sc.view(t, shape);
     },
     read: (ts) => {
@@ -72,15 +76,19 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
     rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
-    rope: (x, positions, heads, headDim, theta) => layers.rope(sc, x, positions, heads, headDim, theta),
-    ropeBackward: (dy, positions, heads, headDim, theta) => layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
+    rope: (x, positions, heads, headDim, theta) =>
+      layers.rope(sc, x, positions, heads, headDim, theta),
+    ropeBackward: (dy, positions, heads, headDim, theta) =>
+      layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
     embedding: (table, ids) => layers.embedding(sc, table, ids),
     embeddingBackward: (dy, ids, vocab) => layers.embeddingBackward(sc, dy, ids, vocab),
     logProbs: (logits, targets, temperature) => layers.logProbs(sc, logits, targets, temperature),
-    logProbsBackward: (dlogp, logits, targets, lse, temperature) => layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
+    logProbsBackward: (dlogp, logits, targets, lse, temperature) =>
+      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
     entropy: (logits, temperature) => layers.entropy(sc, logits, temperature),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
-    attentionBackward: (dOut, q, k, v, out, lse, opts) => attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
+    attentionBackward: (dOut, q, k, v, out, lse, opts) =>
+      attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
   };
   return { ops, scope: sc };
 };

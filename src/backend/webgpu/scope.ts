@@ -4,7 +4,7 @@
  * @module
  */
 import type { DType, Tensor } from "../tensor.ts";
-import { ReleasedTensorError, require, ShapeError, sizeOf } from "../tensor.ts";
+import { ensure, ReleasedTensorError, ShapeError, sizeOf } from "../tensor.ts";
 import type { GpuContext, Param } from "./context.ts";
 
 interface Life {
@@ -74,14 +74,14 @@ export class GpuScope {
   /** Buffer of an f32 tensor (checked: this backend, alive, f32). */
   f(t: Tensor, op: string): GPUBuffer {
     const g = this.check(t, op);
-    require(g.dtype === "f32", op, () => `expected f32 tensor, got ${g.dtype}`);
+    ensure(g.dtype === "f32", op, () => `expected f32 tensor, got ${g.dtype}`);
     return g.buffer;
   }
 
   /** Buffer of an i32 tensor (checked). */
   i(t: Tensor, op: string): GPUBuffer {
     const g = this.check(t, op);
-    require(g.dtype === "i32", op, () => `expected i32 tensor, got ${g.dtype}`);
+    ensure(g.dtype === "i32", op, () => `expected i32 tensor, got ${g.dtype}`);
     return g.buffer;
   }
 
