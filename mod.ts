@@ -92,3 +92,7 @@ export {
 } from "./src/pipeline/stages.ts";
 export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/pipeline/config.ts";
 export { loadBase, runTraining, type TrainSummary } from "./src/pipeline/trainer.ts";
+
+// ---- pushing to a vLLM-compatible server -----------------------------------------------------
+export { serverEngineLayer, startEmbeddedServer } from "./src/sync/server_engine.ts";
+export { VllmHttpError } from "./src/sync/http_client.ts";

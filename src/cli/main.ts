@@ -7,6 +7,7 @@ import { Effect } from "effect";
 import process from "node:process";
 import { decodeTrainConfig, parseArgs } from "../pipeline/config.ts";
 import { runTraining } from "../pipeline/trainer.ts";
+import { serverEngineLayer } from "../sync/server_engine.ts";
 
 const isTty = (): boolean => Boolean((process.stdout as { isTTY?: boolean }).isTTY);
 
@@ -16,7 +17,8 @@ export const logLine = (line: string, transient = false): void => {
   else process.stdout.write(`${transient || !isTty() ? "" : "\r\x1b[2K"}${line}\n`);
 };
 
-const usage = `usage: deno task train [--steps N] [--mode lora|full] [--engine local|server] [--config FILE] ...
+const usage =
+  `usage: deno task train [--steps N] [--mode lora|full] [--engine local|server] [--config FILE] ...
        deno task serve --model DIR [--port N] ...
        deno task pretrain [--steps N] [--seed N]`;
 
@@ -27,12 +29,16 @@ export const main = async (argv: readonly string[]): Promise<number> => {
     const exit = await Effect.runPromiseExit(
       parseArgs(args).pipe(
         Effect.flatMap(decodeTrainConfig),
-        Effect.flatMap((cfg) => runTraining(cfg, logLine)),
+        Effect.flatMap((cfg) =>
+          runTraining(cfg, logLine, cfg.engine === "server" ? serverEngineLayer : undefined)
+        ),
       ),
     );
     if (exit._tag === "Success") return 0;
     const err = exit.cause;
-    const failure = (err as unknown as { reasons?: { _tag: string; error?: { _tag?: string; message?: string } }[] })
+    const failure = (err as unknown as {
+      reasons?: { _tag: string; error?: { _tag?: string; message?: string } }[];
+    })
       .reasons?.find((r) => r._tag === "Fail")?.error;
     if (failure?._tag === "TrainConfigError") {
       console.error(`train: ${failure.message}`);

@@ -1,0 +1,195 @@
+/**
+ * Full-weight push to a vLLM-compatible server in dev mode (VLLM_SERVER_DEV_MODE=1):
+ *
+ * 1. the snapshot is exported (digest re-checked) as a Hugging Face checkpoint into a temporary
+ *    directory renamed atomically to a FRESH `policy-v{k}` directory (reload_weights is known to
+ *    serve stale weights when a directory is reused);
+ * 2. POST /pause?mode=wait (in-flight requests finish, nothing new starts) →
+ *    POST /collective_rpc {method: "reload_weights", kwargs: {weights_path, is_checkpoint_format:
+ *    true}} → POST /reset_prefix_cache (only effective once drained) → POST /resume. Resume is
+ *    attempted even when the reload failed, so a failed push never leaves the server paused;
+ * 3. the new weights are verified (src/sync/verify.ts) under cache_salt "v{k}" and only then
+ *    routed to. A failed reload leaves the previous weights serving; a failed verification
+ *    (policy "fail") reloads the previous version's directory, best effort.
+ *
+ * Directories of versions older than the last `keepDirs` (>= 2) are removed.
+ * @module
+ */
+import { type Cause, Effect, Exit } from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import { type PushReport, SyncError, type SyncMismatch } from "../pipeline/services.ts";
+import { exportCheckpoint } from "./export.ts";
+import { describeHttpError, type VllmClient, type VllmHttpError } from "./http_client.ts";
+import {
+  adapterName,
+  freshVersionDir,
+  PushedVersions,
+  removeDir,
+  reverify,
+  routeHint,
+  type StageObserver,
+  versionSalt,
+} from "./push_lora.ts";
+import type { Snapshot } from "./snapshot.ts";
+import { type Route, type Routing, verifyRoute, type VerifySettings } from "./verify.ts";
+
+const noObserver: StageObserver = () => Effect.void;
+
+/**
+ * The dev-mode reload sequence for a checkpoint directory the server can read (null: the
+ * server's own model directory): pause(wait) → reload_weights → reset_prefix_cache → resume.
+ * Resume runs whatever happened after a successful pause; the first failure is returned.
+ */
+export const reloadCheckpoint = (
+  client: VllmClient,
+  dir: string | null,
+  version: number,
+  onStage: StageObserver = noObserver,
+): Effect.Effect<void, VllmHttpError> =>
+  Effect.gen(function* () {
+    yield* client.request("POST", "/pause?mode=wait", {});
+    yield* onStage("paused", version);
+    const reload = yield* Effect.exit(
+      client.request("POST", "/collective_rpc", {
+        method: "reload_weights",
+        kwargs: dir === null
+          ? { is_checkpoint_format: true }
+          : { weights_path: dir, is_checkpoint_format: true },
+      }).pipe(Effect.tap(() => onStage("reloaded", version))),
+    );
+    const reset = Exit.isSuccess(reload)
+      ? yield* Effect.exit(
+        client.request("POST", "/reset_prefix_cache", {}).pipe(
+          Effect.tap(() => onStage("reset", version)),
+        ),
+      )
+      : Exit.void;
+    const resume = yield* Effect.exit(
+      client.request("POST", "/resume", {}).pipe(Effect.tap(() => onStage("resumed", version))),
+    );
+    const exits: Exit.Exit<unknown, VllmHttpError>[] = [reload, reset, resume];
+    for (const ex of exits) {
+      if (Exit.isFailure(ex)) {
+        return yield* Effect.failCause(ex.cause as Cause.Cause<VllmHttpError>);
+      }
+    }
+  });
+
+/** What a full-weight push needs. */
+export interface FullPushContext {
+  readonly client: VllmClient;
+  /** The trainer's backend (verification forward pass). */
+  readonly backend: BackendShape;
+  readonly routing: Routing;
+  /** Absolute directory receiving policy-v{k}/; must be readable by the server. */
+  readonly root: string;
+  /** The server's name for its (reloaded) model: the `model` of rollouts. */
+  readonly modelName: string;
+  readonly verify: VerifySettings;
+  /** Version directories kept on disk (at least 2: the routed one and the rollback). */
+  readonly keepDirs: number;
+  readonly target: string;
+  readonly onStage?: StageObserver;
+  /** cache_salt of a version (default "v{k}"). */
+  readonly cacheSalt?: (version: number) => string;
+  /** Checkpoint dtype (default F32: verification then compares like with like). */
+  readonly dtype?: "F32" | "F16" | "BF16";
+}
+
+/** A full-weight pusher. */
+export interface FullPusher {
+  push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
+}
+
+/** Makes the full-weight pusher of a server engine. */
+export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
+  const stage = ctx.onStage ?? noObserver;
+  const salt = ctx.cacheSalt ?? versionSalt;
+  const keep = Math.max(2, ctx.keepDirs);
+  const dirs: string[] = [];
+  const pushed = new PushedVersions();
+
+  const push = (snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch> =>
+    Effect.gen(function* () {
+      const t0 = performance.now();
+      const version = snapshot.version;
+      const syncError = (message: string, cause?: unknown) =>
+        new SyncError({ target: ctx.target, version, message, cause });
+      const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
+      if (routed) {
+        return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
+      }
+      const { dir, bytes } = yield* freshVersionDir(
+        ctx.root,
+        adapterName(version),
+        (tmp) => exportCheckpoint(snapshot, tmp, ctx.dtype ?? "F32"),
+      ).pipe(
+        Effect.mapError((e) =>
+          e._tag === "SyncError"
+            ? e
+            : syncError(`exporting the weights of v${version} failed: ${e.message}`, e)
+        ),
+      );
+      yield* stage("exported", version);
+      const previous = ctx.routing.current;
+      yield* reloadCheckpoint(ctx.client, dir, version, stage).pipe(
+        Effect.mapError((e) =>
+          syncError(
+            `full-weight push of v${version} failed: ${describeHttpError(e)}${
+              routeHint(e, "dev")
+            }; ` +
+              `the previous version (${
+                previous ? `v${previous.version}` : "the base model"
+              }) keeps serving`,
+            e,
+          )
+        ),
+        Effect.onError(() => removeDir(dir)),
+      );
+      const route: Route = {
+        version,
+        kind: "full",
+        model: ctx.modelName,
+        cacheSalt: salt(version),
+        dir,
+      };
+      const outcome = yield* verifyRoute(
+        ctx.client,
+        ctx.backend,
+        snapshot,
+        route,
+        ctx.verify,
+        ctx.target,
+      ).pipe(
+        Effect.onError(() =>
+          // the server holds weights we will not route to: put the previous version back
+          reloadCheckpoint(ctx.client, previous?.kind === "full" ? previous.dir : null, version)
+            .pipe(
+              Effect.catch((e) =>
+                Effect.logWarning(
+                  `rollback after a failed verification failed: ${describeHttpError(e)}`,
+                )
+              ),
+              Effect.andThen(removeDir(dir)),
+            )
+        ),
+      );
+      const latencyMs = performance.now() - t0;
+      yield* stage("verified", version);
+      ctx.routing.set(route);
+      pushed.add(snapshot, route);
+      yield* stage("routed", version);
+      dirs.push(dir);
+      while (dirs.length > keep) yield* removeDir(dirs.shift()!);
+      return {
+        version,
+        target: ctx.target,
+        bytes,
+        latencyMs,
+        logpDiffMean: outcome?.mean ?? null,
+        logpDiffMax: outcome?.max ?? null,
+      } satisfies PushReport;
+    });
+
+  return { push };
+};

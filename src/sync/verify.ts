@@ -1,0 +1,277 @@
+/**
+ * Run-time detection of "the engine serves other weights than the ones we trained": after every
+ * push, a fixed probe prompt is completed greedily by the engine (temperature 0, a few tokens,
+ * logprobs 0, return_token_ids, the new version's model name and cache_salt) and the engine's
+ * log-probs of its tokens are compared with the trainer's log-probs of the same tokens, computed
+ * from the pushed Snapshot on the trainer's Backend (forward, log_softmax at temperature 1: vLLM
+ * reports raw log-probs, and at temperature 0 both of its modes agree). |diff| mean and max go
+ * into the PushReport; a max beyond tolerance fails the push with SyncMismatch (policy "fail") or
+ * logs a warning ("warn").
+ *
+ * Also here: `Routing`, which version the server engine currently routes rollouts to, with the
+ * in-flight request counts that decide when an older version may be unloaded.
+ * @module
+ */
+import { Effect } from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import type { BackendFailure } from "../backend/ops.ts";
+import { forward, uploadModel } from "../model/decoder.ts";
+import { logSoftmax } from "../model/sampling.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import { SyncError, SyncMismatch } from "../pipeline/services.ts";
+import {
+  decodeCompletion,
+  describeHttpError,
+  type VllmClient,
+  type VllmHttpError,
+} from "./http_client.ts";
+import type { Snapshot } from "./snapshot.ts";
+
+// ---- routing ----------------------------------------------------------------------------------
+
+/** What the engine serves for one pushed version. */
+export interface Route {
+  readonly version: number;
+  readonly kind: "lora" | "full";
+  /** The `model` rollouts ask for: policy-v{k} (LoRA) or the base model's served name (full). */
+  readonly model: string;
+  /** Mixed into the server's prefix-cache key: a new version never reuses older KV. */
+  readonly cacheSalt: string;
+  /** The directory the server loaded this version from. */
+  readonly dir: string;
+}
+
+/**
+ * The version rollouts go to, plus per-version in-flight counts: a retired version's cleanup
+ * (unloading its adapter) runs when its last in-flight request ends.
+ */
+export class Routing {
+  #current: Route | null = null;
+  readonly #inflight = new Map<number, number>();
+  readonly #retired = new Map<number, Effect.Effect<void>>();
+
+  /** The routed version, or null before the first successful push. */
+  get current(): Route | null {
+    return this.#current;
+  }
+
+  /** Routes new requests to `route`. */
+  set(route: Route): void {
+    this.#current = route;
+  }
+
+  /** Requests running on a version. */
+  inflight(version: number): number {
+    return this.#inflight.get(version) ?? 0;
+  }
+
+  /** Versions whose cleanup waits for requests to finish. */
+  get pendingRetirements(): number[] {
+    return [...this.#retired.keys()];
+  }
+
+  /** Takes the current route for a request (null when nothing was pushed yet). */
+  begin(): Route | null {
+    const r = this.#current;
+    if (r) this.#inflight.set(r.version, this.inflight(r.version) + 1);
+    return r;
+  }
+
+  /** A request on `route` ended; runs the version's cleanup when it was retired and is idle. */
+  end(route: Route): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      const n = this.inflight(route.version) - 1;
+      if (n > 0) {
+        this.#inflight.set(route.version, n);
+        return Effect.void;
+      }
+      this.#inflight.delete(route.version);
+      const cleanup = this.#retired.get(route.version);
+      if (!cleanup) return Effect.void;
+      this.#retired.delete(route.version);
+      return cleanup;
+    });
+  }
+
+  /** Retires a version: its cleanup runs now when it is idle, else when its last request ends. */
+  retire(version: number, cleanup: Effect.Effect<void>): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (this.inflight(version) > 0) {
+        this.#retired.set(version, cleanup);
+        return Effect.void;
+      }
+      return cleanup;
+    });
+  }
+}
+
+// ---- the probe --------------------------------------------------------------------------------
+
+/** Verification settings (TrainConfig's verify / verifyTolerance plus the probe). */
+export interface VerifySettings {
+  readonly policy: "fail" | "warn" | "off";
+  /** Largest accepted |engine logp - trainer logp|. */
+  readonly tolerance: number;
+  /** Token ids of the probe prompt (BOS included when the model uses one). */
+  readonly probePrompt: readonly number[];
+  /** Tokens the engine generates for the probe (EOS ignored, so exactly this many). */
+  readonly probeTokens: number;
+}
+
+/** The default probe prompt: BOS + "57+38=" when the tokenizer can encode it, else a few ids. */
+export const defaultProbePrompt = (tok: Tokenizer): number[] => {
+  const bos = tok.bosId === null ? [] : [tok.bosId];
+  try {
+    return [...bos, ...tok.encode("57+38=")];
+  } catch {
+    const ids = Array.from({ length: 6 }, (_, i) => (3 + i) % tok.vocabSize);
+    return [...bos, ...ids];
+  }
+};
+
+/** The engine's greedy completion of a prompt and the logprobs of its tokens. */
+export interface ProbeAnswer {
+  readonly tokens: readonly number[];
+  readonly logprobs: readonly number[];
+}
+
+/** Asks the engine for the probe completion on `route` (model name and cache_salt). */
+export const probeEngine = (
+  client: VllmClient,
+  route: Route,
+  prompt: readonly number[],
+  maxTokens: number,
+): Effect.Effect<ProbeAnswer, VllmHttpError> =>
+  client.postJson("/v1/completions", {
+    model: route.model,
+    prompt: [...prompt],
+    n: 1,
+    max_tokens: maxTokens,
+    min_tokens: 0,
+    temperature: 0,
+    top_p: 1,
+    top_k: -1,
+    min_p: 0,
+    seed: 0,
+    presence_penalty: 0,
+    frequency_penalty: 0,
+    repetition_penalty: 1,
+    logprobs: 0,
+    return_token_ids: true,
+    return_tokens_as_token_ids: true,
+    ignore_eos: true,
+    stop_token_ids: [],
+    skip_special_tokens: false,
+    cache_salt: route.cacheSalt,
+  }).pipe(
+    Effect.flatMap((j) => decodeCompletion(j)),
+    Effect.map((choices) => {
+      const c = choices.find((x) => x.index === 0);
+      return {
+        tokens: c?.tokens ?? [],
+        logprobs: (c?.logprobs ?? []).map((x) => (x === null ? NaN : x)),
+      };
+    }),
+  );
+
+/**
+ * The trainer's log-probs of `completion` after `prompt` under the snapshot's weights: the
+ * weights are uploaded to the backend for this call, one forward pass, log_softmax at
+ * temperature 1 of the rows that predict the completion tokens.
+ */
+export const trainerLogProbs = (
+  backend: BackendShape,
+  snapshot: Snapshot,
+  prompt: readonly number[],
+  completion: readonly number[],
+): Effect.Effect<number[], BackendFailure> =>
+  Effect.scoped(Effect.gen(function* () {
+    if (completion.length === 0) return [];
+    const ops = yield* backend.ops;
+    const model = uploadModel(ops, snapshot.config, snapshot.weights());
+    const ids = [...prompt, ...completion];
+    const rows = completion.map((_, j) => prompt.length - 1 + j);
+    const { logits } = forward(ops, model, { ids, batch: 1, seqLen: ids.length, logitRows: rows });
+    const [host] = yield* ops.read([logits]);
+    const V = snapshot.config.vocabSize;
+    return completion.map((t, j) => logSoftmax(host.subarray(j * V, (j + 1) * V))[t]);
+  }));
+
+/** |diff| statistics of a verified push. */
+export interface VerifyOutcome {
+  readonly mean: number;
+  readonly max: number;
+  readonly tokens: readonly number[];
+  readonly engineLogp: readonly number[];
+  readonly trainerLogp: readonly number[];
+}
+
+/**
+ * Verifies that the engine serves `snapshot` on `route`. Returns null when verification is off.
+ * A probe that cannot be run is a SyncError; a difference beyond tolerance is a SyncMismatch
+ * (policy "fail") or a logged warning (policy "warn", the outcome is returned).
+ */
+export const verifyRoute = (
+  client: VllmClient,
+  backend: BackendShape,
+  snapshot: Snapshot,
+  route: Route,
+  settings: VerifySettings,
+  target: string,
+): Effect.Effect<VerifyOutcome | null, SyncError | SyncMismatch> =>
+  Effect.gen(function* () {
+    if (settings.policy === "off") return null;
+    const version = snapshot.version;
+    const syncError = (message: string, cause?: unknown) =>
+      new SyncError({ target, version, message, cause });
+    const answer = yield* probeEngine(client, route, settings.probePrompt, settings.probeTokens)
+      .pipe(
+        Effect.mapError((e) =>
+          syncError(`verification probe of v${version} failed: ${describeHttpError(e)}`, e)
+        ),
+      );
+    if (answer.tokens.length === 0) {
+      return yield* Effect.fail(
+        syncError(`verification probe of v${version}: the engine generated no tokens`),
+      );
+    }
+    const trainer = yield* trainerLogProbs(backend, snapshot, settings.probePrompt, answer.tokens)
+      .pipe(
+        Effect.mapError((e) =>
+          syncError(`verification of v${version}: trainer forward failed: ${e.message}`, e)
+        ),
+      );
+    const diffs = trainer.map((t, i) => {
+      const d = Math.abs(t - answer.logprobs[i]);
+      return Number.isFinite(d) ? d : Infinity;
+    });
+    const max = Math.max(...diffs);
+    const mean = diffs.reduce((a, b) => a + b, 0) / diffs.length;
+    const outcome: VerifyOutcome = {
+      mean,
+      max,
+      tokens: answer.tokens,
+      engineLogp: answer.logprobs,
+      trainerLogp: trainer,
+    };
+    if (max <= settings.tolerance) return outcome;
+    const message = `the engine does not serve snapshot v${version} (${route.kind} push, model ` +
+      `'${route.model}', cache_salt '${route.cacheSalt}'): max |engine logp - trainer logp| = ` +
+      `${max.toExponential(3)} > tolerance ${settings.tolerance} on the probe (mean ${
+        mean.toExponential(3)
+      }; ` +
+      `tokens [${answer.tokens.join(",")}])`;
+    if (settings.policy === "warn") {
+      yield* Effect.logWarning(`verify: ${message}`);
+      return outcome;
+    }
+    return yield* Effect.fail(
+      new SyncMismatch({
+        target,
+        version,
+        maxAbsDiff: max,
+        tolerance: settings.tolerance,
+        message,
+      }),
+    );
+  });
