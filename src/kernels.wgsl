@@ -23,9 +23,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 //! kernel attn_fwd
 // Causal grouped-query attention forward (Ops.attention), online softmax in registers.
-// Work item: a tile of four query vectors (row i, head h) of one sequence b and kv head g, which
-// share every k/v load. Query vectors of (b, g) are numbered e = i * group + (h - g * group);
-// tile t holds e = 4t .. 4t+3 (a short last tile repeats its last vector, stored once).
+// Work item: a tile of TQ (1, 2 or 4) query vectors (row i, head h) of one sequence b and kv
+// head g, which share every k/v load. Query vectors of (b, g) are numbered
+// e = i * group + (h - g * group); tile t holds e = TQ*t .. TQ*t + TQ-1 (a short last tile
+// repeats its last vector, stored once). Lanes of a vec4 (s, m, l, ...) are the tile entries.
 // Invocation id = split * (batch * kv_heads * ntile) + (b * kv_heads + g) * ntile + t. With
 // nsplit = 1 it writes out and lse; otherwise it covers keys [split * split_len, +split_len)
 // and writes unnormalised partials (m, l, acc) for attn_fwd_combine. Visible keys of query i:
@@ -50,6 +51,9 @@ override HD: u32 = 64u;
 override WG: u32 = 64u;
 override HD4: u32 = HD / 4u;
 const MAXD4: u32 = 32u;
+// Tile size; entries beyond TQ are compiled out. The host keeps TQ * 2 * HD small: llvmpipe's
+// compile time grows steeply with the live per-invocation state.
+override TQ: u32 = 4u;
 const NEG: f32 = -3.0e38;
 
 fn attn_first_key(b: u32) -> u32 {
@@ -77,7 +81,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let heads = params.heads;
   let group = heads / params.kv_heads;
   let nvec = params.tq * group;
-  let ntile = (nvec + 3u) / 4u;
+  let ntile = (nvec + TQ - 1u) / TQ;
   let ntot = params.batch * params.kv_heads * ntile;
   if (id >= ntot * params.nsplit) { return; }
   let split = id / ntot;
@@ -85,7 +89,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let bg = (id % ntot) / ntile;
   let g = bg % params.kv_heads;
   let b = bg / params.kv_heads;
-  let e = min(vec4<u32>(4u * tile) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nvec - 1u));
+  let e = min(vec4<u32>(TQ * tile) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(TQ - 1u)), vec4<u32>(nvec - 1u));
   let row = e / group;
   let r = (b * params.tq + row) * heads + g * group + e % group;
   let lo = max(attn_first_key(b), split * params.split_len);
@@ -101,13 +105,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   var ad: array<vec4<f32>, MAXD4>;
   for (var d = 0u; d < HD4; d++) {
     qa[d] = q[r.x * HD4 + d] * params.scale;
-    qb[d] = q[r.y * HD4 + d] * params.scale;
-    qc[d] = q[r.z * HD4 + d] * params.scale;
-    qd[d] = q[r.w * HD4 + d] * params.scale;
     aa[d] = vec4<f32>(0.0);
-    ab[d] = vec4<f32>(0.0);
-    ac[d] = vec4<f32>(0.0);
-    ad[d] = vec4<f32>(0.0);
+    if (TQ > 1u) {
+      qb[d] = q[r.y * HD4 + d] * params.scale;
+      ab[d] = vec4<f32>(0.0);
+    }
+    if (TQ > 2u) {
+      qc[d] = q[r.z * HD4 + d] * params.scale;
+      qd[d] = q[r.w * HD4 + d] * params.scale;
+      ac[d] = vec4<f32>(0.0);
+      ad[d] = vec4<f32>(0.0);
+    }
   }
   var m = vec4<f32>(NEG);
   var l = vec4<f32>(0.0);
@@ -118,7 +126,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var s = vec4<f32>(0.0);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
-      s += vec4<f32>(dot(qa[d], kk), dot(qb[d], kk), dot(qc[d], kk), dot(qd[d], kk));
+      s.x += dot(qa[d], kk);
+      if (TQ > 1u) { s.y += dot(qb[d], kk); }
+      if (TQ > 2u) {
+        s.z += dot(qc[d], kk);
+        s.w += dot(qd[d], kk);
+      }
     }
     let vis = vec4<u32>(j) < hi;
     let n = select(m, max(m, s), vis);
@@ -129,17 +142,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     for (var d = 0u; d < HD4; d++) {
       let vv = v[ko + d];
       aa[d] = aa[d] * c.x + p.x * vv;
-      ab[d] = ab[d] * c.y + p.y * vv;
-      ac[d] = ac[d] * c.z + p.z * vv;
-      ad[d] = ad[d] * c.w + p.w * vv;
+      if (TQ > 1u) { ab[d] = ab[d] * c.y + p.y * vv; }
+      if (TQ > 2u) {
+        ac[d] = ac[d] * c.z + p.z * vv;
+        ad[d] = ad[d] * c.w + p.w * vv;
+      }
     }
     ko += kstride;
   }
-  let e0 = 4u * tile;
+  let e0 = TQ * tile;
   attn_store(r.x, split, m.x, l.x, &aa);
-  if (e0 + 1u < nvec) { attn_store(r.y, split, m.y, l.y, &ab); }
-  if (e0 + 2u < nvec) { attn_store(r.z, split, m.z, l.z, &ac); }
-  if (e0 + 3u < nvec) { attn_store(r.w, split, m.w, l.w, &ad); }
+  if (TQ > 1u && e0 + 1u < nvec) { attn_store(r.y, split, m.y, l.y, &ab); }
+  if (TQ > 2u && e0 + 2u < nvec) { attn_store(r.z, split, m.z, l.z, &ac); }
+  if (TQ > 2u && e0 + 3u < nvec) { attn_store(r.w, split, m.w, l.w, &ad); }
 }
 
 //! kernel attn_fwd_combine
@@ -188,7 +203,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //! kernel attn_bwd_dq
-// Attention backward, query side: tiles of four query vectors as in attn_fwd (nsplit = 1)
+// Attention backward, query side: tiles of TQ query vectors as in attn_fwd (nsplit = 1)
 // recompute P = exp(S - lse) over the visible keys and write dq = scale * sum_j P (dP - D) k_j
 // and delta = D = dOut · out (read by attn_bwd_dkdv). Bindings: dout, q, k, v, out, lse,
 // kv_start, dq, delta. Override HD as in attn_fwd.
@@ -211,6 +226,8 @@ override HD: u32 = 64u;
 override WG: u32 = 64u;
 override HD4: u32 = HD / 4u;
 const MAXD4: u32 = 32u;
+// Query vectors per invocation (1, 2 or 4), as in attn_fwd (state: TQ * 3 * HD floats).
+override TQ: u32 = 4u;
 
 fn attn_first_key(b: u32) -> u32 {
   if (params.has_start == 0u) { return 0u; }
@@ -228,13 +245,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let heads = params.heads;
   let group = heads / params.kv_heads;
   let nvec = params.tq * group;
-  let ntile = (nvec + 3u) / 4u;
+  let ntile = (nvec + TQ - 1u) / TQ;
   if (id >= params.batch * params.kv_heads * ntile) { return; }
   let tile = id % ntile;
   let bg = id / ntile;
   let g = bg % params.kv_heads;
   let b = bg / params.kv_heads;
-  let e = min(vec4<u32>(4u * tile) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nvec - 1u));
+  let e = min(vec4<u32>(TQ * tile) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(TQ - 1u)), vec4<u32>(nvec - 1u));
   let row = e / group;
   let r = (b * params.tq + row) * heads + g * group + e % group;
   let lo = attn_first_key(b);
@@ -254,23 +271,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   var dd = vec4<f32>(0.0);
   for (var d = 0u; d < HD4; d++) {
     qa[d] = q[r.x * HD4 + d] * params.scale;
-    qb[d] = q[r.y * HD4 + d] * params.scale;
-    qc[d] = q[r.z * HD4 + d] * params.scale;
-    qd[d] = q[r.w * HD4 + d] * params.scale;
     oa[d] = dout[r.x * HD4 + d];
-    ob[d] = dout[r.y * HD4 + d];
-    oc[d] = dout[r.z * HD4 + d];
-    od[d] = dout[r.w * HD4 + d];
-    dd += vec4<f32>(
-      dot(oa[d], out[r.x * HD4 + d]),
-      dot(ob[d], out[r.y * HD4 + d]),
-      dot(oc[d], out[r.z * HD4 + d]),
-      dot(od[d], out[r.w * HD4 + d]),
-    );
+    dd.x += dot(oa[d], out[r.x * HD4 + d]);
     ga[d] = vec4<f32>(0.0);
-    gb[d] = vec4<f32>(0.0);
-    gc[d] = vec4<f32>(0.0);
-    gd[d] = vec4<f32>(0.0);
+    if (TQ > 1u) {
+      qb[d] = q[r.y * HD4 + d] * params.scale;
+      ob[d] = dout[r.y * HD4 + d];
+      dd.y += dot(ob[d], out[r.y * HD4 + d]);
+      gb[d] = vec4<f32>(0.0);
+    }
+    if (TQ > 2u) {
+      qc[d] = q[r.z * HD4 + d] * params.scale;
+      qd[d] = q[r.w * HD4 + d] * params.scale;
+      oc[d] = dout[r.z * HD4 + d];
+      od[d] = dout[r.w * HD4 + d];
+      dd.z += dot(oc[d], out[r.z * HD4 + d]);
+      dd.w += dot(od[d], out[r.w * HD4 + d]);
+      gc[d] = vec4<f32>(0.0);
+      gd[d] = vec4<f32>(0.0);
+    }
   }
   let rl = vec4<f32>(lse[r.x], lse[r.y], lse[r.z], lse[r.w]);
   let kstride = params.kv_heads * HD4;
@@ -282,32 +301,45 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
       let vv = v[ko + d];
-      s += vec4<f32>(dot(qa[d], kk), dot(qb[d], kk), dot(qc[d], kk), dot(qd[d], kk));
-      dp += vec4<f32>(dot(oa[d], vv), dot(ob[d], vv), dot(oc[d], vv), dot(od[d], vv));
+      s.x += dot(qa[d], kk);
+      dp.x += dot(oa[d], vv);
+      if (TQ > 1u) {
+        s.y += dot(qb[d], kk);
+        dp.y += dot(ob[d], vv);
+      }
+      if (TQ > 2u) {
+        s.z += dot(qc[d], kk);
+        s.w += dot(qd[d], kk);
+        dp.z += dot(oc[d], vv);
+        dp.w += dot(od[d], vv);
+      }
     }
     let ds = select(vec4<f32>(0.0), exp(s - rl) * (dp - dd), vec4<u32>(j) < hi);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
       ga[d] += ds.x * kk;
-      gb[d] += ds.y * kk;
-      gc[d] += ds.z * kk;
-      gd[d] += ds.w * kk;
+      if (TQ > 1u) { gb[d] += ds.y * kk; }
+      if (TQ > 2u) {
+        gc[d] += ds.z * kk;
+        gd[d] += ds.w * kk;
+      }
     }
     ko += kstride;
   }
-  let e0 = 4u * tile;
+  let e0 = TQ * tile;
   attn_store_dq(r.x, dd.x, &ga);
-  if (e0 + 1u < nvec) { attn_store_dq(r.y, dd.y, &gb); }
-  if (e0 + 2u < nvec) { attn_store_dq(r.z, dd.z, &gc); }
-  if (e0 + 3u < nvec) { attn_store_dq(r.w, dd.w, &gd); }
+  if (TQ > 1u && e0 + 1u < nvec) { attn_store_dq(r.y, dd.y, &gb); }
+  if (TQ > 2u && e0 + 2u < nvec) { attn_store_dq(r.z, dd.z, &gc); }
+  if (TQ > 2u && e0 + 3u < nvec) { attn_store_dq(r.w, dd.w, &gd); }
 }
 
 //! kernel attn_bwd_dkdv
-// Attention backward, key side: one invocation per four adjacent key rows of one sequence and
-// kv head loops over the query rows that see them and the query heads of the group (sharing each
-// q/dOut load): dv = sum P dOut, dk = scale * sum P (dP - D) q. Each invocation owns its dk/dv
-// rows, so no atomics. Invocation id = (b * kv_heads + g) * nquad + jq; a short last quad
-// repeats its last key, stored once. Bindings: dout, q, k, v, lse, delta, kv_start, dk, dv.
+// Attention backward, key side: one invocation per TQ (1, 2 or 4) adjacent key rows of one
+// sequence and kv head loops over the query rows that see them and the query heads of the group
+// (sharing each q/dOut load): dv = sum P dOut, dk = scale * sum P (dP - D) q. Each invocation
+// owns its dk/dv rows, so no atomics. Invocation id = (b * kv_heads + g) * nquad + jq; a short
+// last tile repeats its last key, stored once. Bindings: dout, q, k, v, lse, delta, kv_start,
+// dk, dv.
 // Override HD as in attn_fwd.
 struct AttnParams {
   batch: u32, tq: u32, tk: u32, heads: u32,
@@ -328,6 +360,8 @@ override HD: u32 = 64u;
 override WG: u32 = 64u;
 override HD4: u32 = HD / 4u;
 const MAXD4: u32 = 32u;
+// Key rows per invocation (1, 2 or 4); the host keeps TQ * 4 * HD small (live registers).
+override TQ: u32 = 4u;
 
 fn attn_first_key(b: u32) -> u32 {
   if (params.has_start == 0u) { return 0u; }
@@ -352,13 +386,13 @@ fn attn_store_dkdv(o: u32, gk: ptr<function, array<vec4<f32>, MAXD4>>,
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
   let kvh = params.kv_heads;
-  let nquad = (params.tk + 3u) / 4u;
+  let nquad = (params.tk + TQ - 1u) / TQ;
   if (id >= params.batch * kvh * nquad) { return; }
   let jq = id % nquad;
   let bg = id / nquad;
   let g = bg % kvh;
   let b = bg / kvh;
-  let j = min(vec4<u32>(4u * jq) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(params.tk - 1u));
+  let j = min(vec4<u32>(TQ * jq) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(TQ - 1u)), vec4<u32>(params.tk - 1u));
   let heads = params.heads;
   let group = heads / kvh;
   let o = ((b * params.tk + j) * kvh + g) * HD4;
@@ -380,21 +414,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   var gvd: array<vec4<f32>, MAXD4>;
   for (var d = 0u; d < HD4; d++) {
     ka[d] = k[o.x + d] * params.scale;
-    kb[d] = k[o.y + d] * params.scale;
-    kc[d] = k[o.z + d] * params.scale;
-    kd[d] = k[o.w + d] * params.scale;
     va[d] = v[o.x + d];
-    vb[d] = v[o.y + d];
-    vc[d] = v[o.z + d];
-    vd[d] = v[o.w + d];
     gka[d] = vec4<f32>(0.0);
-    gkb[d] = vec4<f32>(0.0);
-    gkc[d] = vec4<f32>(0.0);
-    gkd[d] = vec4<f32>(0.0);
     gva[d] = vec4<f32>(0.0);
-    gvb[d] = vec4<f32>(0.0);
-    gvc[d] = vec4<f32>(0.0);
-    gvd[d] = vec4<f32>(0.0);
+    if (TQ > 1u) {
+      kb[d] = k[o.y + d] * params.scale;
+      vb[d] = v[o.y + d];
+      gkb[d] = vec4<f32>(0.0);
+      gvb[d] = vec4<f32>(0.0);
+    }
+    if (TQ > 2u) {
+      kc[d] = k[o.z + d] * params.scale;
+      kd[d] = k[o.w + d] * params.scale;
+      vc[d] = v[o.z + d];
+      vd[d] = v[o.w + d];
+      gkc[d] = vec4<f32>(0.0);
+      gkd[d] = vec4<f32>(0.0);
+      gvc[d] = vec4<f32>(0.0);
+      gvd[d] = vec4<f32>(0.0);
+    }
   }
   let lo = attn_first_key(b);
   let i0 = vec4<u32>(
@@ -414,8 +452,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
       for (var d = 0u; d < HD4; d++) {
         let qq = q[qo + d];
         let oo = dout[qo + d];
-        s += vec4<f32>(dot(qq, ka[d]), dot(qq, kb[d]), dot(qq, kc[d]), dot(qq, kd[d]));
-        dp += vec4<f32>(dot(oo, va[d]), dot(oo, vb[d]), dot(oo, vc[d]), dot(oo, vd[d]));
+        s.x += dot(qq, ka[d]);
+        dp.x += dot(oo, va[d]);
+        if (TQ > 1u) {
+          s.y += dot(qq, kb[d]);
+          dp.y += dot(oo, vb[d]);
+        }
+        if (TQ > 2u) {
+          s.z += dot(qq, kc[d]);
+          s.w += dot(qq, kd[d]);
+          dp.z += dot(oo, vc[d]);
+          dp.w += dot(oo, vd[d]);
+        }
       }
       let p = select(vec4<f32>(0.0), exp(s - lse[r]), see);
       let ds = p * (dp - delta[r]);
@@ -423,21 +471,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let qq = q[qo + d];
         let oo = dout[qo + d];
         gva[d] += p.x * oo;
-        gvb[d] += p.y * oo;
-        gvc[d] += p.z * oo;
-        gvd[d] += p.w * oo;
         gka[d] += ds.x * qq;
-        gkb[d] += ds.y * qq;
-        gkc[d] += ds.z * qq;
-        gkd[d] += ds.w * qq;
+        if (TQ > 1u) {
+          gvb[d] += p.y * oo;
+          gkb[d] += ds.y * qq;
+        }
+        if (TQ > 2u) {
+          gvc[d] += p.z * oo;
+          gvd[d] += p.w * oo;
+          gkc[d] += ds.z * qq;
+          gkd[d] += ds.w * qq;
+        }
       }
     }
   }
-  let j0 = 4u * jq;
+  let j0 = TQ * jq;
   attn_store_dkdv(o.x, &gka, &gva);
-  if (j0 + 1u < params.tk) { attn_store_dkdv(o.y, &gkb, &gvb); }
-  if (j0 + 2u < params.tk) { attn_store_dkdv(o.z, &gkc, &gvc); }
-  if (j0 + 3u < params.tk) { attn_store_dkdv(o.w, &gkd, &gvd); }
+  if (TQ > 1u && j0 + 1u < params.tk) { attn_store_dkdv(o.y, &gkb, &gvb); }
+  if (TQ > 2u && j0 + 2u < params.tk) { attn_store_dkdv(o.z, &gkc, &gvc); }
+  if (TQ > 2u && j0 + 3u < params.tk) { attn_store_dkdv(o.w, &gkd, &gvd); }
 }
 
 //! kernel attn_restride
@@ -1225,8 +1277,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 // ---- matmul (src/backend/webgpu/matmul.ts) ------------------------------------------------
 
 //! kernel matmul_pack
-// Packs a strided matrix view into an rgba32float texture for the matmul_t* kernels: texel (x, y)
-// holds src[(row0 + y) * sr + (4x + i) * sc] for i = 0..3, and 0 outside rows x cols.
+// Packs a strided matrix view into an rgba32float texture for the matmul_t* kernels (when the
+// operand cannot be copied as is): texel (x, y) holds src[(row0 + y) * sr + (4x + i) * sc],
+// i = 0..3, and 0 outside rows x cols.
 struct Params { rows: u32, cols: u32, sr: u32, sc: u32, row0: u32, width: u32, height: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
@@ -1311,32 +1364,37 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //! kernel matmul_t16
-// C tile of 16x16 per invocation from packed operands (see matmul_pack): at row m holds
-// op(A)[m, :] and bt row n holds op(B)[:, n], four k per texel. Accumulates in registers only
-// (no workgroup memory: barriers are very expensive on software adapters such as llvmpipe).
+// C tile of 16x16 per invocation from operands held in rgba32float textures (copied from
+// the tensors, or packed by matmul_pack). Accumulates in registers only (no workgroup
+// memory: barriers are very expensive on software adapters such as llvmpipe).
 // Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
 struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_2d<f32>;
 @group(0) @binding(2) var bt: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
-// Rows r..r+3 of op(A) at k-texel k, transposed: column kk holds op(A)[r..r+3, 4k + kk].
+// Operand layouts (pipeline constants): A_KMAJOR: texel (x, y) of at holds op(A)[y, 4x..4x+3];
+// otherwise op(A)[4x..4x+3, y] (a transposed A copied as is). B_KMAJOR: texel (x, y) of bt holds
+// op(B)[4x..4x+3, y]; otherwise op(B)[y, 4x..4x+3] (a plain B copied as is).
+override A_KMAJOR: bool = true;
+override B_KMAJOR: bool = true;
+fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y), 0); }
+fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y), 0); }
+// Column kk: op(A)[r..r+3, 4k + kk].
 fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
-  return transpose(mat4x4<f32>(
-    textureLoad(at, vec2<i32>(k, r), 0),
-    textureLoad(at, vec2<i32>(k, r + 1), 0),
-    textureLoad(at, vec2<i32>(k, r + 2), 0),
-    textureLoad(at, vec2<i32>(k, r + 3), 0),
-  ));
+  if (A_KMAJOR) {
+    return transpose(mat4x4<f32>(ta(k, r), ta(k, r + 1), ta(k, r + 2), ta(k, r + 3)));
+  }
+  let x = r / 4;
+  return mat4x4<f32>(ta(x, 4 * k), ta(x, 4 * k + 1), ta(x, 4 * k + 2), ta(x, 4 * k + 3));
 }
-// Columns n..n+3 of op(B) at k-texel k: column j holds op(B)[4k..4k+3, n + j].
+// Column j: op(B)[4k..4k+3, n + j].
 fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
-  return mat4x4<f32>(
-    textureLoad(bt, vec2<i32>(k, n), 0),
-    textureLoad(bt, vec2<i32>(k, n + 1), 0),
-    textureLoad(bt, vec2<i32>(k, n + 2), 0),
-    textureLoad(bt, vec2<i32>(k, n + 3), 0),
-  );
+  if (B_KMAJOR) {
+    return mat4x4<f32>(tb(k, n), tb(k, n + 1), tb(k, n + 2), tb(k, n + 3));
+  }
+  let x = n / 4;
+  return transpose(mat4x4<f32>(tb(x, 4 * k), tb(x, 4 * k + 1), tb(x, 4 * k + 2), tb(x, 4 * k + 3)));
 }
 fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
@@ -1360,10 +1418,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let m0 = i32(tm * 16u);
   let n0 = i32(tn * 16u);
   let k4 = i32(params.k4);
-  var c00 = mat4x4<f32>(); var c01 = mat4x4<f32>(); var c02 = mat4x4<f32>(); var c03 = mat4x4<f32>();
-  var c10 = mat4x4<f32>(); var c11 = mat4x4<f32>(); var c12 = mat4x4<f32>(); var c13 = mat4x4<f32>();
-  var c20 = mat4x4<f32>(); var c21 = mat4x4<f32>(); var c22 = mat4x4<f32>(); var c23 = mat4x4<f32>();
-  var c30 = mat4x4<f32>(); var c31 = mat4x4<f32>(); var c32 = mat4x4<f32>(); var c33 = mat4x4<f32>();
+  var c00: mat4x4<f32>; var c01: mat4x4<f32>; var c02: mat4x4<f32>; var c03: mat4x4<f32>;
+  var c10: mat4x4<f32>; var c11: mat4x4<f32>; var c12: mat4x4<f32>; var c13: mat4x4<f32>;
+  var c20: mat4x4<f32>; var c21: mat4x4<f32>; var c22: mat4x4<f32>; var c23: mat4x4<f32>;
+  var c30: mat4x4<f32>; var c31: mat4x4<f32>; var c32: mat4x4<f32>; var c33: mat4x4<f32>;
   for (var k = 0; k < k4; k++) {
     let a0 = rows_a(k, m0);
     let a1 = rows_a(k, m0 + 4);
@@ -1380,39 +1438,49 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
   let r = u32(m0);
   let q = u32(n0);
-  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02); put4(r, q + 12u, c03);
-  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12); put4(r + 4u, q + 12u, c13);
-  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22); put4(r + 8u, q + 12u, c23);
-  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32); put4(r + 12u, q + 12u, c33);
+  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02);
+  put4(r, q + 12u, c03);
+  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12);
+  put4(r + 4u, q + 12u, c13);
+  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22);
+  put4(r + 8u, q + 12u, c23);
+  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32);
+  put4(r + 12u, q + 12u, c33);
 }
 
 //! kernel matmul_t32
-// C tile of 32x32 per invocation from packed operands (see matmul_pack): at row m holds
-// op(A)[m, :] and bt row n holds op(B)[:, n], four k per texel. Accumulates in registers only
-// (no workgroup memory: barriers are very expensive on software adapters such as llvmpipe).
+// C tile of 32x32 per invocation from operands held in rgba32float textures (copied from
+// the tensors, or packed by matmul_pack). Accumulates in registers only (no workgroup
+// memory: barriers are very expensive on software adapters such as llvmpipe).
 // Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
+// params.k4 must be even (the operand textures are zero past K).
 struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_2d<f32>;
 @group(0) @binding(2) var bt: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
-// Rows r..r+3 of op(A) at k-texel k, transposed: column kk holds op(A)[r..r+3, 4k + kk].
+// Operand layouts (pipeline constants): A_KMAJOR: texel (x, y) of at holds op(A)[y, 4x..4x+3];
+// otherwise op(A)[4x..4x+3, y] (a transposed A copied as is). B_KMAJOR: texel (x, y) of bt holds
+// op(B)[4x..4x+3, y]; otherwise op(B)[y, 4x..4x+3] (a plain B copied as is).
+override A_KMAJOR: bool = true;
+override B_KMAJOR: bool = true;
+fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y), 0); }
+fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y), 0); }
+// Column kk: op(A)[r..r+3, 4k + kk].
 fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
-  return transpose(mat4x4<f32>(
-    textureLoad(at, vec2<i32>(k, r), 0),
-    textureLoad(at, vec2<i32>(k, r + 1), 0),
-    textureLoad(at, vec2<i32>(k, r + 2), 0),
-    textureLoad(at, vec2<i32>(k, r + 3), 0),
-  ));
+  if (A_KMAJOR) {
+    return transpose(mat4x4<f32>(ta(k, r), ta(k, r + 1), ta(k, r + 2), ta(k, r + 3)));
+  }
+  let x = r / 4;
+  return mat4x4<f32>(ta(x, 4 * k), ta(x, 4 * k + 1), ta(x, 4 * k + 2), ta(x, 4 * k + 3));
 }
-// Columns n..n+3 of op(B) at k-texel k: column j holds op(B)[4k..4k+3, n + j].
+// Column j: op(B)[4k..4k+3, n + j].
 fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
-  return mat4x4<f32>(
-    textureLoad(bt, vec2<i32>(k, n), 0),
-    textureLoad(bt, vec2<i32>(k, n + 1), 0),
-    textureLoad(bt, vec2<i32>(k, n + 2), 0),
-    textureLoad(bt, vec2<i32>(k, n + 3), 0),
-  );
+  if (B_KMAJOR) {
+    return mat4x4<f32>(tb(k, n), tb(k, n + 1), tb(k, n + 2), tb(k, n + 3));
+  }
+  let x = n / 4;
+  return transpose(mat4x4<f32>(tb(x, 4 * k), tb(x, 4 * k + 1), tb(x, 4 * k + 2), tb(x, 4 * k + 3)));
 }
 fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
@@ -1436,73 +1504,114 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let m0 = i32(tm * 32u);
   let n0 = i32(tn * 32u);
   let k4 = i32(params.k4);
-  var c00 = mat4x4<f32>(); var c01 = mat4x4<f32>(); var c02 = mat4x4<f32>(); var c03 = mat4x4<f32>();
-  var c04 = mat4x4<f32>(); var c05 = mat4x4<f32>(); var c06 = mat4x4<f32>(); var c07 = mat4x4<f32>();
-  var c10 = mat4x4<f32>(); var c11 = mat4x4<f32>(); var c12 = mat4x4<f32>(); var c13 = mat4x4<f32>();
-  var c14 = mat4x4<f32>(); var c15 = mat4x4<f32>(); var c16 = mat4x4<f32>(); var c17 = mat4x4<f32>();
-  var c20 = mat4x4<f32>(); var c21 = mat4x4<f32>(); var c22 = mat4x4<f32>(); var c23 = mat4x4<f32>();
-  var c24 = mat4x4<f32>(); var c25 = mat4x4<f32>(); var c26 = mat4x4<f32>(); var c27 = mat4x4<f32>();
-  var c30 = mat4x4<f32>(); var c31 = mat4x4<f32>(); var c32 = mat4x4<f32>(); var c33 = mat4x4<f32>();
-  var c34 = mat4x4<f32>(); var c35 = mat4x4<f32>(); var c36 = mat4x4<f32>(); var c37 = mat4x4<f32>();
-  var c40 = mat4x4<f32>(); var c41 = mat4x4<f32>(); var c42 = mat4x4<f32>(); var c43 = mat4x4<f32>();
-  var c44 = mat4x4<f32>(); var c45 = mat4x4<f32>(); var c46 = mat4x4<f32>(); var c47 = mat4x4<f32>();
-  var c50 = mat4x4<f32>(); var c51 = mat4x4<f32>(); var c52 = mat4x4<f32>(); var c53 = mat4x4<f32>();
-  var c54 = mat4x4<f32>(); var c55 = mat4x4<f32>(); var c56 = mat4x4<f32>(); var c57 = mat4x4<f32>();
-  var c60 = mat4x4<f32>(); var c61 = mat4x4<f32>(); var c62 = mat4x4<f32>(); var c63 = mat4x4<f32>();
-  var c64 = mat4x4<f32>(); var c65 = mat4x4<f32>(); var c66 = mat4x4<f32>(); var c67 = mat4x4<f32>();
-  var c70 = mat4x4<f32>(); var c71 = mat4x4<f32>(); var c72 = mat4x4<f32>(); var c73 = mat4x4<f32>();
-  var c74 = mat4x4<f32>(); var c75 = mat4x4<f32>(); var c76 = mat4x4<f32>(); var c77 = mat4x4<f32>();
-  for (var k = 0; k < k4; k++) {
+  var c00: mat4x4<f32>; var c01: mat4x4<f32>; var c02: mat4x4<f32>; var c03: mat4x4<f32>;
+  var c04: mat4x4<f32>; var c05: mat4x4<f32>; var c06: mat4x4<f32>; var c07: mat4x4<f32>;
+  var c10: mat4x4<f32>; var c11: mat4x4<f32>; var c12: mat4x4<f32>; var c13: mat4x4<f32>;
+  var c14: mat4x4<f32>; var c15: mat4x4<f32>; var c16: mat4x4<f32>; var c17: mat4x4<f32>;
+  var c20: mat4x4<f32>; var c21: mat4x4<f32>; var c22: mat4x4<f32>; var c23: mat4x4<f32>;
+  var c24: mat4x4<f32>; var c25: mat4x4<f32>; var c26: mat4x4<f32>; var c27: mat4x4<f32>;
+  var c30: mat4x4<f32>; var c31: mat4x4<f32>; var c32: mat4x4<f32>; var c33: mat4x4<f32>;
+  var c34: mat4x4<f32>; var c35: mat4x4<f32>; var c36: mat4x4<f32>; var c37: mat4x4<f32>;
+  var c40: mat4x4<f32>; var c41: mat4x4<f32>; var c42: mat4x4<f32>; var c43: mat4x4<f32>;
+  var c44: mat4x4<f32>; var c45: mat4x4<f32>; var c46: mat4x4<f32>; var c47: mat4x4<f32>;
+  var c50: mat4x4<f32>; var c51: mat4x4<f32>; var c52: mat4x4<f32>; var c53: mat4x4<f32>;
+  var c54: mat4x4<f32>; var c55: mat4x4<f32>; var c56: mat4x4<f32>; var c57: mat4x4<f32>;
+  var c60: mat4x4<f32>; var c61: mat4x4<f32>; var c62: mat4x4<f32>; var c63: mat4x4<f32>;
+  var c64: mat4x4<f32>; var c65: mat4x4<f32>; var c66: mat4x4<f32>; var c67: mat4x4<f32>;
+  var c70: mat4x4<f32>; var c71: mat4x4<f32>; var c72: mat4x4<f32>; var c73: mat4x4<f32>;
+  var c74: mat4x4<f32>; var c75: mat4x4<f32>; var c76: mat4x4<f32>; var c77: mat4x4<f32>;
+  // Two k-texels per iteration (params.k4 is even): half the accumulator traffic.
+  for (var k = 0; k < k4; k += 2) {
     let a0 = rows_a(k, m0);
+    let e0 = rows_a(k + 1, m0);
     let a1 = rows_a(k, m0 + 4);
+    let e1 = rows_a(k + 1, m0 + 4);
     let a2 = rows_a(k, m0 + 8);
+    let e2 = rows_a(k + 1, m0 + 8);
     let a3 = rows_a(k, m0 + 12);
+    let e3 = rows_a(k + 1, m0 + 12);
     let a4 = rows_a(k, m0 + 16);
+    let e4 = rows_a(k + 1, m0 + 16);
     let a5 = rows_a(k, m0 + 20);
+    let e5 = rows_a(k + 1, m0 + 20);
     let a6 = rows_a(k, m0 + 24);
+    let e6 = rows_a(k + 1, m0 + 24);
     let a7 = rows_a(k, m0 + 28);
+    let e7 = rows_a(k + 1, m0 + 28);
     let b0 = cols_b(k, n0);
+    let f0 = cols_b(k + 1, n0);
     let b1 = cols_b(k, n0 + 4);
+    let f1 = cols_b(k + 1, n0 + 4);
     let b2 = cols_b(k, n0 + 8);
+    let f2 = cols_b(k + 1, n0 + 8);
     let b3 = cols_b(k, n0 + 12);
+    let f3 = cols_b(k + 1, n0 + 12);
     let b4 = cols_b(k, n0 + 16);
+    let f4 = cols_b(k + 1, n0 + 16);
     let b5 = cols_b(k, n0 + 20);
+    let f5 = cols_b(k + 1, n0 + 20);
     let b6 = cols_b(k, n0 + 24);
+    let f6 = cols_b(k + 1, n0 + 24);
     let b7 = cols_b(k, n0 + 28);
-    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-    c04 += a0 * b4; c05 += a0 * b5; c06 += a0 * b6; c07 += a0 * b7;
-    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-    c14 += a1 * b4; c15 += a1 * b5; c16 += a1 * b6; c17 += a1 * b7;
-    c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-    c24 += a2 * b4; c25 += a2 * b5; c26 += a2 * b6; c27 += a2 * b7;
-    c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
-    c34 += a3 * b4; c35 += a3 * b5; c36 += a3 * b6; c37 += a3 * b7;
-    c40 += a4 * b0; c41 += a4 * b1; c42 += a4 * b2; c43 += a4 * b3;
-    c44 += a4 * b4; c45 += a4 * b5; c46 += a4 * b6; c47 += a4 * b7;
-    c50 += a5 * b0; c51 += a5 * b1; c52 += a5 * b2; c53 += a5 * b3;
-    c54 += a5 * b4; c55 += a5 * b5; c56 += a5 * b6; c57 += a5 * b7;
-    c60 += a6 * b0; c61 += a6 * b1; c62 += a6 * b2; c63 += a6 * b3;
-    c64 += a6 * b4; c65 += a6 * b5; c66 += a6 * b6; c67 += a6 * b7;
-    c70 += a7 * b0; c71 += a7 * b1; c72 += a7 * b2; c73 += a7 * b3;
-    c74 += a7 * b4; c75 += a7 * b5; c76 += a7 * b6; c77 += a7 * b7;
+    let f7 = cols_b(k + 1, n0 + 28);
+    c00 += a0 * b0 + e0 * f0; c01 += a0 * b1 + e0 * f1;
+    c02 += a0 * b2 + e0 * f2; c03 += a0 * b3 + e0 * f3;
+    c04 += a0 * b4 + e0 * f4; c05 += a0 * b5 + e0 * f5;
+    c06 += a0 * b6 + e0 * f6; c07 += a0 * b7 + e0 * f7;
+    c10 += a1 * b0 + e1 * f0; c11 += a1 * b1 + e1 * f1;
+    c12 += a1 * b2 + e1 * f2; c13 += a1 * b3 + e1 * f3;
+    c14 += a1 * b4 + e1 * f4; c15 += a1 * b5 + e1 * f5;
+    c16 += a1 * b6 + e1 * f6; c17 += a1 * b7 + e1 * f7;
+    c20 += a2 * b0 + e2 * f0; c21 += a2 * b1 + e2 * f1;
+    c22 += a2 * b2 + e2 * f2; c23 += a2 * b3 + e2 * f3;
+    c24 += a2 * b4 + e2 * f4; c25 += a2 * b5 + e2 * f5;
+    c26 += a2 * b6 + e2 * f6; c27 += a2 * b7 + e2 * f7;
+    c30 += a3 * b0 + e3 * f0; c31 += a3 * b1 + e3 * f1;
+    c32 += a3 * b2 + e3 * f2; c33 += a3 * b3 + e3 * f3;
+    c34 += a3 * b4 + e3 * f4; c35 += a3 * b5 + e3 * f5;
+    c36 += a3 * b6 + e3 * f6; c37 += a3 * b7 + e3 * f7;
+    c40 += a4 * b0 + e4 * f0; c41 += a4 * b1 + e4 * f1;
+    c42 += a4 * b2 + e4 * f2; c43 += a4 * b3 + e4 * f3;
+    c44 += a4 * b4 + e4 * f4; c45 += a4 * b5 + e4 * f5;
+    c46 += a4 * b6 + e4 * f6; c47 += a4 * b7 + e4 * f7;
+    c50 += a5 * b0 + e5 * f0; c51 += a5 * b1 + e5 * f1;
+    c52 += a5 * b2 + e5 * f2; c53 += a5 * b3 + e5 * f3;
+    c54 += a5 * b4 + e5 * f4; c55 += a5 * b5 + e5 * f5;
+    c56 += a5 * b6 + e5 * f6; c57 += a5 * b7 + e5 * f7;
+    c60 += a6 * b0 + e6 * f0; c61 += a6 * b1 + e6 * f1;
+    c62 += a6 * b2 + e6 * f2; c63 += a6 * b3 + e6 * f3;
+    c64 += a6 * b4 + e6 * f4; c65 += a6 * b5 + e6 * f5;
+    c66 += a6 * b6 + e6 * f6; c67 += a6 * b7 + e6 * f7;
+    c70 += a7 * b0 + e7 * f0; c71 += a7 * b1 + e7 * f1;
+    c72 += a7 * b2 + e7 * f2; c73 += a7 * b3 + e7 * f3;
+    c74 += a7 * b4 + e7 * f4; c75 += a7 * b5 + e7 * f5;
+    c76 += a7 * b6 + e7 * f6; c77 += a7 * b7 + e7 * f7;
   }
   let r = u32(m0);
   let q = u32(n0);
-  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02); put4(r, q + 12u, c03);
-  put4(r, q + 16u, c04); put4(r, q + 20u, c05); put4(r, q + 24u, c06); put4(r, q + 28u, c07);
-  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12); put4(r + 4u, q + 12u, c13);
-  put4(r + 4u, q + 16u, c14); put4(r + 4u, q + 20u, c15); put4(r + 4u, q + 24u, c16); put4(r + 4u, q + 28u, c17);
-  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22); put4(r + 8u, q + 12u, c23);
-  put4(r + 8u, q + 16u, c24); put4(r + 8u, q + 20u, c25); put4(r + 8u, q + 24u, c26); put4(r + 8u, q + 28u, c27);
-  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32); put4(r + 12u, q + 12u, c33);
-  put4(r + 12u, q + 16u, c34); put4(r + 12u, q + 20u, c35); put4(r + 12u, q + 24u, c36); put4(r + 12u, q + 28u, c37);
-  put4(r + 16u, q, c40); put4(r + 16u, q + 4u, c41); put4(r + 16u, q + 8u, c42); put4(r + 16u, q + 12u, c43);
-  put4(r + 16u, q + 16u, c44); put4(r + 16u, q + 20u, c45); put4(r + 16u, q + 24u, c46); put4(r + 16u, q + 28u, c47);
-  put4(r + 20u, q, c50); put4(r + 20u, q + 4u, c51); put4(r + 20u, q + 8u, c52); put4(r + 20u, q + 12u, c53);
-  put4(r + 20u, q + 16u, c54); put4(r + 20u, q + 20u, c55); put4(r + 20u, q + 24u, c56); put4(r + 20u, q + 28u, c57);
-  put4(r + 24u, q, c60); put4(r + 24u, q + 4u, c61); put4(r + 24u, q + 8u, c62); put4(r + 24u, q + 12u, c63);
-  put4(r + 24u, q + 16u, c64); put4(r + 24u, q + 20u, c65); put4(r + 24u, q + 24u, c66); put4(r + 24u, q + 28u, c67);
-  put4(r + 28u, q, c70); put4(r + 28u, q + 4u, c71); put4(r + 28u, q + 8u, c72); put4(r + 28u, q + 12u, c73);
-  put4(r + 28u, q + 16u, c74); put4(r + 28u, q + 20u, c75); put4(r + 28u, q + 24u, c76); put4(r + 28u, q + 28u, c77);
+  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02);
+  put4(r, q + 12u, c03); put4(r, q + 16u, c04); put4(r, q + 20u, c05);
+  put4(r, q + 24u, c06); put4(r, q + 28u, c07);
+  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12);
+  put4(r + 4u, q + 12u, c13); put4(r + 4u, q + 16u, c14); put4(r + 4u, q + 20u, c15);
+  put4(r + 4u, q + 24u, c16); put4(r + 4u, q + 28u, c17);
+  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22);
+  put4(r + 8u, q + 12u, c23); put4(r + 8u, q + 16u, c24); put4(r + 8u, q + 20u, c25);
+  put4(r + 8u, q + 24u, c26); put4(r + 8u, q + 28u, c27);
+  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32);
+  put4(r + 12u, q + 12u, c33); put4(r + 12u, q + 16u, c34); put4(r + 12u, q + 20u, c35);
+  put4(r + 12u, q + 24u, c36); put4(r + 12u, q + 28u, c37);
+  put4(r + 16u, q, c40); put4(r + 16u, q + 4u, c41); put4(r + 16u, q + 8u, c42);
+  put4(r + 16u, q + 12u, c43); put4(r + 16u, q + 16u, c44); put4(r + 16u, q + 20u, c45);
+  put4(r + 16u, q + 24u, c46); put4(r + 16u, q + 28u, c47);
+  put4(r + 20u, q, c50); put4(r + 20u, q + 4u, c51); put4(r + 20u, q + 8u, c52);
+  put4(r + 20u, q + 12u, c53); put4(r + 20u, q + 16u, c54); put4(r + 20u, q + 20u, c55);
+  put4(r + 20u, q + 24u, c56); put4(r + 20u, q + 28u, c57);
+  put4(r + 24u, q, c60); put4(r + 24u, q + 4u, c61); put4(r + 24u, q + 8u, c62);
+  put4(r + 24u, q + 12u, c63); put4(r + 24u, q + 16u, c64); put4(r + 24u, q + 20u, c65);
+  put4(r + 24u, q + 24u, c66); put4(r + 24u, q + 28u, c67);
+  put4(r + 28u, q, c70); put4(r + 28u, q + 4u, c71); put4(r + 28u, q + 8u, c72);
+  put4(r + 28u, q + 12u, c73); put4(r + 28u, q + 16u, c74); put4(r + 28u, q + 20u, c75);
+  put4(r + 28u, q + 24u, c76); put4(r + 28u, q + 28u, c77);
 }
 

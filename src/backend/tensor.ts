@@ -53,9 +53,6 @@ export const ensure = (cond: boolean, op: string, message: () => string): void =
   if (!cond) throw new ShapeError({ op, message: message() });
 };
 
-/** @deprecated alias of `ensure` (kept while older modules migrate). */
-export const require = ensure;
-
 /** Checks `t.shape` equals `shape` (use -1 for "any"). */
 export const expectShape = (
   op: string,

@@ -7,7 +7,7 @@
  */
 import type { MatmulOptions } from "../ops.ts";
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { require } from "../tensor.ts";
+import { ensure } from "../tensor.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -24,11 +24,11 @@ export const matmulDims = (
 ): { m: number; n: number; k: number; transA: boolean; transB: boolean } => {
   const transA = opts?.transA ?? false;
   const transB = opts?.transB ?? false;
-  require(a.shape.length === 2, op, () => `a must be 2-D, got shape [${a.shape}]`);
-  require(b.shape.length === 2, op, () => `b must be 2-D, got shape [${b.shape}]`);
+  ensure(a.shape.length === 2, op, () => `a must be 2-D, got shape [${a.shape}]`);
+  ensure(b.shape.length === 2, op, () => `b must be 2-D, got shape [${b.shape}]`);
   const [m, k] = transA ? [a.shape[1], a.shape[0]] : [a.shape[0], a.shape[1]];
   const [kb, n] = transB ? [b.shape[1], b.shape[0]] : [b.shape[0], b.shape[1]];
-  require(
+  ensure(
     k === kb,
     op,
     () =>
@@ -99,10 +99,20 @@ const gemm = (
           }
         }
       }
+      // Leftover rows use exactly the per-row arithmetic of the 4-row path (k in groups of
+      // four, each group summed then added to C), so a row's result never depends on the batch.
       for (; i < m; i++) {
         const ar = i * k;
         const cr = i * n;
-        for (let p = k0; p < k1; p++) {
+        let p = k0;
+        for (; p + 4 <= k1; p += 4) {
+          const a0 = a[ar + p], a1 = a[ar + p + 1], a2 = a[ar + p + 2], a3 = a[ar + p + 3];
+          const b0 = p * n, b1 = b0 + n, b2 = b1 + n, b3 = b2 + n;
+          for (let j = j0; j < j1; j++) {
+            c[cr + j] += a0 * b[b0 + j] + a1 * b[b1 + j] + a2 * b[b2 + j] + a3 * b[b3 + j];
+          }
+        }
+        for (; p < k1; p++) {
           const a0 = a[ar + p];
           const b0 = p * n;
           for (let j = j0; j < j1; j++) c[cr + j] += a0 * b[b0 + j];
@@ -121,20 +131,23 @@ const gemmDot = (
   n: number,
   k: number,
 ): void => {
+  // Same summation order and rounding as gemm (groups of four k-steps added to an accumulator
+  // stored in C's precision), so decoding a row gives the bits a batched product gives.
+  const round = c instanceof Float32Array ? Math.fround : (x: number) => x;
   for (let i = 0; i < m; i++) {
     const ar = i * k;
     for (let j = 0; j < n; j++) {
       const br = j * k;
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      let acc = 0;
       let p = 0;
       for (; p + 4 <= k; p += 4) {
-        s0 += a[ar + p] * b[br + p];
-        s1 += a[ar + p + 1] * b[br + p + 1];
-        s2 += a[ar + p + 2] * b[br + p + 2];
-        s3 += a[ar + p + 3] * b[br + p + 3];
+        acc = round(
+          acc + (a[ar + p] * b[br + p] + a[ar + p + 1] * b[br + p + 1] +
+            a[ar + p + 2] * b[br + p + 2] + a[ar + p + 3] * b[br + p + 3]),
+        );
       }
-      for (; p < k; p++) s0 += a[ar + p] * b[br + p];
-      c[i * n + j] = (s0 + s1) + (s2 + s3);
+      for (; p < k; p++) acc = round(acc + a[ar + p] * b[br + p]);
+      c[i * n + j] = acc;
     }
   }
 };

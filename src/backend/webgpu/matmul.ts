@@ -140,6 +140,9 @@ const tiled = (
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const k4 = Math.ceil(k / 4);
+  // k-texels read by the kernel: matmul_t32 takes two per iteration (zero past K).
+  const kd = tile === 32 ? 2 : 1;
+  const kSteps = Math.ceil(k4 / kd) * kd;
   // Rows per chunk: a multiple of the tile that fits the texture limits.
   const chunk = Math.floor(limit / tile) * tile;
   const params: number[][] = [];
@@ -148,9 +151,10 @@ const tiled = (
     return { buffer: null as unknown as GPUBuffer, offset: (params.length - 1) * SLOT, size: 32 };
   };
   // Texture layout of an operand: k-major (texel = 4 consecutive k of one row) unless the
-  // operand is stored [K, rows] with rows and K multiples of 64 and 4, which is copied as is
-  // (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
-  const kMajor = (op: Operand) => op.kContiguous || op.rows % 64 !== 0 || k % 4 !== 0 || k > limit;
+  // operand is stored [K, rows] with rows a multiple of 64 and K of the k-step, which is copied
+  // as is (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
+  const kMajor = (op: Operand) =>
+    op.kContiguous || op.rows % 64 !== 0 || k % (4 * kd) !== 0 || k > limit;
   const copyable = (op: Operand) => !op.kContiguous ? !kMajor(op) : k % 64 === 0;
   const loads: Load[] = [];
   const load = (op: Operand, role: string, row0: number, rows: number): Packed => {
@@ -160,13 +164,13 @@ const tiled = (
       loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex });
       return tex;
     }
-    const tex = st.texture(role + "k", k4, padded);
+    const tex = st.texture(role + "k", kSteps, padded);
     if (copyable(op)) {
       // Rows past `rows` keep stale values; they only reach results that are never stored.
       loads.push({ kind: "copy", op, kMajor: true, row0, rows, tex });
     } else {
       const [sr, sc] = op.kContiguous ? [k, 1] : [1, op.rows];
-      const u = slot([op.rows, k, sr, sc, row0, k4, padded]);
+      const u = slot([op.rows, k, sr, sc, row0, kSteps, padded]);
       loads.push({ kind: "pack", op, row0, rows: padded, tex, u });
     }
     return tex;
@@ -183,7 +187,7 @@ const tiled = (
       const at = single ?? load(a, "a", m0, mc);
       const tilesN = Math.ceil(nc / tile);
       const tiles = Math.ceil(mc / tile) * tilesN;
-      const u = slot([mc, nc, k4, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
+      const u = slot([mc, nc, kSteps, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
   }
@@ -228,7 +232,7 @@ const tiled = (
         pass ??= enc.beginComputePass({ label: "matmul" });
         pass.setPipeline(pack);
         pass.setBindGroup(0, bindGroup(pack, [bind(l.u), { buffer: l.op.buffer }, l.tex.view]));
-        pass.dispatchWorkgroups(Math.ceil(k4 / 4), Math.ceil(l.rows / 16));
+        pass.dispatchWorkgroups(Math.ceil(kSteps / 4), Math.ceil(l.rows / 16));
       }
     }
     pass ??= enc.beginComputePass({ label: "matmul" });
