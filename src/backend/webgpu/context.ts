@@ -260,7 +260,12 @@ export class GpuContext {
         s.getMappedRange(0, srcs[i].bytes === 0 ? 0 : s.size).slice(0, srcs[i].bytes)
       );
     } finally {
-      staging.forEach((s) => s.destroy());
+      // Unmap before destroying: destroying a still-mapped buffer is where Deno's WebGPU has
+      // been seen to corrupt the heap (an abort at process exit).
+      staging.forEach((s) => {
+        if (s.mapState === "mapped") s.unmap();
+        s.destroy();
+      });
     }
   }
 
