@@ -166,6 +166,65 @@ const defaultPositions = (input: ForwardInput): Int32Array => {
   return pos;
 };
 
+/**
+ * One decoder layer: x + attn(norm(x)), then + mlp(norm(·)). `attend` runs attention on the
+ * rotated q, k and v (the full pass attends to k/v directly, decoding via the KV cache). Returns
+ * the layer output and what backward needs (linear tapes are filled only when recording).
+ */
+const decoderLayer = (
+  cx: Ctx,
+  l: number,
+  x: Tensor,
+  positions: Tensor,
+  attend: (q: Tensor, k: Tensor, v: Tensor) => { out: Tensor; lse: Tensor },
+): LayerTape & { out: Tensor } => {
+  const { ops, model } = cx;
+  const c = model.config;
+  const lin = cx.record ? new Map<Projection, LinearTape>() : null;
+  const pre = `model.layers.${l}`;
+  const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
+  const q = ops.rope(
+    linear(cx, l, "q_proj", n1.y, lin),
+    positions,
+    c.numHeads,
+    c.headDim,
+    c.ropeTheta,
+  );
+  const k = ops.rope(
+    linear(cx, l, "k_proj", n1.y, lin),
+    positions,
+    c.numKvHeads,
+    c.headDim,
+    c.ropeTheta,
+  );
+  const v = linear(cx, l, "v_proj", n1.y, lin);
+  const att = attend(q, k, v);
+  const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, lin));
+  const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
+  const gate = linear(cx, l, "gate_proj", n2.y, lin);
+  const up = linear(cx, l, "up_proj", n2.y, lin);
+  const act = ops.swiglu(gate, up);
+  const out = ops.add(x2, linear(cx, l, "down_proj", act, lin));
+  return {
+    x,
+    rstd1: n1.rstd,
+    h1: n1.y,
+    q,
+    k,
+    v,
+    att: att.out,
+    lse: att.lse,
+    x2,
+    rstd2: n2.rstd,
+    h2: n2.y,
+    gate,
+    up,
+    act,
+    lin: lin ?? new Map(),
+    out,
+  };
+};
+
 /** Options of a forward pass. */
 export interface ForwardOptions {
   readonly lora?: LoraRuntime | null;
@@ -208,55 +267,9 @@ export const forward = (
   );
   const layers: LayerTape[] = [];
   for (let l = 0; l < c.numLayers; l++) {
-    const lin = cx.record ? new Map<Projection, LinearTape>() : null;
-    const pre = `model.layers.${l}`;
-    const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-    const q = ops.rope(
-      linear(cx, l, "q_proj", n1.y, lin),
-      positions,
-      c.numHeads,
-      c.headDim,
-      c.ropeTheta,
-    );
-    const k = ops.rope(
-      linear(cx, l, "k_proj", n1.y, lin),
-      positions,
-      c.numKvHeads,
-      c.headDim,
-      c.ropeTheta,
-    );
-    const v = linear(cx, l, "v_proj", n1.y, lin);
-    const att = ops.attention(q, k, v, attnOpts);
-    const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, lin));
-    const n2 = ops.rmsNorm(
-      x2,
-      weight(model, `${pre}.post_attention_layernorm.weight`),
-      c.rmsNormEps,
-    );
-    const gate = linear(cx, l, "gate_proj", n2.y, lin);
-    const up = linear(cx, l, "up_proj", n2.y, lin);
-    const act = ops.swiglu(gate, up);
-    const x3 = ops.add(x2, linear(cx, l, "down_proj", act, lin));
-    if (lin) {
-      layers.push({
-        x,
-        rstd1: n1.rstd,
-        h1: n1.y,
-        q,
-        k,
-        v,
-        att: att.out,
-        lse: att.lse,
-        x2,
-        rstd2: n2.rstd,
-        h2: n2.y,
-        gate,
-        up,
-        act,
-        lin,
-      });
-    }
-    x = x3;
+    const t = decoderLayer(cx, l, x, positions, (q, k, v) => ops.attention(q, k, v, attnOpts));
+    if (cx.record) layers.push(t);
+    x = t.out;
   }
   const nf = ops.rmsNorm(x, weight(model, "model.norm.weight"), c.rmsNormEps);
   const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
@@ -459,37 +472,12 @@ export const forwardCached = (
     ops.fromArray(ids, [rows], "i32"),
   );
   for (let l = 0; l < c.numLayers; l++) {
-    const pre = `model.layers.${l}`;
-    const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-    const q = ops.rope(
-      linear(cx, l, "q_proj", n1.y, null),
-      positions,
-      c.numHeads,
-      c.headDim,
-      c.ropeTheta,
-    );
-    const k = ops.rope(
-      linear(cx, l, "k_proj", n1.y, null),
-      positions,
-      c.numKvHeads,
-      c.headDim,
-      c.ropeTheta,
-    );
-    const v = linear(cx, l, "v_proj", n1.y, null);
-    ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
-    ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
-    const att = ops.attention(q, cache.k[l], cache.v[l], attnOpts);
-    const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, null));
-    const n2 = ops.rmsNorm(
-      x2,
-      weight(model, `${pre}.post_attention_layernorm.weight`),
-      c.rmsNormEps,
-    );
-    const act = ops.swiglu(
-      linear(cx, l, "gate_proj", n2.y, null),
-      linear(cx, l, "up_proj", n2.y, null),
-    );
-    x = ops.add(x2, linear(cx, l, "down_proj", act, null));
+    // new keys/values go into the cache; attention reads the whole cache
+    x = decoderLayer(cx, l, x, positions, (q, k, v) => {
+      ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
+      ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
+      return ops.attention(q, cache.k[l], cache.v[l], attnOpts);
+    }).out;
   }
   cache.len += tq;
   const last = Array.from({ length: B }, (_, b) => b * tq + tq - 1);
