@@ -37,15 +37,14 @@ export const logSoftmax = (logits: ArrayLike<number>, temperature = 1): Float64A
   return out;
 };
 
-/** Samples a token; `rng` is the sequence's own stream (seeded per request). */
-export const sampleToken = (logits: ArrayLike<number>, p: SamplingParams, rng: Rng): Sample => {
-  const raw = logSoftmax(logits);
-  if (p.temperature <= 0) {
-    let best = 0;
-    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
-    return { token: best, rawLogprob: raw[best], processedLogprob: 0 };
-  }
-  const lp = logSoftmax(logits, p.temperature);
+/**
+ * Tokens that survive top-k then top-p on a tempered log-distribution, most likely first (ties
+ * by id). Top-p keeps the smallest prefix whose mass reaches topP (at least one token).
+ */
+export const keptTokens = (
+  lp: ArrayLike<number>,
+  p: Pick<SamplingParams, "topK" | "topP">,
+): number[] => {
   let order = Array.from({ length: lp.length }, (_, i) => i).sort((a, b) => lp[b] - lp[a] || a - b);
   if (p.topK > 0 && p.topK < order.length) order = order.slice(0, p.topK);
   if (p.topP < 1) {
@@ -56,6 +55,19 @@ export const sampleToken = (logits: ArrayLike<number>, p: SamplingParams, rng: R
     }
     order = order.slice(0, keep);
   }
+  return order;
+};
+
+/** Samples a token; `rng` is the sequence's own stream (seeded per request). */
+export const sampleToken = (logits: ArrayLike<number>, p: SamplingParams, rng: Rng): Sample => {
+  const raw = logSoftmax(logits);
+  if (p.temperature <= 0) {
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    return { token: best, rawLogprob: raw[best], processedLogprob: 0 };
+  }
+  const lp = logSoftmax(logits, p.temperature);
+  const order = keptTokens(lp, p);
   let total = 0;
   for (const i of order) total += Math.exp(lp[i]);
   let u = rng.next() * total;

@@ -11,7 +11,7 @@
  */
 import type { FloatArray } from "../backend/tensor.ts";
 import type { Rng } from "../model/rng.ts";
-import { logSoftmax, sampleToken } from "../model/sampling.ts";
+import { keptTokens, logSoftmax, sampleToken } from "../model/sampling.ts";
 
 /** Logprobs mode of the server (vLLM's --logprobs-mode). */
 export type LogprobsMode = "raw_logprobs" | "processed_logprobs";
@@ -69,16 +69,7 @@ export const processedLogprobs = (logits: ArrayLike<number>, p: StepParams): Flo
   const lp = logSoftmax(logits, p.temperature);
   const filtering = (p.topK > 0 && p.topK < lp.length) || p.topP < 1;
   if (!filtering) return lp;
-  let order = Array.from({ length: lp.length }, (_, i) => i).sort((a, b) => lp[b] - lp[a] || a - b);
-  if (p.topK > 0 && p.topK < order.length) order = order.slice(0, p.topK);
-  if (p.topP < 1) {
-    let mass = 0;
-    let keep = 0;
-    while (keep < order.length && (keep === 0 || mass < p.topP)) {
-      mass += Math.exp(lp[order[keep++]]);
-    }
-    order = order.slice(0, keep);
-  }
+  const order = keptTokens(lp, p);
   let total = 0;
   for (const i of order) total += Math.exp(lp[i]);
   const out = new Float64Array(lp.length).fill(-Infinity);
