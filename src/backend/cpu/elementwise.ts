@@ -6,27 +6,18 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { asMatrix, ensure, expectShape } from "../tensor.ts";
+import {
+  checkAdamw,
+  checkAdamwStorage,
+  checkAddRow,
+  checkGatherRows,
+  checkLoraFold,
+  checkScatterRows,
+  checkSumRows,
+  checkSwigluBackward,
+  sameShape,
+} from "../checks/elementwise.ts";
 import type { CpuScope } from "./scope.ts";
-
-const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
-  ensure(
-    a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]),
-    op,
-    () => `${an} [${a.shape}] and ${bn} [${b.shape}] must have the same shape`,
-  );
-
-/** Checks host row indices: integers in [0, rows). */
-const checkRows = (op: string, idx: ArrayLike<number>, rows: number): void => {
-  for (let i = 0; i < idx.length; i++) {
-    const r = idx[i];
-    ensure(
-      Number.isInteger(r) && r >= 0 && r < rows,
-      op,
-      () => `row index ${r} (at ${i}) out of range [0, ${rows})`,
-    );
-  }
-};
 
 /** Fresh tensor of a's shape with out[i] = f(x[i], y[i]). */
 const zip = (
@@ -84,9 +75,7 @@ export function addScaledInPlace(sc: CpuScope, dst: Tensor, src: Tensor, s: numb
 
 /** See Ops.addRow. */
 export function addRow(sc: CpuScope, a: Tensor, row: Tensor): Tensor {
-  ensure(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
-  const [rows, cols] = asMatrix(a);
-  expectShape("addRow", "row", row, [cols]);
+  const [rows, cols] = checkAddRow("addRow", a, row);
   const x = sc.f(a, "addRow");
   const r = sc.f(row, "addRow");
   const out = sc.floats(x.length);
@@ -98,8 +87,7 @@ export function addRow(sc: CpuScope, a: Tensor, row: Tensor): Tensor {
 
 /** See Ops.sumRows. */
 export function sumRows(sc: CpuScope, a: Tensor): Tensor {
-  ensure(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
-  const [rows, cols] = asMatrix(a);
+  const [rows, cols] = checkSumRows("sumRows", a);
   const x = sc.f(a, "sumRows");
   const acc = new Float64Array(cols);
   for (let i = 0; i < rows; i++) {
@@ -122,9 +110,7 @@ export function sumSquares(sc: CpuScope, a: Tensor): Tensor {
 
 /** See Ops.gatherRows. */
 export function gatherRows(sc: CpuScope, src: Tensor, rows: ArrayLike<number>): Tensor {
-  expectShape("gatherRows", "src", src, [-1, -1]);
-  const [r, c] = src.shape;
-  checkRows("gatherRows", rows, r);
+  const [, c] = checkGatherRows("gatherRows", src, rows);
   const x = sc.f(src, "gatherRows");
   const out = sc.floats(rows.length * c);
   for (let i = 0; i < rows.length; i++) {
@@ -144,11 +130,7 @@ export function scatterRowsInPlace(
   rows: ArrayLike<number>,
 ): void {
   const op = "scatterRowsInPlace";
-  expectShape(op, "dst", dst, [-1, -1]);
-  const [r, c] = dst.shape;
-  expectShape(op, "src", src, [rows.length, c]);
-  checkRows(op, rows, r);
-  ensure(new Set(Array.from(rows)).size === rows.length, op, () => `row indices must be distinct`);
+  const [, c] = checkScatterRows(op, dst, src, rows);
   const d = sc.f(dst, op);
   // Copy first: src may be a view of dst.
   const x: FloatArray = sc.f(src, op).slice();
@@ -172,8 +154,7 @@ export function swigluBackward(
   up: Tensor,
 ): { dGate: Tensor; dUp: Tensor } {
   const op = "swigluBackward";
-  sameShape(op, gate, up, "gate", "up");
-  sameShape(op, dh, gate, "dh", "gate");
+  checkSwigluBackward(op, dh, gate, up);
   const d = sc.f(dh, op);
   const g = sc.f(gate, op);
   const u = sc.f(up, op);
@@ -201,23 +182,12 @@ export function adamw(
   opts: AdamWOptions,
 ): void {
   const op = "adamw";
-  sameShape(op, param, grad, "param", "grad");
-  sameShape(op, param, m, "param", "m");
-  sameShape(op, param, v, "param", "v");
-  ensure(
-    Number.isInteger(opts.step) && opts.step >= 1,
-    op,
-    () => `step must be an integer >= 1, got ${opts.step}`,
-  );
+  checkAdamw(op, param, grad, m, v, opts);
   const p = sc.f(param, op);
   const g = sc.f(grad, op);
   const mm = sc.f(m, op);
   const vv = sc.f(v, op);
-  ensure(
-    new Set([p, g, mm, vv]).size === 4,
-    op,
-    () => "param, grad, m and v must not share storage",
-  );
+  checkAdamwStorage(op, p, g, mm, vv);
   const { lr, beta1, beta2, eps, weightDecay, step } = opts;
   const gs = opts.gradScale ?? 1;
   const bc1 = 1 - beta1 ** step;
@@ -239,11 +209,7 @@ export function adamw(
  */
 export function loraFold(sc: CpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {
   const op = "loraFold";
-  expectShape(op, "w", w, [-1, -1]);
-  const [rows, cols] = w.shape;
-  expectShape(op, "b", b, [rows, -1]);
-  const rank = b.shape[1];
-  expectShape(op, "a", a, [rank, cols]);
+  const [rows, cols, rank] = checkLoraFold(op, w, b, a);
   const wd = sc.f(w, op);
   const bd = sc.f(b, op);
   const ad = sc.f(a, op);

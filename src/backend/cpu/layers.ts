@@ -5,7 +5,17 @@
  * @module
  */
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { asMatrix, ensure, expectShape } from "../tensor.ts";
+import {
+  checkEmbedding,
+  checkEmbeddingBackward,
+  checkEntropy,
+  checkIds,
+  checkLogProbs,
+  checkLogProbsBackward,
+  checkRmsNorm,
+  checkRmsNormBackward,
+  checkRope,
+} from "../checks/layers.ts";
 import type { CpuScope } from "./scope.ts";
 
 /**
@@ -26,58 +36,6 @@ export const ropeInvFreq = (headDim: number, theta: number): Float32Array => {
 export const ropeAngle = (pos: number, invFreq: number): number =>
   Math.fround(Math.fround(pos) * invFreq);
 
-/** Validates rope arguments; returns the number of rows. */
-export const checkRope = (
-  op: string,
-  x: Tensor,
-  positions: Tensor,
-  heads: number,
-  headDim: number,
-  theta: number,
-): number => {
-  ensure(
-    Number.isInteger(heads) && heads > 0 && Number.isInteger(headDim) && headDim > 0 &&
-      headDim % 2 === 0,
-    op,
-    () => `heads ${heads} and headDim ${headDim} must be positive integers, headDim even`,
-  );
-  ensure(Number.isFinite(theta) && theta > 0, op, () => `theta ${theta} must be positive`);
-  ensure(x.shape.length === 2, op, () => `x must be 2-D, got [${x.shape}]`);
-  const rows = x.shape[0];
-  expectShape(op, "x", x, [rows, heads * headDim]);
-  expectShape(op, "positions", positions, [rows]);
-  ensure(positions.dtype === "i32", op, () => `positions must be i32, got ${positions.dtype}`);
-  return rows;
-};
-
-/** Validates a temperature. */
-export const checkTemperature = (op: string, temperature: number): void =>
-  ensure(
-    Number.isFinite(temperature) && temperature > 0,
-    op,
-    () => `temperature ${temperature} must be positive and finite`,
-  );
-
-/** Validates rmsNorm arguments; returns [rows, cols]. */
-export const checkRmsNorm = (op: string, x: Tensor, w: Tensor): [number, number] => {
-  ensure(x.shape.length >= 1, op, () => `x must have at least one dimension`);
-  const [r, h] = asMatrix(x);
-  expectShape(op, "w", w, [h]);
-  return [r, h];
-};
-
-/** Validates embeddingBackward's host ids against the vocabulary. */
-export const checkIds = (op: string, ids: ArrayLike<number>, vocab: number): void => {
-  for (let i = 0; i < ids.length; i++) {
-    const id = ids[i];
-    ensure(
-      Number.isInteger(id) && id >= 0 && id < vocab,
-      op,
-      () => `id ${id} at ${i} is outside [0, ${vocab})`,
-    );
-  }
-};
-
 /** See Ops.rmsNorm. */
 export function rmsNorm(
   sc: CpuScope,
@@ -88,8 +46,7 @@ export function rmsNorm(
   const op = "rmsNorm";
   const xs = sc.f(x, op);
   const ws = sc.f(w, op);
-  const [r, h] = checkRmsNorm(op, x, w);
-  ensure(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
+  const [r, h] = checkRmsNorm(op, x, w, eps);
   const y = sc.floats(r * h);
   const rstd = sc.floats(r);
   for (let i = 0; i < r; i++) {
@@ -118,9 +75,7 @@ export function rmsNormBackward(
   const xs = sc.f(x, op);
   const ws = sc.f(w, op);
   const ss = sc.f(rstd, op);
-  const [r, h] = checkRmsNorm(op, x, w);
-  expectShape(op, "dy", dy, x.shape);
-  expectShape(op, "rstd", rstd, [r]);
+  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
   const dx = sc.floats(r * h);
   const dw = new Float64Array(h);
   for (let i = 0; i < r; i++) {
@@ -208,9 +163,7 @@ export function embedding(sc: CpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
   const ts = sc.f(table, op);
   const is = sc.i(ids, op);
-  ensure(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
-  ensure(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
-  const [v, h] = table.shape;
+  const [, v, h] = checkEmbedding(op, table, ids);
   checkIds(op, is, v);
   const out = sc.floats(is.length * h);
   for (let i = 0; i < is.length; i++) out.set(ts.subarray(is[i] * h, (is[i] + 1) * h), i * h);
@@ -226,11 +179,7 @@ export function embeddingBackward(
 ): Tensor {
   const op = "embeddingBackward";
   const ds = sc.f(dy, op);
-  ensure(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
-  ensure(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
-  const [n, h] = dy.shape;
-  ensure(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
-  checkIds(op, ids, vocab);
+  const [n, h] = checkEmbeddingBackward(op, dy, ids, vocab);
   const out = sc.floats(vocab * h);
   for (let i = 0; i < n; i++) {
     const base = ids[i] * h;
@@ -238,18 +187,6 @@ export function embeddingBackward(
   }
   return sc.wrap([vocab, h], out);
 }
-
-/** Validates logits [N,V] and i32 targets [N]; returns [N, V]. */
-const checkLogits = (op: string, logits: Tensor, targets: Tensor | null): [number, number] => {
-  ensure(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
-  const [n, v] = logits.shape;
-  ensure(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
-  if (targets) {
-    expectShape(op, "targets", targets, [n]);
-    ensure(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
-  }
-  return [n, v];
-};
 
 /** Max m of row/T and log Σ_j exp(row_j/T − m) of one row (lse = m + that), stable. */
 const rowLse = (xs: FloatArray, off: number, v: number, t: number): [number, number] => {
@@ -271,8 +208,7 @@ export function logProbs(
   const op = "logProbs";
   const xs = sc.f(logits, op);
   const ts = sc.i(targets, op);
-  const [n, v] = checkLogits(op, logits, targets);
-  checkTemperature(op, temperature);
+  const [n, v] = checkLogProbs(op, logits, targets, temperature);
   checkIds(op, ts, v);
   const logp = sc.floats(n);
   const lse = sc.floats(n);
@@ -298,10 +234,7 @@ export function logProbsBackward(
   const xs = sc.f(logits, op);
   const ts = sc.i(targets, op);
   const ls = sc.f(lse, op);
-  const [n, v] = checkLogits(op, logits, targets);
-  expectShape(op, "dlogp", dlogp, [n]);
-  expectShape(op, "lse", lse, [n]);
-  checkTemperature(op, temperature);
+  const [n, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature);
   checkIds(op, ts, v);
   const out = sc.floats(n * v);
   for (let i = 0; i < n; i++) {
@@ -321,8 +254,7 @@ export function logProbsBackward(
 export function entropy(sc: CpuScope, logits: Tensor, temperature: number): Tensor {
   const op = "entropy";
   const xs = sc.f(logits, op);
-  const [n, v] = checkLogits(op, logits, null);
-  checkTemperature(op, temperature);
+  const [n, v] = checkEntropy(op, logits, temperature);
   const out = sc.floats(n);
   for (let i = 0; i < n; i++) {
     let m = -Infinity;

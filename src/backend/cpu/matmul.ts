@@ -7,38 +7,13 @@
  */
 import type { MatmulOptions } from "../ops.ts";
 import type { FloatArray, Tensor } from "../tensor.ts";
-import { ensure } from "../tensor.ts";
+import { matmulDims } from "../checks/matmul.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
 const NB = 256;
 /** k-steps per block. */
 const KB = 128;
-
-/** Shapes of op(A) [M,K] and op(B) [K,N]; throws ShapeError on a non-2-D operand or a mismatch. */
-export const matmulDims = (
-  op: string,
-  a: Tensor,
-  b: Tensor,
-  opts: MatmulOptions | undefined,
-): { m: number; n: number; k: number; transA: boolean; transB: boolean } => {
-  const transA = opts?.transA ?? false;
-  const transB = opts?.transB ?? false;
-  ensure(a.shape.length === 2, op, () => `a must be 2-D, got shape [${a.shape}]`);
-  ensure(b.shape.length === 2, op, () => `b must be 2-D, got shape [${b.shape}]`);
-  const [m, k] = transA ? [a.shape[1], a.shape[0]] : [a.shape[0], a.shape[1]];
-  const [kb, n] = transB ? [b.shape[1], b.shape[0]] : [b.shape[0], b.shape[1]];
-  ensure(
-    k === kb,
-    op,
-    () =>
-      `inner dimensions differ: op(a) is [${m},${k}] (a [${a.shape}]${
-        transA ? ", transA" : ""
-      }), ` +
-      `op(b) is [${kb},${n}] (b [${b.shape}]${transB ? ", transB" : ""})`,
-  );
-  return { m, n, k, transA, transB };
-};
 
 /** Row-major transpose of src [rows, cols] into a fresh [cols, rows] of the same precision. */
 const transpose = (src: FloatArray, rows: number, cols: number): FloatArray => {

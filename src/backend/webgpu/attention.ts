@@ -19,7 +19,7 @@ import {
   type AttentionGeometry,
   checkAttention,
   checkAttentionBackward,
-} from "../cpu/attention.ts";
+} from "../checks/attention.ts";
 import { f32, grid, type Param } from "./context.ts";
 import type { GpuScope } from "./scope.ts";
 

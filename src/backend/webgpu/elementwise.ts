@@ -10,7 +10,17 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { asMatrix, ensure, expectShape } from "../tensor.ts";
+import {
+  checkAdamw,
+  checkAdamwStorage,
+  checkAddRow,
+  checkGatherRows,
+  checkLoraFold,
+  checkScatterRows,
+  checkSumRows,
+  checkSwigluBackward,
+  sameShape,
+} from "../checks/elementwise.ts";
 import { f32, grid } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 
@@ -18,28 +28,6 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 const WG = 256;
 /** A 2-D grid of 1-D workgroups covering `n` invocations (kernels use `linear_id`). */
 const groups1d = (n: number): [number, number] => grid(Math.ceil(n / WG));
-
-const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
-  ensure(
-    a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]),
-    op,
-    () => `${an} [${a.shape}] and ${bn} [${b.shape}] must have the same shape`,
-  );
-
-/** Checks host row indices (integers in [0, rows)) and converts them for upload. */
-const rowIndices = (op: string, idx: ArrayLike<number>, rows: number): Int32Array => {
-  const out = new Int32Array(idx.length);
-  for (let i = 0; i < idx.length; i++) {
-    const r = idx[i];
-    ensure(
-      Number.isInteger(r) && r >= 0 && r < rows,
-      op,
-      () => `row index ${r} (at ${i}) out of range [0, ${rows})`,
-    );
-    out[i] = r;
-  }
-  return out;
-};
 
 /** ew_binary op codes. */
 const ADD = 0;
@@ -102,9 +90,7 @@ export function addScaledInPlace(sc: GpuScope, dst: Tensor, src: Tensor, s: numb
 
 /** See Ops.addRow. */
 export function addRow(sc: GpuScope, a: Tensor, row: Tensor): Tensor {
-  ensure(a.shape.length >= 1, "addRow", () => `a must have rank >= 1, got [${a.shape}]`);
-  const [, cols] = asMatrix(a);
-  expectShape("addRow", "row", row, [cols]);
+  const [, cols] = checkAddRow("addRow", a, row);
   const x = sc.f(a, "addRow");
   const r = sc.f(row, "addRow");
   const out = sc.out(a.shape);
@@ -119,8 +105,7 @@ const SUM_ROWS_MAX_CHUNKS = 256;
 
 /** See Ops.sumRows: column sums in fixed chunks of rows, then a sum over the chunks. */
 export function sumRows(sc: GpuScope, a: Tensor): Tensor {
-  ensure(a.shape.length >= 1, "sumRows", () => `a must have rank >= 1, got [${a.shape}]`);
-  const [rows, cols] = asMatrix(a);
+  const [rows, cols] = checkSumRows("sumRows", a);
   const x = sc.f(a, "sumRows");
   const out = sc.out([cols]);
   if (cols === 0) return out;
@@ -167,9 +152,8 @@ export function sumSquares(sc: GpuScope, a: Tensor): Tensor {
 
 /** See Ops.gatherRows. */
 export function gatherRows(sc: GpuScope, src: Tensor, rows: ArrayLike<number>): Tensor {
-  expectShape("gatherRows", "src", src, [-1, -1]);
-  const [r, c] = src.shape;
-  const idx = rowIndices("gatherRows", rows, r);
+  const [, c] = checkGatherRows("gatherRows", src, rows);
+  const idx = Int32Array.from(rows);
   const x = sc.f(src, "gatherRows");
   const out = sc.out([rows.length, c]);
   const n = rows.length * c;
@@ -191,11 +175,8 @@ export function scatterRowsInPlace(
   rows: ArrayLike<number>,
 ): void {
   const op = "scatterRowsInPlace";
-  expectShape(op, "dst", dst, [-1, -1]);
-  const [r, c] = dst.shape;
-  expectShape(op, "src", src, [rows.length, c]);
-  const idx = rowIndices(op, rows, r);
-  ensure(new Set(idx).size === idx.length, op, () => `row indices must be distinct`);
+  const [, c] = checkScatterRows(op, dst, src, rows);
+  const idx = Int32Array.from(rows);
   const d = sc.f(dst, op);
   let x = sc.f(src, op);
   const n = rows.length * c;
@@ -229,8 +210,7 @@ export function swigluBackward(
   up: Tensor,
 ): { dGate: Tensor; dUp: Tensor } {
   const op = "swigluBackward";
-  sameShape(op, gate, up, "gate", "up");
-  sameShape(op, dh, gate, "dh", "gate");
+  checkSwigluBackward(op, dh, gate, up);
   const d = sc.f(dh, op);
   const g = sc.f(gate, op);
   const u = sc.f(up, op);
@@ -258,23 +238,12 @@ export function adamw(
   opts: AdamWOptions,
 ): void {
   const op = "adamw";
-  sameShape(op, param, grad, "param", "grad");
-  sameShape(op, param, m, "param", "m");
-  sameShape(op, param, v, "param", "v");
-  ensure(
-    Number.isInteger(opts.step) && opts.step >= 1,
-    op,
-    () => `step must be an integer >= 1, got ${opts.step}`,
-  );
+  checkAdamw(op, param, grad, m, v, opts);
   const p = sc.f(param, op);
   const g = sc.f(grad, op);
   const mb = sc.f(m, op);
   const vb = sc.f(v, op);
-  ensure(
-    new Set([p, g, mb, vb]).size === 4,
-    op,
-    () => "param, grad, m and v must not share storage",
-  );
+  checkAdamwStorage(op, p, g, mb, vb);
   const { lr, beta1, beta2, eps, weightDecay, step } = opts;
   const n = param.size;
   sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), [
@@ -302,11 +271,7 @@ const FOLD_TILE = 128;
  */
 export function loraFold(sc: GpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {
   const op = "loraFold";
-  expectShape(op, "w", w, [-1, -1]);
-  const [rows, cols] = w.shape;
-  expectShape(op, "b", b, [rows, -1]);
-  const rank = b.shape[1];
-  expectShape(op, "a", a, [rank, cols]);
+  const [rows, cols, rank] = checkLoraFold(op, w, b, a);
   const wb = sc.f(w, op);
   const bb = sc.f(b, op);
   const ab = sc.f(a, op);

@@ -9,8 +9,17 @@
  * @module
  */
 import type { Tensor } from "../tensor.ts";
-import { ensure, expectShape } from "../tensor.ts";
-import { checkIds, checkRmsNorm, checkRope, checkTemperature, ropeInvFreq } from "../cpu/layers.ts";
+import {
+  checkEmbedding,
+  checkEmbeddingBackward,
+  checkEntropy,
+  checkLogProbs,
+  checkLogProbsBackward,
+  checkRmsNorm,
+  checkRmsNormBackward,
+  checkRope,
+} from "../checks/layers.ts";
+import { ropeInvFreq } from "../cpu/layers.ts";
 import { f32, type GpuContext, grid } from "./context.ts";
 import type { GpuScope } from "./scope.ts";
 
@@ -96,8 +105,7 @@ export function rmsNorm(
   const op = "rmsNorm";
   const xb = sc.f(x, op);
   const wb = sc.f(w, op);
-  const [r, h] = checkRmsNorm(op, x, w);
-  ensure(Number.isFinite(eps) && eps >= 0, op, () => `eps ${eps} must be >= 0`);
+  const [r, h] = checkRmsNorm(op, x, w, eps);
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
   const k = rowKernel(sc.ctx, "rmsnorm_fwd", r, h);
@@ -118,9 +126,7 @@ export function rmsNormBackward(
   const xb = sc.f(x, op);
   const wb = sc.f(w, op);
   const sb = sc.f(rstd, op);
-  const [r, h] = checkRmsNorm(op, x, w);
-  expectShape(op, "dy", dy, x.shape);
-  expectShape(op, "rstd", rstd, [r]);
+  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
   const dx = sc.out(x.shape);
   const dw = sc.out([h]);
   const k = rowKernel(sc.ctx, "rmsnorm_bwd_dx", r, h);
@@ -193,10 +199,7 @@ export function embedding(sc: GpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
   const tb = sc.f(table, op);
   const ib = sc.i(ids, op);
-  ensure(table.shape.length === 2, op, () => `table must be [V, H], got [${table.shape}]`);
-  ensure(ids.shape.length === 1, op, () => `ids must be 1-D, got [${ids.shape}]`);
-  const [v, h] = table.shape;
-  const n = ids.shape[0];
+  const [n, v, h] = checkEmbedding(op, table, ids);
   const out = sc.out([n, h]);
   const total = n * h;
   sc.dispatch("embed_gather", [tb, ib, out.buffer], groups(total, ELEM_WG), [total, h, v]);
@@ -256,11 +259,7 @@ export function embeddingBackward(
 ): Tensor {
   const op = "embeddingBackward";
   const db = sc.f(dy, op);
-  ensure(Number.isInteger(vocab) && vocab >= 0, op, () => `vocab ${vocab} must be >= 0`);
-  ensure(dy.shape.length === 2, op, () => `dy must be [N, H], got [${dy.shape}]`);
-  const [n, h] = dy.shape;
-  ensure(ids.length === n, op, () => `${ids.length} ids for dy [${dy.shape}]`);
-  checkIds(op, ids, vocab);
+  const [n, h] = checkEmbeddingBackward(op, dy, ids, vocab);
   const out = sc.zeros([vocab, h]);
   if (n === 0 || h === 0) return out;
   const { csr, segments, distinct } = idCsr(ids);
@@ -286,17 +285,6 @@ export function embeddingBackward(
   return out;
 }
 
-const checkLogits = (op: string, logits: Tensor, targets: Tensor | null): [number, number] => {
-  ensure(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
-  const [n, v] = logits.shape;
-  ensure(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
-  if (targets) {
-    expectShape(op, "targets", targets, [n]);
-    ensure(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
-  }
-  return [n, v];
-};
-
 /** See Ops.logProbs. A target outside [0, V) yields logp = NaN (the targets stay on the device). */
 export function logProbs(
   sc: GpuScope,
@@ -307,8 +295,7 @@ export function logProbs(
   const op = "logProbs";
   const lb = sc.f(logits, op);
   const tb = sc.i(targets, op);
-  const [n, v] = checkLogits(op, logits, targets);
-  checkTemperature(op, temperature);
+  const [n, v] = checkLogProbs(op, logits, targets, temperature);
   const logp = sc.out([n]);
   const lse = sc.out([n]);
   const k = rowKernel(sc.ctx, "logprob_fwd", n, v);
@@ -330,10 +317,7 @@ export function logProbsBackward(
   const lb = sc.f(logits, op);
   const tb = sc.i(targets, op);
   const sb = sc.f(lse, op);
-  const [n, v] = checkLogits(op, logits, targets);
-  expectShape(op, "dlogp", dlogp, [n]);
-  expectShape(op, "lse", lse, [n]);
-  checkTemperature(op, temperature);
+  const [n, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature);
   const out = sc.out([n, v]);
   const total = n * v;
   sc.dispatch(
@@ -349,8 +333,7 @@ export function logProbsBackward(
 export function entropy(sc: GpuScope, logits: Tensor, temperature: number): Tensor {
   const op = "entropy";
   const lb = sc.f(logits, op);
-  const [n, v] = checkLogits(op, logits, null);
-  checkTemperature(op, temperature);
+  const [n, v] = checkEntropy(op, logits, temperature);
   const out = sc.out([n]);
   const k = rowKernel(sc.ctx, "entropy", n, v);
   sc.dispatch(k.kernel, [lb, out.buffer], k.groups, [n, v, f32(1 / temperature)]);

@@ -20,7 +20,7 @@
  */
 import type { MatmulOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { matmulDims } from "../cpu/matmul.ts";
+import { matmulDims } from "../checks/matmul.ts";
 import { type GpuContext, grid } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 
