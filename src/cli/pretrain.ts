@@ -10,17 +10,20 @@ import { saveModel } from "../model/loader.ts";
 import { pretrain } from "../task/pretrain.ts";
 import { BUILTIN_MODEL_DIR } from "../pipeline/trainer.ts";
 
-/** Runs pretraining with `--seed`, `--steps`, `--out DIR`, `--backend`; returns the exit code. */
+/**
+ * Runs pretraining with `--seed` (1), `--steps` (1500), `--out DIR`, `--backend` (cpu) and
+ * `--target-accuracy` (1 = never stop early); the defaults rebuild the shipped model bit for bit.
+ */
 export const pretrainMain = async (args: readonly string[]): Promise<number> => {
   const opt = (name: string, d: string) => {
     const i = args.indexOf(`--${name}`);
     return i >= 0 && args[i + 1] !== undefined ? args[i + 1] : d;
   };
   const seed = Number(opt("seed", "1"));
-  const steps = Number(opt("steps", "3000"));
+  const steps = Number(opt("steps", "1500"));
   const out = opt("out", BUILTIN_MODEL_DIR);
   const backend = opt("backend", "cpu") as "cpu" | "webgpu" | "auto";
-  const target = Number(opt("target-accuracy", "0.5"));
+  const target = Number(opt("target-accuracy", "1"));
   if (
     !Number.isInteger(seed) || !Number.isInteger(steps) || steps < 1 || !(target > 0 && target <= 1)
   ) {
