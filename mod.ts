@@ -78,7 +78,12 @@ export {
   SyncTarget,
   type SyncTargetShape,
 } from "./src/pipeline/services.ts";
-export { NonFiniteStepError, Policy, type PolicyOptions } from "./src/pipeline/policy.ts";
+export {
+  NonFiniteStepError,
+  Policy,
+  type PolicyOptions,
+  StateMismatchError,
+} from "./src/pipeline/policy.ts";
 export { LocalEngineLive, makeLocalEngine } from "./src/pipeline/local_engine.ts";
 export {
   advantage,

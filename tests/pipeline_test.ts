@@ -187,3 +187,35 @@ Deno.test("example: user SyncTarget writing PEFT adapter directories runs", asyn
   }
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("resume: a checkpoint written with another LoRA rank is a typed error naming the tensor", async () => {
+  const out = await Deno.makeTempDir();
+  await train({
+    steps: 1,
+    promptsPerStep: 2,
+    numGenerations: 2,
+    outputDir: out,
+    runId: "r",
+    checkpointEvery: 1,
+  });
+  const cfg = await config({
+    steps: 2,
+    promptsPerStep: 2,
+    numGenerations: 2,
+    outputDir: out,
+    runId: "r",
+    resume: true,
+    loraR: 4,
+  });
+  const err = await Effect.runPromise(
+    Effect.flip(
+      runTraining(cfg, quiet) as Effect.Effect<
+        TrainSummary,
+        { _tag: string; tensor?: string; message: string }
+      >,
+    ),
+  );
+  assertEquals(err._tag, "StateMismatchError");
+  assert(err.tensor!.startsWith("param/") && err.message.includes("[8,"), err.message);
+  await Deno.remove(out, { recursive: true });
+});

@@ -54,6 +54,13 @@ const NonFiniteStepErrorBase: TaggedErrorClass<"NonFiniteStepError", {
 /** NaN or Inf in log-probs, loss or gradients: the step is not applied. */
 export class NonFiniteStepError extends NonFiniteStepErrorBase {}
 
+const StateMismatchErrorBase: TaggedErrorClass<"StateMismatchError", {
+  readonly tensor: string;
+  readonly message: string;
+}> = Data.TaggedError("StateMismatchError");
+/** A checkpoint whose tensors do not fit the policy (other LoRA rank, targets or mode). */
+export class StateMismatchError extends StateMismatchErrorBase {}
+
 /** One sequence to train on: prompt tokens (with BOS when the model uses one) and completion. */
 export interface TrainSequence {
   readonly prompt: readonly number[];
@@ -382,19 +389,33 @@ export class Policy {
   }
 
   /** Restores parameters, moments, version and RNG from a checkpoint (shapes must match). */
-  importState(state: PolicyState): Effect.Effect<void, BackendFailure> {
+  importState(state: PolicyState): Effect.Effect<void, BackendFailure | StateMismatchError> {
     // deno-lint-ignore no-this-alias
     const self = this;
     return Effect.scoped(Effect.gen(function* () {
+      // Check everything before writing anything: a mismatched checkpoint changes no weight.
+      for (const [k, s] of self.params) {
+        for (
+          const [group, m] of [["param", state.params], ["m", state.m], ["v", state.v]] as const
+        ) {
+          const t = m.get(k);
+          if (
+            !t || t.shape.length !== s.p.shape.length || t.shape.some((d, i) => d !== s.p.shape[i])
+          ) {
+            return yield* Effect.fail(
+              new StateMismatchError({
+                tensor: `${group}/${k}`,
+                message: t
+                  ? `checkpoint tensor ${group}/${k} has shape [${t.shape}], the policy expects [${s.p.shape}]`
+                  : `checkpoint lacks ${group}/${k} (was it written with other LoRA settings or mode?)`,
+              }),
+            );
+          }
+        }
+      }
       const ops = yield* self.backend.ops;
       for (const [k, s] of self.params) {
-        const get = (m: Map<string, HostTensor>) => {
-          const t = m.get(k);
-          if (!t || t.data.length !== s.p.size) {
-            throw new Error(`checkpoint lacks ${k} or its shape differs`);
-          }
-          return ops.fromArray(t.data, s.p.shape);
-        };
+        const get = (m: Map<string, HostTensor>) => ops.fromArray(m.get(k)!.data, s.p.shape);
         // bit-exact copies into the long-lived tensors (one row covering the whole tensor)
         const assign = (dst: Tensor, src: Tensor) =>
           ops.scatterRowsInPlace(ops.reshape(dst, [1, dst.size]), ops.reshape(src, [1, src.size]), [

@@ -29,7 +29,7 @@ import { exportAdapter, exportCheckpoint } from "../sync/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
 import type { TrainConfig } from "./config.ts";
 import { loadTrainCheckpoint, saveTrainCheckpoint } from "./checkpoint.ts";
-import { type NonFiniteStepError, Policy } from "./policy.ts";
+import { type NonFiniteStepError, Policy, type StateMismatchError } from "./policy.ts";
 import { LocalEngineLive } from "./local_engine.ts";
 import { SyncTarget } from "./services.ts";
 import type {
@@ -120,6 +120,7 @@ export type TrainError =
   | GrpoInputError
   | GrpoNumericError
   | NonFiniteStepError
+  | StateMismatchError
   | SyncError
   | SyncMismatch
   | SnapshotCorrupted
