@@ -4,9 +4,11 @@
  */
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
+import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
 
 /** Machine facts recorded next to every result. */
 export const machine = async (): Promise<Record<string, string | number>> => {
+  const simd = preferWideSoftwareSimd();
   const gpu = (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
   const adapter = gpu ? await gpu.requestAdapter() : null;
   return {
@@ -14,6 +16,7 @@ export const machine = async (): Promise<Record<string, string | number>> => {
     cpu_model: cpus()[0]?.model ?? "unknown",
     gpu_adapter: adapter?.info.description || "none",
     gpu_fallback_adapter: String(adapter?.info.isFallbackAdapter ?? false),
+    llvmpipe_simd_width_choice: simd,
     runtime: `deno ${Deno.version.deno}`,
     date: new Date().toISOString(),
   };

@@ -1363,23 +1363,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   dst[i] = src[r * params.ld + (i - r * params.cols)];
 }
 
-//! kernel matmul_t16
+//! kernel matmul_t16x16
 // C tile of 16x16 per invocation from operands held in rgba32float textures (copied from
 // the tensors, or packed by matmul_pack). Accumulates in registers only (no workgroup
-// memory: barriers are very expensive on software adapters such as llvmpipe).
+// memory: barriers are very expensive on software adapters such as llvmpipe). The textures are
+// read as read-only storage textures: on llvmpipe that load is inlined, where a sampled-texture
+// fetch is a call per texel (measured: 1.7x the throughput).
 // Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
 struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var at: texture_2d<f32>;
-@group(0) @binding(2) var bt: texture_2d<f32>;
+@group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 // Operand layouts (pipeline constants): A_KMAJOR: texel (x, y) of at holds op(A)[y, 4x..4x+3];
 // otherwise op(A)[4x..4x+3, y] (a transposed A copied as is). B_KMAJOR: texel (x, y) of bt holds
 // op(B)[4x..4x+3, y]; otherwise op(B)[y, 4x..4x+3] (a plain B copied as is).
 override A_KMAJOR: bool = true;
 override B_KMAJOR: bool = true;
-fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y), 0); }
-fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y), 0); }
+fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y)); }
+fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y)); }
 // Column kk: op(A)[r..r+3, 4k + kk].
 fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
   if (A_KMAJOR) {
@@ -1408,7 +1410,7 @@ fn put4(row: u32, col: u32, t: mat4x4<f32>) {
   put(row + 3u, col, u[3]);
 }
 // Invocations per workgroup: 64, or 8 when there are few tiles (a workgroup runs on one
-// thread of a software adapter).
+// thread of a software adapter). Consecutive invocations take consecutive tiles of a tile row.
 override WG: u32 = 64u;
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -1418,54 +1420,56 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let m0 = i32(tm * 16u);
   let n0 = i32(tn * 16u);
   let k4 = i32(params.k4);
-  var c00: mat4x4<f32>; var c01: mat4x4<f32>; var c02: mat4x4<f32>; var c03: mat4x4<f32>;
-  var c10: mat4x4<f32>; var c11: mat4x4<f32>; var c12: mat4x4<f32>; var c13: mat4x4<f32>;
-  var c20: mat4x4<f32>; var c21: mat4x4<f32>; var c22: mat4x4<f32>; var c23: mat4x4<f32>;
-  var c30: mat4x4<f32>; var c31: mat4x4<f32>; var c32: mat4x4<f32>; var c33: mat4x4<f32>;
+  var c0_0: mat4x4<f32>; var c0_1: mat4x4<f32>; var c0_2: mat4x4<f32>; var c0_3: mat4x4<f32>;
+  var c1_0: mat4x4<f32>; var c1_1: mat4x4<f32>; var c1_2: mat4x4<f32>; var c1_3: mat4x4<f32>;
+  var c2_0: mat4x4<f32>; var c2_1: mat4x4<f32>; var c2_2: mat4x4<f32>; var c2_3: mat4x4<f32>;
+  var c3_0: mat4x4<f32>; var c3_1: mat4x4<f32>; var c3_2: mat4x4<f32>; var c3_3: mat4x4<f32>;
+  // One k-texel (4 k) per iteration: unrolling two was slower (more live registers).
   for (var k = 0; k < k4; k++) {
-    let a0 = rows_a(k, m0);
+    let a0 = rows_a(k, m0 + 0);
     let a1 = rows_a(k, m0 + 4);
     let a2 = rows_a(k, m0 + 8);
     let a3 = rows_a(k, m0 + 12);
-    let b0 = cols_b(k, n0);
+    let b0 = cols_b(k, n0 + 0);
     let b1 = cols_b(k, n0 + 4);
     let b2 = cols_b(k, n0 + 8);
     let b3 = cols_b(k, n0 + 12);
-    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-    c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-    c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+    c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
+    c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
+    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
   }
   let r = u32(m0);
   let q = u32(n0);
-  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02);
-  put4(r, q + 12u, c03);
-  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12);
-  put4(r + 4u, q + 12u, c13);
-  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22);
-  put4(r + 8u, q + 12u, c23);
-  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32);
-  put4(r + 12u, q + 12u, c33);
+  put4(r, q, c0_0); put4(r, q + 4u, c0_1);
+  put4(r, q + 8u, c0_2); put4(r, q + 12u, c0_3);
+  put4(r + 4u, q, c1_0); put4(r + 4u, q + 4u, c1_1);
+  put4(r + 4u, q + 8u, c1_2); put4(r + 4u, q + 12u, c1_3);
+  put4(r + 8u, q, c2_0); put4(r + 8u, q + 4u, c2_1);
+  put4(r + 8u, q + 8u, c2_2); put4(r + 8u, q + 12u, c2_3);
+  put4(r + 12u, q, c3_0); put4(r + 12u, q + 4u, c3_1);
+  put4(r + 12u, q + 8u, c3_2); put4(r + 12u, q + 12u, c3_3);
 }
 
-//! kernel matmul_t32
-// C tile of 32x32 per invocation from operands held in rgba32float textures (copied from
+//! kernel matmul_t32x16
+// C tile of 32x16 per invocation from operands held in rgba32float textures (copied from
 // the tensors, or packed by matmul_pack). Accumulates in registers only (no workgroup
-// memory: barriers are very expensive on software adapters such as llvmpipe).
+// memory: barriers are very expensive on software adapters such as llvmpipe). The textures are
+// read as read-only storage textures: on llvmpipe that load is inlined, where a sampled-texture
+// fetch is a call per texel (measured: 1.7x the throughput).
 // Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
-// params.k4 must be even (the operand textures are zero past K).
 struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var at: texture_2d<f32>;
-@group(0) @binding(2) var bt: texture_2d<f32>;
+@group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 // Operand layouts (pipeline constants): A_KMAJOR: texel (x, y) of at holds op(A)[y, 4x..4x+3];
 // otherwise op(A)[4x..4x+3, y] (a transposed A copied as is). B_KMAJOR: texel (x, y) of bt holds
 // op(B)[4x..4x+3, y]; otherwise op(B)[y, 4x..4x+3] (a plain B copied as is).
 override A_KMAJOR: bool = true;
 override B_KMAJOR: bool = true;
-fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y), 0); }
-fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y), 0); }
+fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y)); }
+fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y)); }
 // Column kk: op(A)[r..r+3, 4k + kk].
 fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
   if (A_KMAJOR) {
@@ -1494,7 +1498,7 @@ fn put4(row: u32, col: u32, t: mat4x4<f32>) {
   put(row + 3u, col, u[3]);
 }
 // Invocations per workgroup: 64, or 8 when there are few tiles (a workgroup runs on one
-// thread of a software adapter).
+// thread of a software adapter). Consecutive invocations take consecutive tiles of a tile row.
 override WG: u32 = 64u;
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -1502,116 +1506,55 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let tm = id / params.tiles_n;
   let tn = id % params.tiles_n;
   let m0 = i32(tm * 32u);
-  let n0 = i32(tn * 32u);
+  let n0 = i32(tn * 16u);
   let k4 = i32(params.k4);
-  var c00: mat4x4<f32>; var c01: mat4x4<f32>; var c02: mat4x4<f32>; var c03: mat4x4<f32>;
-  var c04: mat4x4<f32>; var c05: mat4x4<f32>; var c06: mat4x4<f32>; var c07: mat4x4<f32>;
-  var c10: mat4x4<f32>; var c11: mat4x4<f32>; var c12: mat4x4<f32>; var c13: mat4x4<f32>;
-  var c14: mat4x4<f32>; var c15: mat4x4<f32>; var c16: mat4x4<f32>; var c17: mat4x4<f32>;
-  var c20: mat4x4<f32>; var c21: mat4x4<f32>; var c22: mat4x4<f32>; var c23: mat4x4<f32>;
-  var c24: mat4x4<f32>; var c25: mat4x4<f32>; var c26: mat4x4<f32>; var c27: mat4x4<f32>;
-  var c30: mat4x4<f32>; var c31: mat4x4<f32>; var c32: mat4x4<f32>; var c33: mat4x4<f32>;
-  var c34: mat4x4<f32>; var c35: mat4x4<f32>; var c36: mat4x4<f32>; var c37: mat4x4<f32>;
-  var c40: mat4x4<f32>; var c41: mat4x4<f32>; var c42: mat4x4<f32>; var c43: mat4x4<f32>;
-  var c44: mat4x4<f32>; var c45: mat4x4<f32>; var c46: mat4x4<f32>; var c47: mat4x4<f32>;
-  var c50: mat4x4<f32>; var c51: mat4x4<f32>; var c52: mat4x4<f32>; var c53: mat4x4<f32>;
-  var c54: mat4x4<f32>; var c55: mat4x4<f32>; var c56: mat4x4<f32>; var c57: mat4x4<f32>;
-  var c60: mat4x4<f32>; var c61: mat4x4<f32>; var c62: mat4x4<f32>; var c63: mat4x4<f32>;
-  var c64: mat4x4<f32>; var c65: mat4x4<f32>; var c66: mat4x4<f32>; var c67: mat4x4<f32>;
-  var c70: mat4x4<f32>; var c71: mat4x4<f32>; var c72: mat4x4<f32>; var c73: mat4x4<f32>;
-  var c74: mat4x4<f32>; var c75: mat4x4<f32>; var c76: mat4x4<f32>; var c77: mat4x4<f32>;
-  // Two k-texels per iteration (params.k4 is even): half the accumulator traffic.
-  for (var k = 0; k < k4; k += 2) {
-    let a0 = rows_a(k, m0);
-    let e0 = rows_a(k + 1, m0);
+  var c0_0: mat4x4<f32>; var c0_1: mat4x4<f32>; var c0_2: mat4x4<f32>; var c0_3: mat4x4<f32>;
+  var c1_0: mat4x4<f32>; var c1_1: mat4x4<f32>; var c1_2: mat4x4<f32>; var c1_3: mat4x4<f32>;
+  var c2_0: mat4x4<f32>; var c2_1: mat4x4<f32>; var c2_2: mat4x4<f32>; var c2_3: mat4x4<f32>;
+  var c3_0: mat4x4<f32>; var c3_1: mat4x4<f32>; var c3_2: mat4x4<f32>; var c3_3: mat4x4<f32>;
+  var c4_0: mat4x4<f32>; var c4_1: mat4x4<f32>; var c4_2: mat4x4<f32>; var c4_3: mat4x4<f32>;
+  var c5_0: mat4x4<f32>; var c5_1: mat4x4<f32>; var c5_2: mat4x4<f32>; var c5_3: mat4x4<f32>;
+  var c6_0: mat4x4<f32>; var c6_1: mat4x4<f32>; var c6_2: mat4x4<f32>; var c6_3: mat4x4<f32>;
+  var c7_0: mat4x4<f32>; var c7_1: mat4x4<f32>; var c7_2: mat4x4<f32>; var c7_3: mat4x4<f32>;
+  // One k-texel (4 k) per iteration: unrolling two was slower (more live registers).
+  for (var k = 0; k < k4; k++) {
+    let a0 = rows_a(k, m0 + 0);
     let a1 = rows_a(k, m0 + 4);
-    let e1 = rows_a(k + 1, m0 + 4);
     let a2 = rows_a(k, m0 + 8);
-    let e2 = rows_a(k + 1, m0 + 8);
     let a3 = rows_a(k, m0 + 12);
-    let e3 = rows_a(k + 1, m0 + 12);
     let a4 = rows_a(k, m0 + 16);
-    let e4 = rows_a(k + 1, m0 + 16);
     let a5 = rows_a(k, m0 + 20);
-    let e5 = rows_a(k + 1, m0 + 20);
     let a6 = rows_a(k, m0 + 24);
-    let e6 = rows_a(k + 1, m0 + 24);
     let a7 = rows_a(k, m0 + 28);
-    let e7 = rows_a(k + 1, m0 + 28);
-    let b0 = cols_b(k, n0);
-    let f0 = cols_b(k + 1, n0);
+    let b0 = cols_b(k, n0 + 0);
     let b1 = cols_b(k, n0 + 4);
-    let f1 = cols_b(k + 1, n0 + 4);
     let b2 = cols_b(k, n0 + 8);
-    let f2 = cols_b(k + 1, n0 + 8);
     let b3 = cols_b(k, n0 + 12);
-    let f3 = cols_b(k + 1, n0 + 12);
-    let b4 = cols_b(k, n0 + 16);
-    let f4 = cols_b(k + 1, n0 + 16);
-    let b5 = cols_b(k, n0 + 20);
-    let f5 = cols_b(k + 1, n0 + 20);
-    let b6 = cols_b(k, n0 + 24);
-    let f6 = cols_b(k + 1, n0 + 24);
-    let b7 = cols_b(k, n0 + 28);
-    let f7 = cols_b(k + 1, n0 + 28);
-    c00 += a0 * b0 + e0 * f0; c01 += a0 * b1 + e0 * f1;
-    c02 += a0 * b2 + e0 * f2; c03 += a0 * b3 + e0 * f3;
-    c04 += a0 * b4 + e0 * f4; c05 += a0 * b5 + e0 * f5;
-    c06 += a0 * b6 + e0 * f6; c07 += a0 * b7 + e0 * f7;
-    c10 += a1 * b0 + e1 * f0; c11 += a1 * b1 + e1 * f1;
-    c12 += a1 * b2 + e1 * f2; c13 += a1 * b3 + e1 * f3;
-    c14 += a1 * b4 + e1 * f4; c15 += a1 * b5 + e1 * f5;
-    c16 += a1 * b6 + e1 * f6; c17 += a1 * b7 + e1 * f7;
-    c20 += a2 * b0 + e2 * f0; c21 += a2 * b1 + e2 * f1;
-    c22 += a2 * b2 + e2 * f2; c23 += a2 * b3 + e2 * f3;
-    c24 += a2 * b4 + e2 * f4; c25 += a2 * b5 + e2 * f5;
-    c26 += a2 * b6 + e2 * f6; c27 += a2 * b7 + e2 * f7;
-    c30 += a3 * b0 + e3 * f0; c31 += a3 * b1 + e3 * f1;
-    c32 += a3 * b2 + e3 * f2; c33 += a3 * b3 + e3 * f3;
-    c34 += a3 * b4 + e3 * f4; c35 += a3 * b5 + e3 * f5;
-    c36 += a3 * b6 + e3 * f6; c37 += a3 * b7 + e3 * f7;
-    c40 += a4 * b0 + e4 * f0; c41 += a4 * b1 + e4 * f1;
-    c42 += a4 * b2 + e4 * f2; c43 += a4 * b3 + e4 * f3;
-    c44 += a4 * b4 + e4 * f4; c45 += a4 * b5 + e4 * f5;
-    c46 += a4 * b6 + e4 * f6; c47 += a4 * b7 + e4 * f7;
-    c50 += a5 * b0 + e5 * f0; c51 += a5 * b1 + e5 * f1;
-    c52 += a5 * b2 + e5 * f2; c53 += a5 * b3 + e5 * f3;
-    c54 += a5 * b4 + e5 * f4; c55 += a5 * b5 + e5 * f5;
-    c56 += a5 * b6 + e5 * f6; c57 += a5 * b7 + e5 * f7;
-    c60 += a6 * b0 + e6 * f0; c61 += a6 * b1 + e6 * f1;
-    c62 += a6 * b2 + e6 * f2; c63 += a6 * b3 + e6 * f3;
-    c64 += a6 * b4 + e6 * f4; c65 += a6 * b5 + e6 * f5;
-    c66 += a6 * b6 + e6 * f6; c67 += a6 * b7 + e6 * f7;
-    c70 += a7 * b0 + e7 * f0; c71 += a7 * b1 + e7 * f1;
-    c72 += a7 * b2 + e7 * f2; c73 += a7 * b3 + e7 * f3;
-    c74 += a7 * b4 + e7 * f4; c75 += a7 * b5 + e7 * f5;
-    c76 += a7 * b6 + e7 * f6; c77 += a7 * b7 + e7 * f7;
+    c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
+    c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
+    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+    c4_0 += a4 * b0; c4_1 += a4 * b1; c4_2 += a4 * b2; c4_3 += a4 * b3;
+    c5_0 += a5 * b0; c5_1 += a5 * b1; c5_2 += a5 * b2; c5_3 += a5 * b3;
+    c6_0 += a6 * b0; c6_1 += a6 * b1; c6_2 += a6 * b2; c6_3 += a6 * b3;
+    c7_0 += a7 * b0; c7_1 += a7 * b1; c7_2 += a7 * b2; c7_3 += a7 * b3;
   }
   let r = u32(m0);
   let q = u32(n0);
-  put4(r, q, c00); put4(r, q + 4u, c01); put4(r, q + 8u, c02);
-  put4(r, q + 12u, c03); put4(r, q + 16u, c04); put4(r, q + 20u, c05);
-  put4(r, q + 24u, c06); put4(r, q + 28u, c07);
-  put4(r + 4u, q, c10); put4(r + 4u, q + 4u, c11); put4(r + 4u, q + 8u, c12);
-  put4(r + 4u, q + 12u, c13); put4(r + 4u, q + 16u, c14); put4(r + 4u, q + 20u, c15);
-  put4(r + 4u, q + 24u, c16); put4(r + 4u, q + 28u, c17);
-  put4(r + 8u, q, c20); put4(r + 8u, q + 4u, c21); put4(r + 8u, q + 8u, c22);
-  put4(r + 8u, q + 12u, c23); put4(r + 8u, q + 16u, c24); put4(r + 8u, q + 20u, c25);
-  put4(r + 8u, q + 24u, c26); put4(r + 8u, q + 28u, c27);
-  put4(r + 12u, q, c30); put4(r + 12u, q + 4u, c31); put4(r + 12u, q + 8u, c32);
-  put4(r + 12u, q + 12u, c33); put4(r + 12u, q + 16u, c34); put4(r + 12u, q + 20u, c35);
-  put4(r + 12u, q + 24u, c36); put4(r + 12u, q + 28u, c37);
-  put4(r + 16u, q, c40); put4(r + 16u, q + 4u, c41); put4(r + 16u, q + 8u, c42);
-  put4(r + 16u, q + 12u, c43); put4(r + 16u, q + 16u, c44); put4(r + 16u, q + 20u, c45);
-  put4(r + 16u, q + 24u, c46); put4(r + 16u, q + 28u, c47);
-  put4(r + 20u, q, c50); put4(r + 20u, q + 4u, c51); put4(r + 20u, q + 8u, c52);
-  put4(r + 20u, q + 12u, c53); put4(r + 20u, q + 16u, c54); put4(r + 20u, q + 20u, c55);
-  put4(r + 20u, q + 24u, c56); put4(r + 20u, q + 28u, c57);
-  put4(r + 24u, q, c60); put4(r + 24u, q + 4u, c61); put4(r + 24u, q + 8u, c62);
-  put4(r + 24u, q + 12u, c63); put4(r + 24u, q + 16u, c64); put4(r + 24u, q + 20u, c65);
-  put4(r + 24u, q + 24u, c66); put4(r + 24u, q + 28u, c67);
-  put4(r + 28u, q, c70); put4(r + 28u, q + 4u, c71); put4(r + 28u, q + 8u, c72);
-  put4(r + 28u, q + 12u, c73); put4(r + 28u, q + 16u, c74); put4(r + 28u, q + 20u, c75);
-  put4(r + 28u, q + 24u, c76); put4(r + 28u, q + 28u, c77);
+  put4(r, q, c0_0); put4(r, q + 4u, c0_1);
+  put4(r, q + 8u, c0_2); put4(r, q + 12u, c0_3);
+  put4(r + 4u, q, c1_0); put4(r + 4u, q + 4u, c1_1);
+  put4(r + 4u, q + 8u, c1_2); put4(r + 4u, q + 12u, c1_3);
+  put4(r + 8u, q, c2_0); put4(r + 8u, q + 4u, c2_1);
+  put4(r + 8u, q + 8u, c2_2); put4(r + 8u, q + 12u, c2_3);
+  put4(r + 12u, q, c3_0); put4(r + 12u, q + 4u, c3_1);
+  put4(r + 12u, q + 8u, c3_2); put4(r + 12u, q + 12u, c3_3);
+  put4(r + 16u, q, c4_0); put4(r + 16u, q + 4u, c4_1);
+  put4(r + 16u, q + 8u, c4_2); put4(r + 16u, q + 12u, c4_3);
+  put4(r + 20u, q, c5_0); put4(r + 20u, q + 4u, c5_1);
+  put4(r + 20u, q + 8u, c5_2); put4(r + 20u, q + 12u, c5_3);
+  put4(r + 24u, q, c6_0); put4(r + 24u, q + 4u, c6_1);
+  put4(r + 24u, q + 8u, c6_2); put4(r + 24u, q + 12u, c6_3);
+  put4(r + 28u, q, c7_0); put4(r + 28u, q + 4u, c7_1);
+  put4(r + 28u, q + 8u, c7_2); put4(r + 28u, q + 12u, c7_3);
 }
-

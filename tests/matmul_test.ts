@@ -10,6 +10,7 @@ import { Effect } from "effect";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { MatmulOptions } from "../src/backend/ops.ts";
 import { type FloatArray, ShapeError } from "../src/backend/tensor.ts";
+import { matmulTuning, type TileRows } from "../src/backend/webgpu/matmul.ts";
 import { hasGpu, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
@@ -162,10 +163,45 @@ const checkAgainstCpu = async (c: Case): Promise<void> => {
 };
 const base = { transA: false, transB: false, seed: 17 };
 
-gpuTest(
-  "matmul 256x160·160x192 (32x32 tile kernel) matches the CPU",
-  () => checkAgainstCpu({ ...base, m: 256, k: 160, n: 192 }),
-);
+/** Runs `f` with every tiled product forced onto the kernel with `rows`-row tiles. */
+const withTile = async (rows: TileRows, f: () => Promise<void>): Promise<void> => {
+  matmulTuning.rows = rows;
+  try {
+    await f();
+  } finally {
+    matmulTuning.rows = null;
+  }
+};
+
+for (const rows of [16, 32] as const) {
+  gpuTest(
+    `matmul_t${rows}x16 matches the CPU on random shapes (all variants)`,
+    () =>
+      withTile(rows, () =>
+        fc.assert(
+          fc.asyncProperty(cases, async (c) => {
+            const err = await errorOf(gpu!, cpu, c);
+            assert(err <= TOL, `${describe(c)}: relative error ${err}`);
+          }),
+          { numRuns: 15 },
+        )),
+  );
+
+  gpuTest(
+    `matmul_t${rows}x16, operands copied or packed, every variant`,
+    () =>
+      withTile(rows, async () => {
+        for (const transA of [false, true]) {
+          for (const transB of [false, true]) {
+            // 64-multiples: both operands copied into textures as stored (either layout).
+            await checkAgainstCpu({ m: 128, k: 128, n: 192, transA, transB, seed: 3 });
+            // Rows past the last whole tile and K not a multiple of 4: packed.
+            await checkAgainstCpu({ m: 100, k: 70, n: 52, transA, transB, seed: 4 });
+          }
+        }
+      }),
+  );
+}
 
 gpuTest("matmul with 64-multiple dims (operands copied into textures), every variant", async () => {
   for (const transA of [false, true]) {

@@ -13,6 +13,7 @@ import type { BackendInfo, Ops } from "./ops.ts";
 import { GpuContext } from "./webgpu/context.ts";
 import { loadKernels } from "./webgpu/kernels.ts";
 import { makeGpuOps } from "./webgpu/ops.ts";
+import { preferWideSoftwareSimd } from "./webgpu/software_simd.ts";
 
 /** Backend shape: static info plus a way to open scoped Ops. */
 export interface BackendShape {
@@ -52,7 +53,11 @@ export const cpuBackend = (precision: CpuPrecision = "f32"): BackendShape => {
   };
 };
 
-const gpuApi = (): GPU | undefined => (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+/** navigator.gpu, after the software adapter's SIMD width is chosen (see software_simd.ts). */
+const gpuApi = (): GPU | undefined => {
+  preferWideSoftwareSimd();
+  return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+};
 
 /** Opens the WebGPU device with the adapter's raised limits; released with the scope. */
 export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scope> = Effect

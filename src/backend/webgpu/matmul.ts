@@ -2,17 +2,18 @@
  * WebGPU backend: matmul.
  *
  * Two paths, chosen by shape:
- * - Tiled (`matmul_t32` / `matmul_t16`): op(A) and op(B)ᵀ are first packed into rgba32float
- *   textures (rows along k, four k per texel) by `matmul_pack`, or copied straight in when the
- *   operand is already row-major along k with K a multiple of 64. Each invocation then computes
- *   a 32x32 (or 16x16) tile of C in registers, reading its operands with texel fetches and no
- *   workgroup memory. On a software adapter (Mesa llvmpipe) texel fetches are vectorised while
- *   storage-buffer loads run lane by lane, and barriers cost more than they save, so this layout
- *   is several times faster than a storage-buffer kernel. Packing also absorbs every transpose
- *   variant and the zero padding of K, so one kernel serves X·Wᵀ, dY·W, dYᵀ·X and the plain
- *   product. These dispatches need texture bindings, which `GpuContext.dispatch` does not bind,
- *   so they are encoded into a command buffer of their own, submitted right after the context's
- *   pending batch is flushed (queue order keeps every dependency).
+ * - Tiled (`matmul_t32x16` / `matmul_t16x16`): op(A) and op(B)ᵀ are first packed into
+ *   rgba32float textures (rows along k, four k per texel) by `matmul_pack`, or copied straight
+ *   in when the operand is already row-major along k with K a multiple of 64. Each invocation
+ *   then computes a 32x16 (or 16x16) tile of C in registers, reading its operands as read-only
+ *   storage textures and using no workgroup memory. On a software adapter (Mesa llvmpipe)
+ *   those loads are vectorised and inlined (a sampled-texture fetch is a call per texel, and a
+ *   storage-buffer load runs lane by lane), and barriers cost more than they save, so this
+ *   layout is several times faster than a storage-buffer kernel. Packing also absorbs every
+ *   transpose variant and the zero padding of K, so one kernel serves X·Wᵀ, dY·W, dYᵀ·X and
+ *   the plain product. These dispatches need texture bindings, which `GpuContext.dispatch`
+ *   does not bind, so they are encoded into a command buffer of their own, submitted right
+ *   after the context's pending batch is flushed (queue order keeps every dependency).
  * - Direct (`matmul_small`): a 4x4 block per invocation straight from the storage buffers with
  *   arbitrary strides, for products too small to repay the packing, and for K beyond the
  *   texture limit.
@@ -28,6 +29,22 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 const SMALL_MACS = 1 << 17;
 /** Outputs below this many elements use the 16x16 tile. */
 const BIG_TILE_MIN_MN = 128 * 128;
+/** Output columns per invocation in every tiled kernel (`matmul_t{rows}x16`). */
+const TILE_COLS = 16;
+/** Rows per invocation of a tiled kernel. */
+export type TileRows = 16 | 32;
+/**
+ * Cost per multiply-add of each tile height relative to 16 (1024³ on llvmpipe; a 48-row tile
+ * measured no better than 32 and was dropped).
+ */
+const TILE_COST: Readonly<Record<TileRows, number>> = { 16: 1, 32: 0.9 };
+
+/** @internal Test hook: force the tiled path with this tile height (null: choose by shape). */
+export const matmulTuning: { rows: TileRows | null } = { rows: null };
+
+interface Tile {
+  readonly rows: TileRows;
+}
 /** Tiles below which workgroups shrink from 64 to 8 invocations. */
 const FEW_TILES = 256;
 /** Texture sizes are rounded up to these multiples so that similar shapes share textures. */
@@ -67,8 +84,7 @@ class TileState {
         label: `matmul_${key}`,
         size: [tw, th],
         format: "rgba32float",
-        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING |
-          GPUTextureUsage.COPY_DST,
+        usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
       });
       p = { texture, view: texture.createView(), bytes };
       this.textures.set(key, p);
@@ -134,17 +150,15 @@ const tiled = (
   n: number,
   k: number,
   ldc: number,
-  tile: 16 | 32,
+  tile: Tile,
 ): void => {
   const st = stateOf(ctx);
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
-  const k4 = Math.ceil(k / 4);
-  // k-texels read by the kernel: matmul_t32 takes two per iteration (zero past K).
-  const kd = tile === 32 ? 2 : 1;
-  const kSteps = Math.ceil(k4 / kd) * kd;
-  // Rows per chunk: a multiple of the tile that fits the texture limits.
-  const chunk = Math.floor(limit / tile) * tile;
+  const kSteps = Math.ceil(k / 4);
+  // Rows of A (columns of B) per chunk: a multiple of the tile side that fits the texture limit.
+  const chunkA = Math.floor(limit / tile.rows) * tile.rows;
+  const chunkB = Math.floor(limit / TILE_COLS) * TILE_COLS;
   const params: number[][] = [];
   const slot = (p: number[]): GPUBufferBinding => {
     params.push(p);
@@ -153,12 +167,11 @@ const tiled = (
   // Texture layout of an operand: k-major (texel = 4 consecutive k of one row) unless the
   // operand is stored [K, rows] with rows a multiple of 64 and K of the k-step, which is copied
   // as is (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
-  const kMajor = (op: Operand) =>
-    op.kContiguous || op.rows % 64 !== 0 || k % (4 * kd) !== 0 || k > limit;
+  const kMajor = (op: Operand) => op.kContiguous || op.rows % 64 !== 0 || k % 4 !== 0 || k > limit;
   const copyable = (op: Operand) => !op.kContiguous ? !kMajor(op) : k % 64 === 0;
   const loads: Load[] = [];
-  const load = (op: Operand, role: string, row0: number, rows: number): Packed => {
-    const padded = Math.ceil(rows / tile) * tile;
+  const load = (op: Operand, role: string, row0: number, rows: number, side: number): Packed => {
+    const padded = Math.ceil(rows / side) * side;
     if (!kMajor(op)) {
       const tex = st.texture(role + "m", padded / 4, k);
       loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex });
@@ -178,24 +191,24 @@ const tiled = (
   type Main = { loads: Load[]; at: Packed; bt: Packed; u: GPUBufferBinding; tiles: number };
   const mains: Main[] = [];
   // With a single row chunk, A is loaded once and serves every column chunk.
-  const single = m <= chunk ? load(a, "a", 0, m) : null;
-  for (let n0 = 0; n0 < n; n0 += chunk) {
-    const nc = Math.min(chunk, n - n0);
-    const bt = load(b, "b", n0, nc);
-    for (let m0 = 0; m0 < m; m0 += chunk) {
-      const mc = Math.min(chunk, m - m0);
-      const at = single ?? load(a, "a", m0, mc);
-      const tilesN = Math.ceil(nc / tile);
-      const tiles = Math.ceil(mc / tile) * tilesN;
+  const single = m <= chunkA ? load(a, "a", 0, m, tile.rows) : null;
+  for (let n0 = 0; n0 < n; n0 += chunkB) {
+    const nc = Math.min(chunkB, n - n0);
+    const bt = load(b, "b", n0, nc, TILE_COLS);
+    for (let m0 = 0; m0 < m; m0 += chunkA) {
+      const mc = Math.min(chunkA, m - m0);
+      const at = single ?? load(a, "a", m0, mc, tile.rows);
+      const tilesN = Math.ceil(nc / TILE_COLS);
+      const tiles = Math.ceil(mc / tile.rows) * tilesN;
       const u = slot([mc, nc, kSteps, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
   }
   // Few tiles: small workgroups, so that both threads of a software adapter get work.
-  const wg = Math.ceil(m / tile) * Math.ceil(n / tile) >= FEW_TILES ? 64 : 8;
+  const wg = Math.ceil(m / tile.rows) * Math.ceil(n / TILE_COLS) >= FEW_TILES ? 64 : 8;
   const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
   if (wg !== 64) constants.WG = wg;
-  const pipeline = ctx.pipeline(`matmul_t${tile}`, constants);
+  const pipeline = ctx.pipeline(`matmul_t${tile.rows}x${TILE_COLS}`, constants);
   const pack = ctx.pipeline("matmul_pack");
 
   ctx.flush(); // the context's pending work first: it may produce our operands
@@ -226,7 +239,7 @@ const tiled = (
             ? { buffer: op.buffer, offset: row0 * k * 4, bytesPerRow: k * 4, rowsPerImage: rows }
             : { buffer: op.buffer, offset: row0 * 4, bytesPerRow: op.rows * 4, rowsPerImage: k },
           { texture: l.tex.texture },
-          l.kMajor ? [k4, rows] : [Math.ceil(rows / 4), k],
+          l.kMajor ? [kSteps, rows] : [Math.ceil(rows / 4), k],
         );
       } else {
         pass ??= enc.beginComputePass({ label: "matmul" });
@@ -249,16 +262,22 @@ const tiled = (
   ctx.submits++;
 };
 
-/** Tile size for the tiled path, or null when the direct kernel fits the shape better. */
-const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): 16 | 32 | null => {
-  if (m * n * k < SMALL_MACS) return null;
+/** Tile for the tiled path, or null when the direct kernel fits the shape better. */
+const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): Tile | null => {
   if (Math.ceil(k / 4) > ctx.device.limits.maxTextureDimension2D) return null;
-  // The 32-tile kernel takes seconds to compile the first time: only for large outputs.
-  if (m * n < BIG_TILE_MIN_MN) return 16;
-  // Padded work: a 32-tile costs ~0.75 of a 16-tile per multiply-add (fewer fetches per flop,
-  // measured on llvmpipe) but wastes more on the edges.
-  const pad = (x: number, t: number) => Math.ceil(x / t) * t;
-  return 0.75 * pad(m, 32) * pad(n, 32) <= pad(m, 16) * pad(n, 16) ? 32 : 16;
+  if (matmulTuning.rows !== null) return { rows: matmulTuning.rows };
+  if (m * n * k < SMALL_MACS) return null;
+  // The taller tiles take seconds to compile the first time: only for large outputs.
+  if (m * n < BIG_TILE_MIN_MN) return { rows: 16 };
+  // Padded work: a taller tile costs less per multiply-add (fewer fetches per flop) but
+  // wastes more rows on the edge.
+  let best: Tile = { rows: 16 };
+  let bestCost = Infinity;
+  for (const rows of [16, 32] as const) {
+    const cost = TILE_COST[rows] * Math.ceil(m / rows) * rows;
+    if (cost < bestCost) [best, bestCost] = [{ rows }, cost];
+  }
+  return best;
 };
 
 /** See Ops.matmul. */
