@@ -79,9 +79,10 @@ const measure = async (b: BackendShape, s: Shape, cpu: boolean): Promise<number>
     // Batch so that one round takes ~0.3 s (at least one product, at most 64).
     const reps = Math.max(1, Math.min(64, Math.round(300 / Math.max(first, 0.5))));
     let best = Infinity;
-    // The CPU backend varies ~1.5x from call to call (garbage collection of its outputs): more
-    // rounds there, so that its best is not understated.
-    for (let round = 0; round < (cpu ? 6 : 3); round++) {
+    // Rounds: the first GPU round runs measurably slower (texture and buffer first touch,
+    // thread start-up), and the CPU backend varies ~1.5x from call to call (garbage
+    // collection of its outputs). Best of several rounds is the steady state on both.
+    for (let round = 0; round < (cpu ? 6 : 4); round++) {
       t = performance.now();
       // One scope per product: its output buffer returns to the pool and the next product
       // reuses it, as in the steady state of a training step (fresh buffers would add a
