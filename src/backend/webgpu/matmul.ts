@@ -42,9 +42,6 @@ const TILE_COST: Readonly<Record<TileRows, number>> = { 16: 1, 32: 0.9 };
 /** @internal Test hook: force the tiled path with this tile height (null: choose by shape). */
 export const matmulTuning: { rows: TileRows | null } = { rows: null };
 
-interface Tile {
-  readonly rows: TileRows;
-}
 /** Tiles below which workgroups shrink from 64 to 8 invocations. */
 const FEW_TILES = 256;
 /** Texture sizes are rounded up to these multiples so that similar shapes share textures. */
@@ -150,14 +147,14 @@ const tiled = (
   n: number,
   k: number,
   ldc: number,
-  tile: Tile,
+  rows: TileRows,
 ): void => {
   const st = stateOf(ctx);
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const kSteps = Math.ceil(k / 4);
   // Rows of A (columns of B) per chunk: a multiple of the tile side that fits the texture limit.
-  const chunkA = Math.floor(limit / tile.rows) * tile.rows;
+  const chunkA = Math.floor(limit / rows) * rows;
   const chunkB = Math.floor(limit / TILE_COLS) * TILE_COLS;
   const params: number[][] = [];
   const slot = (p: number[]): GPUBufferBinding => {
@@ -191,24 +188,24 @@ const tiled = (
   type Main = { loads: Load[]; at: Packed; bt: Packed; u: GPUBufferBinding; tiles: number };
   const mains: Main[] = [];
   // With a single row chunk, A is loaded once and serves every column chunk.
-  const single = m <= chunkA ? load(a, "a", 0, m, tile.rows) : null;
+  const single = m <= chunkA ? load(a, "a", 0, m, rows) : null;
   for (let n0 = 0; n0 < n; n0 += chunkB) {
     const nc = Math.min(chunkB, n - n0);
     const bt = load(b, "b", n0, nc, TILE_COLS);
     for (let m0 = 0; m0 < m; m0 += chunkA) {
       const mc = Math.min(chunkA, m - m0);
-      const at = single ?? load(a, "a", m0, mc, tile.rows);
+      const at = single ?? load(a, "a", m0, mc, rows);
       const tilesN = Math.ceil(nc / TILE_COLS);
-      const tiles = Math.ceil(mc / tile.rows) * tilesN;
+      const tiles = Math.ceil(mc / rows) * tilesN;
       const u = slot([mc, nc, kSteps, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
   }
   // Few tiles: small workgroups, so that both threads of a software adapter get work.
-  const wg = Math.ceil(m / tile.rows) * Math.ceil(n / TILE_COLS) >= FEW_TILES ? 64 : 8;
+  const wg = Math.ceil(m / rows) * Math.ceil(n / TILE_COLS) >= FEW_TILES ? 64 : 8;
   const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
   if (wg !== 64) constants.WG = wg;
-  const pipeline = ctx.pipeline(`matmul_t${tile.rows}x${TILE_COLS}`, constants);
+  const pipeline = ctx.pipeline(`matmul_t${rows}x${TILE_COLS}`, constants);
   const pack = ctx.pipeline("matmul_pack");
 
   ctx.flush(); // the context's pending work first: it may produce our operands
@@ -262,22 +259,17 @@ const tiled = (
   ctx.submits++;
 };
 
-/** Tile for the tiled path, or null when the direct kernel fits the shape better. */
-const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): Tile | null => {
+/** Tile height for the tiled path, or null when the direct kernel fits the shape better. */
+const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): TileRows | null => {
   if (Math.ceil(k / 4) > ctx.device.limits.maxTextureDimension2D) return null;
-  if (matmulTuning.rows !== null) return { rows: matmulTuning.rows };
+  if (matmulTuning.rows !== null) return matmulTuning.rows;
   if (m * n * k < SMALL_MACS) return null;
   // The taller tiles take seconds to compile the first time: only for large outputs.
-  if (m * n < BIG_TILE_MIN_MN) return { rows: 16 };
+  if (m * n < BIG_TILE_MIN_MN) return 16;
   // Padded work: a taller tile costs less per multiply-add (fewer fetches per flop) but
   // wastes more rows on the edge.
-  let best: Tile = { rows: 16 };
-  let bestCost = Infinity;
-  for (const rows of [16, 32] as const) {
-    const cost = TILE_COST[rows] * Math.ceil(m / rows) * rows;
-    if (cost < bestCost) [best, bestCost] = [{ rows }, cost];
-  }
-  return best;
+  const cost = (rows: TileRows) => TILE_COST[rows] * Math.ceil(m / rows) * rows;
+  return cost(32) < cost(16) ? 32 : 16;
 };
 
 /** See Ops.matmul. */
