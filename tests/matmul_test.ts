@@ -10,7 +10,7 @@ import { Effect } from "effect";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { MatmulOptions } from "../src/backend/ops.ts";
 import { type FloatArray, ShapeError } from "../src/backend/tensor.ts";
-import { matmulTuning, type TileRows } from "../src/backend/webgpu/matmul.ts";
+import { matmulTuning } from "../src/backend/webgpu/matmul.ts";
 import { hasGpu, relError, seededValues, testBackends, withOps } from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
@@ -163,45 +163,57 @@ const checkAgainstCpu = async (c: Case): Promise<void> => {
 };
 const base = { transA: false, transB: false, seed: 17 };
 
-/** Runs `f` with every tiled product forced onto the kernel with `rows`-row tiles. */
-const withTile = async (rows: TileRows, f: () => Promise<void>): Promise<void> => {
-  matmulTuning.rows = rows;
+/** Runs `f` with every product the tiled kernel can take forced onto it, however small. */
+const forcingTiled = async (f: () => Promise<void>): Promise<void> => {
+  matmulTuning.forceTiled = true;
   try {
     await f();
   } finally {
-    matmulTuning.rows = null;
+    matmulTuning.forceTiled = false;
   }
 };
 
-for (const rows of [16, 32] as const) {
-  gpuTest(
-    `matmul_t${rows}x16 matches the CPU on random shapes (all variants)`,
-    () =>
-      withTile(rows, () =>
-        fc.assert(
-          fc.asyncProperty(cases, async (c) => {
-            const err = await errorOf(gpu!, cpu, c);
-            assert(err <= TOL, `${describe(c)}: relative error ${err}`);
-          }),
-          { numRuns: 15 },
-        )),
-  );
+gpuTest(
+  "matmul_t16x16 matches the CPU on random shapes (all variants)",
+  () =>
+    forcingTiled(() =>
+      fc.assert(
+        fc.asyncProperty(cases, async (c) => {
+          const err = await errorOf(gpu!, cpu, c);
+          assert(err <= TOL, `${describe(c)}: relative error ${err}`);
+        }),
+        { numRuns: 15 },
+      )
+    ),
+);
 
-  gpuTest(
-    `matmul_t${rows}x16, operands copied or packed, every variant`,
-    () =>
-      withTile(rows, async () => {
-        for (const transA of [false, true]) {
-          for (const transB of [false, true]) {
-            // 64-multiples: both operands copied into textures as stored (either layout).
-            await checkAgainstCpu({ m: 128, k: 128, n: 192, transA, transB, seed: 3 });
-            // Rows past the last whole tile and K not a multiple of 4: packed.
-            await checkAgainstCpu({ m: 100, k: 70, n: 52, transA, transB, seed: 4 });
-          }
+gpuTest(
+  "matmul_t16x16, operands copied or packed, every variant",
+  () =>
+    forcingTiled(async () => {
+      for (const transA of [false, true]) {
+        for (const transB of [false, true]) {
+          // 64-multiples: both operands copied into textures as stored (either layout).
+          await checkAgainstCpu({ m: 128, k: 128, n: 192, transA, transB, seed: 3 });
+          // Rows past the last whole tile and K not a multiple of 4: packed.
+          await checkAgainstCpu({ m: 100, k: 70, n: 52, transA, transB, seed: 4 });
         }
-      }),
-  );
-}
+      }
+    }),
+);
+
+// Tiles are walked in bands of WG/4 tile rows and strips of 4 tile columns (`tile_order`), with
+// narrower bands and strips at the edges; a tile missed would leave stale memory in C.
+// Workgroups of 64 (256 tiles or more): 19 x 27 tiles end in a band of 3 rows and a strip of 3
+// columns; 257 x 1 has strips one column wide, 1 x 257 a single band one row high.
+// Workgroups of 16: 3 x 5 tiles end in a band of 3 rows and a strip of 1 column.
+gpuTest("matmul tile order covers partial bands and strips", async () => {
+  await checkAgainstCpu({ ...base, m: 300, k: 40, n: 420 });
+  await checkAgainstCpu({ ...base, m: 300, k: 40, n: 420, transB: true });
+  await checkAgainstCpu({ ...base, m: 4100, k: 8, n: 16 });
+  await checkAgainstCpu({ ...base, m: 16, k: 8, n: 4100 });
+  await forcingTiled(() => checkAgainstCpu({ ...base, m: 40, k: 12, n: 72 }));
+});
 
 gpuTest("matmul with 64-multiple dims (operands copied into textures), every variant", async () => {
   for (const transA of [false, true]) {

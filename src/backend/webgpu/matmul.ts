@@ -2,10 +2,10 @@
  * WebGPU backend: matmul.
  *
  * Two paths, chosen by shape:
- * - Tiled (`matmul_t32x16` / `matmul_t16x16`): op(A) and op(B)ᵀ are first packed into
+ * - Tiled (`matmul_t16x16`): op(A) and op(B)ᵀ are first packed into
  *   rgba32float textures (rows along k, four k per texel) by `matmul_pack`, or copied straight
  *   in when the operand is already row-major along k with K a multiple of 64. Each invocation
- *   then computes a 32x16 (or 16x16) tile of C in registers, reading its operands as read-only
+ *   then computes a 16x16 tile of C in registers, reading its operands as read-only
  *   storage textures and using no workgroup memory. On a software adapter (Mesa llvmpipe)
  *   those loads are vectorised and inlined (a sampled-texture fetch is a call per texel, and a
  *   storage-buffer load runs lane by lane), and barriers cost more than they save, so this
@@ -27,22 +27,13 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
-/** Outputs below this many elements use the 16x16 tile. */
-const BIG_TILE_MIN_MN = 128 * 128;
-/** Output columns per invocation in every tiled kernel (`matmul_t{rows}x16`). */
-const TILE_COLS = 16;
-/** Rows per invocation of a tiled kernel. */
-export type TileRows = 16 | 32;
-/**
- * Cost per multiply-add of each tile height relative to 16 (1024³ on llvmpipe; a 48-row tile
- * measured no better than 32 and was dropped).
- */
-const TILE_COST: Readonly<Record<TileRows, number>> = { 16: 1, 32: 0.9 };
+/** Output rows and columns per invocation of the tiled kernel (`matmul_t16x16`). */
+const TILE = 16;
 
-/** @internal Test hook: force the tiled path with this tile height (null: choose by shape). */
-export const matmulTuning: { rows: TileRows | null } = { rows: null };
+/** @internal Test hook: send every product the tiled kernel can take to it, whatever its size. */
+export const matmulTuning: { forceTiled: boolean } = { forceTiled: false };
 
-/** Tiles below which workgroups shrink from 64 to 8 invocations. */
+/** Tiles below which workgroups shrink from 64 to 16 invocations. */
 const FEW_TILES = 256;
 /** Texture sizes are rounded up to these multiples so that similar shapes share textures. */
 const TEX_W_STEP = 64;
@@ -147,15 +138,13 @@ const tiled = (
   n: number,
   k: number,
   ldc: number,
-  rows: TileRows,
 ): void => {
   const st = stateOf(ctx);
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const kSteps = Math.ceil(k / 4);
   // Rows of A (columns of B) per chunk: a multiple of the tile side that fits the texture limit.
-  const chunkA = Math.floor(limit / rows) * rows;
-  const chunkB = Math.floor(limit / TILE_COLS) * TILE_COLS;
+  const chunk = Math.floor(limit / TILE) * TILE;
   const params: number[][] = [];
   const slot = (p: number[]): GPUBufferBinding => {
     params.push(p);
@@ -167,8 +156,8 @@ const tiled = (
   const kMajor = (op: Operand) => op.kContiguous || op.rows % 64 !== 0 || k % 4 !== 0 || k > limit;
   const copyable = (op: Operand) => !op.kContiguous ? !kMajor(op) : k % 64 === 0;
   const loads: Load[] = [];
-  const load = (op: Operand, role: string, row0: number, rows: number, side: number): Packed => {
-    const padded = Math.ceil(rows / side) * side;
+  const load = (op: Operand, role: string, row0: number, rows: number): Packed => {
+    const padded = Math.ceil(rows / TILE) * TILE;
     if (!kMajor(op)) {
       const tex = st.texture(role + "m", padded / 4, k);
       loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex });
@@ -188,24 +177,25 @@ const tiled = (
   type Main = { loads: Load[]; at: Packed; bt: Packed; u: GPUBufferBinding; tiles: number };
   const mains: Main[] = [];
   // With a single row chunk, A is loaded once and serves every column chunk.
-  const single = m <= chunkA ? load(a, "a", 0, m, rows) : null;
-  for (let n0 = 0; n0 < n; n0 += chunkB) {
-    const nc = Math.min(chunkB, n - n0);
-    const bt = load(b, "b", n0, nc, TILE_COLS);
-    for (let m0 = 0; m0 < m; m0 += chunkA) {
-      const mc = Math.min(chunkA, m - m0);
-      const at = single ?? load(a, "a", m0, mc, rows);
-      const tilesN = Math.ceil(nc / TILE_COLS);
-      const tiles = Math.ceil(mc / rows) * tilesN;
-      const u = slot([mc, nc, kSteps, ldc / 4, (m0 * ldc + n0) / 4, tilesN]);
+  const single = m <= chunk ? load(a, "a", 0, m) : null;
+  for (let n0 = 0; n0 < n; n0 += chunk) {
+    const nc = Math.min(chunk, n - n0);
+    const bt = load(b, "b", n0, nc);
+    for (let m0 = 0; m0 < m; m0 += chunk) {
+      const mc = Math.min(chunk, m - m0);
+      const at = single ?? load(a, "a", m0, mc);
+      const tilesN = Math.ceil(nc / TILE);
+      const tilesM = Math.ceil(mc / TILE);
+      const tiles = tilesM * tilesN;
+      const u = slot([mc, nc, kSteps, ldc / 4, (m0 * ldc + n0) / 4, tilesN, tilesM]);
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
   }
   // Few tiles: small workgroups, so that both threads of a software adapter get work.
-  const wg = Math.ceil(m / rows) * Math.ceil(n / TILE_COLS) >= FEW_TILES ? 64 : 8;
+  const wg = Math.ceil(m / TILE) * Math.ceil(n / TILE) >= FEW_TILES ? 64 : 16;
   const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
   if (wg !== 64) constants.WG = wg;
-  const pipeline = ctx.pipeline(`matmul_t${rows}x${TILE_COLS}`, constants);
+  const pipeline = ctx.pipeline("matmul_t16x16", constants);
   const pack = ctx.pipeline("matmul_pack");
 
   ctx.flush(); // the context's pending work first: it may produce our operands
@@ -259,17 +249,10 @@ const tiled = (
   ctx.submits++;
 };
 
-/** Tile height for the tiled path, or null when the direct kernel fits the shape better. */
-const chooseTile = (ctx: GpuContext, m: number, n: number, k: number): TileRows | null => {
-  if (Math.ceil(k / 4) > ctx.device.limits.maxTextureDimension2D) return null;
-  if (matmulTuning.rows !== null) return matmulTuning.rows;
-  if (m * n * k < SMALL_MACS) return null;
-  // The taller tiles take seconds to compile the first time: only for large outputs.
-  if (m * n < BIG_TILE_MIN_MN) return 16;
-  // Padded work: a taller tile costs less per multiply-add (fewer fetches per flop) but
-  // wastes more rows on the edge.
-  const cost = (rows: TileRows) => TILE_COST[rows] * Math.ceil(m / rows) * rows;
-  return cost(32) < cost(16) ? 32 : 16;
+/** Whether the tiled path takes the product (else the direct kernel). */
+const useTiled = (ctx: GpuContext, m: number, n: number, k: number): boolean => {
+  if (Math.ceil(k / 4) > ctx.device.limits.maxTextureDimension2D) return false;
+  return matmulTuning.forceTiled || m * n * k >= SMALL_MACS;
 };
 
 /** See Ops.matmul. */
@@ -280,8 +263,7 @@ export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
   if (m === 0 || n === 0) return sc.out([m, n]);
   if (k === 0) return sc.zeros([m, n]);
   const ctx = sc.ctx;
-  const tile = chooseTile(ctx, m, n, k);
-  if (tile === null) {
+  if (!useTiled(ctx, m, n, k)) {
     const out = sc.out([m, n]);
     const tilesN = Math.ceil(n / 4);
     const groups = Math.ceil((Math.ceil(m / 4) * tilesN) / 64);
@@ -302,13 +284,13 @@ export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
   const opB: Operand = { buffer: bb, rows: n, kContiguous: transB };
   const out: GpuTensor = sc.out([m, n]);
   if (n % 4 === 0) {
-    tiled(ctx, opA, opB, out.buffer, m, n, k, n, tile);
+    tiled(ctx, opA, opB, out.buffer, m, n, k, n);
     return out;
   }
   // Vector stores need a row stride of a multiple of 4: compute into a padded buffer, then copy.
   const ld = Math.ceil(n / 4) * 4;
   const tmp = ctx.alloc(m * ld * 4);
-  tiled(ctx, opA, opB, tmp, m, n, k, ld, tile);
+  tiled(ctx, opA, opB, tmp, m, n, k, ld);
   sc.dispatch("matmul_unpad", [tmp, out.buffer], grid(Math.ceil((m * n) / 256)), [m, n, ld]);
   ctx.release(tmp);
   return out;
