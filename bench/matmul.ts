@@ -81,8 +81,9 @@ const measure = async (b: BackendShape, s: Shape, cpu: boolean): Promise<number>
     let best = Infinity;
     // Rounds: the first GPU round runs measurably slower (texture and buffer first touch,
     // thread start-up), and the CPU backend varies ~1.5x from call to call (garbage
-    // collection of its outputs). Best of several rounds is the steady state on both.
-    for (let round = 0; round < (cpu ? 6 : 4); round++) {
+    // collection of its outputs). Best of several rounds is the steady state on both; the
+    // same count on both sides, as other tenants of a shared host slow either in bursts.
+    for (let round = 0; round < 6; round++) {
       t = performance.now();
       // One scope per product: its output buffer returns to the pool and the next product
       // reuses it, as in the steady state of a training step (fresh buffers would add a
