@@ -52,8 +52,8 @@ export {
 export { generate, type Generation, type GenerationRequest } from "./src/model/generate.ts";
 export { loadModel, saveModel } from "./src/model/loader.ts";
 export { Rng } from "./src/model/rng.ts";
-export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/model/tokenizer.ts";
-export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/model/bpe.ts";
+export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/tokenizer/tokenizer.ts";
+export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
 export {
   initLora,
   type LoraConfig,
@@ -62,8 +62,8 @@ export {
   uploadLora,
 } from "./src/lora/adapter.ts";
 export { loadPeftAdapter, savePeftAdapter } from "./src/lora/peft.ts";
-export { copySnapshot, foldSnapshot, Snapshot, SnapshotCorrupted } from "./src/sync/snapshot.ts";
-export { exportAdapter, exportCheckpoint } from "./src/sync/export.ts";
+export { copySnapshot, foldSnapshot, Snapshot, SnapshotCorrupted } from "./src/snapshot/snapshot.ts";
+export { exportAdapter, exportCheckpoint } from "./src/snapshot/export.ts";
 
 // ---- GRPO and the pipeline -------------------------------------------------------------------
 export * from "./src/grpo/mod.ts";
@@ -77,14 +77,14 @@ export {
   SyncMismatch,
   SyncTarget,
   type SyncTargetShape,
-} from "./src/pipeline/services.ts";
+} from "./src/ports/rollout_engine.ts";
 export {
   NonFiniteStepError,
   Policy,
   type PolicyOptions,
   StateMismatchError,
-} from "./src/pipeline/policy.ts";
-export { LocalEngineLive, makeLocalEngine } from "./src/pipeline/local_engine.ts";
+} from "./src/train/policy.ts";
+export { LocalEngineLive, makeLocalEngine } from "./src/rollout/local.ts";
 export {
   advantage,
   type PromptItem,
@@ -95,9 +95,9 @@ export {
   steps,
   update,
 } from "./src/pipeline/stages.ts";
-export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/pipeline/config.ts";
-export { loadBase, runTraining, type TrainSummary } from "./src/pipeline/trainer.ts";
+export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/app/config.ts";
+export { loadBase, runTraining, type TrainSummary } from "./src/app/trainer.ts";
 
 // ---- pushing to a vLLM-compatible server -----------------------------------------------------
-export { serverEngineLayer, startEmbeddedServer } from "./src/sync/server_engine.ts";
-export { VllmHttpError } from "./src/sync/http_client.ts";
+export { serverEngineLayer, startEmbeddedServer } from "./src/app/server_layer.ts";
+export { VllmHttpError } from "./src/vllm/client.ts";

@@ -10,8 +10,8 @@ import { backward, forward, uploadModel } from "../src/model/decoder.ts";
 import { initWeights } from "../src/model/weights.ts";
 import type { ModelConfig } from "../src/model/config.ts";
 import { initLora, uploadLora } from "../src/lora/adapter.ts";
-import { copySnapshot, foldSnapshot } from "../src/sync/snapshot.ts";
-import { loadBase } from "../src/pipeline/trainer.ts";
+import { copySnapshot, foldSnapshot } from "../src/snapshot/snapshot.ts";
+import { loadBase } from "../src/app/trainer.ts";
 import { median, writeResult } from "./common.ts";
 
 const time = async (f: () => Promise<unknown>, reps: number): Promise<number> => {

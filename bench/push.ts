@@ -22,23 +22,23 @@ import { type BackendShape, cpuBackend } from "../src/backend/backend.ts";
 import { initLora, type LoraConfig } from "../src/lora/adapter.ts";
 import type { ModelConfig } from "../src/model/config.ts";
 import { loadModel, saveModel } from "../src/model/loader.ts";
-import { loadTokenizer } from "../src/model/bpe.ts";
+import { loadTokenizer } from "../src/tokenizer/bpe.ts";
 import { Rng } from "../src/model/rng.ts";
 import { initWeights, PROJECTIONS, type WeightMap } from "../src/model/weights.ts";
-import { makeLocalEngine } from "../src/pipeline/local_engine.ts";
-import { Policy } from "../src/pipeline/policy.ts";
-import type { PushReport } from "../src/pipeline/services.ts";
-import { BUILTIN_MODEL_DIR } from "../src/pipeline/trainer.ts";
-import { makeVllmClient } from "../src/sync/http_client.ts";
-import { makeFullPusher } from "../src/sync/push_full.ts";
-import { makeLoraPusher } from "../src/sync/push_lora.ts";
+import { makeLocalEngine } from "../src/rollout/local.ts";
+import { Policy } from "../src/train/policy.ts";
+import type { PushReport } from "../src/ports/rollout_engine.ts";
+import { BUILTIN_MODEL_DIR } from "../src/app/trainer.ts";
+import { makeVllmClient } from "../src/vllm/client.ts";
+import { makeFullPusher } from "../src/push/full.ts";
+import { makeLoraPusher } from "../src/push/lora.ts";
 import {
   discoverModelName,
   maxLoraRankFor,
   startEmbeddedServer,
-} from "../src/sync/server_engine.ts";
-import type { Snapshot } from "../src/sync/snapshot.ts";
-import { defaultProbePrompt, Routing } from "../src/sync/verify.ts";
+} from "../src/app/server_layer.ts";
+import type { Snapshot } from "../src/snapshot/snapshot.ts";
+import { defaultProbePrompt, Routing } from "../src/push/verify.ts";
 import { median, writeResult } from "./common.ts";
 
 const LORA: LoraConfig = {

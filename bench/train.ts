@@ -5,8 +5,8 @@
  * @module
  */
 import { Effect } from "effect";
-import { decodeTrainConfig, parseArgs } from "../src/pipeline/config.ts";
-import { runTraining } from "../src/pipeline/trainer.ts";
+import { decodeTrainConfig, parseArgs } from "../src/app/config.ts";
+import { runTraining } from "../src/app/trainer.ts";
 import { writeResult } from "./common.ts";
 
 /** Runs one training with the given CLI args. */
@@ -16,7 +16,7 @@ export async function run(args: readonly string[] = []): Promise<Record<string, 
     parseArgs(["--quiet", ...args]).pipe(
       Effect.flatMap(decodeTrainConfig),
       Effect.flatMap((c) => runTraining(c, (l) => l && console.log(l))),
-    ) as Effect.Effect<import("../src/pipeline/trainer.ts").TrainSummary>,
+    ) as Effect.Effect<import("../src/app/trainer.ts").TrainSummary>,
   );
   const out: Record<string, number | string> = {
     args: args.join(" ") || "(defaults)",

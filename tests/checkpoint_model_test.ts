@@ -142,8 +142,8 @@ Deno.test("PEFT adapter: wrong shape, missing tensor, NaN, bad config are typed 
 });
 
 Deno.test("model directory: a tokenizer larger than the config's vocab_size is a typed error naming the field", async () => {
-  const { loadBase } = await import("../src/pipeline/trainer.ts");
-  const { CharTokenizer } = await import("../src/model/tokenizer.ts");
+  const { loadBase } = await import("../src/app/trainer.ts");
+  const { CharTokenizer } = await import("../src/tokenizer/tokenizer.ts");
   const dir = await Deno.makeTempDir();
   const c = tinyConfig({ vocabSize: 6 });
   await run(saveModel(dir, c, initWeights(c, 1)));

@@ -4,7 +4,7 @@
  */
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
 import { Effect } from "effect";
-import { Policy } from "../src/pipeline/policy.ts";
+import { Policy } from "../src/train/policy.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { gpuTeardown, hasGpu, openGpu } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";

@@ -7,8 +7,8 @@ import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/stric
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Effect } from "effect";
-import { decodeTrainConfig, parseArgs, type TrainConfig } from "../src/pipeline/config.ts";
-import { runTraining, type TrainSummary } from "../src/pipeline/trainer.ts";
+import { decodeTrainConfig, parseArgs, type TrainConfig } from "../src/app/config.ts";
+import { runTraining, type TrainSummary } from "../src/app/trainer.ts";
 import { runExample as dynamicSampling } from "../examples/dynamic_sampling.ts";
 import { runExample as adapterDirectory } from "../examples/adapter_directory_target.ts";
 

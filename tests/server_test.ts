@@ -22,7 +22,7 @@ import {
 } from "../src/model/weights.ts";
 import { targetPaths } from "../src/lora/adapter.ts";
 import { uploadLora } from "../src/lora/adapter.ts";
-import { CharTokenizer } from "../src/model/tokenizer.ts";
+import { CharTokenizer } from "../src/tokenizer/tokenizer.ts";
 import {
   runServeCli,
   type ServerProcess,

@@ -13,7 +13,7 @@ import { forward, uploadModel } from "../src/model/decoder.ts";
 import { type HostTensor, initWeights, type WeightMap } from "../src/model/weights.ts";
 import { initLora, loraScale, type LoraWeights, uploadLora } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
-import { foldSnapshot, type Snapshot } from "../src/sync/snapshot.ts";
+import { foldSnapshot, type Snapshot } from "../src/snapshot/snapshot.ts";
 import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 import { aliasingFold } from "./support/aliasing_fold.ts";

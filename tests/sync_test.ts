@@ -21,17 +21,17 @@ import { Duration, Effect, Exit, Schedule, Scope } from "effect";
 import { type BackendShape, cpuBackend } from "../src/backend/backend.ts";
 import { initLora, type LoraConfig } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
-import { decodeTrainConfig } from "../src/pipeline/config.ts";
-import { makeLocalEngine } from "../src/pipeline/local_engine.ts";
-import { Policy } from "../src/pipeline/policy.ts";
-import type { RolloutRequest } from "../src/pipeline/services.ts";
+import { decodeTrainConfig } from "../src/app/config.ts";
+import { makeLocalEngine } from "../src/rollout/local.ts";
+import { Policy } from "../src/train/policy.ts";
+import type { RolloutRequest } from "../src/ports/rollout_engine.ts";
 import {
   type BaseModel,
   BUILTIN_MODEL_DIR,
   loadBase,
   runTraining,
   type TrainSummary,
-} from "../src/pipeline/trainer.ts";
+} from "../src/app/trainer.ts";
 import {
   decodeCompletion,
   isRetryable,
@@ -41,16 +41,16 @@ import {
   retrySchedule,
   usesNestedErrorEnvelope,
   VllmHttpError,
-} from "../src/sync/http_client.ts";
-import { makeFullPusher } from "../src/sync/push_full.ts";
-import { makeLoraPusher, type PushStage } from "../src/sync/push_lora.ts";
+} from "../src/vllm/client.ts";
+import { makeFullPusher } from "../src/push/full.ts";
+import { makeLoraPusher, type PushStage } from "../src/push/lora.ts";
 import {
   makeServerEngineLayer,
   makeServerRolloutEngine,
   serverEngineLayer,
-} from "../src/sync/server_engine.ts";
-import type { Snapshot } from "../src/sync/snapshot.ts";
-import { defaultProbePrompt, Routing, type VerifySettings } from "../src/sync/verify.ts";
+} from "../src/app/server_layer.ts";
+import type { Snapshot } from "../src/snapshot/snapshot.ts";
+import { defaultProbePrompt, Routing, type VerifySettings } from "../src/push/verify.ts";
 import { aliasingEngineLayer } from "./support/aliasing_push.ts";
 import { type ServerProcess, startServer } from "./support/server_process.ts";
 

@@ -2,7 +2,7 @@ import { deepStrictEqual as assertEquals, ok as assert, throws } from "node:asse
 import { readFileSync } from "node:fs";
 import { Effect, Exit } from "effect";
 import fc from "fast-check";
-import { CharTokenizer, TokenizerError } from "../src/model/tokenizer.ts";
+import { CharTokenizer, TokenizerError } from "../src/tokenizer/tokenizer.ts";
 import {
   BYTE_TO_CHAR,
   ByteLevelBpeTokenizer,
@@ -11,7 +11,7 @@ import {
   toByteLevel,
   tokenizerFromJSON,
   translateRegex,
-} from "../src/model/bpe.ts";
+} from "../src/tokenizer/bpe.ts";
 
 const FIXTURES = new URL("./fixtures/tokenizer/", import.meta.url).pathname;
 const fixtureJson = (): Record<string, unknown> =>

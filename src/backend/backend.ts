@@ -4,7 +4,7 @@
  * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Context, Data, Effect, Layer } from "effect";
 import type { Scope } from "effect";
 import { makeCpuOps } from "./cpu/ops.ts";

@@ -3,7 +3,7 @@
  * backend (a typed array on the CPU, a GPU buffer on WebGPU) and is reached only through `Ops`.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data } from "effect";
 
 /** Element type: `f32` for values, `i32` for token ids and positions. */

@@ -5,9 +5,9 @@
  */
 import { Effect } from "effect";
 import process from "node:process";
-import { decodeTrainConfig, parseArgs } from "../pipeline/config.ts";
-import { runTraining } from "../pipeline/trainer.ts";
-import { serverEngineLayer } from "../sync/server_engine.ts";
+import { decodeTrainConfig, parseArgs } from "../app/config.ts";
+import { runTraining } from "../app/trainer.ts";
+import { serverEngineLayer } from "../app/server_layer.ts";
 
 const isTty = (): boolean => Boolean((process.stdout as { isTTY?: boolean }).isTTY);
 

@@ -4,7 +4,7 @@
  * problem, so a log line alone is enough to find the culprit.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data } from "effect";
 
 /** Fields of a {@link SafetensorsError}. */

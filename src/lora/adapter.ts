@@ -3,7 +3,7 @@
  * host/device forms of the A [r, in] and B [out, r] matrices for each targeted projection.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data } from "effect";
 import type { Ops } from "../backend/ops.ts";
 import type { LoraRuntime } from "../model/decoder.ts";

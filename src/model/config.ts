@@ -2,7 +2,7 @@
  * Decoder configuration, read from a Hugging Face config.json (llama and qwen2 families).
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect } from "effect";
 
 /** Architecture of a Llama-style decoder. */

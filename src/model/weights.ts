@@ -3,7 +3,7 @@
  * weight maps, validation and seeded initialisation.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect } from "effect";
 import type { ModelConfig } from "./config.ts";
 import { Rng } from "./rng.ts";

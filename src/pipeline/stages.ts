@@ -22,10 +22,10 @@ import {
   type RewardTable,
   scoreRewards,
 } from "../grpo/rewards.ts";
-import type { Tokenizer } from "../model/tokenizer.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { Rng } from "../model/rng.ts";
-import type { Snapshot } from "../sync/snapshot.ts";
-import type { NonFiniteStepError, Policy, StepStats, TrainSequence } from "./policy.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
+import type { NonFiniteStepError, Policy, StepStats, TrainSequence } from "../train/policy.ts";
 import {
   type PushReport,
   RolloutEngine,
@@ -35,7 +35,7 @@ import {
   type SyncError,
   type SyncMismatch,
   SyncTarget,
-} from "./services.ts";
+} from "../ports/rollout_engine.ts";
 
 /** A prompt with its reference answer (null when the task has none). */
 export interface PromptItem {

@@ -7,7 +7,7 @@
  */
 import { Effect } from "effect";
 import type { ModelConfig } from "../model/config.ts";
-import type { DecodeOptions, Tokenizer } from "../model/tokenizer.ts";
+import type { DecodeOptions, Tokenizer } from "../tokenizer/tokenizer.ts";
 import type { StepParams } from "./sampler.ts";
 import {
   type ApiError,

@@ -7,7 +7,7 @@
  */
 import { Effect, Layer } from "effect";
 import { HttpRouter, type HttpServerRequest, HttpServerResponse } from "effect/http";
-import type { Engine, PauseMode } from "./engine.ts";
+import type { Engine, PauseMode } from "./inference_engine.ts";
 import {
   ApiError,
   badRequest,

@@ -15,7 +15,7 @@
  */
 import { Effect, Exit, Scope } from "effect";
 import { type BackendChoice, backendChoiceFromEnv, selectBackend } from "../backend/backend.ts";
-import { makeEngine } from "./engine.ts";
+import { makeEngine } from "./inference_engine.ts";
 import { makeWebHandler } from "./http.ts";
 import type { LogprobsMode } from "./sampler.ts";
 

@@ -5,7 +5,7 @@
  * @module
  */
 import { Data, Effect, Schema, SchemaIssue } from "effect";
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 
 // ---- errors ----------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@
  * @module
  */
 import type { NamedReward } from "../grpo/rewards.ts";
-import { CharTokenizer } from "../model/tokenizer.ts";
+import { CharTokenizer } from "../tokenizer/tokenizer.ts";
 import { Rng } from "../model/rng.ts";
 
 /** Characters of the task's vocabulary. */

@@ -8,7 +8,7 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
 import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
 import { generate } from "../model/generate.ts";
-import type { Tokenizer } from "../model/tokenizer.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import type { Problem } from "./arithmetic.ts";
 
 /** Prompt token ids of a problem (BOS first when the tokenizer has one). */

@@ -9,7 +9,7 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { initWeights, type WeightMap } from "../model/weights.ts";
 import { Rng } from "../model/rng.ts";
-import { Policy } from "../pipeline/policy.ts";
+import { Policy } from "../train/policy.ts";
 import { uploadModel } from "../model/decoder.ts";
 import { arithmeticTask, arithmeticTokenizer, corpusLine } from "./arithmetic.ts";
 import { accuracy, promptIds } from "./evaluate.ts";

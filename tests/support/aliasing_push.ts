@@ -12,17 +12,17 @@ import { Effect } from "effect";
 import { loraScale } from "../../src/lora/adapter.ts";
 import { saveModel } from "../../src/model/loader.ts";
 import type { HostTensor } from "../../src/model/weights.ts";
-import { type PushReport, SyncError, type SyncTargetShape } from "../../src/pipeline/services.ts";
-import type { EngineLayerFactory } from "../../src/pipeline/trainer.ts";
-import { describeHttpError } from "../../src/sync/http_client.ts";
-import { reloadCheckpoint } from "../../src/sync/push_full.ts";
-import { adapterName, freshVersionDir, versionSalt } from "../../src/sync/push_lora.ts";
+import { type PushReport, SyncError, type SyncTargetShape } from "../../src/ports/rollout_engine.ts";
+import type { EngineLayerFactory } from "../../src/app/trainer.ts";
+import { describeHttpError } from "../../src/vllm/client.ts";
+import { reloadCheckpoint } from "../../src/push/full.ts";
+import { adapterName, freshVersionDir, versionSalt } from "../../src/push/lora.ts";
 import {
   makeServerEngineLayer,
   type ServerContext,
   type ServerEngineOptions,
-} from "../../src/sync/server_engine.ts";
-import { type Route, verifyRoute } from "../../src/sync/verify.ts";
+} from "../../src/app/server_layer.ts";
+import { type Route, verifyRoute } from "../../src/push/verify.ts";
 import { aliasingFold, type LiveWeights } from "./aliasing_fold.ts";
 
 /** The TRL v0.15.0 push over the server context (LoRA snapshots only). */

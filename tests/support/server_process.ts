@@ -8,7 +8,7 @@ import { Effect } from "effect";
 import { join } from "node:path";
 import type { ModelConfig } from "../../src/model/config.ts";
 import { saveModel } from "../../src/model/loader.ts";
-import { CharTokenizer } from "../../src/model/tokenizer.ts";
+import { CharTokenizer } from "../../src/tokenizer/tokenizer.ts";
 import { initWeights, type WeightMap } from "../../src/model/weights.ts";
 
 /** Alphabet of the tiny test tokenizer (ids 3.. after <pad>, <bos>, <eos>). */

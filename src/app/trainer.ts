@@ -12,33 +12,33 @@ import { fileURLToPath } from "node:url";
 import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
 import { uploadModel } from "../model/decoder.ts";
 import { loadModel } from "../model/loader.ts";
-import { loadTokenizer } from "../model/bpe.ts";
-import type { Tokenizer, TokenizerError } from "../model/tokenizer.ts";
+import { loadTokenizer } from "../tokenizer/bpe.ts";
+import type { Tokenizer, TokenizerError } from "../tokenizer/tokenizer.ts";
 import type { LoadError } from "../model/loader.ts";
 import type { BackendError } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
 import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
-import type { SnapshotCorrupted } from "../sync/snapshot.ts";
+import type { SnapshotCorrupted } from "../snapshot/snapshot.ts";
 import { type ModelConfig, ModelConfigError } from "../model/config.ts";
 import type { WeightMap } from "../model/weights.ts";
 import { arithmeticTask, exactMatchReward, formatReward } from "../task/arithmetic.ts";
 import { accuracy } from "../task/evaluate.ts";
-import { exportAdapter, exportCheckpoint } from "../sync/export.ts";
+import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
 import type { TrainConfig } from "./config.ts";
-import { loadTrainCheckpoint, saveTrainCheckpoint } from "./checkpoint.ts";
-import { type NonFiniteStepError, Policy, type StateMismatchError } from "./policy.ts";
-import { LocalEngineLive } from "./local_engine.ts";
-import { SyncTarget } from "./services.ts";
+import { loadTrainCheckpoint, saveTrainCheckpoint } from "../train/checkpoint.ts";
+import { type NonFiniteStepError, Policy, type StateMismatchError } from "../train/policy.ts";
+import { LocalEngineLive } from "../rollout/local.ts";
+import { SyncTarget } from "../ports/rollout_engine.ts";
 import type {
   RolloutEngineShape,
   RolloutError,
   SyncError,
   SyncMismatch,
   SyncTargetShape,
-} from "./services.ts";
+} from "../ports/rollout_engine.ts";
 import {
   advantage,
   push,
@@ -48,7 +48,7 @@ import {
   snapshot,
   steps,
   update,
-} from "./stages.ts";
+} from "../pipeline/stages.ts";
 
 /** Directory of the shipped base model (built by `deno task pretrain`). */
 export const BUILTIN_MODEL_DIR: string = fileURLToPath(

@@ -17,15 +17,15 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
 import { forward, uploadModel } from "../model/decoder.ts";
 import { logSoftmax } from "../model/sampling.ts";
-import type { Tokenizer } from "../model/tokenizer.ts";
-import { SyncError, SyncMismatch } from "../pipeline/services.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+import { SyncError, SyncMismatch } from "../ports/rollout_engine.ts";
 import {
   decodeCompletion,
   describeHttpError,
   type VllmClient,
   type VllmHttpError,
-} from "./http_client.ts";
-import type { Snapshot } from "./snapshot.ts";
+} from "../vllm/client.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
 
 // ---- routing ----------------------------------------------------------------------------------
 

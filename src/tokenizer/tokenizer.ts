@@ -14,7 +14,7 @@
  * @module
  */
 import { Data } from "effect";
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** A tokenizer failure. `reason` names the problem (and the JSON field, for malformed files). */
 const TokenizerErrorBase: TaggedErrorClass<"TokenizerError", {

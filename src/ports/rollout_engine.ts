@@ -4,9 +4,9 @@
  * src/backend/backend.ts.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Context, Data, type Effect } from "effect";
-import type { Snapshot } from "../sync/snapshot.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
 
 /** One prompt to complete `n` times (vLLM /v1/completions semantics). */
 export interface RolloutRequest {

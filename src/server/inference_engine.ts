@@ -16,7 +16,7 @@
  * @module
  */
 import { Data, Effect, Exit, Scope } from "effect";
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { access } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
@@ -37,8 +37,8 @@ import {
 import { loadModel } from "../model/loader.ts";
 import { Rng } from "../model/rng.ts";
 import { logSoftmax } from "../model/sampling.ts";
-import { loadTokenizer } from "../model/bpe.ts";
-import type { Tokenizer } from "../model/tokenizer.ts";
+import { loadTokenizer } from "../tokenizer/bpe.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import type { WeightMap } from "../model/weights.ts";
 import {
   checkStopStrings,

@@ -4,7 +4,7 @@
  * value gives one line naming the option and the allowed values.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect, Exit, Schema } from "effect";
 import { decodeGrpoConfig, type GrpoConfig, trlOptionNames } from "../grpo/config.ts";
 import { type Projection, PROJECTIONS } from "../model/weights.ts";

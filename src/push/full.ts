@@ -17,9 +17,9 @@
  */
 import { type Cause, Effect, Exit } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import { type PushReport, SyncError, type SyncMismatch } from "../pipeline/services.ts";
-import { exportCheckpoint } from "./export.ts";
-import { describeHttpError, type VllmClient, type VllmHttpError } from "./http_client.ts";
+import { type PushReport, SyncError, type SyncMismatch } from "../ports/rollout_engine.ts";
+import { exportCheckpoint } from "../snapshot/export.ts";
+import { describeHttpError, type VllmClient, type VllmHttpError } from "../vllm/client.ts";
 import {
   adapterName,
   freshVersionDir,
@@ -29,8 +29,8 @@ import {
   routeHint,
   type StageObserver,
   versionSalt,
-} from "./push_lora.ts";
-import type { Snapshot } from "./snapshot.ts";
+} from "./lora.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
 import { type Route, type Routing, verifyRoute, type VerifySettings } from "./verify.ts";
 
 const noObserver: StageObserver = () => Effect.void;

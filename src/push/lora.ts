@@ -21,10 +21,10 @@ import { Effect } from "effect";
 import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
-import { type PushReport, SyncError, type SyncMismatch } from "../pipeline/services.ts";
-import { exportAdapter } from "./export.ts";
-import { describeHttpError, type VllmClient, type VllmHttpError } from "./http_client.ts";
-import type { Snapshot } from "./snapshot.ts";
+import { type PushReport, SyncError, type SyncMismatch } from "../ports/rollout_engine.ts";
+import { exportAdapter } from "../snapshot/export.ts";
+import { describeHttpError, type VllmClient, type VllmHttpError } from "../vllm/client.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
 import { type Route, type Routing, verifyRoute, type VerifySettings } from "./verify.ts";
 
 /** Steps of a push, reported to an observer (logging, benches, fault-injection tests). */

@@ -9,7 +9,7 @@ import { Backend, type BackendShape } from "../backend/backend.ts";
 import { type DeviceModel, uploadModel } from "../model/decoder.ts";
 import { generate, type GenerationRequest } from "../model/generate.ts";
 import { Rng } from "../model/rng.ts";
-import type { Snapshot } from "../sync/snapshot.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
 import {
   type PushReport,
   RolloutEngine,
@@ -19,7 +19,7 @@ import {
   SyncError,
   SyncTarget,
   type SyncTargetShape,
-} from "./services.ts";
+} from "../ports/rollout_engine.ts";
 
 /** Expands requests into one generation per sample (sample j uses seed + j, as vLLM does). */
 export const expandRequests = (

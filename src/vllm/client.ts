@@ -15,7 +15,7 @@
  */
 import { Data, Duration, Effect, Schedule, Schema } from "effect";
 import { FetchHttpClient, HttpClient, HttpClientRequest } from "effect/http";
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** Why a request failed: no answer, no answer in time, an error status, or an unreadable body. */
 export type VllmFailureReason = "connection" | "timeout" | "status" | "decode";

@@ -18,7 +18,7 @@ import { mkdir, rm, rmdir, stat } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Backend, type BackendShape } from "../backend/backend.ts";
-import type { TrainConfig } from "../pipeline/config.ts";
+import type { TrainConfig } from "./config.ts";
 import {
   type PushReport,
   type RolloutCompletion,
@@ -30,9 +30,9 @@ import {
   type SyncMismatch,
   SyncTarget,
   type SyncTargetShape,
-} from "../pipeline/services.ts";
-import type { BaseModel, EngineLayerFactory } from "../pipeline/trainer.ts";
-import type { TaggedErrorClass } from "../tagged_error.ts";
+} from "../ports/rollout_engine.ts";
+import type { BaseModel, EngineLayerFactory } from "./trainer.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import {
   type CompletionChoiceData,
   decodeCompletion,
@@ -41,11 +41,11 @@ import {
   type RetryPolicy,
   type VllmClient,
   type VllmHttpError,
-} from "./http_client.ts";
-import { makeFullPusher } from "./push_full.ts";
-import { makeLoraPusher, type StageObserver } from "./push_lora.ts";
-import type { Snapshot } from "./snapshot.ts";
-import { defaultProbePrompt, type Route, Routing, type VerifySettings } from "./verify.ts";
+} from "../vllm/client.ts";
+import { makeFullPusher } from "../push/full.ts";
+import { makeLoraPusher, type StageObserver } from "../push/lora.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
+import { defaultProbePrompt, type Route, Routing, type VerifySettings } from "../push/verify.ts";
 
 // ---- the rollout engine ---------------------------------------------------------------------------
 

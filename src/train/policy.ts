@@ -5,7 +5,7 @@
  * Snapshots are taken out of place (see src/sync/snapshot.ts); nothing here merges weights.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect, type Scope } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure, Ops } from "../backend/ops.ts";
@@ -23,7 +23,7 @@ import {
 import type { HostTensor, WeightMap } from "../model/weights.ts";
 import { initLora, type LoraConfig, type LoraWeights, uploadLora } from "../lora/adapter.ts";
 import { Rng } from "../model/rng.ts";
-import { copySnapshot, foldSnapshot, type Snapshot } from "../sync/snapshot.ts";
+import { copySnapshot, foldSnapshot, type Snapshot } from "../snapshot/snapshot.ts";
 
 /** AdamW and clipping settings (PyTorch/TRL names in camelCase). */
 export interface OptimizerConfig {

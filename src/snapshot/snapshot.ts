@@ -9,7 +9,7 @@
  * creation and re-checked by everything that publishes it.
  * @module
  */
-import type { TaggedErrorClass } from "../tagged_error.ts";
+import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
