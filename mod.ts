@@ -24,7 +24,11 @@ export {
   webgpuBackend,
 } from "./src/backend/backend.ts";
 
-// ---- model, LoRA, snapshots ------------------------------------------------------------------
+// ---- tokenizer --------------------------------------------------------------------------------
+export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/tokenizer/tokenizer.ts";
+export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
+
+// ---- model ------------------------------------------------------------------------------------
 export {
   type ModelConfig,
   ModelConfigError,
@@ -50,10 +54,10 @@ export {
   uploadModel,
 } from "./src/model/decoder.ts";
 export { generate, type Generation, type GenerationRequest } from "./src/model/generate.ts";
-export { loadModel, saveModel } from "./src/model/loader.ts";
+export { type BaseModel, loadBase, loadModel, saveModel } from "./src/model/loader.ts";
 export { Rng } from "./src/model/rng.ts";
-export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/tokenizer/tokenizer.ts";
-export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
+
+// ---- LoRA -------------------------------------------------------------------------------------
 export {
   initLora,
   type LoraConfig,
@@ -62,32 +66,60 @@ export {
   uploadLora,
 } from "./src/lora/adapter.ts";
 export { loadPeftAdapter, savePeftAdapter } from "./src/lora/peft.ts";
-export { copySnapshot, foldSnapshot, Snapshot, SnapshotCorrupted } from "./src/snapshot/snapshot.ts";
+
+// ---- snapshots --------------------------------------------------------------------------------
+export {
+  copySnapshot,
+  foldSnapshot,
+  Snapshot,
+  SnapshotCorrupted,
+} from "./src/snapshot/snapshot.ts";
 export { exportAdapter, exportCheckpoint } from "./src/snapshot/export.ts";
 
-// ---- GRPO and the pipeline -------------------------------------------------------------------
+// ---- GRPO math --------------------------------------------------------------------------------
 export * from "./src/grpo/mod.ts";
-export {
-  type PushReport,
-  RolloutEngine,
-  type RolloutEngineShape,
-  RolloutError,
-  type RolloutRequest,
-  SyncError,
-  SyncMismatch,
-  SyncTarget,
-  type SyncTargetShape,
-} from "./src/ports/rollout_engine.ts";
+
+// ---- training state ---------------------------------------------------------------------------
 export {
   NonFiniteStepError,
   Policy,
   type PolicyOptions,
   StateMismatchError,
 } from "./src/train/policy.ts";
+
+// ---- ports: where rollouts come from, where snapshots go ---------------------------------------
+export {
+  type RolloutCompletion,
+  RolloutEngine,
+  type RolloutEngineShape,
+  RolloutError,
+  type RolloutRequest,
+  type RolloutResult,
+} from "./src/ports/rollout_engine.ts";
+export {
+  type PushReport,
+  PushTarget,
+  type PushTargetShape,
+  SyncError,
+  SyncMismatch,
+} from "./src/ports/push_target.ts";
+
+// ---- vLLM protocol client ---------------------------------------------------------------------
+export { makeVllmClient, type VllmClient, VllmHttpError } from "./src/vllm/client.ts";
+
+// ---- rollout engines --------------------------------------------------------------------------
 export { LocalEngineLive, makeLocalEngine } from "./src/rollout/local.ts";
+export { makeServerRolloutEngine } from "./src/rollout/server.ts";
+
+// ---- push targets -----------------------------------------------------------------------------
+export { makeLoraPusher } from "./src/push/lora.ts";
+export { makeFullPusher } from "./src/push/full.ts";
+
+// ---- pipeline stages --------------------------------------------------------------------------
 export {
   advantage,
   type PromptItem,
+  type PromptSource,
   push,
   reward,
   rollout,
@@ -95,9 +127,29 @@ export {
   steps,
   update,
 } from "./src/pipeline/stages.ts";
-export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/app/config.ts";
-export { loadBase, runTraining, type TrainSummary } from "./src/app/trainer.ts";
 
-// ---- pushing to a vLLM-compatible server -----------------------------------------------------
-export { serverEngineLayer, startEmbeddedServer } from "./src/app/server_layer.ts";
-export { VllmHttpError } from "./src/vllm/client.ts";
+// ---- tasks ------------------------------------------------------------------------------------
+export type { Task, TaskEvaluation } from "./src/task/task.ts";
+export {
+  arithmeticGrpoTask,
+  arithmeticTaskDefaults,
+  type ArithmeticTaskOptions,
+  BUILTIN_MODEL_DIR,
+} from "./src/task/arithmetic_task.ts";
+export {
+  arithmeticTask,
+  exactMatchReward,
+  formatReward,
+  type Problem,
+} from "./src/task/arithmetic.ts";
+
+// ---- the trainer app --------------------------------------------------------------------------
+export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/app/config.ts";
+export {
+  type RolloutLayerFactory,
+  runTraining,
+  type TrainRunOptions,
+  type TrainSummary,
+} from "./src/app/trainer.ts";
+export { makeServerLayer, serverLayer } from "./src/app/server_layer.ts";
+export { startEmbeddedServer } from "./src/app/embedded_server.ts";

@@ -11,7 +11,8 @@ import { initWeights } from "../src/model/weights.ts";
 import type { ModelConfig } from "../src/model/config.ts";
 import { initLora, uploadLora } from "../src/lora/adapter.ts";
 import { copySnapshot, foldSnapshot } from "../src/snapshot/snapshot.ts";
-import { loadBase } from "../src/app/trainer.ts";
+import { loadBase } from "../src/model/loader.ts";
+import { BUILTIN_MODEL_DIR } from "../src/task/arithmetic_task.ts";
 import { median, writeResult } from "./common.ts";
 
 const time = async (f: () => Promise<unknown>, reps: number): Promise<number> => {
@@ -83,7 +84,7 @@ const throughput = async (b: BackendShape, c: ModelConfig, batch: number, seqLen
 
 /** Runs the model benches. */
 export async function run(): Promise<Record<string, number | string>> {
-  const { config } = await Effect.runPromise(loadBase(null));
+  const { config } = await Effect.runPromise(loadBase(BUILTIN_MODEL_DIR));
   const large: ModelConfig = {
     ...config,
     hiddenSize: 512,

@@ -27,18 +27,16 @@ import { Rng } from "../src/model/rng.ts";
 import { initWeights, PROJECTIONS, type WeightMap } from "../src/model/weights.ts";
 import { makeLocalEngine } from "../src/rollout/local.ts";
 import { Policy } from "../src/train/policy.ts";
-import type { PushReport } from "../src/ports/rollout_engine.ts";
-import { BUILTIN_MODEL_DIR } from "../src/app/trainer.ts";
+import type { PushReport } from "../src/ports/push_target.ts";
+import { BUILTIN_MODEL_DIR } from "../src/task/arithmetic_task.ts";
 import { makeVllmClient } from "../src/vllm/client.ts";
 import { makeFullPusher } from "../src/push/full.ts";
 import { makeLoraPusher } from "../src/push/lora.ts";
-import {
-  discoverModelName,
-  maxLoraRankFor,
-  startEmbeddedServer,
-} from "../src/app/server_layer.ts";
+import { discoverModelName } from "../src/app/server_layer.ts";
+import { maxLoraRankFor, startEmbeddedServer } from "../src/app/embedded_server.ts";
 import type { Snapshot } from "../src/snapshot/snapshot.ts";
-import { defaultProbePrompt, Routing } from "../src/push/verify.ts";
+import { defaultProbePrompt } from "../src/push/verify.ts";
+import { Routing } from "../src/vllm/routing.ts";
 import { median, writeResult } from "./common.ts";
 
 const LORA: LoraConfig = {

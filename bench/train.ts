@@ -7,6 +7,7 @@
 import { Effect } from "effect";
 import { decodeTrainConfig, parseArgs } from "../src/app/config.ts";
 import { runTraining } from "../src/app/trainer.ts";
+import { arithmeticGrpoTask } from "../src/task/arithmetic_task.ts";
 import { writeResult } from "./common.ts";
 
 /** Runs one training with the given CLI args. */
@@ -15,7 +16,11 @@ export async function run(args: readonly string[] = []): Promise<Record<string, 
   const s = await Effect.runPromise(
     parseArgs(["--quiet", ...args]).pipe(
       Effect.flatMap(decodeTrainConfig),
-      Effect.flatMap((c) => runTraining(c, (l) => l && console.log(l))),
+      Effect.flatMap((c) =>
+        runTraining(c, arithmeticGrpoTask({ heldOutSize: c.evalSize }), {
+          log: (l) => l && console.log(l),
+        })
+      ),
     ) as Effect.Effect<import("../src/app/trainer.ts").TrainSummary>,
   );
   const out: Record<string, number | string> = {

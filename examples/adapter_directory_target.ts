@@ -1,5 +1,5 @@
 /**
- * Example: swapping the SyncTarget. Every snapshot is still pushed to the in-process engine, and
+ * Example: swapping the PushTarget. Every snapshot is still pushed to the in-process engine, and
  * additionally written as a PEFT adapter directory (policy-v{k}) — the layout vLLM's
  * /v1/load_lora_adapter reads — by a user-defined target that wraps the built-in one.
  *
@@ -9,31 +9,33 @@ import { Context, Effect, Layer, Stream } from "effect";
 import { join } from "node:path";
 import {
   advantage,
+  arithmeticTask,
   Backend,
+  BUILTIN_MODEL_DIR,
   cpuBackend,
   decodeGrpoConfig,
+  exactMatchReward,
   exportAdapter,
   loadBase,
   makeLocalEngine,
   Policy,
   push,
+  PushTarget,
+  type PushTargetShape,
   reward,
   rollout,
   RolloutEngine,
   snapshot,
   steps,
   SyncError,
-  SyncTarget,
-  type SyncTargetShape,
   update,
 } from "../mod.ts";
-import { arithmeticTask, exactMatchReward } from "../src/task/arithmetic.ts";
 
 /** Local engine + a target that also exports each snapshot's adapter under `dir`. */
 const AdapterDirectoryLive = (dir: string) =>
   Layer.effectContext(Effect.gen(function* () {
     const { engine, target } = yield* makeLocalEngine(yield* Backend, 2);
-    const wrapped: SyncTargetShape = {
+    const wrapped: PushTargetShape = {
       name: "in-process+adapter-dir",
       push: (snap) =>
         Effect.gen(function* () {
@@ -54,13 +56,13 @@ const AdapterDirectoryLive = (dir: string) =>
           return yield* target.push(snap);
         }),
     };
-    return Context.add(Context.make(RolloutEngine, engine), SyncTarget, wrapped);
+    return Context.add(Context.make(RolloutEngine, engine), PushTarget, wrapped);
   }));
 
 /** Trains `n` steps, writing adapters to `dir`; returns the versions written. */
 export const runExample = (n: number, dir: string) =>
   Effect.gen(function* () {
-    const base = yield* loadBase(null);
+    const base = yield* loadBase(BUILTIN_MODEL_DIR);
     const backend = yield* Backend;
     const config = yield* decodeGrpoConfig({
       numGenerations: 4,
@@ -80,7 +82,7 @@ export const runExample = (n: number, dir: string) =>
         maxGradNorm: 1,
       },
     });
-    yield* (yield* SyncTarget).push(yield* policy.snapshot());
+    yield* (yield* PushTarget).push(yield* policy.snapshot());
     const task = arithmeticTask();
     const versions: number[] = [];
     yield* steps(1, n).pipe(

@@ -8,7 +8,9 @@
 import { Effect, Layer, Stream } from "effect";
 import {
   advantage,
+  arithmeticTask,
   Backend,
+  BUILTIN_MODEL_DIR,
   cpuBackend,
   decodeGrpoConfig,
   loadBase,
@@ -16,14 +18,13 @@ import {
   type NamedReward,
   Policy,
   push,
+  PushTarget,
   reward,
   rollout,
   snapshot,
   steps,
-  SyncTarget,
   update,
 } from "../mod.ts";
-import { arithmeticTask } from "../src/task/arithmetic.ts";
 
 /** Exact match, minus 0.5 per extra character. */
 const exactWithLengthPenalty: NamedReward = {
@@ -37,7 +38,7 @@ const exactWithLengthPenalty: NamedReward = {
 /** Runs `n` steps and returns per-step reward and how many steps the filter dropped. */
 export const runExample = (n: number) =>
   Effect.gen(function* () {
-    const base = yield* loadBase(null);
+    const base = yield* loadBase(BUILTIN_MODEL_DIR);
     const backend = yield* Backend;
     const config = yield* decodeGrpoConfig({
       numGenerations: 8,
@@ -64,7 +65,7 @@ export const runExample = (n: number) =>
         maxGradNorm: 1,
       },
     });
-    const target = yield* SyncTarget;
+    const target = yield* PushTarget;
     yield* target.push(yield* policy.snapshot());
     const task = arithmeticTask();
     let dropped = 0;

@@ -142,7 +142,7 @@ Deno.test("PEFT adapter: wrong shape, missing tensor, NaN, bad config are typed 
 });
 
 Deno.test("model directory: a tokenizer larger than the config's vocab_size is a typed error naming the field", async () => {
-  const { loadBase } = await import("../src/app/trainer.ts");
+  const { loadBase } = await import("../src/model/loader.ts");
   const { CharTokenizer } = await import("../src/tokenizer/tokenizer.ts");
   const dir = await Deno.makeTempDir();
   const c = tinyConfig({ vocabSize: 6 });

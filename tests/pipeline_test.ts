@@ -9,14 +9,18 @@ import { join } from "node:path";
 import { Effect } from "effect";
 import { decodeTrainConfig, parseArgs, type TrainConfig } from "../src/app/config.ts";
 import { runTraining, type TrainSummary } from "../src/app/trainer.ts";
+import { arithmeticGrpoTask } from "../src/task/arithmetic_task.ts";
 import { runExample as dynamicSampling } from "../examples/dynamic_sampling.ts";
 import { runExample as adapterDirectory } from "../examples/adapter_directory_target.ts";
 
 const quiet = () => {};
 const config = (over: Record<string, unknown>): Promise<TrainConfig> =>
   Effect.runPromise(decodeTrainConfig({ backend: "cpu", quiet: true, evalSize: 100, ...over }));
+/** The built-in task, sized as the config says, trained without progress lines. */
+const trainOn = (cfg: TrainConfig) =>
+  runTraining(cfg, arithmeticGrpoTask({ heldOutSize: cfg.evalSize }), { log: quiet });
 const train = async (over: Record<string, unknown>): Promise<TrainSummary> =>
-  Effect.runPromise(runTraining(await config(over), quiet) as Effect.Effect<TrainSummary, unknown>);
+  Effect.runPromise(trainOn(await config(over)) as Effect.Effect<TrainSummary, unknown>);
 const metrics = async (dir: string): Promise<Record<string, number>[]> =>
   (await readFile(join(dir, "metrics.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l));
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
@@ -124,7 +128,7 @@ Deno.test("NaN/Inf: a diverging step fails with NonFiniteStepError naming it; th
   });
   const err = await Effect.runPromise(
     Effect.flip(
-      runTraining(cfg, quiet) as Effect.Effect<
+      trainOn(cfg) as Effect.Effect<
         TrainSummary,
         { _tag: string; step?: number; message: string }
       >,
@@ -175,7 +179,7 @@ Deno.test("example: user pipeline with a custom reward and an inserted filter st
   r.rewards.forEach((x) => assert(Number.isFinite(x)));
 });
 
-Deno.test("example: user SyncTarget writing PEFT adapter directories runs", async () => {
+Deno.test("example: user PushTarget writing PEFT adapter directories runs", async () => {
   const dir = await Deno.makeTempDir();
   const versions = await Effect.runPromise(adapterDirectory(3, dir));
   assertEquals(versions, [1, 2, 3]);
@@ -209,7 +213,7 @@ Deno.test("resume: a checkpoint written with another LoRA rank is a typed error 
   });
   const err = await Effect.runPromise(
     Effect.flip(
-      runTraining(cfg, quiet) as Effect.Effect<
+      trainOn(cfg) as Effect.Effect<
         TrainSummary,
         { _tag: string; tensor?: string; message: string }
       >,

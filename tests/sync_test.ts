@@ -21,17 +21,13 @@ import { Duration, Effect, Exit, Schedule, Scope } from "effect";
 import { type BackendShape, cpuBackend } from "../src/backend/backend.ts";
 import { initLora, type LoraConfig } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
-import { decodeTrainConfig } from "../src/app/config.ts";
+import { decodeTrainConfig, type TrainConfig } from "../src/app/config.ts";
 import { makeLocalEngine } from "../src/rollout/local.ts";
 import { Policy } from "../src/train/policy.ts";
 import type { RolloutRequest } from "../src/ports/rollout_engine.ts";
-import {
-  type BaseModel,
-  BUILTIN_MODEL_DIR,
-  loadBase,
-  runTraining,
-  type TrainSummary,
-} from "../src/app/trainer.ts";
+import { type RolloutLayerFactory, runTraining, type TrainSummary } from "../src/app/trainer.ts";
+import { type BaseModel, loadBase } from "../src/model/loader.ts";
+import { arithmeticGrpoTask, BUILTIN_MODEL_DIR } from "../src/task/arithmetic_task.ts";
 import {
   decodeCompletion,
   isRetryable,
@@ -44,17 +40,18 @@ import {
 } from "../src/vllm/client.ts";
 import { makeFullPusher } from "../src/push/full.ts";
 import { makeLoraPusher, type PushStage } from "../src/push/lora.ts";
-import {
-  makeServerEngineLayer,
-  makeServerRolloutEngine,
-  serverEngineLayer,
-} from "../src/app/server_layer.ts";
+import { makeServerLayer, serverLayer } from "../src/app/server_layer.ts";
+import { makeServerRolloutEngine } from "../src/rollout/server.ts";
 import type { Snapshot } from "../src/snapshot/snapshot.ts";
-import { defaultProbePrompt, Routing, type VerifySettings } from "../src/push/verify.ts";
+import { defaultProbePrompt, type VerifySettings } from "../src/push/verify.ts";
+import { Routing } from "../src/vllm/routing.ts";
 import { aliasingEngineLayer } from "./support/aliasing_push.ts";
 import { type ServerProcess, startServer } from "./support/server_process.ts";
 
 const quiet = () => {};
+/** The built-in task, sized as the config says, trained through `rollout` without progress lines. */
+const trainOn = (cfg: TrainConfig, rollout: RolloutLayerFactory) =>
+  runTraining(cfg, arithmeticGrpoTask({ heldOutSize: cfg.evalSize }), { log: quiet, rollout });
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const metrics = async (dir: string): Promise<Record<string, number>[]> =>
   (await readFile(join(dir, "metrics.jsonl"), "utf8")).split("\n").filter((l) => l.trim()).map((
@@ -62,12 +59,12 @@ const metrics = async (dir: string): Promise<Record<string, number>[]> =>
   ) => JSON.parse(l));
 const train = async (
   over: Record<string, unknown>,
-  layer = serverEngineLayer,
+  layer = serverLayer,
 ): Promise<TrainSummary> => {
   const cfg = await Effect.runPromise(
     decodeTrainConfig({ backend: "cpu", quiet: true, evalSize: 100, engine: "server", ...over }),
   );
-  return await Effect.runPromise(runTraining(cfg, quiet, layer));
+  return await Effect.runPromise(trainOn(cfg, layer));
 };
 const exactRise = (m: Record<string, number>[]) => {
   const exact = m.map((x) => x["rewards/exact_match/mean"]);
@@ -195,7 +192,7 @@ const flip = <A, E>(e: Effect.Effect<A, E>): Promise<E> => Effect.runPromise(Eff
 
 Deno.test("server engine rollouts equal the in-process engine's for the same snapshot and seeds", async () => {
   const backend = cpuBackend();
-  const base = await run(loadBase(null));
+  const base = await run(loadBase(BUILTIN_MODEL_DIR));
   const { policy, close } = await makePolicy(backend, base, "lora", 3);
   await using srv = await startOn(freePort());
   const root = await Deno.makeTempDir();
@@ -316,7 +313,7 @@ Deno.test("negative control: the aliasing push fails verification with SyncMisma
     outputDir: out,
     runId: "alias",
   }));
-  const err = await flip(runTraining(cfg, quiet, aliasingEngineLayer()));
+  const err = await flip(trainOn(cfg, aliasingEngineLayer()));
   assertEquals(err._tag, "SyncMismatch");
   const e = err as unknown as {
     version: number;
@@ -371,7 +368,7 @@ Deno.test('negative control: with verify "warn" the aliasing push trains on base
 for (const kind of ["lora", "full"] as const) {
   Deno.test(`fault: server killed mid-${kind}-push and restarted -> applied exactly once, verified`, async () => {
     const backend = cpuBackend();
-    const base = await run(loadBase(null));
+    const base = await run(loadBase(BUILTIN_MODEL_DIR));
     const { policy, close } = await makePolicy(backend, base, "lora", 5);
     const port = freePort();
     let srv = await startOn(port);
@@ -500,7 +497,7 @@ const brokenServer = (mode: "500" | "404" | "garbage") => {
 
 Deno.test("fault: a broken remote (500 / 404 / garbage) gives typed errors; policy version and snapshot digest intact", async () => {
   const backend = cpuBackend();
-  const base = await run(loadBase(null));
+  const base = await run(loadBase(BUILTIN_MODEL_DIR));
   const { policy, close } = await makePolicy(backend, base, "lora", 9);
   const root = await Deno.makeTempDir();
   try {
@@ -553,7 +550,7 @@ Deno.test("fault: a broken remote (500 / 404 / garbage) gives typed errors; poli
         outputDir: out,
       }),
     );
-    const te = await flip(runTraining(cfg, quiet, makeServerEngineLayer({ retry: FAST_RETRY })));
+    const te = await flip(trainOn(cfg, makeServerLayer({ retry: FAST_RETRY })));
     assertEquals(te._tag, "SyncError");
     assert(te.message.includes("500"), te.message);
     await Deno.remove(out, { recursive: true });

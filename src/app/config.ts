@@ -8,6 +8,7 @@ import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Data, Effect, Exit, Schema } from "effect";
 import { decodeGrpoConfig, type GrpoConfig, trlOptionNames } from "../grpo/config.ts";
 import { type Projection, PROJECTIONS } from "../model/weights.ts";
+import { arithmeticTaskDefaults } from "../task/arithmetic_task.ts";
 
 /** Everything `train` needs besides the GRPO options. */
 export interface TrainOptions {
@@ -141,15 +142,6 @@ const specs: { readonly [K in keyof TrainOptions]: Spec } = {
   quiet: { schema: Schema.Boolean, default: false, allowed: "true | false" },
 };
 
-/** Defaults the built-in task overrides in TRL's GRPOConfig (short completions, small groups). */
-export const builtinGrpoDefaults: Record<string, unknown> = {
-  numGenerations: 8,
-  maxCompletionLength: 5,
-  learningRate: 3e-3,
-  epsilonHigh: 0.28,
-  temperature: 1,
-};
-
 const camel = (k: string): string =>
   k.replace(/[-_]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 
@@ -161,10 +153,11 @@ const grpoKeys = new Map<string, string>(
 /** Decodes options (any key spelling), filling defaults; errors are one line. */
 export const decodeTrainConfig = (
   input: Record<string, unknown>,
+  taskDefaults: Readonly<Record<string, unknown>> = arithmeticTaskDefaults,
 ): Effect.Effect<TrainConfig, TrainConfigError> =>
   Effect.gen(function* () {
     const train: Record<string, unknown> = {};
-    const grpo: Record<string, unknown> = { ...builtinGrpoDefaults };
+    const grpo: Record<string, unknown> = { ...taskDefaults };
     for (let [rawKey, value] of Object.entries(input)) {
       const key = camel(rawKey);
       if (key === "targetModules" && typeof value === "string") value = [value]; // one module on the CLI

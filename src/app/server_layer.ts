@@ -1,41 +1,29 @@
 /**
- * The server half of the LoRA × engine table: a RolloutEngine over a vLLM-compatible server's
- * /v1/completions and a SyncTarget that pushes snapshots to it (PEFT adapter or full weights),
- * verifying every push. `serverEngineLayer` is an `EngineLayerFactory` for runTraining: with
- * `serverUrl` null it starts the embedded lorafold server as a child process (a scoped resource,
- * killed on release), else it talks to the given URL.
- *
- * Rollouts: token-id prompts, every sampling field sent explicitly (omitted fields would take the
- * model's generation_config defaults), logprobs 0, return_token_ids, stop_token_ids, the routed
- * version's model name and cache_salt. Requests with a seed go one per HTTP request (sample j of
- * a request uses seed + j, exactly as the in-process engine), concurrently, so the server
- * batches them; unseeded requests with equal settings share one batched request. Choices map
- * back by index = prompt * n + j. `policyVersion` is the version routed when the call started.
+ * The server half of the LoRA × engine table: the Layer that gives the trainer a RolloutEngine over
+ * a vLLM-compatible server (src/rollout/server.ts) and a PushTarget that pushes snapshots to it
+ * (PEFT adapter or full weights, src/push/), verifying every push. `serverLayer` is an
+ * `RolloutLayerFactory` for runTraining: with `serverUrl` null it starts the embedded lorafold
+ * server as a child process (src/app/embedded_server.ts), else it talks to the given URL.
  * @module
  */
-import { Context, Data, Effect, Layer, type Scope, Semaphore } from "effect";
-import { mkdir, rm, rmdir, stat } from "node:fs/promises";
+import { Context, Effect, Layer, Semaphore } from "effect";
+import { mkdir, rm, rmdir } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { Backend, type BackendShape } from "../backend/backend.ts";
 import type { TrainConfig } from "./config.ts";
+import { RolloutEngine } from "../ports/rollout_engine.ts";
 import {
   type PushReport,
-  type RolloutCompletion,
-  RolloutEngine,
-  type RolloutEngineShape,
-  RolloutError,
-  type RolloutRequest,
+  PushTarget,
+  type PushTargetShape,
   SyncError,
   type SyncMismatch,
-  SyncTarget,
-  type SyncTargetShape,
-} from "../ports/rollout_engine.ts";
-import type { BaseModel, EngineLayerFactory } from "./trainer.ts";
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
+} from "../ports/push_target.ts";
+import type { RolloutLayerFactory } from "./trainer.ts";
+import type { BaseModel } from "../model/loader.ts";
+import { maxLoraRankFor, ServerStartError, startEmbeddedServer } from "./embedded_server.ts";
+import { makeServerRolloutEngine } from "../rollout/server.ts";
 import {
-  type CompletionChoiceData,
-  decodeCompletion,
   describeHttpError,
   makeVllmClient,
   type RetryPolicy,
@@ -45,313 +33,10 @@ import {
 import { makeFullPusher } from "../push/full.ts";
 import { makeLoraPusher, type StageObserver } from "../push/lora.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import { defaultProbePrompt, type Route, Routing, type VerifySettings } from "../push/verify.ts";
+import { defaultProbePrompt, type VerifySettings } from "../push/verify.ts";
+import { Routing } from "../vllm/routing.ts";
 
-// ---- the rollout engine ---------------------------------------------------------------------------
-
-/** The /v1/completions body of one call (prompts share the request's sampling settings). */
-export const completionBody = (
-  route: Route,
-  prompts: readonly (readonly number[])[],
-  r: RolloutRequest,
-): Record<string, unknown> => ({
-  model: route.model,
-  prompt: prompts.length === 1 ? [...prompts[0]] : prompts.map((p) => [...p]),
-  n: r.n,
-  max_tokens: r.maxTokens,
-  min_tokens: 0,
-  temperature: r.temperature,
-  top_p: r.topP,
-  top_k: r.topK > 0 ? r.topK : -1,
-  min_p: 0,
-  seed: r.seed,
-  presence_penalty: 0,
-  frequency_penalty: 0,
-  repetition_penalty: 1,
-  logprobs: 0,
-  return_token_ids: true,
-  return_tokens_as_token_ids: true,
-  stop_token_ids: [...r.stopTokenIds],
-  ignore_eos: false,
-  skip_special_tokens: true,
-  cache_salt: route.cacheSalt,
-});
-
-/** Groups requests into calls: seeded ones alone, unseeded ones by equal settings. */
-export const groupRequests = (requests: readonly RolloutRequest[]): number[][] => {
-  const groups = new Map<string, number[]>();
-  const out: number[][] = [];
-  requests.forEach((r, i) => {
-    if (r.n <= 0) return;
-    if (r.seed !== null) {
-      out.push([i]);
-      return;
-    }
-    const key = JSON.stringify([r.n, r.maxTokens, r.temperature, r.topP, r.topK, r.stopTokenIds]);
-    const g = groups.get(key);
-    if (g) g.push(i);
-    else {
-      const ng = [i];
-      groups.set(key, ng);
-      out.push(ng);
-    }
-  });
-  return out;
-};
-
-/** Settings of the server rollout engine. */
-export interface ServerRolloutOptions {
-  /** HTTP calls in flight at once (default 32). */
-  readonly concurrency?: number;
-}
-
-/** A RolloutEngine over /v1/completions, generating from the version `routing` points to. */
-export const makeServerRolloutEngine = (
-  client: VllmClient,
-  routing: Routing,
-  options: ServerRolloutOptions = {},
-): RolloutEngineShape => {
-  const name = `server(${client.baseUrl})`;
-  const rolloutError = (message: string, cause?: unknown) =>
-    new RolloutError({ engine: name, message, cause });
-  const call = (route: Route, requests: readonly RolloutRequest[], group: readonly number[]) => {
-    const r = requests[group[0]];
-    return client.postJson(
-      "/v1/completions",
-      completionBody(route, group.map((i) => requests[i].prompt), r),
-    ).pipe(
-      Effect.flatMap((j) => decodeCompletion(j)),
-      Effect.mapError((e: VllmHttpError) => rolloutError(describeHttpError(e), e)),
-      Effect.flatMap((choices) => {
-        const slots: (RolloutCompletion | null)[][] = group.map(() =>
-          Array.from({ length: r.n }, () => null)
-        );
-        for (const c of choices as CompletionChoiceData[]) {
-          const p = Math.floor(c.index / r.n);
-          const j = c.index % r.n;
-          if (p >= group.length || slots[p][j] !== null) {
-            return Effect.fail(rolloutError(`unexpected or duplicate choice index ${c.index}`));
-          }
-          if (c.logprobs === null || c.logprobs.some((x) => x === null)) {
-            return Effect.fail(
-              rolloutError(`choice ${c.index} has no logprobs (the request asked for logprobs 0)`),
-            );
-          }
-          slots[p][j] = {
-            tokens: c.tokens,
-            logprobs: c.logprobs as number[],
-            finishReason: c.finishReason,
-          };
-        }
-        const missing = slots.findIndex((s) => s.some((x) => x === null));
-        if (missing >= 0) {
-          return Effect.fail(rolloutError(`the answer lacks choices of prompt ${missing}`));
-        }
-        return Effect.succeed(slots as RolloutCompletion[][]);
-      }),
-    );
-  };
-  return {
-    name,
-    generate: (requests) =>
-      Effect.suspend(() => {
-        const route = routing.begin();
-        if (!route) return Effect.fail(rolloutError("no snapshot pushed yet"));
-        const groups = groupRequests(requests);
-        return Effect.forEach(groups, (g) => call(route, requests, g), {
-          concurrency: options.concurrency ?? 32,
-        }).pipe(
-          Effect.map((answers) => {
-            const completions: RolloutCompletion[][] = requests.map(() => []);
-            groups.forEach((g, gi) => g.forEach((ri, p) => (completions[ri] = answers[gi][p])));
-            return { completions, policyVersion: route.version };
-          }),
-          Effect.ensuring(routing.end(route)),
-        );
-      }),
-  };
-};
-
-// ---- the embedded server process -----------------------------------------------------------------
-
-const ServerStartErrorBase: TaggedErrorClass<"ServerStartError", {
-  readonly message: string;
-  /** The server's output so far. */
-  readonly logs: string;
-}> = Data.TaggedError("ServerStartError");
-
-/** The embedded server did not come up. */
-export class ServerStartError extends ServerStartErrorBase {}
-
-/** How to start the embedded server. */
-export interface EmbeddedServerOptions {
-  /** Hugging Face checkpoint directory served as the base model. */
-  readonly modelDir: string;
-  readonly backend?: "cpu" | "webgpu" | "auto";
-  readonly maxLoraRank?: number;
-  /** Adapters resident at once (>= 2). */
-  readonly maxLoras?: number;
-  /** Further `serve` flags. */
-  readonly args?: readonly string[];
-  readonly env?: Readonly<Record<string, string>>;
-  /** Default 60 s. */
-  readonly startTimeoutMs?: number;
-}
-
-/** A running embedded server. */
-export interface EmbeddedServer {
-  readonly url: string;
-  readonly port: number;
-  readonly pid: number;
-  /** The last 64 KiB of its stdout and stderr. */
-  logs(): string;
-}
-
-const CLI_MAIN = fileURLToPath(new URL("../cli/main.ts", import.meta.url));
-const PACKAGE_CONFIG = fileURLToPath(new URL("../../deno.json", import.meta.url));
-
-/** vLLM's allowed --max-lora-rank values. */
-const LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512];
-
-/** The smallest allowed --max-lora-rank that fits rank r. */
-export const maxLoraRankFor = (r: number): number => LORA_RANKS.find((x) => x >= r) ?? 512;
-
-const spawnServer = async (
-  o: EmbeddedServerOptions,
-): Promise<EmbeddedServer & { stop(): Promise<void> }> => {
-  const hasConfig = await stat(PACKAGE_CONFIG).then(() => true, () => false);
-  const args = [
-    "run",
-    "-A",
-    ...(hasConfig ? ["--config", PACKAGE_CONFIG] : []),
-    CLI_MAIN,
-    "serve",
-    "--model",
-    resolve(o.modelDir),
-    "--enable-lora",
-    "--backend",
-    o.backend ?? "cpu",
-    "--host",
-    "127.0.0.1",
-    "--port",
-    "0", // the OS picks a free port; the "listening on" line names it
-    "--max-lora-rank",
-    String(o.maxLoraRank ?? 16),
-    "--max-loras",
-    String(Math.max(2, o.maxLoras ?? 4)),
-    // rollout logprobs of the distribution sampled from (the trainer's old_logp convention);
-    // at temperature 0 (verification) both modes give log_softmax of the logits
-    "--logprobs-mode",
-    "processed_logprobs",
-    ...(o.args ?? []),
-  ];
-  const child = new Deno.Command(Deno.execPath(), {
-    args,
-    env: {
-      VLLM_ALLOW_RUNTIME_LORA_UPDATING: "1",
-      VLLM_SERVER_DEV_MODE: "1",
-      NO_COLOR: "1",
-      ...(o.env ?? {}),
-    },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let logs = "";
-  let onLine: (() => void) | null = null;
-  const pump = async (s: ReadableStream<Uint8Array>) => {
-    const dec = new TextDecoder();
-    for await (const chunk of s) {
-      logs += dec.decode(chunk, { stream: true });
-      if (logs.length > 65536) logs = logs.slice(-65536);
-      onLine?.();
-    }
-  };
-  const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]).catch(() => {});
-  let exited = false;
-  const status = child.status.then((s) => {
-    exited = true;
-    onLine?.();
-    return s;
-  });
-  const stop = async () => {
-    if (!exited) {
-      try {
-        child.kill("SIGTERM");
-      } catch { /* gone */ }
-      const timer = setTimeout(() => {
-        try {
-          child.kill("SIGKILL");
-        } catch { /* gone */ }
-      }, 5000);
-      await status;
-      clearTimeout(timer);
-    }
-    await pumps;
-  };
-  const deadline = Date.now() + (o.startTimeoutMs ?? 60_000);
-  const failStart = async (why: string): Promise<never> => {
-    await stop();
-    throw new ServerStartError({ message: `the embedded server did not start: ${why}`, logs });
-  };
-  // 1. the listening line
-  let port = -1;
-  while (port < 0) {
-    const m = logs.match(/listening on http:\/\/[^:\s]+:(\d+)/);
-    if (m) port = Number(m[1]);
-    else if (exited) return await failStart(`it exited\n${logs}`);
-    else if (Date.now() > deadline) {
-      return await failStart(`no "listening on" line in time\n${logs}`);
-    } else {
-      await new Promise<void>((r) => {
-        const t = setTimeout(r, 200);
-        onLine = () => {
-          clearTimeout(t);
-          r();
-        };
-      });
-      onLine = null;
-    }
-  }
-  // 2. /health
-  const url = `http://127.0.0.1:${port}`;
-  for (;;) {
-    try {
-      const r = await fetch(`${url}/health`);
-      await r.body?.cancel();
-      if (r.status === 200) break;
-    } catch { /* not yet */ }
-    if (exited) return await failStart(`it exited\n${logs}`);
-    if (Date.now() > deadline) {
-      return await failStart(`/health did not answer 200 in time\n${logs}`);
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { url, port, pid: child.pid, logs: () => logs, stop };
-};
-
-/**
- * Starts `deno run -A src/cli/main.ts serve --model DIR --enable-lora …` with runtime LoRA
- * updates and dev mode on, waits for /health, and stops it (SIGTERM, then SIGKILL) when the
- * scope closes.
- */
-export const startEmbeddedServer = (
-  options: EmbeddedServerOptions,
-): Effect.Effect<EmbeddedServer, ServerStartError, Scope.Scope> =>
-  Effect.acquireRelease(
-    Effect.tryPromise({
-      try: () => spawnServer(options),
-      catch: (e) =>
-        e instanceof ServerStartError
-          ? e
-          : new ServerStartError({ message: `cannot start the embedded server: ${e}`, logs: "" }),
-    }),
-    (s) => Effect.promise(() => s.stop()),
-  ).pipe(Effect.map(({ url, port, pid, logs }): EmbeddedServer => ({ url, port, pid, logs })));
-
-// ---- the layer ------------------------------------------------------------------------------------
-
-/** Everything a server SyncTarget is built from (for custom targets, see `makeTarget`). */
+/** Everything a server PushTarget is built from (for custom targets, see `makeTarget`). */
 export interface ServerContext {
   readonly cfg: TrainConfig;
   readonly base: BaseModel;
@@ -368,7 +53,7 @@ export interface ServerContext {
 }
 
 /** Options of the server engine layer. */
-export interface ServerEngineOptions {
+export interface ServerLayerOptions {
   readonly retry?: RetryPolicy;
   /** Per-attempt HTTP timeout, ms (default 120 s). */
   readonly timeoutMs?: number;
@@ -389,8 +74,8 @@ export interface ServerEngineOptions {
   /** Extra flags and environment of the embedded server. */
   readonly serverArgs?: readonly string[];
   readonly serverEnv?: Readonly<Record<string, string>>;
-  /** Replaces the standard SyncTarget (which it receives) with another one built on the context. */
-  readonly makeTarget?: (ctx: ServerContext, standard: SyncTargetShape) => SyncTargetShape;
+  /** Replaces the standard PushTarget (which it receives) with another one built on the context. */
+  readonly makeTarget?: (ctx: ServerContext, standard: PushTargetShape) => PushTargetShape;
 }
 
 const envApiKey = (): string | null => {
@@ -405,11 +90,11 @@ const envApiKey = (): string | null => {
 export const pushKindOf = (cfg: TrainConfig): "lora" | "full" =>
   cfg.push === "auto" ? cfg.mode : cfg.push;
 
-/** The standard SyncTarget of a context: LoRA or full pushes, one at a time, each verified. */
-export const makeServerSyncTarget = (
+/** The standard PushTarget of a context: LoRA or full pushes, one at a time, each verified. */
+export const makeServerPushTarget = (
   ctx: ServerContext,
   keep = 2,
-): Effect.Effect<SyncTargetShape> =>
+): Effect.Effect<PushTargetShape> =>
   Effect.gen(function* () {
     const sem = yield* Semaphore.make(1);
     const target = `server-${ctx.pushKind}(${ctx.client.baseUrl})`;
@@ -464,8 +149,8 @@ export const discoverModelName = (
   });
 
 /** Builds the engine and target on an already-running server (URL) or a started embedded one. */
-export const makeServerEngineLayer =
-  (options: ServerEngineOptions = {}): EngineLayerFactory => (cfg, base) =>
+export const makeServerLayer =
+  (options: ServerLayerOptions = {}): RolloutLayerFactory => (cfg, base) =>
     Layer.effectContext(
       Effect.gen(function* () {
         const backend = yield* Backend;
@@ -523,12 +208,12 @@ export const makeServerEngineLayer =
           },
           onStage: options.onStage,
         };
-        const standard = yield* makeServerSyncTarget(ctx, options.keep ?? 2);
+        const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
         const target = options.makeTarget ? options.makeTarget(ctx, standard) : standard;
         const engine = makeServerRolloutEngine(client, routing, {
           concurrency: options.concurrency,
         });
-        return Context.add(Context.make(RolloutEngine, engine), SyncTarget, target);
+        return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);
       }).pipe(
         Effect.mapError((e) =>
           new SyncError({
@@ -543,5 +228,5 @@ export const makeServerEngineLayer =
       ),
     );
 
-/** EngineLayerFactory of the server engine with default options (for runTraining). */
-export const serverEngineLayer: EngineLayerFactory = makeServerEngineLayer();
+/** RolloutLayerFactory of the server engine with default options (for runTraining). */
+export const serverLayer: RolloutLayerFactory = makeServerLayer();

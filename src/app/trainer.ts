@@ -8,37 +8,26 @@
 import { Effect, type Layer, Stream } from "effect";
 import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
 import { uploadModel } from "../model/decoder.ts";
-import { loadModel } from "../model/loader.ts";
-import { loadTokenizer } from "../tokenizer/bpe.ts";
-import type { Tokenizer, TokenizerError } from "../tokenizer/tokenizer.ts";
-import type { LoadError } from "../model/loader.ts";
+import { type BaseModel, loadBase, type LoadError } from "../model/loader.ts";
+import type { TokenizerError } from "../tokenizer/tokenizer.ts";
 import type { BackendError } from "../backend/backend.ts";
 import type { BackendFailure } from "../backend/ops.ts";
 import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import type { SnapshotCorrupted } from "../snapshot/snapshot.ts";
-import { type ModelConfig, ModelConfigError } from "../model/config.ts";
-import type { WeightMap } from "../model/weights.ts";
-import { arithmeticTask, exactMatchReward, formatReward } from "../task/arithmetic.ts";
-import { accuracy } from "../task/evaluate.ts";
+import type { Task } from "../task/task.ts";
 import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
-import type { TrainConfig } from "./config.ts";
+import { type TrainConfig, TrainConfigError } from "./config.ts";
 import { loadTrainCheckpoint, saveTrainCheckpoint } from "../train/checkpoint.ts";
 import { type NonFiniteStepError, Policy, type StateMismatchError } from "../train/policy.ts";
 import { LocalEngineLive } from "../rollout/local.ts";
-import { SyncTarget } from "../ports/rollout_engine.ts";
-import type {
-  RolloutEngineShape,
-  RolloutError,
-  SyncError,
-  SyncMismatch,
-  SyncTargetShape,
-} from "../ports/rollout_engine.ts";
+import { PushTarget } from "../ports/push_target.ts";
+import type { RolloutEngineShape, RolloutError } from "../ports/rollout_engine.ts";
+import type { PushTargetShape, SyncError, SyncMismatch } from "../ports/push_target.ts";
 import {
   advantage,
   push,
@@ -49,11 +38,6 @@ import {
   steps,
   update,
 } from "../pipeline/stages.ts";
-
-/** Directory of the shipped base model (built by `deno task pretrain`). */
-export const BUILTIN_MODEL_DIR: string = fileURLToPath(
-  new URL("../../assets/arithmetic-base/", import.meta.url),
-);
 
 /** What a finished run reports (also written to runs/<id>/summary.json). */
 export interface TrainSummary {
@@ -73,44 +57,15 @@ export interface TrainSummary {
   readonly trainableParameters: number;
 }
 
-/** A base model with its tokenizer. */
-export interface BaseModel {
-  readonly dir: string;
-  readonly config: ModelConfig;
-  readonly weights: WeightMap;
-  readonly tokenizer: Tokenizer;
-}
-
-/** Loads the configured base model (the built-in one by default). */
-export const loadBase = (
-  dir: string | null,
-): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
-  Effect.gen(function* () {
-    const d = dir ?? BUILTIN_MODEL_DIR;
-    const { config, weights } = yield* loadModel(d);
-    const tokenizer = yield* loadTokenizer(d);
-    // HF configs may pad the vocabulary beyond the tokenizer; the reverse would index past the
-    // embedding table.
-    if (tokenizer.vocabSize > config.vocabSize) {
-      return yield* Effect.fail(
-        new ModelConfigError({
-          field: "vocab_size",
-          message:
-            `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
-        }),
-      );
-    }
-    return { dir: d, config, weights, tokenizer } satisfies BaseModel;
-  });
-
 /** Engine + sync target Layer for a config (the server engine is added by src/sync). */
-export type EngineLayerFactory = (
+export type RolloutLayerFactory = (
   cfg: TrainConfig,
   base: BaseModel,
-) => Layer.Layer<RolloutEngineShape | SyncTargetShape, RolloutError | SyncError, BackendShape>;
+) => Layer.Layer<RolloutEngineShape | PushTargetShape, RolloutError | SyncError, BackendShape>;
 
 /** Everything a training run can fail with (each a typed, tagged error). */
 export type TrainError =
+  | TrainConfigError
   | LoadError
   | TokenizerError
   | BackendError
@@ -127,7 +82,7 @@ export type TrainError =
   | CheckpointError
   | SafetensorsError;
 
-const localEngine: EngineLayerFactory = (cfg) => LocalEngineLive(cfg.seed);
+const localEngine: RolloutLayerFactory = (cfg) => LocalEngineLive(cfg.seed);
 
 const fmtTime = (s: number): string =>
   !Number.isFinite(s)
@@ -136,18 +91,41 @@ const fmtTime = (s: number): string =>
     ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`
     : `${s.toFixed(0)}s`;
 
-/** Runs training; `log` receives progress and result lines. */
+/** How a run is carried out besides its options. */
+export interface TrainRunOptions {
+  /** Receives progress lines (transient ones overwrite each other) and result lines. */
+  readonly log?: (line: string, transient?: boolean) => void;
+  /** Rollout engine and push target; default the in-process engine. */
+  readonly rollout?: RolloutLayerFactory;
+}
+
+const noLog = (): void => {};
+
+/**
+ * Trains `task` with GRPO: evaluates the base model, runs the configured steps through the
+ * pipeline stages, evaluates the trained policy and writes the run directory.
+ */
 export const runTraining = (
   cfg: TrainConfig,
-  log: (line: string, transient?: boolean) => void,
-  engineLayer: EngineLayerFactory = localEngine,
+  task: Task,
+  options: TrainRunOptions = {},
 ): Effect.Effect<TrainSummary, TrainError> =>
   Effect.gen(function* () {
-    const base = yield* loadBase(cfg.model);
+    const log = options.log ?? noLog;
+    const engineLayer = options.rollout ?? localEngine;
+    const modelDir = cfg.model ?? task.baseModelDir;
+    if (modelDir === null) {
+      return yield* Effect.fail(
+        new TrainConfigError({
+          option: "model",
+          message: `option model: task "${task.name}" has no base model; give --model DIR`,
+        }),
+      );
+    }
+    const base = yield* loadBase(modelDir);
     const program = Effect.gen(function* () {
       const backend = yield* Backend;
       const tok = base.tokenizer;
-      const task = arithmeticTask(2, cfg.evalSize);
       const runId = cfg.runId ?? new Date().toISOString().replace(/[:.]/g, "-");
       const runDir = join(cfg.outputDir, runId);
       yield* Effect.promise(() => mkdir(runDir, { recursive: true }));
@@ -197,37 +175,29 @@ export const runTraining = (
         Effect.scoped(Effect.gen(function* () {
           const snap = yield* policy.snapshot();
           const ops = yield* backend.ops;
-          const acc = yield* accuracy(
+          const acc = yield* task.evaluation.run(
             backend,
             uploadModel(ops, base.config, snap.weights()),
             tok,
-            task.heldOut,
             maxTokens,
           );
-          log(
-            `${label}: held-out exact-match accuracy ${
-              (acc * 100).toFixed(1)
-            }% (${task.heldOut.length} problems, greedy)`,
-          );
+          log(`${label}: ${evaluationLine(acc)}`);
           return acc;
         }));
+      const evaluationLine = (acc: number) =>
+        `${task.evaluation.metric} ${(acc * 100).toFixed(1)}% (${task.evaluation.detail})`;
       const accBefore = yield* Effect.scoped(Effect.gen(function* () {
         const ops = yield* backend.ops;
-        const acc = yield* accuracy(
+        const acc = yield* task.evaluation.run(
           backend,
           uploadModel(ops, base.config, base.weights),
           tok,
-          task.heldOut,
           maxTokens,
         );
-        log(
-          `base model: held-out exact-match accuracy ${
-            (acc * 100).toFixed(1)
-          }% (${task.heldOut.length} problems, greedy)`,
-        );
+        log(`base model: ${evaluationLine(acc)}`);
         return acc;
       }));
-      const target = yield* SyncTarget;
+      const target = yield* PushTarget;
       yield* target.push(yield* policy.snapshot());
       const t0 = performance.now();
       let tokens = 0;
@@ -286,12 +256,12 @@ export const runTraining = (
       const stream = steps(first, cfg.steps).pipe(
         rollout({
           tokenizer: tok,
-          prompts: (rng) => task.sample(rng),
+          prompts: task.prompts,
           promptsPerStep: cfg.promptsPerStep,
           config: cfg.grpo,
           seed: cfg.seed,
         }),
-        reward([exactMatchReward, formatReward(task.digits)]),
+        reward(task.rewards),
         advantage(cfg.grpo),
         update({ policy, config: cfg.grpo }),
         snapshot(policy),

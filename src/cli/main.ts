@@ -7,7 +7,8 @@ import { Effect } from "effect";
 import process from "node:process";
 import { decodeTrainConfig, parseArgs } from "../app/config.ts";
 import { runTraining } from "../app/trainer.ts";
-import { serverEngineLayer } from "../app/server_layer.ts";
+import { arithmeticGrpoTask } from "../task/arithmetic_task.ts";
+import { serverLayer } from "../app/server_layer.ts";
 
 const isTty = (): boolean => Boolean((process.stdout as { isTTY?: boolean }).isTTY);
 
@@ -30,7 +31,10 @@ export const main = async (argv: readonly string[]): Promise<number> => {
       parseArgs(args).pipe(
         Effect.flatMap(decodeTrainConfig),
         Effect.flatMap((cfg) =>
-          runTraining(cfg, logLine, cfg.engine === "server" ? serverEngineLayer : undefined)
+          runTraining(cfg, arithmeticGrpoTask({ heldOutSize: cfg.evalSize }), {
+            log: logLine,
+            rollout: cfg.engine === "server" ? serverLayer : undefined,
+          })
         ),
       ),
     );

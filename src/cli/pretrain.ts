@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { Backend, BackendLive } from "../backend/backend.ts";
 import { saveModel } from "../model/loader.ts";
 import { pretrain } from "../task/pretrain.ts";
-import { BUILTIN_MODEL_DIR } from "../app/trainer.ts";
+import { BUILTIN_MODEL_DIR } from "../task/arithmetic_task.ts";
 
 /**
  * Runs pretraining with `--seed` (1), `--steps` (1500), `--out DIR`, `--backend` (cpu) and

@@ -11,6 +11,8 @@ import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
 import { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./config.ts";
 import { type HostTensor, validateWeights, type WeightMap, type WeightsError } from "./weights.ts";
+import { loadTokenizer } from "../tokenizer/bpe.ts";
+import type { Tokenizer, TokenizerError } from "../tokenizer/tokenizer.ts";
 
 /** Errors of loading a model directory. */
 export type LoadError = ModelConfigError | WeightsError | CheckpointError | SafetensorsError;
@@ -64,3 +66,32 @@ export const saveModel = (
 
 const dtypeName = (d: "F32" | "F16" | "BF16"): string =>
   d === "F32" ? "float32" : d === "F16" ? "float16" : "bfloat16";
+
+/** A base model with its tokenizer. */
+export interface BaseModel {
+  readonly dir: string;
+  readonly config: ModelConfig;
+  readonly weights: WeightMap;
+  readonly tokenizer: Tokenizer;
+}
+
+/** Loads a checkpoint directory with its tokenizer, checking that they fit each other. */
+export const loadBase = (
+  d: string,
+): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
+  Effect.gen(function* () {
+    const { config, weights } = yield* loadModel(d);
+    const tokenizer = yield* loadTokenizer(d);
+    // HF configs may pad the vocabulary beyond the tokenizer; the reverse would index past the
+    // embedding table.
+    if (tokenizer.vocabSize > config.vocabSize) {
+      return yield* Effect.fail(
+        new ModelConfigError({
+          field: "vocab_size",
+          message:
+            `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
+        }),
+      );
+    }
+    return { dir: d, config, weights, tokenizer } satisfies BaseModel;
+  });

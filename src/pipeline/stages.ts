@@ -4,8 +4,8 @@
  *   steps → rollout → reward → advantage → update → snapshot → push
  *
  * Each stage is a function Stream<In> → Stream<Out> with typed errors and service requirements
- * (RolloutEngine, SyncTarget), so users recombine them: swap the reward list, insert a filter
- * between stages, or provide another SyncTarget Layer. Stages run one step at a time, in order,
+ * (RolloutEngine, PushTarget), so users recombine them: swap the reward list, insert a filter
+ * between stages, or provide another PushTarget Layer. Stages run one step at a time, in order,
  * so step k+1's rollouts always come from the snapshot pushed at step k (on-policy).
  * @module
  */
@@ -27,15 +27,17 @@ import { Rng } from "../model/rng.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
 import type { NonFiniteStepError, Policy, StepStats, TrainSequence } from "../train/policy.ts";
 import {
-  type PushReport,
   RolloutEngine,
   type RolloutError,
   type RolloutRequest,
   type RolloutResult,
+} from "../ports/rollout_engine.ts";
+import {
+  type PushReport,
+  PushTarget,
   type SyncError,
   type SyncMismatch,
-  SyncTarget,
-} from "../ports/rollout_engine.ts";
+} from "../ports/push_target.ts";
 
 /** A prompt with its reference answer (null when the task has none). */
 export interface PromptItem {
@@ -293,19 +295,19 @@ export const snapshot = (policy: Policy) =>
     ),
   );
 
-/** Publishes each snapshot to the SyncTarget (which verifies it). */
+/** Publishes each snapshot to the PushTarget (which verifies it). */
 export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
   s: Stream.Stream<A, E, R>,
 ): Stream.Stream<
   A & { push: PushReport },
   E | SyncError | SyncMismatch,
-  R | typeof SyncTarget.Identifier
+  R | typeof PushTarget.Identifier
 > =>
   Stream.mapEffect(
     s,
     timed("push", (a: A) =>
       Effect.gen(function* () {
-        const target = yield* SyncTarget;
+        const target = yield* PushTarget;
         return { ...a, push: yield* target.push(a.snapshot) };
       })),
   );

@@ -1,12 +1,11 @@
 /**
- * The services a GRPO pipeline runs against, provided by Layers: where rollouts come from
- * (RolloutEngine) and where snapshots go (SyncTarget). The Backend service lives in
- * src/backend/backend.ts.
+ * The port rollouts come from: a RolloutEngine generates completions (with the engine's log-probs)
+ * from the most recently pushed snapshot. Implemented in-process (src/rollout/local.ts) and over
+ * a vLLM-compatible server (src/rollout/server.ts); provided to the pipeline by a Layer.
  * @module
  */
 import type { TaggedErrorClass } from "../base/tagged_error.ts";
 import { Context, Data, type Effect } from "effect";
-import type { Snapshot } from "../snapshot/snapshot.ts";
 
 /** One prompt to complete `n` times (vLLM /v1/completions semantics). */
 export interface RolloutRequest {
@@ -55,48 +54,3 @@ export interface RolloutEngineShape {
 export const RolloutEngine: Context.Key<RolloutEngineShape, RolloutEngineShape> = Context.Service<
   RolloutEngineShape
 >("lorafold/RolloutEngine");
-
-/** What a push did, for metrics and benches. */
-export interface PushReport {
-  readonly version: number;
-  readonly target: string;
-  /** Bytes written/sent for this push. */
-  readonly bytes: number;
-  /** Push start to verified (or to done when verification is off), ms. */
-  readonly latencyMs: number;
-  /** |engine logp - trainer logp| on the verification probe (mean, max); null when not verified. */
-  readonly logpDiffMean: number | null;
-  readonly logpDiffMax: number | null;
-}
-
-const SyncErrorBase: TaggedErrorClass<"SyncError", {
-  readonly target: string;
-  readonly version: number;
-  readonly message: string;
-  readonly cause?: unknown;
-}> = Data.TaggedError("SyncError");
-/** A push failed (I/O, HTTP, or the engine serves other weights than the snapshot's). */
-export class SyncError extends SyncErrorBase {}
-
-const SyncMismatchBase: TaggedErrorClass<"SyncMismatch", {
-  readonly target: string;
-  readonly version: number;
-  readonly maxAbsDiff: number;
-  readonly tolerance: number;
-  readonly message: string;
-}> = Data.TaggedError("SyncMismatch");
-/** The engine's answers do not match the pushed snapshot beyond tolerance. */
-export class SyncMismatch extends SyncMismatchBase {}
-
-/** Publishes immutable snapshots to the rollout engine. */
-export interface SyncTargetShape {
-  readonly name: string;
-  push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
-}
-
-/** SyncTarget service key. */
-export const SyncTarget: Context.Key<SyncTargetShape, SyncTargetShape> = Context.Service<
-  SyncTargetShape
->(
-  "lorafold/SyncTarget",
-);

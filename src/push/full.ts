@@ -17,7 +17,7 @@
  */
 import { type Cause, Effect, Exit } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import { type PushReport, SyncError, type SyncMismatch } from "../ports/rollout_engine.ts";
+import { type PushReport, SyncError, type SyncMismatch } from "../ports/push_target.ts";
 import { exportCheckpoint } from "../snapshot/export.ts";
 import { describeHttpError, type VllmClient, type VllmHttpError } from "../vllm/client.ts";
 import {
@@ -31,7 +31,8 @@ import {
   versionSalt,
 } from "./lora.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import { type Route, type Routing, verifyRoute, type VerifySettings } from "./verify.ts";
+import { verifyRoute, type VerifySettings } from "./verify.ts";
+import type { Route, Routing } from "../vllm/routing.ts";
 
 const noObserver: StageObserver = () => Effect.void;
 

@@ -21,11 +21,12 @@ import { Effect } from "effect";
 import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
-import { type PushReport, SyncError, type SyncMismatch } from "../ports/rollout_engine.ts";
+import { type PushReport, SyncError, type SyncMismatch } from "../ports/push_target.ts";
 import { exportAdapter } from "../snapshot/export.ts";
 import { describeHttpError, type VllmClient, type VllmHttpError } from "../vllm/client.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import { type Route, type Routing, verifyRoute, type VerifySettings } from "./verify.ts";
+import { verifyRoute, type VerifySettings } from "./verify.ts";
+import type { Route, Routing } from "../vllm/routing.ts";
 
 /** Steps of a push, reported to an observer (logging, benches, fault-injection tests). */
 export type PushStage =
@@ -195,7 +196,7 @@ export interface LoraPushContext {
   readonly cacheSalt?: (version: number) => string;
 }
 
-/** A LoRA pusher: `push` for the SyncTarget, `loaded` lists the versions it keeps loaded. */
+/** A LoRA pusher: `push` for the PushTarget, `loaded` lists the versions it keeps loaded. */
 export interface LoraPusher {
   push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
   loaded(): readonly number[];

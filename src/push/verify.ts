@@ -7,9 +7,6 @@
  * reports raw log-probs, and at temperature 0 both of its modes agree). |diff| mean and max go
  * into the PushReport; a max beyond tolerance fails the push with SyncMismatch (policy "fail") or
  * logs a warning ("warn").
- *
- * Also here: `Routing`, which version the server engine currently routes rollouts to, with the
- * in-flight request counts that decide when an older version may be unloaded.
  * @module
  */
 import { Effect } from "effect";
@@ -18,7 +15,7 @@ import type { BackendFailure } from "../backend/ops.ts";
 import { forward, uploadModel } from "../model/decoder.ts";
 import { logSoftmax } from "../model/sampling.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
-import { SyncError, SyncMismatch } from "../ports/rollout_engine.ts";
+import { SyncError, SyncMismatch } from "../ports/push_target.ts";
 import {
   decodeCompletion,
   describeHttpError,
@@ -26,84 +23,7 @@ import {
   type VllmHttpError,
 } from "../vllm/client.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-
-// ---- routing ----------------------------------------------------------------------------------
-
-/** What the engine serves for one pushed version. */
-export interface Route {
-  readonly version: number;
-  readonly kind: "lora" | "full";
-  /** The `model` rollouts ask for: policy-v{k} (LoRA) or the base model's served name (full). */
-  readonly model: string;
-  /** Mixed into the server's prefix-cache key: a new version never reuses older KV. */
-  readonly cacheSalt: string;
-  /** The directory the server loaded this version from. */
-  readonly dir: string;
-}
-
-/**
- * The version rollouts go to, plus per-version in-flight counts: a retired version's cleanup
- * (unloading its adapter) runs when its last in-flight request ends.
- */
-export class Routing {
-  #current: Route | null = null;
-  readonly #inflight = new Map<number, number>();
-  readonly #retired = new Map<number, Effect.Effect<void>>();
-
-  /** The routed version, or null before the first successful push. */
-  get current(): Route | null {
-    return this.#current;
-  }
-
-  /** Routes new requests to `route`. */
-  set(route: Route): void {
-    this.#current = route;
-  }
-
-  /** Requests running on a version. */
-  inflight(version: number): number {
-    return this.#inflight.get(version) ?? 0;
-  }
-
-  /** Versions whose cleanup waits for requests to finish. */
-  get pendingRetirements(): number[] {
-    return [...this.#retired.keys()];
-  }
-
-  /** Takes the current route for a request (null when nothing was pushed yet). */
-  begin(): Route | null {
-    const r = this.#current;
-    if (r) this.#inflight.set(r.version, this.inflight(r.version) + 1);
-    return r;
-  }
-
-  /** A request on `route` ended; runs the version's cleanup when it was retired and is idle. */
-  end(route: Route): Effect.Effect<void> {
-    return Effect.suspend(() => {
-      const n = this.inflight(route.version) - 1;
-      if (n > 0) {
-        this.#inflight.set(route.version, n);
-        return Effect.void;
-      }
-      this.#inflight.delete(route.version);
-      const cleanup = this.#retired.get(route.version);
-      if (!cleanup) return Effect.void;
-      this.#retired.delete(route.version);
-      return cleanup;
-    });
-  }
-
-  /** Retires a version: its cleanup runs now when it is idle, else when its last request ends. */
-  retire(version: number, cleanup: Effect.Effect<void>): Effect.Effect<void> {
-    return Effect.suspend(() => {
-      if (this.inflight(version) > 0) {
-        this.#retired.set(version, cleanup);
-        return Effect.void;
-      }
-      return cleanup;
-    });
-  }
-}
+import type { Route } from "../vllm/routing.ts";
 
 // ---- the probe --------------------------------------------------------------------------------
 

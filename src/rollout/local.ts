@@ -11,15 +11,17 @@ import { generate, type GenerationRequest } from "../model/generate.ts";
 import { Rng } from "../model/rng.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
 import {
-  type PushReport,
   RolloutEngine,
   type RolloutEngineShape,
   RolloutError,
   type RolloutRequest,
-  SyncError,
-  SyncTarget,
-  type SyncTargetShape,
 } from "../ports/rollout_engine.ts";
+import {
+  type PushReport,
+  PushTarget,
+  type PushTargetShape,
+  SyncError,
+} from "../ports/push_target.ts";
 
 /** Expands requests into one generation per sample (sample j uses seed + j, as vLLM does). */
 export const expandRequests = (
@@ -47,7 +49,7 @@ interface Loaded {
 export const makeLocalEngine = (
   backend: BackendShape,
   seed = 0,
-): Effect.Effect<{ engine: RolloutEngineShape; target: SyncTargetShape }, never, Scope.Scope> =>
+): Effect.Effect<{ engine: RolloutEngineShape; target: PushTargetShape }, never, Scope.Scope> =>
   Effect.gen(function* () {
     let current: Loaded | null = null;
     const rng = new Rng(seed);
@@ -82,7 +84,7 @@ export const makeLocalEngine = (
           return { completions, policyVersion: loaded.version };
         }),
     };
-    const target: SyncTargetShape = {
+    const target: PushTargetShape = {
       name: "in-process",
       push: (snapshot: Snapshot) =>
         Effect.gen(function* () {
@@ -121,13 +123,13 @@ export const makeLocalEngine = (
     return { engine, target };
   });
 
-/** Layer providing RolloutEngine (local) and SyncTarget (in-process) over the Backend. */
+/** Layer providing RolloutEngine (local) and PushTarget (in-process) over the Backend. */
 export const LocalEngineLive = (
   seed = 0,
-): Layer.Layer<RolloutEngineShape | SyncTargetShape, never, BackendShape> =>
+): Layer.Layer<RolloutEngineShape | PushTargetShape, never, BackendShape> =>
   Layer.effectContext(
     Effect.gen(function* () {
       const { engine, target } = yield* makeLocalEngine(yield* Backend, seed);
-      return Context.add(Context.make(RolloutEngine, engine), SyncTarget, target);
+      return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);
     }),
   );

@@ -7,7 +7,7 @@
  */
 import { Effect, Layer } from "effect";
 import { HttpRouter, type HttpServerRequest, HttpServerResponse } from "effect/http";
-import type { Engine, PauseMode } from "./inference_engine.ts";
+import type { InferenceEngine, PauseMode } from "./inference_engine.ts";
 import {
   ApiError,
   badRequest,
@@ -74,7 +74,7 @@ const flag = (v: string | null, fallback: boolean): boolean =>
   v === null ? fallback : !["false", "0", "no", "off"].includes(v.toLowerCase());
 
 /** Prometheus text of GET /metrics (vLLM's request gauges plus prefix-cache counters). */
-const metricsText = (engine: Engine): string => {
+const metricsText = (engine: InferenceEngine): string => {
   const { running, waiting } = engine.load();
   const c = engine.prefixCache.stats();
   const label = `{model_name=${JSON.stringify(engine.options.servedModelName)}}`;
@@ -134,7 +134,7 @@ const metricsText = (engine: Engine): string => {
 
 /** The router layer of the server. */
 export const routes = (
-  engine: Engine,
+  engine: InferenceEngine,
   opts: HttpOptions,
 ): Layer.Layer<never, never, HttpRouter.HttpRouter> => {
   const known = new Set<string>();
@@ -326,7 +326,7 @@ export const routes = (
 
 /** A web handler (Request -> Response) for Deno.serve, with the --api-key guard on /v1/*. */
 export const makeWebHandler = (
-  engine: Engine,
+  engine: InferenceEngine,
   opts: HttpOptions,
 ): { handler: (req: Request) => Promise<Response>; dispose: () => Promise<void> } => {
   const web = HttpRouter.toWebHandler(routes(engine, opts), { disableLogger: true });

@@ -1,5 +1,5 @@
 /**
- * The serving engine behind the HTTP adapter: the base model and tokenizer, runtime LoRA
+ * The embedded server's inference engine (behind its HTTP adapter): the base model and tokenizer, runtime LoRA
  * adapters, the prefix cache, pause state, and ONE generation worker that takes queued
  * completion requests (concurrent requests for the same model/adapter name are batched
  * together), prefills each distinct prompt once (through the prefix cache) and decodes all
@@ -63,8 +63,8 @@ import {
   notFound,
 } from "./schemas.ts";
 
-/** Engine settings (from the command line). */
-export interface EngineOptions {
+/** InferenceEngine settings (from the command line). */
+export interface InferenceEngineOptions {
   readonly modelDir: string;
   readonly servedModelName: string;
   readonly enableLora: boolean;
@@ -79,11 +79,13 @@ export interface EngineOptions {
   readonly maxBatchSequences: number;
 }
 
-const EngineStartErrorBase: TaggedErrorClass<"EngineStartError", { readonly message: string }> =
-  Data
-    .TaggedError("EngineStartError");
+const InferenceEngineStartErrorBase: TaggedErrorClass<
+  "InferenceEngineStartError",
+  { readonly message: string }
+> = Data
+  .TaggedError("InferenceEngineStartError");
 /** The engine could not start (model or tokenizer unreadable). */
-export class EngineStartError extends EngineStartErrorBase {}
+export class InferenceEngineStartError extends InferenceEngineStartErrorBase {}
 
 /** Pause modes of POST /pause. */
 export type PauseMode = "abort" | "wait" | "keep";
@@ -201,9 +203,9 @@ const SAME_SHAPE_FIELDS = [
 
 const exists = (path: string): Promise<boolean> => access(path).then(() => true, () => false);
 
-/** The serving engine. Create with `makeEngine`; `close` releases the device memory. */
-export class Engine {
-  readonly options: EngineOptions;
+/** The serving engine. Create with `makeInferenceEngine`; `close` releases the device memory. */
+export class InferenceEngine {
+  readonly options: InferenceEngineOptions;
   readonly backend: BackendShape;
   readonly tokenizer: Tokenizer;
   readonly prefixCache: PrefixCache;
@@ -222,7 +224,12 @@ export class Engine {
   #closed = false;
   #worker: Promise<void> | null = null;
 
-  constructor(backend: BackendShape, tokenizer: Tokenizer, base: Base, options: EngineOptions) {
+  constructor(
+    backend: BackendShape,
+    tokenizer: Tokenizer,
+    base: Base,
+    options: InferenceEngineOptions,
+  ) {
     this.backend = backend;
     this.tokenizer = tokenizer;
     this.#base = base;
@@ -942,33 +949,35 @@ const uploadBase = async (
 };
 
 /** Loads the model directory and tokenizer, uploads the weights, and starts the worker. */
-export const makeEngine = (
+export const makeInferenceEngine = (
   backend: BackendShape,
-  options: EngineOptions,
-): Effect.Effect<Engine, EngineStartError> =>
+  options: InferenceEngineOptions,
+): Effect.Effect<InferenceEngine, InferenceEngineStartError> =>
   Effect.gen(function* () {
     const { config, weights } = yield* loadModel(options.modelDir).pipe(
       Effect.mapError((e) =>
-        new EngineStartError({ message: `cannot load model ${options.modelDir}: ${e.message}` })
+        new InferenceEngineStartError({
+          message: `cannot load model ${options.modelDir}: ${e.message}`,
+        })
       ),
     );
     const tokenizer = yield* loadTokenizer(options.modelDir).pipe(
       Effect.mapError((e) =>
-        new EngineStartError({
+        new InferenceEngineStartError({
           message: `cannot load the tokenizer of ${options.modelDir}: ${e.message}`,
         })
       ),
     );
     if (tokenizer.vocabSize > config.vocabSize) {
       return yield* Effect.fail(
-        new EngineStartError({
+        new InferenceEngineStartError({
           message:
             `tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${config.vocabSize}`,
         }),
       );
     }
     const base = yield* Effect.promise(() => uploadBase(backend, config, weights));
-    const engine = new Engine(backend, tokenizer, base, options);
+    const engine = new InferenceEngine(backend, tokenizer, base, options);
     engine.start();
     return engine;
   });

@@ -15,7 +15,7 @@
  */
 import { Effect, Exit, Scope } from "effect";
 import { type BackendChoice, backendChoiceFromEnv, selectBackend } from "../backend/backend.ts";
-import { makeEngine } from "./inference_engine.ts";
+import { makeInferenceEngine } from "./inference_engine.ts";
 import { makeWebHandler } from "./http.ts";
 import type { LogprobsMode } from "./sampler.ts";
 
@@ -167,7 +167,7 @@ export const serveMain = async (args: string[]): Promise<void> => {
   const started = await Effect.runPromiseExit(Effect.gen(function* () {
     const choice = a.backend ?? (yield* backendChoiceFromEnv());
     const backend = yield* Scope.provide(scope)(selectBackend(choice));
-    return yield* makeEngine(backend, {
+    return yield* makeInferenceEngine(backend, {
       modelDir: a.model,
       servedModelName: a.servedModelName ?? a.model,
       enableLora: a.enableLora,

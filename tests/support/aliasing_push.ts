@@ -1,5 +1,5 @@
 /**
- * NEGATIVE CONTROL, used only by tests: a server SyncTarget that pushes what TRL v0.15.0's LoRA
+ * NEGATIVE CONTROL, used only by tests: a server PushTarget that pushes what TRL v0.15.0's LoRA
  * sync pushed. The adapter is merged IN PLACE into a live copy of the base weights, a state dict
  * of views of those live arrays is taken, the adapter is unmerged in place (so every view now
  * shows the base weights again), and those weights are written as the pushed checkpoint and
@@ -12,21 +12,22 @@ import { Effect } from "effect";
 import { loraScale } from "../../src/lora/adapter.ts";
 import { saveModel } from "../../src/model/loader.ts";
 import type { HostTensor } from "../../src/model/weights.ts";
-import { type PushReport, SyncError, type SyncTargetShape } from "../../src/ports/rollout_engine.ts";
-import type { EngineLayerFactory } from "../../src/app/trainer.ts";
+import { type PushReport, type PushTargetShape, SyncError } from "../../src/ports/push_target.ts";
+import type { RolloutLayerFactory } from "../../src/app/trainer.ts";
 import { describeHttpError } from "../../src/vllm/client.ts";
 import { reloadCheckpoint } from "../../src/push/full.ts";
 import { adapterName, freshVersionDir, versionSalt } from "../../src/push/lora.ts";
 import {
-  makeServerEngineLayer,
+  makeServerLayer,
   type ServerContext,
-  type ServerEngineOptions,
+  type ServerLayerOptions,
 } from "../../src/app/server_layer.ts";
-import { type Route, verifyRoute } from "../../src/push/verify.ts";
+import { verifyRoute } from "../../src/push/verify.ts";
+import type { Route } from "../../src/vllm/routing.ts";
 import { aliasingFold, type LiveWeights } from "./aliasing_fold.ts";
 
 /** The TRL v0.15.0 push over the server context (LoRA snapshots only). */
-export const aliasingTarget = (ctx: ServerContext): SyncTargetShape => {
+export const aliasingTarget = (ctx: ServerContext): PushTargetShape => {
   const name = `aliasing-trl-v0.15(${ctx.client.baseUrl})`;
   // the live model: mutable arrays that merge/unmerge write into, kept across pushes
   const live: LiveWeights = new Map(
@@ -89,5 +90,5 @@ export const aliasingTarget = (ctx: ServerContext): SyncTargetShape => {
 };
 
 /** Server engine whose pushes are TRL v0.15.0's (the rollout side is the real server engine). */
-export const aliasingEngineLayer = (options: ServerEngineOptions = {}): EngineLayerFactory =>
-  makeServerEngineLayer({ ...options, makeTarget: (ctx) => aliasingTarget(ctx) });
+export const aliasingEngineLayer = (options: ServerLayerOptions = {}): RolloutLayerFactory =>
+  makeServerLayer({ ...options, makeTarget: (ctx) => aliasingTarget(ctx) });

@@ -1,0 +1,41 @@
+/**
+ * What a GRPO run trains on, given to the trainer as input: where prompts come from, the reward
+ * functions that score completions, how a model is evaluated before and after, and the option
+ * values the task is known to train well with. The built-in arithmetic task
+ * (src/task/arithmetic_task.ts) is one such task; a user's task is another value of this type.
+ * @module
+ */
+import type { Effect } from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import type { BackendFailure } from "../backend/ops.ts";
+import type { NamedReward } from "../grpo/rewards.ts";
+import type { DeviceModel } from "../model/decoder.ts";
+import type { PromptSource } from "../pipeline/stages.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+
+/** A held-out evaluation: a score in [0, 1] of a model on fixed items. */
+export interface TaskEvaluation {
+  /** What the score measures, for log lines ("held-out exact-match accuracy"). */
+  readonly metric: string;
+  /** How it is measured, for log lines ("200 problems, greedy"). */
+  readonly detail: string;
+  /** Scores `model`; completions are at most `maxTokens` long. */
+  run(
+    backend: BackendShape,
+    model: DeviceModel,
+    tokenizer: Tokenizer,
+    maxTokens: number,
+  ): Effect.Effect<number, BackendFailure>;
+}
+
+/** A GRPO task. */
+export interface Task {
+  readonly name: string;
+  /** Training prompts, drawn from the step's random stream (never a held-out item). */
+  readonly prompts: PromptSource;
+  /** Reward functions, in order; their weights are each reward's own or `rewardWeights`. */
+  readonly rewards: readonly NamedReward[];
+  readonly evaluation: TaskEvaluation;
+  /** Checkpoint directory trained when the run names no model; null = the run must name one. */
+  readonly baseModelDir: string | null;
+}
