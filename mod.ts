@@ -3,12 +3,26 @@
  * and WebGPU kernels.
  * @module
  */
+// ---- base: options as annotated Schemas, shared by every configuration --------------------------
+export {
+  choice,
+  decodeOptions,
+  InvalidOption,
+  option,
+  type OptionDoc,
+  type OptionFields,
+  optionsSchema,
+} from "./src/base/options.ts";
+export { taggedError, type TaggedErrorClass } from "./src/base/tagged_error.ts";
+
+// ---- tensors ----------------------------------------------------------------------------------
 export type { DType, FloatArray, Tensor } from "./src/backend/tensor.ts";
 export { ReleasedTensorError, ShapeError } from "./src/backend/tensor.ts";
+
+// ---- backend ----------------------------------------------------------------------------------
 export type {
   AdamWOptions,
   AttentionOptions,
-  BackendFailure,
   BackendInfo,
   MatmulOptions,
   Ops,

@@ -5,7 +5,7 @@
  * @module
  */
 import { Effect } from "effect";
-import { decodeTrainConfig, parseArgs } from "../src/app/config.ts";
+import { parseTrainArgs } from "../src/cli/main.ts";
 import { runTraining } from "../src/app/trainer.ts";
 import { arithmeticGrpoTask } from "../src/task/arithmetic_task.ts";
 import { writeResult } from "./common.ts";
@@ -14,8 +14,7 @@ import { writeResult } from "./common.ts";
 export async function run(args: readonly string[] = []): Promise<Record<string, number | string>> {
   const t0 = performance.now();
   const s = await Effect.runPromise(
-    parseArgs(["--quiet", ...args]).pipe(
-      Effect.flatMap(decodeTrainConfig),
+    parseTrainArgs(["--quiet", ...args]).pipe(
       Effect.flatMap((c) =>
         runTraining(c, arithmeticGrpoTask({ heldOutSize: c.evalSize }), {
           log: (l) => l && console.log(l),

@@ -48,7 +48,7 @@ const AdapterDirectoryLive = (dir: string) =>
               new SyncError({
                 target: "adapter-dir",
                 version: snap.version,
-                message: e.message,
+                reason: e.message,
                 cause: e,
               })
             ),

@@ -34,13 +34,21 @@ const closeAll = (actual: ArrayLike<number>, expected: readonly number[], tol = 
   for (let i = 0; i < expected.length; i++) close(actual[i], expected[i], tol, `[${i}]`);
 };
 
-/** Options that switch off everything a test does not exercise. */
-const plain: LossOptions = { vllmImportanceSamplingCorrection: false };
+/**
+ * Options that switch off everything a test does not exercise: TRL's defaults without the engine
+ * correction, one accumulation step, and no dapo normalizer (a dapo test passes its own).
+ */
+const plain: LossOptions = {
+  ...grpoConfigDefaults,
+  vllmImportanceSamplingCorrection: false,
+  dapoNormalizer: NaN,
+  gradientAccumulationSteps: 1,
+};
 
-const loss = (seqs: readonly LossSequence[], options: LossOptions): LossResult =>
+const loss = (seqs: readonly LossSequence[], options: Partial<LossOptions>): LossResult =>
   Effect.runSync(grpoLoss(seqs, { ...plain, ...options }));
 
-const lossError = (seqs: readonly LossSequence[], options: LossOptions): unknown =>
+const lossError = (seqs: readonly LossSequence[], options: Partial<LossOptions>): unknown =>
   Effect.runSync(Effect.flip(grpoLoss(seqs, { ...plain, ...options })));
 
 const adv = (rewards: number[], g: number, scale?: "group" | "batch" | "none") =>
@@ -353,7 +361,7 @@ Deno.test("engine importance correction: sequence_mask keeps rho at the cap, zer
     { logp: [-1, -2], oldLogp: [-1, -2], engineLogp: [-1.5, -2.25], mask: [1, 1], advantage: 1 },
     { logp: [-1, -2], oldLogp: [-1, -2], engineLogp: [-1.5, -2.3], mask: [1, 1], advantage: 1 },
   ];
-  const opts: LossOptions = {
+  const opts: Partial<LossOptions> = {
     lossType: "grpo",
     vllmImportanceSamplingCorrection: true,
     vllmImportanceSamplingClipMax: cap,
@@ -416,7 +424,13 @@ Deno.test("NaN / Inf in log-probs, ratios and KL are GrpoNumericErrors with thei
     { logp: [-1, -1], mask: [1, 1], advantage: 1 },
     { logp: [-1, -1, -1], mask: [1, 1, 1], advantage: 1 },
   ];
-  const check = (seqs: LossSequence[], opts: LossOptions, q: string, seq: number, tok: number) => {
+  const check = (
+    seqs: LossSequence[],
+    opts: Partial<LossOptions>,
+    q: string,
+    seq: number,
+    tok: number,
+  ) => {
     const e = lossError(seqs, { lossType: "grpo", ...opts });
     assert(e instanceof GrpoNumericError, `expected GrpoNumericError, got ${e}`);
     assertEquals([e.quantity, e.sequence, e.token], [q, seq, tok]);

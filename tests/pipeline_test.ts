@@ -7,7 +7,8 @@ import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/stric
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Effect } from "effect";
-import { decodeTrainConfig, parseArgs, type TrainConfig } from "../src/app/config.ts";
+import { decodeTrainConfig, type TrainConfig } from "../src/app/config.ts";
+import { parseTrainArgs } from "../src/cli/main.ts";
 import { runTraining, type TrainSummary } from "../src/app/trainer.ts";
 import { arithmeticGrpoTask } from "../src/task/arithmetic_task.ts";
 import { runExample as dynamicSampling } from "../examples/dynamic_sampling.ts";
@@ -154,8 +155,8 @@ Deno.test("options: bad values give one line naming the option and the allowed v
   await bad({ targetModules: ["qkv"] }, "q_proj");
   await bad({ stepz: 3 }, "unknown option");
   await bad({ mode: "full", push: "lora" }, "push");
-  const args = await Effect.runPromise(
-    parseArgs([
+  const cfg = await Effect.runPromise(
+    parseTrainArgs([
       "--steps",
       "5",
       "--loss-type",
@@ -165,7 +166,6 @@ Deno.test("options: bad values give one line naming the option and the allowed v
       "q_proj,v_proj",
     ]),
   );
-  const cfg = await Effect.runPromise(decodeTrainConfig(args));
   assertEquals([cfg.steps, cfg.grpo.lossType, cfg.useRslora, cfg.targetModules], [5, "bnpo", true, [
     "q_proj",
     "v_proj",

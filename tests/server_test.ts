@@ -1077,8 +1077,8 @@ Deno.test("server: a bad flag prints one line naming it and exits with code 2", 
   for (
     const [args, mention] of [
       [["--model", "/x", "--max-lora-rank", "7"], "--max-lora-rank"],
-      [["--model", "/x", "--logprobs-mode", "weird"], "raw_logprobs, processed_logprobs"],
-      [["--model", "/x", "--backend", "tpu"], "auto, cpu, webgpu"],
+      [["--model", "/x", "--logprobs-mode", "weird"], '"raw_logprobs" | "processed_logprobs"'],
+      [["--model", "/x", "--backend", "tpu"], '"auto" | "cpu" | "webgpu"'],
       [["--model", "/x", "--port", "http"], "--port"],
       [["--model", "/x", "--frobnicate"], "--frobnicate"],
       [["--port", "80"], "--model"],

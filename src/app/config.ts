@@ -1,18 +1,40 @@
 /**
- * Training options: one flat, Schema-validated record (CLI flags in kebab-case, config files in
- * camelCase or snake_case). GRPO options (TRL's names) are decoded by src/grpo/config.ts; a bad
- * value gives one line naming the option and the allowed values.
+ * Training options: the run's own fields here, the LoRA fields (src/lora/config.ts), the
+ * optimizer fields (src/train/optimizer_config.ts) and the GRPO options (src/grpo/config.ts, TRL's
+ * names), each an annotated Schema field with its default and help text. Files and the CLI give
+ * them flat, in camelCase, snake_case (TRL) or kebab-case; the CLI's flags are derived from the
+ * same fields (src/cli/flags.ts). A bad value gives one line naming the option and what is
+ * allowed.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data, Effect, Exit, Schema } from "effect";
-import { decodeGrpoConfig, type GrpoConfig, trlOptionNames } from "../grpo/config.ts";
-import { type Projection, PROJECTIONS } from "../model/weights.ts";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect, Schema } from "effect";
+import { readFile } from "node:fs/promises";
+import {
+  choice,
+  closestName,
+  decodeOptions,
+  finite,
+  flag,
+  integer,
+  type InvalidOptionFields,
+  option,
+  type OptionFields,
+  optionKey,
+} from "../base/options.ts";
+import {
+  decodeGrpoConfig,
+  type GrpoConfig,
+  grpoOptionAliases,
+  grpoOptionFields,
+} from "../grpo/config.ts";
+import { loraOptionAliases, loraOptionFields, type LoraOptions } from "../lora/config.ts";
+import { optimizerOptionFields, type OptimizerOptions } from "../train/optimizer_config.ts";
 import { arithmeticTaskDefaults } from "../task/arithmetic_task.ts";
 
-/** Everything `train` needs besides the GRPO options. */
-export interface TrainOptions {
-  /** HF checkpoint directory of the base model; null = the built-in arithmetic model. */
+/** Everything `train` needs besides the LoRA, optimizer and GRPO options. */
+export interface RunOptions {
+  /** HF checkpoint directory of the base model; null = the task's own base model. */
   readonly model: string | null;
   readonly mode: "lora" | "full";
   readonly engine: "local" | "server";
@@ -24,16 +46,6 @@ export interface TrainOptions {
   readonly promptsPerStep: number;
   readonly seed: number;
   readonly backend: "auto" | "cpu" | "webgpu";
-  readonly loraR: number;
-  readonly loraAlpha: number;
-  readonly loraDropout: number;
-  readonly targetModules: readonly Projection[];
-  readonly useRslora: boolean;
-  readonly weightDecay: number;
-  readonly maxGradNorm: number;
-  readonly adamBeta1: number;
-  readonly adamBeta2: number;
-  readonly adamEpsilon: number;
   readonly outputDir: string;
   /** Run directory name; null = a timestamp. */
   readonly runId: string | null;
@@ -51,243 +63,177 @@ export interface TrainOptions {
   readonly quiet: boolean;
 }
 
+/** The flat options of a run (everything but the GRPO options). */
+export interface TrainOptions extends RunOptions, LoraOptions, OptimizerOptions {}
+
+/** The run's own option fields. */
+export const runOptionFields: OptionFields = {
+  model: option(Schema.NullOr(Schema.String), {
+    default: null,
+    description: "Hugging Face checkpoint directory of the base model",
+    allowed: "a directory path, or null (the task's base model)",
+  }),
+  mode: choice(["lora", "full"], {
+    default: "lora",
+    description: "LoRA adapters or full fine-tuning",
+  }),
+  engine: choice(["local", "server"], {
+    default: "local",
+    description: "Where rollouts come from: in-process, or a vLLM-compatible server",
+  }),
+  serverUrl: option(Schema.NullOr(Schema.String), {
+    default: null,
+    description:
+      "Base URL of a vLLM-compatible server (engine server); null = start the embedded one",
+    allowed: "an http(s) URL, or null",
+  }),
+  push: choice(["auto", "lora", "full"], {
+    default: "auto",
+    description: "How snapshots reach a server: PEFT adapter or full weights; auto = the mode",
+  }),
+  steps: integer({ min: 1 }, { default: 60, description: "GRPO steps" }),
+  promptsPerStep: integer({ min: 1 }, {
+    default: 16,
+    description: "Prompts per step (each completed num_generations times)",
+  }),
+  seed: integer({ min: 0 }, {
+    default: 0,
+    description: "Seed of prompts, sampling, LoRA init and dropout",
+  }),
+  backend: choice(["auto", "cpu", "webgpu"], {
+    default: "auto",
+    description: "Tensor backend: WebGPU when an adapter exists, else the CPU",
+  }),
+  outputDir: option(Schema.String, {
+    default: "runs",
+    description: "Directory of run directories",
+    allowed: "a directory path",
+  }),
+  runId: option(Schema.NullOr(Schema.String.check(Schema.isPattern(/^[A-Za-z0-9._-]+$/))), {
+    default: null,
+    description: "Run directory name; null = a timestamp",
+    allowed: "letters, digits, . _ -",
+  }),
+  checkpointEvery: integer({ min: 0 }, {
+    default: 10,
+    description: "Save a resumable checkpoint every N steps (0 = only at the end)",
+  }),
+  resume: flag({
+    default: false,
+    description: "Resume the run in output_dir/run_id from its last checkpoint",
+  }),
+  evalSize: integer({ min: 1 }, {
+    default: 200,
+    description: "Held-out problems evaluated before and after training",
+  }),
+  verify: choice(["fail", "warn", "off"], {
+    default: "fail",
+    description: "What a failed post-push verification does",
+  }),
+  verifyTolerance: finite({ min: 0, exclusiveMin: true }, {
+    default: 1e-3,
+    description: "Largest |engine logp - trainer logp| the verification probe accepts",
+  }),
+  quiet: flag({ default: false, description: "Print no progress line" }),
+};
+
+/** Every flat option of `train` but the GRPO ones: run, LoRA and optimizer fields. */
+export const trainOptionFields: OptionFields = {
+  ...runOptionFields,
+  ...loraOptionFields,
+  ...optimizerOptionFields,
+};
+
+/** Other input spellings of train options (TRL's). */
+export const trainOptionAliases: Readonly<Record<string, string>> = loraOptionAliases;
+
 /** Decoded training configuration. */
 export interface TrainConfig extends TrainOptions {
   readonly grpo: GrpoConfig;
 }
 
-const TrainConfigErrorBase: TaggedErrorClass<"TrainConfigError", {
-  readonly option: string;
-  readonly message: string;
-}> = Data.TaggedError("TrainConfigError");
+const TrainConfigErrorBase: TaggedErrorClass<"TrainConfigError", InvalidOptionFields> = taggedError(
+  "TrainConfigError",
+  (e) => e.reason,
+);
 /** A bad option: one line naming it and what is allowed. */
 export class TrainConfigError extends TrainConfigErrorBase {}
 
-interface Spec {
-  readonly schema: Schema.Top;
-  readonly default: unknown;
-  readonly allowed: string;
-}
+const invalid = (option: string, reason: string) =>
+  Effect.fail(new TrainConfigError({ option, reason }));
 
-const int = (min: number) => Schema.Int.check(Schema.isGreaterThanOrEqualTo(min));
-const num = (min: number, exclusive = false) =>
-  Schema.Finite.check(exclusive ? Schema.isGreaterThan(min) : Schema.isGreaterThanOrEqualTo(min));
-const lit = <const L extends readonly string[]>(values: L, d: L[number]): Spec => ({
-  schema: Schema.Literals(values),
-  default: d,
-  allowed: values.map((v) => JSON.stringify(v)).join(" | "),
-});
-
-const specs: { readonly [K in keyof TrainOptions]: Spec } = {
-  model: {
-    schema: Schema.NullOr(Schema.String),
-    default: null,
-    allowed: "a directory path, or null (built-in)",
-  },
-  mode: lit(["lora", "full"], "lora"),
-  engine: lit(["local", "server"], "local"),
-  serverUrl: {
-    schema: Schema.NullOr(Schema.String),
-    default: null,
-    allowed: "an http(s) URL, or null",
-  },
-  push: lit(["auto", "lora", "full"], "auto"),
-  steps: { schema: int(1), default: 60, allowed: "an integer >= 1" },
-  promptsPerStep: { schema: int(1), default: 16, allowed: "an integer >= 1" },
-  seed: { schema: int(0), default: 0, allowed: "an integer >= 0" },
-  backend: lit(["auto", "cpu", "webgpu"], "auto"),
-  loraR: { schema: int(1), default: 8, allowed: "an integer >= 1" },
-  loraAlpha: { schema: num(0, true), default: 16, allowed: "a number > 0" },
-  loraDropout: {
-    schema: Schema.Finite.check(
-      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
-    ),
-    default: 0,
-    allowed: "a number in [0, 1)",
-  },
-  targetModules: {
-    schema: Schema.Array(Schema.Literals(PROJECTIONS)),
-    default: [...PROJECTIONS],
-    allowed: `a list of ${PROJECTIONS.join(", ")}`,
-  },
-  useRslora: { schema: Schema.Boolean, default: false, allowed: "true | false" },
-  weightDecay: { schema: num(0), default: 0, allowed: "a number >= 0" },
-  maxGradNorm: { schema: num(0), default: 1, allowed: "a number >= 0 (0 = no clipping)" },
-  adamBeta1: {
-    schema: Schema.Finite.check(
-      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
-    ),
-    default: 0.9,
-    allowed: "a number in [0, 1)",
-  },
-  adamBeta2: {
-    schema: Schema.Finite.check(
-      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMaximum: true }),
-    ),
-    default: 0.999,
-    allowed: "a number in [0, 1)",
-  },
-  adamEpsilon: { schema: num(0, true), default: 1e-8, allowed: "a number > 0" },
-  outputDir: { schema: Schema.String, default: "runs", allowed: "a directory path" },
-  runId: {
-    schema: Schema.NullOr(Schema.String.check(Schema.isPattern(/^[A-Za-z0-9._-]+$/))),
-    default: null,
-    allowed: "letters, digits, . _ -",
-  },
-  checkpointEvery: { schema: int(0), default: 10, allowed: "an integer >= 0" },
-  resume: { schema: Schema.Boolean, default: false, allowed: "true | false" },
-  evalSize: { schema: int(1), default: 200, allowed: "an integer >= 1" },
-  verify: lit(["fail", "warn", "off"], "fail"),
-  verifyTolerance: { schema: num(0, true), default: 1e-3, allowed: "a number > 0" },
-  quiet: { schema: Schema.Boolean, default: false, allowed: "true | false" },
-};
-
-const camel = (k: string): string =>
-  k.replace(/[-_]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
-
-const trainKeys = new Set(Object.keys(specs));
-const grpoKeys = new Map<string, string>(
-  Object.entries(trlOptionNames).flatMap(([k, snake]) => [[k, k], [snake, k], [camel(snake), k]]),
-);
-
-/** Decodes options (any key spelling), filling defaults; errors are one line. */
+/**
+ * Decodes flat options (any key spelling) into a TrainConfig: run, LoRA and optimizer fields
+ * take their defaults, GRPO options start from TRL's defaults overridden by `taskDefaults` (the
+ * task's recommended values; the built-in task's by default). Errors are one line.
+ */
 export const decodeTrainConfig = (
-  input: Record<string, unknown>,
+  input: Readonly<Record<string, unknown>>,
   taskDefaults: Readonly<Record<string, unknown>> = arithmeticTaskDefaults,
 ): Effect.Effect<TrainConfig, TrainConfigError> =>
   Effect.gen(function* () {
     const train: Record<string, unknown> = {};
-    const grpo: Record<string, unknown> = { ...taskDefaults };
-    for (let [rawKey, value] of Object.entries(input)) {
-      const key = camel(rawKey);
-      if (key === "targetModules" && typeof value === "string") value = [value]; // one module on the CLI
-      if (trainKeys.has(key)) {
-        const spec = specs[key as keyof TrainOptions];
-        if (Exit.isFailure(Schema.decodeUnknownExit(spec.schema as Schema.Codec<unknown>)(value))) {
-          return yield* Effect.fail(
-            new TrainConfigError({
-              option: key,
-              message: `option ${key}: got ${JSON.stringify(value)}; allowed: ${spec.allowed}`,
-            }),
-          );
-        }
-        train[key] = value;
-      } else if (grpoKeys.has(rawKey) || grpoKeys.has(key)) {
-        grpo[grpoKeys.get(rawKey) ?? grpoKeys.get(key)!] = value;
+    const grpo: Record<string, unknown> = {};
+    for (const [key, value] of Object.entries(input)) {
+      const trainKey = optionKey(trainOptionFields, key, trainOptionAliases);
+      if (trainKey !== undefined) {
+        // PEFT accepts one module name as a plain string
+        train[key] = trainKey === "targetModules" && typeof value === "string" ? [value] : value;
+      } else if (optionKey(grpoOptionFields, key, grpoOptionAliases) !== undefined) {
+        grpo[key] = value;
       } else {
-        return yield* Effect.fail(
-          new TrainConfigError({
-            option: rawKey,
-            message: `unknown option "${rawKey}"; options: ${
-              [...trainKeys, ...new Set(grpoKeys.values())].join(", ")
-            }`,
-          }),
+        const near = closestName(key, [
+          ...Object.keys(trainOptionFields),
+          ...Object.keys(grpoOptionFields),
+        ]);
+        return yield* invalid(
+          key,
+          `unknown option "${key}"${near ? `; did you mean ${near}?` : ""}`,
         );
       }
     }
-    const g = yield* decodeGrpoConfig(grpo).pipe(
-      Effect.mapError((e) => new TrainConfigError({ option: e.option, message: e.message })),
+    const options = yield* decodeOptions(trainOptionFields, train, {
+      aliases: trainOptionAliases,
+    }).pipe(Effect.mapError((e) => new TrainConfigError({ option: e.option, reason: e.reason })));
+    const g = yield* decodeGrpoConfig(grpo, taskDefaults).pipe(
+      Effect.mapError((e) => new TrainConfigError({ option: e.option, reason: e.reason })),
     );
-    const out: Record<string, unknown> = {};
-    for (const k of trainKeys) {
-      out[k] = k in train ? train[k] : specs[k as keyof TrainOptions].default;
-    }
-    const cfg = { ...(out as unknown as TrainOptions), grpo: g };
+    const cfg: TrainConfig = { ...(options as unknown as TrainOptions), grpo: g };
     if (cfg.engine === "local" && cfg.serverUrl !== null) {
-      return yield* Effect.fail(
-        new TrainConfigError({
-          option: "serverUrl",
-          message: 'option serverUrl needs engine "server"',
-        }),
-      );
+      return yield* invalid("serverUrl", 'option serverUrl needs engine "server"');
     }
     if (cfg.push === "lora" && cfg.mode === "full") {
-      return yield* Effect.fail(
-        new TrainConfigError({
-          option: "push",
-          message: 'option push: "lora" needs mode "lora" (full fine-tuning has no adapter)',
-        }),
+      return yield* invalid(
+        "push",
+        'option push: "lora" needs mode "lora" (full fine-tuning has no adapter)',
       );
     }
     return cfg;
   });
 
-/** Parses CLI arguments `--key value`, `--flag`, `--no-flag`, `--config FILE` into raw options. */
-export const parseArgs = (
-  args: readonly string[],
+/** Reads a JSON config file of flat options (any key spelling); flags are merged over it. */
+export const readTrainConfigFile = (
+  path: string,
 ): Effect.Effect<Record<string, unknown>, TrainConfigError> =>
   Effect.gen(function* () {
-    const out: Record<string, unknown> = {};
-    let file: string | null = null;
-    for (let i = 0; i < args.length; i++) {
-      const a = args[i];
-      if (!a.startsWith("--")) {
-        return yield* Effect.fail(
-          new TrainConfigError({
-            option: a,
-            message: `unexpected argument "${a}" (options look like --steps 20)`,
-          }),
-        );
-      }
-      let [key, value] = a.slice(2).split(/=(.*)/s, 2) as [string, string | undefined];
-      if (value === undefined) {
-        const next = args[i + 1];
-        if (next === undefined || next.startsWith("--")) {
-          value = key.startsWith("no-") ? "false" : "true";
-          if (key.startsWith("no-")) key = key.slice(3);
-        } else {
-          value = next;
-          i++;
-        }
-      }
-      if (key === "config") {
-        file = value;
-        continue;
-      }
-      out[key] = parseValue(value);
+    const text = yield* Effect.tryPromise({
+      try: () => readFile(path, "utf8"),
+      catch: (e) =>
+        new TrainConfigError({
+          option: "config",
+          reason: `cannot read config file ${path}: ${e instanceof Error ? e.message : e}`,
+        }),
+    });
+    const json = yield* Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: (e) =>
+        new TrainConfigError({
+          option: "config",
+          reason: `config file ${path} is not JSON: ${e instanceof Error ? e.message : e}`,
+        }),
+    });
+    if (typeof json !== "object" || json === null || Array.isArray(json)) {
+      return yield* invalid("config", `config file ${path} must hold an object`);
     }
-    if (file !== null) {
-      const text = yield* Effect.tryPromise({
-        try: () => import("node:fs/promises").then((fs) => fs.readFile(file!, "utf8")),
-        catch: (e) =>
-          new TrainConfigError({
-            option: "config",
-            message: `cannot read config file ${file}: ${e}`,
-          }),
-      });
-      const json = yield* Effect.try({
-        try: () => JSON.parse(text) as unknown,
-        catch: (e) =>
-          new TrainConfigError({
-            option: "config",
-            message: `config file ${file} is not JSON: ${e}`,
-          }),
-      });
-      if (typeof json !== "object" || json === null || Array.isArray(json)) {
-        return yield* Effect.fail(
-          new TrainConfigError({
-            option: "config",
-            message: `config file ${file} must hold an object`,
-          }),
-        );
-      }
-      return { ...(json as Record<string, unknown>), ...out }; // flags win over the file
-    }
-    return out;
+    return json as Record<string, unknown>;
   });
-
-const parseValue = (v: string): unknown => {
-  if (v === "true") return true;
-  if (v === "false") return false;
-  if (v === "null") return null;
-  if (/^-?(\d+\.?\d*|\.\d+)(e-?\d+)?$/i.test(v)) return Number(v);
-  if (v.includes(",")) return v.split(",").map((x) => x.trim()).filter((x) => x.length > 0);
-  if (v.startsWith("[")) {
-    try {
-      return JSON.parse(v);
-    } catch {
-      return v;
-    }
-  }
-  return v;
-};

@@ -6,11 +6,12 @@
  * server as a child process (src/app/embedded_server.ts), else it talks to the given URL.
  * @module
  */
-import { Context, Effect, Layer, Semaphore } from "effect";
-import { mkdir, rm, rmdir } from "node:fs/promises";
+import { Context, Effect, Layer, type Scope, Semaphore } from "effect";
+import { rm, rmdir } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { Backend, type BackendShape } from "../backend/backend.ts";
 import type { TrainConfig } from "./config.ts";
+import { type CheckpointError, makeDirectory } from "../io/checkpoint.ts";
 import { RolloutEngine } from "../ports/rollout_engine.ts";
 import {
   type PushReport,
@@ -140,86 +141,109 @@ export const discoverModelName = (
     );
     return card ? Effect.succeed(card.id as string) : Effect.fail(
       new ServerStartError({
-        message: `GET ${client.baseUrl}/v1/models lists no base model: ${
-          JSON.stringify(j).slice(0, 200)
-        }`,
+        failure: "no-base-model",
+        url: client.baseUrl,
+        detail: JSON.stringify(j).slice(0, 200),
         logs: "",
       }),
     );
   });
 
+const describe = (e: unknown): string => (e instanceof Error ? e.message : String(e));
+
+/**
+ * The directory pushed versions are written to, created now; removed with its scope unless the
+ * caller named it (`owned` false). Removal is best effort: a failure is logged.
+ */
+const pushDirectory = (
+  root: string,
+  owned: boolean,
+): Effect.Effect<void, CheckpointError, Scope.Scope> =>
+  Effect.acquireRelease(
+    makeDirectory(root),
+    () =>
+      !owned ? Effect.void : Effect.tryPromise(async () => {
+        await rm(root, { recursive: true, force: true });
+        await rmdir(dirname(root)).catch(() => {}); // .push/, unless another session uses it
+      }).pipe(
+        Effect.catch((e) =>
+          Effect.logWarning(`cannot remove the push directory ${root}: ${describe(e.cause)}`)
+        ),
+      ),
+  );
+
+/** The engine and target on an already-running server (URL) or a started embedded one. */
+const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
+  options: ServerLayerOptions,
+  cfg: TrainConfig,
+  base: BaseModel,
+) {
+  const backend = yield* Backend;
+  const pushKind = pushKindOf(cfg);
+  const url = cfg.serverUrl ?? (yield* startEmbeddedServer({
+    modelDir: base.dir,
+    backend: cfg.backend === "webgpu" ? "webgpu" : "cpu",
+    maxLoraRank: maxLoraRankFor(cfg.loraR),
+    maxLoras: Math.max(4, (options.keep ?? 2) + 2),
+    args: options.serverArgs,
+    env: options.serverEnv,
+  })).url;
+  const client = makeVllmClient(url, {
+    retry: options.retry,
+    timeoutMs: options.timeoutMs,
+    apiKey: options.apiKey === undefined ? envApiKey() : options.apiKey,
+  });
+  const version = yield* client.version();
+  const modelName = yield* discoverModelName(client);
+  yield* Effect.logInfo(
+    `server engine: ${url} (version ${
+      version ?? "unknown"
+    }), model '${modelName}', ${pushKind} pushes, ` +
+      `verify ${cfg.verify}`,
+  );
+  const root = options.pushRoot ??
+    join(
+      resolve(cfg.outputDir),
+      ".push",
+      `${new Date().toISOString().replace(/[:.]/g, "-")}-${crypto.randomUUID().slice(0, 8)}`,
+    );
+  yield* pushDirectory(root, !options.pushRoot);
+  const routing = new Routing();
+  const ctx: ServerContext = {
+    cfg,
+    base,
+    client,
+    backend,
+    routing,
+    root,
+    modelName,
+    pushKind,
+    verify: {
+      policy: cfg.verify,
+      tolerance: cfg.verifyTolerance,
+      probePrompt: options.probePrompt ?? defaultProbePrompt(base.tokenizer),
+      probeTokens: options.probeTokens ?? 4,
+    },
+    onStage: options.onStage,
+  };
+  const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
+  const target = options.makeTarget ? options.makeTarget(ctx, standard) : standard;
+  const engine = makeServerRolloutEngine(client, routing, {
+    concurrency: options.concurrency,
+  });
+  return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);
+});
+
 /** Builds the engine and target on an already-running server (URL) or a started embedded one. */
 export const makeServerLayer =
   (options: ServerLayerOptions = {}): RolloutLayerFactory => (cfg, base) =>
     Layer.effectContext(
-      Effect.gen(function* () {
-        const backend = yield* Backend;
-        const pushKind = pushKindOf(cfg);
-        const url = cfg.serverUrl ?? (yield* startEmbeddedServer({
-          modelDir: base.dir,
-          backend: cfg.backend === "webgpu" ? "webgpu" : "cpu",
-          maxLoraRank: maxLoraRankFor(cfg.loraR),
-          maxLoras: Math.max(4, (options.keep ?? 2) + 2),
-          args: options.serverArgs,
-          env: options.serverEnv,
-        })).url;
-        const client = makeVllmClient(url, {
-          retry: options.retry,
-          timeoutMs: options.timeoutMs,
-          apiKey: options.apiKey === undefined ? envApiKey() : options.apiKey,
-        });
-        const version = yield* client.version();
-        const modelName = yield* discoverModelName(client);
-        yield* Effect.logInfo(
-          `server engine: ${url} (version ${
-            version ?? "unknown"
-          }), model '${modelName}', ${pushKind} pushes, ` +
-            `verify ${cfg.verify}`,
-        );
-        const root = options.pushRoot ??
-          join(
-            resolve(cfg.outputDir),
-            ".push",
-            `${new Date().toISOString().replace(/[:.]/g, "-")}-${crypto.randomUUID().slice(0, 8)}`,
-          );
-        yield* Effect.acquireRelease(
-          Effect.promise(() => mkdir(root, { recursive: true })),
-          () =>
-            options.pushRoot ? Effect.void : Effect.promise(async () => {
-              await rm(root, { recursive: true, force: true });
-              await rmdir(dirname(root)).catch(() => {}); // .push/, unless another session uses it
-            }),
-        );
-        const routing = new Routing();
-        const ctx: ServerContext = {
-          cfg,
-          base,
-          client,
-          backend,
-          routing,
-          root,
-          modelName,
-          pushKind,
-          verify: {
-            policy: cfg.verify,
-            tolerance: cfg.verifyTolerance,
-            probePrompt: options.probePrompt ?? defaultProbePrompt(base.tokenizer),
-            probeTokens: options.probeTokens ?? 4,
-          },
-          onStage: options.onStage,
-        };
-        const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
-        const target = options.makeTarget ? options.makeTarget(ctx, standard) : standard;
-        const engine = makeServerRolloutEngine(client, routing, {
-          concurrency: options.concurrency,
-        });
-        return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);
-      }).pipe(
+      buildServerEngine(options, cfg, base).pipe(
         Effect.mapError((e) =>
           new SyncError({
             target: cfg.serverUrl ?? "embedded server",
-            version: -1,
-            message: e._tag === "VllmHttpError"
+            version: null,
+            reason: e._tag === "VllmHttpError"
               ? `cannot use the server: ${describeHttpError(e)}`
               : e.message,
             cause: e,

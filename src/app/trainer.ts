@@ -6,22 +6,24 @@
  * @module
  */
 import { Effect, type Layer, Stream } from "effect";
-import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
+import { appendFile, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
 import { uploadModel } from "../model/decoder.ts";
 import { type BaseModel, loadBase, type LoadError } from "../model/loader.ts";
 import type { TokenizerError } from "../tokenizer/tokenizer.ts";
 import type { BackendError } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
 import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
-import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
+import { CheckpointError, type SafetensorsError } from "../io/errors.ts";
+import { errorText, fsOp, makeDirectory } from "../io/checkpoint.ts";
 import type { SnapshotCorrupted } from "../snapshot/snapshot.ts";
 import type { Task } from "../task/task.ts";
 import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
 import { type TrainConfig, TrainConfigError } from "./config.ts";
+import { loraConfigOf } from "../lora/config.ts";
+import { optimizerConfigOf } from "../train/optimizer_config.ts";
 import { loadTrainCheckpoint, saveTrainCheckpoint } from "../train/checkpoint.ts";
 import { type NonFiniteStepError, Policy, type StateMismatchError } from "../train/policy.ts";
 import { LocalEngineLive } from "../rollout/local.ts";
@@ -69,7 +71,6 @@ export type TrainError =
   | LoadError
   | TokenizerError
   | BackendError
-  | BackendFailure
   | RolloutError
   | RewardError
   | GrpoInputError
@@ -101,16 +102,39 @@ export interface TrainRunOptions {
 
 const noLog = (): void => {};
 
+/** The records of a metrics.jsonl file (one JSON object a line; blank lines skipped). */
+const parseMetrics = (
+  path: string,
+  text: string,
+): Effect.Effect<Record<string, number>[], CheckpointError> =>
+  Effect.forEach(
+    text.split("\n").map((l, i) => [l, i] as const).filter(([l]) => l.trim()),
+    ([l, i]) =>
+      Effect.try({
+        try: () => JSON.parse(l) as Record<string, number>,
+        catch: (e) =>
+          new CheckpointError({
+            path,
+            tensor: null,
+            reason: `line ${i + 1} is not JSON: ${errorText(e)}`,
+          }),
+      }),
+  );
+
 /**
  * Trains `task` with GRPO: evaluates the base model, runs the configured steps through the
  * pipeline stages, evaluates the trained policy and writes the run directory.
  */
-export const runTraining = (
+export const runTraining: (
   cfg: TrainConfig,
   task: Task,
-  options: TrainRunOptions = {},
-): Effect.Effect<TrainSummary, TrainError> =>
-  Effect.gen(function* () {
+  options?: TrainRunOptions,
+) => Effect.Effect<TrainSummary, TrainError> = Effect.fn("runTraining")(
+  function* (
+    cfg: TrainConfig,
+    task: Task,
+    options: TrainRunOptions = {},
+  ): Effect.fn.Return<TrainSummary, TrainError> {
     const log = options.log ?? noLog;
     const engineLayer = options.rollout ?? localEngine;
     const modelDir = cfg.model ?? task.baseModelDir;
@@ -118,7 +142,7 @@ export const runTraining = (
       return yield* Effect.fail(
         new TrainConfigError({
           option: "model",
-          message: `option model: task "${task.name}" has no base model; give --model DIR`,
+          reason: `option model: task "${task.name}" has no base model; give --model DIR`,
         }),
       );
     }
@@ -128,27 +152,14 @@ export const runTraining = (
       const tok = base.tokenizer;
       const runId = cfg.runId ?? new Date().toISOString().replace(/[:.]/g, "-");
       const runDir = join(cfg.outputDir, runId);
-      yield* Effect.promise(() => mkdir(runDir, { recursive: true }));
+      yield* makeDirectory(runDir);
       const metricsPath = join(runDir, "metrics.jsonl");
       const ckptPath = join(runDir, "checkpoint.safetensors");
       const policy = yield* Policy.make(backend, base.config, base.weights, {
         mode: cfg.mode,
-        lora: {
-          r: cfg.loraR,
-          alpha: cfg.loraAlpha,
-          dropout: cfg.loraDropout,
-          targetModules: cfg.targetModules,
-          useRslora: cfg.useRslora,
-        },
+        lora: loraConfigOf(cfg),
         seed: cfg.seed,
-        optimizer: {
-          learningRate: cfg.grpo.learningRate,
-          beta1: cfg.adamBeta1,
-          beta2: cfg.adamBeta2,
-          eps: cfg.adamEpsilon,
-          weightDecay: cfg.weightDecay,
-          maxGradNorm: cfg.maxGradNorm,
-        },
+        optimizer: optimizerConfigOf(cfg, cfg.grpo.learningRate),
       });
       let first = 1;
       const history: Record<string, number>[] = [];
@@ -157,18 +168,22 @@ export const runTraining = (
         yield* policy.importState(ck.state);
         first = ck.step + 1;
         // keep the metrics of the steps the checkpoint covers; later lines are replayed
+        // cannot fail: a missing or unreadable metrics file counts as empty
         const text = yield* Effect.promise(() => readFile(metricsPath, "utf8").catch(() => ""));
-        const kept = text.split("\n").filter((l) => l.trim()).map((l) =>
-          JSON.parse(l) as Record<string, number>
-        )
-          .filter((m) => m.step <= ck.step);
+        const kept = (yield* parseMetrics(metricsPath, text)).filter((m) => m.step <= ck.step);
         history.push(...kept);
-        yield* Effect.promise(() =>
-          writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join(""))
+        yield* fsOp(
+          metricsPath,
+          "cannot rewrite the metrics",
+          () => writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join("")),
         );
         log(`resumed ${runDir} at step ${ck.step} (policy v${ck.state.version})`);
       } else {
-        yield* Effect.promise(() => writeFile(metricsPath, ""));
+        yield* fsOp(
+          metricsPath,
+          "cannot create the metrics file",
+          () => writeFile(metricsPath, ""),
+        );
       }
       const maxTokens = cfg.grpo.maxCompletionLength;
       const evaluate = (label: string) =>
@@ -231,7 +246,11 @@ export const runTraining = (
               : {}),
           };
           history.push(m);
-          yield* Effect.promise(() => appendFile(metricsPath, JSON.stringify(m) + "\n"));
+          yield* fsOp(
+            metricsPath,
+            "cannot append to the metrics",
+            () => appendFile(metricsPath, JSON.stringify(m) + "\n"),
+          );
           const done = p.step - first + 1;
           const elapsed = (performance.now() - t0) / 1000;
           if (!cfg.quiet) {
@@ -284,7 +303,8 @@ export const runTraining = (
           color: "#2ca02c",
         },
       ]);
-      yield* Effect.promise(() => writeFile(join(runDir, "reward.svg"), svg));
+      const svgPath = join(runDir, "reward.svg");
+      yield* fsOp(svgPath, "cannot write the reward plot", () => writeFile(svgPath, svg));
       const steps_ = Math.max(1, total);
       const summary: TrainSummary = {
         runDir,
@@ -301,8 +321,11 @@ export const runTraining = (
         stageMs: Object.fromEntries(Object.entries(stageTotals).map(([k, v]) => [k, v / steps_])),
         trainableParameters: policy.trainableParameters,
       };
-      yield* Effect.promise(() =>
-        writeFile(join(runDir, "summary.json"), JSON.stringify(summary, null, 2) + "\n")
+      const summaryPath = join(runDir, "summary.json");
+      yield* fsOp(
+        summaryPath,
+        "cannot write the summary",
+        () => writeFile(summaryPath, JSON.stringify(summary, null, 2) + "\n"),
       );
       log(
         `accuracy ${(accBefore * 100).toFixed(1)}% -> ${(accAfter * 100).toFixed(1)}% in ${
@@ -316,4 +339,5 @@ export const runTraining = (
       Effect.provide(engineLayer(cfg, base)),
       Effect.provide(BackendLive(cfg.backend)),
     );
-  });
+  },
+);

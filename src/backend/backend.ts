@@ -4,12 +4,11 @@
  * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Context, Data, Effect, Layer } from "effect";
+import { Context, Effect, Layer } from "effect";
 import type { Scope } from "effect";
 import { makeCpuOps } from "./cpu/ops.ts";
 import type { CpuPrecision } from "./cpu/scope.ts";
-import type { BackendInfo, Ops } from "./ops.ts";
+import { BackendError, type BackendInfo, type Ops } from "./ops.ts";
 import { GpuContext } from "./webgpu/context.ts";
 import { loadKernels } from "./webgpu/kernels.ts";
 import { makeGpuOps } from "./webgpu/ops.ts";
@@ -31,10 +30,9 @@ export const Backend: Context.Key<BackendShape, BackendShape> = Context.Service<
   "lorafold/Backend",
 );
 
-const BackendErrorBase: TaggedErrorClass<"BackendError", { readonly message: string }> = Data
-  .TaggedError("BackendError");
-/** Backend setup or device failure. */
-export class BackendError extends BackendErrorBase {}
+export { BackendError, type BackendOperation } from "./ops.ts";
+
+const describe = (e: unknown): string => e instanceof Error ? e.message : String(e);
 
 /** Which backend to use. */
 export type BackendChoice = "auto" | "cpu" | "webgpu";
@@ -88,7 +86,7 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
           await loadKernels(),
         );
       },
-      catch: (e) => new BackendError({ message: e instanceof Error ? e.message : String(e) }),
+      catch: (e) => new BackendError({ operation: "setup", reason: describe(e) }),
     }),
     (ctx) => Effect.sync(() => ctx.destroy()),
   ).pipe(Effect.map((ctx): BackendShape => ({
@@ -99,7 +97,7 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
     ).pipe(Effect.map(({ ops }) => ops)),
     sync: Effect.tryPromise({
       try: () => ctx.sync(),
-      catch: (e) => new BackendError({ message: String(e) }),
+      catch: (e) => new BackendError({ operation: "sync", reason: describe(e) }),
     }),
     gpu: ctx,
   })));
@@ -120,7 +118,10 @@ export const backendChoiceFromEnv = (): Effect.Effect<BackendChoice, BackendErro
     return c === "auto" || c === "cpu" || c === "webgpu"
       ? Effect.succeed(c as BackendChoice)
       : Effect.fail(
-        new BackendError({ message: `LORAFOLD_BACKEND="${v}": expected one of auto, cpu, webgpu` }),
+        new BackendError({
+          operation: "config",
+          reason: `LORAFOLD_BACKEND="${v}": expected one of auto, cpu, webgpu`,
+        }),
       );
   });
 

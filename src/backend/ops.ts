@@ -10,13 +10,29 @@
  * @module
  */
 import type { Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import type { DType, FloatArray, Tensor } from "./tensor.ts";
 
-/** Error raised by a backend at run time (device lost, readback failure, out of memory). */
-export interface BackendFailure {
-  readonly _tag: "BackendError";
-  readonly message: string;
-}
+/** What a backend was doing when it failed. */
+export type BackendOperation = "config" | "setup" | "sync" | "read";
+
+const BackendErrorBase: TaggedErrorClass<"BackendError", {
+  /** `config`: LORAFOLD_BACKEND; `setup`: opening the device; `sync` / `read`: device work. */
+  readonly operation: BackendOperation;
+  /** What went wrong, in words (the device's own message for device failures). */
+  readonly reason: string;
+}> = taggedError(
+  "BackendError",
+  (e) => {
+    return e.operation === "sync"
+      ? `device sync failed: ${e.reason}`
+      : e.operation === "read"
+      ? `device readback failed: ${e.reason}`
+      : e.reason;
+  },
+);
+/** Backend setup or device failure (no adapter, device lost, readback failure, out of memory). */
+export class BackendError extends BackendErrorBase {}
 
 /** Matmul transpose flags: `transA` means `a` is stored as [K, M]; `transB` means `b` is [N, K]. */
 export interface MatmulOptions {
@@ -84,9 +100,9 @@ export interface Ops {
   /** View with another shape of the same size; shares storage, owned by the source's scope. */
   reshape(t: Tensor, shape: readonly number[]): Tensor;
   /** Host copies of f32 tensors, fetched with a single wait. */
-  read(ts: readonly Tensor[]): Effect.Effect<FloatArray[], BackendFailure>;
+  read(ts: readonly Tensor[]): Effect.Effect<FloatArray[], BackendError>;
   /** Host copies of i32 tensors, fetched with a single wait. */
-  readInt(ts: readonly Tensor[]): Effect.Effect<Int32Array[], BackendFailure>;
+  readInt(ts: readonly Tensor[]): Effect.Effect<Int32Array[], BackendError>;
   /** Submits pending work without waiting (lets the device run while the host prepares more). */
   flush(): void;
 

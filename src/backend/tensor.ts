@@ -3,8 +3,7 @@
  * backend (a typed array on the CPU, a GPU buffer on WebGPU) and is reached only through `Ops`.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** Element type: `f32` for values, `i32` for token ids and positions. */
 export type DType = "f32" | "i32";
@@ -23,16 +22,26 @@ export interface Tensor {
 }
 
 const ShapeErrorBase: TaggedErrorClass<"ShapeError", {
+  /** The op that refused its arguments. */
   readonly op: string;
-  readonly message: string;
-}> = Data.TaggedError("ShapeError");
+  /** What does not fit, in words. */
+  readonly reason: string;
+}> = taggedError(
+  "ShapeError",
+  (e) => `${e.op}: ${e.reason}`,
+);
 /** A shape or dtype that an op cannot accept: a programming error, thrown synchronously. */
 export class ShapeError extends ShapeErrorBase {}
 
 const ReleasedTensorErrorBase: TaggedErrorClass<"ReleasedTensorError", {
+  /** The op given the released tensor. */
   readonly op: string;
-  readonly message: string;
-}> = Data.TaggedError("ReleasedTensorError");
+  /** The shape of the released tensor. */
+  readonly shape: readonly number[];
+}> = taggedError(
+  "ReleasedTensorError",
+  (e) => `${e.op}: tensor [${e.shape}] used after its scope closed`,
+);
 /** A tensor used after the scope that owned it closed. */
 export class ReleasedTensorError extends ReleasedTensorErrorBase {}
 
@@ -41,16 +50,16 @@ export const sizeOf = (shape: readonly number[]): number => {
   let n = 1;
   for (const d of shape) {
     if (!Number.isInteger(d) || d < 0) {
-      throw new ShapeError({ op: "shape", message: `invalid dimension ${d} in [${shape}]` });
+      throw new ShapeError({ op: "shape", reason: `invalid dimension ${d} in [${shape}]` });
     }
     n *= d;
   }
   return n;
 };
 
-/** Throws a ShapeError unless `cond` holds. */
-export const ensure = (cond: boolean, op: string, message: () => string): void => {
-  if (!cond) throw new ShapeError({ op, message: message() });
+/** Throws a ShapeError unless `cond` holds; `reason` is only evaluated on failure. */
+export const ensure = (cond: boolean, op: string, reason: () => string): void => {
+  if (!cond) throw new ShapeError({ op, reason: reason() });
 };
 
 /** Checks `t.shape` equals `shape` (use -1 for "any"). */

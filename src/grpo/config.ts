@@ -6,9 +6,22 @@
  * Only the GRPO-specific options live here; optimizer and batch settings belong to the trainer.
  * @module
  */
-import { Data, Effect, Exit, Schema } from "effect";
+import { Effect, Schema } from "effect";
+import {
+  choice,
+  decodeOptions,
+  finite,
+  flag,
+  integer,
+  type InvalidOptionFields,
+  option,
+  type OptionFields,
+  optionsSchema,
+  renderValue,
+  snakeCase,
+} from "../base/options.ts";
 import type { ScaleRewards } from "./advantages.ts";
-import type { TaggedErrorClass } from "./errors.ts";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import type { ImportanceSamplingLevel, LossType, VllmImportanceSamplingMode } from "./loss.ts";
 
 /** How several reward functions become one advantage (TRL `multi_objective_aggregation`). */
@@ -65,208 +78,169 @@ export interface GrpoConfig {
 /** What decoding accepts: any subset of the options (camelCase), the rest take TRL's defaults. */
 export type GrpoConfigInput = { readonly [K in keyof GrpoConfig]?: GrpoConfig[K] };
 
-const GrpoConfigErrorBase: TaggedErrorClass<"GrpoConfigError", {
-  readonly option: string;
-  readonly message: string;
-}> = Data.TaggedError("GrpoConfigError");
+const GrpoConfigErrorBase: TaggedErrorClass<"GrpoConfigError", InvalidOptionFields> = taggedError(
+  "GrpoConfigError",
+  (e) => e.reason,
+);
 /** A bad option value or name, as one line. `option` is the camelCase name (or the unknown key). */
 export class GrpoConfigError extends GrpoConfigErrorBase {}
 
-// ---- field specs: schema without default, the default, and the allowed values in words -------
+// ---- the fields: schema, TRL's default, help text and the allowed values in words ------------
 
-interface Spec {
-  readonly schema: Schema.Top;
-  readonly default: unknown;
-  readonly allowed: string;
-}
-
-const nonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
-const positive = Schema.Finite.check(Schema.isGreaterThan(0));
-const unit = Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 }));
-const intAtLeast = (n: number) => Schema.Int.check(Schema.isGreaterThanOrEqualTo(n));
-const literals = <const L extends readonly string[]>(values: L) => ({
-  schema: Schema.Literals(values),
-  allowed: values.map((v) => JSON.stringify(v)).join(" | "),
-});
-
-const specs: { readonly [K in keyof GrpoConfig]: Spec } = {
-  numGenerations: { schema: intAtLeast(2), default: 8, allowed: "an integer >= 2" },
-  maxCompletionLength: { schema: intAtLeast(1), default: 512, allowed: "an integer >= 1" },
-  temperature: { schema: positive, default: 1.0, allowed: "a number > 0" },
-  topP: {
-    schema: Schema.Finite.check(
-      Schema.isBetween({ minimum: 0, maximum: 1, exclusiveMinimum: true }),
-    ),
+const fields = {
+  numGenerations: integer({ min: 2 }, {
+    default: 8,
+    description: "Completions sampled per prompt (the group size G)",
+  }),
+  maxCompletionLength: integer({ min: 1 }, {
+    default: 512,
+    description: "Token budget of a completion; also dr_grpo's denominator",
+  }),
+  temperature: finite({ min: 0, exclusiveMin: true }, {
     default: 1.0,
-    allowed: "a number in (0, 1]",
-  },
-  topK: { schema: intAtLeast(0), default: 0, allowed: "an integer >= 0 (0 = off)" },
-  epsilon: { schema: nonNegative, default: 0.2, allowed: "a number >= 0" },
-  epsilonHigh: {
-    schema: Schema.NullOr(nonNegative),
+    description: "Sampling temperature; logits are divided by it before log_softmax everywhere",
+  }),
+  topP: finite({ min: 0, max: 1, exclusiveMin: true }, {
+    default: 1.0,
+    description: "Nucleus sampling; 1 = off",
+  }),
+  topK: integer({ min: 0 }, { default: 0, description: "Top-k sampling", note: "0 = off" }),
+  epsilon: finite({ min: 0 }, {
+    default: 0.2,
+    description: "Lower clip epsilon (ratio >= 1 - epsilon)",
+  }),
+  epsilonHigh: finite<number | null>({ min: 0 }, {
     default: null,
-    allowed: "a number >= 0, or null (= epsilon)",
-  },
-  delta: { schema: Schema.NullOr(positive), default: null, allowed: "a number > 0, or null (off)" },
-  beta: { schema: nonNegative, default: 0.0, allowed: "a number >= 0" },
-  numIterations: { schema: intAtLeast(1), default: 1, allowed: "an integer >= 1" },
-  lossType: { ...literals(["grpo", "bnpo", "dr_grpo", "dapo"]), default: "dapo" },
-  scaleRewards: { ...literals(["group", "batch", "none"]), default: "group" },
-  importanceSamplingLevel: { ...literals(["token", "sequence"]), default: "token" },
-  multiObjectiveAggregation: {
-    ...literals(["sum_then_normalize", "normalize_then_sum"]),
+    description: "Upper clip epsilon (DAPO suggests 0.28)",
+    nullable: "= epsilon",
+  }),
+  delta: finite<number | null>({ min: 0, exclusiveMin: true }, {
+    default: null,
+    description: "Upper bound on the unclipped ratio (two-sided clipping)",
+    nullable: "off",
+  }),
+  beta: finite({ min: 0 }, { default: 0.0, description: "KL coefficient; 0 = no reference pass" }),
+  numIterations: integer({ min: 1 }, {
+    default: 1,
+    description: "Optimisation passes over each generation batch",
+  }),
+  lossType: choice(["grpo", "bnpo", "dr_grpo", "dapo"], {
+    default: "dapo",
+    description: "Loss normalisation",
+  }),
+  scaleRewards: choice(["group", "batch", "none"], {
+    default: "group",
+    description: "Standard deviation the advantages are divided by",
+  }),
+  importanceSamplingLevel: choice(["token", "sequence"], {
+    default: "token",
+    description: 'Importance ratio per token, or per sequence ("sequence" is GSPO)',
+  }),
+  multiObjectiveAggregation: choice(["sum_then_normalize", "normalize_then_sum"], {
     default: "sum_then_normalize",
-  },
-  rewardWeights: {
-    schema: Schema.NullOr(Schema.Array(Schema.Finite)),
+    description: "How several reward functions become one advantage",
+  }),
+  rewardWeights: option(Schema.NullOr(Schema.Array(Schema.Finite)), {
     default: null,
-    allowed: "an array of finite numbers, or null",
-  },
-  learningRate: { schema: positive, default: 1e-6, allowed: "a number > 0" },
-  maskTruncatedCompletions: { schema: Schema.Boolean, default: false, allowed: "true | false" },
-  topEntropyQuantile: { schema: unit, default: 1.0, allowed: "a number in [0, 1]" },
-  vllmImportanceSamplingCorrection: {
-    schema: Schema.Boolean,
+    description: "One weight per reward function; null = each function's own weight",
+    allowed: "a list of finite numbers, or null",
+  }),
+  learningRate: finite({ min: 0, exclusiveMin: true }, {
+    default: 1e-6,
+    description: "AdamW learning rate (TRL's default is 1e-6; LoRA usually wants ~10x more)",
+  }),
+  maskTruncatedCompletions: flag({
+    default: false,
+    description: "Completions without EOS train on nothing (their rewards still count)",
+  }),
+  topEntropyQuantile: finite({ min: 0, max: 1 }, {
+    default: 1.0,
+    description: "Fraction of highest-entropy tokens that keep the policy term; 1 = all",
+  }),
+  vllmImportanceSamplingCorrection: flag({
     default: true,
-    allowed: "true | false",
-  },
-  vllmImportanceSamplingMode: {
-    ...literals(["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]),
-    default: "sequence_mask",
-  },
-  vllmImportanceSamplingClipMax: {
-    schema: Schema.NullOr(positive),
+    description: "Correct for the rollout engine's log-prob mismatch with the trainer",
+  }),
+  vllmImportanceSamplingMode: choice(
+    ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"],
+    { default: "sequence_mask", description: "How the engine importance ratio is bounded" },
+  ),
+  vllmImportanceSamplingClipMax: finite<number | null>({ min: 0, exclusiveMin: true }, {
     default: 3.0,
-    allowed: "a number > 0, or null (no upper bound)",
-  },
-  vllmImportanceSamplingClipMin: {
-    schema: Schema.NullOr(nonNegative),
+    description: "Upper bound of the engine importance ratio (TRL's _clip_max, formerly _cap)",
+    nullable: "no upper bound",
+  }),
+  vllmImportanceSamplingClipMin: finite<number | null>({ min: 0 }, {
     default: null,
-    allowed: "a number >= 0, or null (no lower bound)",
-  },
+    description: "Lower bound of the engine importance ratio",
+    nullable: "no lower bound",
+  }),
 };
 
-const optionNames = Object.keys(specs) as (keyof GrpoConfig)[];
+/** The GRPO option fields (for deriving flags and documentation). */
+export const grpoOptionFields: OptionFields = fields;
 
-const snake = (camel: string): string => camel.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+const optionNames = Object.keys(fields) as (keyof GrpoConfig)[];
 
 /** TRL's (snake_case) name of every option. */
 export const trlOptionNames: { readonly [K in keyof GrpoConfig]: string } = Object.fromEntries(
-  optionNames.map((k) => [k, snake(k)]),
+  optionNames.map((k) => [k, snakeCase(k)]),
 ) as { readonly [K in keyof GrpoConfig]: string };
 
-/** Input keys that mean an option: camelCase, TRL's snake_case, and TRL's deprecated alias. */
-const keyToOption: ReadonlyMap<string, keyof GrpoConfig> = new Map<string, keyof GrpoConfig>([
-  ...optionNames.map((k) => [k, k] as const),
-  ...optionNames.map((k) => [snake(k), k] as const),
-  ["vllm_importance_sampling_cap", "vllmImportanceSamplingClipMax"],
-  ["vllmImportanceSamplingCap", "vllmImportanceSamplingClipMax"],
-]);
+/** TRL's deprecated spellings, still accepted. */
+export const grpoOptionAliases: Readonly<Record<string, string>> = {
+  vllm_importance_sampling_cap: "vllmImportanceSamplingClipMax",
+  vllmImportanceSamplingCap: "vllmImportanceSamplingClipMax",
+};
 
 /**
  * The options as an Effect Schema (camelCase keys, each optional with TRL's default). Decoding
  * with it directly gives Effect's own error text; {@link decodeGrpoConfig} gives one clear line.
  */
-export const GrpoConfigSchema: Schema.Codec<GrpoConfig, GrpoConfigInput> = Schema.Struct(
-  Object.fromEntries(
-    optionNames.map((k) => [
-      k,
-      specs[k].schema.pipe(
-        Schema.withDecodingDefaultKey(Effect.succeed(specs[k].default as never)),
-      ),
-    ]),
-  ),
+export const GrpoConfigSchema: Schema.Codec<GrpoConfig, GrpoConfigInput> = optionsSchema(
+  fields,
 ) as unknown as Schema.Codec<GrpoConfig, GrpoConfigInput>;
 
-const render = (v: unknown): string => {
-  if (v === undefined) return "undefined";
-  let s: string;
-  try {
-    s = JSON.stringify(v) ?? String(v);
-  } catch {
-    s = String(v);
-  }
-  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
-};
-
-const editDistance = (a: string, b: string): number => {
-  const row = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    let prev = row[0];
-    row[0] = i;
-    for (let j = 1; j <= b.length; j++) {
-      const cur = row[j];
-      row[j] = Math.min(row[j] + 1, row[j - 1] + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
-      prev = cur;
-    }
-  }
-  return row[b.length];
-};
-
-const suggest = (key: string): string => {
-  const norm = key.toLowerCase().replace(/[-_]/g, "");
-  let best: keyof GrpoConfig | null = null;
-  let bestD = Infinity;
-  for (const k of optionNames) {
-    const d = editDistance(norm, k.toLowerCase());
-    if (d < bestD) [best, bestD] = [k, d];
-  }
-  return best !== null && bestD <= 3 ? `; did you mean ${best}?` : "";
-};
-
-const label = (k: keyof GrpoConfig): string => `GRPO option ${k} (TRL ${trlOptionNames[k]})`;
-
-const fail = (option: string, message: string): Effect.Effect<never, GrpoConfigError> =>
-  Effect.fail(new GrpoConfigError({ option, message }));
+const label = (k: string): string =>
+  `GRPO option ${k} (TRL ${trlOptionNames[k as keyof GrpoConfig]})`;
 
 /**
- * Decodes GRPO options from camelCase or TRL snake_case keys, filling TRL's defaults. Fails with a
- * GrpoConfigError whose message is one line: the option (both spellings), the value given and the
- * values allowed; an unknown key is named with the closest known option. `undefined` and a missing
- * input mean "use the default".
+ * Decodes GRPO options from camelCase or TRL snake_case keys, filling TRL's defaults (or
+ * `defaults`, e.g. a task's recommended values). Fails with a GrpoConfigError whose message is
+ * one line: the option (both spellings), the value given and the values allowed; an unknown key
+ * is named with the closest known option. `undefined` and a missing input mean "use the default".
  */
-export const decodeGrpoConfig = (input: unknown): Effect.Effect<GrpoConfig, GrpoConfigError> =>
+export const decodeGrpoConfig = (
+  input: unknown,
+  defaults: Readonly<Record<string, unknown>> = {},
+): Effect.Effect<GrpoConfig, GrpoConfigError> =>
   Effect.gen(function* () {
-    if (input === undefined || input === null) input = {};
-    if (typeof input !== "object" || Array.isArray(input)) {
-      return yield* fail("*", `GRPO options must be an object, got ${render(input)}`);
+    if (
+      input !== undefined && input !== null && (typeof input !== "object" || Array.isArray(input))
+    ) {
+      return yield* Effect.fail(
+        new GrpoConfigError({
+          option: "*",
+          reason: `GRPO options must be an object, got ${renderValue(input)}`,
+        }),
+      );
     }
-    const normalized: Record<string, unknown> = {};
-    const source: Record<string, string> = {};
-    for (const [key, value] of Object.entries(input as Record<string, unknown>)) {
-      const option = keyToOption.get(key);
-      if (option === undefined) {
-        return yield* fail(key, `unknown GRPO option "${key}"${suggest(key)}`);
-      }
-      if (value === undefined) continue;
-      if (option in source) {
-        return yield* fail(
-          option,
-          `${label(option)} is given twice, as "${source[option]}" and "${key}"`,
-        );
-      }
-      source[option] = key;
-      const spec = specs[option];
-      const exit = Schema.decodeUnknownExit(spec.schema as Schema.Codec<unknown>)(value);
-      if (Exit.isFailure(exit)) {
-        return yield* fail(
-          option,
-          `${label(option)}: got ${render(value)}; allowed: ${spec.allowed}`,
-        );
-      }
-      normalized[option] = value;
-    }
-    const config = yield* Schema.decodeUnknownEffect(GrpoConfigSchema)(normalized).pipe(
-      Effect.mapError((e) =>
-        new GrpoConfigError({ option: "*", message: e.message.replace(/\s+/g, " ") })
-      ),
-    );
+    const config = (yield* decodeOptions(fields, input, {
+      label,
+      noun: "GRPO option",
+      aliases: grpoOptionAliases,
+      defaults,
+    }).pipe(
+      Effect.mapError((e) => new GrpoConfigError({ option: e.option, reason: e.reason })),
+    )) as GrpoConfig;
     const { vllmImportanceSamplingClipMin: min, vllmImportanceSamplingClipMax: max } = config;
     if (min !== null && max !== null && min > max) {
-      return yield* fail(
-        "vllmImportanceSamplingClipMin",
-        `${label("vllmImportanceSamplingClipMin")}: got ${min}; allowed: at most ` +
-          `vllmImportanceSamplingClipMax (${max})`,
+      return yield* Effect.fail(
+        new GrpoConfigError({
+          option: "vllmImportanceSamplingClipMin",
+          reason: `${label("vllmImportanceSamplingClipMin")}: got ${min}; allowed: at most ` +
+            `vllmImportanceSamplingClipMax (${max})`,
+        }),
       );
     }
     return config;

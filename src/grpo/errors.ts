@@ -4,15 +4,8 @@
  * step with the place it happened, never flow silently into the optimizer.
  * @module
  */
-import { type Cause, Data, Effect } from "effect";
-
-/**
- * The class Data.TaggedError(tag) builds, written out so exported error classes extend a typed
- * const (JSR rejects an inferred call expression as a super class).
- */
-export type TaggedErrorClass<Tag extends string, A extends Record<string, unknown>> = new (
-  args: A,
-) => Cause.YieldableError & { readonly _tag: Tag } & Readonly<A>;
+import type { Effect } from "effect";
+import { taggedError, type TaggedErrorClass, tryTagged } from "../base/tagged_error.ts";
 
 /** The quantity that went non-finite. Inputs first, then derived values in computation order. */
 export type NumericQuantity =
@@ -34,46 +27,48 @@ const GrpoNumericErrorBase: TaggedErrorClass<"GrpoNumericError", {
   readonly sequence: number;
   readonly token: number | null;
   readonly value: number;
-  readonly message: string;
-}> = Data.TaggedError("GrpoNumericError");
+}> = taggedError(
+  "GrpoNumericError",
+  (e) => {
+    const where = e.sequence < 0
+      ? "in the micro-batch total"
+      : e.token === null
+      ? `at sequence ${e.sequence}`
+      : `at sequence ${e.sequence}, token ${e.token}`;
+    return `${e.quantity} is ${e.value} ${where}`;
+  },
+);
 /**
  * A NaN or infinity in GRPO math. `sequence` indexes the micro-batch (or the reward batch);
  * `token` is the completion-token index, or null for per-sequence quantities (reward, advantage,
- * sequence-level ratio) and for the final loss (sequence -1).
+ * sequence-level ratio) and for the final loss (sequence -1). The message names the quantity, the
+ * place and the value.
  */
 export class GrpoNumericError extends GrpoNumericErrorBase {}
 
 const GrpoInputErrorBase: TaggedErrorClass<"GrpoInputError", {
+  /** The operation that rejected its inputs (`grpoLoss`, `groupAdvantages`, ...). */
   readonly op: string;
-  readonly message: string;
-}> = Data.TaggedError("GrpoInputError");
-/** Inputs that do not fit together (lengths, missing arrays, bad option values). */
+  /** What does not fit, in words. */
+  readonly reason: string;
+}> = taggedError(
+  "GrpoInputError",
+  (e) => `${e.op}: ${e.reason}`,
+);
+/** Inputs that do not fit together (lengths, missing arrays, values out of range). */
 export class GrpoInputError extends GrpoInputErrorBase {}
 
-/** Builds a GrpoNumericError whose message names the quantity, the place and the value. */
+/** A GrpoNumericError for `quantity` at (`sequence`, `token`) holding `value`. */
 export const numericError = (
   quantity: NumericQuantity,
   sequence: number,
   token: number | null,
   value: number,
-): GrpoNumericError => {
-  const where = sequence < 0
-    ? "in the micro-batch total"
-    : token === null
-    ? `at sequence ${sequence}`
-    : `at sequence ${sequence}, token ${token}`;
-  return new GrpoNumericError({
-    quantity,
-    sequence,
-    token,
-    value,
-    message: `${quantity} is ${value} ${where}`,
-  });
-};
+): GrpoNumericError => new GrpoNumericError({ quantity, sequence, token, value });
 
-/** Throws a GrpoInputError unless `cond` holds (callers turn it into an Effect failure). */
-export const requireInput = (cond: boolean, op: string, message: () => string): void => {
-  if (!cond) throw new GrpoInputError({ op, message: message() });
+/** Throws a GrpoInputError unless `cond` holds (callers run it under {@link attempt}). */
+export const requireInput = (cond: boolean, op: string, reason: () => string): void => {
+  if (!cond) throw new GrpoInputError({ op, reason: reason() });
 };
 
 /**
@@ -83,11 +78,4 @@ export const requireInput = (cond: boolean, op: string, message: () => string): 
 export const attempt = <A>(
   compute: () => A,
 ): Effect.Effect<A, GrpoNumericError | GrpoInputError> =>
-  Effect.suspend(() => {
-    try {
-      return Effect.succeed(compute());
-    } catch (e) {
-      if (e instanceof GrpoNumericError || e instanceof GrpoInputError) return Effect.fail(e);
-      throw e;
-    }
-  });
+  tryTagged(compute, GrpoNumericError, GrpoInputError);

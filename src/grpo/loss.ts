@@ -19,6 +19,7 @@
  * @module
  */
 import type { Effect } from "effect";
+import type { GrpoConfig } from "./config.ts";
 import {
   attempt,
   type GrpoInputError,
@@ -74,43 +75,39 @@ export interface LossSequence {
   readonly endedWithEos?: boolean;
 }
 
-/** Loss options; names and defaults follow GrpoConfig (TRL's GRPOConfig in camelCase). */
-export interface LossOptions {
-  /** Default "dapo". */
-  readonly lossType?: LossType;
-  /** eps_low; default 0.2. */
-  readonly epsilon?: number;
-  /** eps_high; default null = epsilon (DAPO suggests 0.28). */
-  readonly epsilonHigh?: number | null;
-  /** Upper bound on c1 (two-sided clipping, INTELLECT-2); default null = off. */
-  readonly delta?: number | null;
-  /** KL coefficient; default 0 (no reference log-probs needed). */
-  readonly beta?: number;
-  /** Default "token". */
-  readonly importanceSamplingLevel?: ImportanceSamplingLevel;
-  /** The dr_grpo denominator's length; default 512. */
-  readonly maxCompletionLength?: number;
+/**
+ * Loss options: the decoded {@link GrpoConfig} fields the loss reads (a decoded config spreads
+ * into it), plus the dapo normalizer (counted from the generation batch) and the gradient
+ * accumulation steps (a trainer setting). Every field is required and taken as given: defaults
+ * and validation are decodeGrpoConfig's, so nothing is defaulted or re-checked here. `epsilonHigh`,
+ * `delta` and the clip bounds keep GrpoConfig's meaning of null (= epsilon, off, unbounded).
+ */
+export interface LossOptions extends
+  Pick<
+    GrpoConfig,
+    | "lossType"
+    | "epsilon"
+    | "epsilonHigh"
+    | "delta"
+    | "beta"
+    | "importanceSamplingLevel"
+    | "maxCompletionLength"
+    | "vllmImportanceSamplingCorrection"
+    | "vllmImportanceSamplingMode"
+    | "vllmImportanceSamplingClipMax"
+    | "vllmImportanceSamplingClipMin"
+    | "topEntropyQuantile"
+    | "maskTruncatedCompletions"
+  > {
   /**
    * dapo denominator: masked tokens in the whole generation batch divided by the number of
-   * processes (TRL `num_items_in_batch / num_processes`). Required for dapo; see
-   * {@link countLossTokens}. It may be 0 only when the micro-batch has no masked tokens (loss 0,
-   * where TRL would compute 0/0).
+   * processes (TRL `num_items_in_batch / num_processes`), see {@link countLossTokens}; read only
+   * by dapo, which fails unless it is a finite number >= 0. It may be 0 only when the micro-batch
+   * has no masked tokens (loss 0, where TRL would compute 0/0).
    */
-  readonly dapoNormalizer?: number;
-  /** grpo / bnpo / dr_grpo losses are divided by this (TRL does so per micro-batch); default 1. */
-  readonly gradientAccumulationSteps?: number;
-  /** Multiply the policy term by the engine importance ratio rho; default true. */
-  readonly vllmImportanceSamplingCorrection?: boolean;
-  /** Default "sequence_mask". */
-  readonly vllmImportanceSamplingMode?: VllmImportanceSamplingMode;
-  /** Upper bound for rho (TRL `vllm_importance_sampling_clip_max`, formerly `_cap`); default 3. */
-  readonly vllmImportanceSamplingClipMax?: number | null;
-  /** Lower bound for rho; default null = none. */
-  readonly vllmImportanceSamplingClipMin?: number | null;
-  /** Keep the policy term only for tokens whose entropy >= this top quantile; default 1 = all. */
-  readonly topEntropyQuantile?: number;
-  /** Completions that did not end with EOS get mask 0 everywhere; default false. */
-  readonly maskTruncatedCompletions?: boolean;
+  readonly dapoNormalizer: number;
+  /** grpo / bnpo / dr_grpo losses are divided by this integer >= 1 (TRL does so per micro-batch). */
+  readonly gradientAccumulationSteps: number;
 }
 
 /** The loss, its gradient and TRL's metrics for one micro-batch. */
@@ -166,93 +163,41 @@ interface Resolved {
   readonly maskTruncated: boolean;
 }
 
-const finiteAtLeast = (v: unknown, min: number): v is number =>
-  typeof v === "number" && Number.isFinite(v) && v >= min;
-
+/**
+ * The options in the form the math uses (null bounds as ±Infinity). Only the two numbers that do
+ * not come from the decoded config are checked: the dapo normalizer (counted from the batch) and
+ * the gradient accumulation steps.
+ */
 const resolve = (o: LossOptions): Resolved => {
-  const lossType = o.lossType ?? "dapo";
   requireInput(
-    ["grpo", "bnpo", "dr_grpo", "dapo"].includes(lossType),
-    OP,
-    () => `lossType must be "grpo" | "bnpo" | "dr_grpo" | "dapo", got ${JSON.stringify(lossType)}`,
-  );
-  const epsLow = o.epsilon ?? 0.2;
-  requireInput(finiteAtLeast(epsLow, 0), OP, () => `epsilon must be >= 0, got ${epsLow}`);
-  const epsHigh = o.epsilonHigh ?? epsLow;
-  requireInput(finiteAtLeast(epsHigh, 0), OP, () => `epsilonHigh must be >= 0, got ${epsHigh}`);
-  const delta = o.delta ?? null;
-  requireInput(
-    delta === null || (finiteAtLeast(delta, 0) && delta > 0),
-    OP,
-    () => `delta must be a number > 0 or null, got ${delta}`,
-  );
-  const beta = o.beta ?? 0;
-  requireInput(finiteAtLeast(beta, 0), OP, () => `beta must be >= 0, got ${beta}`);
-  const level = o.importanceSamplingLevel ?? "token";
-  requireInput(
-    level === "token" || level === "sequence",
-    OP,
-    () => `importanceSamplingLevel must be "token" | "sequence", got ${JSON.stringify(level)}`,
-  );
-  const maxCompletionLength = o.maxCompletionLength ?? 512;
-  requireInput(
-    finiteAtLeast(maxCompletionLength, 1),
-    OP,
-    () => `maxCompletionLength must be >= 1, got ${maxCompletionLength}`,
-  );
-  const gas = o.gradientAccumulationSteps ?? 1;
-  requireInput(
-    Number.isInteger(gas) && gas >= 1,
-    OP,
-    () => `gradientAccumulationSteps must be an integer >= 1, got ${gas}`,
-  );
-  const dapoNormalizer = o.dapoNormalizer ?? NaN;
-  requireInput(
-    lossType !== "dapo" || finiteAtLeast(dapoNormalizer, 0),
+    o.lossType !== "dapo" || (Number.isFinite(o.dapoNormalizer) && o.dapoNormalizer >= 0),
     OP,
     () =>
       `lossType "dapo" needs dapoNormalizer (masked tokens in the generation batch / processes), ` +
       `got ${o.dapoNormalizer}`,
   );
-  const isMode = o.vllmImportanceSamplingMode ?? "sequence_mask";
+  const gas = o.gradientAccumulationSteps;
   requireInput(
-    ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"].includes(isMode),
+    Number.isInteger(gas) && gas >= 1,
     OP,
-    () =>
-      `vllmImportanceSamplingMode must be "token_truncate" | "token_mask" | "sequence_truncate" | ` +
-      `"sequence_mask", got ${JSON.stringify(isMode)}`,
-  );
-  const clipMax = o.vllmImportanceSamplingClipMax === undefined
-    ? 3
-    : o.vllmImportanceSamplingClipMax ?? Infinity;
-  const clipMin = o.vllmImportanceSamplingClipMin ?? -Infinity;
-  requireInput(
-    !Number.isNaN(clipMax) && !Number.isNaN(clipMin) && clipMin <= clipMax,
-    OP,
-    () => `importance sampling clip range [${clipMin}, ${clipMax}] is empty`,
-  );
-  const topEntropyQuantile = o.topEntropyQuantile ?? 1;
-  requireInput(
-    finiteAtLeast(topEntropyQuantile, 0) && topEntropyQuantile <= 1,
-    OP,
-    () => `topEntropyQuantile must be in [0, 1], got ${topEntropyQuantile}`,
+    () => `gradientAccumulationSteps must be an integer >= 1, got ${gas}`,
   );
   return {
-    lossType,
-    epsLow,
-    epsHigh,
-    delta,
-    beta,
-    level,
-    maxCompletionLength,
-    dapoNormalizer,
+    lossType: o.lossType,
+    epsLow: o.epsilon,
+    epsHigh: o.epsilonHigh ?? o.epsilon,
+    delta: o.delta,
+    beta: o.beta,
+    level: o.importanceSamplingLevel,
+    maxCompletionLength: o.maxCompletionLength,
+    dapoNormalizer: o.dapoNormalizer,
     gas,
-    correction: o.vllmImportanceSamplingCorrection ?? true,
-    isMode,
-    clipMax,
-    clipMin,
-    topEntropyQuantile,
-    maskTruncated: o.maskTruncatedCompletions ?? false,
+    correction: o.vllmImportanceSamplingCorrection,
+    isMode: o.vllmImportanceSamplingMode,
+    clipMax: o.vllmImportanceSamplingClipMax ?? Infinity,
+    clipMin: o.vllmImportanceSamplingClipMin ?? -Infinity,
+    topEntropyQuantile: o.topEntropyQuantile,
+    maskTruncated: o.maskTruncatedCompletions,
   };
 };
 
@@ -537,10 +482,10 @@ const compute = (sequences: readonly LossSequence[], options: LossOptions): Loss
 /**
  * The GRPO loss of one micro-batch with d loss / d logp per token and TRL's metrics. Fails with
  * GrpoNumericError on any NaN / infinity in the inputs or derived values (naming the quantity,
- * sequence and token), GrpoInputError on inconsistent inputs or options.
+ * sequence and token), GrpoInputError on inconsistent inputs (or a missing dapo normalizer).
  */
 export const grpoLoss = (
   sequences: readonly LossSequence[],
-  options: LossOptions = {},
+  options: LossOptions,
 ): Effect.Effect<LossResult, GrpoNumericError | GrpoInputError> =>
   attempt(() => compute(sequences, options));

@@ -2,7 +2,8 @@
  * GRPO math as TRL's GRPOTrainer computes it, on the host in float64: rewards -> group advantages
  * -> per-token policy loss with its gradient d loss / d logp, which the device's backward pass
  * consumes. Options: {@link GrpoConfig} (TRL names in camelCase, TRL defaults); a decoded config
- * can be spread into {@link LossOptions} together with the dapo normalizer.
+ * can be spread into {@link LossOptions} together with the dapo normalizer and the gradient
+ * accumulation steps.
  * @module
  */
 export {

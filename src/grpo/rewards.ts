@@ -5,8 +5,8 @@
  * weighted sum. A row where every function returned null stays NaN, and its advantage becomes 0.
  * @module
  */
-import { Data, Effect } from "effect";
-import type { TaggedErrorClass } from "./errors.ts";
+import { Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { type GrpoMetrics, nanMean, nanStd } from "./metrics.ts";
 
 /** What a reward function sees besides the completions; arrays are parallel to the completions. */
@@ -42,10 +42,16 @@ export interface NamedReward {
 }
 
 const RewardErrorBase: TaggedErrorClass<"RewardError", {
+  /** The reward function at fault, or `*` for a problem of the whole set (weights, context). */
   readonly reward: string;
-  readonly message: string;
+  /** What went wrong, in words (for a named function: what it did, e.g. `threw: boom`). */
+  readonly reason: string;
+  /** What the function threw or failed with, if anything. */
   readonly cause?: unknown;
-}> = Data.TaggedError("RewardError");
+}> = taggedError(
+  "RewardError",
+  (e) => e.reward === "*" ? e.reason : `reward "${e.reward}" ${e.reason}`,
+);
 /** A reward function misbehaved: threw, failed, or returned the wrong length or a bad value. */
 export class RewardError extends RewardErrorBase {}
 
@@ -72,16 +78,16 @@ export interface ScoreOptions {
 const describe = (e: unknown): string => e instanceof Error ? e.message : String(e);
 
 const asRewardError = (e: unknown): RewardError =>
-  e instanceof RewardError ? e : new RewardError({ reward: "*", message: describe(e), cause: e });
+  e instanceof RewardError ? e : new RewardError({ reward: "*", reason: describe(e), cause: e });
 
 const toColumn = (name: string, values: unknown, n: number): Float64Array => {
   if (!Array.isArray(values)) {
-    throw new RewardError({ reward: name, message: `reward "${name}" returned a non-array` });
+    throw new RewardError({ reward: name, reason: "returned a non-array" });
   }
   if (values.length !== n) {
     throw new RewardError({
       reward: name,
-      message: `reward "${name}" returned ${values.length} values for ${n} completions`,
+      reason: `returned ${values.length} values for ${n} completions`,
     });
   }
   const out = new Float64Array(n);
@@ -95,8 +101,7 @@ const toColumn = (name: string, values: unknown, n: number): Float64Array => {
       // An infinite reward would make the group std infinite and every advantage 0 or NaN.
       throw new RewardError({
         reward: name,
-        message: `reward "${name}" returned ${String(v)} for completion ${i} ` +
-          "(need a finite number or null)",
+        reason: `returned ${String(v)} for completion ${i} (need a finite number or null)`,
       });
     }
   }
@@ -115,12 +120,12 @@ export const combineRewards = (
   if (perFunction.length !== weights.length) {
     throw new RewardError({
       reward: "*",
-      message: `${weights.length} weights for ${perFunction.length} reward functions`,
+      reason: `${weights.length} weights for ${perFunction.length} reward functions`,
     });
   }
   const n = perFunction.length === 0 ? 0 : perFunction[0].length;
   if (perFunction.some((col) => col.length !== n)) {
-    throw new RewardError({ reward: "*", message: "reward columns differ in length" });
+    throw new RewardError({ reward: "*", reason: "reward columns differ in length" });
   }
   const out = new Float64Array(n);
   for (let i = 0; i < n; i++) {
@@ -158,45 +163,51 @@ const resolveWeights = (
   if (override != null && override.length !== rewards.length) {
     throw new RewardError({
       reward: "*",
-      message:
-        `rewardWeights has ${override.length} entries for ${rewards.length} reward functions`,
+      reason: `rewardWeights has ${override.length} entries for ${rewards.length} reward functions`,
     });
   }
   return rewards.map((r, f) => {
     const w = override != null ? override[f] : r.weight ?? 1;
     if (!Number.isFinite(w)) {
-      throw new RewardError({ reward: r.name, message: `weight of "${r.name}" is ${w}` });
+      throw new RewardError({ reward: r.name, reason: `has weight ${w}` });
     }
     return w;
   });
 };
 
 /** Runs every reward function on the batch, validates the results and combines them. */
-export const scoreRewards = (
+export const scoreRewards: (
   rewards: readonly NamedReward[],
   completions: readonly string[],
   ctx: RewardContext,
-  options: ScoreOptions = {},
-): Effect.Effect<RewardTable, RewardError> =>
-  Effect.gen(function* () {
+  options?: ScoreOptions,
+) => Effect.Effect<RewardTable, RewardError> = Effect.fn("scoreRewards")(
+  function* (
+    rewards: readonly NamedReward[],
+    completions: readonly string[],
+    ctx: RewardContext,
+    options: ScoreOptions = {},
+  ) {
     const n = completions.length;
     const setup = yield* Effect.try({
       try: () => {
         if (rewards.length === 0) {
-          throw new RewardError({ reward: "*", message: "no reward functions" });
+          throw new RewardError({ reward: "*", reason: "no reward functions" });
         }
         const seen = new Set<string>();
         for (const r of rewards) {
           if (seen.has(r.name)) {
-            throw new RewardError({ reward: r.name, message: `duplicate reward name "${r.name}"` });
+            throw new RewardError({
+              reward: r.name,
+              reason: "is named twice (names must be unique)",
+            });
           }
           seen.add(r.name);
         }
         if (ctx.prompts.length !== n || ctx.answers.length !== n) {
           throw new RewardError({
             reward: "*",
-            message:
-              `context has ${ctx.prompts.length} prompts and ${ctx.answers.length} answers ` +
+            reason: `context has ${ctx.prompts.length} prompts and ${ctx.answers.length} answers ` +
               `for ${n} completions`,
           });
         }
@@ -215,7 +226,7 @@ export const scoreRewards = (
             return Effect.fail(
               new RewardError({
                 reward: r.name,
-                message: `reward "${r.name}" threw: ${describe(e)}`,
+                reason: `threw: ${describe(e)}`,
                 cause: e,
               }),
             );
@@ -224,7 +235,7 @@ export const scoreRewards = (
           return out.pipe(Effect.mapError((e) =>
             new RewardError({
               reward: r.name,
-              message: `reward "${r.name}" failed: ${describe(e)}`,
+              reason: `failed: ${describe(e)}`,
               cause: e,
             })
           ));
@@ -243,4 +254,5 @@ export const scoreRewards = (
       perFunction: columns,
       combined: combineRewards(columns, setup),
     };
-  });
+  },
+);

@@ -8,6 +8,7 @@
  * @module
  */
 import { Effect } from "effect";
+import { tryTagged } from "../base/tagged_error.ts";
 import * as fs from "node:fs/promises";
 import * as nodePath from "node:path";
 import { CheckpointError, SafetensorsError } from "./errors.ts";
@@ -34,7 +35,8 @@ const SHARD_RE = /^model-\d{5}-of-\d{5}\.safetensors$/;
 /** Largest single read or write call (node caps one call at 2 GiB). */
 const IO_CHUNK = 1 << 28;
 
-const describe = (e: unknown): string => {
+/** The text of a thrown value: an Error's message, with its system code (ENOENT, ...) first. */
+export const errorText = (e: unknown): string => {
   if (e instanceof Error) {
     const code = (e as { code?: unknown }).code;
     return typeof code === "string" && !e.message.startsWith(code)
@@ -47,23 +49,23 @@ const describe = (e: unknown): string => {
 const errCode = (e: unknown): unknown =>
   typeof e === "object" && e !== null ? (e as { code?: unknown }).code : undefined;
 
-/** Runs a promise-returning file operation, mapping any rejection to a CheckpointError. */
-const fsOp = <A>(path: string, what: string, run: () => Promise<A>) =>
+/**
+ * Runs a promise-returning file operation, mapping any rejection to a CheckpointError naming the
+ * path and the step (`what`).
+ */
+export const fsOp = <A>(
+  path: string,
+  what: string,
+  run: () => Promise<A>,
+): Effect.Effect<A, CheckpointError> =>
   Effect.tryPromise({
     try: run,
-    catch: (e) => new CheckpointError({ path, tensor: null, reason: `${what}: ${describe(e)}` }),
+    catch: (e) => new CheckpointError({ path, tensor: null, reason: `${what}: ${errorText(e)}` }),
   });
 
 /** Runs a synchronous step that may throw SafetensorsError (anything else is a defect). */
 const syncStep = <A>(body: () => A): Effect.Effect<A, SafetensorsError> =>
-  Effect.suspend(() => {
-    try {
-      return Effect.succeed(body());
-    } catch (e) {
-      if (e instanceof SafetensorsError) return Effect.fail(e);
-      throw e;
-    }
-  });
+  tryTagged(body, SafetensorsError);
 
 /** Whether `path` exists (as anything); other stat failures are errors. */
 const exists = (path: string): Effect.Effect<boolean, CheckpointError> =>
@@ -75,6 +77,12 @@ const exists = (path: string): Effect.Effect<boolean, CheckpointError> =>
       if (errCode(e) === "ENOENT") return false;
       throw e;
     }
+  });
+
+/** Creates `path` and any missing parents (like `mkdir -p`); an existing directory is fine. */
+export const makeDirectory = (path: string): Effect.Effect<void, CheckpointError> =>
+  fsOp(path, "creating directory failed", async () => {
+    await fs.mkdir(path, { recursive: true });
   });
 
 /** Reads a whole file into a fresh Uint8Array (no 2 GiB limit: reads in chunks). */
@@ -158,25 +166,30 @@ export const writeFileAtomic = (
   });
 
 /** Reads and validates one safetensors file. Tensor bytes are views into the file's buffer. */
-export const readSafetensorsFile = (
+export const readSafetensorsFile: (
   path: string,
-): Effect.Effect<SafetensorsContents, CheckpointError | SafetensorsError> =>
-  Effect.flatMap(readFileBytes(path), (buf) => parseSafetensors(buf, path));
+) => Effect.Effect<SafetensorsContents, CheckpointError | SafetensorsError> = Effect.fn(
+  "readSafetensorsFile",
+)(function* (path: string) {
+  const buf = yield* readFileBytes(path);
+  return yield* parseSafetensors(buf, path);
+});
 
 /**
  * Writes one safetensors file atomically (see {@link writeFileAtomic}); metadata defaults to
  * {format:"pt"}. Invalid tensors (duplicate names, byte lengths not matching shapes) fail with a
  * SafetensorsError before anything is written.
  */
-export const writeSafetensorsFile = (
+export const writeSafetensorsFile: (
   path: string,
   tensors: readonly TensorEntry[],
   metadata?: Record<string, string>,
-): Effect.Effect<void, CheckpointError | SafetensorsError> =>
-  Effect.flatMap(
-    syncStep(() => serializeHeader(tensors, metadata)),
-    (header) => writeFileAtomic(path, [header, ...tensors.map((t) => t.bytes)]),
-  );
+) => Effect.Effect<void, CheckpointError | SafetensorsError> = Effect.fn("writeSafetensorsFile")(
+  function* (path: string, tensors: readonly TensorEntry[], metadata?: Record<string, string>) {
+    const header = yield* syncStep(() => serializeHeader(tensors, metadata));
+    yield* writeFileAtomic(path, [header, ...tensors.map((t) => t.bytes)]);
+  },
+);
 
 /** A loaded checkpoint. */
 export interface LoadedCheckpoint {
@@ -206,7 +219,7 @@ const parseIndex = (path: string, buf: Uint8Array): Effect.Effect<ShardIndex, Ch
     try {
       json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(buf));
     } catch (e) {
-      return fail(`index is not valid UTF-8 JSON: ${describe(e)}`);
+      return fail(`index is not valid UTF-8 JSON: ${errorText(e)}`);
     }
     if (!isRecord(json)) return fail("index must be a JSON object");
     let totalSize: number | null = null;
@@ -236,59 +249,60 @@ const parseIndex = (path: string, buf: Uint8Array): Effect.Effect<ShardIndex, Ch
     return Effect.succeed({ weightMap, totalSize });
   });
 
-const loadSharded = (
+const loadSharded: (
   dir: string,
-): Effect.Effect<LoadedCheckpoint, CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    const indexPath = nodePath.join(dir, INDEX_FILE);
-    const index = yield* Effect.flatMap(readFileBytes(indexPath), (b) => parseIndex(indexPath, b));
-    const files = [...new Set(index.weightMap.map(([, f]) => f))].sort();
-    const shards = new Map<string, SafetensorsContents>();
-    const owner = new Map<string, string>();
-    for (const f of files) {
-      const p = nodePath.join(dir, f);
-      if (!(yield* exists(p))) {
+) => Effect.Effect<LoadedCheckpoint, CheckpointError | SafetensorsError> = Effect.fn(
+  "loadSharded",
+)(function* (dir: string) {
+  const indexPath = nodePath.join(dir, INDEX_FILE);
+  const index = yield* Effect.flatMap(readFileBytes(indexPath), (b) => parseIndex(indexPath, b));
+  const files = [...new Set(index.weightMap.map(([, f]) => f))].sort();
+  const shards = new Map<string, SafetensorsContents>();
+  const owner = new Map<string, string>();
+  for (const f of files) {
+    const p = nodePath.join(dir, f);
+    if (!(yield* exists(p))) {
+      return yield* Effect.fail(
+        new CheckpointError({
+          path: p,
+          tensor: null,
+          reason: `shard "${f}" named in ${INDEX_FILE} does not exist`,
+        }),
+      );
+    }
+    const contents = yield* readSafetensorsFile(p);
+    for (const name of contents.tensors.keys()) {
+      const other = owner.get(name);
+      if (other !== undefined) {
         return yield* Effect.fail(
           new CheckpointError({
             path: p,
-            tensor: null,
-            reason: `shard "${f}" named in ${INDEX_FILE} does not exist`,
-          }),
-        );
-      }
-      const contents = yield* readSafetensorsFile(p);
-      for (const name of contents.tensors.keys()) {
-        const other = owner.get(name);
-        if (other !== undefined) {
-          return yield* Effect.fail(
-            new CheckpointError({
-              path: p,
-              tensor: name,
-              reason: `tensor is stored in two shards: "${other}" and "${f}"`,
-            }),
-          );
-        }
-        owner.set(name, f);
-      }
-      shards.set(f, contents);
-    }
-    const tensors = new Map<string, TensorEntry>();
-    for (const [name, f] of index.weightMap) {
-      const t = shards.get(f)!.tensors.get(name);
-      if (t === undefined) {
-        return yield* Effect.fail(
-          new CheckpointError({
-            path: nodePath.join(dir, f),
             tensor: name,
-            reason: `weight_map places the tensor in "${f}" but that shard does not contain it`,
+            reason: `tensor is stored in two shards: "${other}" and "${f}"`,
           }),
         );
       }
-      tensors.set(name, t);
+      owner.set(name, f);
     }
-    const metadata = files.length > 0 ? shards.get(files[0])!.metadata : {};
-    return { tensors, metadata, files, sharded: true };
-  });
+    shards.set(f, contents);
+  }
+  const tensors = new Map<string, TensorEntry>();
+  for (const [name, f] of index.weightMap) {
+    const t = shards.get(f)!.tensors.get(name);
+    if (t === undefined) {
+      return yield* Effect.fail(
+        new CheckpointError({
+          path: nodePath.join(dir, f),
+          tensor: name,
+          reason: `weight_map places the tensor in "${f}" but that shard does not contain it`,
+        }),
+      );
+    }
+    tensors.set(name, t);
+  }
+  const metadata = files.length > 0 ? shards.get(files[0])!.metadata : {};
+  return { tensors, metadata, files, sharded: true };
+});
 
 /**
  * Loads every tensor of a checkpoint directory: `model.safetensors`, or the shards named by
@@ -296,35 +310,36 @@ const loadSharded = (
  * entry is in its shard, no tensor in two shards). A directory holding both is ambiguous and
  * fails, as does one holding neither.
  */
-export const loadCheckpoint = (
+export const loadCheckpoint: (
   dir: string,
-): Effect.Effect<LoadedCheckpoint, CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    const single = nodePath.join(dir, SINGLE_FILE);
-    const hasSingle = yield* exists(single);
-    const hasIndex = yield* exists(nodePath.join(dir, INDEX_FILE));
-    if (hasSingle && hasIndex) {
-      return yield* Effect.fail(
-        new CheckpointError({
-          path: dir,
-          tensor: null,
-          reason: `ambiguous checkpoint: both ${SINGLE_FILE} and ${INDEX_FILE} are present`,
-        }),
-      );
-    }
-    if (hasIndex) return yield* loadSharded(dir);
-    if (!hasSingle) {
-      return yield* Effect.fail(
-        new CheckpointError({
-          path: dir,
-          tensor: null,
-          reason: `no checkpoint: neither ${SINGLE_FILE} nor ${INDEX_FILE} exists`,
-        }),
-      );
-    }
-    const { tensors, metadata } = yield* readSafetensorsFile(single);
-    return { tensors, metadata, files: [SINGLE_FILE], sharded: false };
-  });
+) => Effect.Effect<LoadedCheckpoint, CheckpointError | SafetensorsError> = Effect.fn(
+  "loadCheckpoint",
+)(function* (dir: string) {
+  const single = nodePath.join(dir, SINGLE_FILE);
+  const hasSingle = yield* exists(single);
+  const hasIndex = yield* exists(nodePath.join(dir, INDEX_FILE));
+  if (hasSingle && hasIndex) {
+    return yield* Effect.fail(
+      new CheckpointError({
+        path: dir,
+        tensor: null,
+        reason: `ambiguous checkpoint: both ${SINGLE_FILE} and ${INDEX_FILE} are present`,
+      }),
+    );
+  }
+  if (hasIndex) return yield* loadSharded(dir);
+  if (!hasSingle) {
+    return yield* Effect.fail(
+      new CheckpointError({
+        path: dir,
+        tensor: null,
+        reason: `no checkpoint: neither ${SINGLE_FILE} nor ${INDEX_FILE} exists`,
+      }),
+    );
+  }
+  const { tensors, metadata } = yield* readSafetensorsFile(single);
+  return { tensors, metadata, files: [SINGLE_FILE], sharded: false };
+});
 
 /** Options of {@link saveCheckpoint}. */
 export interface SaveCheckpointOptions {
@@ -354,87 +369,88 @@ export interface SavedCheckpoint {
  * save in the same directory that are not part of this one (index, single file, other shards) are
  * removed so that loaders never mix versions. Prefer a fresh directory per version.
  */
-export const saveCheckpoint = (
+export const saveCheckpoint: (
   dir: string,
   tensors: readonly TensorEntry[],
-  options: SaveCheckpointOptions = {},
-): Effect.Effect<SavedCheckpoint, CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    const { maxShardBytes, metadata } = options;
+  options?: SaveCheckpointOptions,
+) => Effect.Effect<SavedCheckpoint, CheckpointError | SafetensorsError> = Effect.fn(
+  "saveCheckpoint",
+)(function* (dir: string, tensors: readonly TensorEntry[], options: SaveCheckpointOptions = {}) {
+  const { maxShardBytes, metadata } = options;
+  if (
+    maxShardBytes !== undefined && (!Number.isSafeInteger(maxShardBytes) || maxShardBytes <= 0)
+  ) {
+    return yield* Effect.fail(
+      new CheckpointError({
+        path: dir,
+        tensor: null,
+        reason: `maxShardBytes must be a positive integer, got ${maxShardBytes}`,
+      }),
+    );
+  }
+  // Validate everything (names unique, shapes, byte lengths, metadata) before touching disk.
+  yield* syncStep(() => serializeHeader(tensors, metadata));
+  const totalSize = tensors.reduce((s, t) => s + t.bytes.length, 0);
+  const groups: TensorEntry[][] = [];
+  let current: TensorEntry[] = [];
+  let currentBytes = 0;
+  for (const t of tensors) {
     if (
-      maxShardBytes !== undefined && (!Number.isSafeInteger(maxShardBytes) || maxShardBytes <= 0)
+      maxShardBytes !== undefined && current.length > 0 &&
+      currentBytes + t.bytes.length > maxShardBytes
     ) {
-      return yield* Effect.fail(
-        new CheckpointError({
-          path: dir,
-          tensor: null,
-          reason: `maxShardBytes must be a positive integer, got ${maxShardBytes}`,
-        }),
-      );
+      groups.push(current);
+      current = [];
+      currentBytes = 0;
     }
-    // Validate everything (names unique, shapes, byte lengths, metadata) before touching disk.
-    yield* syncStep(() => serializeHeader(tensors, metadata));
-    const totalSize = tensors.reduce((s, t) => s + t.bytes.length, 0);
-    const groups: TensorEntry[][] = [];
-    let current: TensorEntry[] = [];
-    let currentBytes = 0;
-    for (const t of tensors) {
-      if (
-        maxShardBytes !== undefined && current.length > 0 &&
-        currentBytes + t.bytes.length > maxShardBytes
-      ) {
-        groups.push(current);
-        current = [];
-        currentBytes = 0;
-      }
-      current.push(t);
-      currentBytes += t.bytes.length;
-    }
-    groups.push(current);
+    current.push(t);
+    currentBytes += t.bytes.length;
+  }
+  groups.push(current);
 
-    yield* fsOp(dir, "creating directory failed", () => fs.mkdir(dir, { recursive: true }));
-    const files: string[] = [];
-    if (groups.length > 1) {
-      // Drop an old index first: a crash while shards are rewritten then leaves a directory that
-      // fails to load instead of an old index silently mixing old and new shards.
-      const oldIndex = nodePath.join(dir, INDEX_FILE);
-      yield* fsOp(
-        oldIndex,
-        "removing the old index failed",
-        () => fs.rm(oldIndex, { force: true }),
-      );
+  yield* makeDirectory(dir);
+  const files: string[] = [];
+  if (groups.length > 1) {
+    // Drop an old index first: a crash while shards are rewritten then leaves a directory that
+    // fails to load instead of an old index silently mixing old and new shards.
+    const oldIndex = nodePath.join(dir, INDEX_FILE);
+    yield* fsOp(
+      oldIndex,
+      "removing the old index failed",
+      () => fs.rm(oldIndex, { force: true }),
+    );
+  }
+  if (groups.length === 1) {
+    yield* writeSafetensorsFile(nodePath.join(dir, SINGLE_FILE), tensors, metadata);
+    files.push(SINGLE_FILE);
+  } else {
+    const weightMap: [string, string][] = [];
+    for (let i = 0; i < groups.length; i++) {
+      const name = shardFileName(i + 1, groups.length);
+      yield* writeSafetensorsFile(nodePath.join(dir, name), groups[i], metadata);
+      files.push(name);
+      for (const t of groups[i]) weightMap.push([t.name, name]);
     }
-    if (groups.length === 1) {
-      yield* writeSafetensorsFile(nodePath.join(dir, SINGLE_FILE), tensors, metadata);
-      files.push(SINGLE_FILE);
-    } else {
-      const weightMap: [string, string][] = [];
-      for (let i = 0; i < groups.length; i++) {
-        const name = shardFileName(i + 1, groups.length);
-        yield* writeSafetensorsFile(nodePath.join(dir, name), groups[i], metadata);
-        files.push(name);
-        for (const t of groups[i]) weightMap.push([t.name, name]);
-      }
-      weightMap.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-      const index = {
-        metadata: { total_size: totalSize },
-        weight_map: Object.fromEntries(weightMap),
-      };
-      yield* writeFileAtomic(
-        nodePath.join(dir, INDEX_FILE),
-        new TextEncoder().encode(JSON.stringify(index, null, 2) + "\n"),
-      );
+    weightMap.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    const index = {
+      metadata: { total_size: totalSize },
+      weight_map: Object.fromEntries(weightMap),
+    };
+    yield* writeFileAtomic(
+      nodePath.join(dir, INDEX_FILE),
+      new TextEncoder().encode(JSON.stringify(index, null, 2) + "\n"),
+    );
+  }
+  // Remove checkpoint files of an earlier save that this one does not replace.
+  const present = yield* fsOp(dir, "listing directory failed", () => fs.readdir(dir));
+  const keep = new Set(files);
+  if (groups.length > 1) keep.add(INDEX_FILE);
+  for (const f of present) {
+    const stale = (f === SINGLE_FILE || f === INDEX_FILE || SHARD_RE.test(f)) && !keep.has(f);
+    if (stale) {
+      const p = nodePath.join(dir, f);
+      yield* fsOp(p, "removing a stale checkpoint file failed", () => fs.rm(p, { force: true }));
     }
-    // Remove checkpoint files of an earlier save that this one does not replace.
-    const present = yield* fsOp(dir, "listing directory failed", () => fs.readdir(dir));
-    const keep = new Set(files);
-    if (groups.length > 1) keep.add(INDEX_FILE);
-    for (const f of present) {
-      const stale = (f === SINGLE_FILE || f === INDEX_FILE || SHARD_RE.test(f)) && !keep.has(f);
-      if (stale) {
-        const p = nodePath.join(dir, f);
-        yield* fsOp(p, "removing a stale checkpoint file failed", () => fs.rm(p, { force: true }));
-      }
-    }
-    return { files, totalSize, sharded: groups.length > 1 };
-  });
+  }
+  return { files, totalSize, sharded: groups.length > 1 };
+});

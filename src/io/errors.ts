@@ -1,11 +1,10 @@
 /**
  * Typed errors of the safetensors reader/writer and of checkpoint files and directories.
- * Every error carries structured fields plus a `message` that names the file, the tensor and the
- * problem, so a log line alone is enough to find the culprit.
+ * Every error carries structured fields; its `message` (computed from them) names the file, the
+ * tensor and the problem, so a log line alone is enough to find the culprit.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** Fields of a {@link SafetensorsError}. */
 export interface SafetensorsErrorFields {
@@ -17,23 +16,17 @@ export interface SafetensorsErrorFields {
   readonly reason: string;
 }
 
+const SafetensorsErrorBase: TaggedErrorClass<"SafetensorsError", SafetensorsErrorFields> =
+  taggedError(
+    "SafetensorsError",
+    (e) => {
+      return e.tensor === null
+        ? `${e.file}: ${e.reason}`
+        : `${e.file}: tensor "${e.tensor}": ${e.reason}`;
+    },
+  );
 /** A malformed safetensors file, or a tensor that cannot be encoded, decoded or converted. */
-const SafetensorsErrorBase: TaggedErrorClass<
-  "SafetensorsError",
-  SafetensorsErrorFields & { readonly message: string }
-> = Data.TaggedError(
-  "SafetensorsError",
-);
-export class SafetensorsError extends SafetensorsErrorBase {
-  constructor(fields: SafetensorsErrorFields) {
-    super({
-      ...fields,
-      message: fields.tensor === null
-        ? `${fields.file}: ${fields.reason}`
-        : `${fields.file}: tensor "${fields.tensor}": ${fields.reason}`,
-    });
-  }
-}
+export class SafetensorsError extends SafetensorsErrorBase {}
 
 /** Fields of a {@link NonFiniteTensorError}. */
 export interface NonFiniteTensorErrorFields {
@@ -45,22 +38,15 @@ export interface NonFiniteTensorErrorFields {
   readonly value: number;
 }
 
-/** A tensor that holds NaN or ±Infinity where only finite values are allowed. */
 const NonFiniteTensorErrorBase: TaggedErrorClass<
   "NonFiniteTensorError",
-  NonFiniteTensorErrorFields & { readonly message: string }
-> = Data.TaggedError(
+  NonFiniteTensorErrorFields
+> = taggedError(
   "NonFiniteTensorError",
+  (e) => `tensor "${e.tensor}" has non-finite value ${e.value} at index ${e.index}`,
 );
-export class NonFiniteTensorError extends NonFiniteTensorErrorBase {
-  constructor(fields: NonFiniteTensorErrorFields) {
-    super({
-      ...fields,
-      message:
-        `tensor "${fields.tensor}" has non-finite value ${fields.value} at index ${fields.index}`,
-    });
-  }
-}
+/** A tensor that holds NaN or ±Infinity where only finite values are allowed. */
+export class NonFiniteTensorError extends NonFiniteTensorErrorBase {}
 
 /** Fields of a {@link CheckpointError}. */
 export interface CheckpointErrorFields {
@@ -72,20 +58,13 @@ export interface CheckpointErrorFields {
   readonly reason: string;
 }
 
-/** A checkpoint file or directory that cannot be read or written, or an inconsistent index. */
-const CheckpointErrorBase: TaggedErrorClass<
+const CheckpointErrorBase: TaggedErrorClass<"CheckpointError", CheckpointErrorFields> = taggedError(
   "CheckpointError",
-  CheckpointErrorFields & { readonly message: string }
-> = Data.TaggedError(
-  "CheckpointError",
+  (e) => {
+    return e.tensor === null
+      ? `${e.path}: ${e.reason}`
+      : `${e.path}: tensor "${e.tensor}": ${e.reason}`;
+  },
 );
-export class CheckpointError extends CheckpointErrorBase {
-  constructor(fields: CheckpointErrorFields) {
-    super({
-      ...fields,
-      message: fields.tensor === null
-        ? `${fields.path}: ${fields.reason}`
-        : `${fields.path}: tensor "${fields.tensor}": ${fields.reason}`,
-    });
-  }
-}
+/** A checkpoint file or directory that cannot be read or written, or an inconsistent index. */
+export class CheckpointError extends CheckpointErrorBase {}

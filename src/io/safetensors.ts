@@ -9,6 +9,7 @@
  * @module
  */
 import { Effect } from "effect";
+import { tryTagged } from "../base/tagged_error.ts";
 import { NonFiniteTensorError, SafetensorsError } from "./errors.ts";
 
 export { NonFiniteTensorError, SafetensorsError } from "./errors.ts";
@@ -79,9 +80,6 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 // ---------------------------------------------------------------------------------------------
 // Scalar bit conversions (exported for callers that convert single values)
 
-const f32Bits = new Uint32Array(1);
-const f32View = new Float32Array(f32Bits.buffer);
-
 /** Bits of an IEEE binary16 value -> bits of the exactly equal binary32 value (NaN payload kept). */
 export const f16BitsToF32Bits = (h: number): number => {
   const sign = (h & 0x8000) << 16;
@@ -134,24 +132,6 @@ export const f32BitsToBf16Bits = (x: number): number => {
   return ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
 };
 
-/** A binary16 value (given as bits) as a JS number. */
-export const f16ToNumber = (h: number): number => {
-  f32Bits[0] = f16BitsToF32Bits(h);
-  return f32View[0];
-};
-
-/** A number rounded to binary16 bits (via binary32, so values are first rounded to f32). */
-export const numberToF16 = (v: number): number => {
-  f32View[0] = v;
-  return f32BitsToF16Bits(f32Bits[0]);
-};
-
-/** A number rounded to bfloat16 bits (via binary32). */
-export const numberToBf16 = (v: number): number => {
-  f32View[0] = v;
-  return f32BitsToBf16Bits(f32Bits[0]);
-};
-
 let f16Table: Int32Array | undefined;
 const f16ToF32Table = (): Int32Array => {
   if (f16Table === undefined) {
@@ -194,14 +174,7 @@ const show = (v: unknown): string => {
 
 /** Runs a synchronous body that signals failure by throwing SafetensorsError. */
 const guard = <A>(body: () => A): Effect.Effect<A, SafetensorsError> =>
-  Effect.suspend(() => {
-    try {
-      return Effect.succeed(body());
-    } catch (e) {
-      if (e instanceof SafetensorsError) return Effect.fail(e);
-      throw e;
-    }
-  });
+  tryTagged(body, SafetensorsError);
 
 /** Copy of `bytes` into a fresh (aligned) buffer in native element order. */
 const nativeCopy = (bytes: Uint8Array, elemSize: number): ArrayBuffer => {

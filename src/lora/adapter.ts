@@ -3,8 +3,7 @@
  * host/device forms of the A [r, in] and B [out, r] matrices for each targeted projection.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import type { Ops } from "../backend/ops.ts";
 import type { LoraRuntime } from "../model/decoder.ts";
 import type { ModelConfig } from "../model/config.ts";
@@ -28,37 +27,42 @@ export interface LoraConfig {
 }
 
 const LoraConfigErrorBase: TaggedErrorClass<"LoraConfigError", {
+  /** The PEFT config key at fault (`(root)`, `adapter_config.json`), or the adapter tensor's name. */
   readonly field: string;
-  readonly message: string;
-}> = Data.TaggedError("LoraConfigError");
-/** An invalid LoRA configuration. */
+  /** What is wrong, in words; it names the key or tensor and the value given. */
+  readonly reason: string;
+}> = taggedError(
+  "LoraConfigError",
+  (e) => e.reason,
+);
+/** An invalid LoRA configuration, or an adapter whose tensors do not fit it. */
 export class LoraConfigError extends LoraConfigErrorBase {}
 
 /** Checks a LoRA config; throws nothing, returns the first problem or null. */
 export const loraConfigProblem = (c: LoraConfig): LoraConfigError | null => {
   if (!Number.isInteger(c.r) || c.r < 1) {
-    return new LoraConfigError({ field: "r", message: `r must be a positive integer, got ${c.r}` });
+    return new LoraConfigError({ field: "r", reason: `r must be a positive integer, got ${c.r}` });
   }
   if (!(Number.isFinite(c.alpha) && c.alpha > 0)) {
     return new LoraConfigError({
       field: "lora_alpha",
-      message: `lora_alpha must be positive, got ${c.alpha}`,
+      reason: `lora_alpha must be positive, got ${c.alpha}`,
     });
   }
   if (!(c.dropout >= 0 && c.dropout < 1)) {
     return new LoraConfigError({
       field: "lora_dropout",
-      message: `lora_dropout must be in [0, 1), got ${c.dropout}`,
+      reason: `lora_dropout must be in [0, 1), got ${c.dropout}`,
     });
   }
   if (c.targetModules.length === 0) {
-    return new LoraConfigError({ field: "target_modules", message: "target_modules is empty" });
+    return new LoraConfigError({ field: "target_modules", reason: "target_modules is empty" });
   }
   const bad = c.targetModules.find((m) => !PROJECTIONS.includes(m));
   if (bad) {
     return new LoraConfigError({
       field: "target_modules",
-      message: `unknown target module "${bad}": expected any of ${PROJECTIONS.join(", ")}`,
+      reason: `unknown target module "${bad}": expected any of ${PROJECTIONS.join(", ")}`,
     });
   }
   return null;

@@ -6,10 +6,16 @@
  */
 import { Effect } from "effect";
 import { join } from "node:path";
-import { mkdir, readFile } from "node:fs/promises";
-import { readSafetensorsFile, writeFileAtomic, writeSafetensorsFile } from "../io/checkpoint.ts";
-import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
-import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
+import { readFile } from "node:fs/promises";
+import { tryTagged } from "../base/tagged_error.ts";
+import {
+  makeDirectory,
+  readSafetensorsFile,
+  writeFileAtomic,
+  writeSafetensorsFile,
+} from "../io/checkpoint.ts";
+import type { CheckpointError } from "../io/errors.ts";
+import { fromFloat32, SafetensorsError, toFloat32 } from "../io/safetensors.ts";
 import type { ModelConfig } from "../model/config.ts";
 import {
   type HostTensor,
@@ -53,29 +59,39 @@ export const peftConfigJson = (c: LoraConfig, baseModel: string): Record<string,
 });
 
 /** Writes an adapter directory: tensors first, then the config, each file atomically. */
-export const savePeftAdapter = (
+export const savePeftAdapter: (
   dir: string,
   config: LoraConfig,
   modules: ReadonlyMap<string, { readonly a: HostTensor; readonly b: HostTensor }>,
   baseModel: string,
-): Effect.Effect<void, CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    yield* Effect.promise(() => mkdir(dir, { recursive: true }));
-    const entries = [...modules].flatMap(([path, { a, b }]) => [
-      fromFloat32(peftTensorName(path, "A"), a.data, a.shape),
-      fromFloat32(peftTensorName(path, "B"), b.data, b.shape),
-    ]);
+) => Effect.Effect<void, CheckpointError | SafetensorsError> = Effect.fn("savePeftAdapter")(
+  function* (
+    dir: string,
+    config: LoraConfig,
+    modules: ReadonlyMap<string, { readonly a: HostTensor; readonly b: HostTensor }>,
+    baseModel: string,
+  ) {
+    yield* makeDirectory(dir);
+    const entries = yield* tryTagged(
+      () =>
+        [...modules].flatMap(([path, { a, b }]) => [
+          fromFloat32(peftTensorName(path, "A"), a.data, a.shape),
+          fromFloat32(peftTensorName(path, "B"), b.data, b.shape),
+        ]),
+      SafetensorsError,
+    );
     yield* writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), entries);
     const json = JSON.stringify(peftConfigJson(config, baseModel), null, 2) + "\n";
     yield* writeFileAtomic(join(dir, ADAPTER_CONFIG), new TextEncoder().encode(json));
-  });
+  },
+);
 
 /** Parses adapter_config.json into a LoraConfig (typed error naming the field). */
 export const parsePeftConfig = (json: unknown): Effect.Effect<LoraConfig, LoraConfigError> =>
   Effect.suspend(() => {
     if (typeof json !== "object" || json === null) {
       return Effect.fail(
-        new LoraConfigError({ field: "(root)", message: "adapter_config.json must be an object" }),
+        new LoraConfigError({ field: "(root)", reason: "adapter_config.json must be an object" }),
       );
     }
     const j = json as Record<string, unknown>;
@@ -83,13 +99,13 @@ export const parsePeftConfig = (json: unknown): Effect.Effect<LoraConfig, LoraCo
       return Effect.fail(
         new LoraConfigError({
           field: "peft_type",
-          message: `peft_type ${JSON.stringify(j.peft_type)}: only "LORA"`,
+          reason: `peft_type ${JSON.stringify(j.peft_type)}: only "LORA"`,
         }),
       );
     }
     if (j.use_dora === true) {
       return Effect.fail(
-        new LoraConfigError({ field: "use_dora", message: "DoRA is not supported" }),
+        new LoraConfigError({ field: "use_dora", reason: "DoRA is not supported" }),
       );
     }
     let targets = j.target_modules;
@@ -100,7 +116,7 @@ export const parsePeftConfig = (json: unknown): Effect.Effect<LoraConfig, LoraCo
       return Effect.fail(
         new LoraConfigError({
           field: "target_modules",
-          message: "target_modules must be a list of names",
+          reason: "target_modules must be a list of names",
         }),
       );
     }
@@ -116,53 +132,54 @@ export const parsePeftConfig = (json: unknown): Effect.Effect<LoraConfig, LoraCo
   });
 
 /** Loads an adapter directory written by lorafold or PEFT, checking names and shapes against the model. */
-export const loadPeftAdapter = (
+export const loadPeftAdapter: (
   dir: string,
   model: ModelConfig,
-): Effect.Effect<LoraWeights, LoraConfigError | CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    const json = yield* Effect.tryPromise({
-      try: async () => JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), "utf8")) as unknown,
-      catch: (e) =>
-        new LoraConfigError({
-          field: ADAPTER_CONFIG,
-          message: `cannot read ${join(dir, ADAPTER_CONFIG)}: ${e}`,
-        }),
-    });
-    const config = yield* parsePeftConfig(json);
-    const file = yield* readSafetensorsFile(join(dir, ADAPTER_WEIGHTS));
-    const modules = new Map<string, { a: HostTensor; b: HostTensor }>();
-    for (const { path, p } of targetPaths(model, config)) {
-      const [out, inp] = projectionShape(model, p);
-      const get = (which: "A" | "B", shape: number[]) =>
-        Effect.gen(function* () {
-          const name = peftTensorName(path, which);
-          const e = file.tensors.get(name);
-          if (!e) {
-            return yield* Effect.fail(
-              new LoraConfigError({ field: name, message: `adapter is missing tensor ${name}` }),
-            );
-          }
-          if (e.shape.length !== 2 || e.shape[0] !== shape[0] || e.shape[1] !== shape[1]) {
-            return yield* Effect.fail(
-              new LoraConfigError({
-                field: name,
-                message: `tensor ${name} has shape [${e.shape}], expected [${shape}]`,
-              }),
-            );
-          }
-          const data = yield* toFloat32(e, join(dir, ADAPTER_WEIGHTS));
-          if (!data.every(Number.isFinite)) {
-            return yield* Effect.fail(
-              new LoraConfigError({ field: name, message: `tensor ${name} holds NaN or Inf` }),
-            );
-          }
-          return { shape, data } as HostTensor;
-        });
-      modules.set(path, {
-        a: yield* get("A", [config.r, inp]),
-        b: yield* get("B", [out, config.r]),
-      });
-    }
-    return { config, modules };
+) => Effect.Effect<LoraWeights, LoraConfigError | CheckpointError | SafetensorsError> = Effect.fn(
+  "loadPeftAdapter",
+)(function* (dir: string, model: ModelConfig) {
+  const json = yield* Effect.tryPromise({
+    try: async () => JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), "utf8")) as unknown,
+    catch: (e) =>
+      new LoraConfigError({
+        field: ADAPTER_CONFIG,
+        reason: `cannot read ${join(dir, ADAPTER_CONFIG)}: ${e}`,
+      }),
   });
+  const config = yield* parsePeftConfig(json);
+  const file = yield* readSafetensorsFile(join(dir, ADAPTER_WEIGHTS));
+  const modules = new Map<string, { a: HostTensor; b: HostTensor }>();
+  for (const { path, p } of targetPaths(model, config)) {
+    const [out, inp] = projectionShape(model, p);
+    const get = (which: "A" | "B", shape: number[]) =>
+      Effect.gen(function* () {
+        const name = peftTensorName(path, which);
+        const e = file.tensors.get(name);
+        if (!e) {
+          return yield* Effect.fail(
+            new LoraConfigError({ field: name, reason: `adapter is missing tensor ${name}` }),
+          );
+        }
+        if (e.shape.length !== 2 || e.shape[0] !== shape[0] || e.shape[1] !== shape[1]) {
+          return yield* Effect.fail(
+            new LoraConfigError({
+              field: name,
+              reason: `tensor ${name} has shape [${e.shape}], expected [${shape}]`,
+            }),
+          );
+        }
+        const data = yield* toFloat32(e, join(dir, ADAPTER_WEIGHTS));
+        if (!data.every(Number.isFinite)) {
+          return yield* Effect.fail(
+            new LoraConfigError({ field: name, reason: `tensor ${name} holds NaN or Inf` }),
+          );
+        }
+        return { shape, data } as HostTensor;
+      });
+    modules.set(path, {
+      a: yield* get("A", [config.r, inp]),
+      b: yield* get("B", [out, config.r]),
+    });
+  }
+  return { config, modules };
+});

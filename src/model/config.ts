@@ -2,8 +2,8 @@
  * Decoder configuration, read from a Hugging Face config.json (llama and qwen2 families).
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data, Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect } from "effect";
 
 /** Architecture of a Llama-style decoder. */
 export interface ModelConfig {
@@ -26,16 +26,21 @@ export interface ModelConfig {
 }
 
 const ModelConfigErrorBase: TaggedErrorClass<"ModelConfigError", {
+  /** The config.json key at fault (`(root)` for the whole object, `config.json` for the file). */
   readonly field: string;
-  readonly message: string;
-}> = Data.TaggedError("ModelConfigError");
+  /** What is wrong, in words; it names the key and the value given. */
+  readonly reason: string;
+}> = taggedError(
+  "ModelConfigError",
+  (e) => e.reason,
+);
 /** A config.json field that is missing, of the wrong type, or inconsistent. */
 export class ModelConfigError extends ModelConfigErrorBase {}
 
 type Json = Record<string, unknown>;
 
-const fail = (field: string, message: string) =>
-  Effect.fail(new ModelConfigError({ field, message }));
+const fail = (field: string, reason: string) =>
+  Effect.fail(new ModelConfigError({ field, reason }));
 
 const posInt = (
   j: Json,

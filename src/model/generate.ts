@@ -5,7 +5,7 @@
  */
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import { type DeviceModel, forwardCached, type LoraRuntime, makeKvCache } from "./decoder.ts";
 import { Rng } from "./rng.ts";
 import { sampleToken, type SamplingParams } from "./sampling.ts";
@@ -33,14 +33,20 @@ export interface Generation {
  * Generates completions for a batch of requests with one model (and optional LoRA). The KV cache
  * lives for the call; each step's temporaries are released when the step ends.
  */
-export const generate = (
+export const generate: (
   backend: BackendShape,
   model: DeviceModel,
   requests: readonly GenerationRequest[],
-  lora: LoraRuntime | null = null,
-  fallbackRng: Rng = new Rng(Date.now()),
-): Effect.Effect<Generation[], BackendFailure> =>
-  Effect.gen(function* () {
+  lora?: LoraRuntime | null,
+  fallbackRng?: Rng,
+) => Effect.Effect<Generation[], BackendError> = Effect.fn("generate")(
+  function* (
+    backend: BackendShape,
+    model: DeviceModel,
+    requests: readonly GenerationRequest[],
+    lora: LoraRuntime | null = null,
+    fallbackRng: Rng = new Rng(Date.now()),
+  ) {
     const B = requests.length;
     if (B === 0) return [];
     const P = Math.max(...requests.map((r) => r.prompt.length));
@@ -89,4 +95,6 @@ export const generate = (
       host = yield* step(next, 1);
     }
     return out;
-  }).pipe(Effect.scoped);
+  },
+  Effect.scoped,
+);

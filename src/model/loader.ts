@@ -5,10 +5,16 @@
  */
 import { Effect } from "effect";
 import { join } from "node:path";
-import { mkdir, readFile } from "node:fs/promises";
-import { loadCheckpoint, saveCheckpoint, writeFileAtomic } from "../io/checkpoint.ts";
-import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
-import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
+import { readFile } from "node:fs/promises";
+import {
+  loadCheckpoint,
+  makeDirectory,
+  saveCheckpoint,
+  writeFileAtomic,
+} from "../io/checkpoint.ts";
+import type { CheckpointError } from "../io/errors.ts";
+import { fromFloat32, SafetensorsError, toFloat32 } from "../io/safetensors.ts";
+import { tryTagged } from "../base/tagged_error.ts";
 import { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./config.ts";
 import { type HostTensor, validateWeights, type WeightMap, type WeightsError } from "./weights.ts";
 import { loadTokenizer } from "../tokenizer/bpe.ts";
@@ -24,45 +30,51 @@ export const loadConfig = (dir: string): Effect.Effect<ModelConfig, ModelConfigE
     catch: (e) =>
       new ModelConfigError({
         field: "config.json",
-        message: `cannot read ${join(dir, "config.json")}: ${e instanceof Error ? e.message : e}`,
+        reason: `cannot read ${join(dir, "config.json")}: ${e instanceof Error ? e.message : e}`,
       }),
   }).pipe(Effect.flatMap(parseHfConfig));
 
 /** Loads config and weights (f32) of a Hugging Face llama/qwen2 checkpoint directory. */
-export const loadModel = (
+export const loadModel: (
   dir: string,
-): Effect.Effect<{ config: ModelConfig; weights: WeightMap }, LoadError> =>
-  Effect.gen(function* () {
-    const config = yield* loadConfig(dir);
-    const ckpt = yield* loadCheckpoint(dir);
-    const tensors = new Map<string, HostTensor>();
-    for (const [name, entry] of ckpt.tensors) {
-      if (name.includes("rotary_emb.inv_freq")) continue; // derived, not a weight
-      tensors.set(name, { shape: entry.shape, data: yield* toFloat32(entry, dir) });
-    }
-    const weights = yield* validateWeights(config, tensors);
-    return { config, weights };
-  });
+) => Effect.Effect<{ config: ModelConfig; weights: WeightMap }, LoadError> = Effect.fn(
+  "loadModel",
+)(function* (dir: string) {
+  const config = yield* loadConfig(dir);
+  const ckpt = yield* loadCheckpoint(dir);
+  const tensors = new Map<string, HostTensor>();
+  for (const [name, entry] of ckpt.tensors) {
+    if (name.includes("rotary_emb.inv_freq")) continue; // derived, not a weight
+    tensors.set(name, { shape: entry.shape, data: yield* toFloat32(entry, dir) });
+  }
+  const weights = yield* validateWeights(config, tensors);
+  return { config, weights };
+});
 
 /** Writes config.json and the weights (F32 by default) as a checkpoint directory. */
-export const saveModel = (
+export const saveModel: (
+  dir: string,
+  config: ModelConfig,
+  weights: ReadonlyMap<string, HostTensor>,
+  options?: { dtype?: "F32" | "F16" | "BF16"; maxShardBytes?: number },
+) => Effect.Effect<void, CheckpointError | SafetensorsError> = Effect.fn("saveModel")(function* (
   dir: string,
   config: ModelConfig,
   weights: ReadonlyMap<string, HostTensor>,
   options: { dtype?: "F32" | "F16" | "BF16"; maxShardBytes?: number } = {},
-): Effect.Effect<void, CheckpointError | SafetensorsError> =>
-  Effect.gen(function* () {
-    yield* Effect.promise(() => mkdir(dir, { recursive: true }));
-    const entries = [...weights].map(([n, t]) =>
-      fromFloat32(n, t.data, t.shape, options.dtype ?? "F32")
-    );
-    yield* saveCheckpoint(dir, entries, { maxShardBytes: options.maxShardBytes });
-    const cfg = { ...toHfConfig(config), torch_dtype: dtypeName(options.dtype ?? "F32") };
-    yield* writeFileAtomic(
-      join(dir, "config.json"),
-      new TextEncoder().encode(JSON.stringify(cfg, null, 2) + "\n"),
-    );
-  });
+) {
+  yield* makeDirectory(dir);
+  const entries = yield* tryTagged(
+    () => [...weights].map(([n, t]) => fromFloat32(n, t.data, t.shape, options.dtype ?? "F32")),
+    SafetensorsError,
+  );
+  yield* saveCheckpoint(dir, entries, { maxShardBytes: options.maxShardBytes });
+  const cfg = { ...toHfConfig(config), torch_dtype: dtypeName(options.dtype ?? "F32") };
+  yield* writeFileAtomic(
+    join(dir, "config.json"),
+    new TextEncoder().encode(JSON.stringify(cfg, null, 2) + "\n"),
+  );
+});
 
 const dtypeName = (d: "F32" | "F16" | "BF16"): string =>
   d === "F32" ? "float32" : d === "F16" ? "float16" : "bfloat16";
@@ -76,10 +88,10 @@ export interface BaseModel {
 }
 
 /** Loads a checkpoint directory with its tokenizer, checking that they fit each other. */
-export const loadBase = (
+export const loadBase: (
   d: string,
-): Effect.Effect<BaseModel, LoadError | TokenizerError> =>
-  Effect.gen(function* () {
+) => Effect.Effect<BaseModel, LoadError | TokenizerError> = Effect.fn("loadBase")(
+  function* (d: string) {
     const { config, weights } = yield* loadModel(d);
     const tokenizer = yield* loadTokenizer(d);
     // HF configs may pad the vocabulary beyond the tokenizer; the reverse would index past the
@@ -88,10 +100,11 @@ export const loadBase = (
       return yield* Effect.fail(
         new ModelConfigError({
           field: "vocab_size",
-          message:
+          reason:
             `vocab_size ${config.vocabSize} in ${d}/config.json is smaller than the tokenizer's ${tokenizer.vocabSize} tokens`,
         }),
       );
     }
     return { dir: d, config, weights, tokenizer } satisfies BaseModel;
-  });
+  },
+);

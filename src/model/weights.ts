@@ -3,8 +3,8 @@
  * weight maps, validation and seeded initialisation.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data, Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect } from "effect";
 import type { ModelConfig } from "./config.ts";
 import { Rng } from "./rng.ts";
 
@@ -90,9 +90,14 @@ export const weightSpecs = (c: ModelConfig): { name: string; shape: number[] }[]
 };
 
 const WeightsErrorBase: TaggedErrorClass<"WeightsError", {
+  /** The Hugging Face name of the tensor at fault. */
   readonly tensor: string;
-  readonly message: string;
-}> = Data.TaggedError("WeightsError");
+  /** What is wrong with it, in words (missing, shape, value). */
+  readonly reason: string;
+}> = taggedError(
+  "WeightsError",
+  (e) => `tensor ${e.tensor} ${e.reason}`,
+);
 /** A checkpoint that does not fit its config: missing tensor, wrong shape, non-finite value. */
 export class WeightsError extends WeightsErrorBase {}
 
@@ -110,24 +115,21 @@ export const validateWeights = (
       const t = tensors.get(name);
       if (!t) {
         return yield* Effect.fail(
-          new WeightsError({ tensor: name, message: `missing tensor ${name}` }),
+          new WeightsError({ tensor: name, reason: "is missing" }),
         );
       }
       if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
         return yield* Effect.fail(
           new WeightsError({
             tensor: name,
-            message: `tensor ${name} has shape [${t.shape}], config expects [${shape}]`,
+            reason: `has shape [${t.shape}], config expects [${shape}]`,
           }),
         );
       }
       const bad = t.data.findIndex((x) => !Number.isFinite(x));
       if (bad >= 0) {
         return yield* Effect.fail(
-          new WeightsError({
-            tensor: name,
-            message: `tensor ${name} holds ${t.data[bad]} at index ${bad}`,
-          }),
+          new WeightsError({ tensor: name, reason: `holds ${t.data[bad]} at index ${bad}` }),
         );
       }
       out.set(name, t);

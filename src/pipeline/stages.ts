@@ -10,7 +10,7 @@
  * @module
  */
 import { Effect, Stream } from "effect";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import { groupAdvantages } from "../grpo/advantages.ts";
 import type { GrpoConfig } from "../grpo/config.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
@@ -95,14 +95,19 @@ export interface Pushed extends Snapshotted {
   readonly push: PushReport;
 }
 
+/**
+ * One stage's per-step effect as a traced function: a span named after the stage, and the
+ * stage's wall time recorded in the step's `times` under the same name.
+ */
 const timed = <A extends Step, B, E, R>(
   name: string,
   f: (a: A) => Effect.Effect<B, E, R>,
 ): (a: A) => Effect.Effect<B & { times: StageTimes }, E, R> =>
-(a) => {
-  const t0 = performance.now();
-  return Effect.map(f(a), (b) => ({ ...b, times: { ...a.times, [name]: performance.now() - t0 } }));
-};
+  Effect.fn(name)(function* (a: A): Effect.fn.Return<B & { times: StageTimes }, E, R> {
+    const t0 = performance.now();
+    const b = yield* f(a);
+    return { ...b, times: { ...a.times, [name]: performance.now() - t0 } };
+  });
 
 /** Steps first..last as a stream (one element per chunk, so stages interleave per step). */
 export const steps = (first: number, last: number): Stream.Stream<Step> =>
@@ -236,7 +241,7 @@ export const update = (o: UpdateOptions) =>
   s: Stream.Stream<Advantaged, E, R>,
 ): Stream.Stream<
   Updated,
-  E | BackendFailure | NonFiniteStepError | GrpoInputError | GrpoNumericError,
+  E | BackendError | NonFiniteStepError | GrpoInputError | GrpoNumericError,
   R
 > =>
   Stream.mapEffect(
@@ -269,7 +274,7 @@ export const update = (o: UpdateOptions) =>
                   advantage: r.advantages[i],
                   endedWithEos: r.endedWithEos[i],
                 })),
-                { ...c, dapoNormalizer },
+                { ...c, dapoNormalizer, gradientAccumulationSteps: 1 },
               ),
               (res) => ({
                 loss: res.loss,
@@ -286,7 +291,7 @@ export const update = (o: UpdateOptions) =>
 export const snapshot = (policy: Policy) =>
 <A extends Step, E, R>(
   s: Stream.Stream<A, E, R>,
-): Stream.Stream<A & { snapshot: Snapshot }, E | BackendFailure | NonFiniteStepError, R> =>
+): Stream.Stream<A & { snapshot: Snapshot }, E | BackendError | NonFiniteStepError, R> =>
   Stream.mapEffect(
     s,
     timed(

@@ -4,8 +4,8 @@
  * Implemented in src/rollout/local.ts (in-process) and src/push/ (LoRA and full-weight pushes).
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Context, Data, type Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Context, type Effect } from "effect";
 import type { Snapshot } from "../snapshot/snapshot.ts";
 
 /** What a push did, for metrics and benches. */
@@ -21,22 +21,54 @@ export interface PushReport {
   readonly logpDiffMax: number | null;
 }
 
-const SyncErrorBase: TaggedErrorClass<"SyncError", {
+/** Fields of a {@link SyncError}. */
+export interface SyncErrorFields {
+  /** The push target's name. */
   readonly target: string;
-  readonly version: number;
-  readonly message: string;
+  /** The snapshot version being pushed; null when the failure concerns no one version (setting up the target). */
+  readonly version: number | null;
+  /** What went wrong, in words (for HTTP failures: the request and the server's answer). */
+  readonly reason: string;
+  /** The underlying error (a VllmHttpError, a CheckpointError, ...), when there is one. */
   readonly cause?: unknown;
-}> = Data.TaggedError("SyncError");
+}
+
+const SyncErrorBase: TaggedErrorClass<"SyncError", SyncErrorFields> = taggedError(
+  "SyncError",
+  (e) => `${e.target}: ${e.reason}`,
+);
 /** A push failed (I/O, HTTP, or the engine serves other weights than the snapshot's). */
 export class SyncError extends SyncErrorBase {}
 
-const SyncMismatchBase: TaggedErrorClass<"SyncMismatch", {
+/** Fields of a {@link SyncMismatch}. */
+export interface SyncMismatchFields {
   readonly target: string;
   readonly version: number;
+  /** How the version reached the engine. */
+  readonly pushKind: "lora" | "full";
+  /** The `model` the probe asked for. */
+  readonly model: string;
+  /** The probe's cache_salt. */
+  readonly cacheSalt: string;
+  /** max and mean |engine logp - trainer logp| over the probe's tokens. */
   readonly maxAbsDiff: number;
+  readonly meanAbsDiff: number;
+  /** The largest accepted max |diff|. */
   readonly tolerance: number;
-  readonly message: string;
-}> = Data.TaggedError("SyncMismatch");
+  /** The tokens the engine generated for the probe. */
+  readonly tokens: readonly number[];
+}
+
+const SyncMismatchBase: TaggedErrorClass<"SyncMismatch", SyncMismatchFields> = taggedError(
+  "SyncMismatch",
+  (e) => {
+    return `the engine does not serve snapshot v${e.version} (${e.pushKind} push, model ` +
+      `'${e.model}', cache_salt '${e.cacheSalt}'): max |engine logp - trainer logp| = ` +
+      `${e.maxAbsDiff.toExponential(3)} > tolerance ${e.tolerance} on the probe (mean ${
+        e.meanAbsDiff.toExponential(3)
+      }; tokens [${e.tokens.join(",")}])`;
+  },
+);
 /** The engine's answers do not match the pushed snapshot beyond tolerance. */
 export class SyncMismatch extends SyncMismatchBase {}
 

@@ -4,8 +4,8 @@
  * a vLLM-compatible server (src/rollout/server.ts); provided to the pipeline by a Layer.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Context, Data, type Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Context, type Effect } from "effect";
 
 /** One prompt to complete `n` times (vLLM /v1/completions semantics). */
 export interface RolloutRequest {
@@ -36,11 +36,20 @@ export interface RolloutResult {
   readonly policyVersion: number;
 }
 
-const RolloutErrorBase: TaggedErrorClass<"RolloutError", {
+/** Fields of a {@link RolloutError}. */
+export interface RolloutErrorFields {
+  /** The engine's name (`local`, `server(<url>)`, ...). */
   readonly engine: string;
-  readonly message: string;
+  /** What went wrong, in words (for HTTP failures: the request and the server's answer). */
+  readonly reason: string;
+  /** The underlying error (a VllmHttpError, a backend failure), when there is one. */
   readonly cause?: unknown;
-}> = Data.TaggedError("RolloutError");
+}
+
+const RolloutErrorBase: TaggedErrorClass<"RolloutError", RolloutErrorFields> = taggedError(
+  "RolloutError",
+  (e) => `rollout engine ${e.engine}: ${e.reason}`,
+);
 /** Generation failed (engine down, bad answer, timeout). */
 export class RolloutError extends RolloutErrorBase {}
 

@@ -41,13 +41,18 @@ const noObserver: StageObserver = () => Effect.void;
  * server's own model directory): pause(wait) → reload_weights → reset_prefix_cache → resume.
  * Resume runs whatever happened after a successful pause; the first failure is returned.
  */
-export const reloadCheckpoint = (
+export const reloadCheckpoint: (
   client: VllmClient,
   dir: string | null,
   version: number,
-  onStage: StageObserver = noObserver,
-): Effect.Effect<void, VllmHttpError> =>
-  Effect.gen(function* () {
+  onStage?: StageObserver,
+) => Effect.Effect<void, VllmHttpError> = Effect.fn("reloadCheckpoint")(
+  function* (
+    client: VllmClient,
+    dir: string | null,
+    version: number,
+    onStage: StageObserver = noObserver,
+  ): Effect.fn.Return<void, VllmHttpError> {
     yield* client.request("POST", "/pause?mode=wait", {});
     yield* onStage("paused", version);
     const reload = yield* Effect.exit(
@@ -74,7 +79,8 @@ export const reloadCheckpoint = (
         return yield* Effect.failCause(ex.cause as Cause.Cause<VllmHttpError>);
       }
     }
-  });
+  },
+);
 
 /** What a full-weight push needs. */
 export interface FullPushContext {
@@ -110,87 +116,86 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
   const dirs: string[] = [];
   const pushed = new PushedVersions();
 
-  const push = (snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch> =>
-    Effect.gen(function* () {
-      const t0 = performance.now();
-      const version = snapshot.version;
-      const syncError = (message: string, cause?: unknown) =>
-        new SyncError({ target: ctx.target, version, message, cause });
-      const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
-      if (routed) {
-        return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
-      }
-      const { dir, bytes } = yield* freshVersionDir(
-        ctx.root,
-        adapterName(version),
-        (tmp) => exportCheckpoint(snapshot, tmp, ctx.dtype ?? "F32"),
-      ).pipe(
-        Effect.mapError((e) =>
-          e._tag === "SyncError"
-            ? e
-            : syncError(`exporting the weights of v${version} failed: ${e.message}`, e)
-        ),
-      );
-      yield* stage("exported", version);
-      const previous = ctx.routing.current;
-      yield* reloadCheckpoint(ctx.client, dir, version, stage).pipe(
-        Effect.mapError((e) =>
-          syncError(
-            `full-weight push of v${version} failed: ${describeHttpError(e)}${
-              routeHint(e, "dev")
-            }; ` +
-              `the previous version (${
-                previous ? `v${previous.version}` : "the base model"
-              }) keeps serving`,
-            e,
+  const push = Effect.fn("FullPusher.push")(function* (
+    snapshot: Snapshot,
+  ): Effect.fn.Return<PushReport, SyncError | SyncMismatch> {
+    const t0 = performance.now();
+    const version = snapshot.version;
+    const syncError = (reason: string, cause?: unknown) =>
+      new SyncError({ target: ctx.target, version, reason, cause });
+    const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
+    if (routed) {
+      return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
+    }
+    const { dir, bytes } = yield* freshVersionDir(
+      ctx.root,
+      adapterName(version),
+      (tmp) => exportCheckpoint(snapshot, tmp, ctx.dtype ?? "F32"),
+    ).pipe(
+      Effect.mapError((e) =>
+        syncError(`exporting the weights of v${version} failed: ${e.message}`, e)
+      ),
+    );
+    yield* stage("exported", version);
+    const previous = ctx.routing.current;
+    yield* reloadCheckpoint(ctx.client, dir, version, stage).pipe(
+      Effect.mapError((e) =>
+        syncError(
+          `full-weight push of v${version} failed: ${describeHttpError(e)}${
+            routeHint(e, "dev")
+          }; ` +
+            `the previous version (${
+              previous ? `v${previous.version}` : "the base model"
+            }) keeps serving`,
+          e,
+        )
+      ),
+      Effect.onError(() => removeDir(dir)),
+    );
+    const route: Route = {
+      version,
+      kind: "full",
+      model: ctx.modelName,
+      cacheSalt: salt(version),
+      dir,
+    };
+    const outcome = yield* verifyRoute(
+      ctx.client,
+      ctx.backend,
+      snapshot,
+      route,
+      ctx.verify,
+      ctx.target,
+    ).pipe(
+      Effect.onError(() =>
+        // the server holds weights we will not route to: put the previous version back
+        reloadCheckpoint(ctx.client, previous?.kind === "full" ? previous.dir : null, version)
+          .pipe(
+            Effect.catch((e) =>
+              Effect.logWarning(
+                `rollback after a failed verification failed: ${describeHttpError(e)}`,
+              )
+            ),
+            Effect.andThen(removeDir(dir)),
           )
-        ),
-        Effect.onError(() => removeDir(dir)),
-      );
-      const route: Route = {
-        version,
-        kind: "full",
-        model: ctx.modelName,
-        cacheSalt: salt(version),
-        dir,
-      };
-      const outcome = yield* verifyRoute(
-        ctx.client,
-        ctx.backend,
-        snapshot,
-        route,
-        ctx.verify,
-        ctx.target,
-      ).pipe(
-        Effect.onError(() =>
-          // the server holds weights we will not route to: put the previous version back
-          reloadCheckpoint(ctx.client, previous?.kind === "full" ? previous.dir : null, version)
-            .pipe(
-              Effect.catch((e) =>
-                Effect.logWarning(
-                  `rollback after a failed verification failed: ${describeHttpError(e)}`,
-                )
-              ),
-              Effect.andThen(removeDir(dir)),
-            )
-        ),
-      );
-      const latencyMs = performance.now() - t0;
-      yield* stage("verified", version);
-      ctx.routing.set(route);
-      pushed.add(snapshot, route);
-      yield* stage("routed", version);
-      dirs.push(dir);
-      while (dirs.length > keep) yield* removeDir(dirs.shift()!);
-      return {
-        version,
-        target: ctx.target,
-        bytes,
-        latencyMs,
-        logpDiffMean: outcome?.mean ?? null,
-        logpDiffMax: outcome?.max ?? null,
-      } satisfies PushReport;
-    });
+      ),
+    );
+    const latencyMs = performance.now() - t0;
+    yield* stage("verified", version);
+    ctx.routing.set(route);
+    pushed.add(snapshot, route);
+    yield* stage("routed", version);
+    dirs.push(dir);
+    while (dirs.length > keep) yield* removeDir(dirs.shift()!);
+    return {
+      version,
+      target: ctx.target,
+      bytes,
+      latencyMs,
+      logpDiffMean: outcome?.mean ?? null,
+      logpDiffMax: outcome?.max ?? null,
+    } satisfies PushReport;
+  });
 
   return { push };
 };

@@ -18,9 +18,10 @@
  * @module
  */
 import { Effect } from "effect";
-import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
+import { type CheckpointError, fsOp, makeDirectory } from "../io/checkpoint.ts";
 import { type PushReport, SyncError, type SyncMismatch } from "../ports/push_target.ts";
 import { exportAdapter } from "../snapshot/export.ts";
 import { describeHttpError, type VllmClient, type VllmHttpError } from "../vllm/client.ts";
@@ -70,42 +71,35 @@ export const directoryBytes = async (dir: string): Promise<number> => {
  * a fresh `root/name` (`name.1`, `name.2`, … when an earlier attempt left that name). Returns the
  * final path and the bytes written; the temporary directory is removed on failure.
  */
-export const freshVersionDir = <E>(
+export const freshVersionDir: <E>(
   root: string,
   name: string,
   write: (tmp: string) => Effect.Effect<void, E>,
-): Effect.Effect<{ dir: string; bytes: number }, E | SyncError> =>
-  Effect.gen(function* () {
-    const io = <A>(what: string, f: () => Promise<A>) =>
-      Effect.tryPromise({
-        try: f,
-        catch: (e) =>
-          new SyncError({
-            target: "filesystem",
-            version: -1,
-            message: `${what}: ${e instanceof Error ? e.message : String(e)}`,
-            cause: e,
-          }),
-      });
-    yield* io(`cannot create ${root}`, () => mkdir(root, { recursive: true }));
+) => Effect.Effect<{ dir: string; bytes: number }, E | CheckpointError> = Effect.fn(
+  "freshVersionDir",
+)(
+  function* <E>(
+    root: string,
+    name: string,
+    write: (tmp: string) => Effect.Effect<void, E>,
+  ): Effect.fn.Return<{ dir: string; bytes: number }, E | CheckpointError> {
+    yield* makeDirectory(root);
     const tmp = join(root, `.tmp-${name}-${randomSuffix()}`);
-    yield* Effect.onError(
-      write(tmp),
-      () => Effect.promise(() => rm(tmp, { recursive: true, force: true })),
-    );
-    const dir = yield* io(`cannot publish ${name}`, async () => {
+    yield* Effect.onError(write(tmp), () => removeDir(tmp));
+    const dir = yield* fsOp(tmp, `cannot publish ${name}`, async () => {
       for (let i = 0;; i++) {
         const d = join(root, i === 0 ? name : `${name}.${i}`);
         if (await exists(d)) continue;
         await rename(tmp, d);
         return d;
       }
-    }).pipe(Effect.onError(() => Effect.promise(() => rm(tmp, { recursive: true, force: true }))));
-    const bytes = yield* io(`cannot stat ${dir}`, () => directoryBytes(dir));
+    }).pipe(Effect.onError(() => removeDir(tmp)));
+    const bytes = yield* fsOp(dir, "cannot stat the directory", () => directoryBytes(dir));
     return { dir, bytes };
-  });
+  },
+);
 
-/** Removes a version directory (best effort). */
+/** Removes a version directory (best effort: a failure to remove it is ignored). */
 export const removeDir = (dir: string): Effect.Effect<void> =>
   Effect.promise(() => rm(dir, { recursive: true, force: true }).catch(() => {}));
 
@@ -139,7 +133,7 @@ export class PushedVersions {
         new SyncError({
           target,
           version: snapshot.version,
-          message: `version ${snapshot.version} was already pushed with other weights (digest ` +
+          reason: `version ${snapshot.version} was already pushed with other weights (digest ` +
             `${prior.digest.slice(0, 12)}, now ${
               snapshot.digest.slice(0, 12)
             }): a version number must name one snapshot`,
@@ -248,7 +242,7 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
       new SyncError({
         target: ctx.target,
         version,
-        message: `loading adapter ${name} from ${dir} failed: ${describeHttpError(e)}${
+        reason: `loading adapter ${name} from ${dir} failed: ${describeHttpError(e)}${
           routeHint(e, "lora")
         }${what}`,
         cause: e,
@@ -288,68 +282,66 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
     );
   };
 
-  const push = (snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch> =>
-    Effect.gen(function* () {
-      const t0 = performance.now();
-      const version = snapshot.version;
-      const name = adapterName(version);
-      const syncError = (message: string, cause?: unknown) =>
-        new SyncError({ target: ctx.target, version, message, cause });
-      if (snapshot.kind !== "lora" || snapshot.loraConfig === null) {
-        return yield* Effect.fail(
-          syncError(`snapshot v${version} is a full-weight snapshot: it has no adapter to push`),
-        );
-      }
-      const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
-      if (routed) {
-        return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
-      }
-      const { dir, bytes } = yield* freshVersionDir(
-        ctx.root,
-        name,
-        (tmp) => exportAdapter(snapshot, tmp, ctx.baseModel),
-      )
-        .pipe(
-          Effect.mapError((e) =>
-            e._tag === "SyncError"
-              ? e
-              : syncError(`exporting the adapter of v${version} failed: ${e.message}`, e)
-          ),
-        );
-      yield* stage("exported", version);
-      yield* load(name, dir, version).pipe(Effect.onError(() => removeDir(dir)));
-      yield* stage("loaded", version);
-      const route: Route = { version, kind: "lora", model: name, cacheSalt: salt(version), dir };
-      const outcome = yield* verifyRoute(
-        ctx.client,
-        ctx.backend,
-        snapshot,
-        route,
-        ctx.verify,
-        ctx.target,
-      ).pipe(
-        // never routed: take it off the server again (the previous version keeps serving)
-        Effect.onError(() => unload({ version, name, dir })),
+  const push = Effect.fn("LoraPusher.push")(function* (
+    snapshot: Snapshot,
+  ): Effect.fn.Return<PushReport, SyncError | SyncMismatch> {
+    const t0 = performance.now();
+    const version = snapshot.version;
+    const name = adapterName(version);
+    const syncError = (reason: string, cause?: unknown) =>
+      new SyncError({ target: ctx.target, version, reason, cause });
+    if (snapshot.kind !== "lora" || snapshot.loraConfig === null) {
+      return yield* Effect.fail(
+        syncError(`snapshot v${version} is a full-weight snapshot: it has no adapter to push`),
       );
-      const latencyMs = performance.now() - t0;
-      yield* stage("verified", version);
-      ctx.routing.set(route);
-      pushed.add(snapshot, route);
-      yield* stage("routed", version);
-      loaded.push({ version, name, dir });
-      while (loaded.length > keep) {
-        const old = loaded.shift()!;
-        yield* ctx.routing.retire(old.version, unload(old));
-      }
-      return {
-        version,
-        target: ctx.target,
-        bytes,
-        latencyMs,
-        logpDiffMean: outcome?.mean ?? null,
-        logpDiffMax: outcome?.max ?? null,
-      } satisfies PushReport;
-    });
+    }
+    const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
+    if (routed) {
+      return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
+    }
+    const { dir, bytes } = yield* freshVersionDir(
+      ctx.root,
+      name,
+      (tmp) => exportAdapter(snapshot, tmp, ctx.baseModel),
+    ).pipe(
+      Effect.mapError((e) =>
+        syncError(`exporting the adapter of v${version} failed: ${e.message}`, e)
+      ),
+    );
+    yield* stage("exported", version);
+    yield* load(name, dir, version).pipe(Effect.onError(() => removeDir(dir)));
+    yield* stage("loaded", version);
+    const route: Route = { version, kind: "lora", model: name, cacheSalt: salt(version), dir };
+    const outcome = yield* verifyRoute(
+      ctx.client,
+      ctx.backend,
+      snapshot,
+      route,
+      ctx.verify,
+      ctx.target,
+    ).pipe(
+      // never routed: take it off the server again (the previous version keeps serving)
+      Effect.onError(() => unload({ version, name, dir })),
+    );
+    const latencyMs = performance.now() - t0;
+    yield* stage("verified", version);
+    ctx.routing.set(route);
+    pushed.add(snapshot, route);
+    yield* stage("routed", version);
+    loaded.push({ version, name, dir });
+    while (loaded.length > keep) {
+      const old = loaded.shift()!;
+      yield* ctx.routing.retire(old.version, unload(old));
+    }
+    return {
+      version,
+      target: ctx.target,
+      bytes,
+      latencyMs,
+      logpDiffMean: outcome?.mean ?? null,
+      logpDiffMax: outcome?.max ?? null,
+    } satisfies PushReport;
+  });
 
   return { push, loaded: () => loaded.map((v) => v.version) };
 };

@@ -11,7 +11,7 @@
  */
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import { forward, uploadModel } from "../model/decoder.ts";
 import { logSoftmax } from "../model/sampling.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
@@ -19,6 +19,7 @@ import { SyncError, SyncMismatch } from "../ports/push_target.ts";
 import {
   decodeCompletion,
   describeHttpError,
+  explicitCompletionFields,
   type VllmClient,
   type VllmHttpError,
 } from "../vllm/client.ts";
@@ -67,18 +68,11 @@ export const probeEngine = (
     prompt: [...prompt],
     n: 1,
     max_tokens: maxTokens,
-    min_tokens: 0,
+    ...explicitCompletionFields,
     temperature: 0,
     top_p: 1,
     top_k: -1,
-    min_p: 0,
     seed: 0,
-    presence_penalty: 0,
-    frequency_penalty: 0,
-    repetition_penalty: 1,
-    logprobs: 0,
-    return_token_ids: true,
-    return_tokens_as_token_ids: true,
     ignore_eos: true,
     stop_token_ids: [],
     skip_special_tokens: false,
@@ -99,13 +93,18 @@ export const probeEngine = (
  * weights are uploaded to the backend for this call, one forward pass, log_softmax at
  * temperature 1 of the rows that predict the completion tokens.
  */
-export const trainerLogProbs = (
+export const trainerLogProbs: (
   backend: BackendShape,
   snapshot: Snapshot,
   prompt: readonly number[],
   completion: readonly number[],
-): Effect.Effect<number[], BackendFailure> =>
-  Effect.scoped(Effect.gen(function* () {
+) => Effect.Effect<number[], BackendError> = Effect.fn("trainerLogProbs")(
+  function* (
+    backend: BackendShape,
+    snapshot: Snapshot,
+    prompt: readonly number[],
+    completion: readonly number[],
+  ) {
     if (completion.length === 0) return [];
     const ops = yield* backend.ops;
     const model = uploadModel(ops, snapshot.config, snapshot.weights());
@@ -115,7 +114,9 @@ export const trainerLogProbs = (
     const [host] = yield* ops.read([logits]);
     const V = snapshot.config.vocabSize;
     return completion.map((t, j) => logSoftmax(host.subarray(j * V, (j + 1) * V))[t]);
-  }));
+  },
+  Effect.scoped,
+);
 
 /** |diff| statistics of a verified push. */
 export interface VerifyOutcome {
@@ -131,19 +132,26 @@ export interface VerifyOutcome {
  * A probe that cannot be run is a SyncError; a difference beyond tolerance is a SyncMismatch
  * (policy "fail") or a logged warning (policy "warn", the outcome is returned).
  */
-export const verifyRoute = (
+export const verifyRoute: (
   client: VllmClient,
   backend: BackendShape,
   snapshot: Snapshot,
   route: Route,
   settings: VerifySettings,
   target: string,
-): Effect.Effect<VerifyOutcome | null, SyncError | SyncMismatch> =>
-  Effect.gen(function* () {
+) => Effect.Effect<VerifyOutcome | null, SyncError | SyncMismatch> = Effect.fn("verifyRoute")(
+  function* (
+    client: VllmClient,
+    backend: BackendShape,
+    snapshot: Snapshot,
+    route: Route,
+    settings: VerifySettings,
+    target: string,
+  ): Effect.fn.Return<VerifyOutcome | null, SyncError | SyncMismatch> {
     if (settings.policy === "off") return null;
     const version = snapshot.version;
-    const syncError = (message: string, cause?: unknown) =>
-      new SyncError({ target, version, message, cause });
+    const syncError = (reason: string, cause?: unknown) =>
+      new SyncError({ target, version, reason, cause });
     const answer = yield* probeEngine(client, route, settings.probePrompt, settings.probeTokens)
       .pipe(
         Effect.mapError((e) =>
@@ -175,23 +183,21 @@ export const verifyRoute = (
       trainerLogp: trainer,
     };
     if (max <= settings.tolerance) return outcome;
-    const message = `the engine does not serve snapshot v${version} (${route.kind} push, model ` +
-      `'${route.model}', cache_salt '${route.cacheSalt}'): max |engine logp - trainer logp| = ` +
-      `${max.toExponential(3)} > tolerance ${settings.tolerance} on the probe (mean ${
-        mean.toExponential(3)
-      }; ` +
-      `tokens [${answer.tokens.join(",")}])`;
+    const mismatch = new SyncMismatch({
+      target,
+      version,
+      pushKind: route.kind,
+      model: route.model,
+      cacheSalt: route.cacheSalt,
+      maxAbsDiff: max,
+      meanAbsDiff: mean,
+      tolerance: settings.tolerance,
+      tokens: answer.tokens,
+    });
     if (settings.policy === "warn") {
-      yield* Effect.logWarning(`verify: ${message}`);
+      yield* Effect.logWarning(`verify: ${mismatch.message}`);
       return outcome;
     }
-    return yield* Effect.fail(
-      new SyncMismatch({
-        target,
-        version,
-        maxAbsDiff: max,
-        tolerance: settings.tolerance,
-        message,
-      }),
-    );
-  });
+    return yield* Effect.fail(mismatch);
+  },
+);

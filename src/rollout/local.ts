@@ -15,6 +15,7 @@ import {
   type RolloutEngineShape,
   RolloutError,
   type RolloutRequest,
+  type RolloutResult,
 } from "../ports/rollout_engine.ts";
 import {
   type PushReport,
@@ -56,69 +57,70 @@ export const makeLocalEngine = (
     yield* Effect.addFinalizer(() => current ? Scope.close(current.scope, Exit.void) : Effect.void);
     const engine: RolloutEngineShape = {
       name: "local",
-      generate: (requests) =>
-        Effect.gen(function* () {
-          const loaded = current;
-          if (!loaded) {
-            return yield* Effect.fail(
-              new RolloutError({ engine: "local", message: "no snapshot pushed yet" }),
-            );
-          }
-          const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng)
-            .pipe(
-              Effect.mapError((e) =>
-                new RolloutError({ engine: "local", message: e.message, cause: e })
-              ),
-            );
-          let k = 0;
-          const completions = requests.map((r) =>
-            Array.from({ length: r.n }, () => {
-              const g = gens[k++];
-              return {
-                tokens: g.tokens,
-                logprobs: g.processedLogprobs,
-                finishReason: g.finishReason,
-              };
-            })
+      generate: Effect.fn("LocalEngine.generate")(function* (
+        requests: readonly RolloutRequest[],
+      ): Effect.fn.Return<RolloutResult, RolloutError> {
+        const loaded = current;
+        if (!loaded) {
+          return yield* Effect.fail(
+            new RolloutError({ engine: "local", reason: "no snapshot pushed yet" }),
           );
-          return { completions, policyVersion: loaded.version };
-        }),
+        }
+        const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng)
+          .pipe(
+            Effect.mapError((e) =>
+              new RolloutError({ engine: "local", reason: e.message, cause: e })
+            ),
+          );
+        let k = 0;
+        const completions = requests.map((r) =>
+          Array.from({ length: r.n }, () => {
+            const g = gens[k++];
+            return {
+              tokens: g.tokens,
+              logprobs: g.processedLogprobs,
+              finishReason: g.finishReason,
+            };
+          })
+        );
+        return { completions, policyVersion: loaded.version };
+      }),
     };
     const target: PushTargetShape = {
       name: "in-process",
-      push: (snapshot: Snapshot) =>
-        Effect.gen(function* () {
-          const t0 = performance.now();
-          yield* snapshot.verify().pipe(
-            Effect.mapError((e) =>
-              new SyncError({
-                target: "in-process",
-                version: snapshot.version,
-                message: e.message,
-                cause: e,
-              })
-            ),
-          );
-          const scope = yield* Scope.make();
-          const weights = snapshot.weights();
-          const model = yield* Scope.provide(scope)(
-            Effect.map(backend.ops, (ops) => uploadModel(ops, snapshot.config, weights)),
-          );
-          const old = current;
-          current = { version: snapshot.version, model, scope };
-          if (old) yield* Scope.close(old.scope, Exit.void);
-          let bytes = 0;
-          for (const t of weights.values()) bytes += t.data.byteLength;
-          const report: PushReport = {
-            version: snapshot.version,
-            target: "in-process",
-            bytes,
-            latencyMs: performance.now() - t0,
-            logpDiffMean: null,
-            logpDiffMax: null,
-          };
-          return report;
-        }),
+      push: Effect.fn("InProcessTarget.push")(function* (
+        snapshot: Snapshot,
+      ): Effect.fn.Return<PushReport, SyncError> {
+        const t0 = performance.now();
+        yield* snapshot.verify().pipe(
+          Effect.mapError((e) =>
+            new SyncError({
+              target: "in-process",
+              version: snapshot.version,
+              reason: e.message,
+              cause: e,
+            })
+          ),
+        );
+        const scope = yield* Scope.make();
+        const weights = snapshot.weights();
+        const model = yield* Scope.provide(scope)(
+          Effect.map(backend.ops, (ops) => uploadModel(ops, snapshot.config, weights)),
+        );
+        const old = current;
+        current = { version: snapshot.version, model, scope };
+        if (old) yield* Scope.close(old.scope, Exit.void);
+        let bytes = 0;
+        for (const t of weights.values()) bytes += t.data.byteLength;
+        return {
+          version: snapshot.version,
+          target: "in-process",
+          bytes,
+          latencyMs: performance.now() - t0,
+          logpDiffMean: null,
+          logpDiffMax: null,
+        };
+      }),
     };
     return { engine, target };
   });

@@ -14,11 +14,13 @@ import {
   type RolloutEngineShape,
   RolloutError,
   type RolloutRequest,
+  type RolloutResult,
 } from "../ports/rollout_engine.ts";
 import {
   type CompletionChoiceData,
   decodeCompletion,
   describeHttpError,
+  explicitCompletionFields,
   type VllmClient,
   type VllmHttpError,
 } from "../vllm/client.ts";
@@ -34,18 +36,11 @@ export const completionBody = (
   prompt: prompts.length === 1 ? [...prompts[0]] : prompts.map((p) => [...p]),
   n: r.n,
   max_tokens: r.maxTokens,
-  min_tokens: 0,
+  ...explicitCompletionFields,
   temperature: r.temperature,
   top_p: r.topP,
   top_k: r.topK > 0 ? r.topK : -1,
-  min_p: 0,
   seed: r.seed,
-  presence_penalty: 0,
-  frequency_penalty: 0,
-  repetition_penalty: 1,
-  logprobs: 0,
-  return_token_ids: true,
-  return_tokens_as_token_ids: true,
   stop_token_ids: [...r.stopTokenIds],
   ignore_eos: false,
   skip_special_tokens: true,
@@ -87,8 +82,8 @@ export const makeServerRolloutEngine = (
   options: ServerRolloutOptions = {},
 ): RolloutEngineShape => {
   const name = `server(${client.baseUrl})`;
-  const rolloutError = (message: string, cause?: unknown) =>
-    new RolloutError({ engine: name, message, cause });
+  const rolloutError = (reason: string, cause?: unknown) =>
+    new RolloutError({ engine: name, reason, cause });
   const call = (route: Route, requests: readonly RolloutRequest[], group: readonly number[]) => {
     const r = requests[group[0]];
     return client.postJson(
@@ -126,23 +121,22 @@ export const makeServerRolloutEngine = (
       }),
     );
   };
-  return {
-    name,
-    generate: (requests) =>
-      Effect.suspend(() => {
-        const route = routing.begin();
-        if (!route) return Effect.fail(rolloutError("no snapshot pushed yet"));
-        const groups = groupRequests(requests);
-        return Effect.forEach(groups, (g) => call(route, requests, g), {
-          concurrency: options.concurrency ?? 32,
-        }).pipe(
-          Effect.map((answers) => {
-            const completions: RolloutCompletion[][] = requests.map(() => []);
-            groups.forEach((g, gi) => g.forEach((ri, p) => (completions[ri] = answers[gi][p])));
-            return { completions, policyVersion: route.version };
-          }),
-          Effect.ensuring(routing.end(route)),
-        );
+  const generate = Effect.fn("ServerRolloutEngine.generate")(function* (
+    requests: readonly RolloutRequest[],
+  ): Effect.fn.Return<RolloutResult, RolloutError> {
+    const route = routing.begin();
+    if (!route) return yield* Effect.fail(rolloutError("no snapshot pushed yet"));
+    const groups = groupRequests(requests);
+    return yield* Effect.forEach(groups, (g) => call(route, requests, g), {
+      concurrency: options.concurrency ?? 32,
+    }).pipe(
+      Effect.map((answers) => {
+        const completions: RolloutCompletion[][] = requests.map(() => []);
+        groups.forEach((g, gi) => g.forEach((ri, p) => (completions[ri] = answers[gi][p])));
+        return { completions, policyVersion: route.version };
       }),
-  };
+      Effect.ensuring(routing.end(route)),
+    );
+  });
+  return { name, generate };
 };

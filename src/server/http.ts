@@ -332,7 +332,7 @@ export const makeWebHandler = (
   const web = HttpRouter.toWebHandler(routes(engine, opts), { disableLogger: true });
   const unauthorized = () =>
     Response.json(
-      errorEnvelope(new ApiError({ status: 401, message: "Unauthorized", param: null })),
+      errorEnvelope(new ApiError({ status: 401, reason: "Unauthorized", param: null })),
       {
         status: 401,
       },

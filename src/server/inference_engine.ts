@@ -15,8 +15,8 @@
  * forward pass entirely; a cached strict prefix is reused and only the rest is prefilled.
  * @module
  */
-import { Data, Effect, Exit, Scope } from "effect";
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect, Exit, Scope } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { access } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
@@ -79,12 +79,32 @@ export interface InferenceEngineOptions {
   readonly maxBatchSequences: number;
 }
 
+/** Fields of an {@link InferenceEngineStartError}. */
+export interface InferenceEngineStartErrorFields {
+  /** The served model directory. */
+  readonly modelDir: string;
+  /** What could not be used: the model, the tokenizer, or the two together (vocab sizes). */
+  readonly part: "model" | "tokenizer" | "vocab";
+  /** What is wrong, in words (the load error's message, or the mismatch). */
+  readonly reason: string;
+  /** The load error, when there is one. */
+  readonly cause?: unknown;
+}
+
 const InferenceEngineStartErrorBase: TaggedErrorClass<
   "InferenceEngineStartError",
-  { readonly message: string }
-> = Data
-  .TaggedError("InferenceEngineStartError");
-/** The engine could not start (model or tokenizer unreadable). */
+  InferenceEngineStartErrorFields
+> = taggedError(
+  "InferenceEngineStartError",
+  (e) => {
+    return e.part === "model"
+      ? `cannot load model ${e.modelDir}: ${e.reason}`
+      : e.part === "tokenizer"
+      ? `cannot load the tokenizer of ${e.modelDir}: ${e.reason}`
+      : e.reason;
+  },
+);
+/** The engine could not start (model or tokenizer unreadable, or not matching). */
 export class InferenceEngineStartError extends InferenceEngineStartErrorBase {}
 
 /** Pause modes of POST /pause. */
@@ -328,15 +348,16 @@ export class InferenceEngine {
     model: string | null | undefined,
     tokens: readonly number[],
   ): Effect.Effect<{ prompt: string }, ApiError> {
+    const bad = tokens.find((t) => t < 0 || t >= this.tokenizer.vocabSize);
     return this.#checkModel(model).pipe(
-      Effect.andThen(Effect.try({
-        try: () => {
-          const bad = tokens.find((t) => t < 0 || t >= this.tokenizer.vocabSize);
-          if (bad !== undefined) throw new Error(`Token id ${bad} is out of vocabulary`);
-          return { prompt: decodeIds(this.tokenizer, tokens, false) };
-        },
-        catch: (e) => badRequest(message(e), "tokens"),
-      })),
+      Effect.andThen(
+        bad !== undefined
+          ? Effect.fail(badRequest(`Token id ${bad} is out of vocabulary`, "tokens"))
+          : Effect.try({
+            try: () => ({ prompt: decodeIds(this.tokenizer, tokens, false) }),
+            catch: (e) => badRequest(message(e), "tokens"),
+          }),
+      ),
     );
   }
 
@@ -424,56 +445,60 @@ export class InferenceEngine {
 
   /** POST /v1/load_lora_adapter. */
   loadLora(name: string, path: string, inplace: boolean): Effect.Effect<void, ApiError> {
-    return Effect.tryPromise({
-      try: async () => {
-        if (this.#adapters.has(name) && !inplace) {
-          throw badRequest(`The lora adapter '${name}' has already been loaded.`, "lora_name");
-        }
-        if (name === this.options.servedModelName) {
-          throw badRequest(
-            `The lora adapter name '${name}' is the base model's name.`,
-            "lora_name",
-          );
-        }
-        if (!(await exists(join(path, ADAPTER_CONFIG)))) {
-          throw notFound(
+    return Effect.gen({ self: this }, function* () {
+      if (this.#adapters.has(name) && !inplace) {
+        return yield* Effect.fail(
+          badRequest(`The lora adapter '${name}' has already been loaded.`, "lora_name"),
+        );
+      }
+      if (name === this.options.servedModelName) {
+        return yield* Effect.fail(
+          badRequest(`The lora adapter name '${name}' is the base model's name.`, "lora_name"),
+        );
+      }
+      if (!(yield* Effect.promise(() => exists(join(path, ADAPTER_CONFIG))))) {
+        return yield* Effect.fail(
+          notFound(
             `No adapter found for ${path}: ${join(path, ADAPTER_CONFIG)} does not exist.`,
             "lora_path",
-          );
-        }
-        const weights = await run(
-          Effect.result(loadPeftAdapter(path, this.config)),
+          ),
         );
-        if (weights._tag === "Failure") {
-          throw badRequest(
-            `Failed to load LoRA adapter '${name}' from ${path}: ${message(weights.failure)}`,
+      }
+      const w = yield* loadPeftAdapter(path, this.config).pipe(
+        Effect.mapError((e) =>
+          badRequest(
+            `Failed to load LoRA adapter '${name}' from ${path}: ${message(e)}`,
             "lora_path",
-          );
-        }
-        const w = weights.success;
-        if (w.config.r > this.options.maxLoraRank) {
-          throw badRequest(
+          )
+        ),
+      );
+      if (w.config.r > this.options.maxLoraRank) {
+        return yield* Effect.fail(
+          badRequest(
             `LoRA rank ${w.config.r} is greater than max_lora_rank ${this.options.maxLoraRank}.`,
             "lora_path",
-          );
-        }
-        await this.#lock.with(async () => {
-          const old = this.#adapters.get(name);
-          if (old) await this.#evict(old);
-          this.#adapters.set(name, {
-            name,
-            path,
-            weights: w,
-            created: Math.floor(Date.now() / 1000),
-            runtime: null,
-            scope: null,
-            lastUse: 0,
-          });
-          // upload now when a device slot is free (else on first use)
-          if (this.#residentCount() < this.options.maxLoras) await this.#resident(name);
-        });
-      },
-      catch: (e) => (isApiError(e) ? e : internalError(message(e))),
+          ),
+        );
+      }
+      yield* Effect.tryPromise({
+        try: () =>
+          this.#lock.with(async () => {
+            const old = this.#adapters.get(name);
+            if (old) await this.#evict(old);
+            this.#adapters.set(name, {
+              name,
+              path,
+              weights: w,
+              created: Math.floor(Date.now() / 1000),
+              runtime: null,
+              scope: null,
+              lastUse: 0,
+            });
+            // upload now when a device slot is free (else on first use)
+            if (this.#residentCount() < this.options.maxLoras) await this.#resident(name);
+          }),
+        catch: (e) => internalError(message(e)),
+      });
     });
   }
 
@@ -483,12 +508,19 @@ export class InferenceEngine {
       try: () =>
         this.#lock.with(async () => {
           const a = this.#adapters.get(name);
-          if (!a) throw notFound(`The lora adapter '${name}' cannot be found.`, "lora_name");
+          if (!a) return false;
           this.#adapters.delete(name);
           await this.#evict(a);
+          return true;
         }),
-      catch: (e) => (isApiError(e) ? e : internalError(message(e))),
-    });
+      catch: (e) => internalError(message(e)),
+    }).pipe(
+      Effect.flatMap((found) =>
+        found
+          ? Effect.void
+          : Effect.fail(notFound(`The lora adapter '${name}' cannot be found.`, "lora_name"))
+      ),
+    );
   }
 
   #residentCount(): number {
@@ -534,44 +566,46 @@ export class InferenceEngine {
    */
   reloadWeights(path: string | null): Effect.Effect<void, ApiError> {
     const dir = path ?? this.options.modelDir;
-    return Effect.tryPromise({
-      try: async () => {
-        if (!(await exists(join(dir, "config.json")))) {
-          throw badRequest(
+    return Effect.gen({ self: this }, function* () {
+      if (!(yield* Effect.promise(() => exists(join(dir, "config.json"))))) {
+        return yield* Effect.fail(
+          badRequest(
             `reload_weights: no checkpoint at ${dir} (config.json not found)`,
             "weights_path",
-          );
-        }
-        const loaded = await run(Effect.result(loadModel(dir)));
-        if (loaded._tag === "Failure") {
-          throw badRequest(
-            `reload_weights: cannot load ${dir}: ${message(loaded.failure)}`,
-            "weights_path",
-          );
-        }
-        const { config, weights } = loaded.success;
-        for (const f of SAME_SHAPE_FIELDS) {
-          if (config[f] !== this.config[f]) {
-            throw badRequest(
+          ),
+        );
+      }
+      const { config, weights } = yield* loadModel(dir).pipe(
+        Effect.mapError((e) =>
+          badRequest(`reload_weights: cannot load ${dir}: ${message(e)}`, "weights_path")
+        ),
+      );
+      for (const f of SAME_SHAPE_FIELDS) {
+        if (config[f] !== this.config[f]) {
+          return yield* Effect.fail(
+            badRequest(
               `reload_weights: ${dir} does not match the served model: ${f} is ${
                 config[f]
               }, expected ${this.config[f]}`,
               "weights_path",
-            );
-          }
-        }
-        await this.#lock.with(async () => {
-          const next = await uploadBase(
-            this.backend,
-            { ...this.config, ...pickRuntime(config) },
-            weights,
+            ),
           );
-          const old = this.#base;
-          this.#base = next;
-          await run(Scope.close(old.scope, Exit.void));
-        });
-      },
-      catch: (e) => (isApiError(e) ? e : internalError(`reload_weights failed: ${message(e)}`)),
+        }
+      }
+      yield* Effect.tryPromise({
+        try: () =>
+          this.#lock.with(async () => {
+            const next = await run(uploadBase(
+              this.backend,
+              { ...this.config, ...pickRuntime(config) },
+              weights,
+            ));
+            const old = this.#base;
+            this.#base = next;
+            await run(Scope.close(old.scope, Exit.void));
+          }),
+        catch: (e) => internalError(`reload_weights failed: ${message(e)}`),
+      });
     });
   }
 
@@ -588,14 +622,18 @@ export class InferenceEngine {
       this.#active++;
       this.#running = jobs;
       try {
-        const results = await this.#runBatch(jobs);
-        jobs.forEach((j, i) => j.resolve(results[i]));
-      } catch (e) {
-        if (isApiError(e)) { for (const j of jobs) j.reject(e); }
-        else {
-          console.error(`lorafold serve: generation failed: ${message(e)}`);
-          for (const j of jobs) j.reject(internalError(`generation failed: ${message(e)}`));
+        const adapter = jobs[0].spec.adapter;
+        if (adapter !== null && !this.#adapters.has(adapter)) {
+          // unloaded after the request was accepted
+          const gone = notFound(`The model \`${adapter}\` does not exist.`, "model");
+          for (const j of jobs) j.reject(gone);
+        } else {
+          const results = await this.#runBatch(jobs);
+          jobs.forEach((j, i) => j.resolve(results[i]));
         }
+      } catch (e) {
+        console.error(`lorafold serve: generation failed: ${message(e)}`);
+        for (const j of jobs) j.reject(internalError(`generation failed: ${message(e)}`));
       } finally {
         this.#running = [];
         this.#active--;
@@ -741,10 +779,6 @@ export class InferenceEngine {
 
   async #runBatch(jobs: readonly Job[]): Promise<CompletionResponse[]> {
     const adapter = jobs[0].spec.adapter;
-    if (adapter !== null && !this.#adapters.has(adapter)) {
-      // unloaded after the request was accepted
-      throw notFound(`The model \`${adapter}\` does not exist.`, "model");
-    }
     const V = this.config.vocabSize;
     const mode = this.options.logprobsMode;
     // 1. prefill every distinct prompt once (prefix cache), prompt logprobs when asked
@@ -926,9 +960,7 @@ export class InferenceEngine {
 
 /** Requests refused because the engine is shutting down (503, like a dead vLLM engine). */
 const shuttingDown = (): ApiError =>
-  new ApiError({ status: 503, message: "the engine is shutting down", param: null });
-
-const isApiError = (e: unknown): e is ApiError => e instanceof ApiError;
+  new ApiError({ status: 503, reason: "the engine is shutting down", param: null });
 
 /** Runtime-only config fields a reload may change (rope theta, eps, eos ids). */
 const pickRuntime = (c: ModelConfig): Partial<ModelConfig> => ({
@@ -936,17 +968,19 @@ const pickRuntime = (c: ModelConfig): Partial<ModelConfig> => ({
   ropeTheta: c.ropeTheta,
 });
 
-const uploadBase = async (
+/** Uploads base weights into a scope of their own (closed when they are replaced or at close). */
+const uploadBase = (
   backend: BackendShape,
   config: ModelConfig,
   weights: WeightMap,
-): Promise<Base> => {
-  const scope = await run(Scope.make());
-  const model = await run(
-    Scope.provide(scope)(Effect.map(backend.ops, (ops) => uploadModel(ops, config, weights))),
-  );
-  return { config, model, scope };
-};
+): Effect.Effect<Base> =>
+  Effect.gen(function* () {
+    const scope = yield* Scope.make();
+    const model = yield* Scope.provide(scope)(
+      Effect.map(backend.ops, (ops) => uploadModel(ops, config, weights)),
+    );
+    return { config, model, scope };
+  });
 
 /** Loads the model directory and tokenizer, uploads the weights, and starts the worker. */
 export const makeInferenceEngine = (
@@ -954,29 +988,28 @@ export const makeInferenceEngine = (
   options: InferenceEngineOptions,
 ): Effect.Effect<InferenceEngine, InferenceEngineStartError> =>
   Effect.gen(function* () {
-    const { config, weights } = yield* loadModel(options.modelDir).pipe(
+    const modelDir = options.modelDir;
+    const { config, weights } = yield* loadModel(modelDir).pipe(
       Effect.mapError((e) =>
-        new InferenceEngineStartError({
-          message: `cannot load model ${options.modelDir}: ${e.message}`,
-        })
+        new InferenceEngineStartError({ modelDir, part: "model", reason: e.message, cause: e })
       ),
     );
-    const tokenizer = yield* loadTokenizer(options.modelDir).pipe(
+    const tokenizer = yield* loadTokenizer(modelDir).pipe(
       Effect.mapError((e) =>
-        new InferenceEngineStartError({
-          message: `cannot load the tokenizer of ${options.modelDir}: ${e.message}`,
-        })
+        new InferenceEngineStartError({ modelDir, part: "tokenizer", reason: e.message, cause: e })
       ),
     );
     if (tokenizer.vocabSize > config.vocabSize) {
       return yield* Effect.fail(
         new InferenceEngineStartError({
-          message:
+          modelDir,
+          part: "vocab",
+          reason:
             `tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${config.vocabSize}`,
         }),
       );
     }
-    const base = yield* Effect.promise(() => uploadBase(backend, config, weights));
+    const base = yield* uploadBase(backend, config, weights);
     const engine = new InferenceEngine(backend, tokenizer, base, options);
     engine.start();
     return engine;

@@ -4,31 +4,42 @@
  * error envelope `{"error":{message,type,param,code}}` (vLLM >= 0.10.1).
  * @module
  */
-import { Data, Effect, Schema, SchemaIssue } from "effect";
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect, Schema, SchemaIssue } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 // ---- errors ----------------------------------------------------------------------------------
 
-const ApiErrorBase: TaggedErrorClass<"ApiError", {
+/** Fields of an {@link ApiError}. */
+export interface ApiErrorFields {
+  /** The HTTP status answered (also the envelope's `code`). */
   readonly status: number;
-  readonly message: string;
+  /** The envelope's message, exactly as vLLM words it (clients match on it). */
+  readonly reason: string;
   /** The request field at fault, or null. */
   readonly param: string | null;
-}> = Data.TaggedError("ApiError");
-/** An API error: rendered as the vLLM error envelope with `code` = HTTP status. */
+}
+
+const ApiErrorBase: TaggedErrorClass<"ApiError", ApiErrorFields> = taggedError(
+  "ApiError",
+  (e) => e.reason,
+);
+/**
+ * An API error: rendered as the vLLM error envelope with `code` = HTTP status. Its message is the
+ * envelope's, with no context added: the wire text is the datum.
+ */
 export class ApiError extends ApiErrorBase {}
 
 /** 400 BadRequestError. */
-export const badRequest = (message: string, param: string | null = null): ApiError =>
-  new ApiError({ status: 400, message, param });
+export const badRequest = (reason: string, param: string | null = null): ApiError =>
+  new ApiError({ status: 400, reason, param });
 
 /** 404 NotFoundError. */
-export const notFound = (message: string, param: string | null = null): ApiError =>
-  new ApiError({ status: 404, message, param });
+export const notFound = (reason: string, param: string | null = null): ApiError =>
+  new ApiError({ status: 404, reason, param });
 
 /** 500 InternalServerError. */
-export const internalError = (message: string): ApiError =>
-  new ApiError({ status: 500, message, param: null });
+export const internalError = (reason: string): ApiError =>
+  new ApiError({ status: 500, reason, param: null });
 
 /** vLLM's error `type` for an HTTP status. */
 export const errorType = (status: number): string =>
@@ -56,7 +67,7 @@ export interface ErrorEnvelope {
 
 /** Renders an ApiError as the envelope. */
 export const errorEnvelope = (e: ApiError): ErrorEnvelope => ({
-  error: { message: e.message, type: errorType(e.status), param: e.param, code: e.status },
+  error: { message: e.reason, type: errorType(e.status), param: e.param, code: e.status },
 });
 
 // ---- request bodies --------------------------------------------------------------------------

@@ -9,10 +9,10 @@
  * creation and re-checked by everything that publishes it.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data, Effect } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import type { ModelConfig } from "../model/config.ts";
 import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
 import type { HostTensor, WeightMap } from "../model/weights.ts";
@@ -20,10 +20,18 @@ import type { LoraConfig } from "../lora/adapter.ts";
 
 const SnapshotCorruptedBase: TaggedErrorClass<"SnapshotCorrupted", {
   readonly version: number;
+  /** The digest taken at creation. */
   readonly expected: string;
+  /** The digest of the bytes now. */
   readonly actual: string;
-  readonly message: string;
-}> = Data.TaggedError("SnapshotCorrupted");
+}> = taggedError(
+  "SnapshotCorrupted",
+  (e) => {
+    return `snapshot v${e.version} changed after creation (digest ${e.actual.slice(0, 12)} != ${
+      e.expected.slice(0, 12)
+    })`;
+  },
+);
 /** A snapshot whose bytes no longer match the digest taken at its creation. */
 export class SnapshotCorrupted extends SnapshotCorruptedBase {}
 
@@ -122,14 +130,7 @@ export class Snapshot {
       digestOf(this.store),
       (actual) =>
         actual === this.digest ? Effect.void : Effect.fail(
-          new SnapshotCorrupted({
-            version: this.version,
-            expected: this.digest,
-            actual,
-            message: `snapshot v${this.version} changed after creation (digest ${
-              actual.slice(0, 12)
-            } != ${this.digest.slice(0, 12)})`,
-          }),
+          new SnapshotCorrupted({ version: this.version, expected: this.digest, actual }),
         ),
     );
   }
@@ -164,15 +165,22 @@ const digestOf = (store: Store): Effect.Effect<string> =>
  * W + s·B·A into a new buffer, which is copied to the host (one wait for all of them). Base
  * weights that no adapter touches are shared with `base`, the frozen host copy of the model.
  */
-export const foldSnapshot = (
+export const foldSnapshot: (
   backend: BackendShape,
   version: number,
   base: WeightMap,
   device: DeviceModel,
   lora: LoraRuntime,
   loraConfig: LoraConfig,
-): Effect.Effect<Snapshot, BackendFailure> =>
-  Effect.scoped(Effect.gen(function* () {
+) => Effect.Effect<Snapshot, BackendError> = Effect.fn("foldSnapshot")(
+  function* (
+    backend: BackendShape,
+    version: number,
+    base: WeightMap,
+    device: DeviceModel,
+    lora: LoraRuntime,
+    loraConfig: LoraConfig,
+  ) {
     const ops = yield* backend.ops;
     const paths = [...lora.modules.keys()];
     const folded = paths.map((p) => {
@@ -192,15 +200,17 @@ export const foldSnapshot = (
       adapter.set(`${p}.lora_B`, { shape: b.shape, data: toF32(host[paths.length + 2 * i + 1]) });
     });
     return yield* Snapshot.create(version, "lora", device.config, loraConfig, { weights, adapter });
-  }));
+  },
+  Effect.scoped,
+);
 
 /** A full fine-tuning snapshot: a fresh host copy of every live weight. */
-export const copySnapshot = (
+export const copySnapshot: (
   backend: BackendShape,
   version: number,
   device: DeviceModel,
-): Effect.Effect<Snapshot, BackendFailure> =>
-  Effect.scoped(Effect.gen(function* () {
+) => Effect.Effect<Snapshot, BackendError> = Effect.fn("copySnapshot")(
+  function* (backend: BackendShape, version: number, device: DeviceModel) {
     const ops = yield* backend.ops;
     const names = [...device.weights.keys()];
     const host = yield* ops.read(names.map((n) => device.weights.get(n)!));
@@ -209,7 +219,9 @@ export const copySnapshot = (
       weights.set(n, { shape: [...device.weights.get(n)!.shape], data: toF32(host[i]) })
     );
     return yield* Snapshot.create(version, "full", device.config, null, { weights, adapter: null });
-  }));
+  },
+  Effect.scoped,
+);
 
 // Backends hand back fresh arrays; f64 reference arrays are narrowed to the f32 storage format.
 const toF32 = (a: Float32Array | Float64Array): Float32Array =>

@@ -5,7 +5,7 @@
  */
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
 import { generate } from "../model/generate.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
@@ -25,7 +25,7 @@ export const accuracy = (
   problems: readonly Problem[],
   maxTokens: number,
   lora: LoraRuntime | null = null,
-): Effect.Effect<number, BackendFailure> =>
+): Effect.Effect<number, BackendError> =>
   Effect.map(
     generate(
       backend,

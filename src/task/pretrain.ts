@@ -48,8 +48,8 @@ export interface PretrainOptions {
 }
 
 /** Runs pretraining; returns the weights and the held-out accuracy reached. */
-export const pretrain = (backend: BackendShape, o: PretrainOptions) =>
-  Effect.scoped(Effect.gen(function* () {
+export const pretrain = Effect.fn("pretrain")(
+  function* (backend: BackendShape, o: PretrainOptions) {
     const tok = arithmeticTokenizer();
     const task = arithmeticTask();
     const config = builtinConfig(tok.vocabSize);
@@ -107,4 +107,6 @@ export const pretrain = (backend: BackendShape, o: PretrainOptions) =>
     }
     const snap = yield* policy.snapshot();
     return { config, weights: snap.weights(), accuracy: acc, steps: step, tokenizer: tok };
-  }));
+  },
+  Effect.scoped,
+);

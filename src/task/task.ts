@@ -7,7 +7,7 @@
  */
 import type { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure } from "../backend/ops.ts";
+import type { BackendError } from "../backend/ops.ts";
 import type { NamedReward } from "../grpo/rewards.ts";
 import type { DeviceModel } from "../model/decoder.ts";
 import type { PromptSource } from "../pipeline/stages.ts";
@@ -25,7 +25,7 @@ export interface TaskEvaluation {
     model: DeviceModel,
     tokenizer: Tokenizer,
     maxTokens: number,
-  ): Effect.Effect<number, BackendFailure>;
+  ): Effect.Effect<number, BackendError>;
 }
 
 /** A GRPO task. */

@@ -825,36 +825,34 @@ export const specialsFromConfigs = (tokenizerConfig: unknown, config: unknown): 
   };
 };
 
+const errorText = (e: unknown): string => e instanceof Error ? e.message : String(e);
+
+/** Reads and parses a JSON file; a missing optional file is undefined. */
 const readJson = (path: string, required: boolean): Effect.Effect<unknown, TokenizerError> =>
   Effect.tryPromise({
-    try: async () => {
-      let text: string;
-      try {
-        text = await readFile(path, "utf8");
-      } catch (e) {
+    try: () =>
+      readFile(path, "utf8").catch((e: unknown) => {
         if (!required && (e as { code?: string }).code === "ENOENT") return undefined;
-        throw new TokenizerError({ reason: `cannot read ${path}: ${(e as Error).message}` });
-      }
-      try {
-        return JSON.parse(text) as unknown;
-      } catch (e) {
-        throw new TokenizerError({ reason: `${path}: invalid JSON: ${(e as Error).message}` });
-      }
-    },
-    catch: (e) =>
-      e instanceof TokenizerError ? e : new TokenizerError({ reason: `${path}: ${String(e)}` }),
-  });
+        throw e;
+      }),
+    catch: (e) => new TokenizerError({ reason: `cannot read ${path}: ${errorText(e)}` }),
+  }).pipe(Effect.flatMap((text) =>
+    text === undefined ? Effect.succeed(undefined) : Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: (e) => new TokenizerError({ reason: `${path}: invalid JSON: ${errorText(e)}` }),
+    })
+  ));
 
 /**
  * Loads `dir/tokenizer.json` (char or byte-level BPE). For BPE, special tokens come from, in
  * order: `overrides`, `dir/tokenizer_config.json`, `dir/config.json`, then the defaults of
  * `ByteLevelBpeTokenizer.fromJSON`. The two config files are optional; an unparsable one fails.
  */
-export const loadTokenizer = (
+export const loadTokenizer: (
   dir: string,
-  overrides: SpecialTokens = {},
-): Effect.Effect<Tokenizer, TokenizerError> =>
-  Effect.gen(function* () {
+  overrides?: SpecialTokens,
+) => Effect.Effect<Tokenizer, TokenizerError> = Effect.fn("loadTokenizer")(
+  function* (dir: string, overrides: SpecialTokens = {}) {
     const json = yield* readJson(join(dir, "tokenizer.json"), true);
     const tc = yield* readJson(join(dir, "tokenizer_config.json"), false);
     const cfg = yield* readJson(join(dir, "config.json"), false);
@@ -866,4 +864,5 @@ export const loadTokenizer = (
       try: () => tokenizerFromJSON(json, specials),
       catch: (e) => e instanceof TokenizerError ? e : new TokenizerError({ reason: String(e) }),
     });
-  });
+  },
+);

@@ -13,8 +13,7 @@
  *   synchronously; loading from disk returns it in the Effect error channel.
  * @module
  */
-import { Data } from "effect";
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** A tokenizer failure. `reason` names the problem (and the JSON field, for malformed files). */
 const TokenizerErrorBase: TaggedErrorClass<"TokenizerError", {
@@ -25,12 +24,11 @@ const TokenizerErrorBase: TaggedErrorClass<"TokenizerError", {
   readonly char?: string;
   /** The offending JSON field path, e.g. `model.merges[12]` (fromJSON / loadTokenizer). */
   readonly field?: string;
-}> = Data.TaggedError("TokenizerError");
-export class TokenizerError extends TokenizerErrorBase {
-  override get message(): string {
-    return this.reason;
-  }
-}
+}> = taggedError(
+  "TokenizerError",
+  (e) => e.reason,
+);
+export class TokenizerError extends TokenizerErrorBase {}
 
 /** Text <-> token ids. */
 export interface Tokenizer {

@@ -2,13 +2,13 @@
  * The live, trainable policy: frozen base weights on the device, the trainable parameters (LoRA
  * A/B, or a full copy of the weights), AdamW state, and the version counter. A training step
  * runs forward → token log-probs → (host) loss → backward → clip → AdamW with three host waits.
- * Snapshots are taken out of place (see src/sync/snapshot.ts); nothing here merges weights.
+ * Snapshots are taken out of place (see src/snapshot/snapshot.ts); nothing here merges weights.
  * @module
  */
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
-import { Data, Effect, type Scope } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Effect, type Scope } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendFailure, Ops } from "../backend/ops.ts";
+import type { BackendError, Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import type { ModelConfig } from "../model/config.ts";
 import {
@@ -36,28 +36,35 @@ export interface OptimizerConfig {
   readonly maxGradNorm: number;
 }
 
-/** Defaults as TRL's GRPOConfig / transformers' TrainingArguments (lr tuned per task). */
-export const defaultOptimizer: OptimizerConfig = {
-  learningRate: 1e-5,
-  beta1: 0.9,
-  beta2: 0.999,
-  eps: 1e-8,
-  weightDecay: 0,
-  maxGradNorm: 1,
-};
-
 const NonFiniteStepErrorBase: TaggedErrorClass<"NonFiniteStepError", {
+  /** The optimizer step (for weights: the snapshot version). */
   readonly step: number;
+  /** What went non-finite: `logp`, `loss`, `gradient`, `gradient norm` or `weights`. */
   readonly quantity: string;
-  readonly message: string;
-}> = Data.TaggedError("NonFiniteStepError");
+  /** Where and what: the token, the tensor, or the value. */
+  readonly detail: string;
+}> = taggedError(
+  "NonFiniteStepError",
+  (e) => `step ${e.step}: non-finite ${e.quantity} (${e.detail})`,
+);
 /** NaN or Inf in log-probs, loss or gradients: the step is not applied. */
 export class NonFiniteStepError extends NonFiniteStepErrorBase {}
 
 const StateMismatchErrorBase: TaggedErrorClass<"StateMismatchError", {
+  /** The checkpoint tensor, as `group/key` (group: param, m or v). */
   readonly tensor: string;
-  readonly message: string;
-}> = Data.TaggedError("StateMismatchError");
+  /** The tensor's shape in the checkpoint, or null when the checkpoint lacks it. */
+  readonly found: readonly number[] | null;
+  /** The shape the policy expects. */
+  readonly expected: readonly number[];
+}> = taggedError(
+  "StateMismatchError",
+  (e) => {
+    return e.found === null
+      ? `checkpoint lacks ${e.tensor} (was it written with other LoRA settings or mode?)`
+      : `checkpoint tensor ${e.tensor} has shape [${e.found}], the policy expects [${e.expected}]`;
+  },
+);
 /** A checkpoint whose tensors do not fit the policy (other LoRA rank, targets or mode). */
 export class StateMismatchError extends StateMismatchErrorBase {}
 
@@ -149,14 +156,20 @@ export class Policy {
   version = 0;
 
   /** Uploads base and trainable state in the current scope. */
-  static make(
+  static readonly make: (
     backend: BackendShape,
     config: ModelConfig,
     base: WeightMap,
     options: PolicyOptions,
     initialLora?: LoraWeights,
-  ): Effect.Effect<Policy, never, Scope.Scope> {
-    return Effect.gen(function* () {
+  ) => Effect.Effect<Policy, never, Scope.Scope> = Effect.fn("Policy.make")(
+    function* (
+      backend: BackendShape,
+      config: ModelConfig,
+      base: WeightMap,
+      options: PolicyOptions,
+      initialLora?: LoraWeights,
+    ) {
       const ops = yield* backend.ops;
       const baseDevice = uploadModel(ops, config, base);
       const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
@@ -188,8 +201,8 @@ export class Policy {
         params,
         new Rng(options.seed + 1),
       );
-    });
-  }
+    },
+  );
 
   /** Trainable parameter count. */
   get trainableParameters(): number {
@@ -230,110 +243,114 @@ export class Policy {
    * Log-probs of completion tokens without gradients: of the policy, or of the reference
    * (`reference: true`: adapters disabled for LoRA, the frozen base for full fine-tuning).
    */
-  logProbs(
+  readonly logProbs: (
     seqs: readonly TrainSequence[],
     temperature: number,
-    reference = false,
-  ): Effect.Effect<Float64Array[], BackendFailure> {
-    // deno-lint-ignore no-this-alias
-    const self = this;
-    return Effect.scoped(Effect.gen(function* () {
-      const ops = yield* self.backend.ops;
+    reference?: boolean,
+  ) => Effect.Effect<Float64Array[], BackendError> = Effect.fn("Policy.logProbs")(
+    { self: this },
+    function* (
+      this: Policy,
+      seqs: readonly TrainSequence[],
+      temperature: number,
+      reference = false,
+    ) {
+      const ops = yield* this.backend.ops;
       const r = reference
-        ? self.logProbsOn(ops, seqs, temperature, self.baseDevice, null, false)
-        : self.logProbsOn(ops, seqs, temperature, self.live, self.lora, false);
+        ? this.logProbsOn(ops, seqs, temperature, this.baseDevice, null, false)
+        : this.logProbsOn(ops, seqs, temperature, this.live, this.lora, false);
       const [lp] = yield* ops.read([r.logp]);
-      return self.split(seqs, lp);
-    }));
-  }
+      return this.split(seqs, lp);
+    },
+    Effect.scoped,
+  );
 
   /** One optimizer step; NaN/Inf anywhere fails with NonFiniteStepError before any weight changes. */
-  step<E>(
+  readonly step: <E>(
     seqs: readonly TrainSequence[],
     temperature: number,
     lossFn: LossFn<E>,
-  ): Effect.Effect<StepStats, E | BackendFailure | NonFiniteStepError> {
-    const stepNo = this.version + 1;
-    const nonFinite = (quantity: string, detail: string) =>
-      new NonFiniteStepError({
-        step: stepNo,
-        quantity,
-        message: `step ${stepNo}: non-finite ${quantity} (${detail})`,
+  ) => Effect.Effect<StepStats, E | BackendError | NonFiniteStepError> = Effect.fn("Policy.step")(
+    { self: this },
+    function* <E>(
+      this: Policy,
+      seqs: readonly TrainSequence[],
+      temperature: number,
+      lossFn: LossFn<E>,
+    ) {
+      const stepNo = this.version + 1;
+      const nonFinite = (quantity: string, detail: string) =>
+        new NonFiniteStepError({ step: stepNo, quantity, detail });
+      const ops = yield* this.backend.ops;
+      const r = this.logProbsOn(ops, seqs, temperature, this.live, this.lora, true);
+      const ent = ops.entropy(r.logits, temperature);
+      const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
+      const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
+      if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
+      const res = yield* lossFn({
+        logp: this.split(seqs, lpFlat),
+        entropy: this.split(seqs, entFlat),
       });
-    // deno-lint-ignore no-this-alias
-    const self = this;
-    return Effect.scoped(
-      Effect.gen(function* () {
-        const ops = yield* self.backend.ops;
-        const r = self.logProbsOn(ops, seqs, temperature, self.live, self.lora, true);
-        const ent = ops.entropy(r.logits, temperature);
-        const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
-        const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
-        if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
-        const res = yield* lossFn({
-          logp: self.split(seqs, lpFlat),
-          entropy: self.split(seqs, entFlat),
+      if (!Number.isFinite(res.loss)) {
+        return yield* Effect.fail(nonFinite("loss", String(res.loss)));
+      }
+      const flat = new Float32Array(lpFlat.length);
+      let o = 0;
+      for (const d of res.dLogp) {
+        flat.set(d, o);
+        o += d.length;
+      }
+      const dLogits = ops.logProbsBackward(
+        ops.fromArray(flat, [flat.length]),
+        r.logits,
+        r.tgt,
+        r.lse,
+        temperature,
+      );
+      const grads = backward(ops, r.tape!, dLogits, this.options.mode);
+      const keys = [...this.params.keys()];
+      const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
+      let total = 0;
+      for (let i = 0; i < keys.length; i++) {
+        if (!Number.isFinite(sq[i][0])) return yield* Effect.fail(nonFinite("gradient", keys[i]));
+        total += sq[i][0];
+      }
+      const gradNorm = Math.sqrt(total);
+      if (!Number.isFinite(gradNorm)) {
+        return yield* Effect.fail(nonFinite("gradient norm", String(gradNorm)));
+      }
+      const o2 = this.options.optimizer;
+      const clip = o2.maxGradNorm > 0 ? Math.min(1, o2.maxGradNorm / (gradNorm + 1e-6)) : 1;
+      for (const k of keys) {
+        const g = grads.get(k);
+        if (!g) continue;
+        const s = this.params.get(k)!;
+        ops.adamw(s.p, g, s.m, s.v, {
+          lr: o2.learningRate,
+          beta1: o2.beta1,
+          beta2: o2.beta2,
+          eps: o2.eps,
+          weightDecay: o2.weightDecay,
+          step: stepNo,
+          gradScale: clip,
         });
-        if (!Number.isFinite(res.loss)) {
-          return yield* Effect.fail(nonFinite("loss", String(res.loss)));
-        }
-        const flat = new Float32Array(lpFlat.length);
-        let o = 0;
-        for (const d of res.dLogp) {
-          flat.set(d, o);
-          o += d.length;
-        }
-        const dLogits = ops.logProbsBackward(
-          ops.fromArray(flat, [flat.length]),
-          r.logits,
-          r.tgt,
-          r.lse,
-          temperature,
-        );
-        const grads = backward(ops, r.tape!, dLogits, self.options.mode);
-        const keys = [...self.params.keys()];
-        const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
-        let total = 0;
-        sq.forEach((x, i) => {
-          if (!Number.isFinite(x[0])) throw nonFinite("gradient", keys[i]);
-          total += x[0];
-        });
-        const gradNorm = Math.sqrt(total);
-        if (!Number.isFinite(gradNorm)) {
-          return yield* Effect.fail(nonFinite("gradient norm", String(gradNorm)));
-        }
-        const o2 = self.options.optimizer;
-        const clip = o2.maxGradNorm > 0 ? Math.min(1, o2.maxGradNorm / (gradNorm + 1e-6)) : 1;
-        for (const k of keys) {
-          const g = grads.get(k);
-          if (!g) continue;
-          const s = self.params.get(k)!;
-          ops.adamw(s.p, g, s.m, s.v, {
-            lr: o2.learningRate,
-            beta1: o2.beta1,
-            beta2: o2.beta2,
-            eps: o2.eps,
-            weightDecay: o2.weightDecay,
-            step: stepNo,
-            gradScale: clip,
-          });
-        }
-        ops.flush();
-        self.version = stepNo;
-        return { loss: res.loss, gradNorm, tokens: flat.length, metrics: res.metrics };
-      }).pipe(
-        Effect.catchDefect((d) => d instanceof NonFiniteStepError ? Effect.fail(d) : Effect.die(d)),
-      ),
-    );
-  }
+      }
+      ops.flush();
+      this.version = stepNo;
+      return { loss: res.loss, gradNorm, tokens: flat.length, metrics: res.metrics };
+    },
+    Effect.scoped,
+  );
 
   /**
    * An immutable snapshot of the current weights (folded out of place, or copied). Weights that
    * an update drove to NaN/Inf fail here, so they are never pushed or checkpointed.
    */
-  snapshot(): Effect.Effect<Snapshot, BackendFailure | NonFiniteStepError> {
-    const make = this.lora
-      ? foldSnapshot(
+  readonly snapshot: () => Effect.Effect<Snapshot, BackendError | NonFiniteStepError> = Effect.fn(
+    "Policy.snapshot",
+  )({ self: this }, function* (this: Policy) {
+    const snap = this.lora
+      ? yield* foldSnapshot(
         this.backend,
         this.version,
         this.base,
@@ -341,31 +358,30 @@ export class Policy {
         this.lora,
         this.options.lora!,
       )
-      : copySnapshot(this.backend, this.version, this.live);
-    return Effect.flatMap(make, (snap) => {
-      const bad = snap.firstNonFinite();
-      return bad
-        ? Effect.fail(
-          new NonFiniteStepError({
-            step: snap.version,
-            quantity: "weights",
-            message:
-              `step ${snap.version}: non-finite weights (${bad.name}[${bad.index}] = ${bad.value})`,
-          }),
-        )
-        : Effect.succeed(snap);
-    });
-  }
+      : yield* copySnapshot(this.backend, this.version, this.live);
+    const bad = snap.firstNonFinite();
+    if (bad) {
+      return yield* Effect.fail(
+        new NonFiniteStepError({
+          step: snap.version,
+          quantity: "weights",
+          detail: `${bad.name}[${bad.index}] = ${bad.value}`,
+        }),
+      );
+    }
+    return snap;
+  });
 
   /** Host copies of parameters and optimizer moments (one wait), for checkpoints. */
-  exportState(): Effect.Effect<PolicyState, BackendFailure> {
-    // deno-lint-ignore no-this-alias
-    const self = this;
-    return Effect.scoped(Effect.gen(function* () {
-      const ops = yield* self.backend.ops;
-      const keys = [...self.params.keys()];
+  readonly exportState: () => Effect.Effect<PolicyState, BackendError> = Effect.fn(
+    "Policy.exportState",
+  )(
+    { self: this },
+    function* (this: Policy) {
+      const ops = yield* this.backend.ops;
+      const keys = [...this.params.keys()];
       const all = yield* ops.read(keys.flatMap((k) => {
-        const s = self.params.get(k)!;
+        const s = this.params.get(k)!;
         return [s.p, s.m, s.v];
       }));
       const pick = (j: number) =>
@@ -374,27 +390,29 @@ export class Policy {
             k,
             i,
           ) => [k, {
-            shape: [...self.params.get(k)!.p.shape],
+            shape: [...this.params.get(k)!.p.shape],
             data: Float32Array.from(all[3 * i + j]),
           }]),
         );
       return {
-        version: self.version,
+        version: this.version,
         params: pick(0),
         m: pick(1),
         v: pick(2),
-        rng: self.rng.state(),
+        rng: this.rng.state(),
       };
-    }));
-  }
+    },
+    Effect.scoped,
+  );
 
   /** Restores parameters, moments, version and RNG from a checkpoint (shapes must match). */
-  importState(state: PolicyState): Effect.Effect<void, BackendFailure | StateMismatchError> {
-    // deno-lint-ignore no-this-alias
-    const self = this;
-    return Effect.scoped(Effect.gen(function* () {
+  readonly importState: (
+    state: PolicyState,
+  ) => Effect.Effect<void, BackendError | StateMismatchError> = Effect.fn("Policy.importState")(
+    { self: this },
+    function* (this: Policy, state: PolicyState) {
       // Check everything before writing anything: a mismatched checkpoint changes no weight.
-      for (const [k, s] of self.params) {
+      for (const [k, s] of this.params) {
         for (
           const [group, m] of [["param", state.params], ["m", state.m], ["v", state.v]] as const
         ) {
@@ -405,16 +423,15 @@ export class Policy {
             return yield* Effect.fail(
               new StateMismatchError({
                 tensor: `${group}/${k}`,
-                message: t
-                  ? `checkpoint tensor ${group}/${k} has shape [${t.shape}], the policy expects [${s.p.shape}]`
-                  : `checkpoint lacks ${group}/${k} (was it written with other LoRA settings or mode?)`,
+                found: t ? t.shape : null,
+                expected: s.p.shape,
               }),
             );
           }
         }
       }
-      const ops = yield* self.backend.ops;
-      for (const [k, s] of self.params) {
+      const ops = yield* this.backend.ops;
+      for (const [k, s] of this.params) {
         const get = (m: Map<string, HostTensor>) => ops.fromArray(m.get(k)!.data, s.p.shape);
         // bit-exact copies into the long-lived tensors (one row covering the whole tensor)
         const assign = (dst: Tensor, src: Tensor) =>
@@ -426,8 +443,9 @@ export class Policy {
         assign(s.v, get(state.v));
       }
       yield* ops.read([ops.zeros([1])]);
-      self.version = state.version;
-      self.rngState = new Rng(state.rng);
-    }));
-  }
+      this.version = state.version;
+      this.rngState = new Rng(state.rng);
+    },
+    Effect.scoped,
+  );
 }

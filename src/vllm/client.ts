@@ -13,9 +13,9 @@
  * fetch client; this module is the only place in src/sync that speaks HTTP.
  * @module
  */
-import { Data, Duration, Effect, Schedule, Schema } from "effect";
+import { Duration, Effect, Schedule, Schema } from "effect";
 import { FetchHttpClient, HttpClient, HttpClientRequest } from "effect/http";
-import type { TaggedErrorClass } from "../base/tagged_error.ts";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 /** Why a request failed: no answer, no answer in time, an error status, or an unreadable body. */
 export type VllmFailureReason = "connection" | "timeout" | "status" | "decode";
@@ -25,6 +25,8 @@ export interface VllmHttpErrorFields {
   readonly method: string;
   /** Path and query, e.g. "/v1/completions". */
   readonly path: string;
+  /** The server's base URL; null where it is not known (an answer decoded on its own). */
+  readonly server: string | null;
   /** HTTP status; 0 when no response arrived (connection error, timeout). */
   readonly status: number;
   readonly reason: VllmFailureReason;
@@ -32,15 +34,31 @@ export interface VllmHttpErrorFields {
   readonly type: string | null;
   readonly param: string | null;
   readonly code: number | string | null;
-  readonly message: string;
+  /**
+   * The failure in words: the envelope's message ("status"), the transport's error
+   * ("connection"), what is wrong with the answer ("decode"); "" for "timeout".
+   */
+  readonly detail: string;
+  /** The per-attempt timeout that ran out, ms ("timeout"); null otherwise. */
+  readonly timeoutMs: number | null;
   /** The response body (truncated), when there was one. */
   readonly body: string | null;
   /** Attempts made, the first included. */
   readonly attempts: number;
 }
 
-const VllmHttpErrorBase: TaggedErrorClass<"VllmHttpError", VllmHttpErrorFields> = Data.TaggedError(
+const VllmHttpErrorBase: TaggedErrorClass<"VllmHttpError", VllmHttpErrorFields> = taggedError(
   "VllmHttpError",
+  (e) => {
+    const at = `${e.method} ${e.path}`;
+    const server = e.server ?? "the server";
+    if (e.reason === "connection") return `${at}: cannot reach ${server}: ${e.detail}`;
+    if (e.reason === "timeout") return `${at}: no answer from ${server} in ${e.timeoutMs} ms`;
+    if (e.reason === "status") {
+      return `${at}: ${e.status}${e.type ? ` ${e.type}` : ""}: ${e.detail}`;
+    }
+    return `${at}: ${e.detail}`; // decode
+  },
 );
 
 /** A request to the server failed (after retries, when the failure was retryable). */
@@ -244,13 +262,19 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
       status: number,
       fields: ErrorFields,
       text: string | null,
+      timeout: number | null = null,
     ) =>
       new VllmHttpError({
         method,
         path,
+        server: root,
         status,
         reason,
-        ...fields,
+        type: fields.type,
+        param: fields.param,
+        code: fields.code,
+        detail: fields.message,
+        timeoutMs: timeout,
         body: text === null ? null : clip(text),
         attempts: attempts(),
       });
@@ -272,36 +296,16 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
       return { status: res.status, text };
     }).pipe(
       Effect.provide(FetchHttpClient.layer),
-      Effect.mapError((e) =>
-        fail(
-          "connection",
-          0,
-          noFields(`${method} ${path}: cannot reach ${root}: ${message(e)}`),
-          null,
-        )
-      ),
+      Effect.mapError((e) => fail("connection", 0, noFields(message(e)), null)),
       Effect.timeoutOrElse({
         duration: Duration.millis(timeoutMs),
-        orElse: () =>
-          Effect.fail(
-            fail(
-              "timeout",
-              0,
-              noFields(`${method} ${path}: no answer from ${root} in ${timeoutMs} ms`),
-              null,
-            ),
-          ),
+        orElse: () => Effect.fail(fail("timeout", 0, noFields(""), null, timeoutMs)),
       }),
-      Effect.flatMap((r) => {
-        if (r.status >= 200 && r.status < 300) return Effect.succeed(r);
-        const f = parseErrorEnvelope(r.status, r.text);
-        return Effect.fail(
-          fail("status", r.status, {
-            ...f,
-            message: `${method} ${path}: ${r.status}${f.type ? ` ${f.type}` : ""}: ${f.message}`,
-          }, r.text),
-        );
-      }),
+      Effect.flatMap((r) =>
+        r.status >= 200 && r.status < 300
+          ? Effect.succeed(r)
+          : Effect.fail(fail("status", r.status, parseErrorEnvelope(r.status, r.text), r.text))
+      ),
     );
   };
 
@@ -335,11 +339,11 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
         new VllmHttpError({
           method,
           path,
+          server: root,
           status: r.status,
           reason: "decode",
-          message: `${method} ${path}: the answer is not JSON: ${
-            JSON.stringify(clip(r.text, 120))
-          }`,
+          detail: `the answer is not JSON: ${JSON.stringify(clip(r.text, 120))}`,
+          timeoutMs: null,
           type: null,
           param: null,
           code: null,
@@ -373,6 +377,22 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
         Effect.catch(() => Effect.succeed(false)),
       ),
   };
+};
+
+/**
+ * The fields every lorafold /v1/completions body sends explicitly, so that no server default
+ * (vLLM takes omitted sampling fields from the model's generation_config) changes the sampled
+ * distribution: no penalties, no min_p or min_tokens, the sampled tokens' log-probs and their ids.
+ */
+export const explicitCompletionFields: Readonly<Record<string, unknown>> = {
+  min_tokens: 0,
+  min_p: 0,
+  presence_penalty: 0,
+  frequency_penalty: 0,
+  repetition_penalty: 1,
+  logprobs: 0,
+  return_token_ids: true,
+  return_tokens_as_token_ids: true,
 };
 
 /** A short description of an error for SyncError/RolloutError messages. */
@@ -423,9 +443,11 @@ export const decodeCompletion = (
     new VllmHttpError({
       method: "POST",
       path,
+      server: null,
       status: 200,
       reason: "decode",
-      message: `POST ${path}: unexpected answer: ${why}`,
+      detail: `unexpected answer: ${why}`,
+      timeoutMs: null,
       type: null,
       param: null,
       code: null,

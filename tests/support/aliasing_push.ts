@@ -39,8 +39,8 @@ export const aliasingTarget = (ctx: ServerContext): PushTargetShape => {
       Effect.gen(function* () {
         const t0 = performance.now();
         const version = snapshot.version;
-        const fail = (message: string, cause?: unknown) =>
-          new SyncError({ target: name, version, message, cause });
+        const fail = (reason: string, cause?: unknown) =>
+          new SyncError({ target: name, version, reason, cause });
         const tensors = snapshot.adapter();
         if (!tensors || !snapshot.loraConfig) {
           return yield* Effect.fail(fail("not a LoRA snapshot"));
@@ -57,7 +57,7 @@ export const aliasingTarget = (ctx: ServerContext): PushTargetShape => {
           ctx.root,
           adapterName(version),
           (tmp) => saveModel(tmp, snapshot.config, stateDict),
-        ).pipe(Effect.mapError((e) => (e._tag === "SyncError" ? e : fail(e.message, e))));
+        ).pipe(Effect.mapError((e) => fail(e.message, e)));
         yield* reloadCheckpoint(ctx.client, dir, version).pipe(
           Effect.mapError((e) => fail(describeHttpError(e), e)),
         );

@@ -76,7 +76,8 @@ export interface StartServerOptions {
   readonly backend?: "cpu" | "webgpu" | "auto";
 }
 
-const MAIN = new URL("../../src/server/main.ts", import.meta.url).pathname;
+/** The CLI entry; the server is its `serve` command. */
+const MAIN = new URL("../../src/cli/main.ts", import.meta.url).pathname;
 
 const pump = async (
   stream: ReadableStream<Uint8Array>,
@@ -91,7 +92,7 @@ export const runServeCli = async (
   args: readonly string[],
 ): Promise<{ code: number; stdout: string; stderr: string }> => {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
+    args: ["run", "-A", MAIN, "serve", ...args],
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
@@ -107,12 +108,13 @@ export const startServer = async (opts: StartServerOptions): Promise<ServerProce
       "run",
       "-A",
       MAIN,
+      "serve",
       "--model",
       opts.modelDir,
       "--host",
       "127.0.0.1",
-      "--port",
-      "0",
+      // a flag may be given once: a port in `args` replaces the free-port default
+      ...(opts.args?.includes("--port") ? [] : ["--port", "0"]),
       "--backend",
       opts.backend ?? "cpu",
       ...(opts.args ?? []),

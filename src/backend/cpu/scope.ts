@@ -50,13 +50,10 @@ export class CpuScope {
 
   private check(t: Tensor, op: string): CpuTensor {
     if (!(t instanceof CpuTensor)) {
-      throw new ShapeError({ op, message: `tensor from backend "${t.backend}" given to cpu` });
+      throw new ShapeError({ op, reason: `tensor from backend "${t.backend}" given to cpu` });
     }
     if (t.life.released) {
-      throw new ReleasedTensorError({
-        op,
-        message: `tensor [${t.shape}] used after its scope closed`,
-      });
+      throw new ReleasedTensorError({ op, shape: t.shape });
     }
     return t;
   }

@@ -4,7 +4,7 @@
  * @module
  */
 import { Effect } from "effect";
-import type { BackendFailure, Ops } from "../ops.ts";
+import { BackendError, type Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
 import { ensure, sizeOf } from "../tensor.ts";
 import * as attention from "./attention.ts";
@@ -14,18 +14,17 @@ import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
 import { GpuScope } from "./scope.ts";
 
-const failure = (e: unknown): BackendFailure => ({
-  _tag: "BackendError",
-  message: e instanceof Error ? e.message : String(e),
-});
+const failure = (e: unknown): BackendError =>
+  new BackendError({ operation: "read", reason: e instanceof Error ? e.message : String(e) });
 
 /** Ops bound to a fresh GPU scope; call `release` of the returned scope when it closes. */
 export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
   const sc = new GpuScope(ctx);
+  // The tensors are checked before the wait: a released tensor is a defect, never a BackendError.
   const readBytes = (ts: readonly Tensor[], op: string) =>
-    Effect.tryPromise({
-      try: () => ctx.read(ts.map((t) => ({ buffer: sc.any(t, op), bytes: t.size * 4 }))),
-      catch: failure,
+    Effect.suspend(() => {
+      const reqs = ts.map((t) => ({ buffer: sc.any(t, op), bytes: t.size * 4 }));
+      return Effect.tryPromise({ try: () => ctx.read(reqs), catch: failure });
     });
   const ops: Ops = {
     info: ctx.info,

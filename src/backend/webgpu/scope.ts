@@ -60,13 +60,10 @@ export class GpuScope {
 
   private check(t: Tensor, op: string): GpuTensor {
     if (!(t instanceof GpuTensor)) {
-      throw new ShapeError({ op, message: `tensor from backend "${t.backend}" given to webgpu` });
+      throw new ShapeError({ op, reason: `tensor from backend "${t.backend}" given to webgpu` });
     }
     if (t.life.released) {
-      throw new ReleasedTensorError({
-        op,
-        message: `tensor [${t.shape}] used after its scope closed`,
-      });
+      throw new ReleasedTensorError({ op, shape: t.shape });
     }
     return t;
   }

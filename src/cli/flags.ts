@@ -1,0 +1,146 @@
+/**
+ * Command-line flags derived from annotated option fields (src/base/options.ts): one flag per
+ * field, named in kebab-case, its help text the field's description with its default and allowed
+ * values. Values parse by the field's type — numbers, `null`, and comma lists such as
+ * `--reward-weights 1,0.5` or `--target-modules q_proj,v_proj` — and are checked against the
+ * field's schema as they are parsed, so a bad value is one line naming the flag.
+ * @module
+ */
+import { Effect, Exit, Option, Schema, type SchemaAST } from "effect";
+import { CliError, Flag } from "effect/cli";
+import {
+  kebabCase,
+  optionAllowed,
+  optionDefault,
+  optionDescription,
+  type OptionFields,
+  optionHasDefault,
+} from "../base/options.ts";
+
+/** The members of a field's type, unions flattened. */
+const members = (ast: SchemaAST.AST): SchemaAST.AST[] =>
+  ast._tag === "Union" ? ast.types.flatMap(members) : [ast];
+
+/** The field's type without its `null` member: one AST, or the literal choices. */
+const shapeOf = (
+  ast: SchemaAST.AST,
+): {
+  readonly nullable: boolean;
+  readonly type: SchemaAST.AST | null;
+  readonly literals: unknown[] | null;
+} => {
+  const all = members(ast);
+  const rest = all.filter((t) => t._tag !== "Null");
+  const literals = rest.every((t) => t._tag === "Literal")
+    ? rest.map((t) => (t as SchemaAST.Literal).literal)
+    : null;
+  return { nullable: rest.length < all.length, type: rest.length === 1 ? rest[0] : null, literals };
+};
+
+/** A flag's text as the field's value (unparseable text stays text: the schema rejects it). */
+export const valueFromText = (ast: SchemaAST.AST, text: string): unknown => {
+  const shape = shapeOf(ast);
+  if (shape.nullable && text === "null") return null;
+  const lits = shape.literals;
+  if (lits !== null) {
+    const n = Number(text);
+    return lits.includes(text) ? text : text.trim() !== "" && lits.includes(n) ? n : text;
+  }
+  const t = shape.type;
+  if (t === null) return text;
+  if (t._tag === "Number") {
+    return text.trim() === "" || Number.isNaN(Number(text)) ? text : Number(text);
+  }
+  if (t._tag === "Boolean") return text === "true" ? true : text === "false" ? false : text;
+  if (t._tag === "Arrays" && t.elements.length === 0 && t.rest.length === 1) {
+    return text.split(",").map((x) => x.trim()).filter((x) => x !== "").map((x) =>
+      valueFromText(t.rest[0], x)
+    );
+  }
+  return text;
+};
+
+const metavarOf = (ast: SchemaAST.AST): string => {
+  const shape = shapeOf(ast);
+  if (shape.literals !== null) return "choice";
+  const t = shape.type;
+  if (t === null) return "string";
+  if (t._tag === "Number") {
+    const int = (t.checks ?? []).some((c) =>
+      (c.annotations as { representation?: { id?: string } } | undefined)?.representation?.id ===
+        "effect/schema/isInt"
+    );
+    return int ? "integer" : "number";
+  }
+  if (t._tag === "Arrays") return "list";
+  return "string";
+};
+
+const showDefault = (v: unknown): string =>
+  v === null ? "null" : Array.isArray(v) ? v.join(",") : String(v);
+
+/** Help text of a field: its description, default (the override when given) and allowed values. */
+export const helpOf = (schema: Schema.Top, override?: { readonly value: unknown }): string => {
+  const d = override ?? (optionHasDefault(schema) ? { value: optionDefault(schema) } : null);
+  return `${optionDescription(schema)}. Default: ${
+    d === null ? "none (required)" : showDefault(d.value)
+  }. Allowed: ${optionAllowed(schema)}.`;
+};
+
+/** How flags are derived from fields. */
+export interface FlagSettings {
+  /** Defaults shown in help instead of the fields' own (e.g. a task's recommended values). */
+  readonly defaults?: Readonly<Record<string, unknown>>;
+  /** Fields without a default still get an optional flag (their value may come from a file). */
+  readonly allOptional?: boolean;
+}
+
+/** The flag of one field: a value if given (Option), checked against the field's schema. */
+export const flagOf = (
+  key: string,
+  schema: Schema.Top,
+  settings: FlagSettings = {},
+): Flag.Flag<Option.Option<unknown>> => {
+  const name = kebabCase(key);
+  const override = settings.defaults && Object.hasOwn(settings.defaults, key)
+    ? { value: settings.defaults[key] }
+    : undefined;
+  const help = helpOf(schema, override);
+  const check = (value: unknown, text: string) => {
+    const exit = Schema.decodeUnknownExit(schema as Schema.Codec<unknown>)(value);
+    return Exit.isSuccess(exit) ? Effect.succeed(exit.value) : Effect.fail(
+      new CliError.InvalidValue({
+        option: name,
+        value: text,
+        expected: optionAllowed(schema),
+        kind: "flag",
+      }),
+    );
+  };
+  const base: Flag.Flag<unknown> = schema.ast._tag === "Boolean"
+    ? Flag.Boolean(name)
+    : Flag.String(name).pipe(
+      Flag.withMetavar(metavarOf(schema.ast)),
+      Flag.mapEffect((text) => check(valueFromText(schema.ast, text), text)),
+    );
+  const described = base.pipe(Flag.withDescription(help));
+  // every flag is optional at parse time when it has a default (filled when options are decoded)
+  return optionHasDefault(schema) || override || settings.allOptional
+    ? Flag.optional(described)
+    : described.pipe(Flag.map((v) => Option.some(v)));
+};
+
+/** The flags of a record of fields, keyed as the fields. */
+export const flagsOf = (
+  fields: OptionFields,
+  settings: FlagSettings = {},
+): Record<string, Flag.Flag<Option.Option<unknown>>> =>
+  Object.fromEntries(Object.entries(fields).map(([k, s]) => [k, flagOf(k, s, settings)]));
+
+/** The values given on the command line (absent flags left out). */
+export const givenValues = (
+  values: Readonly<Record<string, Option.Option<unknown>>>,
+): Record<string, unknown> =>
+  Object.fromEntries(
+    Object.entries(values).flatMap(([k, v]) => (Option.isSome(v) ? [[k, v.value]] : [])),
+  );
