@@ -53,7 +53,7 @@ export interface ServerContext {
   readonly onStage?: StageObserver;
 }
 
-/** Options of the server engine layer. */
+/** Options of the server layer. */
 export interface ServerLayerOptions {
   readonly retry?: RetryPolicy;
   /** Per-attempt HTTP timeout, ms (default 120 s). */
@@ -196,7 +196,7 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
   const version = yield* client.version();
   const modelName = yield* discoverModelName(client);
   yield* Effect.logInfo(
-    `server engine: ${url} (version ${
+    `server rollouts and pushes: ${url} (version ${
       version ?? "unknown"
     }), model '${modelName}', ${pushKind} pushes, ` +
       `verify ${cfg.verify}`,
@@ -252,5 +252,5 @@ export const makeServerLayer =
       ),
     );
 
-/** RolloutLayerFactory of the server engine with default options (for runTraining). */
+/** RolloutLayerFactory of a vLLM-compatible server with default options (for runTraining). */
 export const serverLayer: RolloutLayerFactory = makeServerLayer();

@@ -59,7 +59,7 @@ export interface TrainSummary {
   readonly trainableParameters: number;
 }
 
-/** Engine + sync target Layer for a config (the server engine is added by src/sync). */
+/** The Layer of a run's rollout engine and push target (default in-process; see serverLayer). */
 export type RolloutLayerFactory = (
   cfg: TrainConfig,
   base: BaseModel,

@@ -45,6 +45,13 @@ const CommandExitBase: TaggedErrorClass<"CommandExit", {
 /** A command that ended with a non-zero exit code after reporting why itself. */
 class CommandExit extends CommandExitBase {}
 
+const ServeFailedBase: TaggedErrorClass<"ServeFailed", { readonly reason: string }> = taggedError(
+  "ServeFailed",
+  (e) => `the server stopped: ${e.reason}`,
+);
+/** The server could not listen or stopped with an error (e.g. the port is taken). */
+class ServeFailed extends ServeFailedBase {}
+
 // ---- train --------------------------------------------------------------------------------------
 
 const configFlag = Flag.String("config").pipe(
@@ -96,7 +103,11 @@ const serveCommand = Command.make(
   (flags) =>
     Effect.gen(function* () {
       const cfg = yield* decodeServeConfig(givenValues(flags));
-      const code = yield* Effect.promise(() => serve(cfg));
+      const code = yield* Effect.tryPromise({
+        try: () => serve(cfg),
+        catch: (e) =>
+          new ServeFailed({ reason: e instanceof Error ? `${e.name}: ${e.message}` : String(e) }),
+      });
       if (code !== 0) return yield* Effect.fail(new CommandExit({ command: "serve", code }));
     }),
 ).pipe(

@@ -8,7 +8,7 @@
  *    POST /collective_rpc {method: "reload_weights", kwargs: {weights_path, is_checkpoint_format:
  *    true}} → POST /reset_prefix_cache (only effective once drained) → POST /resume. Resume is
  *    attempted even when the reload failed, so a failed push never leaves the server paused;
- * 3. the new weights are verified (src/sync/verify.ts) under cache_salt "v{k}" and only then
+ * 3. the new weights are verified (src/push/verify.ts) under cache_salt "v{k}" and only then
  *    routed to. A failed reload leaves the previous weights serving; a failed verification
  *    (policy "fail") reloads the previous version's directory, best effort.
  *
@@ -108,7 +108,7 @@ export interface FullPusher {
   push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
 }
 
-/** Makes the full-weight pusher of a server engine. */
+/** Makes the full-weight pusher to a vLLM-compatible server. */
 export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
   const stage = ctx.onStage ?? noObserver;
   const salt = ctx.cacheSalt ?? versionSalt;

@@ -7,7 +7,7 @@
  *    half-written adapter, and no directory is ever rewritten);
  * 2. POST /v1/load_lora_adapter {lora_name: "policy-v{k}", lora_path} (a new name per version:
  *    the server's prefix cache is keyed by adapter name, and load_inplace re-reads from disk);
- * 3. the new version is verified (src/sync/verify.ts) and only then routed to, with
+ * 3. the new version is verified (src/push/verify.ts) and only then routed to, with
  *    cache_salt "v{k}";
  * 4. versions older than the last `keepLoaded` (>= 2) are unloaded once their in-flight
  *    requests have finished, and their directories removed.
@@ -217,7 +217,7 @@ const cards = (client: VllmClient): Effect.Effect<ModelCardLite[], VllmHttpError
       : [];
   });
 
-/** Makes the LoRA pusher of a server engine. */
+/** Makes the LoRA pusher to a vLLM-compatible server. */
 export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
   const loaded: LoadedVersion[] = [];
   const pushed = new PushedVersions();

@@ -1,5 +1,5 @@
 /**
- * The in-process rollout engine and its sync target: rollouts are generated from the most
+ * The in-process rollout engine and its push target: rollouts are generated from the most
  * recently pushed snapshot, uploaded into a scope of its own (released when the next one
  * arrives). No server is involved; this is the "local engine" half of the LoRA × engine table.
  * @module
@@ -46,7 +46,7 @@ interface Loaded {
   readonly scope: Scope.Closeable;
 }
 
-/** Builds the local engine and its in-process sync target over one backend. */
+/** Builds the in-process rollout engine and its push target over one backend. */
 export const makeLocalEngine = (
   backend: BackendShape,
   seed = 0,

@@ -69,12 +69,21 @@ export const serve = async (a: ServeConfig): Promise<number> => {
         devMode ? "on" : "off"
       }, logprobs ${a.logprobsMode})`,
   );
-  const server = Deno.serve({
-    hostname: a.host,
-    port: a.port,
-    onListen: ({ hostname, port }) =>
-      console.log(`lorafold serve: listening on http://${hostname}:${port}`),
-  }, (req) => web.handler(req));
+  let server: Deno.HttpServer;
+  try {
+    server = Deno.serve({
+      hostname: a.host,
+      port: a.port,
+      onListen: ({ hostname, port }) =>
+        console.log(`lorafold serve: listening on http://${hostname}:${port}`),
+    }, (req) => web.handler(req));
+  } catch (e) {
+    // cannot listen (port taken, bad host): release the model before reporting
+    await engine.close();
+    await web.dispose();
+    await Effect.runPromise(Scope.close(scope, Exit.void));
+    throw e;
+  }
   let stopping = false;
   const stop = async () => {
     if (stopping) return;

@@ -10,7 +10,7 @@
  *
  * 4xx answers are never retried (the request itself is wrong); non-idempotent callers (adapter
  * loading) handle the "already applied" answer a retry can get. HTTP goes through effect/http's
- * fetch client; this module is the only place in src/sync that speaks HTTP.
+ * fetch client; this module is the only client code in src/ that speaks HTTP.
  * @module
  */
 import { Duration, Effect, Schedule, Schema } from "effect";
