@@ -1,28 +1,40 @@
 /**
- * Byte-level BPE tokenizers read from Hugging Face `tokenizer.json` files (Llama-3, Qwen2, GPT-2
- * style), and `loadTokenizer(dir)`, which picks the char or BPE tokenizer for a model directory.
+ * Hugging Face `tokenizer.json` BPE tokenizers (byte-level: Llama-3, Qwen2/3, GPT-2, SmolLM2;
+ * SentencePiece-style with byte fallback: Llama-2, Mistral, Gemma-3), and `loadTokenizer(dir)`,
+ * which picks the char or BPE tokenizer for a model directory.
  *
- * Supported `tokenizer.json` parts:
- * - `model`: `type: "BPE"`, `vocab` (token -> id), `merges` as `"a b"` strings or `["a", "b"]`
- *   pairs, `unk_token`, `ignore_merges`. `dropout` is ignored (encoding is deterministic).
- * - `added_tokens`: matched literally (longest first) before normalization and BPE, never split.
- *   `lstrip` / `rstrip` / `single_word` are ignored (false for Llama-3 and Qwen2).
- * - `normalizer`: null, NFC / NFD / NFKC / NFKD, Lowercase, or a Sequence of these.
- * - `pre_tokenizer`: ByteLevel (GPT-2 mapping; `use_regex` splits with the GPT-2 pattern), Split
- *   (regex or string pattern, all split behaviors), Digits, or a Sequence of these. A ByteLevel
- *   step is required. Split regexes use `\p{L}` / `\p{N}` classes (JS `u` flag); scoped
- *   case-insensitive groups `(?i:...)` are rewritten into letter classes so older runtimes work.
- *   JS `\s` differs slightly from Oniguruma's (U+FEFF vs U+0085); that only moves split points.
- * - `decoder` is not read: decoding is always the byte-level inverse, then UTF-8 with invalid
- *   sequences replaced by U+FFFD. `post_processor` is read only to find the default BOS.
+ * The BPE model, the added-token matching and the decoders are Hugging Face's
+ * `@huggingface/tokenizers` (pure TypeScript), which also translates the files' Oniguruma regexes
+ * to JavaScript. Normalizers and pre-tokenizers are this module's, written to the Rust library's
+ * semantics where the TypeScript port departs from them (split behaviors and `invert`, `Digits`
+ * on all numeric characters, `Strip` on Unicode White_Space, `Prepend` leaving "" alone,
+ * `Lowercase` per character, the GPT-2 regex's `\s`). Ids and decodes equal Hugging Face's Rust
+ * `tokenizers` on every case of `tests/fixtures/tokenizer/expected/` (`tests/tokenizer_hf_test.ts`).
  *
- * Lone surrogates in input text are encoded as U+FFFD (as TextEncoder does), so they do not
- * round-trip; all other strings satisfy `decode(encode(s)) === s` when the normalizer is null
- * and `add_prefix_space` is false.
+ * Supported `tokenizer.json` parts (anything else is a `TokenizerError` naming the field):
+ * - `model`: `type: "BPE"`, `vocab`, `merges` (`"a b"` strings or `["a", "b"]` pairs),
+ *   `unk_token`, `byte_fallback`, `ignore_merges`, `fuse_unk` (only where every byte has a token,
+ *   so no unknown symbol can occur). `dropout` is ignored: encoding is deterministic.
+ * - `added_tokens`: matched before normalization (or after it, with `normalized: true`), longest
+ *   first; `lstrip` / `rstrip` supported, `single_word: true` refused.
+ * - `normalizer`: NFC, NFD, NFKC, NFKD, Lowercase, Prepend, Replace, Strip, Sequence.
+ * - `pre_tokenizer`: ByteLevel, Split (every behavior, `invert`), Digits, Sequence.
+ * - `decoder`: ByteLevel, Replace, ByteFallback, Fuse, Strip, Sequence (required).
+ * - `post_processor` is read only to find the default BOS; `truncation` and `padding` are
+ *   ignored (as transformers does for calls that do not ask for them).
+ *
+ * Input text is made well-formed first: a lone surrogate becomes U+FFFD before anything else, as
+ * when a string reaches the Rust library. A symbol with no vocab entry, no byte fallback and no
+ * `unk_token` is dropped, as Hugging Face does.
  * @module
  */
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
+import {
+  ReplaceNormalizer,
+  SplitPreTokenizer,
+  Tokenizer as HfLibTokenizer,
+} from "@huggingface/tokenizers";
 import { Effect } from "effect";
 import {
   CharTokenizer,
@@ -31,10 +43,6 @@ import {
   type Tokenizer,
   TokenizerError,
 } from "./tokenizer.ts";
-
-/** The GPT-2 pre-tokenization pattern, used by ByteLevel pre-tokenizers with `use_regex`. */
-export const GPT2_PATTERN =
-  "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
 /** GPT-2 `bytes_to_unicode`: byte -> printable character. */
 export const BYTE_TO_CHAR: readonly string[] = (() => {
@@ -47,45 +55,6 @@ export const BYTE_TO_CHAR: readonly string[] = (() => {
   }
   return table;
 })();
-
-const CHAR_TO_BYTE: ReadonlyMap<string, number> = new Map(BYTE_TO_CHAR.map((c, b) => [c, b]));
-
-const utf8Encoder = new TextEncoder();
-/** Replaces invalid sequences with U+FFFD; keeps a leading U+FEFF. */
-const utf8Decoder = new TextDecoder("utf-8", { ignoreBOM: true });
-
-/**
- * Maps text to its byte-level form (one printable character per UTF-8 byte). Lone surrogates
- * become U+FFFD, as with TextEncoder.
- */
-export const toByteLevel = (text: string): string => {
-  const T = BYTE_TO_CHAR;
-  let s = "";
-  for (let i = 0; i < text.length; i++) {
-    let c = text.charCodeAt(i);
-    if (c < 0x80) {
-      s += T[c];
-      continue;
-    }
-    if (c < 0x800) {
-      s += T[0xc0 | (c >> 6)] + T[0x80 | (c & 0x3f)];
-      continue;
-    }
-    if (c >= 0xd800 && c <= 0xdfff) {
-      const d = text.charCodeAt(i + 1);
-      if (c <= 0xdbff && d >= 0xdc00 && d <= 0xdfff) {
-        c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
-        i++;
-        s += T[0xf0 | (c >> 18)] + T[0x80 | ((c >> 12) & 0x3f)] + T[0x80 | ((c >> 6) & 0x3f)] +
-          T[0x80 | (c & 0x3f)];
-        continue;
-      }
-      c = 0xfffd;
-    }
-    s += T[0xe0 | (c >> 12)] + T[0x80 | ((c >> 6) & 0x3f)] + T[0x80 | (c & 0x3f)];
-  }
-  return s;
-};
 
 /**
  * Special-token choices: a token string (looked up among added tokens, then the vocab) or an id.
@@ -116,130 +85,85 @@ const show = (x: unknown): string => {
   return s === undefined ? String(x) : s.length > 60 ? `${s.slice(0, 57)}...` : s;
 };
 
-// ---------------------------------------------------------------------------------------------
-// Pre-tokenization
+const optBool = (o: Record<string, unknown>, key: string, dflt: boolean, field: string) => {
+  const v = o[key];
+  if (v === undefined || v === null) return dflt;
+  return typeof v === "boolean" ? v : fail(`${field}.${key}`, `${field}.${key} is not a boolean`);
+};
 
-type Piece = readonly [text: string, isMatch: boolean];
-type Step = (pieces: string[]) => string[];
+const optString = (o: Record<string, unknown>, key: string, field: string): string | null => {
+  const v = o[key];
+  if (v === undefined || v === null) return null;
+  return typeof v === "string" ? v : fail(`${field}.${key}`, `${field}.${key} is not a string`);
+};
+
+const requireType = (x: unknown, field: string): Record<string, unknown> => {
+  if (!isRecord(x)) return fail(field, `${field} is not an object`);
+  if (typeof x.type !== "string") return fail(`${field}.type`, `${field}.type is not a string`);
+  return x;
+};
+
+const unsupported = (field: string, what: string, type: unknown): never =>
+  fail(`${field}.type`, `${field}.type: unsupported ${what} ${show(type)}`);
+
+// ---------------------------------------------------------------------------------------------
+// Patterns and splitting (the Rust library's `NormalizedString::split`)
 
 const escapeRegex = (s: string) => s.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
 
-const swapCase = (c: string) => c === c.toLowerCase() ? c.toUpperCase() : c.toLowerCase();
+/**
+ * A `{"Regex": ...}` or `{"String": ...}` pattern as a global unicode RegExp; regexes go through
+ * `@huggingface/tokenizers`' Oniguruma translation. null: the empty string (matches nothing).
+ */
+const compilePattern = (pattern: unknown, field: string): RegExp | null => {
+  if (isRecord(pattern) && typeof pattern.Regex === "string") {
+    const source = pattern.Regex;
+    let re: RegExp | null = null;
+    try {
+      re = new SplitPreTokenizer({
+        type: "Split",
+        pattern: { Regex: source },
+        behavior: "Isolated",
+        invert: false,
+      }).pattern;
+    } catch (e) {
+      fail(`${field}.Regex`, `${field}.Regex: unsupported regex ${show(source)}: ${errorText(e)}`);
+    }
+    return re ?? fail(`${field}.Regex`, `${field}.Regex: unsupported regex ${show(source)}`);
+  }
+  if (isRecord(pattern) && typeof pattern.String === "string") {
+    return pattern.String === "" ? null : new RegExp(escapeRegex(pattern.String), "gu");
+  }
+  return fail(field, `${field} is not {"Regex": string} or {"String": string}`);
+};
+
+/** One span of a split: [start, end) in UTF-16 units, and whether the pattern matched it. */
+type Span = readonly [start: number, end: number, isMatch: boolean];
 
 /**
- * Rewrites a Hugging Face (Oniguruma) regex for JS: scoped case-insensitive groups `(?i:...)`
- * become non-capturing groups whose ASCII letters are expanded to `[xX]` classes.
+ * Matches of `re` in `s` and the gaps between them, covering `s` (Rust `Pattern::find_matches`
+ * over Oniguruma's `find_iter`: an empty match right after a match is skipped).
  */
-export const translateRegex = (src: string): string => {
-  let out = "";
-  const groups: boolean[] = [];
-  let ci = 0;
-  let inClass = false;
-  let i = 0;
-  while (i < src.length) {
-    const c = src[i];
-    if (c === "\\") {
-      const n = src[i + 1];
-      if ((n === "p" || n === "P" || n === "x" || n === "u") && src[i + 2] === "{") {
-        const end = src.indexOf("}", i);
-        if (end > 0) {
-          out += src.slice(i, end + 1);
-          i = end + 1;
-          continue;
-        }
-      }
-      out += src.slice(i, i + 2);
-      i += 2;
-      continue;
-    }
-    if (inClass) {
-      if (c === "]") inClass = false;
-      else if (ci > 0 && /[A-Za-z]/.test(c) && src[i - 1] !== "-" && src[i + 1] !== "-") {
-        out += c + swapCase(c);
-        i++;
-        continue;
-      }
-      out += c;
-      i++;
-      continue;
-    }
-    if (c === "[") {
-      inClass = true;
-      out += c;
-      i++;
-      if (src[i] === "^") out += src[i++];
-      if (src[i] === "]") out += src[i++]; // a leading ']' is literal
-      continue;
-    }
-    if (c === "(") {
-      if (src.startsWith("(?i:", i)) {
-        groups.push(true);
-        ci++;
-        out += "(?:";
-        i += 4;
-        continue;
-      }
-      groups.push(false);
-      const named = /^\(\?<(?![=!])[^>]*>/.exec(src.slice(i));
-      const len = named ? named[0].length : 1;
-      out += src.slice(i, i + len);
-      i += len;
-      continue;
-    }
-    if (c === ")") {
-      if (groups.pop()) ci--;
-      out += c;
-      i++;
-      continue;
-    }
-    out += ci > 0 && /[A-Za-z]/.test(c) ? `[${c.toLowerCase()}${c.toUpperCase()}]` : c;
-    i++;
-  }
-  return out;
-};
-
-const compileRegex = (src: string, field: string): RegExp => {
-  try {
-    return new RegExp(translateRegex(src), "gu");
-  } catch (e) {
-    return fail(field, `${field}: unsupported regex ${show(src)}: ${(e as Error).message}`);
-  }
-};
-
-/** Splits `s` into matches and the gaps between them, in order. */
-const findMatches = (s: string, re: RegExp): Piece[] => {
-  const out: Piece[] = [];
-  let last = 0;
+const findMatches = (s: string, re: RegExp | null): Span[] => {
+  if (re === null || s === "") return [[0, s.length, false]];
+  const out: Span[] = [];
+  let prev = 0;
+  let lastMatchEnd = -1;
   re.lastIndex = 0;
   for (let m = re.exec(s); m !== null; m = re.exec(s)) {
-    if (m[0].length === 0) {
-      re.lastIndex += (s.codePointAt(re.lastIndex) ?? 0) > 0xffff ? 2 : 1;
-      continue;
+    const start = m.index;
+    const end = start + m[0].length;
+    if (start === end) {
+      re.lastIndex = end + ((s.codePointAt(end) ?? 0) > 0xffff ? 2 : 1);
+      if (end === lastMatchEnd) continue;
     }
-    if (m.index > last) out.push([s.slice(last, m.index), false]);
-    out.push([m[0], true]);
-    last = m.index + m[0].length;
+    if (prev !== start) out.push([prev, start, false]);
+    out.push([start, end, true]);
+    prev = end;
+    lastMatchEnd = end;
+    if (re.lastIndex > s.length) break;
   }
-  if (last < s.length) out.push([s.slice(last), false]);
-  return out;
-};
-
-/** Matches and gaps as strings (the "Isolated" behavior), without intermediate tuples. */
-const isolate = (s: string, re: RegExp): string[] => {
-  const out: string[] = [];
-  let last = 0;
-  re.lastIndex = 0;
-  for (let m = re.exec(s); m !== null; m = re.exec(s)) {
-    const len = m[0].length;
-    if (len === 0) {
-      re.lastIndex += (s.codePointAt(re.lastIndex) ?? 0) > 0xffff ? 2 : 1;
-      continue;
-    }
-    if (m.index > last) out.push(s.slice(last, m.index));
-    out.push(m[0]);
-    last = m.index + len;
-  }
-  if (last < s.length) out.push(s.slice(last));
+  if (prev !== s.length) out.push([prev, s.length, false]);
   return out;
 };
 
@@ -252,510 +176,369 @@ const BEHAVIORS: readonly Behavior[] = [
   "Contiguous",
 ];
 
-/** Hugging Face `split` with a delimiter behavior (same folding rules as tokenizers' Rust). */
-const splitWith = (s: string, re: RegExp, behavior: Behavior, invert: boolean): string[] => {
-  if (behavior === "Isolated") return isolate(s, re);
-  const ms = findMatches(s, re).map(([t, m]) => [t, invert ? !m : m] as const);
+/** Rust `NormalizedString::split(pattern, behavior)` (with `Invert` when `invert`). */
+const splitWith = (s: string, re: RegExp | null, behavior: Behavior, invert: boolean): string[] => {
+  const spans = findMatches(s, re).map(([a, b, m]) => [a, b, invert ? !m : m] as const);
+  const kept: [number, number][] = [];
   switch (behavior) {
+    case "Isolated":
+      for (const [a, b] of spans) kept.push([a, b]);
+      break;
     case "Removed":
-      return ms.filter(([, m]) => !m).map(([t]) => t);
-    case "MergedWithPrevious": {
-      const acc: string[] = [];
+      for (const [a, b, m] of spans) if (!m) kept.push([a, b]);
+      break;
+    case "Contiguous": {
       let prev = false;
-      for (const [t, m] of ms) {
-        if (m && !prev && acc.length > 0) acc[acc.length - 1] += t;
-        else acc.push(t);
+      for (const [a, b, m] of spans) {
+        if (m === prev && kept.length > 0) kept[kept.length - 1][1] = b;
+        else kept.push([a, b]);
         prev = m;
       }
-      return acc;
+      break;
+    }
+    case "MergedWithPrevious": {
+      let prev = false;
+      for (const [a, b, m] of spans) {
+        if (m && !prev && kept.length > 0) kept[kept.length - 1][1] = b;
+        else kept.push([a, b]);
+        prev = m;
+      }
+      break;
     }
     case "MergedWithNext": {
-      const acc: string[] = [];
       let prev = false;
-      for (let k = ms.length - 1; k >= 0; k--) {
-        const [t, m] = ms[k];
-        if (m && !prev && acc.length > 0) acc[acc.length - 1] = t + acc[acc.length - 1];
-        else acc.push(t);
+      for (let k = spans.length - 1; k >= 0; k--) {
+        const [a, b, m] = spans[k];
+        if (m && !prev && kept.length > 0) kept[kept.length - 1][0] = a;
+        else kept.push([a, b]);
         prev = m;
       }
-      return acc.reverse();
-    }
-    case "Contiguous": {
-      const acc: string[] = [];
-      let prev = false;
-      for (const [t, m] of ms) {
-        if (m === prev && acc.length > 0) acc[acc.length - 1] += t;
-        else acc.push(t);
-        prev = m;
-      }
-      return acc;
+      kept.reverse();
+      break;
     }
   }
+  const out: string[] = [];
+  for (const [a, b] of kept) if (b > a) out.push(s.slice(a, b));
+  return out;
 };
 
-const optBool = (o: Record<string, unknown>, key: string, dflt: boolean, field: string) => {
-  const v = o[key];
-  if (v === undefined || v === null) return dflt;
-  return typeof v === "boolean" ? v : fail(`${field}.${key}`, `${field}.${key} is not a boolean`);
-};
+// ---------------------------------------------------------------------------------------------
+// Normalizers and pre-tokenizers
 
-const parsePreTokenizer = (
-  x: unknown,
-  field: string,
-  state: { byteLevel: boolean },
-): Step[] => {
-  if (x === null || x === undefined) return [];
-  if (!isRecord(x)) return fail(field, `${field} is not an object`);
-  switch (x.type) {
-    case "Sequence": {
-      const list = x.pretokenizers;
-      if (!Array.isArray(list)) {
-        return fail(`${field}.pretokenizers`, `${field}.pretokenizers is not an array`);
-      }
-      return list.flatMap((p, i) => parsePreTokenizer(p, `${field}.pretokenizers[${i}]`, state));
-    }
-    case "ByteLevel": {
-      state.byteLevel = true;
-      const prefix = optBool(x, "add_prefix_space", true, field);
-      const useRegex = optBool(x, "use_regex", true, field);
-      const re = useRegex ? compileRegex(GPT2_PATTERN, field) : null;
-      return [(pieces) =>
-        pieces.flatMap((p) => {
-          const s = prefix && !p.startsWith(" ") ? ` ${p}` : p;
-          return (re ? splitWith(s, re, "Isolated", false) : [s]).map(toByteLevel);
-        })];
-    }
-    case "Split": {
-      const pattern = x.pattern;
-      let re: RegExp;
-      if (isRecord(pattern) && typeof pattern.Regex === "string") {
-        re = compileRegex(pattern.Regex, `${field}.pattern.Regex`);
-      } else if (isRecord(pattern) && typeof pattern.String === "string") {
-        re = new RegExp(escapeRegex(pattern.String), "gu");
-      } else {
-        return fail(
-          `${field}.pattern`,
-          `${field}.pattern is not {"Regex": string} or {"String": string}`,
-        );
-      }
-      const behavior = (x.behavior ?? "Isolated") as Behavior;
-      if (!BEHAVIORS.includes(behavior)) {
-        return fail(`${field}.behavior`, `${field}.behavior: unsupported ${show(x.behavior)}`);
-      }
-      const invert = optBool(x, "invert", false, field);
-      return [(pieces) => pieces.flatMap((p) => splitWith(p, re, behavior, invert))];
-    }
-    case "Digits": {
-      const individual = optBool(x, "individual_digits", false, field);
-      const re = new RegExp(individual ? "\\p{N}" : "\\p{N}+", "gu");
-      return [(pieces) => pieces.flatMap((p) => splitWith(p, re, "Isolated", false))];
-    }
-    default:
-      return fail(`${field}.type`, `${field}.type: unsupported pre-tokenizer ${show(x.type)}`);
-  }
-};
+type Normalize = (s: string) => string;
+type PreTokenize = (pieces: string[]) => string[];
 
-const parseNormalizer = (x: unknown, field: string): ((s: string) => string) | null => {
+const LEADING_WS = /^\p{White_Space}+/u;
+const TRAILING_WS = /\p{White_Space}+$/u;
+
+const parseNormalizer = (x: unknown, field: string): Normalize | null => {
   if (x === null || x === undefined) return null;
-  if (!isRecord(x)) return fail(field, `${field} is not an object`);
-  switch (x.type) {
+  const n = requireType(x, field);
+  switch (n.type) {
     case "NFC":
     case "NFD":
     case "NFKC":
     case "NFKD": {
-      const form = x.type;
+      const form = n.type;
       return (s) => s.normalize(form);
     }
     case "Lowercase":
-      return (s) => s.toLowerCase();
+      // Per character, as Rust's `char::to_lowercase` (no final-sigma context).
+      return (s) => {
+        let out = "";
+        for (const c of s) out += c.toLowerCase();
+        return out;
+      };
+    case "Prepend": {
+      const prepend = optString(n, "prepend", field) ?? "";
+      return (s) => s === "" ? s : prepend + s;
+    }
+    case "Replace": {
+      compilePattern(n.pattern, `${field}.pattern`); // field-named errors
+      const content = optString(n, "content", field) ?? "";
+      const re = new ReplaceNormalizer(n as never).pattern;
+      return re === null ? null : (s) => s.replace(re, () => content);
+    }
+    case "Strip": {
+      const left = optBool(n, "strip_left", false, field);
+      const right = optBool(n, "strip_right", false, field);
+      return (s) => {
+        const a = left ? s.replace(LEADING_WS, "") : s;
+        return right ? a.replace(TRAILING_WS, "") : a;
+      };
+    }
     case "Sequence": {
-      if (!Array.isArray(x.normalizers)) {
+      if (!Array.isArray(n.normalizers)) {
         return fail(`${field}.normalizers`, `${field}.normalizers is not an array`);
       }
-      const fs = x.normalizers.map((n, i) => parseNormalizer(n, `${field}.normalizers[${i}]`))
-        .filter((f): f is (s: string) => string => f !== null);
+      const fs = n.normalizers.map((m, i) => parseNormalizer(m, `${field}.normalizers[${i}]`))
+        .filter((f): f is Normalize => f !== null);
       return fs.length === 0 ? null : (s) => fs.reduce((acc, f) => f(acc), s);
     }
     default:
-      return fail(`${field}.type`, `${field}.type: unsupported normalizer ${show(x.type)}`);
+      return unsupported(field, "normalizer", n.type);
+  }
+};
+
+/** The GPT-2 pre-tokenization regex, used by ByteLevel pre-tokenizers with `use_regex`. */
+const GPT2_REGEX =
+  "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
+const utf8 = new TextEncoder();
+/** Text in byte-level form: one printable character per UTF-8 byte. */
+const toByteLevel = (text: string): string => {
+  let s = "";
+  for (const b of utf8.encode(text)) s += BYTE_TO_CHAR[b];
+  return s;
+};
+
+const parsePreTokenizer = (x: unknown, field: string): PreTokenize | null => {
+  if (x === null || x === undefined) return null;
+  const p = requireType(x, field);
+  switch (p.type) {
+    case "Sequence": {
+      const list = p.pretokenizers;
+      if (!Array.isArray(list)) {
+        return fail(`${field}.pretokenizers`, `${field}.pretokenizers is not an array`);
+      }
+      const steps = list.map((q, i) => parsePreTokenizer(q, `${field}.pretokenizers[${i}]`))
+        .filter((f): f is PreTokenize => f !== null);
+      return (pieces) => steps.reduce((acc, f) => f(acc), pieces);
+    }
+    case "ByteLevel": {
+      const prefix = optBool(p, "add_prefix_space", true, field);
+      const re = optBool(p, "use_regex", true, field)
+        ? compilePattern({ Regex: GPT2_REGEX }, field)
+        : null;
+      return (pieces) =>
+        pieces.flatMap((piece) => {
+          const s = prefix && !piece.startsWith(" ") ? ` ${piece}` : piece;
+          return (re ? splitWith(s, re, "Isolated", false) : [s]).map(toByteLevel);
+        });
+    }
+    case "Split": {
+      const re = compilePattern(p.pattern, `${field}.pattern`);
+      const behavior = (p.behavior ?? "Isolated") as Behavior;
+      if (!BEHAVIORS.includes(behavior)) {
+        return fail(`${field}.behavior`, `${field}.behavior: unsupported ${show(p.behavior)}`);
+      }
+      const invert = optBool(p, "invert", false, field);
+      return (pieces) => pieces.flatMap((s) => splitWith(s, re, behavior, invert));
+    }
+    case "Digits": {
+      // Rust: `char::is_numeric` (Nd, Nl, No), each digit alone or in runs.
+      const individual = optBool(p, "individual_digits", false, field);
+      const re = /\p{N}/gu;
+      const behavior = individual ? "Isolated" : "Contiguous";
+      return (pieces) => pieces.flatMap((s) => splitWith(s, re, behavior, false));
+    }
+    default:
+      return unsupported(field, "pre-tokenizer", p.type);
+  }
+};
+
+const DECODERS = new Set(["ByteLevel", "Replace", "ByteFallback", "Fuse", "Strip", "Sequence"]);
+
+const checkDecoder = (x: unknown, field: string): void => {
+  if (x === null || x === undefined) {
+    fail(field, `${field} missing (needed to decode; supported: ${[...DECODERS].join(", ")})`);
+  }
+  const d = requireType(x, field);
+  if (!DECODERS.has(d.type as string)) unsupported(field, "decoder", d.type);
+  if (d.type === "Replace") compilePattern(d.pattern, `${field}.pattern`);
+  if (d.type === "Sequence") {
+    if (!Array.isArray(d.decoders)) {
+      fail(`${field}.decoders`, `${field}.decoders is not an array`);
+    }
+    (d.decoders as unknown[]).forEach((e, i) => checkDecoder(e, `${field}.decoders[${i}]`));
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// BPE merge loop
-
-const SEP = "\u0000";
-
-/** Min-heap of candidate merges ordered by (rank, position): HF's leftmost-lowest-rank order. */
-class PairHeap {
-  readonly rank: number[] = [];
-  readonly pos: number[] = [];
-  readonly left: string[] = [];
-  readonly right: string[] = [];
-  get size(): number {
-    return this.rank.length;
-  }
-  #less(a: number, b: number): boolean {
-    return this.rank[a] < this.rank[b] ||
-      (this.rank[a] === this.rank[b] && this.pos[a] < this.pos[b]);
-  }
-  #swap(a: number, b: number): void {
-    for (const arr of [this.rank, this.pos, this.left, this.right] as unknown[][]) {
-      const t = arr[a];
-      arr[a] = arr[b];
-      arr[b] = t;
-    }
-  }
-  push(rank: number, pos: number, left: string, right: string): void {
-    this.rank.push(rank);
-    this.pos.push(pos);
-    this.left.push(left);
-    this.right.push(right);
-    let i = this.rank.length - 1;
-    while (i > 0) {
-      const p = (i - 1) >> 1;
-      if (!this.#less(i, p)) break;
-      this.#swap(i, p);
-      i = p;
-    }
-  }
-  /** Moves the minimum to the end, pops it, and returns its [pos, left, right]. */
-  pop(): [number, string, string] {
-    const last = this.rank.length - 1;
-    this.#swap(0, last);
-    const out: [number, string, string] = [this.pos[last], this.left[last], this.right[last]];
-    this.rank.pop();
-    this.pos.pop();
-    this.left.pop();
-    this.right.pop();
-    let i = 0;
-    const n = this.rank.length;
-    for (;;) {
-      const l = 2 * i + 1;
-      const r = l + 1;
-      let m = i;
-      if (l < n && this.#less(l, m)) m = l;
-      if (r < n && this.#less(r, m)) m = r;
-      if (m === i) break;
-      this.#swap(i, m);
-      i = m;
-    }
-    return out;
-  }
-}
+// The model and added tokens
 
 interface AddedToken {
   readonly id: number;
   readonly content: string;
   readonly special: boolean;
+  readonly lstrip: boolean;
+  readonly rstrip: boolean;
+  /** Matched in the normalized text (else in the input, before normalization). */
+  readonly normalized: boolean;
 }
 
-interface BpeParts {
-  readonly vocab: ReadonlyMap<string, number>;
-  readonly merges: ReadonlyMap<string, number>;
-  readonly added: readonly AddedToken[];
-  readonly normalize: ((s: string) => string) | null;
-  readonly steps: readonly Step[];
-  readonly unkId: number | null;
-  readonly ignoreMerges: boolean;
-  readonly defaultBos: string | null;
+interface TrieNode {
+  readonly next: Map<string, TrieNode>;
+  token?: AddedToken;
 }
 
-const CACHE_LIMIT = 20_000;
+/**
+ * Splits text on added tokens, leftmost-longest (the Rust library's aho-corasick match), with
+ * `lstrip` / `rstrip` taking the Unicode White_Space next to a token along with it.
+ */
+class AddedTokenSplitter {
+  readonly #root: TrieNode = { next: new Map() };
 
-/** A Hugging Face byte-level BPE tokenizer (Llama-3 / Qwen2 / GPT-2 `tokenizer.json`). */
-export class ByteLevelBpeTokenizer implements Tokenizer {
-  readonly vocabSize: number;
-  readonly bosId: number | null;
-  readonly eosId: number;
-  readonly padId: number;
-  readonly #p: BpeParts;
-  /** id -> byte-level token string (vocab) */
-  readonly #tokens: (string | undefined)[] = [];
-  readonly #addedById = new Map<number, AddedToken>();
-  readonly #addedByContent = new Map<string, number>();
-  readonly #addedRe: RegExp | null;
-  readonly #cache = new Map<string, number[]>();
-
-  private constructor(p: BpeParts, specials: SpecialTokens) {
-    this.#p = p;
-    let max = -1;
-    for (const [tok, id] of p.vocab) {
-      this.#tokens[id] = tok;
-      max = Math.max(max, id);
-    }
-    for (const a of p.added) {
-      this.#addedById.set(a.id, a);
-      if (!this.#addedByContent.has(a.content)) this.#addedByContent.set(a.content, a.id);
-      max = Math.max(max, a.id);
-    }
-    this.vocabSize = max + 1;
-    const contents = [...this.#addedByContent.keys()].sort((a, b) => b.length - a.length);
-    this.#addedRe = contents.length ? new RegExp(contents.map(escapeRegex).join("|"), "g") : null;
-
-    const resolve = (which: string, v: string | number): number => {
-      if (typeof v === "number") {
-        return Number.isInteger(v) && v >= 0 && v < this.vocabSize ? v : fail(
-          which,
-          `${which}: id ${v} is outside the vocabulary (size ${this.vocabSize})`,
-        );
+  constructor(tokens: readonly AddedToken[]) {
+    for (const t of tokens) {
+      let node = this.#root;
+      for (let i = 0; i < t.content.length; i++) {
+        const c = t.content[i];
+        let child = node.next.get(c);
+        if (child === undefined) node.next.set(c, child = { next: new Map() });
+        node = child;
       }
-      return this.tokenId(v) ?? fail(which, `${which}: token ${show(v)} is not in the vocabulary`);
-    };
-    const eos = specials.eos ?? DEFAULT_EOS_CANDIDATES.find((c) => this.tokenId(c) !== undefined);
-    if (eos === undefined) {
-      fail(
-        "eos_token",
-        "eos_token: none configured and no known EOS token (" +
-          `${DEFAULT_EOS_CANDIDATES.join(", ")}) in the vocabulary`,
-      );
+      node.token ??= t;
     }
-    this.eosId = resolve("eos_token", eos!);
-    const bos = specials.bos === undefined ? p.defaultBos : specials.bos;
-    this.bosId = bos === null ? null : resolve("bos_token", bos);
-    this.padId = specials.pad === undefined || specials.pad === null
-      ? this.eosId
-      : resolve("pad_token", specials.pad);
   }
 
-  /**
-   * Parses a Hugging Face `tokenizer.json` object. Special tokens come from `specials`; missing
-   * ones default to: eos = first of DEFAULT_EOS_CANDIDATES present, bos = the leading special
-   * token of the TemplateProcessing post-processor (else null), pad = eos.
-   * Throws TokenizerError naming the malformed field.
-   */
-  static fromJSON(json: unknown, specials: SpecialTokens = {}): ByteLevelBpeTokenizer {
-    if (!isRecord(json)) return fail("", "tokenizer JSON is not an object");
-    const model = json.model;
-    if (model === undefined || model === null) return fail("model", "model missing");
-    if (!isRecord(model)) return fail("model", "model is not an object");
-    if (model.type !== "BPE") {
-      return fail("model.type", `model.type: expected "BPE", got ${show(model.type)}`);
-    }
-    for (const k of ["continuing_subword_prefix", "end_of_word_suffix"]) {
-      if (model[k] !== undefined && model[k] !== null && model[k] !== "") {
-        fail(`model.${k}`, `model.${k}: not supported for byte-level BPE`);
+  /** Text sections (strings) and matched tokens, in order. */
+  split(text: string): (string | AddedToken)[] {
+    const out: (string | AddedToken)[] = [];
+    let start = 0;
+    for (let i = 0; i < text.length;) {
+      let node: TrieNode | undefined = this.#root;
+      let match: AddedToken | undefined;
+      for (let j = i; j < text.length; j++) {
+        node = node.next.get(text[j]);
+        if (node === undefined) break;
+        if (node.token !== undefined) match = node.token;
       }
-    }
-
-    // vocab
-    const rawVocab = model.vocab;
-    if (rawVocab === undefined || rawVocab === null) {
-      return fail("model.vocab", "model.vocab missing");
-    }
-    if (!isRecord(rawVocab)) return fail("model.vocab", "model.vocab is not an object");
-    const vocab = new Map<string, number>();
-    const seen = new Map<number, string>();
-    for (const [tok, id] of Object.entries(rawVocab)) {
-      const f = `model.vocab[${show(tok)}]`;
-      if (typeof id !== "number" || !Number.isInteger(id) || id < 0) {
-        fail(f, `${f} is not a non-negative integer id`);
+      if (match === undefined) {
+        i++;
+        continue;
       }
-      const other = seen.get(id as number);
-      if (other !== undefined) fail(f, `${f}: id ${id} already used by ${show(other)}`);
-      seen.set(id as number, tok);
-      vocab.set(tok, id as number);
-    }
-
-    // merges
-    const rawMerges = model.merges;
-    if (rawMerges === undefined || rawMerges === null) {
-      return fail("model.merges", "model.merges missing");
-    }
-    if (!Array.isArray(rawMerges)) return fail("model.merges", "model.merges is not an array");
-    const merges = new Map<string, number>();
-    rawMerges.forEach((m, i) => {
-      const f = `model.merges[${i}]`;
-      let pair: string[] | null = null;
-      if (typeof m === "string") {
-        const parts = m.split(" ");
-        if (parts.length === 2 && parts[0] !== "" && parts[1] !== "") pair = parts;
-      } else if (
-        Array.isArray(m) && m.length === 2 && typeof m[0] === "string" &&
-        typeof m[1] === "string" && m[0] !== "" && m[1] !== ""
-      ) pair = m;
-      if (pair === null) return fail(f, `${f} is not a pair: ${show(m)}`);
-      const [a, b] = pair;
-      for (const t of [a, b, a + b]) {
-        if (!vocab.has(t)) fail(f, `${f}: token ${show(t)} is not in model.vocab`);
+      let before = text.slice(start, i);
+      if (match.lstrip) before = before.replace(TRAILING_WS, "");
+      out.push(before, match);
+      i += match.content.length;
+      if (match.rstrip) {
+        const ws = LEADING_WS.exec(text.slice(i));
+        if (ws !== null) i += ws[0].length;
       }
-      const key = a + SEP + b;
-      if (!merges.has(key)) merges.set(key, i);
-    });
-
-    let unkId: number | null = null;
-    if (model.unk_token !== undefined && model.unk_token !== null) {
-      if (typeof model.unk_token !== "string") {
-        fail("model.unk_token", "model.unk_token is not a string");
-      }
-      unkId = vocab.get(model.unk_token as string) ??
-        fail("model.unk_token", `model.unk_token ${show(model.unk_token)} is not in model.vocab`);
+      start = i;
     }
-    const ignoreMerges = optBool(model, "ignore_merges", false, "model");
-
-    // added tokens
-    const added: AddedToken[] = [];
-    const rawAdded = json.added_tokens ?? [];
-    if (!Array.isArray(rawAdded)) return fail("added_tokens", "added_tokens is not an array");
-    rawAdded.forEach((t, i) => {
-      const f = `added_tokens[${i}]`;
-      if (!isRecord(t)) return fail(f, `${f} is not an object`);
-      if (typeof t.id !== "number" || !Number.isInteger(t.id) || t.id < 0) {
-        fail(`${f}.id`, `${f}.id is not a non-negative integer`);
-      }
-      if (typeof t.content !== "string") fail(`${f}.content`, `${f}.content is not a string`);
-      if (t.content === "") fail(`${f}.content`, `${f}.content is empty`);
-      const special = optBool(t, "special", false, f);
-      added.push({ id: t.id as number, content: t.content as string, special });
-    });
-
-    const normalize = parseNormalizer(json.normalizer, "normalizer");
-    const state = { byteLevel: false };
-    const steps = parsePreTokenizer(json.pre_tokenizer, "pre_tokenizer", state);
-    if (!state.byteLevel) {
-      fail(
-        "pre_tokenizer",
-        "pre_tokenizer: no ByteLevel pre-tokenizer (only byte-level BPE is supported)",
-      );
-    }
-
-    return new ByteLevelBpeTokenizer({
-      vocab,
-      merges,
-      added,
-      normalize,
-      steps,
-      unkId,
-      ignoreMerges,
-      defaultBos: templateBos(json.post_processor),
-    }, specials);
-  }
-
-  /** Id of an added token's content, or of a vocab entry in byte-level form (`Ġthe`). */
-  tokenId(token: string): number | undefined {
-    return this.#addedByContent.get(token) ?? this.#p.vocab.get(token);
-  }
-
-  /** Whether `id` is an added token marked special (skipped by decode). */
-  isSpecial(id: number): boolean {
-    return this.#addedById.get(id)?.special ?? false;
-  }
-
-  encode(text: string): number[] {
-    const out: number[] = [];
-    const re = this.#addedRe;
-    let last = 0;
-    if (re) {
-      re.lastIndex = 0;
-      for (let m = re.exec(text); m !== null; m = re.exec(text)) {
-        if (m.index > last) this.#encodeSegment(text.slice(last, m.index), out);
-        out.push(this.#addedByContent.get(m[0])!);
-        last = m.index + m[0].length;
-      }
-    }
-    if (last < text.length) this.#encodeSegment(text.slice(last), out);
+    out.push(text.slice(start));
     return out;
   }
-
-  #encodeSegment(text: string, out: number[]): void {
-    let pieces = [this.#p.normalize ? this.#p.normalize(text) : text];
-    for (const step of this.#p.steps) pieces = step(pieces);
-    for (const piece of pieces) {
-      if (piece === "") continue;
-      let ids = this.#cache.get(piece);
-      if (ids === undefined) {
-        ids = this.#bpe(piece);
-        if (this.#cache.size >= CACHE_LIMIT) this.#cache.clear();
-        this.#cache.set(piece, ids);
-      }
-      for (const id of ids) out.push(id);
-    }
-  }
-
-  #bpe(word: string): number[] {
-    const { vocab, merges, unkId } = this.#p;
-    if (this.#p.ignoreMerges) {
-      const whole = vocab.get(word);
-      if (whole !== undefined) return [whole];
-    }
-    const sym = Array.from(word);
-    const n = sym.length;
-    const next = new Int32Array(n);
-    const prev = new Int32Array(n);
-    for (let i = 0; i < n; i++) {
-      next[i] = i + 1 < n ? i + 1 : -1;
-      prev[i] = i - 1;
-    }
-    const heap = new PairHeap();
-    const candidate = (i: number) => {
-      const j = next[i];
-      if (j < 0) return;
-      const rank = merges.get(sym[i] + SEP + sym[j]);
-      if (rank !== undefined) heap.push(rank, i, sym[i], sym[j]);
-    };
-    for (let i = 0; i < n - 1; i++) candidate(i);
-    while (heap.size > 0) {
-      const [i, left, right] = heap.pop();
-      const j = next[i];
-      // Stale entries: a side was merged away (dead symbols are "") or changed since the push.
-      if (j < 0 || sym[i] !== left || sym[j] !== right) continue;
-      sym[i] = left + right;
-      sym[j] = "";
-      next[i] = next[j];
-      if (next[j] >= 0) prev[next[j]] = i;
-      if (prev[i] >= 0) candidate(prev[i]);
-      candidate(i);
-    }
-    const ids: number[] = [];
-    for (let i = 0; i >= 0; i = next[i]) {
-      const id = vocab.get(sym[i]) ?? unkId;
-      if (id === null) {
-        throw new TokenizerError({
-          reason: `symbol ${show(sym[i])} is not in model.vocab and model.unk_token is not set`,
-          char: sym[i],
-        });
-      }
-      ids.push(id);
-    }
-    return ids;
-  }
-
-  /** Text of `ids`: byte-level inverse, then UTF-8 (invalid sequences become U+FFFD). */
-  decode(ids: readonly number[], options: DecodeOptions = {}): string {
-    const skip = options.skipSpecialTokens ?? true;
-    let s = "";
-    let bytes: number[] = [];
-    const flush = () => {
-      if (bytes.length > 0) s += utf8Decoder.decode(Uint8Array.from(bytes));
-      bytes = [];
-    };
-    ids.forEach((id, position) => {
-      const a = this.#addedById.get(id);
-      if (a !== undefined) {
-        if (a.special && skip) return;
-        flush();
-        s += a.content;
-        return;
-      }
-      const tok = Number.isInteger(id) ? this.#tokens[id] : undefined;
-      if (tok === undefined) {
-        throw new TokenizerError({ reason: `unknown token id ${id}`, position });
-      }
-      for (const c of tok) {
-        const b = CHAR_TO_BYTE.get(c);
-        if (b !== undefined) bytes.push(b);
-        else bytes.push(...utf8Encoder.encode(c));
-      }
-    });
-    flush();
-    return s;
-  }
-
-  tokenText(id: number): string {
-    const a = this.#addedById.get(id);
-    return a !== undefined ? a.content : this.decode([id]);
-  }
 }
+
+const hasByteLevel = (p: unknown): boolean =>
+  isRecord(p) &&
+  (p.type === "ByteLevel" ||
+    (Array.isArray(p.pretokenizers) && p.pretokenizers.some(hasByteLevel)));
+
+/** Validates `model`, returning its vocab (token -> id) and the tokens by id. */
+const checkModel = (
+  json: Record<string, unknown>,
+): { vocab: Map<string, number>; byId: (string | undefined)[] } => {
+  const model = json.model;
+  if (model === undefined || model === null) return fail("model", "model missing");
+  if (!isRecord(model)) return fail("model", "model is not an object");
+  if (model.type !== "BPE") {
+    return fail("model.type", `model.type: expected "BPE", got ${show(model.type)}`);
+  }
+  for (const k of ["continuing_subword_prefix", "end_of_word_suffix"]) {
+    if (model[k] !== undefined && model[k] !== null && model[k] !== "") {
+      fail(`model.${k}`, `model.${k}: not supported`);
+    }
+  }
+  const rawVocab = model.vocab;
+  if (rawVocab === undefined || rawVocab === null) {
+    return fail("model.vocab", "model.vocab missing");
+  }
+  if (!isRecord(rawVocab)) return fail("model.vocab", "model.vocab is not an object");
+  const vocab = new Map<string, number>();
+  const byId: (string | undefined)[] = [];
+  for (const tok in rawVocab) {
+    const id = rawVocab[tok];
+    if (typeof id !== "number" || !Number.isInteger(id) || id < 0) {
+      const f = `model.vocab[${show(tok)}]`;
+      fail(f, `${f} is not a non-negative integer id`);
+    }
+    const other = byId[id as number];
+    if (other !== undefined) {
+      const f = `model.vocab[${show(tok)}]`;
+      fail(f, `${f}: id ${id} already used by ${show(other)}`);
+    }
+    byId[id as number] = tok;
+    vocab.set(tok, id as number);
+  }
+
+  const merges = model.merges;
+  if (merges === undefined || merges === null) return fail("model.merges", "model.merges missing");
+  if (!Array.isArray(merges)) return fail("model.merges", "model.merges is not an array");
+  const asStrings = typeof merges[0] === "string";
+  for (let i = 0; i < merges.length; i++) {
+    const m: unknown = merges[i];
+    let a = "", b = "";
+    if (asStrings && typeof m === "string") {
+      const sp = m.indexOf(" ");
+      if (sp > 0 && sp < m.length - 1 && m.indexOf(" ", sp + 1) < 0) {
+        a = m.slice(0, sp);
+        b = m.slice(sp + 1);
+      }
+    } else if (
+      !asStrings && Array.isArray(m) && m.length === 2 && typeof m[0] === "string" &&
+      typeof m[1] === "string"
+    ) [a, b] = m;
+    if (a === "" || b === "") {
+      fail(`model.merges[${i}]`, `model.merges[${i}] is not a pair: ${show(m)}`);
+    }
+    const missing = !vocab.has(a) ? a : !vocab.has(b) ? b : !vocab.has(a + b) ? a + b : null;
+    if (missing !== null) {
+      fail(
+        `model.merges[${i}]`,
+        `model.merges[${i}]: token ${show(missing)} is not in model.vocab`,
+      );
+    }
+  }
+
+  const unk = optString(model, "unk_token", "model");
+  if (unk !== null && !vocab.has(unk)) {
+    fail("model.unk_token", `model.unk_token ${show(unk)} is not in model.vocab`);
+  }
+  const byteFallback = optBool(model, "byte_fallback", false, "model");
+  optBool(model, "ignore_merges", false, "model");
+  if (optBool(model, "fuse_unk", false, "model") && unk !== null) {
+    const hex = (b: number) => `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`;
+    const allBytes = (name: (b: number) => string) =>
+      BYTE_TO_CHAR.every((_, b) => vocab.has(name(b)));
+    const covered = byteFallback
+      ? allBytes(hex)
+      : hasByteLevel(json.pre_tokenizer) && allBytes((b) => BYTE_TO_CHAR[b]);
+    if (!covered) {
+      fail("model.fuse_unk", "model.fuse_unk: supported only when every byte has a token");
+    }
+  }
+  return { vocab, byId };
+};
+
+const checkAddedTokens = (raw: unknown): AddedToken[] => {
+  if (raw === undefined || raw === null) return [];
+  if (!Array.isArray(raw)) return fail("added_tokens", "added_tokens is not an array");
+  return raw.map((t, i) => {
+    const f = `added_tokens[${i}]`;
+    if (!isRecord(t)) return fail(f, `${f} is not an object`);
+    if (typeof t.id !== "number" || !Number.isInteger(t.id) || t.id < 0) {
+      fail(`${f}.id`, `${f}.id is not a non-negative integer`);
+    }
+    if (typeof t.content !== "string") fail(`${f}.content`, `${f}.content is not a string`);
+    if (t.content === "") fail(`${f}.content`, `${f}.content is empty`);
+    if (optBool(t, "single_word", false, f)) {
+      fail(`${f}.single_word`, `${f}.single_word: not supported`);
+    }
+    const special = optBool(t, "special", false, f);
+    return {
+      id: t.id as number,
+      content: t.content as string,
+      special,
+      lstrip: optBool(t, "lstrip", false, f),
+      rstrip: optBool(t, "rstrip", false, f),
+      normalized: optBool(t, "normalized", !special, f),
+    };
+  });
+};
 
 /** The special token a TemplateProcessing post-processor puts first in `single`, if any. */
 const templateBos = (pp: unknown): string | null => {
@@ -775,17 +558,179 @@ const templateBos = (pp: unknown): string | null => {
     : null;
 };
 
+const errorText = (e: unknown): string => e instanceof Error ? e.message : String(e);
+
+/** A BPE tokenizer read from a Hugging Face `tokenizer.json` (see the module doc). */
+export class HfTokenizer implements Tokenizer {
+  readonly vocabSize: number;
+  readonly bosId: number | null;
+  readonly eosId: number;
+  readonly padId: number;
+  readonly #hf: HfLibTokenizer;
+  /** id -> token (vocab or added), for validating ids. */
+  readonly #known: (string | undefined)[];
+  readonly #added = new Map<number, AddedToken>();
+  /** Added tokens matched before normalization. */
+  readonly #splitter: AddedTokenSplitter;
+  /** An ordinary token decoding to one whole character, and its text: `tokenText`'s context. */
+  readonly #context: readonly [id: number, text: string] | null;
+
+  private constructor(
+    json: Record<string, unknown>,
+    known: (string | undefined)[],
+    added: AddedToken[],
+    specials: SpecialTokens,
+  ) {
+    const normalize = parseNormalizer(json.normalizer, "normalizer");
+    const preTokenize = parsePreTokenizer(json.pre_tokenizer, "pre_tokenizer");
+    checkDecoder(json.decoder, "decoder");
+    try {
+      // The port's own normalizer is built (it normalizes `normalized: true` added tokens), then
+      // replaced by ours; the pre-tokenizer and post-processor are ours or unused.
+      this.#hf = new HfLibTokenizer({
+        ...json,
+        added_tokens: added.map((a, i) => ({ ...(json.added_tokens as object[])[i], ...a })),
+        normalizer: json.normalizer ?? null,
+        pre_tokenizer: null,
+        post_processor: null,
+        decoder: json.decoder,
+      }, { clean_up_tokenization_spaces: false });
+    } catch (e) {
+      throw new TokenizerError({ reason: `tokenizer.json: ${errorText(e)}`, field: "" });
+    }
+    const patched = this.#hf as unknown as { normalizer: unknown; pre_tokenizer: unknown };
+    patched.normalizer = normalize;
+    patched.pre_tokenizer = preTokenize === null
+      ? null
+      : (text: string) => preTokenize([text]).filter((p) => p !== "");
+
+    this.#known = known;
+    for (const a of added) {
+      this.#added.set(a.id, a);
+      known[a.id] = a.content;
+    }
+    this.vocabSize = known.length;
+    // Tokens matched in the normalized text stay with the port (which normalizes their content).
+    this.#splitter = new AddedTokenSplitter(
+      added.filter((a) => !(a.normalized && normalize !== null)),
+    );
+
+    const tokenId = (t: string) => this.tokenId(t);
+    const resolve = (which: string, v: string | number): number => {
+      if (typeof v === "number") {
+        return Number.isInteger(v) && v >= 0 && v < this.vocabSize ? v : fail(
+          which,
+          `${which}: id ${v} is outside the vocabulary (size ${this.vocabSize})`,
+        );
+      }
+      return tokenId(v) ?? fail(which, `${which}: token ${show(v)} is not in the vocabulary`);
+    };
+    const eos = specials.eos ?? DEFAULT_EOS_CANDIDATES.find((c) => tokenId(c) !== undefined);
+    if (eos === undefined) {
+      fail(
+        "eos_token",
+        "eos_token: none configured and no known EOS token (" +
+          `${DEFAULT_EOS_CANDIDATES.join(", ")}) in the vocabulary`,
+      );
+    }
+    this.eosId = resolve("eos_token", eos!);
+    const bos = specials.bos === undefined ? templateBos(json.post_processor) : specials.bos;
+    this.bosId = bos === null ? null : resolve("bos_token", bos);
+    this.padId = specials.pad === undefined || specials.pad === null
+      ? this.eosId
+      : resolve("pad_token", specials.pad);
+
+    const a = this.encode("a");
+    this.#context = a.length === 1 && !this.#added.has(a[0]) && this.decode(a) === "a"
+      ? [a[0], "a"]
+      : null;
+  }
+
+  /**
+   * Parses a Hugging Face `tokenizer.json` object. Special tokens come from `specials`; missing
+   * ones default to: eos = first of DEFAULT_EOS_CANDIDATES present, bos = the leading special
+   * token of the TemplateProcessing post-processor (else null), pad = eos.
+   * Throws TokenizerError naming the malformed or unsupported field.
+   */
+  static fromJSON(json: unknown, specials: SpecialTokens = {}): HfTokenizer {
+    if (!isRecord(json)) return fail("", "tokenizer JSON is not an object");
+    const { byId } = checkModel(json);
+    const added = checkAddedTokens(json.added_tokens);
+    return new HfTokenizer(json, byId, added, specials);
+  }
+
+  /** Id of an added token's content, or of a vocab entry in its stored form (`Ġthe`, `▁the`). */
+  tokenId(token: string): number | undefined {
+    return this.#hf.token_to_id(token);
+  }
+
+  /** Whether `id` is an added token marked special (skipped by decode). */
+  isSpecial(id: number): boolean {
+    return this.#added.get(id)?.special ?? false;
+  }
+
+  /** Token ids of `text` (lone surrogates read as U+FFFD); never adds BOS/EOS. */
+  encode(text: string): number[] {
+    const out: number[] = [];
+    for (const section of this.#splitter.split(text.toWellFormed())) {
+      if (typeof section !== "string") out.push(section.id);
+      else if (section !== "") {
+        for (const id of this.#hf.encode(section, { add_special_tokens: false }).ids) {
+          if (id === undefined) throw new TokenizerError({ reason: "a symbol has no token id" });
+          out.push(id);
+        }
+      }
+    }
+    return out;
+  }
+
+  /** Text of `ids`, through the file's decoder; special tokens are skipped by default. */
+  decode(ids: readonly number[], options: DecodeOptions = {}): string {
+    const skip = options.skipSpecialTokens ?? true;
+    const kept: number[] = [];
+    ids.forEach((id, position) => {
+      if (!Number.isInteger(id) || this.#known[id] === undefined) {
+        throw new TokenizerError({ reason: `unknown token id ${id}`, position });
+      }
+      if (!(skip && this.isSpecial(id))) kept.push(id);
+    });
+    return kept.length === 0 ? "" : this.#hf.decode(kept, {
+      skip_special_tokens: false,
+      clean_up_tokenization_spaces: false,
+    });
+  }
+
+  /**
+   * Display string of one token: an added token's content, else the text the token adds after
+   * an ordinary one-character token (so `▁the` shows " the" although a leading-space Strip
+   * decoder removes that space from a text's first token; a lone byte shows U+FFFD).
+   */
+  tokenText(id: number): string {
+    const a = this.#added.get(id);
+    if (a !== undefined) return a.content;
+    if (this.#context === null) return this.decode([id]);
+    const [ctx, text] = this.#context;
+    const both = this.decode([ctx, id]);
+    return both.startsWith(text) ? both.slice(text.length) : this.decode([id]);
+  }
+}
+
+/** @deprecated The former name of {@link HfTokenizer} (which also reads non-byte-level BPE). */
+export const ByteLevelBpeTokenizer: typeof HfTokenizer = HfTokenizer;
+/** @deprecated The former name of {@link HfTokenizer}. */
+export type ByteLevelBpeTokenizer = HfTokenizer;
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 
 /**
  * Builds the tokenizer a `tokenizer.json` object describes: `model.type` "lorafold-char" gives a
- * CharTokenizer (fixed specials; `specials` ignored), "BPE" a ByteLevelBpeTokenizer.
+ * CharTokenizer (fixed specials; `specials` ignored), "BPE" an HfTokenizer.
  */
 export const tokenizerFromJSON = (json: unknown, specials: SpecialTokens = {}): Tokenizer => {
   const type = isRecord(json) && isRecord(json.model) ? json.model.type : undefined;
   if (type === CharTokenizer.MODEL_TYPE) return CharTokenizer.fromJSON(json);
-  if (type === "BPE" || type === undefined) return ByteLevelBpeTokenizer.fromJSON(json, specials);
+  if (type === "BPE" || type === undefined) return HfTokenizer.fromJSON(json, specials);
   return fail("model.type", `model.type: unsupported tokenizer model ${show(type)}`);
 };
 
@@ -825,8 +770,6 @@ export const specialsFromConfigs = (tokenizerConfig: unknown, config: unknown): 
   };
 };
 
-const errorText = (e: unknown): string => e instanceof Error ? e.message : String(e);
-
 /** Reads and parses a JSON file; a missing optional file is undefined. */
 const readJson = (path: string, required: boolean): Effect.Effect<unknown, TokenizerError> =>
   Effect.tryPromise({
@@ -844,9 +787,9 @@ const readJson = (path: string, required: boolean): Effect.Effect<unknown, Token
   ));
 
 /**
- * Loads `dir/tokenizer.json` (char or byte-level BPE). For BPE, special tokens come from, in
- * order: `overrides`, `dir/tokenizer_config.json`, `dir/config.json`, then the defaults of
- * `ByteLevelBpeTokenizer.fromJSON`. The two config files are optional; an unparsable one fails.
+ * Loads `dir/tokenizer.json` (char or BPE). For BPE, special tokens come from, in order:
+ * `overrides`, `dir/tokenizer_config.json`, `dir/config.json`, then the defaults of
+ * `HfTokenizer.fromJSON`. The two config files are optional; an unparsable one fails.
  */
 export const loadTokenizer: (
   dir: string,
