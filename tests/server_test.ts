@@ -958,6 +958,52 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
       assert.equal(ok.choices.length, 1);
     });
 
+    await t.step(
+      "continuous batching: a request joins a running batch and leaves it first",
+      async () => {
+        const generated = await metric(srv, "vllm:generation_tokens_total");
+        const order: string[] = [];
+        const long = post(srv, "/v1/completions", {
+          prompt: [1, 3],
+          n: 16,
+          max_tokens: 120,
+          ignore_eos: true,
+          seed: 5,
+        }).then((r) => (order.push("long"), r));
+        await waitRunning(srv);
+        // frozen mid-generation, so that the short request surely arrives while it runs
+        assert.equal((await post(srv, "/pause?mode=keep", {})).status, 200);
+        const short = post(srv, "/v1/completions", {
+          prompt: [1, 4, 5],
+          max_tokens: 3,
+          ignore_eos: true,
+          seed: 6,
+          return_token_ids: true,
+        }).then((r) => (order.push("short"), r));
+        while ((await metric(srv, "vllm:num_requests_waiting")) < 1) await sleep(5);
+        assert.equal(await metric(srv, "vllm:num_requests_running"), 1);
+        assert.equal((await post(srv, "/resume", {})).status, 200);
+        const [l, s] = await Promise.all([long, short]);
+        assert.deepEqual(order, ["short", "long"]);
+        assert.equal(s.json.choices[0].token_ids.length, 3);
+        assert.ok(l.json.choices.every((c: Json) => c.finish_reason === "length"));
+        // ... with the same tokens as alone
+        const alone = await complete(srv, {
+          prompt: [1, 4, 5],
+          max_tokens: 3,
+          ignore_eos: true,
+          seed: 6,
+          return_token_ids: true,
+          cache_salt: "alone",
+        });
+        assert.deepEqual(alone.choices, s.json.choices);
+        assert.equal(
+          await metric(srv, "vllm:generation_tokens_total"),
+          generated + 16 * 120 + 3 + 3,
+        );
+      },
+    );
+
     await t.step("SIGTERM with a request held by a pause: 503 for it, clean exit", async () => {
       assert.equal((await post(srv, "/pause?mode=keep", {})).status, 200);
       const held = post(srv, "/v1/completions", { prompt: "ab", max_tokens: 2 });

@@ -2,7 +2,8 @@
  * /v1/completions semantics without state: validating a decoded request into a `CompletionSpec`
  * (tokenizing string prompts, vLLM's range checks and messages) and rendering finished sequences
  * as vLLM's response (choices, logprobs object, prompt_logprobs, usage), plus the per-token
- * stop-string check. The engine (engine.ts) runs the model in between.
+ * stop-string check (used by stop_rules.ts). The scheduler (scheduler.ts) runs the model in
+ * between.
  * @module
  */
 import { Effect } from "effect";

@@ -1,7 +1,8 @@
 /**
  * The options of `serve` as annotated fields, with vLLM's flag names (`--max-lora-rank`,
  * `--max-loras`, `--max-logprobs`, `--logprobs-mode`, `--served-model-name`, `--api-key`,
- * `--max-num-seqs`); the CLI's flags are derived from them (src/cli/flags.ts).
+ * `--max-num-seqs`, and lorafold's `--prefix-cache-mb`, `--kv-cache-mb`); the CLI's flags are
+ * derived from them (src/cli/flags.ts).
  * @module
  */
 import { Effect, Schema } from "effect";
@@ -37,10 +38,12 @@ export interface ServeConfig {
   readonly apiKey: string | null;
   /** null = LORAFOLD_BACKEND, else auto. */
   readonly backend: BackendChoice | null;
-  /** Sequences decoded per batch; null = LORAFOLD_MAX_NUM_SEQS, else 256. */
+  /** Sequences running at once; null = LORAFOLD_MAX_NUM_SEQS, else 256. */
   readonly maxNumSeqs: number | null;
   /** Prefix-cache budget in MiB; null = LORAFOLD_PREFIX_CACHE_MB, else 256. */
   readonly prefixCacheMb: number | null;
+  /** KV-cache budget of the running batches in MiB; null = LORAFOLD_KV_CACHE_MB, else 4096. */
+  readonly kvCacheMb: number | null;
 }
 
 /** The `serve` option fields. */
@@ -97,13 +100,18 @@ export const serveOptionFields: OptionFields = {
   }),
   maxNumSeqs: integer<number | null>({ min: 1, max: 1 << 20 }, {
     default: null,
-    description: "Sequences decoded per batch",
+    description: "Sequences running at once (continuous batching; a request is never split)",
     nullable: "LORAFOLD_MAX_NUM_SEQS, else 256",
   }),
   prefixCacheMb: integer<number | null>({ min: 0, max: 1 << 20 }, {
     default: null,
     description: "Prefix-cache budget in MiB",
     nullable: "LORAFOLD_PREFIX_CACHE_MB, else 256",
+  }),
+  kvCacheMb: integer<number | null>({ min: 1, max: 1 << 20 }, {
+    default: null,
+    description: "KV-cache budget of the running sequences in MiB (a request is never split)",
+    nullable: "LORAFOLD_KV_CACHE_MB, else 4096",
   }),
 };
 

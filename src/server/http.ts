@@ -1,8 +1,10 @@
 /**
  * The thin HTTP adapter (effect/http router -> web handler for `Deno.serve`): routes, body
  * decoding with effect Schema, and rendering of ApiError as vLLM's error envelope. All serving
- * logic lives in engine.ts. Unknown routes answer FastAPI's 404 `{"detail":"Not Found"}`; routes
- * of disabled features (runtime LoRA, dev mode) are not registered, so they 404 the same way.
+ * logic lives in inference_engine.ts (a façade over the scheduler); a completion handler submits
+ * its request and awaits the scheduler's answer. Unknown routes answer FastAPI's 404
+ * `{"detail":"Not Found"}`; routes of disabled features (runtime LoRA, dev mode) are not
+ * registered, so they 404 the same way.
  * @module
  */
 import { Effect, Layer } from "effect";
@@ -76,6 +78,7 @@ const flag = (v: string | null, fallback: boolean): boolean =>
 /** Prometheus text of GET /metrics (vLLM's request gauges plus prefix-cache counters). */
 const metricsText = (engine: InferenceEngine): string => {
   const { running, waiting } = engine.load();
+  const counts = engine.scheduler.counters();
   const c = engine.prefixCache.stats();
   const label = `{model_name=${JSON.stringify(engine.options.servedModelName)}}`;
   const lines: string[] = [];
@@ -103,6 +106,18 @@ const metricsText = (engine: InferenceEngine): string => {
     "Number of requests waiting to be processed.",
     waiting,
   );
+  metric(
+    "vllm:prompt_tokens_total",
+    "counter",
+    "Number of prefill tokens processed.",
+    counts.promptTokens,
+  );
+  metric(
+    "vllm:generation_tokens_total",
+    "counter",
+    "Number of generation tokens processed.",
+    counts.generationTokens,
+  );
   metric("lorafold:prefix_cache_entries", "gauge", "Cached prompt prefills.", c.entries);
   metric("lorafold:prefix_cache_bytes", "gauge", "Host bytes held by the prefix cache.", c.bytes);
   metric(
@@ -128,6 +143,18 @@ const metricsText = (engine: InferenceEngine): string => {
     "counter",
     "Effective prefix-cache resets.",
     c.resets,
+  );
+  metric(
+    "lorafold:kv_cache_rebuilds_total",
+    "counter",
+    "KV caches built: new batches, joins that did not fit, compactions.",
+    counts.kvRebuilds,
+  );
+  metric(
+    "lorafold:kv_cache_in_place_joins_total",
+    "counter",
+    "Token boundaries where sequences joined a batch in free KV slots.",
+    counts.kvInPlaceJoins,
   );
   return lines.join("\n") + "\n";
 };
@@ -257,12 +284,10 @@ export const routes = (
           );
         }
         const clear = flag(q.get("clear_cache"), true);
-        return Effect.promise(() => engine.pause(mode as PauseMode, clear)).pipe(
-          Effect.as(json({ status: "paused" })),
-        );
+        return engine.pause(mode as PauseMode, clear).pipe(Effect.as(json({ status: "paused" })));
       }),
     ),
-    r("POST", "/resume", () => Effect.sync(() => (engine.resume(), json({ status: "resumed" })))),
+    r("POST", "/resume", () => engine.resume().pipe(Effect.as(json({ status: "resumed" })))),
     r("GET", "/is_paused", () => Effect.sync(() => json({ is_paused: engine.paused }))),
     r(
       "POST",
@@ -348,7 +373,8 @@ export const makeWebHandler = (
         }
       }
       // A fresh Request: Deno's legacy `request.signal` aborts even after successful responses
-      // (and warns when read); requests are not cancelled on disconnect anyway (the worker owns them).
+      // (and warns when read); requests are not cancelled on disconnect anyway (the scheduler
+      // owns them).
       return web.handler(
         new Request(req.url, { method: req.method, headers: req.headers, body: req.body }),
       );

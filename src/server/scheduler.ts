@@ -1,0 +1,614 @@
+/**
+ * Continuous batching: ONE scheduler fiber owns generation. HTTP handlers `submit` a validated
+ * request (it goes into the scheduler's mailbox, an Effect `Queue`) and await its `Deferred`.
+ * At every token boundary the scheduler, holding the device `Semaphore` permit:
+ *
+ * 1. ends aborted sequences (pause mode=abort, shutdown) and answers aborted queued requests;
+ * 2. retires finished sequences (stop_rules.ts) so their KV slots free at once, and answers every
+ *    request whose sequences have all finished;
+ * 3. admits waiting requests in arrival order while the running sequences stay within
+ *    --max-num-seqs and the KV caches within the KV budget (a request is never split; with
+ *    nothing running the first one is admitted whatever its size): each distinct prompt is
+ *    prefilled once through the prefix cache, each sample draws its first token from the prefill
+ *    logits, and the samples join their batch (batch.ts);
+ * 4. runs one decode step of every batch and samples each running sequence.
+ *
+ * Batches are per adapter: the decoder applies ONE LoRA to a whole `forwardCached` call (no
+ * per-sequence LoRA), so requests for different adapters (or the base model) decode in separate
+ * batches, all stepped at every boundary; at most --max-loras adapters run at once (a running
+ * batch pins its adapter, adapters.ts). Each sequence has its own generator (seed + j) and attends
+ * only its own KV rows, so its tokens and logprobs are the same alone or batched.
+ *
+ * Between boundaries the permit is free: adapter load/unload and weight reloads take it, so they
+ * happen between two decode steps, and the next step runs with the current weights. The
+ * scheduler yields to the event loop every few milliseconds of work so that HTTP requests are
+ * served while it decodes. Pause modes: abort ends running and queued requests now
+ * (finish_reason "abort"); wait lets them finish; keep freezes the running batches at the next
+ * boundary. Requests arriving while paused wait for resume. The drained state is a `Latch`
+ * (open when no admitted request is queued or running) that pause(wait|abort) awaits.
+ * @module
+ */
+import {
+  Cause,
+  Deferred,
+  Effect,
+  Exit,
+  Fiber,
+  Latch,
+  Queue,
+  type Scope,
+  type Semaphore,
+} from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import { Rng } from "../model/rng.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+import type { Adapter, AdapterRegistry } from "./adapters.ts";
+import {
+  type BatchMember,
+  DecodeBatch,
+  prefill,
+  promptScores,
+  shapeOf,
+  type StepWeights,
+} from "./batch.ts";
+import {
+  type CompletionSpec,
+  type PromptPosition,
+  renderCompletion,
+  type SeqResult,
+} from "./completion.ts";
+import { type PrefixCache, type PrefixEntry, prefixNamespace } from "./prefix_cache.ts";
+import type { LogprobsMode } from "./sampler.ts";
+import { ApiError, type CompletionResponse, internalError, notFound } from "./schemas.ts";
+import { ABORTED, finish, newSeq, sampleNext, seqResult } from "./stop_rules.ts";
+import { message, type ServedWeights } from "./weights.ts";
+
+/** Pause modes of POST /pause. */
+export type PauseMode = "abort" | "wait" | "keep";
+
+/** What the scheduler reports to an observer (tests, traces); `step` counts token boundaries. */
+export type SchedulerEvent =
+  | { readonly kind: "admit"; readonly id: string; readonly step: number }
+  | {
+    readonly kind: "step";
+    readonly step: number;
+    /** Requests with a sequence decoded in this step, in admission order. */
+    readonly ids: readonly string[];
+    /** Sequences decoded in this step. */
+    readonly seqs: number;
+  }
+  | { readonly kind: "finish"; readonly id: string; readonly step: number };
+
+/** See `Scheduler.counters`. */
+export interface SchedulerCounters {
+  readonly promptTokens: number;
+  readonly generationTokens: number;
+  readonly kvRebuilds: number;
+  readonly kvInPlaceJoins: number;
+}
+
+/** Scheduler settings. */
+export interface SchedulerOptions {
+  /** Sequences running at once, all batches together (--max-num-seqs). */
+  readonly maxNumSeqs: number;
+  /** KV-cache budget in bytes, all batches together. */
+  readonly kvCacheBytes: number;
+  readonly logprobsMode: LogprobsMode;
+  /** Called synchronously on the scheduler fiber (keep it cheap; it must not throw). */
+  readonly onEvent?: (e: SchedulerEvent) => void;
+}
+
+/** What the scheduler runs against. */
+export interface SchedulerDeps {
+  readonly backend: BackendShape;
+  readonly tokenizer: Tokenizer;
+  readonly weights: ServedWeights;
+  readonly adapters: AdapterRegistry;
+  readonly prefixCache: PrefixCache;
+  /** The device permit: held by the scheduler during a boundary, by control operations. */
+  readonly device: Semaphore.Semaphore;
+}
+
+/** A request in the scheduler (opaque outside this module). */
+export interface Job {
+  readonly spec: CompletionSpec;
+  readonly deferred: Deferred.Deferred<CompletionResponse, ApiError>;
+  /** Submitted while not paused, or resumed since. */
+  admitted: boolean;
+  aborted: boolean;
+  state: "queued" | "running" | "done";
+  readonly seqs: Seq[];
+  scores: (PromptPosition[] | null)[];
+  /** Sequences not finished. */
+  live: number;
+}
+
+interface Seq extends BatchMember {
+  readonly job: Job;
+  readonly prompt: number;
+  readonly j: number;
+}
+
+interface Group {
+  readonly adapter: Adapter | null;
+  readonly batch: DecodeBatch<Seq>;
+}
+
+/** Requests refused because the engine is shutting down (503, like a dead vLLM engine). */
+export const shuttingDown = (): ApiError =>
+  new ApiError({ status: 503, reason: "the engine is shutting down", param: null });
+
+const macrotask: Effect.Effect<void> = Effect.promise(() =>
+  new Promise<void>((r) => setTimeout(r, 0))
+);
+
+/** The continuous-batching scheduler. `run` is its fiber's body (forked by the engine). */
+export class Scheduler {
+  readonly deps: SchedulerDeps;
+  readonly options: SchedulerOptions;
+  /** Arrivals (a job) and wake-ups (null) for the scheduler fiber. */
+  readonly #mailbox: Queue.Queue<Job | null>;
+  /** Open when no admitted request is queued or running (pause wait/abort awaits it). */
+  readonly #drained: Latch.Latch;
+  /** Every request not answered yet, in arrival order. */
+  readonly #pending = new Set<Job>();
+  /** Queued requests in arrival order (scheduler-owned). */
+  #waiting: Job[] = [];
+  readonly #groups = new Map<Adapter | null, Group>();
+  readonly #fallbackRng = new Rng(crypto.getRandomValues(new Uint32Array(1))[0]);
+  #paused: PauseMode | null = null;
+  #closed = false;
+  #step = 0;
+  #promptTokens = 0;
+  #generationTokens = 0;
+  #rebuilds = 0;
+  #inPlaceJoins = 0;
+  #lastYield = 0;
+  #fiber: Fiber.Fiber<void> | null = null;
+
+  /** Use `makeScheduler`. */
+  constructor(
+    deps: SchedulerDeps,
+    options: SchedulerOptions,
+    mailbox: Queue.Queue<Job | null>,
+    drained: Latch.Latch,
+  ) {
+    this.deps = deps;
+    this.options = options;
+    this.#mailbox = mailbox;
+    this.#drained = drained;
+  }
+
+  // ---- the HTTP side ---------------------------------------------------------------------------
+
+  /** Queues a validated request and waits for its response. */
+  submit(spec: CompletionSpec): Effect.Effect<CompletionResponse, ApiError> {
+    return Effect.suspend(() => {
+      if (this.#closed) return Effect.fail(shuttingDown());
+      const job: Job = {
+        spec,
+        deferred: Deferred.makeUnsafe<CompletionResponse, ApiError>(),
+        admitted: this.#paused === null,
+        aborted: false,
+        state: "queued",
+        seqs: [],
+        scores: [],
+        live: 0,
+      };
+      this.#pending.add(job);
+      this.#syncDrained();
+      Queue.offerUnsafe(this.#mailbox, job);
+      return Deferred.await(job.deferred);
+    });
+  }
+
+  /** Whether generation is paused. */
+  get paused(): boolean {
+    return this.#paused !== null;
+  }
+
+  /** False once shutting down. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Requests running (frozen included) and waiting. */
+  load(): { running: number; waiting: number } {
+    let running = 0;
+    let waiting = 0;
+    for (const j of this.#pending) {
+      if (j.state === "running") running++;
+      else if (j.state === "queued") waiting++;
+    }
+    return { running, waiting };
+  }
+
+  /**
+   * Counters for GET /metrics: tokens prefilled (prompts of admitted requests) and generated,
+   * KV caches built (new batches, joins that did not fit, compactions) and joins into free
+   * slots.
+   */
+  counters(): SchedulerCounters {
+    return {
+      promptTokens: this.#promptTokens,
+      generationTokens: this.#generationTokens,
+      kvRebuilds: this.#rebuilds,
+      kvInPlaceJoins: this.#inPlaceJoins,
+    };
+  }
+
+  /** Whether requests hold KV state (then reset_prefix_cache does nothing, like vLLM). */
+  get busy(): boolean {
+    return this.load().running > 0;
+  }
+
+  /**
+   * POST /pause. abort: running and queued requests end at the next boundary with finish_reason
+   * "abort"; wait: they run to completion; both return once drained, and with `clearCache` reset
+   * the prefix cache then. keep: the running batches freeze at the next boundary (returns at
+   * once). Requests arriving while paused wait for resume.
+   */
+  pause(mode: PauseMode, clearCache: boolean): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      this.#paused = mode;
+      if (mode === "abort") {
+        for (const j of this.#pending) if (j.admitted) j.aborted = true;
+      }
+      this.#wake();
+      if (mode === "keep") return Effect.void;
+      return this.#drained.await.pipe(
+        Effect.andThen(Effect.sync(() => {
+          if (clearCache && this.#paused === mode) this.deps.prefixCache.reset();
+        })),
+      );
+    });
+  }
+
+  /** POST /resume. */
+  resume(): Effect.Effect<void> {
+    return Effect.sync(() => {
+      this.#paused = null;
+      for (const j of this.#pending) j.admitted = true;
+      this.#syncDrained();
+      this.#wake();
+    });
+  }
+
+  // ---- lifetime --------------------------------------------------------------------------------
+
+  /** Forks the scheduler fiber into the current scope (once). */
+  start(): Effect.Effect<void, never, Scope.Scope> {
+    return Effect.gen({ self: this }, function* () {
+      if (this.#fiber) return;
+      this.#fiber = yield* Effect.forkScoped(this.run());
+    });
+  }
+
+  /**
+   * Shutdown: queued requests get 503, running ones end at the next boundary as aborted (their
+   * responses are sent), then the fiber ends and the KV caches are released. Idempotent.
+   */
+  close(): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      if (!this.#closed) {
+        this.#closed = true;
+        for (const j of this.#pending) {
+          if (j.state === "queued") this.#fail(j, shuttingDown());
+          else j.aborted = true;
+        }
+        this.#paused = null; // unfreezes batches held by pause(keep); they end as aborted
+        this.#syncDrained();
+        this.#wake();
+      }
+      if (this.#fiber) yield* Fiber.await(this.#fiber);
+    });
+  }
+
+  /** The scheduler loop (ends after `close`). */
+  run(): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      for (;;) {
+        this.#deliver(yield* Queue.clear(this.#mailbox));
+        if (this.#hasWork()) {
+          yield* this.deps.device.withPermit(this.#boundary());
+          if (performance.now() - this.#lastYield >= 5) {
+            yield* macrotask;
+            this.#lastYield = performance.now();
+          }
+          continue;
+        }
+        if (this.#closed) break;
+        this.#deliver([yield* Queue.take(this.#mailbox)]);
+      }
+      yield* this.deps.device.withPermit(Effect.gen({ self: this }, function* () {
+        for (const g of this.#groups.values()) yield* this.#dropGroup(g);
+      }));
+    }).pipe(
+      Effect.catchCause((cause) =>
+        Effect.sync(() => {
+          // interrupted (its scope closed without `close`), or a bug: answer everyone
+          if (!Cause.hasInterruptsOnly(cause)) {
+            console.error(`lorafold serve: the scheduler stopped: ${Cause.pretty(cause)}`);
+          }
+          this.#closed = true;
+          for (const j of this.#pending) this.#fail(j, internalError("the scheduler stopped"));
+          this.#syncDrained();
+        })
+      ),
+    );
+  }
+
+  // ---- the scheduler fiber ---------------------------------------------------------------------
+
+  #wake(): void {
+    Queue.offerUnsafe(this.#mailbox, null);
+  }
+
+  #deliver(msgs: readonly (Job | null)[]): void {
+    for (const m of msgs) if (m) this.#waiting.push(m);
+    this.#waiting = this.#waiting.filter((j) => j.state === "queued");
+  }
+
+  #syncDrained(): void {
+    let busy = false;
+    for (const j of this.#pending) {
+      if (j.admitted) {
+        busy = true;
+        break;
+      }
+    }
+    if (busy) this.#drained.closeUnsafe();
+    else this.#drained.openUnsafe();
+  }
+
+  #runningSeqs(): number {
+    let n = 0;
+    for (const g of this.#groups.values()) n += g.batch.members.length;
+    return n;
+  }
+
+  /** Something to do at a boundary now (not frozen, and something running or admissible). */
+  #hasWork(): boolean {
+    if (this.#groups.size > 0 && this.#paused !== "keep") return true;
+    if (this.#closed || this.#paused === "keep") return false;
+    return this.#waiting.some((j) => j.admitted);
+  }
+
+  #emit(e: SchedulerEvent): void {
+    this.options.onEvent?.(e);
+  }
+
+  #answer(job: Job, response: CompletionResponse): void {
+    job.state = "done";
+    this.#pending.delete(job);
+    Deferred.doneUnsafe(job.deferred, Exit.succeed(response));
+    this.#emit({ kind: "finish", id: job.spec.id, step: this.#step });
+  }
+
+  #fail(job: Job, e: ApiError): void {
+    job.state = "done";
+    this.#pending.delete(job);
+    Deferred.doneUnsafe(job.deferred, Exit.fail(e));
+  }
+
+  #abortedResponse(spec: CompletionSpec): CompletionResponse {
+    return renderCompletion(
+      spec,
+      this.deps.tokenizer,
+      spec.prompts.map(() => Array.from({ length: spec.n }, () => ABORTED)),
+      spec.prompts.map(() => null),
+    );
+  }
+
+  #render(job: Job): CompletionResponse {
+    const spec = job.spec;
+    const results: SeqResult[][] = spec.prompts.map(() => []);
+    for (const s of job.seqs) results[s.prompt][s.j] = seqResult(s.state);
+    return renderCompletion(spec, this.deps.tokenizer, results, job.scores);
+  }
+
+  #weightsOf(g: { readonly adapter: Adapter | null }): StepWeights {
+    return {
+      model: this.deps.weights.current.model,
+      lora: g.adapter ? this.deps.adapters.runtime(g.adapter) : null,
+    };
+  }
+
+  /** One token boundary (device permit held). */
+  #boundary(): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      this.#step++;
+      const frozen = this.#paused === "keep";
+      // 1. aborts
+      for (const j of this.#waiting) if (j.aborted) this.#answer(j, this.#abortedResponse(j.spec));
+      this.#waiting = this.#waiting.filter((j) => j.state === "queued");
+      for (const g of this.#groups.values()) {
+        for (const m of g.batch.members) {
+          if (m.job.aborted && !m.state.done) finish(m.state, "abort");
+        }
+      }
+      // 2. leaves
+      this.#retire();
+      // 3. joins
+      const joining = new Map<Adapter | null, Seq[]>();
+      if (!frozen && !this.#closed) yield* this.#admit(joining);
+      for (const [key, g] of [...this.#groups]) {
+        const exit = yield* Effect.exit(g.batch.join(joining.get(key) ?? []));
+        if (Exit.isFailure(exit)) yield* this.#failGroup(g, exit.cause);
+        else if (exit.value === "closed") yield* this.#dropGroup(g);
+        else if (exit.value === "rebuilt") this.#rebuilds++;
+        else if (exit.value === "in-place") this.#inPlaceJoins++;
+      }
+      // 4. one decode step of every batch
+      if (!frozen) {
+        const ids = new Set<string>();
+        let seqs = 0;
+        for (const g of [...this.#groups.values()]) {
+          const exit = yield* Effect.exit(g.batch.step(this.#weightsOf(g)));
+          if (Exit.isFailure(exit)) {
+            yield* this.#failGroup(g, exit.cause);
+            continue;
+          }
+          for (const [m, row] of exit.value) {
+            sampleNext(m.state, row, this.deps.tokenizer, this.options.logprobsMode);
+            this.#generationTokens++;
+            seqs++;
+            ids.add(m.job.spec.id);
+          }
+        }
+        if (ids.size > 0) this.#emit({ kind: "step", step: this.#step, ids: [...ids], seqs });
+        this.#retire();
+      }
+      this.#syncDrained();
+    });
+  }
+
+  /** Finished sequences leave their batches; requests with every sequence finished are answered. */
+  #retire(): void {
+    for (const g of this.#groups.values()) {
+      for (const m of g.batch.leave()) {
+        if (--m.job.live === 0) this.#answer(m.job, this.#render(m.job));
+      }
+    }
+  }
+
+  /** Admits waiting requests (FIFO) into `joining`, per batch. */
+  #admit(joining: Map<Adapter | null, Seq[]>): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      const { maxNumSeqs, kvCacheBytes } = this.options;
+      let running = this.#runningSeqs();
+      const fresh = new Map<string, PrefixEntry>();
+      for (const job of [...this.#waiting]) {
+        if (!job.admitted || job.state !== "queued") continue;
+        const spec = job.spec;
+        let adapter: Adapter | null = null;
+        if (spec.adapter !== null) {
+          const a = this.deps.adapters.get(spec.adapter);
+          if (!a) {
+            // unloaded after the request was accepted
+            this.#fail(job, notFound(`The model \`${spec.adapter}\` does not exist.`, "model"));
+            continue;
+          }
+          adapter = a;
+        }
+        const k = spec.prompts.length * spec.n;
+        const first = running === 0;
+        if (!first && running + k > maxNumSeqs) break;
+        let g = this.#groups.get(adapter);
+        if (!g && adapter && !this.deps.adapters.canPin(adapter)) continue; // wait for a slot
+        // the KV budget, counting the rebuilt cache this request would cause
+        const shapes = spec.prompts.flatMap((p) =>
+          Array.from({ length: spec.n }, () => ({ rows: p.ids.length, remaining: spec.maxTokens }))
+        );
+        if (!first) {
+          let bytes = 0;
+          for (const [key, h] of this.#groups) {
+            if (key !== adapter) bytes += h.batch.bytes;
+          }
+          const target = g?.batch ??
+            new DecodeBatch<Seq>(this.deps.backend, this.deps.weights.config);
+          const before = (joining.get(adapter) ?? []).map(shapeOf);
+          if (bytes + target.bytesWith([...before, ...shapes]) > kvCacheBytes) break;
+        }
+        if (!g) {
+          if (adapter && !(yield* this.deps.adapters.pin(adapter))) continue;
+          g = { adapter, batch: new DecodeBatch<Seq>(this.deps.backend, this.deps.weights.config) };
+          this.#groups.set(adapter, g);
+        }
+        const exit = yield* Effect.exit(this.#start(job, g, fresh));
+        if (Exit.isFailure(exit)) {
+          const why = message(Cause.squash(exit.cause));
+          console.error(`lorafold serve: prefill failed: ${Cause.pretty(exit.cause)}`);
+          this.#fail(job, internalError(`generation failed: ${why}`));
+          continue;
+        }
+        running += k;
+        const mine = joining.get(adapter) ?? [];
+        for (const s of job.seqs) if (!s.state.done) mine.push(s);
+        joining.set(adapter, mine);
+      }
+      this.#waiting = this.#waiting.filter((j) => j.state === "queued");
+    });
+  }
+
+  /** Prefills a request's prompts and samples each sequence's first token. */
+  #start(job: Job, g: Group, fresh: Map<string, PrefixEntry>): Effect.Effect<void, unknown> {
+    return Effect.gen({ self: this }, function* () {
+      const spec = job.spec;
+      const w = this.#weightsOf(g);
+      const ns = prefixNamespace(spec.model, spec.cacheSalt);
+      // vLLM skips the prefix cache for requests asking for prompt logprobs
+      const lookup = spec.promptLogprobs === null;
+      const seqs: Seq[] = [];
+      const scores: (PromptPosition[] | null)[] = [];
+      for (const [p, prompt] of spec.prompts.entries()) {
+        const key = `${ns}\u0000${prompt.ids.join(",")}`;
+        let entry = lookup ? fresh.get(key) : undefined;
+        if (!entry) {
+          entry = yield* prefill(
+            this.deps.backend,
+            this.deps.prefixCache,
+            ns,
+            prompt.ids,
+            w,
+            lookup,
+          );
+          fresh.set(key, entry);
+        }
+        scores.push(
+          spec.promptLogprobs !== null
+            ? yield* promptScores(this.deps.backend, prompt.ids, spec.promptLogprobs, w)
+            : null,
+        );
+        for (let j = 0; j < spec.n; j++) {
+          const rng = new Rng(spec.seed !== null ? spec.seed + j : this.#fallbackRng.nextU32());
+          seqs.push({ job, prompt: p, j, prefill: entry, state: newSeq(spec, rng) });
+        }
+      }
+      if (job.state !== "queued") return; // failed by a shutdown meanwhile
+      job.state = "running";
+      job.scores = scores;
+      job.seqs.push(...seqs);
+      job.live = seqs.length;
+      this.#emit({ kind: "admit", id: spec.id, step: this.#step });
+      for (const p of spec.prompts) this.#promptTokens += p.ids.length;
+      for (const s of seqs) {
+        sampleNext(s.state, s.prefill.logits, this.deps.tokenizer, this.options.logprobsMode);
+        this.#generationTokens++;
+        if (s.state.done) job.live--;
+      }
+      if (job.live === 0) this.#answer(job, this.#render(job));
+    });
+  }
+
+  /** A batch failed on the device: its requests get 500, its cache is released. */
+  #failGroup(g: Group, cause: Cause.Cause<unknown>): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      const why = message(Cause.squash(cause));
+      console.error(`lorafold serve: generation failed: ${Cause.pretty(cause)}`);
+      for (const m of g.batch.members) {
+        if (m.job.state !== "done") this.#fail(m.job, internalError(`generation failed: ${why}`));
+      }
+      return this.#dropGroup(g);
+    });
+  }
+
+  #dropGroup(g: Group): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      this.#groups.delete(g.adapter);
+      yield* g.batch.close();
+      if (g.adapter) yield* this.deps.adapters.unpin(g.adapter);
+    });
+  }
+}
+
+/** A scheduler (not started: `start` forks its fiber). */
+export const makeScheduler = (
+  deps: SchedulerDeps,
+  options: SchedulerOptions,
+): Effect.Effect<Scheduler> =>
+  Effect.gen(function* () {
+    const mailbox = yield* Queue.unbounded<Job | null>();
+    const drained = yield* Latch.make(true);
+    return new Scheduler(deps, options, mailbox, drained);
+  });

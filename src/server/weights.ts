@@ -1,0 +1,147 @@
+/**
+ * The served base weights: loading the model directory at start, and collective_rpc
+ * "reload_weights" (a Hugging Face checkpoint directory that must have the served architecture).
+ * The weights on the device own one Effect scope, closed when they are replaced or at shutdown.
+ * Reading and checking a checkpoint happens on the host (`prepare`); the swap (`install`) touches
+ * the device and runs under the scheduler's device permit, so between two decode steps: running
+ * sequences continue with the new weights (vLLM's in-flight update semantics).
+ * @module
+ */
+import { Effect, Exit, Scope } from "effect";
+import { access } from "node:fs/promises";
+import { join } from "node:path";
+import type { BackendShape } from "../backend/backend.ts";
+import type { ModelConfig } from "../model/config.ts";
+import { type DeviceModel, uploadModel } from "../model/decoder.ts";
+import { loadModel } from "../model/loader.ts";
+import type { WeightMap } from "../model/weights.ts";
+import { type ApiError, badRequest } from "./schemas.ts";
+
+/** Base weights on the device, in a scope of their own. */
+export interface BaseWeights {
+  readonly config: ModelConfig;
+  readonly model: DeviceModel;
+  readonly scope: Scope.Closeable;
+}
+
+/** A checkpoint read and checked on the host, ready to upload. */
+export interface PreparedWeights {
+  readonly config: ModelConfig;
+  readonly weights: WeightMap;
+}
+
+const SAME_SHAPE_FIELDS = [
+  "modelType",
+  "hiddenSize",
+  "intermediateSize",
+  "numLayers",
+  "numHeads",
+  "numKvHeads",
+  "headDim",
+  "vocabSize",
+  "tieWordEmbeddings",
+  "attentionBias",
+] as const;
+
+/** The message of an error-like value. */
+export const message = (e: unknown): string =>
+  e instanceof Error || (typeof e === "object" && e !== null && "message" in e)
+    ? String((e as { message: unknown }).message)
+    : String(e);
+
+/** Whether a path exists. */
+export const pathExists = (path: string): Effect.Effect<boolean> =>
+  Effect.promise(() => access(path).then(() => true, () => false));
+
+/** Uploads host weights into a scope of their own. */
+export const uploadBase = (
+  backend: BackendShape,
+  config: ModelConfig,
+  weights: WeightMap,
+): Effect.Effect<BaseWeights> =>
+  Effect.gen(function* () {
+    const scope = yield* Scope.make();
+    const model = yield* Scope.provide(scope)(
+      Effect.map(backend.ops, (ops) => uploadModel(ops, config, weights)),
+    );
+    return { config, model, scope };
+  });
+
+/** The current base weights; replaced whole by `install`. */
+export class ServedWeights {
+  readonly backend: BackendShape;
+  readonly modelDir: string;
+  #current: BaseWeights;
+
+  constructor(backend: BackendShape, modelDir: string, initial: BaseWeights) {
+    this.backend = backend;
+    this.modelDir = modelDir;
+    this.#current = initial;
+  }
+
+  /** The weights to run the next step with. */
+  get current(): BaseWeights {
+    return this.#current;
+  }
+
+  /** The served configuration. */
+  get config(): ModelConfig {
+    return this.#current.config;
+  }
+
+  /**
+   * Reads a checkpoint directory (default: the served model directory) and checks that it has the
+   * served architecture (host only; nothing changes).
+   */
+  prepare(path: string | null): Effect.Effect<PreparedWeights, ApiError> {
+    const dir = path ?? this.modelDir;
+    const served = this.config;
+    return Effect.gen(function* () {
+      if (!(yield* pathExists(join(dir, "config.json")))) {
+        return yield* Effect.fail(
+          badRequest(
+            `reload_weights: no checkpoint at ${dir} (config.json not found)`,
+            "weights_path",
+          ),
+        );
+      }
+      const { config, weights } = yield* loadModel(dir).pipe(
+        Effect.mapError((e) =>
+          badRequest(`reload_weights: cannot load ${dir}: ${message(e)}`, "weights_path")
+        ),
+      );
+      for (const f of SAME_SHAPE_FIELDS) {
+        if (config[f] !== served[f]) {
+          return yield* Effect.fail(
+            badRequest(
+              `reload_weights: ${dir} does not match the served model: ${f} is ${
+                config[f]
+              }, expected ${served[f]}`,
+              "weights_path",
+            ),
+          );
+        }
+      }
+      // runtime-only fields a reload may change: rope theta and the norm epsilon
+      return {
+        config: { ...served, rmsNormEps: config.rmsNormEps, ropeTheta: config.ropeTheta },
+        weights,
+      };
+    });
+  }
+
+  /** Uploads prepared weights and swaps them in; the old ones are released (device permit held). */
+  install(next: PreparedWeights): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      const uploaded = yield* uploadBase(this.backend, next.config, next.weights);
+      const old = this.#current;
+      this.#current = uploaded;
+      yield* Scope.close(old.scope, Exit.void);
+    });
+  }
+
+  /** Releases the device memory (at shutdown). */
+  close(): Effect.Effect<void> {
+    return Scope.close(this.#current.scope, Exit.void);
+  }
+}
