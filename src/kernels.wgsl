@@ -654,6 +654,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   dst[u32(idx[r]) * params.cols + c] = src[i];
 }
 
+//! kernel ew_copy_cols
+// Copies a column range between row-major matrices (bit for bit, any 32-bit dtype):
+// dst[dst_off + r * dst_w + c] = src[src_off + r * src_w + c] for c < cols; n = rows * cols.
+struct Params { n: u32, cols: u32, src_w: u32, src_off: u32, dst_w: u32, dst_off: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  dst[params.dst_off + r * params.dst_w + c] = src[params.src_off + r * params.src_w + c];
+}
+
 //! kernel swiglu
 // out = silu(g) * u, silu(g) = g * sigmoid(g) (sigmoid evaluated without overflow).
 struct Params { n: u32 }
@@ -1040,8 +1056,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //! kernel embed_grad_sum
-// Adds the segment sums of each distinct id (see embed_grad), one invocation per (id j, column c).
-struct Params { total: u32, d: u32, h: u32, at: u32 }
+// Adds the segment sums of each distinct id (see embed_grad), one invocation per (id j, column c),
+// for the distinct ids j0, j0 + 1, ... (total / h of them). `out` holds the table rows from row0
+// on (one storage block of a split gradient; row0 = j0 = 0 for a whole table).
+struct Params { total: u32, d: u32, h: u32, at: u32, row0: u32, j0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> csr: array<i32>;
 @group(0) @binding(2) var<storage, read> part: array<f32>;
@@ -1051,21 +1069,44 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let idx = linear_id(gid, nwg, 256u);
   if (idx >= params.total) { return; }
   let h = params.h;
-  let j = idx / h;
-  let c = idx - j * h;
+  let jl = idx / h;
+  let c = idx - jl * h;
+  let j = params.j0 + jl;
   let at = params.at;
   let first = u32(csr[at + params.d + j]);
   let last = u32(csr[at + params.d + j + 1u]);
   var acc = 0.0;
   for (var s = first; s < last; s++) { acc += part[s * h + c]; }
-  out[u32(csr[at + j]) * h + c] = acc;
+  out[(u32(csr[at + j]) - params.row0) * h + c] = acc;
+}
+
+//! kernel embed_gather_part
+// Embedding rows from one storage block of a split table, holding table rows [row0, row0 + rows):
+// out[r, c] = block[ids[r] - row0, c] for the ids inside the block; other rows of out are left
+// as they are (the host zero-fills out first, so an id outside [0, V) gives a zero row).
+struct Params { total: u32, h: u32, row0: u32, rows: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> block: array<f32>;
+@group(0) @binding(2) var<storage, read> ids: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let r = idx / params.h;
+  let c = idx - r * params.h;
+  let id = ids[r];
+  if (id >= 0 && u32(id) >= params.row0 && u32(id) - params.row0 < params.rows) {
+    out[idx] = block[(u32(id) - params.row0) * params.h + c];
+  }
 }
 
 //! kernel logprob_fwd_row
 // Token log-probs, one invocation per row (loops unrolled by 8, see rmsnorm_fwd_row):
 // lse = m + log(s) with m = max(logits/T), s = sum exp(logits/T - m); logp = (logits[target]/T - m)
 // - log(s) (no large intermediate); a target outside [0, V) gives NaN (never an out-of-bounds read).
-struct Params { n: u32, v: u32, inv_t: f32 }
+// The logits may be one storage block of split logits: its rows are rows row0.. of targets/out.
+struct Params { n: u32, v: u32, inv_t: f32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
@@ -1096,21 +1137,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
   for (var j = v8; j < v; j++) { s += ex(base + j, it, m); }
   let ls = log(s);
-  lse[r] = m + ls;
-  let t = targets[r];
+  let ro = params.row0 + r;
+  lse[ro] = m + ls;
+  let t = targets[ro];
   if (t >= 0 && u32(t) < v) {
-    logp[r] = (logits[base + u32(t)] * it - m) - ls;
+    logp[ro] = (logits[base + u32(t)] * it - m) - ls;
   } else {
-    logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
+    logp[ro] = bitcast<f32>(0x7fc00000u | (v & 0u));
   }
 }
 
 //! kernel logprob_fwd_wg
 // Token log-probs, one workgroup per row: per-invocation online (max, sum) over a strided slice,
-// then a shared-memory tree combine. Same outputs as logprob_fwd_row.
+// then a shared-memory tree combine. Same outputs (and row0) as logprob_fwd_row.
 const WG = 64u;
 const NEG = -3.4028235e38;
-struct Params { n: u32, v: u32, inv_t: f32 }
+struct Params { n: u32, v: u32, inv_t: f32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
@@ -1146,19 +1188,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   if (lid == 0u) {
     let ls = log(ps[0]);
-    lse[r] = pm[0] + ls;
-    let t = targets[r];
+    let ro = params.row0 + r;
+    lse[ro] = pm[0] + ls;
+    let t = targets[ro];
     if (t >= 0 && u32(t) < v) {
-      logp[r] = (logits[base + u32(t)] * it - pm[0]) - ls;
+      logp[ro] = (logits[base + u32(t)] * it - pm[0]) - ls;
     } else {
-      logp[r] = bitcast<f32>(0x7fc00000u | (v & 0u));
+      logp[ro] = bitcast<f32>(0x7fc00000u | (v & 0u));
     }
   }
 }
 
 //! kernel logprob_bwd
 // d logits = (onehot(target) - exp(logits/T - lse)) * dlogp / T, one invocation per element.
-struct Params { total: u32, v: u32, inv_t: f32 }
+// The logits may be one storage block of split logits (its rows are rows row0.. of dlogp, targets
+// and lse) and/or a vocabulary chunk: column j is vocabulary entry offset + j.
+struct Params { total: u32, v: u32, inv_t: f32, row0: u32, offset: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> dlogp: array<f32>;
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
@@ -1171,15 +1216,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   if (idx >= params.total) { return; }
   let r = idx / params.v;
   let j = idx - r * params.v;
-  let p = exp(logits[idx] * params.inv_t - lse[r]);
-  let onehot = select(0.0, 1.0, i32(j) == targets[r]);
-  out[idx] = (onehot - p) * (dlogp[r] * params.inv_t);
+  let ro = params.row0 + r;
+  let p = exp(logits[idx] * params.inv_t - lse[ro]);
+  let onehot = select(0.0, 1.0, i32(j + params.offset) == targets[ro]);
+  out[idx] = (onehot - p) * (dlogp[ro] * params.inv_t);
 }
 
 //! kernel entropy_row
 // Entropy of softmax(logits/T), one invocation per row (loops unrolled by 8, see
 // rmsnorm_fwd_row): with m = max z and e = exp(z - m), H = log(sum e) - sum(e * (z - m)) / sum e.
-struct Params { n: u32, v: u32, inv_t: f32 }
+// The logits may be one storage block of split logits: its rows are rows row0.. of out.
+struct Params { n: u32, v: u32, inv_t: f32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
@@ -1212,15 +1259,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
       ((ez(b + 4u, it, m) + ez(b + 5u, it, m)) + (ez(b + 6u, it, m) + ez(b + 7u, it, m)));
   }
   for (var j = v8; j < v; j++) { acc += ez(base + j, it, m); }
-  out[r] = log(acc.x) - acc.y / acc.x;
+  out[params.row0 + r] = log(acc.x) - acc.y / acc.x;
 }
 
 //! kernel entropy_wg
 // Entropy, one workgroup per row: online (max, sum e, sum e*(z-max)) per invocation, then a
-// shared-memory tree combine. Same output as entropy_row.
+// shared-memory tree combine. Same output (and row0) as entropy_row.
 const WG = 64u;
 const NEG = -3.4028235e38;
-struct Params { n: u32, v: u32, inv_t: f32 }
+struct Params { n: u32, v: u32, inv_t: f32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
@@ -1271,7 +1318,160 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       pz[lid] = a.y + b.y;
     }
   }
-  if (lid == 0u) { out[r] = log(ps[0]) - pz[0] / ps[0]; }
+  if (lid == 0u) { out[params.row0 + r] = log(ps[0]) - pz[0] / ps[0]; }
+}
+
+//! kernel lsm_chunk_row
+// One vocabulary chunk of a streamed log-softmax (Ops.logSoftmaxChunk), one invocation per row
+// (loops unrolled by 8, see rmsnorm_fwd_row). The chunk holds vocabulary columns
+// [offset, offset + v) of each row. With z = logits/T: the chunk's m = max z (at least -f32 max,
+// so that exp(z - m) never sees inf - inf for masked logits), s = sum exp(z - m) and
+// u = sum exp(z - m) (z - m), merged with the previous state acc_in (when has_acc != 0) at the
+// larger max (a partial with s = 0 is empty); zt = z of the target when the target lies in the
+// chunk, else the previous zt (NaN before any chunk). State: vec4 (m, s, u, zt) per row.
+const NEG = -3.4028235e38;
+struct Params { n: u32, v: u32, inv_t: f32, offset: u32, has_acc: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read> acc_in: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> acc_out: array<vec4<f32>>;
+fn mx(b: u32) -> f32 {
+  return max(max(max(logits[b], logits[b + 1u]), max(logits[b + 2u], logits[b + 3u])),
+    max(max(logits[b + 4u], logits[b + 5u]), max(logits[b + 6u], logits[b + 7u])));
+}
+fn ez(i: u32, it: f32, m: f32) -> vec2<f32> {
+  let z = logits[i] * it - m;
+  let e = exp(z);
+  return vec2<f32>(e, select(0.0, e * z, e > 0.0));
+}
+fn rescale(m: f32, s: f32, u: f32, mm: f32) -> vec2<f32> {
+  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
+  let a = exp(m - mm);
+  return vec2<f32>(a * s, a * (u + (m - mm) * s));
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let v8 = v & ~7u;
+  let it = params.inv_t;
+  let base = r * v;
+  var mraw = NEG;
+  for (var j = 0u; j < v8; j += 8u) { mraw = max(mraw, mx(base + j)); }
+  for (var j = v8; j < v; j++) { mraw = max(mraw, logits[base + j]); }
+  let m = max(mraw * it, NEG);
+  var acc = vec2<f32>(0.0, 0.0);
+  for (var j = 0u; j < v8; j += 8u) {
+    let b = base + j;
+    acc += ((ez(b, it, m) + ez(b + 1u, it, m)) + (ez(b + 2u, it, m) + ez(b + 3u, it, m))) +
+      ((ez(b + 4u, it, m) + ez(b + 5u, it, m)) + (ez(b + 6u, it, m) + ez(b + 7u, it, m)));
+  }
+  for (var j = v8; j < v; j++) { acc += ez(base + j, it, m); }
+  let t = targets[r] - i32(params.offset);
+  var res = vec4<f32>(m, acc.x, acc.y, bitcast<f32>(0x7fc00000u | (v & 0u)));
+  if (params.has_acc != 0u) {
+    let p = acc_in[r];
+    let mm = max(p.x, m);
+    let a = rescale(p.x, p.y, p.z, mm);
+    let b = rescale(m, acc.x, acc.y, mm);
+    res = vec4<f32>(mm, a.x + b.x, a.y + b.y, p.w);
+  }
+  if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t)] * it; }
+  acc_out[r] = res;
+}
+
+//! kernel lsm_chunk_wg
+// Same as lsm_chunk_row, one workgroup per row: per-invocation online (m, s, u) over a strided
+// slice, a shared-memory tree combine, then the merge with the previous state.
+const WG = 64u;
+const NEG = -3.4028235e38;
+struct Params { n: u32, v: u32, inv_t: f32, offset: u32, has_acc: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read> acc_in: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> acc_out: array<vec4<f32>>;
+var<workgroup> pm: array<f32, WG>;
+var<workgroup> ps: array<f32, WG>;
+var<workgroup> pu: array<f32, WG>;
+fn rescale(m: f32, s: f32, u: f32, mm: f32) -> vec2<f32> {
+  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
+  let a = exp(m - mm);
+  return vec2<f32>(a * s, a * (u + (m - mm) * s));
+}
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let it = params.inv_t;
+  let base = r * v;
+  var m = NEG;
+  var s = 0.0;
+  var u = 0.0;
+  for (var j = lid; j < v; j += WG) {
+    let z = logits[base + j] * it;
+    if (z > m) {
+      let q = rescale(m, s, u, z);
+      s = q.x + 1.0;
+      u = q.y;
+      m = z;
+    } else {
+      let e = exp(z - m);
+      s += e;
+      if (e > 0.0) { u += e * (z - m); }
+    }
+  }
+  pm[lid] = m;
+  ps[lid] = s;
+  pu[lid] = u;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) {
+      let mm = max(pm[lid], pm[lid + k]);
+      let a = rescale(pm[lid], ps[lid], pu[lid], mm);
+      let b = rescale(pm[lid + k], ps[lid + k], pu[lid + k], mm);
+      pm[lid] = mm;
+      ps[lid] = a.x + b.x;
+      pu[lid] = a.y + b.y;
+    }
+  }
+  if (lid == 0u) {
+    let t = targets[r] - i32(params.offset);
+    var res = vec4<f32>(pm[0], ps[0], pu[0], bitcast<f32>(0x7fc00000u | (v & 0u)));
+    if (params.has_acc != 0u) {
+      let p = acc_in[r];
+      let mm = max(p.x, pm[0]);
+      let a = rescale(p.x, p.y, p.z, mm);
+      let b = rescale(pm[0], ps[0], pu[0], mm);
+      res = vec4<f32>(mm, a.x + b.x, a.y + b.y, p.w);
+    }
+    if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t)] * it; }
+    acc_out[r] = res;
+  }
+}
+
+//! kernel lsm_finish
+// Results of a streamed log-softmax state (m, s, u, zt) per row (Ops.logSoftmaxFinish):
+// lse = m + log s, logp = (zt - m) - log s, entropy = log s - u / s.
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> acc: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> logp: array<f32>;
+@group(0) @binding(3) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ent: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.n) { return; }
+  let a = acc[r];
+  let ls = log(a.y);
+  lse[r] = a.x + ls;
+  logp[r] = (a.w - a.x) - ls;
+  ent[r] = ls - a.z / a.y;
 }
 
 // ---- matmul (src/backend/webgpu/matmul.ts) ------------------------------------------------

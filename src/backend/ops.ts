@@ -7,6 +7,12 @@
  * come from an `Ops` bound to a long-lived scope; per-step temporaries from a per-step scope.
  * Ops are synchronous: on WebGPU they only encode work, which is submitted in batches; `read`
  * is the only place that waits, so a training step reads back as few (small) tensors as it can.
+ *
+ * Size: a tensor larger than one storage block (`maxBlockElements`: on WebGPU the device's
+ * largest storage-buffer binding) is stored as several row blocks. Creation, copy, reshape,
+ * read, the elementwise ops, adamw, sumSquares, embedding, embeddingBackward, logProbs,
+ * logProbsBackward, entropy and the row/column slices take such tensors; the other ops refuse
+ * them with a ShapeError (the decoder feeds them vocabulary chunks instead, see `sliceRows`).
  * @module
  */
 import type { Effect } from "effect";
@@ -105,6 +111,30 @@ export interface Ops {
   readInt(ts: readonly Tensor[]): Effect.Effect<Int32Array[], BackendError>;
   /** Submits pending work without waiting (lets the device run while the host prepares more). */
   flush(): void;
+  /**
+   * Runs `f` with Ops of a child scope that closes when `f` returns or throws: every tensor `f`
+   * creates through them is released then (a loop over chunks holds one chunk's temporaries at a
+   * time). What must outlive `f` is written in place into, or created by, an enclosing scope's
+   * Ops; a returned tensor of the child is already released.
+   */
+  transient<A>(f: (ops: Ops) => A): A;
+
+  // ---- storage blocks and slices -------------------------------------------------------------
+  /** Most elements one storage block holds (WebGPU: max storage binding / 4; CPU: unbounded). */
+  maxBlockElements(): number;
+  /** Row boundaries of t's storage blocks, t seen as a matrix [R, C]: [0, ..., R]. */
+  rowBlocks(t: Tensor): number[];
+  /**
+   * Rows [start, start + count) of t as a matrix [R, C] -> [count, C]. A view when the range is
+   * one whole storage block (CPU: always), else a fresh copy: treat it as read-only.
+   */
+  sliceRows(t: Tensor, start: number, count: number): Tensor;
+  /** In place: rows [start, start + src rows) of dst [R, C] = src [n, C]. */
+  setRows(dst: Tensor, start: number, src: Tensor): void;
+  /** Columns [start, start + count) of t [R, C] -> a fresh [R, count]. */
+  sliceColumns(t: Tensor, start: number, count: number): Tensor;
+  /** In place: columns [start, start + n) of dst [R, C] = src [R, n]. */
+  setColumns(dst: Tensor, start: number, src: Tensor): void;
 
   // ---- matmul --------------------------------------------------------------------------------
   /** C[M,N] = op(A)·op(B); see MatmulOptions. X·Wᵀ is `{transB:true}`, dYᵀ·X is `{transA:true}`. */
@@ -185,16 +215,40 @@ export interface Ops {
    * [N,V] and i32 targets [N]; also returns lse [N] = logsumexp(logits[i]/T).
    */
   logProbs(logits: Tensor, targets: Tensor, temperature: number): { logp: Tensor; lse: Tensor };
-  /** d logits [N,V] from d logp [N]: (onehot(target) - softmax(logits/T)) * dlogp / T. */
+  /**
+   * d logits [N,V] from d logp [N]: (onehot(target) - softmax(logits/T)) * dlogp / T. With
+   * `targetOffset`, `logits` are the vocabulary columns [targetOffset, targetOffset + V) of
+   * wider rows whose `lse` is given (a vocabulary chunk): a target outside them adds no one-hot.
+   */
   logProbsBackward(
     dlogp: Tensor,
     logits: Tensor,
     targets: Tensor,
     lse: Tensor,
     temperature: number,
+    targetOffset?: number,
   ): Tensor;
   /** Per-row entropy [N] of softmax(logits/T). */
   entropy(logits: Tensor, temperature: number): Tensor;
+  /**
+   * One step of a log-softmax streamed over vocabulary chunks: folds `logits` [N, Vc], the
+   * vocabulary columns [offset, offset + Vc) of each row, into the running state `acc` [N, 4]
+   * (null before the first chunk) and returns the new state (a fresh tensor). With z = logit/T,
+   * a row's state is (m, s, u, zt): m = max z so far, s = Σ exp(z − m), u = Σ exp(z − m)(z − m)
+   * and zt = z of the row's target (NaN until its chunk is seen). Chunks may come in any order.
+   */
+  logSoftmaxChunk(
+    acc: Tensor | null,
+    logits: Tensor,
+    targets: Tensor,
+    offset: number,
+    temperature: number,
+  ): Tensor;
+  /**
+   * Results of a streamed log-softmax state [N, 4] (see logSoftmaxChunk): logp = zt − lse,
+   * lse = m + log s (of logits/T, as logProbs returns) and entropy = log s − u / s.
+   */
+  logSoftmaxFinish(acc: Tensor): { logp: Tensor; lse: Tensor; entropy: Tensor };
 
   // ---- optimizer and LoRA --------------------------------------------------------------------
   /** In place AdamW (decoupled weight decay) on param, m, v with gradient g. */

@@ -2,6 +2,14 @@
  * Llama/Qwen2 decoder on any backend: forward to logits (optionally recording a tape), full
  * backward pass, and KV-cached incremental forward for generation. Weights are read, never
  * written: LoRA runs beside the frozen base as y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+ *
+ * The language-model head runs over vocabulary chunks when the vocabulary is large: each chunk is
+ * a run of rows of the head weight [V, H] inside one of its storage blocks (see Ops.rowBlocks),
+ * so no op sees a tensor beyond the device's binding limit. `forwardLogProbs` /
+ * `backwardLogProbs` go further: they stream token log-probs, entropies and their gradient over
+ * chunks of at most LOGITS_CHUNK_ELEMENTS logits (an online log-softmax; the backward pass
+ * recomputes each chunk's logits), so no [tokens, vocab] tensor beyond one chunk is ever held.
+ * When everything fits one chunk (a small vocabulary) both run the plain ops, unchanged.
  * @module
  */
 import type { Ops } from "../backend/ops.ts";
@@ -62,6 +70,8 @@ export interface Tape {
   readonly xFinal: Tensor;
   readonly rstdFinal: Tensor;
   readonly hFinal: Tensor;
+  /** The forward's `chunkRows` option (the backward pass chunks the head alike). */
+  readonly chunkRows?: number;
 }
 
 interface LinearTape {
@@ -115,6 +125,63 @@ const weight = (m: DeviceModel, name: string): Tensor => {
   const w = m.weights.get(name);
   if (!w) throw new Error(`model has no tensor ${name}`);
   return w;
+};
+
+const headName = (c: ModelConfig): string =>
+  c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+
+/**
+ * Most logits one chunk of the streamed head (forwardLogProbs / backwardLogProbs) holds: 4M
+ * (16 MiB in f32), e.g. 4096 vocabulary rows for 1024 tokens.
+ */
+export const LOGITS_CHUNK_ELEMENTS: number = 1 << 22;
+
+/** A vocabulary chunk: rows [start, start + count) of the head weight. */
+type Chunk = readonly [start: number, count: number];
+
+/**
+ * Vocabulary chunks of the head weight [V, H] for `rows` logit rows: each lies in one storage
+ * block of the weight, and holds at most `chunkRows` vocabulary rows (default: as many as keep
+ * rows x chunk within `budget` logits and one storage block); blocks are split evenly.
+ */
+const headChunks = (
+  ops: Ops,
+  head: Tensor,
+  rows: number,
+  budget: number,
+  chunkRows?: number,
+): Chunk[] => {
+  const limit = Math.min(budget, ops.maxBlockElements());
+  const maxRows = Math.max(1, Math.floor(chunkRows ?? limit / Math.max(rows, 1)));
+  const bounds = ops.rowBlocks(head);
+  const out: Chunk[] = [];
+  for (let i = 0; i + 1 < bounds.length; i++) {
+    const [b0, b1] = [bounds[i], bounds[i + 1]];
+    const n = b1 - b0;
+    const k = Math.max(1, Math.ceil(n / maxRows));
+    for (let j = 0; j < k; j++) {
+      const s0 = b0 + Math.floor((j * n) / k);
+      const s1 = b0 + Math.floor(((j + 1) * n) / k);
+      out.push([s0, s1 - s0]);
+    }
+  }
+  return out;
+};
+
+/**
+ * Full logits h·headᵀ [N, V]: one matmul when the head fits one chunk, else chunk by chunk into
+ * columns of a result that is itself split into row blocks when it exceeds one binding.
+ */
+const headLogits = (ops: Ops, h: Tensor, head: Tensor, chunkRows?: number): Tensor => {
+  const chunks = headChunks(ops, head, h.shape[0], Infinity, chunkRows);
+  if (chunks.length === 1) return ops.matmul(h, head, { transB: true });
+  const logits = ops.zeros([h.shape[0], head.shape[0]]);
+  for (const [c0, n] of chunks) {
+    ops.transient((t) =>
+      ops.setColumns(logits, c0, t.matmul(h, t.sliceRows(head, c0, n), { transB: true }))
+    );
+  }
+  return logits;
 };
 
 interface Ctx {
@@ -231,6 +298,11 @@ export interface ForwardOptions {
   /** Record a tape for backward (and apply LoRA dropout, drawing masks from `rng`). */
   readonly train?: boolean;
   readonly rng?: Rng | null;
+  /**
+   * Most vocabulary rows per head chunk (tests force several chunks with it). Default: as many
+   * as the storage blocks allow (and, for forwardLogProbs, LOGITS_CHUNK_ELEMENTS).
+   */
+  readonly chunkRows?: number;
 }
 
 /** Forward pass to logits [logitRows or all rows, vocab]; with `train`, also the tape. */
@@ -240,6 +312,21 @@ export const forward = (
   input: ForwardInput,
   opts: ForwardOptions = {},
 ): { logits: Tensor; tape: Tape | null } => {
+  const { hSel, tape } = forwardHidden(ops, model, input, opts);
+  const logits = headLogits(ops, hSel, weight(model, headName(model.config)), opts.chunkRows);
+  return { logits, tape };
+};
+
+/**
+ * The decoder up to the final norm: hidden states of the logit rows (hSel [rows, hidden]) and,
+ * with `train`, the tape.
+ */
+const forwardHidden = (
+  ops: Ops,
+  model: DeviceModel,
+  input: ForwardInput,
+  opts: ForwardOptions,
+): { hSel: Tensor; tape: Tape | null } => {
   const c = model.config;
   const rows = input.batch * input.seqLen;
   ensure(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
@@ -273,8 +360,6 @@ export const forward = (
   }
   const nf = ops.rmsNorm(x, weight(model, "model.norm.weight"), c.rmsNormEps);
   const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
-  const head = weight(model, c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
-  const logits = ops.matmul(hSel, head, { transB: true });
   const tape: Tape | null = cx.record
     ? {
       model,
@@ -287,9 +372,123 @@ export const forward = (
       xFinal: x,
       rstdFinal: nf.rstd,
       hFinal: nf.y,
+      chunkRows: opts.chunkRows,
     }
     : null;
-  return { logits, tape };
+  return { hSel, tape };
+};
+
+/** Token log-probs (and entropies) of a forward pass; see forwardLogProbs. */
+export interface TokenLogProbs {
+  /** log_softmax(logits/T)[target] per logit row [N]. */
+  readonly logp: Tensor;
+  /** logsumexp(logits/T) per logit row [N]. */
+  readonly lse: Tensor;
+  /** Entropy of softmax(logits/T) per logit row [N], when asked for. */
+  readonly entropy: Tensor | null;
+  /** What backwardLogProbs needs (with `train`). */
+  readonly tape: LogProbsTape | null;
+}
+
+/** What backwardLogProbs needs from forwardLogProbs. */
+export interface LogProbsTape {
+  readonly tape: Tape;
+  readonly hSel: Tensor;
+  readonly targets: Tensor;
+  readonly lse: Tensor;
+  readonly temperature: number;
+  /** The logits, kept when the head ran as one chunk (then the backward pass reuses them). */
+  readonly logits: Tensor | null;
+}
+
+/** Options of forwardLogProbs. */
+export interface LogProbsOptions extends ForwardOptions {
+  /** Also compute the entropy of each row's distribution (default false). */
+  readonly entropy?: boolean;
+}
+
+/**
+ * Forward pass to the log-probs of `targets` (one per logit row, in [0, vocab)) at a temperature,
+ * without materialising the logits: the head runs over vocabulary chunks of at most
+ * LOGITS_CHUNK_ELEMENTS logits, each folded into an online log-softmax (Ops.logSoftmaxChunk)
+ * and released. A vocabulary that fits one chunk runs the plain ops (matmul, logProbs, entropy).
+ */
+export const forwardLogProbs = (
+  ops: Ops,
+  model: DeviceModel,
+  input: ForwardInput,
+  targets: ArrayLike<number>,
+  temperature: number,
+  opts: LogProbsOptions = {},
+): TokenLogProbs => {
+  const c = model.config;
+  const n = input.logitRows ? input.logitRows.length : input.batch * input.seqLen;
+  ensure(
+    targets.length === n,
+    "forwardLogProbs",
+    () => `${targets.length} targets for ${n} logit rows`,
+  );
+  for (let i = 0; i < n; i++) {
+    const t = targets[i];
+    ensure(
+      Number.isInteger(t) && t >= 0 && t < c.vocabSize,
+      "forwardLogProbs",
+      () => `target ${t} at ${i} is outside [0, ${c.vocabSize})`,
+    );
+  }
+  const { hSel, tape } = forwardHidden(ops, model, input, opts);
+  const tgt = ops.fromArray(targets, [n], "i32");
+  const head = weight(model, headName(c));
+  const chunks = headChunks(ops, head, n, LOGITS_CHUNK_ELEMENTS, opts.chunkRows);
+  const keep = (lse: Tensor, logits: Tensor | null): LogProbsTape | null =>
+    tape ? { tape, hSel, targets: tgt, lse, temperature, logits } : null;
+  if (chunks.length === 1) {
+    const logits = ops.matmul(hSel, head, { transB: true });
+    const { logp, lse } = ops.logProbs(logits, tgt, temperature);
+    const entropy = opts.entropy ? ops.entropy(logits, temperature) : null;
+    return { logp, lse, entropy, tape: keep(lse, logits) };
+  }
+  let acc: Tensor | null = null;
+  for (const [c0, cn] of chunks) {
+    const prev: Tensor | null = acc;
+    acc = ops.transient((t) => {
+      const lc = t.matmul(hSel, t.sliceRows(head, c0, cn), { transB: true });
+      return ops.logSoftmaxChunk(prev, lc, tgt, c0, temperature);
+    });
+  }
+  const r = ops.logSoftmaxFinish(acc!);
+  return {
+    logp: r.logp,
+    lse: r.lse,
+    entropy: opts.entropy ? r.entropy : null,
+    tape: keep(r.lse, null),
+  };
+};
+
+/**
+ * Backward pass from d logp [N] (the rows of forwardLogProbs) to parameter gradients (as
+ * `backward`). A chunked head recomputes each chunk's logits, turns them into d logits and
+ * accumulates d hidden (and, in mode "full", the head rows of the chunk), one chunk at a time.
+ */
+export const backwardLogProbs = (
+  ops: Ops,
+  lt: LogProbsTape,
+  dlogp: Tensor,
+  mode: GradMode,
+): Map<string, Tensor> => {
+  const { tape, hSel, targets, lse, temperature } = lt;
+  if (lt.logits) {
+    const dLogits = ops.logProbsBackward(dlogp, lt.logits, targets, lse, temperature);
+    return backward(ops, tape, dLogits, mode);
+  }
+  const c = tape.model.config;
+  const head = weight(tape.model, headName(c));
+  const n = hSel.shape[0];
+  const chunks = headChunks(ops, head, n, LOGITS_CHUNK_ELEMENTS, tape.chunkRows);
+  return headBackward(ops, tape, hSel, chunks, mode, (t, w, c0) => {
+    const lc = t.matmul(hSel, w, { transB: true });
+    return t.logProbsBackward(dlogp, lc, targets, lse, temperature, c0);
+  });
 };
 
 /** Which parameters receive gradients. */
@@ -352,17 +551,71 @@ export const backward = (
   dLogits: Tensor,
   mode: GradMode,
 ): Map<string, Tensor> => {
-  const { model } = tape;
-  const c = model.config;
-  const grads = new Map<string, Tensor>();
-  const headName = c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  const head = weight(model, headName);
+  const c = tape.model.config;
+  const head = weight(tape.model, headName(c));
   const sel = tape.input.logitRows;
   const hSel = sel ? ops.gatherRows(tape.hFinal, sel) : tape.hFinal;
-  let dh = ops.matmul(dLogits, head);
-  if (mode === "full") {
-    accumulate(ops, grads, headName, ops.matmul(dLogits, hSel, { transA: true }));
+  const chunks = headChunks(ops, head, hSel.shape[0], Infinity, tape.chunkRows);
+  if (chunks.length === 1) {
+    const grads = new Map<string, Tensor>();
+    const dh = ops.matmul(dLogits, head);
+    if (mode === "full") {
+      accumulate(ops, grads, headName(c), ops.matmul(dLogits, hSel, { transA: true }));
+    }
+    return backwardFrom(ops, tape, dh, mode, grads);
   }
+  return headBackward(
+    ops,
+    tape,
+    hSel,
+    chunks,
+    mode,
+    (t, _w, c0, cn) => t.sliceColumns(dLogits, c0, cn),
+  );
+};
+
+/**
+ * The head's backward pass chunk by chunk: `dChunk` gives d logits of vocabulary rows
+ * [c0, c0 + cn) (w: those head rows) in a transient scope; d hidden accumulates in place, and in
+ * mode "full" each chunk's head gradient lands in its rows. Then the rest of the backward pass.
+ */
+const headBackward = (
+  ops: Ops,
+  tape: Tape,
+  hSel: Tensor,
+  chunks: readonly Chunk[],
+  mode: GradMode,
+  dChunk: (t: Ops, w: Tensor, c0: number, cn: number) => Tensor,
+): Map<string, Tensor> => {
+  const c = tape.model.config;
+  const head = weight(tape.model, headName(c));
+  const dh = ops.zeros(hSel.shape);
+  const dHead = mode === "full" ? ops.zeros(head.shape) : null;
+  for (const [c0, cn] of chunks) {
+    ops.transient((t) => {
+      const w = t.sliceRows(head, c0, cn);
+      const dl = dChunk(t, w, c0, cn);
+      ops.addScaledInPlace(dh, t.matmul(dl, w), 1);
+      if (dHead) ops.setRows(dHead, c0, t.matmul(dl, hSel, { transA: true }));
+    });
+  }
+  const grads = new Map<string, Tensor>();
+  if (dHead) grads.set(headName(c), dHead);
+  return backwardFrom(ops, tape, dh, mode, grads);
+};
+
+/** The backward pass below the head, from d hidden of the logit rows. */
+const backwardFrom = (
+  ops: Ops,
+  tape: Tape,
+  dhSel: Tensor,
+  mode: GradMode,
+  grads: Map<string, Tensor>,
+): Map<string, Tensor> => {
+  const { model } = tape;
+  const c = model.config;
+  const sel = tape.input.logitRows;
+  let dh = dhSel;
   if (sel) {
     const full = ops.zeros([tape.rows, c.hiddenSize]);
     ops.scatterRowsInPlace(full, dh, sel);
@@ -439,6 +692,7 @@ export const forwardCached = (
   tq: number,
   kvStart: ArrayLike<number>,
   lora: LoraRuntime | null = null,
+  opts: { readonly chunkRows?: number } = {},
 ): Tensor => {
   const c = model.config;
   const B = cache.batch;
@@ -482,8 +736,7 @@ export const forwardCached = (
   cache.len += tq;
   const last = Array.from({ length: B }, (_, b) => b * tq + tq - 1);
   const nf = ops.rmsNorm(ops.gatherRows(x, last), weight(model, "model.norm.weight"), c.rmsNormEps);
-  const head = weight(model, c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
-  return ops.matmul(nf.y, head, { transB: true });
+  return headLogits(ops, nf.y, weight(model, headName(c)), opts.chunkRows);
 };
 
 /** Names of all projections, re-exported for adapters. */

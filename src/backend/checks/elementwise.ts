@@ -125,3 +125,68 @@ export const checkLoraFold = (
   expectShape(op, "a", a, [rank, cols]);
   return [rows, cols, rank];
 };
+
+/** Validates a row range of t seen as a matrix; returns t's [R, C]. */
+export const checkRowRange = (
+  op: string,
+  t: Tensor,
+  start: number,
+  count: number,
+): [number, number] => {
+  ensure(t.shape.length >= 1, op, () => `tensor must have rank >= 1, got [${t.shape}]`);
+  const [r, c] = asMatrix(t);
+  ensure(
+    Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 &&
+      start + count <= r,
+    op,
+    () => `rows [${start}, ${start + count}) out of range [0, ${r}) of [${t.shape}]`,
+  );
+  return [r, c];
+};
+
+/** Validates setRows' arguments (src rows of dst's width, in range); returns [start, rows, C]. */
+export const checkSetRows = (
+  op: string,
+  dst: Tensor,
+  start: number,
+  src: Tensor,
+): [number, number] => {
+  ensure(src.shape.length >= 1, op, () => `src must have rank >= 1, got [${src.shape}]`);
+  const [n, c] = asMatrix(src);
+  const [, dc] = checkRowRange(op, dst, start, n);
+  ensure(c === dc, op, () => `src [${src.shape}] and dst [${dst.shape}] differ in width`);
+  ensure(src.dtype === dst.dtype, op, () => `src is ${src.dtype}, dst ${dst.dtype}`);
+  return [n, c];
+};
+
+/** Validates a column range of a 2-D tensor; returns its [R, C]. */
+export const checkColumnRange = (
+  op: string,
+  t: Tensor,
+  start: number,
+  count: number,
+): [number, number] => {
+  expectShape(op, "tensor", t, [-1, -1]);
+  const [r, c] = t.shape;
+  ensure(
+    Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 &&
+      start + count <= c,
+    op,
+    () => `columns [${start}, ${start + count}) out of range [0, ${c}) of [${t.shape}]`,
+  );
+  return [r, c];
+};
+
+/** Validates setColumns' arguments (src [R, n] within dst [R, C]); returns dst's [R, C] and n. */
+export const checkSetColumns = (
+  op: string,
+  dst: Tensor,
+  start: number,
+  src: Tensor,
+): [number, number, number] => {
+  expectShape(op, "src", src, [-1, -1]);
+  const [r, c] = checkColumnRange(op, dst, start, src.shape[1]);
+  expectShape(op, "src", src, [r, -1]);
+  ensure(src.dtype === dst.dtype, op, () => `src is ${src.dtype}, dst ${dst.dtype}`);
+  return [r, c, src.shape[1]];
+};

@@ -146,12 +146,44 @@ export const checkLogProbsBackward = (
   targets: Tensor,
   lse: Tensor,
   temperature: number,
+  targetOffset = 0,
 ): [number, number] => {
   const [n, v] = logitsShape(op, logits, targets);
   expectShape(op, "dlogp", dlogp, [n]);
   expectShape(op, "lse", lse, [n]);
   checkTemperature(op, temperature);
+  checkOffset(op, targetOffset);
   return [n, v];
+};
+
+/** Validates a vocabulary offset: an integer >= 0 (and < 2^31, so that kernels can add it). */
+const checkOffset = (op: string, offset: number): void =>
+  ensure(
+    Number.isInteger(offset) && offset >= 0 && offset < 2 ** 31,
+    op,
+    () => `offset ${offset} must be an integer in [0, 2^31)`,
+  );
+
+/** Validates logSoftmaxChunk's state, chunk, targets, offset and temperature; returns [N, Vc]. */
+export const checkLogSoftmaxChunk = (
+  op: string,
+  acc: Tensor | null,
+  logits: Tensor,
+  targets: Tensor,
+  offset: number,
+  temperature: number,
+): [number, number] => {
+  const [n, v] = logitsShape(op, logits, targets);
+  if (acc) expectShape(op, "acc", acc, [n, 4]);
+  checkOffset(op, offset);
+  checkTemperature(op, temperature);
+  return [n, v];
+};
+
+/** Validates logSoftmaxFinish's state [N, 4]; returns N. */
+export const checkLogSoftmaxFinish = (op: string, acc: Tensor): number => {
+  expectShape(op, "acc", acc, [-1, 4]);
+  return acc.shape[0];
 };
 
 /** Validates entropy's logits and temperature; returns [N, V]. */

@@ -10,9 +10,12 @@ import {
   checkAdamw,
   checkAdamwStorage,
   checkAddRow,
+  checkColumnRange,
   checkGatherRows,
   checkLoraFold,
   checkScatterRows,
+  checkSetColumns,
+  checkSetRows,
   checkSumRows,
   checkSwigluBackward,
   sameShape,
@@ -227,4 +230,36 @@ export function loraFold(sc: CpuScope, w: Tensor, b: Tensor, a: Tensor, s: numbe
     }
   }
   return sc.wrap([rows, cols], out);
+}
+
+/** In place: rows [start, start + n) of dst = src (see Ops.setRows). */
+export function setRows(sc: CpuScope, dst: Tensor, start: number, src: Tensor): void {
+  const op = "setRows";
+  const [, c] = checkSetRows(op, dst, start, src);
+  const d = sc.any(dst, op).data;
+  const x = sc.any(src, op).data;
+  // src may share storage with dst (a row view): copy it first then.
+  d.set(x.buffer === d.buffer ? x.slice() : x, start * c);
+}
+
+/** Columns [start, start + count) of t (see Ops.sliceColumns). */
+export function sliceColumns(sc: CpuScope, t: Tensor, start: number, count: number): Tensor {
+  const op = "sliceColumns";
+  const [r, c] = checkColumnRange(op, t, start, count);
+  const x = sc.any(t, op);
+  const out = x.dtype === "i32" ? new Int32Array(r * count) : sc.floats(r * count);
+  for (let i = 0; i < r; i++) {
+    out.set(x.data.subarray(i * c + start, i * c + start + count), i * count);
+  }
+  return sc.wrap([r, count], out, x.dtype);
+}
+
+/** In place: columns [start, start + n) of dst = src (see Ops.setColumns). */
+export function setColumns(sc: CpuScope, dst: Tensor, start: number, src: Tensor): void {
+  const op = "setColumns";
+  const [r, c, n] = checkSetColumns(op, dst, start, src);
+  const d = sc.any(dst, op).data;
+  const s0 = sc.any(src, op).data;
+  const x = s0.buffer === d.buffer ? s0.slice() : s0;
+  for (let i = 0; i < r; i++) d.set(x.subarray(i * n, i * n + n), i * c + start);
 }

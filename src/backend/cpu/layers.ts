@@ -12,6 +12,8 @@ import {
   checkIds,
   checkLogProbs,
   checkLogProbsBackward,
+  checkLogSoftmaxChunk,
+  checkLogSoftmaxFinish,
   checkRmsNorm,
   checkRmsNormBackward,
   checkRope,
@@ -228,20 +230,24 @@ export function logProbsBackward(
   targets: Tensor,
   lse: Tensor,
   temperature: number,
+  targetOffset?: number,
 ): Tensor {
   const op = "logProbsBackward";
   const gs = sc.f(dlogp, op);
   const xs = sc.f(logits, op);
   const ts = sc.i(targets, op);
   const ls = sc.f(lse, op);
-  const [n, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature);
-  checkIds(op, ts, v);
+  const [n, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature, targetOffset);
+  // A vocabulary chunk: targets in other chunks are legitimate (they add no one-hot here).
+  if (targetOffset === undefined) checkIds(op, ts, v);
+  const off = targetOffset ?? 0;
   const out = sc.floats(n * v);
   for (let i = 0; i < n; i++) {
     const g = gs[i] / temperature;
+    const t = ts[i] - off;
     for (let j = 0; j < v; j++) {
       const p = Math.exp(xs[i * v + j] / temperature - ls[i]);
-      out[i * v + j] = ((j === ts[i] ? 1 : 0) - p) * g;
+      out[i * v + j] = ((j === t ? 1 : 0) - p) * g;
     }
   }
   return sc.wrap([n, v], out);
@@ -270,4 +276,89 @@ export function entropy(sc: CpuScope, logits: Tensor, temperature: number): Tens
     out[i] = Math.log(s) - sz / s;
   }
   return sc.wrap([n], out);
+}
+
+/** Lower bound of a chunk's running max (as the WebGPU kernels clamp it): -f32 max. */
+const NEG = -3.4028235e38;
+
+/**
+ * A partial (m, s, u) of a streamed log-softmax moved to a larger max mm:
+ * s' = a·s, u' = a·(u + (m − mm)·s) with a = exp(m − mm); an empty partial (s = 0) stays empty.
+ */
+export const rescalePartial = (
+  m: number,
+  s: number,
+  u: number,
+  mm: number,
+): [number, number] => {
+  if (s === 0) return [0, 0];
+  const a = Math.exp(m - mm);
+  return [a * s, a * (u + (m - mm) * s)];
+};
+
+/** See Ops.logSoftmaxChunk. Targets are not range-checked (other chunks hold the rest). */
+export function logSoftmaxChunk(
+  sc: CpuScope,
+  acc: Tensor | null,
+  logits: Tensor,
+  targets: Tensor,
+  offset: number,
+  temperature: number,
+): Tensor {
+  const op = "logSoftmaxChunk";
+  const xs = sc.f(logits, op);
+  const ts = sc.i(targets, op);
+  const prev = acc ? sc.f(acc, op) : null;
+  const [n, v] = checkLogSoftmaxChunk(op, acc, logits, targets, offset, temperature);
+  const out = sc.floats(n * 4);
+  for (let i = 0; i < n; i++) {
+    const off = i * v;
+    let m = NEG;
+    for (let j = 0; j < v; j++) m = Math.max(m, xs[off + j] / temperature);
+    let s = 0;
+    let u = 0;
+    for (let j = 0; j < v; j++) {
+      const z = xs[off + j] / temperature - m;
+      const e = Math.exp(z);
+      s += e;
+      if (e > 0) u += e * z;
+    }
+    const t = ts[i] - offset;
+    const zt = t >= 0 && t < v ? xs[off + t] / temperature : prev ? prev[i * 4 + 3] : NaN;
+    if (prev) {
+      const m0 = prev[i * 4];
+      const mm = Math.max(m0, m);
+      const [s0, u0] = rescalePartial(m0, prev[i * 4 + 1], prev[i * 4 + 2], mm);
+      const [s1, u1] = rescalePartial(m, s, u, mm);
+      m = mm;
+      s = s0 + s1;
+      u = u0 + u1;
+    }
+    out[i * 4] = m;
+    out[i * 4 + 1] = s;
+    out[i * 4 + 2] = u;
+    out[i * 4 + 3] = zt;
+  }
+  return sc.wrap([n, 4], out);
+}
+
+/** See Ops.logSoftmaxFinish. */
+export function logSoftmaxFinish(
+  sc: CpuScope,
+  acc: Tensor,
+): { logp: Tensor; lse: Tensor; entropy: Tensor } {
+  const op = "logSoftmaxFinish";
+  const a = sc.f(acc, op);
+  const n = checkLogSoftmaxFinish(op, acc);
+  const logp = sc.floats(n);
+  const lse = sc.floats(n);
+  const ent = sc.floats(n);
+  for (let i = 0; i < n; i++) {
+    const m = a[i * 4];
+    const ls = Math.log(a[i * 4 + 1]);
+    lse[i] = m + ls;
+    logp[i] = (a[i * 4 + 3] - m) - ls;
+    ent[i] = ls - a[i * 4 + 2] / a[i * 4 + 1];
+  }
+  return { logp: sc.wrap([n], logp), lse: sc.wrap([n], lse), entropy: sc.wrap([n], ent) };
 }

@@ -6,7 +6,8 @@
 import { Effect } from "effect";
 import type { BackendInfo, Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { ensure, sizeOf } from "../tensor.ts";
+import { asMatrix, ensure, sizeOf } from "../tensor.ts";
+import { checkRowRange } from "../checks/elementwise.ts";
 import * as attention from "./attention.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
@@ -54,6 +55,25 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     read: (ts) => Effect.sync(() => ts.map((t) => sc.f(t, "read").slice())),
     readInt: (ts) => Effect.sync(() => ts.map((t) => sc.i(t, "readInt").slice())),
     flush: () => {},
+    transient: <A>(f: (ops: Ops) => A): A => {
+      const inner = makeCpuOps(precision);
+      try {
+        return f(inner.ops);
+      } finally {
+        inner.scope.release();
+      }
+    },
+    maxBlockElements: () => Number.MAX_SAFE_INTEGER,
+    rowBlocks: (t) => [0, asMatrix(sc.any(t, "rowBlocks"))[0]],
+    sliceRows: (t, start, count) => {
+      const c = sc.any(t, "sliceRows");
+      const [, cols] = checkRowRange("sliceRows", c, start, count);
+      const data = c.data.subarray(start * cols, (start + count) * cols);
+      return new CpuTensor([count, cols], c.dtype, data, c.life);
+    },
+    setRows: (dst, start, src) => elementwise.setRows(sc, dst, start, src),
+    sliceColumns: (t, start, count) => elementwise.sliceColumns(sc, t, start, count),
+    setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
@@ -79,9 +99,12 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     embedding: (table, ids) => layers.embedding(sc, table, ids),
     embeddingBackward: (dy, ids, vocab) => layers.embeddingBackward(sc, dy, ids, vocab),
     logProbs: (logits, targets, temperature) => layers.logProbs(sc, logits, targets, temperature),
-    logProbsBackward: (dlogp, logits, targets, lse, temperature) =>
-      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
+    logProbsBackward: (dlogp, logits, targets, lse, temperature, targetOffset) =>
+      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature, targetOffset),
     entropy: (logits, temperature) => layers.entropy(sc, logits, temperature),
+    logSoftmaxChunk: (acc, logits, targets, offset, temperature) =>
+      layers.logSoftmaxChunk(sc, acc, logits, targets, offset, temperature),
+    logSoftmaxFinish: (acc) => layers.logSoftmaxFinish(sc, acc),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
     attentionBackward: (dOut, q, k, v, out, lse, opts) =>
       attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),

@@ -52,6 +52,7 @@ export class GpuContext {
   /** Buffers handed out by alloc/upload and not yet released (0 when every scope closed). */
   outstanding = 0;
   private readonly persistent: GPUBuffer[] = [];
+  private bindingOverride: number | null = null;
 
   constructor(
     readonly device: GPUDevice,
@@ -66,6 +67,28 @@ export class GpuContext {
       const msg = (e as GPUUncapturedErrorEvent).error.message;
       this.error ??= msg;
     });
+  }
+
+  /**
+   * Largest storage binding in bytes: the device's maxStorageBufferBindingSize (requested at the
+   * adapter's maximum), capped by maxBufferSize, or a lower test override. Tensors larger than
+   * this are stored in row blocks (see GpuScope).
+   */
+  get maxBinding(): number {
+    const l = this.device.limits;
+    const dev = Math.min(l.maxStorageBufferBindingSize, l.maxBufferSize);
+    return this.bindingOverride === null ? dev : Math.min(dev, this.bindingOverride);
+  }
+
+  /**
+   * @internal Test hook: pretends the device binds at most `bytes` (a multiple of 4; null
+   * restores the device's limit), so that small shapes exercise the block-split paths.
+   */
+  setBindingLimit(bytes: number | null): void {
+    if (bytes !== null && (!Number.isInteger(bytes) || bytes < 16 || bytes % 4 !== 0)) {
+      throw new Error(`binding limit ${bytes} must be a multiple of 4, at least 16`);
+    }
+    this.bindingOverride = bytes;
   }
 
   /** Compiled pipeline for a kernel (and override constants), cached. */

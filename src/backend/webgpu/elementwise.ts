@@ -4,7 +4,9 @@
  * ../ops.ts; the CPU backend (../cpu/elementwise.ts) is the reference.
  *
  * Reductions (sumRows, sumSquares) use fixed two-pass trees: every run adds the same numbers in
- * the same order, so results are deterministic. Temporaries (partial sums, uploaded row indices)
+ * the same order, so results are deterministic. The elementwise ops, adamw and sumSquares also
+ * take tensors stored in several blocks (beyond the binding limit), block by block; the row and
+ * column slices at the end move data between any storage layouts. Temporaries (partial sums, uploaded row indices)
  * go back to the pool right after encoding, which is safe because the queue runs in order.
  * @module
  */
@@ -14,15 +16,19 @@ import {
   checkAdamw,
   checkAdamwStorage,
   checkAddRow,
+  checkColumnRange,
   checkGatherRows,
   checkLoraFold,
+  checkRowRange,
   checkScatterRows,
+  checkSetColumns,
+  checkSetRows,
   checkSumRows,
   checkSwigluBackward,
   sameShape,
 } from "../checks/elementwise.ts";
 import { f32, grid } from "./context.ts";
-import type { GpuScope, GpuTensor } from "./scope.ts";
+import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 
 /** Invocations per workgroup of the 1-D kernels. */
 const WG = 256;
@@ -35,12 +41,25 @@ const SUB = 1;
 const MUL = 2;
 const AXPY = 3;
 
+/** Same-shape f32 operands, checked to be stored in the same blocks (the elementwise ops). */
+const alike = (sc: GpuScope, op: string, ts: readonly Tensor[]): GpuTensor[] => {
+  const gs = ts.map((t) => sc.blocks(t, op, "f32"));
+  sc.sameBlocks(op, gs);
+  return gs;
+};
+
 const binary = (sc: GpuScope, op: string, a: Tensor, b: Tensor, code: number, s = 0): Tensor => {
   sameShape(op, a, b);
-  const x = sc.f(a, op);
-  const y = sc.f(b, op);
-  const out = sc.out(a.shape);
-  sc.dispatch("ew_binary", [x, y, out.buffer], groups1d(a.size), [a.size, code, f32(s)]);
+  const [x, y] = alike(sc, op, [a, b]);
+  const out = x.blocks.length === 1 ? sc.out(a.shape) : sc.like(x);
+  x.blocks.forEach((blk, i) => {
+    sc.dispatch(
+      "ew_binary",
+      [blk.buffer, y.blocks[i].buffer, out.blocks[i].buffer],
+      groups1d(blk.length),
+      [blk.length, code, f32(s)],
+    );
+  });
   return out;
 };
 
@@ -61,9 +80,14 @@ export function mul(sc: GpuScope, a: Tensor, b: Tensor): Tensor {
 
 /** See Ops.scale. */
 export function scale(sc: GpuScope, a: Tensor, s: number): Tensor {
-  const x = sc.f(a, "scale");
-  const out = sc.out(a.shape);
-  sc.dispatch("ew_scale", [x, out.buffer], groups1d(a.size), [a.size, f32(s)]);
+  const x = sc.blocks(a, "scale", "f32");
+  const out = x.blocks.length === 1 ? sc.out(a.shape) : sc.like(x);
+  x.blocks.forEach((blk, i) => {
+    sc.dispatch("ew_scale", [blk.buffer, out.blocks[i].buffer], groups1d(blk.length), [
+      blk.length,
+      f32(s),
+    ]);
+  });
   return out;
 }
 
@@ -76,16 +100,20 @@ export function addScaled(sc: GpuScope, a: Tensor, b: Tensor, s: number): Tensor
 export function addScaledInPlace(sc: GpuScope, dst: Tensor, src: Tensor, s: number): void {
   const op = "addScaledInPlace";
   sameShape(op, dst, src, "dst", "src");
-  const d = sc.f(dst, op);
-  let x = sc.f(src, op);
-  // A dispatch may not bind one buffer as both writable and readable: copy an aliased src.
-  const tmp = x === d ? sc.ctx.alloc(src.size * 4) : null;
-  if (tmp) {
-    sc.ctx.copy(x, 0, tmp, 0, src.size * 4);
-    x = tmp;
-  }
-  sc.dispatch("ew_axpy_inplace", [d, x], groups1d(dst.size), [dst.size, f32(s)]);
-  if (tmp) sc.ctx.release(tmp);
+  const [dt, st] = alike(sc, op, [dst, src]);
+  dt.blocks.forEach((blk, i) => {
+    const d = blk.buffer;
+    let x = st.blocks[i].buffer;
+    const n = blk.length;
+    // A dispatch may not bind one buffer as both writable and readable: copy an aliased src.
+    const tmp = x === d ? sc.ctx.alloc(n * 4) : null;
+    if (tmp) {
+      sc.ctx.copy(x, 0, tmp, 0, n * 4);
+      x = tmp;
+    }
+    sc.dispatch("ew_axpy_inplace", [d, x], groups1d(n), [n, f32(s)]);
+    if (tmp) sc.ctx.release(tmp);
+  });
 }
 
 /** See Ops.addRow. */
@@ -133,20 +161,40 @@ const SUM_SQ_PER_GROUP = 1024;
 /** Most first-pass workgroups of sumSquares (the second pass is one workgroup). */
 const SUM_SQ_MAX_GROUPS = 1024;
 
-/** See Ops.sumSquares: per-workgroup strided sums and trees, then one tree over the partials. */
-export function sumSquares(sc: GpuScope, a: Tensor): Tensor {
-  const x = sc.f(a, "sumSquares");
-  const n = a.size;
-  const out = sc.out([1]);
+/** Sum of squares of one buffer's first n elements into `out` (a buffer of at least 4 bytes). */
+const sumSquaresInto = (sc: GpuScope, x: GPUBuffer, n: number, out: GPUBuffer): void => {
   const groups = Math.min(Math.max(Math.ceil(n / SUM_SQ_PER_GROUP), 1), SUM_SQ_MAX_GROUPS);
   if (groups === 1) {
-    sc.dispatch("ew_sum_squares", [x, out.buffer], [1], [n, 1]);
-    return out;
+    sc.dispatch("ew_sum_squares", [x, out], [1], [n, 1]);
+    return;
   }
   const part = sc.ctx.alloc(groups * 4);
   sc.dispatch("ew_sum_squares", [x, part], [groups], [n, 1]);
-  sc.dispatch("ew_sum_squares", [part, out.buffer], [1], [groups, 0]);
+  sc.dispatch("ew_sum_squares", [part, out], [1], [groups, 0]);
   sc.ctx.release(part);
+};
+
+/**
+ * See Ops.sumSquares: per-workgroup strided sums and trees, then one tree over the partials; a
+ * split tensor sums each block so, then the block sums (in block order).
+ */
+export function sumSquares(sc: GpuScope, a: Tensor): Tensor {
+  const x = sc.blocks(a, "sumSquares", "f32");
+  const out = sc.out([1]);
+  if (x.blocks.length === 1) {
+    sumSquaresInto(sc, x.blocks[0].buffer, a.size, out.buffer);
+    return out;
+  }
+  const nb = x.blocks.length;
+  const parts = sc.ctx.alloc(nb * 4);
+  const one = sc.ctx.alloc(4);
+  x.blocks.forEach((blk, i) => {
+    sumSquaresInto(sc, blk.buffer, blk.length, one);
+    sc.ctx.copy(one, 0, parts, i * 4, 4);
+  });
+  sc.dispatch("ew_sum_squares", [parts, out.buffer], [1], [nb, 0]);
+  sc.ctx.release(one);
+  sc.ctx.release(parts);
   return out;
 }
 
@@ -239,26 +287,26 @@ export function adamw(
 ): void {
   const op = "adamw";
   checkAdamw(op, param, grad, m, v, opts);
-  const p = sc.f(param, op);
-  const g = sc.f(grad, op);
-  const mb = sc.f(m, op);
-  const vb = sc.f(v, op);
-  checkAdamwStorage(op, p, g, mb, vb);
+  const ts = alike(sc, op, [param, grad, m, v]);
   const { lr, beta1, beta2, eps, weightDecay, step } = opts;
-  const n = param.size;
-  sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), [
-    n,
-    f32(lr),
-    f32(beta1),
-    f32(1 - beta1),
-    f32(beta2),
-    f32(1 - beta2),
-    f32(eps),
-    f32(1 - lr * weightDecay),
-    f32(opts.gradScale ?? 1),
-    f32(1 - beta1 ** step),
-    f32(1 - beta2 ** step),
-  ]);
+  ts[0].blocks.forEach((blk, i) => {
+    const [p, g, mb, vb] = ts.map((t) => t.blocks[i].buffer);
+    checkAdamwStorage(op, p, g, mb, vb);
+    const n = blk.length;
+    sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), [
+      n,
+      f32(lr),
+      f32(beta1),
+      f32(1 - beta1),
+      f32(beta2),
+      f32(1 - beta2),
+      f32(eps),
+      f32(1 - lr * weightDecay),
+      f32(opts.gradScale ?? 1),
+      f32(1 - beta1 ** step),
+      f32(1 - beta2 ** step),
+    ]);
+  });
 }
 
 /** Output tile edge of one lora_fold workgroup (16x16 invocations, 8x8 outputs each). */
@@ -283,4 +331,122 @@ export function loraFold(sc: GpuScope, w: Tensor, b: Tensor, a: Tensor, s: numbe
     [rows, cols, rank, f32(s)],
   );
   return out;
+}
+
+// ---- storage blocks: row and column slices ------------------------------------------------------
+
+/**
+ * Copies `rows` rows of width `cols` from src (from row sr) to dst (from row dr), across the
+ * storage blocks of both (copyBufferToBuffer; src and dst must not share a buffer).
+ */
+const copyRows = (
+  sc: GpuScope,
+  src: GpuTensor,
+  sr: number,
+  dst: GpuTensor,
+  dr: number,
+  rows: number,
+  cols: number,
+): void => {
+  const lo = sr * cols;
+  const hi = (sr + rows) * cols;
+  const shift = (dr - sr) * cols; // dst element = src element + shift
+  for (const s of src.blocks) {
+    const a = Math.max(lo, s.start);
+    const b = Math.min(hi, s.start + s.length);
+    if (a >= b) continue;
+    for (const d of dst.blocks) {
+      const x = Math.max(a, d.start - shift);
+      const y = Math.min(b, d.start + d.length - shift);
+      if (x >= y) continue;
+      sc.ctx.copy(s.buffer, (x - s.start) * 4, d.buffer, (x + shift - d.start) * 4, (y - x) * 4);
+    }
+  }
+};
+
+/** Whether two tensors share a storage buffer (a view of the other). */
+const overlaps = (a: GpuTensor, b: GpuTensor): boolean =>
+  a.blocks.some((x) => b.blocks.some((y) => x.buffer === y.buffer));
+
+/** See Ops.sliceRows: a view of one whole storage block, else a copy (split when needed). */
+export function sliceRows(sc: GpuScope, t: Tensor, start: number, count: number): Tensor {
+  const op = "sliceRows";
+  const g = sc.blocks(t, op);
+  const [, c] = checkRowRange(op, g, start, count);
+  const exact = g.blocks.find((b) => b.start === start * c && b.length === count * c);
+  if (exact && count > 0) return sc.blockView(g, [count, c], exact);
+  const out = sc.outBlocks([count, c], g.dtype);
+  copyRows(sc, g, start, out, 0, count, c);
+  return out;
+}
+
+/** See Ops.setRows. */
+export function setRows(sc: GpuScope, dst: Tensor, start: number, src: Tensor): void {
+  const op = "setRows";
+  const d = sc.blocks(dst, op);
+  let s = sc.blocks(src, op);
+  const [n, c] = checkSetRows(op, dst, start, src);
+  if (overlaps(d, s)) {
+    const tmp = sc.outBlocks([n, c], s.dtype);
+    copyRows(sc, s, 0, tmp, 0, n, c);
+    s = tmp;
+  }
+  copyRows(sc, s, 0, d, start, n, c);
+}
+
+/**
+ * Copies columns [sc0, sc0 + n) of src [R, Cs] to columns [dc0, dc0 + n) of dst [R, Cd], one
+ * `ew_copy_cols` dispatch per pair of storage blocks that share rows.
+ */
+const copyColumns = (
+  sc: GpuScope,
+  src: GpuTensor,
+  sc0: number,
+  dst: GpuTensor,
+  dc0: number,
+  n: number,
+): void => {
+  const cs = columnsOf(src);
+  const cd = columnsOf(dst);
+  if (n === 0) return;
+  for (const s of src.blocks) {
+    const s0 = s.start / cs;
+    const s1 = s0 + s.length / cs;
+    for (const d of dst.blocks) {
+      const d0 = d.start / cd;
+      const d1 = d0 + d.length / cd;
+      const r0 = Math.max(s0, d0);
+      const r1 = Math.min(s1, d1);
+      if (r0 >= r1) continue;
+      const total = (r1 - r0) * n;
+      sc.dispatch("ew_copy_cols", [s.buffer, d.buffer], groups1d(total), [
+        total,
+        n,
+        cs,
+        (r0 - s0) * cs + sc0,
+        cd,
+        (r0 - d0) * cd + dc0,
+      ]);
+    }
+  }
+};
+
+/** See Ops.sliceColumns. */
+export function sliceColumns(sc: GpuScope, t: Tensor, start: number, count: number): Tensor {
+  const op = "sliceColumns";
+  const g = sc.blocks(t, op);
+  const [r] = checkColumnRange(op, g, start, count);
+  const out = sc.outBlocks([r, count], g.dtype);
+  copyColumns(sc, g, start, out, 0, count);
+  return out;
+}
+
+/** See Ops.setColumns. */
+export function setColumns(sc: GpuScope, dst: Tensor, start: number, src: Tensor): void {
+  const op = "setColumns";
+  const d = sc.blocks(dst, op);
+  let s = sc.blocks(src, op);
+  const [, , n] = checkSetColumns(op, dst, start, src);
+  if (overlaps(d, s)) s = sc.blocks(sliceColumns(sc, s, 0, n), op);
+  copyColumns(sc, s, 0, d, start, n);
 }

@@ -1,7 +1,10 @@
 /**
  * WebGPU backend: decoder layer ops (RMSNorm, rotary embedding, token embedding, log-probs,
- * entropy) as kernels of src/kernels.wgsl (sections rmsnorm_*, rope_*, embed_*, logprob_*,
- * entropy_*). Contracts: see Ops in ../ops.ts.
+ * entropy, the streamed log-softmax over vocabulary chunks) as kernels of src/kernels.wgsl
+ * (sections rmsnorm_*, rope_*, embed_*, logprob_*, entropy_*, lsm_*). Contracts: see Ops in
+ * ../ops.ts. The embedding table and its gradient, and the logits of logProbs, entropy and
+ * logProbsBackward, may be stored in several blocks (beyond the binding limit): the kernels
+ * then run block by block, with the block's first row as a parameter.
  *
  * Row reductions (norm, log-softmax, entropy) come in two forms: one invocation per row looping
  * over it (`*_row`, no barriers) and one workgroup per row with a shared-memory tree (`*_wg`).
@@ -15,13 +18,15 @@ import {
   checkEntropy,
   checkLogProbs,
   checkLogProbsBackward,
+  checkLogSoftmaxChunk,
+  checkLogSoftmaxFinish,
   checkRmsNorm,
   checkRmsNormBackward,
   checkRope,
 } from "../checks/layers.ts";
 import { ropeInvFreq } from "../cpu/layers.ts";
 import { f32, type GpuContext, grid } from "./context.ts";
-import type { GpuScope } from "./scope.ts";
+import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 
 /** Invocations per workgroup of the one-invocation-per-row kernels (`*_row`). */
 const ROW_WG = 64;
@@ -194,15 +199,35 @@ export function ropeBackward(
   return rotate(sc, "ropeBackward", dy, positions, heads, headDim, theta, -1);
 }
 
-/** See Ops.embedding. An id outside [0, V) yields a zero row (the ids stay on the device). */
+/**
+ * See Ops.embedding. An id outside [0, V) yields a zero row (the ids stay on the device). A table
+ * split into storage blocks is gathered block by block into a zero-filled result.
+ */
 export function embedding(sc: GpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
-  const tb = sc.f(table, op);
+  const tt = sc.blocks(table, op, "f32");
   const ib = sc.i(ids, op);
   const [n, v, h] = checkEmbedding(op, table, ids);
-  const out = sc.out([n, h]);
   const total = n * h;
-  sc.dispatch("embed_gather", [tb, ib, out.buffer], groups(total, ELEM_WG), [total, h, v]);
+  if (tt.blocks.length === 1) {
+    const out = sc.out([n, h]);
+    sc.dispatch("embed_gather", [tt.blocks[0].buffer, ib, out.buffer], groups(total, ELEM_WG), [
+      total,
+      h,
+      v,
+    ]);
+    return out;
+  }
+  const out = sc.out([n, h]);
+  sc.ctx.clear(out.buffer, total * 4);
+  for (const b of tt.blocks) {
+    sc.dispatch("embed_gather_part", [b.buffer, ib, out.buffer], groups(total, ELEM_WG), [
+      total,
+      h,
+      b.start / h,
+      b.length / h,
+    ]);
+  }
   return out;
 }
 
@@ -250,7 +275,7 @@ export const idCsr = (
   return { csr, segments: s, distinct: d };
 };
 
-/** See Ops.embeddingBackward. */
+/** See Ops.embeddingBackward. A gradient larger than one binding is written block by block. */
 export function embeddingBackward(
   sc: GpuScope,
   dy: Tensor,
@@ -264,7 +289,8 @@ export function embeddingBackward(
   if (n === 0 || h === 0) return out;
   const { csr, segments, distinct } = idCsr(ids);
   const csrBuf = sc.upload(csr, [csr.length], "i32").buffer;
-  const direct = segments === distinct;
+  const split = out.blocks.length > 1;
+  const direct = segments === distinct && !split;
   const part = direct ? out : sc.out([segments, h]);
   const total = segments * h;
   sc.dispatch(
@@ -273,17 +299,40 @@ export function embeddingBackward(
     groups(total, ELEM_WG),
     [total, segments, h, direct ? 1 : 0],
   );
-  if (!direct) {
-    const sumTotal = distinct * h;
+  if (direct) return out;
+  const at = 2 * segments + 1 + n;
+  // Distinct ids ascending: each block sums the run of them that falls in its rows.
+  const uniq = csr.subarray(at, at + distinct);
+  const firstAtLeast = (row: number) => {
+    let lo = 0;
+    let hi = distinct;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (uniq[mid] < row) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  for (const b of out.blocks) {
+    const row0 = b.start / h;
+    const j0 = firstAtLeast(row0);
+    const j1 = firstAtLeast(row0 + b.length / h);
+    const sumTotal = (j1 - j0) * h;
     sc.dispatch(
       "embed_grad_sum",
-      [csrBuf, part.buffer, out.buffer],
+      [csrBuf, part.buffer, b.buffer],
       groups(sumTotal, ELEM_WG),
-      [sumTotal, distinct, h, 2 * segments + 1 + n],
+      [sumTotal, distinct, h, at, row0, j0],
     );
   }
   return out;
 }
+
+/** Rows [r0, r0 + rows) of each storage block of a split (or whole) logits tensor. */
+const rowBlocksOf = (t: GpuTensor): { buffer: GPUBuffer; row0: number; rows: number }[] => {
+  const v = columnsOf(t);
+  return t.blocks.map((b) => ({ buffer: b.buffer, row0: b.start / v, rows: b.length / v }));
+};
 
 /** See Ops.logProbs. A target outside [0, V) yields logp = NaN (the targets stay on the device). */
 export function logProbs(
@@ -293,17 +342,24 @@ export function logProbs(
   temperature: number,
 ): { logp: Tensor; lse: Tensor } {
   const op = "logProbs";
-  const lb = sc.f(logits, op);
+  const lt = sc.blocks(logits, op, "f32");
   const tb = sc.i(targets, op);
   const [n, v] = checkLogProbs(op, logits, targets, temperature);
   const logp = sc.out([n]);
   const lse = sc.out([n]);
-  const k = rowKernel(sc.ctx, "logprob_fwd", n, v);
-  sc.dispatch(k.kernel, [lb, tb, logp.buffer, lse.buffer], k.groups, [n, v, f32(1 / temperature)]);
+  for (const b of rowBlocksOf(lt)) {
+    const k = rowKernel(sc.ctx, "logprob_fwd", b.rows, v);
+    sc.dispatch(k.kernel, [b.buffer, tb, logp.buffer, lse.buffer], k.groups, [
+      b.rows,
+      v,
+      f32(1 / temperature),
+      b.row0,
+    ]);
+  }
   return { logp, lse };
 }
 
-/** See Ops.logProbsBackward. */
+/** See Ops.logProbsBackward. Split logits give a gradient split the same way. */
 export function logProbsBackward(
   sc: GpuScope,
   dlogp: Tensor,
@@ -311,31 +367,83 @@ export function logProbsBackward(
   targets: Tensor,
   lse: Tensor,
   temperature: number,
+  targetOffset = 0,
 ): Tensor {
   const op = "logProbsBackward";
   const gb = sc.f(dlogp, op);
-  const lb = sc.f(logits, op);
+  const lt = sc.blocks(logits, op, "f32");
   const tb = sc.i(targets, op);
   const sb = sc.f(lse, op);
-  const [n, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature);
-  const out = sc.out([n, v]);
-  const total = n * v;
-  sc.dispatch(
-    "logprob_bwd",
-    [gb, lb, tb, sb, out.buffer],
-    groups(total, ELEM_WG),
-    [total, v, f32(1 / temperature)],
-  );
+  const [, v] = checkLogProbsBackward(op, dlogp, logits, targets, lse, temperature, targetOffset);
+  const out = lt.blocks.length === 1 ? sc.out(logits.shape) : sc.like(lt);
+  const outBlocks = rowBlocksOf(out);
+  rowBlocksOf(lt).forEach((b, i) => {
+    const total = b.rows * v;
+    sc.dispatch(
+      "logprob_bwd",
+      [gb, b.buffer, tb, sb, outBlocks[i].buffer],
+      groups(total, ELEM_WG),
+      [total, v, f32(1 / temperature), b.row0, targetOffset],
+    );
+  });
   return out;
 }
 
 /** See Ops.entropy. */
 export function entropy(sc: GpuScope, logits: Tensor, temperature: number): Tensor {
   const op = "entropy";
-  const lb = sc.f(logits, op);
+  const lt = sc.blocks(logits, op, "f32");
   const [n, v] = checkEntropy(op, logits, temperature);
   const out = sc.out([n]);
-  const k = rowKernel(sc.ctx, "entropy", n, v);
-  sc.dispatch(k.kernel, [lb, out.buffer], k.groups, [n, v, f32(1 / temperature)]);
+  for (const b of rowBlocksOf(lt)) {
+    const k = rowKernel(sc.ctx, "entropy", b.rows, v);
+    sc.dispatch(k.kernel, [b.buffer, out.buffer], k.groups, [
+      b.rows,
+      v,
+      f32(1 / temperature),
+      b.row0,
+    ]);
+  }
   return out;
+}
+
+/** See Ops.logSoftmaxChunk (kernels lsm_chunk_row / lsm_chunk_wg). */
+export function logSoftmaxChunk(
+  sc: GpuScope,
+  acc: Tensor | null,
+  logits: Tensor,
+  targets: Tensor,
+  offset: number,
+  temperature: number,
+): Tensor {
+  const op = "logSoftmaxChunk";
+  const lb = sc.f(logits, op);
+  const tb = sc.i(targets, op);
+  const ab = acc ? sc.f(acc, op) : sc.out([4]).buffer; // never read without a state
+  const [n, v] = checkLogSoftmaxChunk(op, acc, logits, targets, offset, temperature);
+  const out = sc.out([n, 4]);
+  const k = rowKernel(sc.ctx, "lsm_chunk", n, v);
+  sc.dispatch(k.kernel, [lb, tb, ab, out.buffer], k.groups, [
+    n,
+    v,
+    f32(1 / temperature),
+    offset,
+    acc ? 1 : 0,
+  ]);
+  return out;
+}
+
+/** See Ops.logSoftmaxFinish. */
+export function logSoftmaxFinish(
+  sc: GpuScope,
+  acc: Tensor,
+): { logp: Tensor; lse: Tensor; entropy: Tensor } {
+  const op = "logSoftmaxFinish";
+  const ab = sc.f(acc, op);
+  const n = checkLogSoftmaxFinish(op, acc);
+  const logp = sc.out([n]);
+  const lse = sc.out([n]);
+  const ent = sc.out([n]);
+  sc.dispatch("lsm_finish", [ab, logp.buffer, lse.buffer, ent.buffer], groups(n, ROW_WG), [n]);
+  return { logp, lse, entropy: ent };
 }

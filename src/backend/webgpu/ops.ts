@@ -12,7 +12,7 @@ import type { GpuContext } from "./context.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
-import { GpuScope } from "./scope.ts";
+import { columnsOf, GpuScope, rowsOf } from "./scope.ts";
 
 const failure = (e: unknown): BackendError =>
   new BackendError({ operation: "read", reason: e instanceof Error ? e.message : String(e) });
@@ -21,10 +21,25 @@ const failure = (e: unknown): BackendError =>
 export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
   const sc = new GpuScope(ctx);
   // The tensors are checked before the wait: a released tensor is a defect, never a BackendError.
+  // A split tensor is read block by block (one wait for all) and joined on the host.
   const readBytes = (ts: readonly Tensor[], op: string) =>
     Effect.suspend(() => {
-      const reqs = ts.map((t) => ({ buffer: sc.any(t, op), bytes: t.size * 4 }));
-      return Effect.tryPromise({ try: () => ctx.read(reqs), catch: failure });
+      const gs = ts.map((t) => sc.blocks(t, op));
+      const reqs = gs.flatMap((g) =>
+        g.blocks.map((b) => ({ buffer: b.buffer, bytes: b.length * 4 }))
+      );
+      return Effect.map(
+        Effect.tryPromise({ try: () => ctx.read(reqs), catch: failure }),
+        (bufs) => {
+          let k = 0;
+          return gs.map((g) => {
+            if (g.blocks.length === 1) return bufs[k++];
+            const all = new Uint8Array(g.size * 4);
+            for (const b of g.blocks) all.set(new Uint8Array(bufs[k++]), b.start * 4);
+            return all.buffer;
+          });
+        },
+      );
     });
   const ops: Ops = {
     info: ctx.info,
@@ -39,9 +54,9 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     },
     zeros: (shape, dtype = "f32") => sc.zeros(shape, dtype),
     copy: (t) => {
-      const src = sc.any(t, "copy");
-      const out = sc.out(t.shape, t.dtype);
-      ctx.copy(src, 0, out.buffer, 0, t.size * 4);
+      const src = sc.blocks(t, "copy");
+      const out = sc.like(src);
+      src.blocks.forEach((b, i) => ctx.copy(b.buffer, 0, out.blocks[i].buffer, 0, b.length * 4));
       return out;
     },
     reshape: (t, shape) => {
@@ -49,14 +64,32 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
       return sc.view(t, shape);
     },
     read: (ts) => {
-      ts.forEach((t) => sc.f(t, "read"));
+      ts.forEach((t) => sc.blocks(t, "read", "f32"));
       return Effect.map(readBytes(ts, "read"), (bufs) => bufs.map((b) => new Float32Array(b)));
     },
     readInt: (ts) => {
-      ts.forEach((t) => sc.i(t, "readInt"));
+      ts.forEach((t) => sc.blocks(t, "readInt", "i32"));
       return Effect.map(readBytes(ts, "readInt"), (bufs) => bufs.map((b) => new Int32Array(b)));
     },
     flush: () => ctx.flush(),
+    transient: <A>(f: (ops: Ops) => A): A => {
+      const inner = makeGpuOps(ctx);
+      try {
+        return f(inner.ops);
+      } finally {
+        inner.scope.release();
+      }
+    },
+    maxBlockElements: () => Math.floor(ctx.maxBinding / 4),
+    rowBlocks: (t) => {
+      const g = sc.blocks(t, "rowBlocks");
+      const c = columnsOf(g);
+      return [...g.blocks.map((b) => c === 0 ? 0 : b.start / c), rowsOf(g)];
+    },
+    sliceRows: (t, start, count) => elementwise.sliceRows(sc, t, start, count),
+    setRows: (dst, start, src) => elementwise.setRows(sc, dst, start, src),
+    sliceColumns: (t, start, count) => elementwise.sliceColumns(sc, t, start, count),
+    setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
@@ -82,9 +115,12 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     embedding: (table, ids) => layers.embedding(sc, table, ids),
     embeddingBackward: (dy, ids, vocab) => layers.embeddingBackward(sc, dy, ids, vocab),
     logProbs: (logits, targets, temperature) => layers.logProbs(sc, logits, targets, temperature),
-    logProbsBackward: (dlogp, logits, targets, lse, temperature) =>
-      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature),
+    logProbsBackward: (dlogp, logits, targets, lse, temperature, targetOffset) =>
+      layers.logProbsBackward(sc, dlogp, logits, targets, lse, temperature, targetOffset),
     entropy: (logits, temperature) => layers.entropy(sc, logits, temperature),
+    logSoftmaxChunk: (acc, logits, targets, offset, temperature) =>
+      layers.logSoftmaxChunk(sc, acc, logits, targets, offset, temperature),
+    logSoftmaxFinish: (acc) => layers.logSoftmaxFinish(sc, acc),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
     attentionBackward: (dOut, q, k, v, out, lse, opts) =>
       attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
