@@ -40,7 +40,7 @@ export {
 
 // ---- tokenizer --------------------------------------------------------------------------------
 export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/tokenizer/tokenizer.ts";
-export { ByteLevelBpeTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
+export { ByteLevelBpeTokenizer, HfTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
 
 // ---- model ------------------------------------------------------------------------------------
 export {
@@ -60,11 +60,17 @@ export {
 } from "./src/model/weights.ts";
 export {
   backward,
+  backwardLogProbs,
   type DeviceModel,
   forward,
   forwardCached,
+  forwardLogProbs,
+  LOGITS_CHUNK_ELEMENTS,
+  type LogProbsOptions,
+  type LogProbsTape,
   type LoraRuntime,
   makeKvCache,
+  type TokenLogProbs,
   uploadModel,
 } from "./src/model/decoder.ts";
 export { generate, type Generation, type GenerationRequest } from "./src/model/generate.ts";
@@ -84,9 +90,17 @@ export { loadPeftAdapter, savePeftAdapter } from "./src/lora/peft.ts";
 // ---- snapshots --------------------------------------------------------------------------------
 export {
   copySnapshot,
-  foldSnapshot,
+  firstNonFiniteWeight,
+  FrozenBase,
+  loraSnapshot,
+  mergedWeights,
+  type NonFinite,
   Snapshot,
+  snapshotAdapter,
   SnapshotCorrupted,
+  type SnapshotKind,
+  type SnapshotModel,
+  snapshotModel,
 } from "./src/snapshot/snapshot.ts";
 export { exportAdapter, exportCheckpoint } from "./src/snapshot/export.ts";
 

@@ -1,7 +1,8 @@
 /**
- * Model benches: snapshot fold time vs a plain copy of the same tensors (ratio; target <= 2x for
- * r <= 16), and forward / forward+backward tokens per second of the built-in model on each
- * backend. Run: deno run -A bench/model.ts (writes bench/results/model.json).
+ * Model benches: the out-of-place fold of a LoRA snapshot into merged weights (mergedWeights)
+ * vs a plain copy of the same tensors (ratio; target <= 2x for r <= 16), the time of a LoRA
+ * snapshot itself (A and B only), and forward / forward+backward tokens per second of the
+ * built-in model on each backend. Run: deno run -A bench/model.ts (writes bench/results/model.json).
  * @module
  */
 import { Effect, Exit, Scope } from "effect";
@@ -10,7 +11,7 @@ import { backward, forward, uploadModel } from "../src/model/decoder.ts";
 import { initWeights } from "../src/model/weights.ts";
 import type { ModelConfig } from "../src/model/config.ts";
 import { initLora, uploadLora } from "../src/lora/adapter.ts";
-import { copySnapshot, foldSnapshot } from "../src/snapshot/snapshot.ts";
+import { copySnapshot, FrozenBase, loraSnapshot, mergedWeights } from "../src/snapshot/snapshot.ts";
 import { loadBase } from "../src/model/loader.ts";
 import { BUILTIN_MODEL_DIR } from "../src/task/arithmetic_task.ts";
 import { median, writeResult } from "./common.ts";
@@ -29,7 +30,7 @@ const time = async (f: () => Promise<unknown>, reps: number): Promise<number> =>
 const run1 = <A>(e: Effect.Effect<A, unknown, Scope.Scope>) =>
   Effect.runPromise(Effect.scoped(e) as Effect.Effect<A>);
 
-/** Fold (r) vs copy of the same model on one backend: ms each and the ratio. */
+/** Fold (r) vs copy of the same model on one backend, and the LoRA snapshot: ms each. */
 const foldVsCopy = async (b: BackendShape, c: ModelConfig, r: number) => {
   const base = initWeights(c, 1);
   const lora = initLora(c, {
@@ -41,15 +42,20 @@ const foldVsCopy = async (b: BackendShape, c: ModelConfig, r: number) => {
   }, 1);
   return await run1(Effect.gen(function* () {
     const ops = yield* b.ops;
-    const device = uploadModel(ops, c, base);
+    const frozen = yield* FrozenBase.make(c, base);
+    const device = yield* frozen.device(b);
     const run = uploadLora(ops, lora);
+    const snap = yield* loraSnapshot(b, 1, frozen, run, lora.config);
+    const snapshot = yield* Effect.promise(() =>
+      time(() => run1(loraSnapshot(b, 1, frozen, run, lora.config)), 5)
+    );
     const fold = yield* Effect.promise(() =>
-      time(() => Effect.runPromise(foldSnapshot(b, 1, base, device, run, lora.config)), 5)
+      time(() => Effect.runPromise(mergedWeights(snap, b)), 5)
     );
     const copy = yield* Effect.promise(() =>
       time(() => Effect.runPromise(copySnapshot(b, 1, device)), 5)
     );
-    return { fold, copy };
+    return { fold, copy, snapshot };
   }));
 };
 
@@ -109,6 +115,7 @@ export async function run(): Promise<Record<string, number | string>> {
       out[`${name}_fold_ms_large_r${r}`] = +d.fold.toFixed(2);
       out[`${name}_copy_ms_large_r${r}`] = +d.copy.toFixed(2);
       out[`${name}_fold_vs_copy_ratio_large_r${r}`] = +(d.fold / d.copy).toFixed(3);
+      out[`${name}_lora_snapshot_ms_large_r${r}`] = +d.snapshot.toFixed(2);
     }
     const d = await foldVsCopy(b, config, 8);
     out[`${name}_fold_vs_copy_ratio_default_r8`] = +(d.fold / d.copy).toFixed(3);

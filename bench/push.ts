@@ -4,7 +4,8 @@
  *
  * - lora: PEFT adapter directory → POST /v1/load_lora_adapter → verification probe;
  * - full: HF checkpoint directory → pause → reload_weights → reset_prefix_cache → resume → probe;
- * - inprocess: upload into the local engine (nothing crosses a process; nothing to verify);
+ * - inprocess: the local engine takes the snapshot (LoRA: its own device adapter over the resident
+ *   base, no weights uploaded; nothing crosses a process; nothing to verify);
  *
  * for the built-in model (assets/arithmetic-base) and a larger random one (hidden 512, 8 layers,
  * intermediate 1376, 8 heads, 8 KV heads, vocab 15; keys with the suffix _large). Servers are

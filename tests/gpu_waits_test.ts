@@ -1,16 +1,19 @@
 /**
  * The WebGPU backend batches work: a full training step (forward, token log-probs, host loss,
- * backward, clipping, AdamW) waits on the device twice, and a snapshot fold once.
+ * backward, clipping, AdamW) waits on the device twice, a LoRA snapshot (A and B copied and read
+ * back) once, and its in-process push not at all (the engine runs the resident base with the
+ * snapshot's own device adapter).
  */
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
 import { Effect } from "effect";
 import { Policy } from "../src/train/policy.ts";
+import { makeLocalEngine } from "../src/rollout/local.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { gpuTeardown, hasGpu, openGpu } from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 
 Deno.test({
-  name: "webgpu: one training step waits on the GPU twice, one snapshot once",
+  name: "webgpu: one training step waits on the GPU twice, one snapshot once, its push never",
   ignore: !hasGpu,
   fn: async () => {
     const gpu = (await openGpu())!;
@@ -53,8 +56,12 @@ Deno.test({
       );
       assertEquals(ctx.waits - before, 2);
       const mid = ctx.waits;
-      yield* policy.snapshot();
+      const snap = yield* policy.snapshot();
       assertEquals(ctx.waits - mid, 1);
+      const { target } = yield* makeLocalEngine(gpu, 0);
+      const pushed = ctx.waits;
+      yield* target.push(snap);
+      assertEquals(ctx.waits - pushed, 0);
     })));
   },
 });

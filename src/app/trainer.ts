@@ -9,7 +9,6 @@ import { Effect, type Layer, Stream } from "effect";
 import { appendFile, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Backend, BackendLive, type BackendShape } from "../backend/backend.ts";
-import { uploadModel } from "../model/decoder.ts";
 import { type BaseModel, loadBase, type LoadError } from "../model/loader.ts";
 import type { TokenizerError } from "../tokenizer/tokenizer.ts";
 import type { BackendError } from "../backend/backend.ts";
@@ -17,7 +16,7 @@ import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import { CheckpointError, type SafetensorsError } from "../io/errors.ts";
 import { errorText, fsOp, makeDirectory } from "../io/checkpoint.ts";
-import type { SnapshotCorrupted } from "../snapshot/snapshot.ts";
+import { type SnapshotCorrupted, snapshotModel } from "../snapshot/snapshot.ts";
 import type { Task } from "../task/task.ts";
 import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
 import { lineChartSvg } from "../io/svg_plot.ts";
@@ -186,13 +185,13 @@ export const runTraining: (
         );
       }
       const maxTokens = cfg.grpo.maxCompletionLength;
+      // evaluations run the resident base (with the snapshot's adapter): no model upload
       const evaluate = (label: string) =>
         Effect.scoped(Effect.gen(function* () {
           const snap = yield* policy.snapshot();
-          const ops = yield* backend.ops;
           const acc = yield* task.evaluation.run(
             backend,
-            uploadModel(ops, base.config, snap.weights()),
+            yield* snapshotModel(snap, backend),
             tok,
             maxTokens,
           );
@@ -202,10 +201,9 @@ export const runTraining: (
       const evaluationLine = (acc: number) =>
         `${task.evaluation.metric} ${(acc * 100).toFixed(1)}% (${task.evaluation.detail})`;
       const accBefore = yield* Effect.scoped(Effect.gen(function* () {
-        const ops = yield* backend.ops;
         const acc = yield* task.evaluation.run(
           backend,
-          uploadModel(ops, base.config, base.weights),
+          { model: yield* policy.base.device(backend), lora: null },
           tok,
           maxTokens,
         );

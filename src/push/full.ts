@@ -85,7 +85,7 @@ export const reloadCheckpoint: (
 /** What a full-weight push needs. */
 export interface FullPushContext {
   readonly client: VllmClient;
-  /** The trainer's backend (verification forward pass). */
+  /** The trainer's backend (verification forward pass; merging a LoRA snapshot). */
   readonly backend: BackendShape;
   readonly routing: Routing;
   /** Absolute directory receiving policy-v{k}/; must be readable by the server. */
@@ -130,7 +130,8 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
     const { dir, bytes } = yield* freshVersionDir(
       ctx.root,
       adapterName(version),
-      (tmp) => exportCheckpoint(snapshot, tmp, ctx.dtype ?? "F32"),
+      // a LoRA snapshot is merged (out of place) on the trainer's backend
+      (tmp) => exportCheckpoint(snapshot, tmp, ctx.dtype ?? "F32", ctx.backend),
     ).pipe(
       Effect.mapError((e) =>
         syncError(`exporting the weights of v${version} failed: ${e.message}`, e)

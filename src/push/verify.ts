@@ -12,7 +12,7 @@
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
-import { forward, uploadModel } from "../model/decoder.ts";
+import { forward } from "../model/decoder.ts";
 import { logSoftmax } from "../model/sampling.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { SyncError, SyncMismatch } from "../ports/push_target.ts";
@@ -23,7 +23,7 @@ import {
   type VllmClient,
   type VllmHttpError,
 } from "../vllm/client.ts";
-import type { Snapshot } from "../snapshot/snapshot.ts";
+import { type Snapshot, snapshotModel } from "../snapshot/snapshot.ts";
 import type { Route } from "../vllm/routing.ts";
 
 // ---- the probe --------------------------------------------------------------------------------
@@ -89,9 +89,10 @@ export const probeEngine = (
   );
 
 /**
- * The trainer's log-probs of `completion` after `prompt` under the snapshot's weights: the
- * weights are uploaded to the backend for this call, one forward pass, log_softmax at
- * temperature 1 of the rows that predict the completion tokens.
+ * The trainer's log-probs of `completion` after `prompt` under the snapshot's weights, one
+ * forward pass and log_softmax at temperature 1 of the rows that predict the completion tokens.
+ * A LoRA snapshot runs on the resident base with its adapter applied at run time (nothing of the
+ * model is uploaded); a full snapshot's weights are uploaded for this call.
  */
 export const trainerLogProbs: (
   backend: BackendShape,
@@ -106,11 +107,16 @@ export const trainerLogProbs: (
     completion: readonly number[],
   ) {
     if (completion.length === 0) return [];
+    const { model, lora } = yield* snapshotModel(snapshot, backend);
     const ops = yield* backend.ops;
-    const model = uploadModel(ops, snapshot.config, snapshot.weights());
     const ids = [...prompt, ...completion];
     const rows = completion.map((_, j) => prompt.length - 1 + j);
-    const { logits } = forward(ops, model, { ids, batch: 1, seqLen: ids.length, logitRows: rows });
+    const { logits } = forward(
+      ops,
+      model,
+      { ids, batch: 1, seqLen: ids.length, logitRows: rows },
+      { lora },
+    );
     const [host] = yield* ops.read([logits]);
     const V = snapshot.config.vocabSize;
     return completion.map((t, j) => logSoftmax(host.subarray(j * V, (j + 1) * V))[t]);

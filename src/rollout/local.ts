@@ -1,15 +1,17 @@
 /**
  * The in-process rollout engine and its push target: rollouts are generated from the most
- * recently pushed snapshot, uploaded into a scope of its own (released when the next one
- * arrives). No server is involved; this is the "local engine" half of the LoRA × engine table.
+ * recently pushed snapshot, held in a scope of its own (released when the next one arrives).
+ * A LoRA snapshot runs as the resident base plus the snapshot's own device copy of the adapter,
+ * applied at run time: a push moves no model weights. A full snapshot's weights are uploaded.
+ * No server is involved; this is the "local engine" half of the LoRA × engine table.
  * @module
  */
 import { Context, Effect, Exit, Layer, Scope } from "effect";
 import { Backend, type BackendShape } from "../backend/backend.ts";
-import { type DeviceModel, uploadModel } from "../model/decoder.ts";
+import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
 import { generate, type GenerationRequest } from "../model/generate.ts";
 import { Rng } from "../model/rng.ts";
-import type { Snapshot } from "../snapshot/snapshot.ts";
+import { type Snapshot, snapshotModel } from "../snapshot/snapshot.ts";
 import {
   RolloutEngine,
   type RolloutEngineShape,
@@ -43,6 +45,7 @@ export const expandRequests = (
 interface Loaded {
   readonly version: number;
   readonly model: DeviceModel;
+  readonly lora: LoraRuntime | null;
   readonly scope: Scope.Closeable;
 }
 
@@ -66,7 +69,13 @@ export const makeLocalEngine = (
             new RolloutError({ engine: "local", reason: "no snapshot pushed yet" }),
           );
         }
-        const gens = yield* generate(backend, loaded.model, expandRequests(requests), null, rng)
+        const gens = yield* generate(
+          backend,
+          loaded.model,
+          expandRequests(requests),
+          loaded.lora,
+          rng,
+        )
           .pipe(
             Effect.mapError((e) =>
               new RolloutError({ engine: "local", reason: e.message, cause: e })
@@ -102,20 +111,19 @@ export const makeLocalEngine = (
             })
           ),
         );
-        const scope = yield* Scope.make();
-        const weights = snapshot.weights();
-        const model = yield* Scope.provide(scope)(
-          Effect.map(backend.ops, (ops) => uploadModel(ops, snapshot.config, weights)),
-        );
-        const old = current;
-        current = { version: snapshot.version, model, scope };
-        if (old) yield* Scope.close(old.scope, Exit.void);
-        let bytes = 0;
-        for (const t of weights.values()) bytes += t.data.byteLength;
+        // the new version is held before the old one is let go: the base stays resident
+        yield* Effect.uninterruptible(Effect.gen(function* () {
+          const scope = yield* Scope.make();
+          const { model, lora } = yield* Scope.provide(scope)(snapshotModel(snapshot, backend));
+          const old = current;
+          current = { version: snapshot.version, model, lora, scope };
+          if (old) yield* Scope.close(old.scope, Exit.void);
+        }));
         return {
           version: snapshot.version,
           target: "in-process",
-          bytes,
+          // what the engine takes from the snapshot: the adapter (LoRA) or every weight (full)
+          bytes: snapshot.ownedBytes,
           latencyMs: performance.now() - t0,
           logpDiffMean: null,
           logpDiffMax: null,

@@ -1,26 +1,40 @@
 /**
  * Publishing a snapshot to disk: as a Hugging Face checkpoint (full-weight push, reload_weights)
- * or as a PEFT adapter directory (LoRA push, load_lora_adapter). Both re-check the digest first.
+ * or as a PEFT adapter directory (LoRA push, load_lora_adapter). Both re-check the digest first;
+ * a checkpoint of a LoRA snapshot also re-checks the base's, and merges out of place
+ * (`mergedWeights`). An adapter directory needs only A and B.
  * @module
  */
 import { Effect } from "effect";
+import type { BackendShape } from "../backend/backend.ts";
+import type { BackendError } from "../backend/ops.ts";
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import { saveModel } from "../model/loader.ts";
 import { savePeftAdapter } from "../lora/peft.ts";
 import type { HostTensor } from "../model/weights.ts";
-import type { Snapshot, SnapshotCorrupted } from "./snapshot.ts";
+import { mergedWeights, type Snapshot, type SnapshotCorrupted } from "./snapshot.ts";
 
-/** Writes the snapshot's full weights and config.json to `dir` (F32 unless `dtype`). */
+/**
+ * Writes the snapshot's full weights and config.json to `dir` (F32 unless `dtype`). A LoRA
+ * snapshot is merged on `backend` (default: the CPU reference backend).
+ */
 export const exportCheckpoint: (
   snapshot: Snapshot,
   dir: string,
   dtype?: "F32" | "F16" | "BF16",
-) => Effect.Effect<void, SnapshotCorrupted | CheckpointError | SafetensorsError> = Effect.fn(
-  "exportCheckpoint",
-)(function* (snapshot: Snapshot, dir: string, dtype: "F32" | "F16" | "BF16" = "F32") {
-  yield* snapshot.verify();
-  yield* saveModel(dir, snapshot.config, snapshot.weights(), { dtype });
-});
+  backend?: BackendShape,
+) => Effect.Effect<void, SnapshotCorrupted | BackendError | CheckpointError | SafetensorsError> =
+  Effect.fn(
+    "exportCheckpoint",
+  )(function* (
+    snapshot: Snapshot,
+    dir: string,
+    dtype: "F32" | "F16" | "BF16" = "F32",
+    backend?: BackendShape,
+  ) {
+    yield* snapshot.verify(true);
+    yield* saveModel(dir, snapshot.config, yield* mergedWeights(snapshot, backend), { dtype });
+  });
 
 /** Writes the snapshot's LoRA adapter as a PEFT directory; fails for full fine-tuning snapshots. */
 export const exportAdapter: (

@@ -1,22 +1,37 @@
 /**
  * Immutable weight snapshots: the only thing that is ever pushed to an inference engine.
  *
- * `foldSnapshot` writes W' = W + s·B·A for every targeted matrix into FRESH memory (the device's
- * loraFold op, then a host copy); untouched tensors are shared with the frozen base, which nothing
- * mutates. There is no merge or unmerge of live weights anywhere: the aliasing bug of TRL v0.15
- * (merge in place, take aliased state_dict views, unmerge in place) cannot be expressed.
- * A snapshot's arrays are private; callers get copies. Its SHA-256 digest is computed at
- * creation and re-checked by everything that publishes it.
+ * A LoRA snapshot costs O(adapter), not O(model): it is its own copy of every A and B (fresh
+ * device buffers copied from the trainable tensors, and their host copies) plus a reference to
+ * the {@link FrozenBase}, the immutable base weights whose digest is taken once, at load. Its
+ * digest covers the base's digest and the adapter's bytes. Merged weights W' = W + s·B·A exist
+ * only where a consumer needs them (full-weight push, checkpoint export): {@link mergedWeights}
+ * writes them into FRESH memory with the device's loraFold op. Engines, verification and
+ * evaluation run the resident base with the snapshot's adapter applied at run time
+ * ({@link snapshotModel}). A full fine-tuning snapshot is a host copy of every weight (O(model)
+ * is inherent there).
+ *
+ * There is no merge or unmerge of live weights anywhere: the aliasing bug of TRL v0.15 (merge in
+ * place, take aliased state_dict views, unmerge in place) cannot be expressed. A snapshot's and a
+ * base's arrays are private; callers get copies. Everything that publishes a snapshot re-checks
+ * its digest.
+ *
+ * Device copies (the base's resident upload, a snapshot's adapter) are shared by reference count:
+ * each user holds one in an Effect scope of its own (the policy holds the base for its life and
+ * its latest snapshot until the next one, the in-process engine the version it serves, a
+ * verification or evaluation for its call), and the buffers go back when the last hold ends.
+ * A user on a backend without a live copy gets one uploaded from the host copies.
  * @module
  */
 import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
-import { Effect } from "effect";
-import type { BackendShape } from "../backend/backend.ts";
-import type { BackendError } from "../backend/ops.ts";
+import { Effect, Exit, Scope } from "effect";
+import { type BackendShape, cpuBackend } from "../backend/backend.ts";
+import type { BackendError, Ops } from "../backend/ops.ts";
+import type { Tensor } from "../backend/tensor.ts";
 import type { ModelConfig } from "../model/config.ts";
-import type { DeviceModel, LoraRuntime } from "../model/decoder.ts";
+import { type DeviceModel, type LoraRuntime, uploadModel } from "../model/decoder.ts";
 import type { HostTensor, WeightMap } from "../model/weights.ts";
-import type { LoraConfig } from "../lora/adapter.ts";
+import { type LoraConfig, loraScale } from "../lora/adapter.ts";
 
 const SnapshotCorruptedBase: TaggedErrorClass<"SnapshotCorrupted", {
   readonly version: number;
@@ -32,53 +47,243 @@ const SnapshotCorruptedBase: TaggedErrorClass<"SnapshotCorrupted", {
     })`;
   },
 );
-/** A snapshot whose bytes no longer match the digest taken at its creation. */
+/** A snapshot (or the frozen base it refers to) whose bytes no longer match its digest. */
 export class SnapshotCorrupted extends SnapshotCorruptedBase {}
 
 /** How a snapshot was made. */
 export type SnapshotKind = "lora" | "full";
 
-interface Store {
-  readonly weights: ReadonlyMap<string, HostTensor>;
-  readonly adapter: ReadonlyMap<string, HostTensor> | null;
+/** The first NaN/Inf of a set of tensors. */
+export interface NonFinite {
+  readonly name: string;
+  readonly index: number;
+  readonly value: number;
 }
 
-// Raw arrays live here, out of reach of every module but this one.
-const stores = new WeakMap<Snapshot, Store>();
+// ---- digests ----------------------------------------------------------------------------------
 
-/** An immutable set of weights (and, for LoRA, the adapter that produced them). */
-export class Snapshot {
+const enc = new TextEncoder();
+
+const hex = (b: ArrayBuffer): string =>
+  Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, "0")).join("");
+
+/**
+ * SHA-256 of `header`, then for each tensor of `m` (names sorted) `<prefix><name>[<shape>]` and
+ * the 32-byte SHA-256 of its f32 bytes. Tensors are hashed concurrently, and never concatenated.
+ */
+const tensorsDigest = async (
+  header: string,
+  prefix: string,
+  m: ReadonlyMap<string, HostTensor>,
+): Promise<string> => {
+  const names = [...m.keys()].sort();
+  const hashes = await Promise.all(names.map((n) => {
+    const d = m.get(n)!.data;
+    const bytes = new Uint8Array(d.buffer as ArrayBuffer, d.byteOffset, d.byteLength);
+    return crypto.subtle.digest("SHA-256", bytes);
+  }));
+  const parts: Uint8Array[] = [enc.encode(header)];
+  names.forEach((n, i) => {
+    parts.push(enc.encode(`${prefix}${n}[${m.get(n)!.shape.join(",")}]`));
+    parts.push(new Uint8Array(hashes[i]));
+  });
+  const all = new Uint8Array(parts.reduce((k, p) => k + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    all.set(p, o);
+    o += p.length;
+  }
+  return hex(await crypto.subtle.digest("SHA-256", all));
+};
+
+/** Digest of a weight map (a full snapshot, a frozen base): tensorsDigest, no header, `w:`. */
+const weightsDigest = (m: ReadonlyMap<string, HostTensor>): Promise<string> =>
+  tensorsDigest("", "w:", m);
+
+/**
+ * Digest of a LoRA snapshot: tensorsDigest with header
+ * `lora-snapshot base:<base digest> scale:<s>\n` over the adapter tensors, prefix `a:`. The base
+ * enters by its digest only, so it costs O(adapter).
+ */
+const loraDigest = (
+  baseDigest: string,
+  scale: number,
+  adapter: ReadonlyMap<string, HostTensor>,
+): Promise<string> =>
+  tensorsDigest(`lora-snapshot base:${baseDigest} scale:${scale}\n`, "a:", adapter);
+
+const F32_MAX = 3.4028234663852886e38;
+
+/** One pass over tensors: the first NaN/Inf, and the largest |value| of each tensor. */
+interface Scan {
+  readonly nonFinite: NonFinite | null;
+  readonly maxAbs: ReadonlyMap<string, number>;
+}
+
+const scan = (m: ReadonlyMap<string, HostTensor>): Scan => {
+  let nonFinite: NonFinite | null = null;
+  const maxAbs = new Map<string, number>();
+  for (const [name, t] of m) {
+    const d = t.data;
+    let mx = 0;
+    for (let i = 0; i < d.length; i++) {
+      const x = d[i];
+      const a = x < 0 ? -x : x;
+      if (a > mx) mx = a;
+      if (!(a <= F32_MAX) && nonFinite === null) nonFinite = { name, index: i, value: x };
+    }
+    maxAbs.set(name, mx);
+  }
+  return { nonFinite, maxAbs };
+};
+
+const firstNonFiniteOf = (m: ReadonlyMap<string, HostTensor>): NonFinite | null =>
+  scan(m).nonFinite;
+
+/** Awaits a digest under way (hashing runs off this thread) while scanning the same tensors. */
+const hashWhileScanning = (
+  digest: Promise<string>,
+  m: ReadonlyMap<string, HostTensor>,
+): Effect.Effect<{ digest: string; scan: Scan }> =>
+  Effect.promise(async () => {
+    const sc = scan(m);
+    return { digest: await digest, scan: sc };
+  });
+
+const copyTensor = (t: HostTensor): HostTensor => ({ shape: [...t.shape], data: t.data.slice() });
+
+const bytesOf = (m: ReadonlyMap<string, HostTensor>): number => {
+  let n = 0;
+  for (const t of m.values()) n += t.data.byteLength;
+  return n;
+};
+
+// ---- shared device copies ---------------------------------------------------------------------
+
+interface Held<A> {
+  readonly value: A;
+  refs: number;
+  readonly scope: Scope.Closeable;
+}
+
+/**
+ * Device copies of one immutable host value, at most one live per backend, each shared by
+ * reference count: a hold lasts for the scope that took it, the buffers are released when the
+ * last hold ends. A later hold on that backend makes a new copy from the host value.
+ */
+class DeviceCopies<A> {
+  readonly #on = new Map<BackendShape, Held<A>>();
+
+  /** True while a copy is live on `backend`. */
+  live(backend: BackendShape): boolean {
+    return this.#on.has(backend);
+  }
+
+  /** A hold for the current scope on the live copy, or on a new one made by `make`. */
+  hold(backend: BackendShape, make: (ops: Ops) => A): Effect.Effect<A, never, Scope.Scope> {
+    return Effect.map(
+      Effect.acquireRelease(
+        Effect.suspend(() => {
+          const live = this.#on.get(backend);
+          if (live) {
+            live.refs++;
+            return Effect.succeed(live);
+          }
+          return Effect.flatMap(Scope.make(), (scope) =>
+            Scope.provide(scope)(backend.ops).pipe(
+              Effect.flatMap((ops) => Effect.sync(() => make(ops))),
+              Effect.map((value) => this.#add(backend, value, scope)),
+              Effect.onExit((ex) =>
+                Exit.isFailure(ex) ? Scope.close(scope, Exit.void) : Effect.void
+              ),
+            ));
+        }),
+        (held) => this.#release(backend, held),
+      ),
+      (held) => held.value,
+    );
+  }
+
+  /** Registers a copy made by the caller in `scope` (now owned here), held by the current scope. */
+  adopt(
+    backend: BackendShape,
+    value: A,
+    scope: Scope.Closeable,
+  ): Effect.Effect<void, never, Scope.Scope> {
+    return Effect.asVoid(Effect.acquireRelease(
+      Effect.sync(() => {
+        const prior = this.#on.get(backend);
+        if (prior) throw new Error("a device copy is already live on this backend");
+        return this.#add(backend, value, scope);
+      }),
+      (held) => this.#release(backend, held),
+    ));
+  }
+
+  #add(backend: BackendShape, value: A, scope: Scope.Closeable): Held<A> {
+    const held: Held<A> = { value, refs: 1, scope };
+    this.#on.set(backend, held);
+    return held;
+  }
+
+  #release(backend: BackendShape, held: Held<A>): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      held.refs--;
+      if (held.refs > 0) return Effect.void;
+      if (this.#on.get(backend) === held) this.#on.delete(backend);
+      return Scope.close(held.scope, Exit.void);
+    });
+  }
+}
+
+// ---- the frozen base --------------------------------------------------------------------------
+
+interface BaseStore {
+  readonly weights: ReadonlyMap<string, HostTensor>;
+  readonly nonFinite: NonFinite | null;
+  /** max |w| of each weight (bounds the merged weights without merging). */
+  readonly maxAbs: ReadonlyMap<string, number>;
+  readonly device: DeviceCopies<DeviceModel>;
+}
+
+const baseStores = new WeakMap<FrozenBase, BaseStore>();
+
+/**
+ * The frozen base model: a private host copy of its weights, their digest (taken once, at
+ * creation), and its resident device uploads. Shared by reference by the policy and every LoRA
+ * snapshot; nothing writes to it.
+ */
+export class FrozenBase {
   private constructor(
-    /** Monotonic version (policy-v{version} on the server). */
-    readonly version: number,
-    readonly kind: SnapshotKind,
     readonly config: ModelConfig,
-    readonly loraConfig: LoraConfig | null,
-    /** Hex SHA-256 over names, shapes and bytes of weights and adapter. */
+    /** Hex SHA-256 over names, shapes and bytes of the weights (see weightsDigest). */
     readonly digest: string,
   ) {}
 
-  /** @internal Builds a snapshot from arrays nobody else holds (or frozen base arrays). */
-  static create(
-    version: number,
-    kind: SnapshotKind,
-    config: ModelConfig,
-    loraConfig: LoraConfig | null,
-    store: Store,
-  ): Effect.Effect<Snapshot> {
-    return Effect.map(digestOf(store), (digest) => {
-      const s = new Snapshot(version, kind, config, loraConfig, digest);
-      stores.set(s, store);
-      Object.freeze(s);
-      return s;
+  /** Copies `weights` (private from then on) and takes their digest: O(model), once. */
+  static make(config: ModelConfig, weights: WeightMap): Effect.Effect<FrozenBase> {
+    return Effect.suspend(() => {
+      const own = new Map([...weights].map(([n, t]) => [n, copyTensor(t)]));
+      return Effect.map(hashWhileScanning(weightsDigest(own), own), ({ digest, scan }) => {
+        const b = new FrozenBase(config, digest);
+        const { nonFinite, maxAbs } = scan;
+        baseStores.set(b, {
+          weights: own,
+          nonFinite,
+          maxAbs,
+          device: new DeviceCopies(),
+        });
+        Object.freeze(b);
+        return b;
+      });
     });
   }
 
-  private get store(): Store {
-    return stores.get(this)!;
+  private get store(): BaseStore {
+    return baseStores.get(this)!;
   }
 
-  /** Names of the model weights (Hugging Face names). */
+  /** Names of the weights (Hugging Face names). */
   weightNames(): string[] {
     return [...this.store.weights.keys()];
   }
@@ -86,125 +291,244 @@ export class Snapshot {
   /** Shape of a weight. */
   shape(name: string): readonly number[] {
     const t = this.store.weights.get(name);
-    if (!t) throw new Error(`snapshot v${this.version} has no tensor ${name}`);
+    if (!t) throw new Error(`the base has no tensor ${name}`);
     return t.shape;
   }
 
-  /** A fresh copy of one weight. */
-  weight(name: string): HostTensor {
-    const t = this.store.weights.get(name);
-    if (!t) throw new Error(`snapshot v${this.version} has no tensor ${name}`);
-    return { shape: [...t.shape], data: t.data.slice() };
+  /** Fresh copies of all weights (O(model)). */
+  weights(): Map<string, HostTensor> {
+    return new Map([...this.store.weights].map(([n, t]) => [n, copyTensor(t)]));
   }
 
-  /** Fresh copies of all weights. */
-  weights(): Map<string, HostTensor> {
-    return new Map(this.weightNames().map((n) => [n, this.weight(n)]));
+  /** Bytes of the host copy. */
+  get bytes(): number {
+    return bytesOf(this.store.weights);
+  }
+
+  /** The first NaN/Inf among the weights (found at creation), or null. */
+  firstNonFinite(): NonFinite | null {
+    return this.store.nonFinite;
+  }
+
+  /** True while the base is resident (held by someone) on `backend`. */
+  isResident(backend: BackendShape): boolean {
+    return this.store.device.live(backend);
+  }
+
+  /**
+   * The base on `backend`, held for the current scope: the resident upload when there is one,
+   * else a new upload that stays resident while anyone holds it. Never written to.
+   */
+  device(backend: BackendShape): Effect.Effect<DeviceModel, never, Scope.Scope> {
+    return this.store.device.hold(backend, (ops) => uploadModel(ops, this.config, this.weights()));
+  }
+
+  /** Re-hashes the weights (O(model)): the digest of the bytes now. */
+  currentDigest(): Effect.Effect<string> {
+    return Effect.promise(() => weightsDigest(this.store.weights));
+  }
+}
+
+// ---- snapshots --------------------------------------------------------------------------------
+
+interface Store {
+  /** Full snapshots: every weight. LoRA: null (the base holds them). */
+  readonly weights: ReadonlyMap<string, HostTensor> | null;
+  /** LoRA: `<path>.lora_A` [r, in] and `<path>.lora_B` [out, r]. Full: null. */
+  readonly adapter: ReadonlyMap<string, HostTensor> | null;
+  /** NaN/Inf and max |value| of the owned tensors, found once at creation (they never change). */
+  readonly scan: Scan;
+  readonly device: DeviceCopies<LoraRuntime>;
+}
+
+// Raw arrays live here, out of reach of every module but this one.
+const stores = new WeakMap<Snapshot, Store>();
+
+/** An immutable policy state: a LoRA adapter over a frozen base, or a full set of weights. */
+export class Snapshot {
+  private constructor(
+    /** Monotonic version (policy-v{version} on the server). */
+    readonly version: number,
+    readonly kind: SnapshotKind,
+    readonly config: ModelConfig,
+    readonly loraConfig: LoraConfig | null,
+    /** LoRA: the frozen base the adapter applies to, shared by reference. Full: null. */
+    readonly base: FrozenBase | null,
+    /**
+     * Hex SHA-256 taken at creation. LoRA: over the base's digest, the scale and the adapter
+     * tensors; full: over names, shapes and bytes of every weight.
+     */
+    readonly digest: string,
+  ) {}
+
+  /** @internal Builds a snapshot from arrays nobody else holds. */
+  static create(
+    version: number,
+    config: ModelConfig,
+    content:
+      | { kind: "full"; weights: ReadonlyMap<string, HostTensor> }
+      | {
+        kind: "lora";
+        base: FrozenBase;
+        loraConfig: LoraConfig;
+        adapter: ReadonlyMap<string, HostTensor>;
+      },
+  ): Effect.Effect<Snapshot> {
+    return Effect.suspend(() => {
+      const owned = content.kind === "full" ? content.weights : content.adapter;
+      const digest = content.kind === "full"
+        ? weightsDigest(content.weights)
+        : loraDigest(content.base.digest, loraScale(content.loraConfig), content.adapter);
+      return Effect.map(hashWhileScanning(digest, owned), ({ digest: d, scan }) => {
+        const s = content.kind === "full"
+          ? new Snapshot(version, "full", config, null, null, d)
+          : new Snapshot(version, "lora", config, content.loraConfig, content.base, d);
+        stores.set(s, {
+          weights: content.kind === "full" ? content.weights : null,
+          adapter: content.kind === "lora" ? content.adapter : null,
+          scan,
+          device: new DeviceCopies(),
+        });
+        Object.freeze(s);
+        return s;
+      });
+    });
+  }
+
+  private get store(): Store {
+    return stores.get(this)!;
+  }
+
+  /** Names of the model's weights (Hugging Face names; for LoRA those of the base). */
+  weightNames(): string[] {
+    const w = this.store.weights;
+    return w ? [...w.keys()] : this.base!.weightNames();
+  }
+
+  /** Shape of a weight. */
+  shape(name: string): readonly number[] {
+    const w = this.store.weights;
+    if (!w) return this.base!.shape(name);
+    const t = w.get(name);
+    if (!t) throw new Error(`snapshot v${this.version} has no tensor ${name}`);
+    return t.shape;
   }
 
   /** Fresh copies of the adapter tensors (PEFT names without prefix: `<path>.lora_A`), or null. */
   adapter(): Map<string, HostTensor> | null {
     const a = this.store.adapter;
-    return a
-      ? new Map([...a].map(([n, t]) => [n, { shape: [...t.shape], data: t.data.slice() }]))
-      : null;
+    return a ? new Map([...a].map(([n, t]) => [n, copyTensor(t)])) : null;
   }
 
-  /** The first NaN/Inf among weights and adapter, or null when every value is finite. */
-  firstNonFinite(): { name: string; index: number; value: number } | null {
+  /** Names of the host tensors this snapshot owns (LoRA: only A and B; the base is shared). */
+  ownedTensorNames(): string[] {
+    return [...(this.store.weights ?? this.store.adapter!).keys()];
+  }
+
+  /** Bytes this snapshot owns on the host (LoRA: the adapter's; the base is shared). */
+  get ownedBytes(): number {
+    return bytesOf(this.store.weights ?? this.store.adapter!);
+  }
+
+  /**
+   * The first NaN/Inf among the snapshot's own tensors (LoRA: adapter, then base), or null. The
+   * merged weights of a LoRA snapshot can overflow with finite A and B: see firstNonFiniteWeight.
+   */
+  firstNonFinite(): NonFinite | null {
+    return this.store.scan.nonFinite ?? this.base?.firstNonFinite() ?? null;
+  }
+
+  /**
+   * Recomputes the digest; fails with SnapshotCorrupted when the bytes changed. O(adapter) for
+   * LoRA; with `deep`, also re-hashes the frozen base (O(model), for publishing merged weights).
+   */
+  verify(deep = false): Effect.Effect<void, SnapshotCorrupted> {
     const { weights, adapter } = this.store;
-    for (const m of adapter ? [weights, adapter] : [weights]) {
-      for (const [name, t] of m) {
-        const d = t.data;
-        for (let i = 0; i < d.length; i++) {
-          if (!Number.isFinite(d[i])) return { name, index: i, value: d[i] };
-        }
-      }
-    }
-    return null;
-  }
-
-  /** Recomputes the digest; fails with SnapshotCorrupted when the bytes changed. */
-  verify(): Effect.Effect<void, SnapshotCorrupted> {
-    return Effect.flatMap(
-      digestOf(this.store),
-      (actual) =>
-        actual === this.digest ? Effect.void : Effect.fail(
-          new SnapshotCorrupted({ version: this.version, expected: this.digest, actual }),
-        ),
+    const corrupted = (expected: string, actual: string) =>
+      Effect.fail(new SnapshotCorrupted({ version: this.version, expected, actual }));
+    const own = Effect.promise(() =>
+      weights
+        ? weightsDigest(weights)
+        : loraDigest(this.base!.digest, loraScale(this.loraConfig!), adapter!)
     );
+    return Effect.flatMap(own, (actual) => {
+      if (actual !== this.digest) return corrupted(this.digest, actual);
+      if (!deep || !this.base) return Effect.void;
+      const base = this.base;
+      return Effect.flatMap(
+        base.currentDigest(),
+        (b) => b === base.digest ? Effect.void : corrupted(base.digest, b),
+      );
+    });
   }
 }
 
-const digestOf = (store: Store): Effect.Effect<string> =>
-  Effect.promise(async () => {
-    const enc = new TextEncoder();
-    const parts: Uint8Array[] = [];
-    const add = (prefix: string, m: ReadonlyMap<string, HostTensor>) => {
-      for (const name of [...m.keys()].sort()) {
-        const t = m.get(name)!;
-        parts.push(enc.encode(`${prefix}${name}[${t.shape.join(",")}]`));
-        parts.push(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
-      }
-    };
-    add("w:", store.weights);
-    if (store.adapter) add("a:", store.adapter);
-    const total = parts.reduce((n, p) => n + p.length, 0);
-    const all = new Uint8Array(total);
-    let o = 0;
-    for (const p of parts) {
-      all.set(p, o);
-      o += p.length;
-    }
-    const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", all));
-    return Array.from(hash, (b) => b.toString(16).padStart(2, "0")).join("");
-  });
+// ---- making snapshots -------------------------------------------------------------------------
+
+// Backends hand back fresh arrays; f64 reference arrays are narrowed to the f32 storage format.
+const toF32 = (a: Float32Array | Float64Array): Float32Array =>
+  a instanceof Float32Array ? a : Float32Array.from(a);
 
 /**
- * Folds a LoRA adapter into a fresh snapshot: for each adapted projection the device computes
- * W + s·B·A into a new buffer, which is copied to the host (one wait for all of them). Base
- * weights that no adapter touches are shared with `base`, the frozen host copy of the model.
+ * A LoRA snapshot of the trainable adapter `lora` over `base`: every A and B is copied into
+ * fresh device buffers (the snapshot's device copy, held by the current scope) and those copies
+ * are read to the host (one wait); the digest covers the base's digest and the adapter bytes.
+ * Nothing of the base is copied, folded or hashed: O(adapter).
  */
-export const foldSnapshot: (
+export const loraSnapshot: (
   backend: BackendShape,
   version: number,
-  base: WeightMap,
-  device: DeviceModel,
+  base: FrozenBase,
   lora: LoraRuntime,
   loraConfig: LoraConfig,
-) => Effect.Effect<Snapshot, BackendError> = Effect.fn("foldSnapshot")(
+) => Effect.Effect<Snapshot, BackendError, Scope.Scope> = Effect.fn("loraSnapshot")(
   function* (
     backend: BackendShape,
     version: number,
-    base: WeightMap,
-    device: DeviceModel,
+    base: FrozenBase,
     lora: LoraRuntime,
     loraConfig: LoraConfig,
   ) {
-    const ops = yield* backend.ops;
     const paths = [...lora.modules.keys()];
-    const folded = paths.map((p) => {
-      const m = lora.modules.get(p)!;
-      return ops.loraFold(device.weights.get(`${p}.weight`)!, m.b, m.a, lora.scale);
-    });
-    const adapterTensors = paths.flatMap((p) => [lora.modules.get(p)!.a, lora.modules.get(p)!.b]);
-    const host = yield* ops.read([...folded, ...adapterTensors]);
-    const weights = new Map<string, HostTensor>();
-    for (const [name, t] of base) weights.set(name, t);
-    const adapter = new Map<string, HostTensor>();
-    paths.forEach((p, i) => {
-      weights.set(`${p}.weight`, { shape: base.get(`${p}.weight`)!.shape, data: toF32(host[i]) });
-      const a = lora.modules.get(p)!.a;
-      const b = lora.modules.get(p)!.b;
-      adapter.set(`${p}.lora_A`, { shape: a.shape, data: toF32(host[paths.length + 2 * i]) });
-      adapter.set(`${p}.lora_B`, { shape: b.shape, data: toF32(host[paths.length + 2 * i + 1]) });
-    });
-    return yield* Snapshot.create(version, "lora", device.config, loraConfig, { weights, adapter });
+    const body = (scope: Scope.Closeable) =>
+      Effect.gen(function* () {
+        const dev = yield* Scope.provide(scope)(backend.ops);
+        const modules = new Map(paths.map((p) => {
+          const m = lora.modules.get(p)!;
+          return [p, { a: dev.copy(m.a), b: dev.copy(m.b) }] as const;
+        }));
+        const runtime: LoraRuntime = { scale: lora.scale, dropout: 0, modules };
+        // the host copy is read from the device copy: both hold the same bytes
+        const host = yield* Effect.scoped(Effect.flatMap(
+          backend.ops,
+          (ops) => ops.read(paths.flatMap((p) => [modules.get(p)!.a, modules.get(p)!.b])),
+        ));
+        const adapter = new Map<string, HostTensor>();
+        paths.forEach((p, i) => {
+          const m = modules.get(p)!;
+          adapter.set(`${p}.lora_A`, { shape: [...m.a.shape], data: toF32(host[2 * i]) });
+          adapter.set(`${p}.lora_B`, { shape: [...m.b.shape], data: toF32(host[2 * i + 1]) });
+        });
+        const snap = yield* Snapshot.create(version, base.config, {
+          kind: "lora",
+          base,
+          loraConfig,
+          adapter,
+        });
+        yield* stores.get(snap)!.device.adopt(backend, runtime, scope);
+        return snap;
+      });
+    // the device copy's scope is closed on any failure or interruption before it is adopted
+    return yield* Effect.uninterruptibleMask((restore) =>
+      Effect.flatMap(Scope.make(), (scope) =>
+        restore(body(scope)).pipe(
+          Effect.onExit((ex) => Exit.isFailure(ex) ? Scope.close(scope, Exit.void) : Effect.void),
+        ))
+    );
   },
-  Effect.scoped,
 );
 
-/** A full fine-tuning snapshot: a fresh host copy of every live weight. */
+/** A full fine-tuning snapshot: a fresh host copy of every live weight (one wait). */
 export const copySnapshot: (
   backend: BackendShape,
   version: number,
@@ -218,11 +542,127 @@ export const copySnapshot: (
     names.forEach((n, i) =>
       weights.set(n, { shape: [...device.weights.get(n)!.shape], data: toF32(host[i]) })
     );
-    return yield* Snapshot.create(version, "full", device.config, null, { weights, adapter: null });
+    return yield* Snapshot.create(version, device.config, { kind: "full", weights });
   },
   Effect.scoped,
 );
 
-// Backends hand back fresh arrays; f64 reference arrays are narrowed to the f32 storage format.
-const toF32 = (a: Float32Array | Float64Array): Float32Array =>
-  a instanceof Float32Array ? a : Float32Array.from(a);
+// ---- using snapshots --------------------------------------------------------------------------
+
+/** A model ready to run on a backend: weights, plus a LoRA adapter applied at run time or null. */
+export interface SnapshotModel {
+  readonly model: DeviceModel;
+  readonly lora: LoraRuntime | null;
+}
+
+/**
+ * The snapshot's adapter on `backend`, held for the current scope: its own device copy when one
+ * is live there, else one uploaded from its host copies. Null for full snapshots.
+ */
+export const snapshotAdapter = (
+  snapshot: Snapshot,
+  backend: BackendShape,
+): Effect.Effect<LoraRuntime | null, never, Scope.Scope> => {
+  const { adapter, device } = stores.get(snapshot)!;
+  if (!adapter) return Effect.succeed(null);
+  return device.hold(backend, (ops) => {
+    const out = new Map<string, { a: Tensor; b: Tensor }>();
+    for (const [name, a] of adapter) {
+      if (!name.endsWith(".lora_A")) continue;
+      const path = name.slice(0, -".lora_A".length);
+      const b = adapter.get(`${path}.lora_B`)!;
+      out.set(path, { a: ops.fromArray(a.data, a.shape), b: ops.fromArray(b.data, b.shape) });
+    }
+    return { scale: loraScale(snapshot.loraConfig!), dropout: 0, modules: out };
+  });
+};
+
+/**
+ * The snapshot as a runnable model on `backend`, held for the current scope. LoRA: the resident
+ * base (uploaded only when nobody holds it there) with the snapshot's adapter at run time, no
+ * copy of the model. Full: its weights uploaded into the current scope (O(model)).
+ */
+export const snapshotModel = (
+  snapshot: Snapshot,
+  backend: BackendShape,
+): Effect.Effect<SnapshotModel, never, Scope.Scope> => {
+  const { weights } = stores.get(snapshot)!;
+  if (weights) {
+    return Effect.map(backend.ops, (ops) => ({
+      model: uploadModel(ops, snapshot.config, weights),
+      lora: null,
+    }));
+  }
+  return Effect.gen(function* () {
+    const model = yield* snapshot.base!.device(backend);
+    const lora = yield* snapshotAdapter(snapshot, backend);
+    return { model, lora };
+  });
+};
+
+/**
+ * The snapshot's merged weights as fresh host arrays, for consumers of plain checkpoints
+ * (full-weight push, export). Full: copies. LoRA: W + s·B·A for every adapted projection,
+ * written out of place by the loraFold op on `backend` (default: the CPU reference backend)
+ * from the resident base and the snapshot's adapter, one wait; every other tensor a copy of the
+ * base's. Nothing is cached: each call computes them anew, and nothing live is written.
+ */
+export const mergedWeights: (
+  snapshot: Snapshot,
+  backend?: BackendShape,
+) => Effect.Effect<Map<string, HostTensor>, BackendError> = Effect.fn("mergedWeights")(
+  function* (snapshot: Snapshot, backend: BackendShape = cpuBackend()) {
+    const { weights } = stores.get(snapshot)!;
+    if (weights) return new Map([...weights].map(([n, t]) => [n, copyTensor(t)]));
+    const base = snapshot.base!;
+    const { model, lora } = yield* snapshotModel(snapshot, backend);
+    const ops = yield* backend.ops;
+    const paths = [...lora!.modules.keys()];
+    const folded = yield* ops.read(paths.map((p) => {
+      const m = lora!.modules.get(p)!;
+      return ops.loraFold(model.weights.get(`${p}.weight`)!, m.b, m.a, lora!.scale);
+    }));
+    const merged = new Map(paths.map((p, i) => [`${p}.weight`, toF32(folded[i])]));
+    const out = new Map<string, HostTensor>();
+    for (const [name, t] of baseStores.get(base)!.weights) {
+      const f = merged.get(name);
+      out.set(name, f ? { shape: [...t.shape], data: f } : copyTensor(t));
+    }
+    return out;
+  },
+  Effect.scoped,
+);
+
+/**
+ * True unless every merged weight of the LoRA snapshot provably stays finite:
+ * |W + s·B·A| <= max|W| + |s|·r·max|A|·max|B|, which must stay well inside the f32 range. O(modules),
+ * from the maxima found at creation.
+ */
+const mayOverflow = (snapshot: Snapshot): boolean => {
+  const { adapter, scan } = stores.get(snapshot)!;
+  const baseMax = baseStores.get(snapshot.base!)!.maxAbs;
+  const s = Math.abs(loraScale(snapshot.loraConfig!));
+  for (const [name, a] of adapter!) {
+    if (!name.endsWith(".lora_A")) continue;
+    const path = name.slice(0, -".lora_A".length);
+    const bound = baseMax.get(`${path}.weight`)! +
+      s * a.shape[0] * scan.maxAbs.get(name)! * scan.maxAbs.get(`${path}.lora_B`)!;
+    if (!(bound < F32_MAX / 2)) return true;
+  }
+  return false;
+};
+
+/**
+ * The first NaN/Inf of the weights the snapshot stands for, or null: its own tensors and the
+ * base, and for a LoRA snapshot the merged W + s·B·A as well. Those are bounded from A, B and
+ * the base's largest values (O(adapter)); only when the bound leaves the f32 range are they
+ * merged on `backend` (out of place, O(model)) and scanned.
+ */
+export const firstNonFiniteWeight = (
+  snapshot: Snapshot,
+  backend: BackendShape = cpuBackend(),
+): Effect.Effect<NonFinite | null, BackendError> => {
+  const own = snapshot.firstNonFinite();
+  if (own || snapshot.kind === "full" || !mayOverflow(snapshot)) return Effect.succeed(own);
+  return Effect.map(mergedWeights(snapshot, backend), firstNonFiniteOf);
+};

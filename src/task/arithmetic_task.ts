@@ -44,8 +44,8 @@ export const arithmeticGrpoTask = (options: ArithmeticTaskOptions = {}): Task =>
     evaluation: {
       metric: "held-out exact-match accuracy",
       detail: `${problems.heldOut.length} problems, greedy`,
-      run: (backend, model, tokenizer, maxTokens) =>
-        accuracy(backend, model, tokenizer, problems.heldOut, maxTokens),
+      run: (backend, { model, lora }, tokenizer, maxTokens) =>
+        accuracy(backend, model, tokenizer, problems.heldOut, maxTokens, lora),
     },
     baseModelDir: BUILTIN_MODEL_DIR,
   };

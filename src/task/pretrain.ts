@@ -10,7 +10,7 @@ import type { ModelConfig } from "../model/config.ts";
 import { initWeights, type WeightMap } from "../model/weights.ts";
 import { Rng } from "../model/rng.ts";
 import { Policy } from "../train/policy.ts";
-import { uploadModel } from "../model/decoder.ts";
+import { mergedWeights, snapshotModel } from "../snapshot/snapshot.ts";
 import { arithmeticTask, arithmeticTokenizer, corpusLine } from "./arithmetic.ts";
 import { accuracy, promptIds } from "./evaluate.ts";
 
@@ -70,15 +70,8 @@ export const pretrain = Effect.fn("pretrain")(
     let acc = 0;
     let step = 0;
     const evalNow = Effect.gen(function* () {
-      const snap = yield* policy.snapshot();
-      const ops = yield* backend.ops;
-      return yield* accuracy(
-        backend,
-        uploadModel(ops, config, snap.weights()),
-        tok,
-        task.heldOut,
-        task.digits + 2,
-      );
+      const { model, lora } = yield* snapshotModel(yield* policy.snapshot(), backend);
+      return yield* accuracy(backend, model, tok, task.heldOut, task.digits + 2, lora);
     }).pipe(Effect.scoped);
     while (step < o.maxSteps) {
       const seqs = Array.from({ length: o.batchSize }, () => {
@@ -106,7 +99,8 @@ export const pretrain = Effect.fn("pretrain")(
       }
     }
     const snap = yield* policy.snapshot();
-    return { config, weights: snap.weights(), accuracy: acc, steps: step, tokenizer: tok };
+    const weights = yield* mergedWeights(snap);
+    return { config, weights, accuracy: acc, steps: step, tokenizer: tok };
   },
   Effect.scoped,
 );

@@ -9,7 +9,7 @@ import type { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
 import type { NamedReward } from "../grpo/rewards.ts";
-import type { DeviceModel } from "../model/decoder.ts";
+import type { SnapshotModel } from "../snapshot/snapshot.ts";
 import type { PromptSource } from "../pipeline/stages.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 
@@ -19,10 +19,14 @@ export interface TaskEvaluation {
   readonly metric: string;
   /** How it is measured, for log lines ("200 problems, greedy"). */
   readonly detail: string;
-  /** Scores `model`; completions are at most `maxTokens` long. */
+  /**
+   * Scores `policy`: its weights on `backend`, with the LoRA adapter to apply at run time (null:
+   * none; the trainer passes the resident base and a snapshot's adapter, or the base alone).
+   * Completions are at most `maxTokens` long.
+   */
   run(
     backend: BackendShape,
-    model: DeviceModel,
+    policy: SnapshotModel,
     tokenizer: Tokenizer,
     maxTokens: number,
   ): Effect.Effect<number, BackendError>;

@@ -1,29 +1,35 @@
 /**
  * The live, trainable policy: frozen base weights on the device, the trainable parameters (LoRA
  * A/B, or a full copy of the weights), AdamW state, and the version counter. A training step
- * runs forward → token log-probs → (host) loss → backward → clip → AdamW with three host waits.
- * Snapshots are taken out of place (see src/snapshot/snapshot.ts); nothing here merges weights.
+ * runs forward → token log-probs → (host) loss → backward → clip → AdamW with two host waits.
+ * Snapshots are taken out of place (see src/snapshot/snapshot.ts): a LoRA snapshot copies only A
+ * and B and refers to the policy's FrozenBase; nothing here merges weights.
  * @module
  */
 import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
-import { Effect, type Scope } from "effect";
+import { Effect, Exit, Scope } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError, Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import type { ModelConfig } from "../model/config.ts";
 import {
-  backward,
+  backwardLogProbs,
   type DeviceModel,
-  forward,
+  forwardLogProbs,
   type GradMode,
   loraGradKey,
   type LoraRuntime,
-  uploadModel,
 } from "../model/decoder.ts";
 import type { HostTensor, WeightMap } from "../model/weights.ts";
 import { initLora, type LoraConfig, type LoraWeights, uploadLora } from "../lora/adapter.ts";
 import { Rng } from "../model/rng.ts";
-import { copySnapshot, foldSnapshot, type Snapshot } from "../snapshot/snapshot.ts";
+import {
+  copySnapshot,
+  firstNonFiniteWeight,
+  FrozenBase,
+  loraSnapshot,
+  type Snapshot,
+} from "../snapshot/snapshot.ts";
 
 /** AdamW and clipping settings (PyTorch/TRL names in camelCase). */
 export interface OptimizerConfig {
@@ -135,9 +141,9 @@ export class Policy {
     readonly backend: BackendShape,
     readonly config: ModelConfig,
     readonly options: PolicyOptions,
-    /** Frozen host copy of the base (snapshots share its untouched tensors). */
-    readonly base: WeightMap,
-    /** Frozen base on the device; never written. */
+    /** The frozen base (host copy and digest); LoRA snapshots refer to it. */
+    readonly base: FrozenBase,
+    /** The frozen base on the device (its resident upload, held by the policy); never written. */
     readonly baseDevice: DeviceModel,
     /** The model the policy runs: the base itself (LoRA) or a trainable copy (full). */
     private readonly live: DeviceModel,
@@ -155,23 +161,30 @@ export class Policy {
   /** Optimizer steps taken; snapshot k is taken after k steps. */
   version = 0;
 
-  /** Uploads base and trainable state in the current scope. */
+  /** The scope holding the latest LoRA snapshot's device copy (until the next snapshot). */
+  private latest: Scope.Closeable | null = null;
+
+  /**
+   * Uploads base and trainable state in the current scope. `base` is a FrozenBase to share, or
+   * host weights to freeze (copied once and hashed once, here).
+   */
   static readonly make: (
     backend: BackendShape,
     config: ModelConfig,
-    base: WeightMap,
+    base: WeightMap | FrozenBase,
     options: PolicyOptions,
     initialLora?: LoraWeights,
   ) => Effect.Effect<Policy, never, Scope.Scope> = Effect.fn("Policy.make")(
     function* (
       backend: BackendShape,
       config: ModelConfig,
-      base: WeightMap,
+      base: WeightMap | FrozenBase,
       options: PolicyOptions,
       initialLora?: LoraWeights,
     ) {
       const ops = yield* backend.ops;
-      const baseDevice = uploadModel(ops, config, base);
+      const frozen = base instanceof FrozenBase ? base : yield* FrozenBase.make(config, base);
+      const baseDevice = yield* frozen.device(backend);
       const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
       const track = (key: string, p: Tensor) =>
         params.set(key, { p, m: ops.zeros(p.shape), v: ops.zeros(p.shape) });
@@ -190,17 +203,19 @@ export class Policy {
         live = { config, weights: w };
         for (const [name, t] of w) track(name, t);
       }
-      return new Policy(
+      const policy = new Policy(
         backend,
         config,
         options,
-        base,
+        frozen,
         baseDevice,
         live,
         lora,
         params,
         new Rng(options.seed + 1),
       );
+      yield* Effect.addFinalizer(() => policy.releaseLatest(null));
+      return policy;
     },
   );
 
@@ -220,14 +235,15 @@ export class Policy {
     train: boolean,
   ) {
     const { ids, T, rows, targets } = layoutBatch(seqs, 0);
-    const out = forward(ops, model, { ids, batch: seqs.length, seqLen: T, logitRows: rows }, {
+    // Streamed over vocabulary chunks: no [tokens, vocab] logits beyond one chunk are held.
+    const input = { ids, batch: seqs.length, seqLen: T, logitRows: rows };
+    const out = forwardLogProbs(ops, model, input, targets, temperature, {
       lora,
       train,
       rng: this.rng,
+      entropy: train,
     });
-    const tgt = ops.fromArray(targets, [targets.length], "i32");
-    const lp = ops.logProbs(out.logits, tgt, temperature);
-    return { ...out, ...lp, tgt, rows };
+    return { ...out, rows };
   }
 
   private split(seqs: readonly TrainSequence[], flat: ArrayLike<number>): Float64Array[] {
@@ -283,8 +299,7 @@ export class Policy {
         new NonFiniteStepError({ step: stepNo, quantity, detail });
       const ops = yield* this.backend.ops;
       const r = this.logProbsOn(ops, seqs, temperature, this.live, this.lora, true);
-      const ent = ops.entropy(r.logits, temperature);
-      const [lpFlat, entFlat] = yield* ops.read([r.logp, ent]);
+      const [lpFlat, entFlat] = yield* ops.read([r.logp, r.entropy!]);
       const bad = lpFlat.findIndex((x) => !Number.isFinite(x));
       if (bad >= 0) return yield* Effect.fail(nonFinite("logp", `token ${bad}: ${lpFlat[bad]}`));
       const res = yield* lossFn({
@@ -300,14 +315,12 @@ export class Policy {
         flat.set(d, o);
         o += d.length;
       }
-      const dLogits = ops.logProbsBackward(
+      const grads = backwardLogProbs(
+        ops,
+        r.tape!,
         ops.fromArray(flat, [flat.length]),
-        r.logits,
-        r.tgt,
-        r.lse,
-        temperature,
+        this.options.mode,
       );
-      const grads = backward(ops, r.tape!, dLogits, this.options.mode);
       const keys = [...this.params.keys()];
       const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
       let total = 0;
@@ -342,35 +355,56 @@ export class Policy {
     Effect.scoped,
   );
 
+  /** Replaces the held latest snapshot scope, closing the previous one. */
+  private releaseLatest(next: Scope.Closeable | null): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      const old = this.latest;
+      this.latest = next;
+      return old ? Scope.close(old, Exit.void) : Effect.void;
+    });
+  }
+
   /**
-   * An immutable snapshot of the current weights (folded out of place, or copied). Weights that
-   * an update drove to NaN/Inf fail here, so they are never pushed or checkpointed.
+   * An immutable snapshot of the current weights: LoRA copies A and B (device and host, one
+   * wait) and refers to the frozen base; full fine-tuning copies every weight to the host. The
+   * policy holds a LoRA snapshot's device copy until its next snapshot (or its scope's end);
+   * consumers that keep it longer take their own hold. Weights that an update drove to NaN/Inf
+   * fail here, so they are never pushed or checkpointed.
    */
   readonly snapshot: () => Effect.Effect<Snapshot, BackendError | NonFiniteStepError> = Effect.fn(
     "Policy.snapshot",
   )({ self: this }, function* (this: Policy) {
-    const snap = this.lora
-      ? yield* foldSnapshot(
-        this.backend,
-        this.version,
-        this.base,
-        this.baseDevice,
-        this.lora,
-        this.options.lora!,
-      )
-      : yield* copySnapshot(this.backend, this.version, this.live);
-    const bad = snap.firstNonFinite();
-    if (bad) {
-      return yield* Effect.fail(
-        new NonFiniteStepError({
-          step: snap.version,
-          quantity: "weights",
-          detail: `${bad.name}[${bad.index}] = ${bad.value}`,
-        }),
-      );
+    if (!this.lora) {
+      return yield* this.checked(yield* copySnapshot(this.backend, this.version, this.live));
     }
-    return snap;
+    const take = loraSnapshot(this.backend, this.version, this.base, this.lora, this.options.lora!);
+    // the new snapshot's scope replaces the held one only once the snapshot is good
+    return yield* Effect.uninterruptibleMask((restore) =>
+      Effect.flatMap(
+        Scope.make(),
+        (scope) =>
+          restore(Effect.flatMap(Scope.provide(scope)(take), (snap) => this.checked(snap))).pipe(
+            Effect.onExit((ex) =>
+              Exit.isFailure(ex) ? Scope.close(scope, Exit.void) : this.releaseLatest(scope)
+            ),
+          ),
+      )
+    );
   });
+
+  /** Fails with NonFiniteStepError when the snapshot's weights (merged, for LoRA) hold a NaN/Inf. */
+  private checked(snap: Snapshot): Effect.Effect<Snapshot, BackendError | NonFiniteStepError> {
+    return Effect.flatMap(firstNonFiniteWeight(snap, this.backend), (bad) =>
+      bad
+        ? Effect.fail(
+          new NonFiniteStepError({
+            step: snap.version,
+            quantity: "weights",
+            detail: `${bad.name}[${bad.index}] = ${bad.value}`,
+          }),
+        )
+        : Effect.succeed(snap));
+  }
 
   /** Host copies of parameters and optimizer moments (one wait), for checkpoints. */
   readonly exportState: () => Effect.Effect<PolicyState, BackendError> = Effect.fn(
