@@ -1,6 +1,7 @@
 /**
  * Decoder tests: config parsing, gradient checks of LoRA and full fine-tuning against float64
- * finite differences on both backends, and KV-cached decoding against the full forward pass.
+ * finite differences on both backends (with and without gradient checkpointing, which must also
+ * give bit-identical gradients), and KV-cached decoding against the full forward pass.
  */
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { Effect } from "effect";
@@ -166,12 +167,18 @@ const gradsOn = (
   lora: LoraWeights | null,
   proj: Float64Array,
   mode: "lora" | "full",
+  opts: { readonly gradientCheckpointing?: boolean; readonly dropout?: number } = {},
 ): Promise<Map<string, Float64Array>> =>
   withOps(b, (ops: Ops) =>
     Effect.gen(function* () {
       const model = uploadModel(ops, c, weights);
-      const run = lora ? uploadLora(ops, lora) : null;
-      const { logits, tape } = forward(ops, model, input, { lora: run, train: true });
+      const run = lora ? { ...uploadLora(ops, lora), dropout: opts.dropout ?? 0 } : null;
+      const { logits, tape } = forward(ops, model, input, {
+        lora: run,
+        train: true,
+        rng: new Rng(42),
+        gradientCheckpointing: opts.gradientCheckpointing,
+      });
       const grads = backward(ops, tape!, ops.fromArray(proj, logits.shape), mode);
       const names = [...grads.keys()];
       const host = yield* ops.read(names.map((n) => grads.get(n)!));
@@ -184,6 +191,7 @@ const checkGradients = async (
   c: ModelConfig,
   mode: "lora" | "full",
   tol: number,
+  gradientCheckpointing = false,
 ) => {
   const weights = makeWeights(c, 11);
   const lora = mode === "lora" ? makeLora(c, 5) : null;
@@ -191,7 +199,7 @@ const checkGradients = async (
     { length: input.ids.length * c.vocabSize },
     (_, i) => Math.sin(i * 1.7),
   );
-  const grads = await gradsOn(b, c, weights, lora, proj, mode);
+  const grads = await gradsOn(b, c, weights, lora, proj, mode, { gradientCheckpointing });
   const params: [string, Float32Array][] = mode === "full"
     ? [...weights].map(([n, t]) => [n, t.data])
     : [...lora!.modules].flatMap(([p, m]) =>
@@ -239,6 +247,43 @@ for (const b of [cpu, ...(gpu ? [gpu] : [])]) {
         await checkGradients(b, c, mode, b.info.name === "cpu" ? 2e-3 : 5e-3);
       });
     }
+  }
+}
+
+// Gradient checkpointing recomputes each layer in the backward pass: the same ops on the same
+// inputs (and, with LoRA dropout, the same masks), so the gradients are bit-identical.
+for (const b of [cpu, ...(gpu ? [gpu] : [])]) {
+  Deno.test(`${b.info.name}: gradient checkpointing matches float64 finite differences (lora, full)`, async () => {
+    const c = variants[1][1];
+    await checkGradients(b, c, "lora", b.info.name === "cpu" ? 2e-3 : 5e-3, true);
+    await checkGradients(b, c, "full", b.info.name === "cpu" ? 2e-3 : 5e-3, true);
+  });
+  for (const [label, c] of variants) {
+    Deno.test(`${b.info.name}: gradient checkpointing gives bit-identical gradients (${label}, lora with dropout, full)`, async () => {
+      const weights = makeWeights(c, 13);
+      const lora = makeLora(c, 6);
+      const proj = Float64Array.from(
+        { length: input.ids.length * c.vocabSize },
+        (_, i) => Math.cos(i * 0.9),
+      );
+      for (
+        const [mode, l, dropout] of [["lora", lora, 0.3], ["lora", lora, 0], [
+          "full",
+          null,
+          0,
+        ]] as const
+      ) {
+        const plain = await gradsOn(b, c, weights, l, proj, mode, { dropout });
+        const ck = await gradsOn(b, c, weights, l, proj, mode, {
+          dropout,
+          gradientCheckpointing: true,
+        });
+        assertEquals([...ck.keys()].sort(), [...plain.keys()].sort());
+        for (const [k, g] of plain) {
+          assertEquals(ck.get(k), g, `${mode} dropout ${dropout}: ${k} differs`);
+        }
+      }
+    });
   }
 }
 

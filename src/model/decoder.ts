@@ -10,13 +10,21 @@
  * chunks of at most LOGITS_CHUNK_ELEMENTS logits (an online log-softmax; the backward pass
  * recomputes each chunk's logits), so no [tokens, vocab] tensor beyond one chunk is ever held.
  * When everything fits one chunk (a small vocabulary) both run the plain ops, unchanged.
+ *
+ * Activation memory: a forward pass without a tape runs each layer in a transient scope and keeps
+ * only its output. With `gradientCheckpointing` a recording forward does the same and its tape
+ * keeps only each layer's input (and the state of the dropout stream before it); the backward
+ * pass recomputes one layer's activations at a time, in a transient scope, from that input (with
+ * the same dropout masks) and runs that layer's backward pass there, so at most one layer's
+ * activations are held. The recomputation runs the very same ops on the very same inputs, so
+ * the gradients are bit-identical to those of the full tape.
  * @module
  */
-import type { Ops } from "../backend/ops.ts";
+import type { AttentionOptions, Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import { ensure } from "../backend/tensor.ts";
 import type { ModelConfig } from "./config.ts";
-import type { Rng } from "./rng.ts";
+import { Rng } from "./rng.ts";
 import { type Projection, projectionPath, PROJECTIONS, type WeightMap } from "./weights.ts";
 
 /** A model's weights uploaded to a backend (owned by the scope of the Ops that uploaded them). */
@@ -66,12 +74,22 @@ export interface Tape {
   readonly rows: number;
   readonly positions: Tensor;
   readonly kvStart: Tensor | undefined;
+  /** Every layer's activations (empty with gradient checkpointing). */
   readonly layers: LayerTape[];
+  /** Gradient checkpointing: each layer's input and dropout stream state, else null. */
+  readonly checkpoints: LayerCheckpoint[] | null;
   readonly xFinal: Tensor;
   readonly rstdFinal: Tensor;
   readonly hFinal: Tensor;
   /** The forward's `chunkRows` option (the backward pass chunks the head alike). */
   readonly chunkRows?: number;
+}
+
+/** What a checkpointed layer's recomputation starts from. */
+interface LayerCheckpoint {
+  readonly x: Tensor;
+  /** State of the dropout stream before the layer drew its masks (null: no dropout stream). */
+  readonly rng: readonly number[] | null;
 }
 
 interface LinearTape {
@@ -189,6 +207,7 @@ interface Ctx {
   readonly model: DeviceModel;
   readonly lora: LoraRuntime | null;
   readonly rng: Rng | null;
+  /** Training: apply LoRA dropout and fill the linear tapes. */
   readonly record: boolean;
 }
 
@@ -303,6 +322,12 @@ export interface ForwardOptions {
    * as the storage blocks allow (and, for forwardLogProbs, LOGITS_CHUNK_ELEMENTS).
    */
   readonly chunkRows?: number;
+  /**
+   * With `train`: keep only each layer's input and recompute its activations in the backward
+   * pass, one layer at a time (TRL's gradient_checkpointing). Same gradients, bit for bit.
+   * Default false.
+   */
+  readonly gradientCheckpointing?: boolean;
 }
 
 /** Forward pass to logits [logitRows or all rows, vocab]; with `train`, also the tape. */
@@ -353,10 +378,28 @@ const forwardHidden = (
     ops.fromArray(input.ids, [rows], "i32"),
   );
   const layers: LayerTape[] = [];
+  const checkpoints: LayerCheckpoint[] | null = cx.record && opts.gradientCheckpointing ? [] : null;
   for (let l = 0; l < c.numLayers; l++) {
-    const t = decoderLayer(cx, l, x, positions, (q, k, v) => ops.attention(q, k, v, attnOpts));
-    if (cx.record) layers.push(t);
-    x = t.out;
+    if (cx.record && !checkpoints) {
+      const t = decoderLayer(cx, l, x, positions, (q, k, v) => ops.attention(q, k, v, attnOpts));
+      layers.push(t);
+      x = t.out;
+      continue;
+    }
+    // only the layer's output outlives it (and, checkpointed, its input, kept by the tape)
+    checkpoints?.push({ x, rng: cx.rng ? cx.rng.state() : null });
+    const input = x;
+    x = ops.transient((t) =>
+      ops.copy(
+        decoderLayer(
+          { ...cx, ops: t },
+          l,
+          input,
+          positions,
+          (q, k, v) => t.attention(q, k, v, attnOpts),
+        ).out,
+      )
+    );
   }
   const nf = ops.rmsNorm(x, weight(model, "model.norm.weight"), c.rmsNormEps);
   const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
@@ -369,6 +412,7 @@ const forwardHidden = (
       positions,
       kvStart,
       layers,
+      checkpoints,
       xFinal: x,
       rstdFinal: nf.rstd,
       hFinal: nf.y,
@@ -500,6 +544,12 @@ export const loraGradKey = (path: string, which: "A" | "B"): string => `${path}.
 const accumulate = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Tensor): void => {
   const prev = grads.get(key);
   grads.set(key, prev ? ops.add(prev, g) : g);
+};
+
+/** accumulate, with `g` from a transient scope: the result is owned by `ops`'s scope. */
+const accumulateOut = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Tensor): void => {
+  const prev = grads.get(key);
+  grads.set(key, prev ? ops.add(prev, g) : ops.copy(g));
 };
 
 const linearBackward = (
@@ -639,35 +689,34 @@ const backwardFrom = (
     kvStart: tape.kvStart,
   };
   for (let l = c.numLayers - 1; l >= 0; l--) {
-    const t = tape.layers[l];
-    const pre = `model.layers.${l}`;
-    const lb = (p: Projection, dy: Tensor) =>
-      linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
-    // x3 = x2 + down(act): the residual passes dx through unchanged
-    const dAct = lb("down_proj", dx);
-    const sw = ops.swigluBackward(dAct, t.gate, t.up);
-    const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
-    const n2 = ops.rmsNormBackward(
-      dh2,
-      t.x2,
-      weight(model, `${pre}.post_attention_layernorm.weight`),
-      t.rstd2,
-    );
-    if (mode === "full") accumulate(ops, grads, `${pre}.post_attention_layernorm.weight`, n2.dw);
-    const dx2 = ops.add(dx, n2.dx);
-    const dAtt = lb("o_proj", dx2);
-    const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
-    const dqPre = ops.ropeBackward(ab.dq, tape.positions, c.numHeads, c.headDim, c.ropeTheta);
-    const dkPre = ops.ropeBackward(ab.dk, tape.positions, c.numKvHeads, c.headDim, c.ropeTheta);
-    const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
-    const n1 = ops.rmsNormBackward(
-      dh1,
-      t.x,
-      weight(model, `${pre}.input_layernorm.weight`),
-      t.rstd1,
-    );
-    if (mode === "full") accumulate(ops, grads, `${pre}.input_layernorm.weight`, n1.dw);
-    dx = ops.add(dx2, n1.dx);
+    const ck = tape.checkpoints?.[l];
+    if (!ck) {
+      dx = layerBackward(ops, tape, l, tape.layers[l], dx, mode, grads, attnOpts);
+      continue;
+    }
+    // recompute the layer from its input (same dropout masks) and run its backward pass, all in
+    // a transient scope; only its gradients and d input are kept
+    const dOut = dx;
+    dx = ops.transient((t) => {
+      const cx: Ctx = {
+        ops: t,
+        model,
+        lora: tape.lora,
+        rng: ck.rng ? new Rng(ck.rng) : null,
+        record: true,
+      };
+      const lt = decoderLayer(
+        cx,
+        l,
+        ck.x,
+        tape.positions,
+        (q, k, v) => t.attention(q, k, v, attnOpts),
+      );
+      const local = new Map<string, Tensor>();
+      const d = layerBackward(t, tape, l, lt, dOut, mode, local, attnOpts);
+      for (const [key, g] of local) accumulateOut(ops, grads, key, g);
+      return ops.copy(d);
+    });
   }
   if (mode === "full") {
     accumulate(
@@ -678,6 +727,49 @@ const backwardFrom = (
     );
   }
   return grads;
+};
+
+/** One layer's backward pass from d output to d input, given its activations. */
+const layerBackward = (
+  ops: Ops,
+  tape: Tape,
+  l: number,
+  t: LayerTape,
+  dx: Tensor,
+  mode: GradMode,
+  grads: Map<string, Tensor>,
+  attnOpts: AttentionOptions,
+): Tensor => {
+  const { model } = tape;
+  const c = model.config;
+  const pre = `model.layers.${l}`;
+  const lb = (p: Projection, dy: Tensor) =>
+    linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
+  // x3 = x2 + down(act): the residual passes dx through unchanged
+  const dAct = lb("down_proj", dx);
+  const sw = ops.swigluBackward(dAct, t.gate, t.up);
+  const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
+  const n2 = ops.rmsNormBackward(
+    dh2,
+    t.x2,
+    weight(model, `${pre}.post_attention_layernorm.weight`),
+    t.rstd2,
+  );
+  if (mode === "full") accumulate(ops, grads, `${pre}.post_attention_layernorm.weight`, n2.dw);
+  const dx2 = ops.add(dx, n2.dx);
+  const dAtt = lb("o_proj", dx2);
+  const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
+  const dqPre = ops.ropeBackward(ab.dq, tape.positions, c.numHeads, c.headDim, c.ropeTheta);
+  const dkPre = ops.ropeBackward(ab.dk, tape.positions, c.numKvHeads, c.headDim, c.ropeTheta);
+  const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
+  const n1 = ops.rmsNormBackward(
+    dh1,
+    t.x,
+    weight(model, `${pre}.input_layernorm.weight`),
+    t.rstd1,
+  );
+  if (mode === "full") accumulate(ops, grads, `${pre}.input_layernorm.weight`, n1.dw);
+  return ops.add(dx2, n1.dx);
 };
 
 /**

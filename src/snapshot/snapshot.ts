@@ -262,8 +262,19 @@ export class FrozenBase {
 
   /** Copies `weights` (private from then on) and takes their digest: O(model), once. */
   static make(config: ModelConfig, weights: WeightMap): Effect.Effect<FrozenBase> {
+    return Effect.suspend(() =>
+      FrozenBase.adopt(config, new Map([...weights].map(([n, t]) => [n, copyTensor(t)])))
+    );
+  }
+
+  /**
+   * Takes over `weights` without copying them (a model's worth of host memory saved) and takes
+   * their digest. The caller must not write to those arrays afterwards (reading is fine); a write
+   * would show as a digest mismatch wherever a snapshot of this base is published or verified.
+   */
+  static adopt(config: ModelConfig, weights: WeightMap): Effect.Effect<FrozenBase> {
     return Effect.suspend(() => {
-      const own = new Map([...weights].map(([n, t]) => [n, copyTensor(t)]));
+      const own = new Map(weights);
       return Effect.map(hashWhileScanning(weightsDigest(own), own), ({ digest, scan }) => {
         const b = new FrozenBase(config, digest);
         const { nonFinite, maxAbs } = scan;
@@ -320,7 +331,11 @@ export class FrozenBase {
    * else a new upload that stays resident while anyone holds it. Never written to.
    */
   device(backend: BackendShape): Effect.Effect<DeviceModel, never, Scope.Scope> {
-    return this.store.device.hold(backend, (ops) => uploadModel(ops, this.config, this.weights()));
+    // straight from the private host copy: uploading copies (fromArray never aliases its input)
+    return this.store.device.hold(
+      backend,
+      (ops) => uploadModel(ops, this.config, this.store.weights),
+    );
   }
 
   /** Re-hashes the weights (O(model)): the digest of the bytes now. */

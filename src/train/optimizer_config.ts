@@ -1,10 +1,11 @@
 /**
  * The optimizer options of a training run as annotated fields (transformers' TrainingArguments
- * names: weight_decay, max_grad_norm, adam_beta1, adam_beta2, adam_epsilon; the learning rate is
- * a GRPO option, as in TRL's GRPOConfig), and their conversion to the Policy's OptimizerConfig.
+ * names: weight_decay, max_grad_norm, adam_beta1, adam_beta2, adam_epsilon,
+ * gradient_checkpointing; the learning rate is a GRPO option, as in TRL's GRPOConfig), and their
+ * conversion to the Policy's OptimizerConfig.
  * @module
  */
-import { finite, type OptionFields } from "../base/options.ts";
+import { finite, flag, type OptionFields } from "../base/options.ts";
 import type { OptimizerConfig } from "./policy.ts";
 
 /** Decoded optimizer options. */
@@ -15,6 +16,8 @@ export interface OptimizerOptions {
   readonly adamBeta1: number;
   readonly adamBeta2: number;
   readonly adamEpsilon: number;
+  /** Recompute activations in the backward pass (TRL: gradient_checkpointing). */
+  readonly gradientCheckpointing: boolean;
 }
 
 /** The optimizer option fields (transformers' defaults). */
@@ -37,6 +40,11 @@ export const optimizerOptionFields: OptionFields = {
     default: 1e-8,
     description: "AdamW epsilon",
   }),
+  gradientCheckpointing: flag({
+    default: false,
+    description: "Recompute each layer's activations in the backward pass instead of keeping " +
+      "them (activation memory of one layer, same gradients, one more forward pass of compute)",
+  }),
 };
 
 /** The Policy's optimizer settings of decoded options and a learning rate. */
@@ -47,4 +55,5 @@ export const optimizerConfigOf = (o: OptimizerOptions, learningRate: number): Op
   eps: o.adamEpsilon,
   weightDecay: o.weightDecay,
   maxGradNorm: o.maxGradNorm,
+  gradientCheckpointing: o.gradientCheckpointing,
 });

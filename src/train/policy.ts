@@ -31,7 +31,7 @@ import {
   type Snapshot,
 } from "../snapshot/snapshot.ts";
 
-/** AdamW and clipping settings (PyTorch/TRL names in camelCase). */
+/** Training-step settings: AdamW, clipping, gradient checkpointing (PyTorch/TRL names in camelCase). */
 export interface OptimizerConfig {
   readonly learningRate: number;
   readonly beta1: number;
@@ -40,6 +40,12 @@ export interface OptimizerConfig {
   readonly weightDecay: number;
   /** Global gradient-norm clip; 0 disables. */
   readonly maxGradNorm: number;
+  /**
+   * Recompute each layer's activations in the backward pass instead of keeping them (TRL's
+   * gradient_checkpointing): activation memory of one layer, same gradients bit for bit, one
+   * more forward pass of compute. Default false.
+   */
+  readonly gradientCheckpointing?: boolean;
 }
 
 const NonFiniteStepErrorBase: TaggedErrorClass<"NonFiniteStepError", {
@@ -166,7 +172,8 @@ export class Policy {
 
   /**
    * Uploads base and trainable state in the current scope. `base` is a FrozenBase to share, or
-   * host weights to freeze (copied once and hashed once, here).
+   * host weights to freeze: taken over without a copy (FrozenBase.adopt; the caller must not
+   * write to those arrays afterwards) and hashed once, here.
    */
   static readonly make: (
     backend: BackendShape,
@@ -183,7 +190,8 @@ export class Policy {
       initialLora?: LoraWeights,
     ) {
       const ops = yield* backend.ops;
-      const frozen = base instanceof FrozenBase ? base : yield* FrozenBase.make(config, base);
+      // host weights are taken over, not copied (FrozenBase.adopt): one model's worth less
+      const frozen = base instanceof FrozenBase ? base : yield* FrozenBase.adopt(config, base);
       const baseDevice = yield* frozen.device(backend);
       const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
       const track = (key: string, p: Tensor) =>
@@ -242,6 +250,7 @@ export class Policy {
       train,
       rng: this.rng,
       entropy: train,
+      gradientCheckpointing: train && !!this.options.optimizer.gradientCheckpointing,
     });
     return { ...out, rows };
   }
