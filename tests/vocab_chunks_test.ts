@@ -69,6 +69,24 @@ const assertClose = (what: string, x: ArrayLike<number>[], y: ArrayLike<number>[
     assert(e <= tol, `${what}: output ${i} rel error ${e}`);
   });
 
+/**
+ * Mixed error: max |x - y| over max(|y|, 1). f32 log-softmax quantities carry an absolute error
+ * of about eps·max|logit/t| (1e-6 here), so near-zero entropies of peaked rows (logits ×10 at
+ * t = 0.5), their gradients (1 - p rounds to 0 in f32) and the exactly-zero gradient of a
+ * one-entry vocabulary have no meaningful relative error; elsewhere this is the normwise relative
+ * error.
+ */
+const assertCloseMixed = (what: string, x: ArrayLike<number>[], y: ArrayLike<number>[]) =>
+  x.forEach((v, i) => {
+    let num = 0;
+    let den = 1;
+    for (let j = 0; j < v.length; j++) {
+      num = Math.max(num, Math.abs(v[j] - y[i][j]));
+      den = Math.max(den, Math.abs(y[i][j]));
+    }
+    assert(num / den <= TOL, `${what}: output ${i} mixed error ${num / den}`);
+  });
+
 const bitEqual = (what: string, x: ArrayLike<number>[], y: ArrayLike<number>[]) =>
   x.forEach((v, i) => {
     assertEquals(v.length, y[i].length, `${what}: output ${i} length`);
@@ -146,7 +164,7 @@ for (const b of both) {
     fc.assert(
       fc.asyncProperty(lsmArb, async (a) => {
         const want = await evalOn(ref, whole(a));
-        assertClose(
+        assertCloseMixed(
           `chunks ${JSON.stringify(chunksOf(a.v, a.cuts))}`,
           await evalOn(b, streamed(a)),
           want,
@@ -162,7 +180,7 @@ gpuTest("logSoftmaxChunk: the per-row-loop and workgroup kernels both match the 
       setRowForm(form);
       await fc.assert(
         fc.asyncProperty(lsmArb, async (a) => {
-          assertClose(form, await evalOn(gpu!, streamed(a)), await evalOn(ref, whole(a)));
+          assertCloseMixed(form, await evalOn(gpu!, streamed(a)), await evalOn(ref, whole(a)));
         }),
         { numRuns: 10 },
       );
