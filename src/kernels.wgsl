@@ -1474,6 +1474,146 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   ent[r] = ls - a.z / a.y;
 }
 
+//! kernel sample_cand_wg
+// Sampling candidates (Ops.sampleCandidates), one workgroup per row of one storage block of the
+// logits (its rows are rows row0.. of temps/out). Pass 1: each invocation keeps the `count`
+// largest logits of its strided slice in a private list (sorted, value descending; its ids
+// increase, so an equal value ranks after those kept), then `count` rounds of a shared-memory
+// argmax (ties: lower id) pop the global best of the heads. Pass 2: with m = the best,
+// s1 = sum exp(x - m) and sT = sum exp((x - m) / T), compensated (Kahan per invocation, TwoSum
+// in the tree). Out row: (m, s1, sT, min(count, v), values[count], ids[count]) with -inf / -1
+// in unused slots.
+const WG = 64u;
+const MAXC = 64u;
+const NONE = 0xffffffffu;
+struct Params { n: u32, v: u32, count: u32, row0: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> temps: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+var<workgroup> wv: array<f32, WG>;
+var<workgroup> wi: array<u32, WG>;
+var<workgroup> h1s: array<f32, WG>;
+var<workgroup> l1s: array<f32, WG>;
+var<workgroup> h2s: array<f32, WG>;
+var<workgroup> l2s: array<f32, WG>;
+fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
+  if (ai == NONE) { return false; }
+  if (bi == NONE) { return true; }
+  return av > bv || (av == bv && ai < bi);
+}
+// TwoSum of (ah, al) + (bh, bl) -> (hi, lo)
+fn two_sum(ah: f32, al: f32, bh: f32, bl: f32) -> vec2<f32> {
+  let s = ah + bh;
+  let bb = s - ah;
+  let err = (ah - (s - bb)) + (bh - bb);
+  return vec2<f32>(s, (al + bl) + err);
+}
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let r = wid.x + wid.y * nwg.x;
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let cnt = params.count;
+  let base = r * v;
+  let ninf = bitcast<f32>(0xff800000u | (v & 0u));
+  var vals: array<f32, MAXC>;
+  var ids: array<u32, MAXC>;
+  var len = 0u;
+  for (var j = lid; j < v; j += WG) {
+    let x = logits[base + j];
+    if (len == cnt && !(x > vals[cnt - 1u])) { continue; }
+    var p = len;
+    if (len < cnt) { len += 1u; } else { p = cnt - 1u; }
+    loop {
+      if (p == 0u) { break; }
+      if (!(x > vals[p - 1u])) { break; }
+      vals[p] = vals[p - 1u];
+      ids[p] = ids[p - 1u];
+      p -= 1u;
+    }
+    vals[p] = x;
+    ids[p] = j;
+  }
+  let ro = params.row0 + r;
+  let w = 4u + 2u * cnt;
+  let ob = ro * w;
+  var head = 0u;
+  var m = ninf;
+  for (var c = 0u; c < cnt; c++) {
+    if (head < len) {
+      wv[lid] = vals[head];
+      wi[lid] = ids[head];
+    } else {
+      wv[lid] = ninf;
+      wi[lid] = NONE;
+    }
+    workgroupBarrier();
+    for (var k = WG / 2u; k > 0u; k >>= 1u) {
+      if (lid < k) {
+        if (better(wv[lid + k], wi[lid + k], wv[lid], wi[lid])) {
+          wv[lid] = wv[lid + k];
+          wi[lid] = wi[lid + k];
+        }
+      }
+      workgroupBarrier();
+    }
+    let bi = wi[0];
+    let bv = wv[0];
+    if (c == 0u) { m = bv; }
+    if (head < len && ids[head] == bi) { head += 1u; }
+    if (lid == 0u) {
+      if (bi == NONE) {
+        out[ob + 4u + c] = ninf;
+        out[ob + 4u + cnt + c] = -1.0;
+      } else {
+        out[ob + 4u + c] = bv;
+        out[ob + 4u + cnt + c] = f32(bi);
+      }
+    }
+    workgroupBarrier();
+  }
+  let t = temps[ro];
+  let it = select(1.0, 1.0 / t, t > 0.0);
+  var s1 = 0.0;
+  var c1 = 0.0;
+  var s2 = 0.0;
+  var c2 = 0.0;
+  for (var j = lid; j < v; j += WG) {
+    let d = logits[base + j] - m;
+    let y1 = exp(d) - c1;
+    let t1 = s1 + y1;
+    c1 = (t1 - s1) - y1;
+    s1 = t1;
+    let y2 = exp(d * it) - c2;
+    let t2 = s2 + y2;
+    c2 = (t2 - s2) - y2;
+    s2 = t2;
+  }
+  h1s[lid] = s1;
+  l1s[lid] = -c1;
+  h2s[lid] = s2;
+  l2s[lid] = -c2;
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) {
+      let a = two_sum(h1s[lid], l1s[lid], h1s[lid + k], l1s[lid + k]);
+      let b = two_sum(h2s[lid], l2s[lid], h2s[lid + k], l2s[lid + k]);
+      h1s[lid] = a.x;
+      l1s[lid] = a.y;
+      h2s[lid] = b.x;
+      l2s[lid] = b.y;
+    }
+  }
+  if (lid == 0u) {
+    out[ob] = m;
+    out[ob + 1u] = h1s[0] + l1s[0];
+    out[ob + 2u] = h2s[0] + l2s[0];
+    out[ob + 3u] = f32(min(cnt, v));
+  }
+}
+
 // ---- matmul (src/backend/webgpu/matmul.ts) ------------------------------------------------
 
 //! kernel matmul_pack

@@ -250,6 +250,17 @@ export interface Ops {
    */
   logSoftmaxFinish(acc: Tensor): { logp: Tensor; lse: Tensor; entropy: Tensor };
 
+  /**
+   * Sampling candidates of each row of logits [N, V] (which may be stored in row blocks), so that
+   * a decode step reads back O(N) values instead of [N, V]: a fresh f32 [N, 4 + 2·count] whose
+   * row i is (m, s1, sT, n, values[count], ids[count]) with m = max of the row, s1 = Σ exp(x − m),
+   * sT = Σ exp((x − m) / T_i) (T_i = temperatures[i]; T_i <= 0 counts as 1), n = min(count, V)
+   * and the n largest logits (value descending, ties by lower id) with their ids (as floats,
+   * exact below 2^24); unused slots hold value -Infinity and id -1. `count` is in [1, 64].
+   * The host finishes sampling from it (src/model/sampling.ts `sampleFromCandidates`).
+   */
+  sampleCandidates(logits: Tensor, temperatures: ArrayLike<number>, count: number): Tensor;
+
   // ---- optimizer and LoRA --------------------------------------------------------------------
   /** In place AdamW (decoupled weight decay) on param, m, v with gradient g. */
   adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;

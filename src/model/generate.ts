@@ -1,6 +1,10 @@
 /**
  * Batched incremental generation with a KV cache: left-padded prompts are prefilled at once,
- * then one token per sequence per step; the host waits once per step (the logits read).
+ * then one token per sequence per step. The logits stay on the device: per step the host reads
+ * only each row's sampling candidates (`Ops.sampleCandidates`, O(batch) values) and finishes
+ * the choice from them (`sampleFromCandidates`, the same token as `sampleToken` for the same
+ * uniform); a row whose choice the candidates cannot prove (it lies in the tail of a flat
+ * distribution, or within rounding of a threshold) is read whole, in a second wait that step.
  * @module
  */
 import { Effect } from "effect";
@@ -8,7 +12,32 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
 import { type DeviceModel, forwardCached, type LoraRuntime, makeKvCache } from "./decoder.ts";
 import { Rng } from "./rng.ts";
-import { sampleToken, type SamplingParams } from "./sampling.ts";
+import {
+  candidateRow,
+  drawUniform,
+  type Sample,
+  sampleFromCandidates,
+  sampleTokenWith,
+  type SamplingParams,
+} from "./sampling.ts";
+
+/**
+ * Most candidates per row a decode step reads back: 1 for an all-greedy batch, else 16 or the
+ * largest top-k up to this (fewer merge rounds in the kernel; a row they cannot decide is read).
+ */
+export const SAMPLE_CANDIDATES = 64;
+
+let forcedSampling: boolean | undefined;
+
+/**
+ * Forces sampling on the device (true) or on the host from the read-back logits (false);
+ * `undefined` restores the default: the device, except on a software adapter (llvmpipe), where
+ * the candidate kernel's barriers cost more than reading the logits (measured: see the report
+ * of issue 11 item 4). Tests and benchmarks set it.
+ */
+export const setDeviceSampling = (on: boolean | undefined): void => {
+  forcedSampling = on;
+};
 
 /** One generation request (vLLM's per-sequence semantics). */
 export interface GenerationRequest extends SamplingParams {
@@ -66,21 +95,54 @@ export const generate: (
     if (maxNew <= 0) return out;
     const ops = yield* backend.ops;
     const cache = makeKvCache(ops, model.config, B, P + maxNew);
-    // One scope per step: its activations go back to the pool before the next step.
+    const V = model.config.vocabSize;
+    // greedy needs the best only; sampling a kept set within the candidates decides at once
+    const sampling = requests.filter((r) => r.temperature > 0);
+    const count = Math.min(
+      V,
+      sampling.length === 0 ? 1 : Math.min(
+        SAMPLE_CANDIDATES,
+        Math.max(16, ...sampling.map((r) => r.topK > 0 ? r.topK : 0)),
+      ),
+    );
+    const temps = requests.map((r) => r.temperature);
+    // One scope per step: its activations go back to the pool before the next step. Returns
+    // the sample of every live row (null for finished ones).
     const step = (tokens: ArrayLike<number>, tq: number) =>
       Effect.scoped(Effect.gen(function* () {
         const sops = yield* backend.ops;
         const logits = forwardCached(sops, model, cache, tokens, tq, pad, lora);
-        return (yield* sops.read([logits]))[0];
+        if (!(forcedSampling ?? !sops.info.fallback)) {
+          const host = (yield* sops.read([logits]))[0];
+          return requests.map((r, b) =>
+            done[b]
+              ? null
+              : sampleTokenWith(host.subarray(b * V, (b + 1) * V), r, drawUniform(r, rngs[b]))
+          );
+        }
+        const cand = (yield* sops.read([sops.sampleCandidates(logits, temps, count)]))[0];
+        const samples: (Sample | null)[] = new Array(B).fill(null);
+        const us: number[] = new Array(B).fill(NaN);
+        const rest: number[] = [];
+        for (let b = 0; b < B; b++) {
+          if (done[b]) continue;
+          us[b] = drawUniform(requests[b], rngs[b]);
+          samples[b] = sampleFromCandidates(candidateRow(cand, b, count, V), requests[b], us[b]);
+          if (samples[b] === null) rest.push(b);
+        }
+        if (rest.length > 0) {
+          const rows = yield* sops.read(rest.map((b) => sops.sliceRows(logits, b, 1)));
+          rest.forEach((b, i) => samples[b] = sampleTokenWith(rows[i], requests[b], us[b]));
+        }
+        return samples;
       }));
-    let host = yield* step(ids, P);
+    let samples = yield* step(ids, P);
     for (let t = 0; t < maxNew; t++) {
-      const V = model.config.vocabSize;
       const next = new Int32Array(B);
       for (let b = 0; b < B; b++) {
         if (done[b]) continue;
         const r = requests[b];
-        const s = sampleToken(host.subarray(b * V, (b + 1) * V), r, rngs[b]);
+        const s = samples[b]!;
         const g = out[b];
         g.tokens.push(s.token);
         g.rawLogprobs.push(s.rawLogprob);
@@ -92,7 +154,7 @@ export const generate: (
         } else if (g.tokens.length >= r.maxTokens) done[b] = true;
       }
       if (done.every((d) => d)) break;
-      host = yield* step(next, 1);
+      samples = yield* step(next, 1);
     }
     return out;
   },

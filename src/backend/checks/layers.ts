@@ -192,3 +192,32 @@ export const checkEntropy = (op: string, logits: Tensor, temperature: number): [
   checkTemperature(op, temperature);
   return [n, v];
 };
+
+/** Most candidates per row of sampleCandidates (the kernel's per-invocation list). */
+export const MAX_SAMPLE_CANDIDATES = 64;
+
+/** Validates sampleCandidates' logits, temperatures and count; returns [N, V]. */
+export const checkSampleCandidates = (
+  op: string,
+  logits: Tensor,
+  temperatures: ArrayLike<number>,
+  count: number,
+): [number, number] => {
+  const [n, v] = logitsShape(op, logits, null);
+  ensure(
+    temperatures.length === n,
+    op,
+    () => `temperatures: ${temperatures.length} values for ${n} rows`,
+  );
+  for (let i = 0; i < n; i++) {
+    const t = temperatures[i];
+    ensure(Number.isFinite(t), op, () => `temperature ${t} of row ${i} must be finite`);
+  }
+  ensure(
+    Number.isInteger(count) && count >= 1 && count <= MAX_SAMPLE_CANDIDATES,
+    op,
+    () => `count ${count} must be an integer in [1, ${MAX_SAMPLE_CANDIDATES}]`,
+  );
+  ensure(v < 2 ** 24, op, () => `vocabulary ${v} too large for float ids (< 2^24)`);
+  return [n, v];
+};

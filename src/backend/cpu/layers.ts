@@ -17,6 +17,7 @@ import {
   checkRmsNorm,
   checkRmsNormBackward,
   checkRope,
+  checkSampleCandidates,
 } from "../checks/layers.ts";
 import type { CpuScope } from "./scope.ts";
 
@@ -361,4 +362,57 @@ export function logSoftmaxFinish(
     ent[i] = ls - a[i * 4 + 2] / a[i * 4 + 1];
   }
   return { logp: sc.wrap([n], logp), lse: sc.wrap([n], lse), entropy: sc.wrap([n], ent) };
+}
+
+/** See Ops.sampleCandidates (sums in float64, the reference the kernel is tested against). */
+export function sampleCandidates(
+  sc: CpuScope,
+  logits: Tensor,
+  temperatures: ArrayLike<number>,
+  count: number,
+): Tensor {
+  const op = "sampleCandidates";
+  const xs = sc.f(logits, op);
+  const [n, v] = checkSampleCandidates(op, logits, temperatures, count);
+  const w = 4 + 2 * count;
+  const out = sc.floats(n * w);
+  const vals = new Float64Array(count);
+  const ids = new Int32Array(count);
+  for (let i = 0; i < n; i++) {
+    const off = i * v;
+    let len = 0;
+    for (let j = 0; j < v; j++) {
+      const x = xs[off + j];
+      // ids come in increasing order: an equal value ranks after those already kept
+      if (len === count && !(x > vals[count - 1])) continue;
+      let p = len < count ? len++ : count - 1;
+      while (p > 0 && x > vals[p - 1]) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
+      }
+      vals[p] = x;
+      ids[p] = j;
+    }
+    const m = vals[0];
+    const t = temperatures[i];
+    const it = t > 0 ? 1 / t : 1;
+    let s1 = 0;
+    let sT = 0;
+    for (let j = 0; j < v; j++) {
+      const d = xs[off + j] - m;
+      s1 += Math.exp(d);
+      sT += Math.exp(d * it);
+    }
+    const o = i * w;
+    out[o] = m;
+    out[o + 1] = s1;
+    out[o + 2] = sT;
+    out[o + 3] = len;
+    for (let c = 0; c < count; c++) {
+      out[o + 4 + c] = c < len ? vals[c] : -Infinity;
+      out[o + 4 + count + c] = c < len ? ids[c] : -1;
+    }
+  }
+  return sc.wrap([n, w], out);
 }

@@ -105,6 +105,8 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     logSoftmaxChunk: (acc, logits, targets, offset, temperature) =>
       layers.logSoftmaxChunk(sc, acc, logits, targets, offset, temperature),
     logSoftmaxFinish: (acc) => layers.logSoftmaxFinish(sc, acc),
+    sampleCandidates: (logits, temperatures, count) =>
+      layers.sampleCandidates(sc, logits, temperatures, count),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
     attentionBackward: (dOut, q, k, v, out, lse, opts) =>
       attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),

@@ -32,6 +32,9 @@ export const grid = (n: number): [number, number] => {
   return [Math.ceil(n / y), y];
 };
 
+/** Uploads of at least this many bytes are submitted at once (their staging copy goes back). */
+const UPLOAD_SUBMIT_BYTES = 16 << 20;
+
 /** One WebGPU device with its caches; shared by all scopes of the backend. */
 export class GpuContext {
   private readonly pipelines = new Map<string, GPUComputePipeline>();
@@ -148,6 +151,8 @@ export class GpuContext {
       : new Float32Array(buf.getMappedRange());
     view.set(data);
     buf.unmap();
+    // a large upload goes out now, so its staging copy is not held until the next submit
+    if (size >= UPLOAD_SUBMIT_BYTES) this.device.queue.submit([]);
     return buf;
   }
 

@@ -23,6 +23,7 @@ import {
   checkRmsNorm,
   checkRmsNormBackward,
   checkRope,
+  checkSampleCandidates,
 } from "../checks/layers.ts";
 import { ropeInvFreq } from "../cpu/layers.ts";
 import { f32, type GpuContext, grid } from "./context.ts";
@@ -446,4 +447,27 @@ export function logSoftmaxFinish(
   const ent = sc.out([n]);
   sc.dispatch("lsm_finish", [ab, logp.buffer, lse.buffer, ent.buffer], groups(n, ROW_WG), [n]);
   return { logp, lse, entropy: ent };
+}
+
+/** See Ops.sampleCandidates (kernel sample_cand_wg, block by block for split logits). */
+export function sampleCandidates(
+  sc: GpuScope,
+  logits: Tensor,
+  temperatures: ArrayLike<number>,
+  count: number,
+): Tensor {
+  const op = "sampleCandidates";
+  const lt = sc.blocks(logits, op, "f32");
+  const [n, v] = checkSampleCandidates(op, logits, temperatures, count);
+  const temps = sc.upload(Float32Array.from(temperatures), [n], "f32");
+  const out = sc.out([n, 4 + 2 * count]);
+  for (const b of rowBlocksOf(lt)) {
+    sc.dispatch("sample_cand_wg", [b.buffer, temps.buffer, out.buffer], grid(b.rows), [
+      b.rows,
+      v,
+      count,
+      b.row0,
+    ]);
+  }
+  return out;
 }

@@ -49,7 +49,10 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
         "fromArray",
         () => `shape [${shape}] vs length ${data.length}`,
       );
-      const host = dtype === "i32" ? Int32Array.from(data) : Float32Array.from(data);
+      // upload copies into the device buffer: an array of the right type goes in as it is
+      const host = dtype === "i32"
+        ? (data instanceof Int32Array ? data : Int32Array.from(data))
+        : (data instanceof Float32Array ? data : Float32Array.from(data));
       return sc.upload(host, shape, dtype);
     },
     zeros: (shape, dtype = "f32") => sc.zeros(shape, dtype),
@@ -121,6 +124,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     logSoftmaxChunk: (acc, logits, targets, offset, temperature) =>
       layers.logSoftmaxChunk(sc, acc, logits, targets, offset, temperature),
     logSoftmaxFinish: (acc) => layers.logSoftmaxFinish(sc, acc),
+    sampleCandidates: (logits, temperatures, count) =>
+      layers.sampleCandidates(sc, logits, temperatures, count),
     attention: (q, k, v, opts) => attention.attention(sc, q, k, v, opts),
     attentionBackward: (dOut, q, k, v, out, lse, opts) =>
       attention.attentionBackward(sc, dOut, q, k, v, out, lse, opts),
