@@ -1,6 +1,6 @@
 /**
  * The Backend service: where tensors live and ops run. Implementations: the CPU reference and
- * WebGPU (src/kernels.wgsl). Selection: WebGPU when an adapter exists, CPU otherwise; override
+ * WebGPU (src/backend/webgpu/*.wgsl). Selection: WebGPU when an adapter exists, CPU otherwise; override
  * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
  * @module
  */

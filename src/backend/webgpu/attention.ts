@@ -1,5 +1,5 @@
 /**
- * WebGPU backend: causal grouped-query attention (kernels `attn_*` in src/kernels.wgsl).
+ * WebGPU backend: causal grouped-query attention (kernels `attn_*` in attention.wgsl).
  *
  * Forward (`attn_fwd`): each invocation runs an online softmax in registers for a tile of up to
  * four query vectors (row, head) that share a kv head, so every k/v load serves the whole tile;

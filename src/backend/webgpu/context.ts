@@ -100,7 +100,7 @@ export class GpuContext {
     let p = this.pipelines.get(key);
     if (!p) {
       const code = this.kernels.get(name);
-      if (code === undefined) throw new Error(`kernel "${name}" not found in kernels.wgsl`);
+      if (code === undefined) throw new Error(`kernel "${name}" not found in the .wgsl files`);
       const module = this.device.createShaderModule({ code, label: name });
       p = this.device.createComputePipeline({
         layout: "auto",

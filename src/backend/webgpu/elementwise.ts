@@ -1,6 +1,6 @@
 /**
  * WebGPU backend: elementwise ops, reductions, row gather/scatter, SwiGLU, AdamW and the LoRA fold
- * (kernels `ew_*`, `swiglu*`, `adamw`, `lora_fold` in src/kernels.wgsl). Contracts: Ops in
+ * (kernels `ew_*`, `swiglu*`, `adamw`, `lora_fold` in elementwise.wgsl). Contracts: Ops in
  * ../ops.ts; the CPU backend (../cpu/elementwise.ts) is the reference.
  *
  * Reductions (sumRows, sumSquares) use fixed two-pass trees: every run adds the same numbers in

@@ -1,33 +1,62 @@
 /**
- * Loads `src/kernels.wgsl` and splits it into named kernels. The file starts with a shared
- * prelude; each kernel begins at a line `//! kernel <name>` and runs to the next such line.
- * Each kernel compiles as prelude + its own section, so kernels may reuse binding numbers.
+ * Loads the WGSL kernels and splits them into named kernels. Each kernel family has its own file
+ * beside its host module (`attention.wgsl`, `elementwise.wgsl`, `layers.wgsl`, `matmul.wgsl`);
+ * `common.wgsl` is the shared include (structs, helpers). In a family file each kernel begins at
+ * a line `//! kernel <name>` and runs to the next such line; text before the first marker may
+ * only be comments. Each kernel compiles as the include + its own section, so kernels may reuse
+ * binding numbers. Kernel names are unique across all files.
  * @module
  */
 import { readFile } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
 
-const KERNELS_URL = new URL("../../kernels.wgsl", import.meta.url);
+/** The shared include, prepended to every kernel. */
+const COMMON_URL = new URL("./common.wgsl", import.meta.url);
+/** One file per kernel family, beside its host module. */
+const FAMILY_URLS: readonly URL[] = ["attention", "elementwise", "layers", "matmul"].map((f) =>
+  new URL(`./${f}.wgsl`, import.meta.url)
+);
 
-/** Parses kernel sections: name -> full WGSL source (prelude included). */
-export const parseKernels = (text: string): Map<string, string> => {
-  const out = new Map<string, string>();
+/**
+ * Parses the kernel sections of one family file into `out`: name -> full WGSL source (`common`
+ * prepended). Throws on a bad or duplicate name, or on code before the first kernel.
+ */
+export const parseKernels = (
+  text: string,
+  common: string,
+  file = "kernels",
+  out: Map<string, string> = new Map(),
+): Map<string, string> => {
   const parts = text.split(/^\/\/! kernel /m);
-  const prelude = parts[0];
+  const header = parts[0].split("\n").filter((l) => l.trim() !== "" && !l.startsWith("//"));
+  if (header.length > 0) {
+    throw new Error(`${file}: code before the first kernel: "${header[0]}" (put it in common)`);
+  }
   for (const part of parts.slice(1)) {
     const nl = part.indexOf("\n");
     const name = part.slice(0, nl).trim();
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) throw new Error(`bad kernel name "${name}"`);
-    if (out.has(name)) throw new Error(`kernel "${name}" defined twice`);
-    out.set(name, `${prelude}\n${part.slice(nl + 1)}`);
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
+      throw new Error(`${file}: bad kernel name "${name}"`);
+    }
+    if (out.has(name)) throw new Error(`${file}: kernel "${name}" defined twice`);
+    out.set(name, `${common}\n${part.slice(nl + 1)}`);
   }
   return out;
 };
 
-/** Reads kernels.wgsl from disk (file: URL) or over HTTP (package served from a registry). */
+/** Reads a file next to this module from disk (file: URL) or over HTTP (served package). */
+const readText = async (url: URL): Promise<string> =>
+  url.protocol === "file:"
+    ? await readFile(fileURLToPath(url), "utf8")
+    : await (await fetch(url)).text();
+
+/** Reads the include and every family file; name -> full WGSL source. */
 export const loadKernels = async (): Promise<Map<string, string>> => {
-  const text = KERNELS_URL.protocol === "file:"
-    ? await readFile(fileURLToPath(KERNELS_URL), "utf8")
-    : await (await fetch(KERNELS_URL)).text();
-  return parseKernels(text);
+  const [common, ...families] = await Promise.all([COMMON_URL, ...FAMILY_URLS].map(readText));
+  const out = new Map<string, string>();
+  families.forEach((text, i) => {
+    const file = FAMILY_URLS[i].pathname.split("/").pop()!;
+    parseKernels(text, common, file, out);
+  });
+  return out;
 };

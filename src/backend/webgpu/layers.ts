@@ -1,6 +1,6 @@
 /**
  * WebGPU backend: decoder layer ops (RMSNorm, rotary embedding, token embedding, log-probs,
- * entropy, the streamed log-softmax over vocabulary chunks) as kernels of src/kernels.wgsl
+ * entropy, the streamed log-softmax over vocabulary chunks) as kernels of layers.wgsl
  * (sections rmsnorm_*, rope_*, embed_*, logprob_*, entropy_*, lsm_*). Contracts: see Ops in
  * ../ops.ts. The embedding table and its gradient, and the logits of logProbs, entropy and
  * logProbsBackward, may be stored in several blocks (beyond the binding limit): the kernels

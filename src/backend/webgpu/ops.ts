@@ -1,5 +1,5 @@
 /**
- * WebGPU backend: every op is a compute shader from src/kernels.wgsl, encoded into batched
+ * WebGPU backend: every op is a compute shader from the .wgsl file of its family, encoded into batched
  * command buffers; the host waits only when it reads a tensor back.
  * @module
  */

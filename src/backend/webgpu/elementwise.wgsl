@@ -1,0 +1,294 @@
+// Elementwise kernels (host: elementwise.ts): binary ops, scale, axpy, row sums, gathers and
+// scatters, column copies, SwiGLU, AdamW, the LoRA fold, and fill_f32 (dispatch tests).
+// Format of the family files: text before the first marker is a comment (only comments and
+// blank lines are allowed there); each kernel starts at a line "//! kernel <name>" and runs to
+// the next such line or the end of the file.
+
+//! kernel fill_f32
+// Sets every element of `out` to params.value (used by tests of the dispatch machinery).
+struct Params { n: u32, value: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { out[i] = params.value; }
+}
+
+//! kernel ew_binary
+// out = a (op) b elementwise. op 0: a + b, 1: a - b, 2: a * b, 3: a + s * b.
+struct Params { n: u32, op: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = a[i];
+  let y = b[i];
+  var r: f32;
+  switch params.op {
+    case 0u: { r = x + y; }
+    case 1u: { r = x - y; }
+    case 2u: { r = x * y; }
+    default: { r = x + params.s * y; }
+  }
+  out[i] = r;
+}
+
+//! kernel ew_scale
+// out = s * a.
+struct Params { n: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { out[i] = params.s * a[i]; }
+}
+
+//! kernel ew_axpy_inplace
+// In place: dst += s * src (src must be another buffer).
+struct Params { n: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(2) var<storage, read> src: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { dst[i] = dst[i] + params.s * src[i]; }
+}
+
+//! kernel ew_add_row
+// out[R, C] = a[R, C] + row[C] broadcast over rows.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> row: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i < params.n) { out[i] = a[i] + row[i % params.cols]; }
+}
+
+//! kernel ew_sum_rows
+// Partial column sums of a[rows, cols] over chunks of chunk_rows rows: invocation t < n
+// (= chunks * cols) writes out[t] = sum of a[r, t % cols] for r in chunk t / cols, in row order.
+// With chunk_rows >= rows it is the whole column sum (out [cols]).
+struct Params { n: u32, cols: u32, rows: u32, chunk_rows: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let t = linear_id(gid, nwg, 256u);
+  if (t >= params.n) { return; }
+  let chunk = t / params.cols;
+  let c = t - chunk * params.cols;
+  let r0 = chunk * params.chunk_rows;
+  let r1 = min(r0 + params.chunk_rows, params.rows);
+  var acc = 0.0;
+  for (var r = r0; r < r1; r++) { acc += a[r * params.cols + c]; }
+  out[t] = acc;
+}
+
+//! kernel ew_sum_squares
+// Workgroup w writes out[w] = sum over i = w*256 + lid, stepping by 256 * workgroups, of x[i]²
+// (or of x[i] when square == 0), reduced by a fixed tree: deterministic. One workgroup over the
+// partials (square = 0) finishes the reduction.
+struct Params { n: u32, square: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+var<workgroup> part: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(
+  @builtin(local_invocation_id) lid: vec3<u32>,
+  @builtin(workgroup_id) wid: vec3<u32>,
+  @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+  let stride = nwg.x * 256u;
+  var acc = 0.0;
+  for (var i = wid.x * 256u + lid.x; i < params.n; i += stride) {
+    let v = x[i];
+    acc += select(v, v * v, params.square != 0u);
+  }
+  part[lid.x] = acc;
+  workgroupBarrier();
+  for (var h = 128u; h > 0u; h = h >> 1u) {
+    if (lid.x < h) { part[lid.x] = part[lid.x] + part[lid.x + h]; }
+    workgroupBarrier();
+  }
+  if (lid.x == 0u) { out[wid.x] = part[0]; }
+}
+
+//! kernel ew_gather_rows
+// out[i, c] = src[idx[i], c] for out [rows, cols]; n = rows * cols.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  out[i] = src[u32(idx[r]) * params.cols + c];
+}
+
+//! kernel ew_scatter_rows
+// In place: dst[idx[i], c] = src[i, c] for src [rows, cols]; n = rows * cols; idx distinct.
+struct Params { n: u32, cols: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  dst[u32(idx[r]) * params.cols + c] = src[i];
+}
+
+//! kernel ew_copy_cols
+// Copies a column range between row-major matrices (bit for bit, any 32-bit dtype):
+// dst[dst_off + r * dst_w + c] = src[src_off + r * src_w + c] for c < cols; n = rows * cols.
+struct Params { n: u32, cols: u32, src_w: u32, src_off: u32, dst_w: u32, dst_off: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let r = i / params.cols;
+  let c = i - r * params.cols;
+  dst[params.dst_off + r * params.dst_w + c] = src[params.src_off + r * params.src_w + c];
+}
+
+//! kernel swiglu
+// out = silu(g) * u, silu(g) = g * sigmoid(g) (sigmoid evaluated without overflow).
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> g: array<f32>;
+@group(0) @binding(2) var<storage, read> u: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+fn sigmoid(x: f32) -> f32 {
+  let e = exp(-abs(x));
+  return select(e, 1.0, x >= 0.0) / (1.0 + e);
+}
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = g[i];
+  out[i] = x * sigmoid(x) * u[i];
+}
+
+//! kernel swiglu_backward
+// With s = sigmoid(g): du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)).
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dh: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read> u: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dg: array<f32>;
+@group(0) @binding(5) var<storage, read_write> du: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let x = g[i];
+  let e = exp(-abs(x));
+  // sigmoid(x) and 1 - sigmoid(x), each without cancellation.
+  let s = select(e, 1.0, x >= 0.0) / (1.0 + e);
+  let t = select(1.0, e, x >= 0.0) / (1.0 + e);
+  let d = dh[i];
+  du[i] = d * x * s;
+  dg[i] = d * u[i] * s * (1.0 + x * t);
+}
+
+//! kernel adamw
+// In place AdamW (PyTorch): g' = gscale * g; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'²;
+// p = p * decay - lr * (m / bc1) / (sqrt(v / bc2) + eps), decay = 1 - lr * wd, bc = 1 - beta^t.
+struct Params {
+  n: u32, lr: f32, b1: f32, omb1: f32, b2: f32, omb2: f32, eps: f32, decay: f32, gscale: f32,
+  bc1: f32, bc2: f32,
+}
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> p: array<f32>;
+@group(0) @binding(2) var<storage, read> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> m: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  let g = params.gscale * grad[i];
+  let mi = params.b1 * m[i] + params.omb1 * g;
+  let vi = params.b2 * v[i] + params.omb2 * g * g;
+  m[i] = mi;
+  v[i] = vi;
+  p[i] = p[i] * params.decay - params.lr * (mi / params.bc1) / (sqrt(vi / params.bc2) + params.eps);
+}
+
+//! kernel lora_fold
+// out = w + s * (bm · am) for w [rows, cols], bm [rows, rank], am [rank, cols]; w, bm, am are
+// only read. A 16x16 workgroup covers a 128x128 tile; invocation (x, y) owns rows r0 + 16p and
+// columns c0 + 16q (p, q < 8), keeping its 8x8 block of bm · am in registers (8 loads of bm and
+// 8 of am per 64 multiply-adds). Where the update is zero the output is w's element, bit for bit.
+struct Params { rows: u32, cols: u32, rank: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> bm: array<f32>;
+@group(0) @binding(3) var<storage, read> am: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(16, 16)
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let rows = params.rows;
+  let cols = params.cols;
+  let rank = params.rank;
+  let r0 = wid.y * 128u + lid.y;
+  let c0 = wid.x * 128u + lid.x;
+  // Clamped offsets keep the loads in bounds; the stores below are guarded.
+  var ri: array<u32, 8>;
+  var cj: array<u32, 8>;
+  for (var t = 0u; t < 8u; t++) {
+    ri[t] = min(r0 + 16u * t, rows - 1u) * rank;
+    cj[t] = min(c0 + 16u * t, cols - 1u);
+  }
+  var acc: array<array<f32, 8>, 8>;
+  for (var k = 0u; k < rank; k++) {
+    var bv: array<f32, 8>;
+    var av: array<f32, 8>;
+    let ka = k * cols;
+    for (var t = 0u; t < 8u; t++) {
+      bv[t] = bm[ri[t] + k];
+      av[t] = am[ka + cj[t]];
+    }
+    for (var p = 0u; p < 8u; p++) {
+      for (var q = 0u; q < 8u; q++) { acc[p][q] += bv[p] * av[q]; }
+    }
+  }
+  for (var p = 0u; p < 8u; p++) {
+    let i = r0 + 16u * p;
+    if (i >= rows) { break; }
+    for (var q = 0u; q < 8u; q++) {
+      let j = c0 + 16u * q;
+      if (j >= cols) { break; }
+      let idx = i * cols + j;
+      let wv = w[idx];
+      let d = params.s * acc[p][q];
+      out[idx] = select(wv + d, wv, d == 0.0);
+    }
+  }
+}
+

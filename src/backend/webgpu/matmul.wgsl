@@ -1,0 +1,201 @@
+// Matmul kernels (host: matmul.ts): the tiled texture kernel with its packer, the small
+// kernel and the unpad copy.
+// Format of the family files: text before the first marker is a comment (only comments and
+// blank lines are allowed there); each kernel starts at a line "//! kernel <name>" and runs to
+// the next such line or the end of the file.
+
+//! kernel matmul_pack
+// Packs a strided matrix view into an rgba32float texture for the matmul_t* kernels (when the
+// operand cannot be copied as is): texel (x, y) holds src[(row0 + y) * sr + (4x + i) * sc],
+// i = 0..3, and 0 outside rows x cols.
+struct Params { rows: u32, cols: u32, sr: u32, sc: u32, row0: u32, width: u32, height: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+fn elem(r: u32, c: u32) -> f32 {
+  // Clamped index and select instead of a branch: no divergent control flow around the load.
+  let v = src[min(r, params.rows - 1u) * params.sr + min(c, params.cols - 1u) * params.sc];
+  return select(0.0, v, r < params.rows && c < params.cols);
+}
+// A workgroup covers 16 columns x 16 rows of the source view, a 64-byte line per row on both
+// the read side (either layout) and the texture side: the transposing case stays cache-friendly.
+@compute @workgroup_size(4, 16)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= params.width || gid.y >= params.height) { return; }
+  let r = params.row0 + gid.y;
+  let c = gid.x * 4u;
+  let v = vec4<f32>(elem(r, c), elem(r, c + 1u), elem(r, c + 2u), elem(r, c + 3u));
+  textureStore(dst, vec2<i32>(i32(gid.x), i32(gid.y)), v);
+}
+
+//! kernel matmul_small
+// Direct matmul for small or unusual shapes: each invocation computes a 4x4 block of C[m, n]
+// from op(A)[i, k] = a[i * sam + k * sak] and op(B)[k, j] = b[k * sbk + j * sbn] (any transpose).
+struct Params { m: u32, n: u32, k: u32, sam: u32, sak: u32, sbk: u32, sbn: u32, tiles_n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+fn put(row: u32, col: u32, v: vec4<f32>) {
+  if (row >= params.m) { return; }
+  let o = row * params.n + col;
+  if (col < params.n) { c[o] = v.x; }
+  if (col + 1u < params.n) { c[o + 1u] = v.y; }
+  if (col + 2u < params.n) { c[o + 2u] = v.z; }
+  if (col + 3u < params.n) { c[o + 3u] = v.w; }
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let id = linear_id(gid, nwg, 64u);
+  let r0 = (id / params.tiles_n) * 4u;
+  let c0 = (id % params.tiles_n) * 4u;
+  // Rows and columns past the edge are clamped (their results are never stored).
+  let a0 = min(r0, params.m - 1u) * params.sam;
+  let a1 = min(r0 + 1u, params.m - 1u) * params.sam;
+  let a2 = min(r0 + 2u, params.m - 1u) * params.sam;
+  let a3 = min(r0 + 3u, params.m - 1u) * params.sam;
+  let b0 = min(c0, params.n - 1u) * params.sbn;
+  let b1 = min(c0 + 1u, params.n - 1u) * params.sbn;
+  let b2 = min(c0 + 2u, params.n - 1u) * params.sbn;
+  let b3 = min(c0 + 3u, params.n - 1u) * params.sbn;
+  var s0 = vec4<f32>();
+  var s1 = vec4<f32>();
+  var s2 = vec4<f32>();
+  var s3 = vec4<f32>();
+  for (var k = 0u; k < params.k; k++) {
+    let ka = k * params.sak;
+    let kb = k * params.sbk;
+    let bv = vec4<f32>(b[kb + b0], b[kb + b1], b[kb + b2], b[kb + b3]);
+    s0 += a[ka + a0] * bv;
+    s1 += a[ka + a1] * bv;
+    s2 += a[ka + a2] * bv;
+    s3 += a[ka + a3] * bv;
+  }
+  put(r0, c0, s0);
+  put(r0 + 1u, c0, s1);
+  put(r0 + 2u, c0, s2);
+  put(r0 + 3u, c0, s3);
+}
+
+//! kernel matmul_unpad
+// dst[r, col] = src[r * ld + col] for a [rows, cols] result computed with a padded row stride.
+struct Params { rows: u32, cols: u32, ld: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.rows * params.cols) { return; }
+  let r = i / params.cols;
+  dst[i] = src[r * params.ld + (i - r * params.cols)];
+}
+
+//! kernel matmul_t16x16
+// C tile of 16x16 per invocation from operands held in rgba32float textures (copied from
+// the tensors, or packed by matmul_pack). Accumulates in registers only (no workgroup
+// memory: barriers are very expensive on software adapters such as llvmpipe). The textures are
+// read as read-only storage textures: on llvmpipe that load is inlined, where a sampled-texture
+// fetch is a call per texel (measured: 1.7x the throughput). Tiles are taken in `tile_order`;
+// in that order a 32x16 tile (fewer fetches per multiply-add, more spilled registers)
+// measured no faster on any bench shape and was dropped.
+// Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
+struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+// Operand layouts (pipeline constants): A_KMAJOR: texel (x, y) of at holds op(A)[y, 4x..4x+3];
+// otherwise op(A)[4x..4x+3, y] (a transposed A copied as is). B_KMAJOR: texel (x, y) of bt holds
+// op(B)[4x..4x+3, y]; otherwise op(B)[y, 4x..4x+3] (a plain B copied as is).
+override A_KMAJOR: bool = true;
+override B_KMAJOR: bool = true;
+fn ta(x: i32, y: i32) -> vec4<f32> { return textureLoad(at, vec2<i32>(x, y)); }
+fn tb(x: i32, y: i32) -> vec4<f32> { return textureLoad(bt, vec2<i32>(x, y)); }
+// Column kk: op(A)[r..r+3, 4k + kk].
+fn rows_a(k: i32, r: i32) -> mat4x4<f32> {
+  if (A_KMAJOR) {
+    return transpose(mat4x4<f32>(ta(k, r), ta(k, r + 1), ta(k, r + 2), ta(k, r + 3)));
+  }
+  let x = r / 4;
+  return mat4x4<f32>(ta(x, 4 * k), ta(x, 4 * k + 1), ta(x, 4 * k + 2), ta(x, 4 * k + 3));
+}
+// Column j: op(B)[4k..4k+3, n + j].
+fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
+  if (B_KMAJOR) {
+    return mat4x4<f32>(tb(k, n), tb(k, n + 1), tb(k, n + 2), tb(k, n + 3));
+  }
+  let x = n / 4;
+  return transpose(mat4x4<f32>(tb(x, 4 * k), tb(x, 4 * k + 1), tb(x, 4 * k + 2), tb(x, 4 * k + 3)));
+}
+fn put(row: u32, col: u32, v: vec4<f32>) {
+  if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
+}
+// Stores a 4x4 block whose column j is C[row..row+3, col + j].
+fn put4(row: u32, col: u32, t: mat4x4<f32>) {
+  let u = transpose(t);
+  put(row, col, u[0]);
+  put(row + 1u, col, u[1]);
+  put(row + 2u, col, u[2]);
+  put(row + 3u, col, u[3]);
+}
+// Tile (row, column) of invocation `id` in a tiles_m x tiles_n grid of output tiles, for
+// workgroups of `wg` invocations. Tiles go in bands of wg/4 tile rows; each band is walked in
+// strips of 4 tile columns, row by row inside a strip (narrower bands and strips at the edges,
+// so no tile is skipped or repeated). Consecutive invocations, which a software adapter runs
+// as the lanes of one SIMD vector, thus take a 4x4 block of tiles, and a workgroup shares its
+// strip's columns of B: their operand rows stay in the CPU caches together (llvmpipe at 512
+// bits, 1024³ with k-major B: 72-73 GFLOP/s against 39-56 in row-major order, 6 processes).
+fn tile_order(id: u32, wg: u32, tiles_m: u32, tiles_n: u32) -> vec2<u32> {
+  let band_rows = max(wg / 4u, 1u);
+  let band_size = band_rows * tiles_n;
+  let band = id / band_size;
+  // max(.., 1): invocations past the last tile (the last workgroup's tail) must not divide by 0.
+  let rows = max(min(band_rows, tiles_m - min(tiles_m, band * band_rows)), 1u);
+  let r = id - band * band_size;
+  let strip = r / (rows * 4u);
+  let cols = max(min(4u, tiles_n - min(tiles_n, strip * 4u)), 1u);
+  let s = r - strip * rows * 4u;
+  return vec2<u32>(band * band_rows + s / cols, strip * 4u + s % cols);
+}
+// Invocations per workgroup: 64, or 16 when there are few tiles (a workgroup runs on one
+// thread of a software adapter; 16 fills one 512-bit vector of f32).
+override WG: u32 = 64u;
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let tile = tile_order(linear_id(gid, nwg, WG), WG, params.tiles_m, params.tiles_n);
+  let tm = tile.x;
+  let tn = tile.y;
+  let m0 = i32(tm * 16u);
+  let n0 = i32(tn * 16u);
+  let k4 = i32(params.k4);
+  var c0_0: mat4x4<f32>; var c0_1: mat4x4<f32>; var c0_2: mat4x4<f32>; var c0_3: mat4x4<f32>;
+  var c1_0: mat4x4<f32>; var c1_1: mat4x4<f32>; var c1_2: mat4x4<f32>; var c1_3: mat4x4<f32>;
+  var c2_0: mat4x4<f32>; var c2_1: mat4x4<f32>; var c2_2: mat4x4<f32>; var c2_3: mat4x4<f32>;
+  var c3_0: mat4x4<f32>; var c3_1: mat4x4<f32>; var c3_2: mat4x4<f32>; var c3_3: mat4x4<f32>;
+  // One k-texel (4 k) per iteration: unrolling two was slower (more live registers).
+  for (var k = 0; k < k4; k++) {
+    let a0 = rows_a(k, m0 + 0);
+    let a1 = rows_a(k, m0 + 4);
+    let a2 = rows_a(k, m0 + 8);
+    let a3 = rows_a(k, m0 + 12);
+    let b0 = cols_b(k, n0 + 0);
+    let b1 = cols_b(k, n0 + 4);
+    let b2 = cols_b(k, n0 + 8);
+    let b3 = cols_b(k, n0 + 12);
+    c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
+    c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
+    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+  }
+  let r = u32(m0);
+  let q = u32(n0);
+  put4(r, q, c0_0); put4(r, q + 4u, c0_1);
+  put4(r, q + 8u, c0_2); put4(r, q + 12u, c0_3);
+  put4(r + 4u, q, c1_0); put4(r + 4u, q + 4u, c1_1);
+  put4(r + 4u, q + 8u, c1_2); put4(r + 4u, q + 12u, c1_3);
+  put4(r + 8u, q, c2_0); put4(r + 8u, q + 4u, c2_1);
+  put4(r + 8u, q + 8u, c2_2); put4(r + 8u, q + 12u, c2_3);
+  put4(r + 12u, q, c3_0); put4(r + 12u, q + 4u, c3_1);
+  put4(r + 12u, q + 8u, c3_2); put4(r + 12u, q + 12u, c3_3);
+}
