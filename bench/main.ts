@@ -9,6 +9,11 @@ const topics: [string, () => Promise<Record<string, number | string>>][] = [
   ["model", async () => (await import("./model.ts")).run()],
   ["push", async () => (await import("./push.ts")).run()],
   ["train", async () => (await import("./train.ts")).run()],
+  // null marks a measurement that failed or was skipped (the JSON says why)
+  [
+    "scale",
+    async () => (await import("./scale.ts")).run() as Promise<Record<string, number | string>>,
+  ],
 ];
 
 const only = Deno.args.filter((a) => !a.startsWith("-"));

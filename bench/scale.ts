@@ -1,0 +1,687 @@
+/**
+ * Real-size models: SmolLM2-135M and Qwen2.5-0.5B built from their published config.json with
+ * random weights (nothing is downloaded), measured on the WebGPU and CPU backends and against a
+ * PyTorch peer (bench/scale_torch.py) with the same shapes, in one run:
+ *
+ * - `logprobs`: completion log-probs without gradients, batch 8 × (64 prompt + 64 completion);
+ * - `lora_train`: one LoRA step (forward + backward + AdamW), same batch, r=16 on all 7
+ *   projections;
+ * - `generate_b8` / `generate_b64`: KV-cached greedy generation of 32 new tokens for 8 / 64
+ *   sequences with a 64-token prompt (new tokens per second, prefill included), adapters active;
+ * - `snapshot`: `policy.snapshot()` after one step (out-of-place fold, host copy, digest);
+ * - peak RSS of the process that ran them.
+ *
+ * Each (model, backend) runs as its own child process (`--child <model> <backend>`), so a
+ * failure (an error, a crash, a time-out) is recorded as `null` plus `<model>_<backend>_error`
+ * and the others still run, and so its peak RSS (VmHWM) is its own. Children report after every
+ * measurement, so a child that dies keeps what it measured. A time budget (default 1500 s for
+ * the whole bench, `--budget-s N` or SCALE_BUDGET_S) keeps the run bounded: a measurement whose
+ * estimated time does not fit is skipped and recorded as such. Also: WebGPU 1024³ matmul vs
+ * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only).
+ *
+ * Run: deno run -A bench/scale.ts (writes bench/results/scale.json).
+ * @module
+ */
+import { Effect, Exit, Scope } from "effect";
+import {
+  type BackendShape,
+  cpuBackend,
+  generate,
+  type GenerationRequest,
+  initLora,
+  initWeights,
+  type LoraConfig,
+  type ModelConfig,
+  type Ops,
+  parseHfConfig,
+  Policy,
+  PROJECTIONS,
+  Rng,
+  uploadLora,
+  webgpuBackend,
+} from "../mod.ts";
+import { writeResult } from "./common.ts";
+
+type Value = number | string | null;
+type Results = Record<string, Value>;
+
+/** The published config.json of each model (fields as in the Hugging Face files). */
+export const MODELS = {
+  smollm2_135m: {
+    hf: {
+      architectures: ["LlamaForCausalLM"],
+      model_type: "llama",
+      attention_bias: false,
+      bos_token_id: 0,
+      eos_token_id: 0,
+      head_dim: 64,
+      hidden_act: "silu",
+      hidden_size: 576,
+      intermediate_size: 1536,
+      max_position_embeddings: 8192,
+      num_attention_heads: 9,
+      num_hidden_layers: 30,
+      num_key_value_heads: 3,
+      rms_norm_eps: 1e-5,
+      rope_scaling: null,
+      rope_theta: 100000,
+      tie_word_embeddings: true,
+      vocab_size: 49152,
+    },
+    parameters: 134_515_008,
+  },
+  qwen25_05b: {
+    hf: {
+      architectures: ["Qwen2ForCausalLM"],
+      model_type: "qwen2",
+      bos_token_id: 151643,
+      eos_token_id: 151643,
+      hidden_act: "silu",
+      hidden_size: 896,
+      intermediate_size: 4864,
+      max_position_embeddings: 32768,
+      max_window_layers: 24,
+      num_attention_heads: 14,
+      num_hidden_layers: 24,
+      num_key_value_heads: 2,
+      rms_norm_eps: 1e-6,
+      rope_theta: 1000000,
+      sliding_window: 32768,
+      tie_word_embeddings: true,
+      use_sliding_window: false,
+      vocab_size: 151936,
+    },
+    parameters: 494_032_768,
+  },
+} as const;
+type ModelName = keyof typeof MODELS;
+const MODEL_NAMES = Object.keys(MODELS) as ModelName[];
+type BackendName = "webgpu" | "cpu";
+
+/** Shapes shared with bench/scale_torch.py (passed to it on the command line). */
+export const SHAPES = {
+  batch: 8,
+  prompt: 64,
+  completion: 64,
+  genPrompt: 64,
+  genNew: 32,
+  genBatches: [8, 64],
+  loraR: 16,
+  loraAlpha: 32,
+} as const;
+
+const LORA: LoraConfig = {
+  r: SHAPES.loraR,
+  alpha: SHAPES.loraAlpha,
+  dropout: 0,
+  targetModules: PROJECTIONS,
+  useRslora: false,
+};
+
+/** In the order a child runs them: cheapest first, so a tight budget drops the dearest. */
+const MEASURES = [
+  "logprobs_tokens_per_s",
+  "snapshot_ms",
+  "generate_b8_tokens_per_s",
+  "lora_train_tokens_per_s",
+  "generate_b64_tokens_per_s",
+] as const;
+
+const DEFINITIONS = "logprobs and lora_train: batch 8 x (64 prompt + 64 completion) tokens per " +
+  "second of wall time (1,024 tokens per call; logits for the 512 completion-predicting rows; " +
+  "lora_train = forward + entropy + backward + clip + AdamW on LoRA r=16 alpha=32, all 7 " +
+  "projections); generate_bN: N sequences x 32 new tokens, greedy, 64-token prompt, KV cache, " +
+  "unmerged adapters active, new tokens per second including prefill; snapshot_ms: " +
+  "policy.snapshot() of the LoRA policy (fold + host copy + SHA-256 digest; torch: out-of-place " +
+  "fold + SHA-256 + finite check); peak_rss_mib: VmHWM of the child process that ran that " +
+  "(model, backend); each figure is the best of `repetitions` timed runs after one warm-up " +
+  "(logprobs: full size on webgpu, which compiles its kernels then, batch 1 on cpu and torch; " +
+  "lora_train: batch 1; generation: the same batch with an 8-token prompt and 2 new tokens)";
+
+const round = (x: number, d = 2): number => Math.round(x * 10 ** d) / 10 ** d;
+
+const describe = (e: unknown): string => {
+  const tag = (e as { _tag?: unknown })?._tag;
+  const msg = e instanceof Error ? e.message : typeof e === "string" ? e : JSON.stringify(e);
+  const s = (typeof tag === "string" && !msg.includes(tag) ? `${tag}: ` : "") + msg;
+  return s.replace(/\s+/g, " ").slice(0, 400);
+};
+
+/** Peak resident set (VmHWM) of this process, MiB. */
+const peakRssMib = (): number | null => {
+  try {
+    const m = /VmHWM:\s+(\d+)\s+kB/.exec(Deno.readTextFileSync("/proc/self/status"));
+    return m ? round(Number(m[1]) / 1024, 1) : null;
+  } catch {
+    return null;
+  }
+};
+
+const modelConfig = async (name: ModelName): Promise<ModelConfig> =>
+  await Effect.runPromise(parseHfConfig(MODELS[name].hf));
+
+// ---- child: one (model, backend) ------------------------------------------------------------
+
+const MARK = "SCALE_RESULT ";
+
+const randomIds = (rng: Rng, n: number, vocab: number): number[] =>
+  Array.from({ length: n }, () => rng.int(vocab));
+
+const child = async (model: ModelName, backendName: BackendName, budgetS: number, reps: number) => {
+  const t0 = performance.now();
+  const left = () => budgetS - (performance.now() - t0) / 1000;
+  const p = `${model}_${backendName}`;
+  const out: Results = {};
+  const errors: string[] = [];
+  const skipped: string[] = [];
+  for (const m of MEASURES) out[`${p}_${m}`] = null;
+  const report = () => {
+    out[`${p}_peak_rss_mib`] = peakRssMib();
+    if (errors.length) out[`${p}_error`] = errors.join(" | ");
+    if (skipped.length) out[`${p}_skipped`] = skipped.join(" | ");
+    out[`${p}_child_s`] = round((performance.now() - t0) / 1000, 1);
+    console.log(MARK + JSON.stringify(out));
+  };
+  const scope = Scope.makeUnsafe();
+  const inScope = <A, E>(e: Effect.Effect<A, E, Scope.Scope>) =>
+    Effect.runPromise(Scope.provide(scope)(e));
+  try {
+    const config = await modelConfig(model);
+    const rng = new Rng(11);
+    const base = initWeights(config, 1);
+    let params = 0;
+    for (const t of base.values()) params += t.data.length;
+    out[`${p}_parameters`] = params;
+    if (params !== MODELS[model].parameters) {
+      throw new Error(`${model}: ${params} parameters, expected ${MODELS[model].parameters}`);
+    }
+    const backend: BackendShape = backendName === "webgpu"
+      ? await inScope(webgpuBackend)
+      : cpuBackend("f32");
+    const policy = await inScope(Policy.make(backend, config, base, {
+      mode: "lora",
+      lora: LORA,
+      seed: 1,
+      optimizer: {
+        learningRate: 1e-5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0,
+        maxGradNorm: 1,
+      },
+    }));
+    const ops: Ops = await inScope(backend.ops);
+    // Generation runs the frozen base plus an unmerged adapter (as the policy's own forward does).
+    const lora = uploadLora(ops, initLora(config, LORA, 1));
+    out[`${p}_build_s`] = round((performance.now() - t0) / 1000, 1);
+    const seqs = (batch: number) =>
+      Array.from({ length: batch }, () => ({
+        prompt: randomIds(rng, SHAPES.prompt, config.vocabSize),
+        completion: randomIds(rng, SHAPES.completion, config.vocabSize),
+      }));
+    const requests = (batch: number, prompt: number, maxTokens: number): GenerationRequest[] =>
+      Array.from({ length: batch }, () => ({
+        prompt: randomIds(rng, prompt, config.vocabSize),
+        maxTokens,
+        stopTokenIds: [],
+        seed: 0,
+        temperature: 0,
+        topP: 1,
+        topK: 0,
+      }));
+    const train = seqs(SHAPES.batch);
+    const small = seqs(1);
+    const lossFn = (lp: { logp: Float64Array[] }) => {
+      const n = lp.logp.reduce((a, x) => a + x.length, 0);
+      const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
+      return Effect.succeed({
+        loss,
+        dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
+        metrics: {},
+      });
+    };
+    // Only the first call on WebGPU warms up at full size (it compiles the forward kernels at
+    // their shapes); the others warm up at ~1/8 of the work, so that the budget buys measurements.
+    const warmFull = backendName === "webgpu";
+    /** Seconds per log-probs call; estimates what the others cost (unknown: just try). */
+    let forwardS: number | null = null;
+    const estimate = (m: (typeof MEASURES)[number]): number => {
+      if (forwardS === null) return 0;
+      if (m === "lora_train_tokens_per_s") return 3.5 * forwardS;
+      if (m === "snapshot_ms") return params * 5e-8;
+      // prefill at the batched rate; a decode step costs at least 64 batched tokens (weights
+      // are read for few rows); b64 costs at least b8 plus its larger prefill
+      const b = m === "generate_b8_tokens_per_s" ? 8 : 64;
+      const perToken = forwardS / (SHAPES.batch * (SHAPES.prompt + SHAPES.completion));
+      const est = perToken * b * SHAPES.genPrompt +
+        SHAPES.genNew * perToken * Math.max(b, 64) * 1.2;
+      return b === 64 && gen8S !== null
+        ? Math.max(est, gen8S + perToken * 56 * SHAPES.genPrompt)
+        : est;
+    };
+    let gen8S: number | null = null;
+    let minReps = reps;
+    /** One warm-up and one timed run of every measurement after `m`: they come before repeats. */
+    const rest = (m: (typeof MEASURES)[number]): number =>
+      MEASURES.slice(MEASURES.indexOf(m) + 1).reduce(
+        (a, l) => a + estimate(l) * (l === "snapshot_ms" ? 2 : 1.125),
+        0,
+      );
+    const measure = async (
+      m: (typeof MEASURES)[number],
+      full: () => Promise<unknown>,
+      warm: () => Promise<unknown>,
+      value: (bestS: number) => number,
+    ) => {
+      const est = estimate(m);
+      // warm-up (full size, or ~1/8) + as many timed runs as fit (at least one); a second run
+      // only when the later measurements still fit one each
+      const warmCost = warmFull && m === "logprobs_tokens_per_s" ? est : est / 8;
+      let n = reps;
+      while (n > 1 && warmCost + n * est + rest(m) > left()) n--;
+      if (warmCost + n * est > left()) {
+        skipped.push(
+          `${m}: estimated ${Math.round(warmCost + est)} s > ${Math.round(left())} s left`,
+        );
+        report();
+        return;
+      }
+      try {
+        console.error(`${p} ${m}: warm-up, then ${n} timed (estimate ${Math.round(est)} s each)`);
+        await warm();
+        let best = Infinity;
+        let done = 0;
+        while (done < n) {
+          const t = performance.now();
+          await full();
+          best = Math.min(best, (performance.now() - t) / 1000);
+          done++;
+          if (best + rest(m) > left()) break; // the next run would not fit
+        }
+        out[`${p}_${m}`] = round(value(best));
+        minReps = Math.min(minReps, done);
+        out[`${p}_repetitions`] = minReps;
+      } catch (e) {
+        errors.push(`${m}: ${describe(e)}`);
+      }
+      report();
+    };
+    const tokens = SHAPES.batch * (SHAPES.prompt + SHAPES.completion);
+    await measure(
+      "logprobs_tokens_per_s",
+      () => Effect.runPromise(policy.logProbs(train, 1)),
+      () => Effect.runPromise(policy.logProbs(warmFull ? train : small, 1)),
+      (s) => {
+        forwardS = s;
+        return tokens / s;
+      },
+    );
+    await measure(
+      "snapshot_ms",
+      () => Effect.runPromise(policy.snapshot()),
+      () => Effect.runPromise(policy.snapshot()),
+      (s) => s * 1000,
+    );
+    const generation = async (b: number) => {
+      const reqs = requests(b, SHAPES.genPrompt, SHAPES.genNew);
+      // warm-up: the same batch, an 8-token prompt and 2 new tokens (prefill and decode kernels)
+      const warmReqs = requests(b, 8, 2);
+      await measure(
+        b === 8 ? "generate_b8_tokens_per_s" : "generate_b64_tokens_per_s",
+        () => Effect.runPromise(generate(backend, policy.baseDevice, reqs, lora)),
+        () => Effect.runPromise(generate(backend, policy.baseDevice, warmReqs, lora)),
+        (s) => {
+          if (b === 8) gen8S = s;
+          return (b * SHAPES.genNew) / s;
+        },
+      );
+    };
+    await generation(8);
+    await measure(
+      "lora_train_tokens_per_s",
+      () => Effect.runPromise(policy.step(train, 1, lossFn)),
+      () => Effect.runPromise(policy.step(small, 1, lossFn)),
+      (s) => tokens / s,
+    );
+    await generation(64);
+  } catch (e) {
+    errors.push(`setup: ${describe(e)}`);
+  }
+  report();
+  try {
+    await Effect.runPromise(Scope.close(scope, Exit.void));
+  } catch (e) {
+    errors.push(`release: ${describe(e)}`);
+    report();
+  }
+};
+
+/** The WebGPU 1024³ matmul, measured as bench/matmul.ts does (that file exports no helper). */
+const matmulChild = async () => {
+  const n = 1024;
+  const flops = 2 * n * n * n;
+  const random = (len: number, seed: number) => {
+    const r = new Rng(seed);
+    return Float32Array.from({ length: len }, () => r.next() * 2 - 1);
+  };
+  const scope = Scope.makeUnsafe();
+  const out: Results = {};
+  try {
+    const b = await Effect.runPromise(Scope.provide(scope)(webgpuBackend));
+    const scoped = <A>(f: (ops: Ops) => A) =>
+      Effect.runPromise(Effect.scoped(Effect.map(b.ops, f)));
+    const sync = () => Effect.runPromise(b.sync);
+    const ops = await Effect.runPromise(Scope.provide(scope)(b.ops));
+    const x = ops.fromArray(random(n * n, 1), [n, n]);
+    const w = ops.fromArray(random(n * n, 2), [n, n]);
+    let first = 0;
+    for (let i = 0; i < 2; i++) { // compile, then a steady-state estimate
+      const t = performance.now();
+      ops.matmul(x, w);
+      await sync();
+      first = performance.now() - t;
+    }
+    const reps = Math.max(1, Math.min(64, Math.round(300 / Math.max(first, 0.5))));
+    let best = Infinity;
+    for (let r = 0; r < 6; r++) {
+      const t = performance.now();
+      for (let i = 0; i < reps; i++) await scoped((o) => o.matmul(x, w));
+      await sync();
+      best = Math.min(best, (performance.now() - t) / reps);
+    }
+    out.webgpu_matmul_1024_gflop_s = round(flops / best / 1e6);
+  } catch (e) {
+    out.webgpu_matmul_1024_error = describe(e);
+  }
+  console.log(MARK + JSON.stringify(out));
+  await Effect.runPromise(Scope.close(scope, Exit.void)).catch(() => {});
+};
+
+// ---- parent ---------------------------------------------------------------------------------
+
+/** This process's environment without the two OpenBLAS tuning variables (for peers only). */
+const peerEnv = (): Record<string, string> => {
+  const env = Deno.env.toObject();
+  delete env.OPENBLAS_CORETYPE;
+  delete env.OPENBLAS_L2_SIZE;
+  return env;
+};
+
+interface ChildRun {
+  readonly results: Results;
+  readonly error: string | null;
+  readonly wallS: number;
+}
+
+/** Runs a child; its last result line wins; a crash, a time-out or no result is an error. */
+const runChild = async (
+  cmd: string,
+  args: string[],
+  timeoutS: number,
+  env?: Record<string, string>,
+): Promise<ChildRun> => {
+  const t0 = performance.now();
+  const proc = new Deno.Command(cmd, {
+    args,
+    stdout: "piped",
+    stderr: "piped",
+    ...(env ? { env, clearEnv: true } : {}),
+  }).spawn();
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    try {
+      proc.kill("SIGKILL");
+    } catch { /* already gone */ }
+  }, timeoutS * 1000);
+  let results: Results = {};
+  let stderrTail = "";
+  const readLines = async (s: ReadableStream<Uint8Array>, f: (line: string) => void) => {
+    let buf = "";
+    for await (const chunk of s.pipeThrough(new TextDecoderStream())) {
+      buf += chunk;
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        f(buf.slice(0, i));
+        buf = buf.slice(i + 1);
+      }
+    }
+    if (buf) f(buf);
+  };
+  const [status] = await Promise.all([
+    proc.status,
+    readLines(proc.stdout, (line) => {
+      if (line.startsWith(MARK)) results = JSON.parse(line.slice(MARK.length));
+      else if (line.trim()) console.log(`  | ${line}`);
+    }),
+    readLines(proc.stderr, (line) => {
+      stderrTail = (stderrTail + "\n" + line).slice(-2000);
+      if (line.trim()) console.log(`  ! ${line}`);
+    }),
+  ]);
+  clearTimeout(timer);
+  const wallS = round((performance.now() - t0) / 1000, 1);
+  const lastErr = stderrTail.trim().split("\n").filter((l) => l.trim()).slice(-2).join(" / ");
+  const error = timedOut
+    ? `killed after ${timeoutS} s (time-out)`
+    : !status.success && Object.keys(results).length === 0
+    ? `exited with code ${status.code}${status.signal ? ` (${status.signal})` : ""}: ${lastErr}`
+    : !status.success
+    ? `exited with code ${status.code}${
+      status.signal ? ` (${status.signal})` : ""
+    } after reporting (results kept)`
+    : null;
+  return { results, error, wallS };
+};
+
+const torchAvailable = async (): Promise<string | null> => {
+  try {
+    const o = await new Deno.Command("/usr/bin/python3", {
+      args: ["-c", "import torch; print(torch.__version__)"],
+      stdout: "piped",
+      stderr: "piped",
+      env: peerEnv(),
+      clearEnv: true,
+    }).output();
+    return o.success ? null : new TextDecoder().decode(o.stderr).trim().split("\n").at(-1)!;
+  } catch (e) {
+    return describe(e);
+  }
+};
+
+const NUMPY_MATMUL = `
+import json, time, numpy as np
+n = 1024
+a = np.random.default_rng(1).random((n, n), dtype=np.float32)
+b = np.random.default_rng(2).random((n, n), dtype=np.float32)
+a @ b
+best = 1e9
+for _ in range(20):
+    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+print(json.dumps({"gflop_s": 2 * n**3 / best / 1e9, "numpy": np.__version__}))
+`;
+
+/** numpy's sgemm at n=1024 with each python3 that has numpy; the best one is the peer. */
+const openblas = async (): Promise<Results> => {
+  const seen: string[] = [];
+  let best: number | null = null;
+  for (const py of ["python3", "/usr/bin/python3"]) {
+    try {
+      const o = await new Deno.Command(py, {
+        args: ["-c", NUMPY_MATMUL],
+        stdout: "piped",
+        stderr: "piped",
+        env: peerEnv(),
+        clearEnv: true,
+      }).output();
+      if (!o.success) {
+        seen.push(`${py}: no numpy`);
+        continue;
+      }
+      const r = JSON.parse(new TextDecoder().decode(o.stdout)) as {
+        gflop_s: number;
+        numpy: string;
+      };
+      seen.push(`${py} (numpy ${r.numpy}): ${round(r.gflop_s)} GFLOP/s`);
+      best = Math.max(best ?? 0, r.gflop_s);
+    } catch (e) {
+      seen.push(`${py}: ${describe(e)}`);
+    }
+  }
+  return {
+    openblas_matmul_1024_gflop_s: best === null ? null : round(best),
+    openblas_numpy: seen.join("; ") + " (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE unset)",
+  };
+};
+
+const budgetFromArgs = (args: readonly string[]): number => {
+  const i = args.indexOf("--budget-s");
+  const v = i >= 0 ? Number(args[i + 1]) : Number(Deno.env.get("SCALE_BUDGET_S") ?? 1500);
+  return Number.isFinite(v) && v > 0 ? v : 1500;
+};
+
+/** Runs the whole scale bench (children for each measurement group). */
+export async function run(args: readonly string[] = []): Promise<Results> {
+  const t0 = performance.now();
+  const budget = budgetFromArgs(args);
+  const left = () => budget - (performance.now() - t0) / 1000;
+  const self = new URL(import.meta.url).pathname;
+  const deno = Deno.execPath();
+  const out: Results = { load_average_1min_start: round(Deno.loadavg()[0]) };
+  for (const m of MODEL_NAMES) {
+    const c = await modelConfig(m);
+    out[`${m}_config`] =
+      `${c.modelType}: hidden ${c.hiddenSize}, intermediate ${c.intermediateSize}, ${c.numLayers} layers, ${c.numHeads} heads / ${c.numKvHeads} kv, head_dim ${c.headDim}, ` +
+      `vocab ${c.vocabSize}, tied ${c.tieWordEmbeddings}, qkv bias ${c.attentionBias}, ` +
+      `rope_theta ${c.ropeTheta}, rms_eps ${c.rmsNormEps}`;
+  }
+
+  console.log("scale: WebGPU 1024 matmul vs numpy OpenBLAS");
+  const mm = await runChild(deno, ["run", "-A", self, "--child", "matmul"], 300);
+  Object.assign(out, mm.results);
+  if (mm.error && out.webgpu_matmul_1024_gflop_s === undefined) {
+    out.webgpu_matmul_1024_error = mm.error;
+  }
+  Object.assign(out, await openblas());
+  const g = out.webgpu_matmul_1024_gflop_s;
+  const o = out.openblas_matmul_1024_gflop_s;
+  out.webgpu_matmul_1024_vs_openblas_ratio = typeof g === "number" && typeof o === "number"
+    ? round(g / o, 3)
+    : null;
+
+  // Cheapest and most informative first; each child gets the time left, capped.
+  const torchMissing = await torchAvailable();
+  const plan: [ModelName, BackendName | "torch", number, number][] = [
+    // model, backend, cap (s), timed repetitions
+    ["smollm2_135m", "torch", 240, 2],
+    ["smollm2_135m", "webgpu", 300, 2],
+    ["qwen25_05b", "torch", 330, 1],
+    ["qwen25_05b", "webgpu", 330, 1],
+    ["smollm2_135m", "cpu", 180, 1],
+    ["qwen25_05b", "cpu", 1800, 1],
+  ];
+  if (torchMissing) {
+    out.torch_peer_skipped =
+      `python3-torch is not importable by /usr/bin/python3 (${torchMissing}); torch peer skipped`;
+  }
+  for (const [model, backend, cap, reps] of plan) {
+    const p = `${model}_${backend}`;
+    if (backend === "torch" && torchMissing) continue;
+    const budgetS = Math.floor(Math.min(cap, left() - 30));
+    if (budgetS < 30) {
+      for (const m of MEASURES) out[`${p}_${m}`] = null;
+      out[`${p}_peak_rss_mib`] = null;
+      out[`${p}_error`] = `not run: bench budget (${budget} s) spent`;
+      continue;
+    }
+    console.log(`scale: ${model} on ${backend} (budget ${budgetS} s, ${reps} repetitions)`);
+    const r = backend === "torch"
+      ? await runChild(
+        "/usr/bin/python3",
+        [
+          new URL("./scale_torch.py", import.meta.url).pathname,
+          "--model",
+          model,
+          "--config",
+          JSON.stringify(MODELS[model].hf),
+          "--parameters",
+          String(MODELS[model].parameters),
+          "--shapes",
+          JSON.stringify(SHAPES),
+          "--budget-s",
+          String(budgetS),
+          "--repetitions",
+          String(reps),
+          "--threads",
+          "2",
+        ],
+        budgetS + 60,
+        peerEnv(),
+      )
+      : await runChild(deno, [
+        "run",
+        "-A",
+        self,
+        "--child",
+        model,
+        backend,
+        "--budget-s",
+        String(budgetS),
+        "--repetitions",
+        String(reps),
+      ], budgetS + 60);
+    for (const m of MEASURES) out[`${p}_${m}`] = null;
+    out[`${p}_peak_rss_mib`] = null;
+    Object.assign(out, r.results);
+    if (r.error) {
+      const prev = out[`${p}_error`];
+      out[`${p}_error`] = prev ? `${prev} | ${r.error}` : r.error;
+    }
+    console.log(`  ${p}: ${JSON.stringify(r.results)} (${r.wallS} s)`);
+  }
+
+  // Peer ratios (throughput; > 1: lorafold is faster) from this run.
+  if (!torchMissing) {
+    for (const m of MODEL_NAMES) {
+      for (const b of ["webgpu", "cpu"]) {
+        for (const q of MEASURES.filter((x) => x.endsWith("tokens_per_s"))) {
+          const a = out[`${m}_${b}_${q}`];
+          const t = out[`${m}_torch_${q}`];
+          out[`${m}_${b}_vs_torch_${q}_ratio`] = typeof a === "number" && typeof t === "number"
+            ? round(a / t, 3)
+            : null;
+        }
+      }
+    }
+  }
+  out.definitions = DEFINITIONS;
+  out.budget_s = budget;
+  out.bench_wall_s = round((performance.now() - t0) / 1000, 1);
+  out.load_average_1min_end = round(Deno.loadavg()[0]);
+  return out;
+}
+
+if (import.meta.main) {
+  const args = Deno.args;
+  if (args[0] === "--child") {
+    if (args[1] === "matmul") await matmulChild();
+    else {
+      const model = args[1] as ModelName;
+      const backend = args[2] as BackendName;
+      if (!MODEL_NAMES.includes(model) || (backend !== "webgpu" && backend !== "cpu")) {
+        console.error(`usage: --child <${MODEL_NAMES.join("|")}> <webgpu|cpu> | --child matmul`);
+        Deno.exit(2);
+      }
+      const opt = (k: string, d: number) => {
+        const i = args.indexOf(k);
+        return i >= 0 ? Number(args[i + 1]) : d;
+      };
+      await child(model, backend, opt("--budget-s", 600), opt("--repetitions", 2));
+    }
+    Deno.exit(0);
+  } else {
+    const results = await run(args);
+    console.log(await writeResult("scale", results as Record<string, number | string>));
+  }
+}
