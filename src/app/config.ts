@@ -7,7 +7,7 @@
  * allowed.
  * @module
  */
-import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { Effect, Schema } from "effect";
 import { readFile } from "node:fs/promises";
 import {
@@ -221,7 +221,7 @@ export const readTrainConfigFile = (
       catch: (e) =>
         new TrainConfigError({
           option: "config",
-          reason: `cannot read config file ${path}: ${e instanceof Error ? e.message : e}`,
+          reason: `cannot read config file ${path}: ${messageOf(e)}`,
         }),
     });
     const json = yield* Effect.try({
@@ -229,7 +229,7 @@ export const readTrainConfigFile = (
       catch: (e) =>
         new TrainConfigError({
           option: "config",
-          reason: `config file ${path} is not JSON: ${e instanceof Error ? e.message : e}`,
+          reason: `config file ${path} is not JSON: ${messageOf(e)}`,
         }),
     });
     if (typeof json !== "object" || json === null || Array.isArray(json)) {

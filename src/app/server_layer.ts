@@ -6,6 +6,7 @@
  * server as a child process (src/app/embedded_server.ts), else it talks to the given URL.
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import { Context, Effect, Layer, type Scope, Semaphore } from "effect";
 import { rm, rmdir } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
@@ -149,8 +150,6 @@ export const discoverModelName = (
     );
   });
 
-const describe = (e: unknown): string => (e instanceof Error ? e.message : String(e));
-
 /**
  * The directory pushed versions are written to, created now; removed with its scope unless the
  * caller named it (`owned` false). Removal is best effort: a failure is logged.
@@ -167,7 +166,7 @@ const pushDirectory = (
         await rmdir(dirname(root)).catch(() => {}); // .push/, unless another session uses it
       }).pipe(
         Effect.catch((e) =>
-          Effect.logWarning(`cannot remove the push directory ${root}: ${describe(e.cause)}`)
+          Effect.logWarning(`cannot remove the push directory ${root}: ${messageOf(e.cause)}`)
         ),
       ),
   );

@@ -4,8 +4,10 @@
  * with LORAFOLD_BACKEND=cpu|webgpu|auto. The choice is logged once.
  * @module
  */
+
 import { Context, Effect, Layer } from "effect";
 import type { Scope } from "effect";
+import { messageOf } from "../base/tagged_error.ts";
 import { makeCpuOps } from "./cpu/ops.ts";
 import type { CpuPrecision } from "./cpu/scope.ts";
 import { BackendError, type BackendInfo, type Ops } from "./ops.ts";
@@ -31,8 +33,6 @@ export const Backend: Context.Key<BackendShape, BackendShape> = Context.Service<
 );
 
 export { BackendError, type BackendOperation } from "./ops.ts";
-
-const describe = (e: unknown): string => e instanceof Error ? e.message : String(e);
 
 /** Which backend to use. */
 export type BackendChoice = "auto" | "cpu" | "webgpu";
@@ -86,7 +86,7 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
           await loadKernels(),
         );
       },
-      catch: (e) => new BackendError({ operation: "setup", reason: describe(e) }),
+      catch: (e) => new BackendError({ operation: "setup", reason: messageOf(e) }),
     }),
     (ctx) => Effect.sync(() => ctx.destroy()),
   ).pipe(Effect.map((ctx): BackendShape => ({
@@ -97,7 +97,7 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
     ).pipe(Effect.map(({ ops }) => ops)),
     sync: Effect.tryPromise({
       try: () => ctx.sync(),
-      catch: (e) => new BackendError({ operation: "sync", reason: describe(e) }),
+      catch: (e) => new BackendError({ operation: "sync", reason: messageOf(e) }),
     }),
     gpu: ctx,
   })));

@@ -38,6 +38,9 @@ export const taggedError = <Tag extends string, A extends object>(
   return Tagged as unknown as TaggedErrorClass<Tag, A>;
 };
 
+/** The text of a thrown value: an Error's message, anything else as a string. */
+export const messageOf = (e: unknown): string => e instanceof Error ? e.message : String(e);
+
 type ErrorClass = abstract new (...args: never) => unknown;
 
 /**

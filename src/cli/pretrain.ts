@@ -4,7 +4,7 @@
  * @module
  */
 import { Effect, Schema } from "effect";
-import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { choice, finite, integer, option, type OptionFields } from "../base/options.ts";
@@ -60,8 +60,7 @@ export class PretrainWriteError extends PretrainWriteErrorBase {}
 const writeText = (path: string, text: string) =>
   Effect.tryPromise({
     try: () => writeFile(path, text),
-    catch: (e) =>
-      new PretrainWriteError({ path, reason: e instanceof Error ? e.message : String(e) }),
+    catch: (e) => new PretrainWriteError({ path, reason: messageOf(e) }),
   });
 
 /** Runs pretraining and writes the checkpoint, its tokenizer and pretrain.json. */

@@ -6,7 +6,7 @@
  * @module
  */
 import { Effect } from "effect";
-import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { type GrpoMetrics, nanMean, nanStd } from "./metrics.ts";
 
 /** What a reward function sees besides the completions; arrays are parallel to the completions. */
@@ -75,10 +75,8 @@ export interface ScoreOptions {
   readonly concurrency?: number;
 }
 
-const describe = (e: unknown): string => e instanceof Error ? e.message : String(e);
-
 const asRewardError = (e: unknown): RewardError =>
-  e instanceof RewardError ? e : new RewardError({ reward: "*", reason: describe(e), cause: e });
+  e instanceof RewardError ? e : new RewardError({ reward: "*", reason: messageOf(e), cause: e });
 
 const toColumn = (name: string, values: unknown, n: number): Float64Array => {
   if (!Array.isArray(values)) {
@@ -226,7 +224,7 @@ export const scoreRewards: (
             return Effect.fail(
               new RewardError({
                 reward: r.name,
-                reason: `threw: ${describe(e)}`,
+                reason: `threw: ${messageOf(e)}`,
                 cause: e,
               }),
             );
@@ -235,7 +233,7 @@ export const scoreRewards: (
           return out.pipe(Effect.mapError((e) =>
             new RewardError({
               reward: r.name,
-              reason: `failed: ${describe(e)}`,
+              reason: `failed: ${messageOf(e)}`,
               cause: e,
             })
           ));

@@ -14,7 +14,7 @@ import {
 } from "../io/checkpoint.ts";
 import type { CheckpointError } from "../io/errors.ts";
 import { fromFloat32, SafetensorsError, toFloat32 } from "../io/safetensors.ts";
-import { tryTagged } from "../base/tagged_error.ts";
+import { messageOf, tryTagged } from "../base/tagged_error.ts";
 import { type ModelConfig, ModelConfigError, parseHfConfig, toHfConfig } from "./config.ts";
 import { type HostTensor, validateWeights, type WeightMap, type WeightsError } from "./weights.ts";
 import { loadTokenizer } from "../tokenizer/bpe.ts";
@@ -30,7 +30,7 @@ export const loadConfig = (dir: string): Effect.Effect<ModelConfig, ModelConfigE
     catch: (e) =>
       new ModelConfigError({
         field: "config.json",
-        reason: `cannot read ${join(dir, "config.json")}: ${e instanceof Error ? e.message : e}`,
+        reason: `cannot read ${join(dir, "config.json")}: ${messageOf(e)}`,
       }),
   }).pipe(Effect.flatMap(parseHfConfig));
 

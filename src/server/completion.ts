@@ -6,6 +6,7 @@
  * between.
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import { Effect } from "effect";
 import type { ModelConfig } from "../model/config.ts";
 import type { DecodeOptions, Tokenizer } from "../tokenizer/tokenizer.ts";
@@ -100,8 +101,7 @@ export const tokenizeText = (
 ): Effect.Effect<number[], ApiError> =>
   Effect.try({
     try: () => [...(addSpecial && tok.bosId !== null ? [tok.bosId] : []), ...tok.encode(text)],
-    catch: (e) =>
-      badRequest(`cannot tokenize ${param}: ${e instanceof Error ? e.message : String(e)}`, param),
+    catch: (e) => badRequest(`cannot tokenize ${param}: ${messageOf(e)}`, param),
   });
 
 const codePoints = (s: string): number => {

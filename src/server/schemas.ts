@@ -5,7 +5,7 @@
  * @module
  */
 import { Effect, Schema, SchemaIssue } from "effect";
-import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
 // ---- errors ----------------------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ export const schemaErrorToApi = (e: Schema.SchemaError, prefix = ""): ApiError =
 export const parseJson = (text: string): Effect.Effect<unknown, ApiError> =>
   Effect.try({
     try: () => (text.trim() === "" ? undefined : JSON.parse(text)) as unknown,
-    catch: (e) => badRequest(`JSON decode error: ${e instanceof Error ? e.message : String(e)}`),
+    catch: (e) => badRequest(`JSON decode error: ${messageOf(e)}`),
   }).pipe(
     Effect.flatMap((v) =>
       v === undefined

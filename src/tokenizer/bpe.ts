@@ -28,6 +28,7 @@
  * `unk_token` is dropped, as Hugging Face does.
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import {
@@ -127,7 +128,7 @@ const compilePattern = (pattern: unknown, field: string): RegExp | null => {
         invert: false,
       }).pattern;
     } catch (e) {
-      fail(`${field}.Regex`, `${field}.Regex: unsupported regex ${show(source)}: ${errorText(e)}`);
+      fail(`${field}.Regex`, `${field}.Regex: unsupported regex ${show(source)}: ${messageOf(e)}`);
     }
     return re ?? fail(`${field}.Regex`, `${field}.Regex: unsupported regex ${show(source)}`);
   }
@@ -558,8 +559,6 @@ const templateBos = (pp: unknown): string | null => {
     : null;
 };
 
-const errorText = (e: unknown): string => e instanceof Error ? e.message : String(e);
-
 /** A BPE tokenizer read from a Hugging Face `tokenizer.json` (see the module doc). */
 export class HfTokenizer implements Tokenizer {
   readonly vocabSize: number;
@@ -596,7 +595,7 @@ export class HfTokenizer implements Tokenizer {
         decoder: json.decoder,
       }, { clean_up_tokenization_spaces: false });
     } catch (e) {
-      throw new TokenizerError({ reason: `tokenizer.json: ${errorText(e)}`, field: "" });
+      throw new TokenizerError({ reason: `tokenizer.json: ${messageOf(e)}`, field: "" });
     }
     const patched = this.#hf as unknown as { normalizer: unknown; pre_tokenizer: unknown };
     patched.normalizer = normalize;
@@ -778,11 +777,11 @@ const readJson = (path: string, required: boolean): Effect.Effect<unknown, Token
         if (!required && (e as { code?: string }).code === "ENOENT") return undefined;
         throw e;
       }),
-    catch: (e) => new TokenizerError({ reason: `cannot read ${path}: ${errorText(e)}` }),
+    catch: (e) => new TokenizerError({ reason: `cannot read ${path}: ${messageOf(e)}` }),
   }).pipe(Effect.flatMap((text) =>
     text === undefined ? Effect.succeed(undefined) : Effect.try({
       try: () => JSON.parse(text) as unknown,
-      catch: (e) => new TokenizerError({ reason: `${path}: invalid JSON: ${errorText(e)}` }),
+      catch: (e) => new TokenizerError({ reason: `${path}: invalid JSON: ${messageOf(e)}` }),
     })
   ));
 

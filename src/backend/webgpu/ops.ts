@@ -13,9 +13,10 @@ import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
 import { columnsOf, GpuScope, rowsOf } from "./scope.ts";
+import { messageOf } from "../../base/tagged_error.ts";
 
 const failure = (e: unknown): BackendError =>
-  new BackendError({ operation: "read", reason: e instanceof Error ? e.message : String(e) });
+  new BackendError({ operation: "read", reason: messageOf(e) });
 
 /** Ops bound to a fresh GPU scope; call `release` of the returned scope when it closes. */
 export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
