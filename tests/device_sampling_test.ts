@@ -87,8 +87,10 @@ Deno.test({
             assertEquals(a[o], e[o]);
             assertEquals(a[o + 3], e[o + 3]);
             for (const k of [1, 2]) {
+              // a row of only -inf (v = 1 hits one) has NaN sums on both: they must agree on that too
+              const bothNaN = Number.isNaN(a[o + k]) && Number.isNaN(e[o + k]);
               assert(
-                Math.abs(a[o + k] - e[o + k]) <= 1e-6 * e[o + k],
+                bothNaN || Math.abs(a[o + k] - e[o + k]) <= 1e-6 * e[o + k],
                 `sum ${k}: ${a[o + k]} vs ${e[o + k]}`,
               );
             }
@@ -96,7 +98,8 @@ Deno.test({
           }
         },
       ),
-      { numRuns: 40 },
+      // the counterexample CI found: v = 1 with the single logit -inf in a row
+      { numRuns: 40, examples: [[3, 1, 1, 105159807, 0.1, false]] },
     );
   },
 });
