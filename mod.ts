@@ -16,8 +16,8 @@ export {
 export { taggedError, type TaggedErrorClass } from "./src/base/tagged_error.ts";
 
 // ---- tensors ----------------------------------------------------------------------------------
-export type { DType, FloatArray, Tensor } from "./src/backend/tensor.ts";
-export { ReleasedTensorError, ShapeError } from "./src/backend/tensor.ts";
+export type { DType, FloatArray, HalfDType, Tensor } from "./src/backend/tensor.ts";
+export { isHalfDType, ReleasedTensorError, ShapeError } from "./src/backend/tensor.ts";
 
 // ---- backend ----------------------------------------------------------------------------------
 export type {
@@ -26,6 +26,7 @@ export type {
   BackendInfo,
   MatmulOptions,
   Ops,
+  RopeFrequencies,
 } from "./src/backend/ops.ts";
 export {
   Backend,
@@ -44,19 +45,38 @@ export { ByteLevelBpeTokenizer, HfTokenizer, loadTokenizer } from "./src/tokeniz
 
 // ---- model ------------------------------------------------------------------------------------
 export {
+  isSlidingLayer,
+  MODEL_TYPES,
   type ModelConfig,
   ModelConfigError,
+  type ModelType,
   parseHfConfig,
+  type RopeScaling,
   toHfConfig,
 } from "./src/model/config.ts";
+export { type RopePlan, ropePlan } from "./src/model/rope.ts";
 export {
+  type GenerationConfig,
+  loadGenerationConfig,
+  parseGenerationConfig,
+  type SamplingDefaults,
+} from "./src/model/generation_config.ts";
+export {
+  type BaseTensor,
+  type BaseWeightMap,
+  type HalfTensor,
   type HostTensor,
   initWeights,
+  isHalfTensor,
   type Projection,
+  projectionHasBias,
   PROJECTIONS,
+  qkNormPaths,
   validateWeights,
   type WeightMap,
   WeightsError,
+  widenTensor,
+  widenWeights,
 } from "./src/model/weights.ts";
 export {
   backward,
@@ -74,7 +94,14 @@ export {
   uploadModel,
 } from "./src/model/decoder.ts";
 export { generate, type Generation, type GenerationRequest } from "./src/model/generate.ts";
-export { type BaseModel, loadBase, loadModel, saveModel } from "./src/model/loader.ts";
+export {
+  type BaseModel,
+  loadBase,
+  type LoadBaseOptions,
+  loadFrozenBase,
+  loadModel,
+  saveModel,
+} from "./src/model/loader.ts";
 export { Rng } from "./src/model/rng.ts";
 
 // ---- LoRA -------------------------------------------------------------------------------------

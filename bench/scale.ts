@@ -19,7 +19,9 @@
  * estimated time does not fit is skipped and recorded as such. Also: WebGPU 1024³ matmul vs
  * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only).
  *
- * Run: deno run -A bench/scale.ts (writes bench/results/scale.json).
+ * Run: deno run -A bench/scale.ts (writes bench/results/scale.json). Memory of the 16-bit frozen
+ * base: deno run -A bench/scale.ts --memory qwen25_05b webgpu bf16 --train (or f32; see
+ * memoryChild).
  * @module
  */
 import { Effect, Exit, Scope } from "effect";
@@ -41,6 +43,8 @@ import {
   webgpuBackend,
 } from "../mod.ts";
 import { writeResult } from "./common.ts";
+import { type HalfFormat, roundToHalfBits } from "../src/io/safetensors.ts";
+import { type BaseTensor, type BaseWeightMap, weightSpecs } from "../src/model/weights.ts";
 
 type Value = number | string | null;
 type Results = Record<string, Value>;
@@ -398,6 +402,112 @@ const matmulChild = async () => {
   await Effect.runPromise(Scope.close(scope, Exit.void)).catch(() => {});
 };
 
+// ---- memory mode: the 16-bit frozen base ----------------------------------------------------
+
+/**
+ * Random weights of `config` as initWeights(config, seed) draws them, with every matrix rounded
+ * to `format` tensor by tensor as it is drawn (the f32 copy of the model never exists, as when a
+ * BF16 checkpoint is loaded with loadFrozenBase); 1-D tensors (norms, biases) stay f32.
+ */
+const initWeights16 = (config: ModelConfig, seed: number, format: HalfFormat): BaseWeightMap => {
+  const rng = new Rng(seed);
+  const out = new Map<string, BaseTensor>();
+  for (const { name, shape } of weightSpecs(config)) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const data = new Float32Array(n);
+    if (name.endsWith("norm.weight")) data.fill(1);
+    else if (!name.endsWith(".bias")) { for (let i = 0; i < n; i++) data[i] = rng.normal() * 0.02; }
+    out.set(
+      name,
+      shape.length === 2 ? { shape, format, bits: roundToHalfBits(data, format) } : { shape, data },
+    );
+  }
+  return out;
+};
+
+/**
+ * `--memory <model> <backend> <bf16|f16|f32> [--logprobs] [--train]`: one LoRA policy (r=16, all
+ * 7 projections, gradient checkpointing on) over a base kept in that format; `--logprobs` times
+ * policy.logProbs on the bench batch (best of 2 after a warm-up), `--train` one policy.step on it
+ * (no warm-up: the step's own peak is the point). Prints the peak RSS (VmHWM) after each phase.
+ */
+const memoryChild = async (
+  model: ModelName,
+  backendName: BackendName,
+  format: "bf16" | "f16" | "f32",
+  phases: { logprobs: boolean; train: boolean },
+) => {
+  const t0 = performance.now();
+  const out: Results = { model, backend: backendName, base_format: format };
+  const scope = Scope.makeUnsafe();
+  const inScope = <A, E>(e: Effect.Effect<A, E, Scope.Scope>) =>
+    Effect.runPromise(Scope.provide(scope)(e));
+  try {
+    const config = await modelConfig(model);
+    const base = format === "f32" ? initWeights(config, 1) : initWeights16(config, 1, format);
+    out.base_host_mib = round(
+      [...base.values()].reduce((a, t) => a + ("bits" in t ? t.bits : t.data).byteLength, 0) /
+        2 ** 20,
+      1,
+    );
+    const backend: BackendShape = backendName === "webgpu"
+      ? await inScope(webgpuBackend)
+      : cpuBackend("f32");
+    const policy = await inScope(Policy.make(backend, config, base, {
+      mode: "lora",
+      lora: LORA,
+      seed: 1,
+      optimizer: {
+        learningRate: 1e-5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0,
+        maxGradNorm: 1,
+        gradientCheckpointing: true,
+      },
+    }));
+    out.setup_s = round((performance.now() - t0) / 1000, 1);
+    out.peak_rss_after_setup_mib = peakRssMib();
+    const rng = new Rng(11);
+    const train = Array.from({ length: SHAPES.batch }, () => ({
+      prompt: randomIds(rng, SHAPES.prompt, config.vocabSize),
+      completion: randomIds(rng, SHAPES.completion, config.vocabSize),
+    }));
+    const tokens = SHAPES.batch * (SHAPES.prompt + SHAPES.completion);
+    if (phases.logprobs) {
+      await Effect.runPromise(policy.logProbs(train, 1));
+      let best = Infinity;
+      for (let i = 0; i < 2; i++) {
+        const t = performance.now();
+        await Effect.runPromise(policy.logProbs(train, 1));
+        best = Math.min(best, (performance.now() - t) / 1000);
+      }
+      out.logprobs_tokens_per_s = round(tokens / best);
+      out.peak_rss_after_logprobs_mib = peakRssMib();
+    }
+    if (phases.train) {
+      const t = performance.now();
+      const stats = await Effect.runPromise(policy.step(train, 1, (lp) => {
+        const n = lp.logp.reduce((a, x) => a + x.length, 0);
+        return Effect.succeed({
+          loss: -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n,
+          dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
+          metrics: {},
+        });
+      }));
+      out.train_step_s = round((performance.now() - t) / 1000, 1);
+      out.train_loss = round(stats.loss, 4);
+      out.peak_rss_after_train_mib = peakRssMib();
+    }
+  } catch (e) {
+    out.error = describe(e);
+  }
+  out.wall_s = round((performance.now() - t0) / 1000, 1);
+  console.log(MARK + JSON.stringify(out));
+  await Effect.runPromise(Scope.close(scope, Exit.void)).catch(() => {});
+};
+
 // ---- parent ---------------------------------------------------------------------------------
 
 /** This process's environment without the two OpenBLAS tuning variables (for peers only). */
@@ -664,7 +774,25 @@ export async function run(args: readonly string[] = []): Promise<Results> {
 
 if (import.meta.main) {
   const args = Deno.args;
-  if (args[0] === "--child") {
+  if (args[0] === "--memory") {
+    const [model, backend, format] = args.slice(1, 4) as [ModelName, BackendName, string];
+    if (
+      !MODEL_NAMES.includes(model) || (backend !== "webgpu" && backend !== "cpu") ||
+      (format !== "bf16" && format !== "f16" && format !== "f32")
+    ) {
+      console.error(
+        `usage: --memory <${
+          MODEL_NAMES.join("|")
+        }> <webgpu|cpu> <bf16|f16|f32> [--logprobs] [--train]`,
+      );
+      Deno.exit(2);
+    }
+    await memoryChild(model, backend, format, {
+      logprobs: args.includes("--logprobs"),
+      train: args.includes("--train"),
+    });
+    Deno.exit(0);
+  } else if (args[0] === "--child") {
     if (args[1] === "matmul") await matmulChild();
     else {
       const model = args[1] as ModelName;

@@ -408,8 +408,8 @@ Deno.test({
   ignore: !hasGpu,
   fn: () =>
     withOps(gpu!, (ops) => {
-      const o = { batch: 1, tq: 1, tk: 1, heads: 1, kvHeads: 1, headDim: 256 };
-      const x = ops.zeros([1, 256]);
+      const o = { batch: 1, tq: 1, tk: 1, heads: 1, kvHeads: 1, headDim: 260 };
+      const x = ops.zeros([1, 260]);
       throws(() => ops.attention(x, x, x, o), ShapeError);
     }),
 });

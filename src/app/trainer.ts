@@ -145,7 +145,8 @@ export const runTraining: (
         }),
       );
     }
-    const base = yield* loadBase(modelDir);
+    // a LoRA run keeps a BF16 / F16 checkpoint's matrices 16-bit (its base is frozen)
+    const base = yield* loadBase(modelDir, { keepHalf: cfg.mode === "lora" });
     const program = Effect.gen(function* () {
       const backend = yield* Backend;
       const tok = base.tokenizer;

@@ -13,11 +13,18 @@
  * read, the elementwise ops, adamw, sumSquares, embedding, embeddingBackward, logProbs,
  * logProbsBackward, entropy and the row/column slices take such tensors; the other ops refuse
  * them with a ShapeError (the decoder feeds them vocabulary chunks instead, see `sliceRows`).
+ *
+ * 16-bit tensors (dtype bf16 / f16): a LoRA run's frozen base weights stay in their checkpoint's
+ * format (`fromHalf`), half the memory of f32, with the row blocks of an f32 tensor of their
+ * shape. matmul (either operand), embedding, sliceRows / setRows, copy, reshape, loraFold (as
+ * w), widen and read take them and widen exactly as they read (WebGPU: in the kernels; the CPU:
+ * into temporaries), so both backends compute on the very values the checkpoint holds; every
+ * other op refuses them with a ShapeError. Gradients and optimizer state are always f32.
  * @module
  */
 import type { Effect } from "effect";
 import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
-import type { DType, FloatArray, Tensor } from "./tensor.ts";
+import type { DType, FloatArray, HalfDType, Tensor } from "./tensor.ts";
 
 /** What a backend was doing when it failed. */
 export type BackendOperation = "config" | "setup" | "sync" | "read";
@@ -39,6 +46,12 @@ const BackendErrorBase: TaggedErrorClass<"BackendError", {
 );
 /** Backend setup or device failure (no adapter, device lost, readback failure, out of memory). */
 export class BackendError extends BackendErrorBase {}
+
+/**
+ * Rotary frequencies: a base theta (inv_freq_i = theta^(-2i/d) in f32, as HF computes it) or an
+ * f32 table of the headDim/2 inverse frequencies.
+ */
+export type RopeFrequencies = number | Float32Array;
 
 /** Matmul transpose flags: `transA` means `a` is stored as [K, M]; `transB` means `b` is [N, K]. */
 export interface MatmulOptions {
@@ -69,6 +82,18 @@ export interface AttentionOptions {
   readonly kvLen?: number;
   /** Optional i32 [batch]: keys before kvStart[b] are masked (left padding). Default 0. */
   readonly kvStart?: Tensor;
+  /**
+   * Sliding window (HF's sliding mask): query i also masks keys j <= qOffset + i - window, so
+   * it sees at most `window` keys, itself included. Default: no window.
+   */
+  readonly window?: number;
+  /** Score scale (Gemma: query_pre_attn_scalar^-0.5). Default 1/sqrt(headDim). */
+  readonly scale?: number;
+  /**
+   * Attention logit soft-capping (Gemma 2): each scaled score s becomes cap · tanh(s / cap)
+   * before the mask and softmax. Default: none.
+   */
+  readonly softcap?: number;
 }
 
 /** AdamW hyper-parameters for one update; `step` is 1-based (bias correction). */
@@ -97,15 +122,23 @@ export interface Ops {
   readonly info: BackendInfo;
 
   // ---- creation, views, transfer -------------------------------------------------------------
-  /** Fresh tensor holding `data` (converted to `dtype`, default f32). */
+  /** Fresh tensor holding `data` (converted to `dtype`, default f32; bf16/f16 round to nearest even). */
   fromArray(data: ArrayLike<number>, shape: readonly number[], dtype?: DType): Tensor;
+  /**
+   * Fresh 16-bit tensor holding raw bf16 / f16 `bits` as they are (a frozen base weight in its
+   * checkpoint's format: half the memory of f32). Only the ops that read base weights take it:
+   * matmul, embedding, sliceRows / setRows, copy, reshape, loraFold (as w), widen and read.
+   */
+  fromHalf(bits: Uint16Array, shape: readonly number[], dtype: HalfDType): Tensor;
+  /** Fresh f32 copy of a float tensor; a 16-bit one widened exactly. */
+  widen(t: Tensor): Tensor;
   /** Fresh tensor of zeros. */
   zeros(shape: readonly number[], dtype?: DType): Tensor;
   /** Fresh copy (owned by this scope) of any tensor of this backend. */
   copy(t: Tensor): Tensor;
   /** View with another shape of the same size; shares storage, owned by the source's scope. */
   reshape(t: Tensor, shape: readonly number[]): Tensor;
-  /** Host copies of f32 tensors, fetched with a single wait. */
+  /** Host copies of f32 tensors (16-bit ones widened), fetched with a single wait. */
   read(ts: readonly Tensor[]): Effect.Effect<FloatArray[], BackendError>;
   /** Host copies of i32 tensors, fetched with a single wait. */
   readInt(ts: readonly Tensor[]): Effect.Effect<Int32Array[], BackendError>;
@@ -137,7 +170,10 @@ export interface Ops {
   setColumns(dst: Tensor, start: number, src: Tensor): void;
 
   // ---- matmul --------------------------------------------------------------------------------
-  /** C[M,N] = op(A)·op(B); see MatmulOptions. X·Wᵀ is `{transB:true}`, dYᵀ·X is `{transA:true}`. */
+  /**
+   * C[M,N] = op(A)·op(B); see MatmulOptions. X·Wᵀ is `{transB:true}`, dYᵀ·X is `{transA:true}`.
+   * Either operand may be 16-bit (a frozen base weight), widened exactly as it is read.
+   */
   matmul(a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor;
 
   // ---- elementwise and reductions (f32) ------------------------------------------------------
@@ -171,16 +207,24 @@ export interface Ops {
   rmsNormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
   /**
    * Rotary embedding (Hugging Face "rotate_half" layout) on x [R, heads*headDim] with i32
-   * positions [R]: for i < d/2, (x_i, x_{i+d/2}) rotated by pos * theta^(-2i/d).
+   * positions [R]: for i < d/2, (x_i, x_{i+d/2}) rotated by pos * inv_freq_i, where inv_freq_i =
+   * theta^(-2i/d) for a number `theta`, or `theta[i]` for an inverse-frequency table (the scaled
+   * RoPE variants compute theirs on the host, see src/model/rope.ts).
    */
-  rope(x: Tensor, positions: Tensor, heads: number, headDim: number, theta: number): Tensor;
+  rope(
+    x: Tensor,
+    positions: Tensor,
+    heads: number,
+    headDim: number,
+    theta: RopeFrequencies,
+  ): Tensor;
   /** Gradient of rope (rotation by the opposite angle). */
   ropeBackward(
     dy: Tensor,
     positions: Tensor,
     heads: number,
     headDim: number,
-    theta: number,
+    theta: RopeFrequencies,
   ): Tensor;
   /**
    * Causal softmax attention with grouped-query heads, scale 1/sqrt(headDim).
@@ -203,7 +247,18 @@ export interface Ops {
   swiglu(gate: Tensor, up: Tensor): Tensor;
   /** Gradients of swiglu. */
   swigluBackward(dh: Tensor, gate: Tensor, up: Tensor): { dGate: Tensor; dUp: Tensor };
-  /** Embedding gather: table[V,H], ids i32 [N] -> [N,H]. */
+  /**
+   * GeLU-tanh gated MLP activation (Gemma, HF's gelu_pytorch_tanh): gelu_tanh(gate) * up with
+   * gelu_tanh(g) = g/2 · (1 + tanh(sqrt(2/π) (g + 0.044715 g³))).
+   */
+  gegluTanh(gate: Tensor, up: Tensor): Tensor;
+  /** Gradients of gegluTanh. */
+  gegluTanhBackward(dh: Tensor, gate: Tensor, up: Tensor): { dGate: Tensor; dUp: Tensor };
+  /** Soft-capping (Gemma's final logits): cap · tanh(x / cap); x may be stored in row blocks. */
+  softcap(x: Tensor, cap: number): Tensor;
+  /** Gradient of softcap from its output y: dy · (1 − (y / cap)²). */
+  softcapBackward(dy: Tensor, y: Tensor, cap: number): Tensor;
+  /** Embedding gather: table[V,H] (f32 or 16-bit), ids i32 [N] -> f32 [N,H]. */
   embedding(table: Tensor, ids: Tensor): Tensor;
   /**
    * Embedding gradient: scatter-add of dy[N,H] into a fresh [vocab,H] by the host ids (the ids are
@@ -265,7 +320,8 @@ export interface Ops {
   /** In place AdamW (decoupled weight decay) on param, m, v with gradient g. */
   adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;
   /**
-   * Out-of-place LoRA fold: a FRESH tensor W + s·B·A for W [out,in], B [out,r], A [r,in].
+   * Out-of-place LoRA fold: a FRESH f32 tensor W + s·B·A for W [out,in] (f32 or 16-bit, widened),
+   * B [out,r], A [r,in].
    * Never writes to W: the heart of the alias-free snapshot.
    */
   loraFold(w: Tensor, b: Tensor, a: Tensor, s: number): Tensor;

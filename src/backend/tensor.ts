@@ -5,8 +5,18 @@
  */
 import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 
-/** Element type: `f32` for values, `i32` for token ids and positions. */
-export type DType = "f32" | "i32";
+/**
+ * Element type: `f32` for values, `i32` for token ids and positions, and the 16-bit storage
+ * formats `bf16` / `f16` of a frozen base's weights (stored compactly, widened to f32 inside the
+ * few ops that read base weights: matmul, embedding, the row slices, loraFold, widen, read).
+ */
+export type DType = "f32" | "i32" | HalfDType;
+
+/** A 16-bit storage format: bfloat16 or IEEE half. Gradients never flow into such tensors. */
+export type HalfDType = "bf16" | "f16";
+
+/** True for the 16-bit storage formats. */
+export const isHalfDType = (d: DType): d is HalfDType => d === "bf16" || d === "f16";
 
 /** Host arrays the backends hand back. The CPU reference in f64 mode returns Float64Array. */
 export type FloatArray = Float32Array | Float64Array;

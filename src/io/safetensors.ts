@@ -495,6 +495,62 @@ export const toFloat32 = (
     }
   });
 
+/** A 16-bit float format, as the backends name it (safetensors: BF16 / F16). */
+export type HalfFormat = "bf16" | "f16";
+
+/**
+ * The raw bits of a BF16 / F16 tensor as a fresh Uint16Array (no widening: a frozen base keeps
+ * its checkpoint's format), with the format. Other dtypes fail.
+ */
+export const toHalfBits = (
+  entry: TensorEntry,
+  file: string = BUFFER,
+): Effect.Effect<{ format: HalfFormat; bits: Uint16Array }, SafetensorsError> =>
+  guard(() => {
+    checkEntry(entry, file);
+    if (entry.dtype !== "BF16" && entry.dtype !== "F16") {
+      throw new SafetensorsError({
+        file,
+        tensor: entry.name,
+        reason: `${entry.dtype} is not a 16-bit float dtype (BF16 or F16)`,
+      });
+    }
+    return {
+      format: entry.dtype === "BF16" ? "bf16" : "f16",
+      bits: new Uint16Array(nativeCopy(entry.bytes, 2)),
+    };
+  });
+
+/** Widens 16-bit float bits to the exactly equal f32 values (into `out` when given). */
+export const widenHalfBits = (
+  bits: Uint16Array,
+  format: HalfFormat,
+  out: Float32Array = new Float32Array(bits.length),
+): Float32Array => {
+  const o = new Int32Array(out.buffer, out.byteOffset, bits.length);
+  if (format === "bf16") {
+    for (let i = 0; i < bits.length; i++) o[i] = bits[i] << 16;
+  } else {
+    const table = f16ToF32Table();
+    for (let i = 0; i < bits.length; i++) o[i] = table[bits[i]];
+  }
+  return out;
+};
+
+/** Rounds f32 values to 16-bit float bits (nearest even; see f32BitsToBf16Bits / F16Bits). */
+export const roundToHalfBits = (data: ArrayLike<number>, format: HalfFormat): Uint16Array => {
+  const f = data instanceof Float32Array ? data : Float32Array.from(data);
+  const x = new Uint32Array(f.buffer, f.byteOffset, f.length);
+  const out = new Uint16Array(f.length);
+  const round = format === "bf16" ? f32BitsToBf16Bits : f32BitsToF16Bits;
+  for (let i = 0; i < out.length; i++) out[i] = round(x[i]);
+  return out;
+};
+
+/** True when 16-bit float bits encode ±inf or NaN (exponent all ones). */
+export const isNonFiniteHalf = (h: number, format: HalfFormat): boolean =>
+  format === "bf16" ? (h & 0x7f80) === 0x7f80 : (h & 0x7c00) === 0x7c00;
+
 /**
  * Decodes an integer tensor (I32, I64 and U32 within the i32 range, U8, I8, I16, U16, BOOL as
  * 0/1) into a fresh Int32Array. Out-of-range values fail naming the index and value.

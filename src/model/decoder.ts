@@ -1,7 +1,13 @@
 /**
- * Llama/Qwen2 decoder on any backend: forward to logits (optionally recording a tape), full
+ * Llama-style decoder on any backend: forward to logits (optionally recording a tape), full
  * backward pass, and KV-cached incremental forward for generation. Weights are read, never
  * written: LoRA runs beside the frozen base as y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+ *
+ * Families (see ModelConfig): q/k/v(/o) and MLP biases, scaled RoPE (the host computes the
+ * frequency table, src/model/rope.ts), Qwen3's per-head q/k RMSNorm before RoPE, sliding-window
+ * layers (Mistral, Qwen2, Gemma), and Gemma 2/3: (1 + w) norms, sqrt(hidden) embedding scale,
+ * norms on the attention and MLP outputs, GeLU-tanh MLP, query_pre_attn_scalar, attention and
+ * final logit soft-capping, a local RoPE base on Gemma 3's sliding layers.
  *
  * The language-model head runs over vocabulary chunks when the vocabulary is large: each chunk is
  * a run of rows of the head weight [V, H] inside one of its storage blocks (see Ops.rowBlocks),
@@ -23,9 +29,11 @@
 import type { AttentionOptions, Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import { ensure } from "../backend/tensor.ts";
-import type { ModelConfig } from "./config.ts";
+import { isGemma, isSlidingLayer, type ModelConfig } from "./config.ts";
 import { Rng } from "./rng.ts";
-import { type Projection, projectionPath, PROJECTIONS, type WeightMap } from "./weights.ts";
+import { type RopePlan, ropePlan } from "./rope.ts";
+import { type Projection, projectionPath, PROJECTIONS, qkNormPaths } from "./weights.ts";
+import { type BaseWeightMap, isHalfTensor } from "./weights.ts";
 
 /** A model's weights uploaded to a backend (owned by the scope of the Ops that uploaded them). */
 export interface DeviceModel {
@@ -46,10 +54,22 @@ export interface LoraRuntime {
   readonly modules: ReadonlyMap<string, LoraModule>;
 }
 
-/** Uploads host weights. */
-export const uploadModel = (ops: Ops, config: ModelConfig, weights: WeightMap): DeviceModel => {
+/**
+ * Uploads host weights; 16-bit ones (a LoRA run's frozen base) stay 16-bit on the device, where
+ * matmul, embedding and the head's row slices widen them as they read.
+ */
+export const uploadModel = (
+  ops: Ops,
+  config: ModelConfig,
+  weights: BaseWeightMap,
+): DeviceModel => {
   const out = new Map<string, Tensor>();
-  for (const [name, t] of weights) out.set(name, ops.fromArray(t.data, t.shape));
+  for (const [name, t] of weights) {
+    out.set(
+      name,
+      isHalfTensor(t) ? ops.fromHalf(t.bits, t.shape, t.format) : ops.fromArray(t.data, t.shape),
+    );
+  }
   return { config, weights: out };
 };
 
@@ -73,6 +93,8 @@ export interface Tape {
   readonly input: ForwardInput;
   readonly rows: number;
   readonly positions: Tensor;
+  /** The rotary frequencies the forward rotated by (dynamic NTK depends on the positions). */
+  readonly ropes: LayerRopes;
   readonly kvStart: Tensor | undefined;
   /** Every layer's activations (empty with gradient checkpointing). */
   readonly layers: LayerTape[];
@@ -103,6 +125,13 @@ interface LayerTape {
   readonly x: Tensor;
   readonly rstd1: Tensor;
   readonly h1: Tensor;
+  /** q/k projections before the per-head norm and their rstd (qkNorm only). */
+  readonly qkNorm: { qp: Tensor; kp: Tensor; rstdQ: Tensor; rstdK: Tensor } | null;
+  /**
+   * Gemma: the attention output (o_proj) and MLP output (down_proj) before their norms, with
+   * those norms' rstd.
+   */
+  readonly sandwich: { o: Tensor; rstdO: Tensor; d: Tensor; rstdD: Tensor } | null;
   readonly q: Tensor;
   readonly k: Tensor;
   readonly v: Tensor;
@@ -209,7 +238,106 @@ interface Ctx {
   readonly rng: Rng | null;
   /** Training: apply LoRA dropout and fill the linear tapes. */
   readonly record: boolean;
+  /** Rotary frequencies of this call. */
+  readonly ropes: LayerRopes;
 }
+
+/** Rotary plans of a call: global layers, and sliding layers (Gemma 3's local base). */
+interface LayerRopes {
+  readonly global: RopePlan;
+  readonly local: RopePlan;
+}
+
+const layerRopes = (c: ModelConfig, maxPosition: number): LayerRopes => {
+  const global = ropePlan(c, maxPosition);
+  return {
+    global,
+    local: c.ropeLocalTheta !== undefined ? { freqs: c.ropeLocalTheta, scale: 1 } : global,
+  };
+};
+
+const ropeOf = (c: ModelConfig, r: LayerRopes, l: number): RopePlan =>
+  isSlidingLayer(c, l) ? r.local : r.global;
+
+/** Gemma's embedding scale sqrt(hidden), in f32 as HF rounds it; 1 for the others. */
+const embedScale = (c: ModelConfig): number =>
+  isGemma(c) ? Math.fround(Math.sqrt(c.hiddenSize)) : 1;
+
+/** Token embeddings, scaled for Gemma. */
+const embed = (ops: Ops, model: DeviceModel, ids: ArrayLike<number>): Tensor => {
+  const x = ops.embedding(
+    weight(model, "model.embed_tokens.weight"),
+    ops.fromArray(ids, [ids.length], "i32"),
+  );
+  const s = embedScale(model.config);
+  return s === 1 ? x : ops.scale(x, s);
+};
+
+/** Ones vectors per Ops (owned by its scope), so a call uploads each size once. */
+const onesOf = new WeakMap<Ops, Map<number, Tensor>>();
+
+const ones = (ops: Ops, n: number): Tensor => {
+  let m = onesOf.get(ops);
+  if (!m) onesOf.set(ops, m = new Map());
+  let t = m.get(n);
+  if (!t) m.set(n, t = ops.fromArray(new Float32Array(n).fill(1), [n]));
+  return t;
+};
+
+/**
+ * A norm's effective weight: w, or 1 + w for Gemma's norms (whose gradient is w's gradient).
+ * Computed per use from the live weight, which full fine-tuning updates in place.
+ */
+const normWeight = (ops: Ops, model: DeviceModel, name: string): Tensor => {
+  const w = weight(model, name);
+  if (!isGemma(model.config)) return w;
+  return ops.addScaled(ones(ops, w.size), w, 1);
+};
+
+/** Gemma 2's final logit soft-capping, when configured. */
+const capLogits = (ops: Ops, c: ModelConfig, logits: Tensor): Tensor =>
+  c.finalLogitSoftcap ? ops.softcap(logits, c.finalLogitSoftcap) : logits;
+
+/** Largest value of host positions (dynamic NTK rope reads it), 0 for none. */
+const maxOf = (xs: ArrayLike<number>): number => {
+  let m = 0;
+  for (let i = 0; i < xs.length; i++) m = Math.max(m, xs[i]);
+  return m;
+};
+
+/**
+ * Attention options of layer `l`: the call's, plus the sliding window on sliding layers and
+ * Gemma's score scale and logit soft-capping.
+ */
+const layerAttention = (c: ModelConfig, l: number, o: AttentionOptions): AttentionOptions => ({
+  ...o,
+  ...(isSlidingLayer(c, l) ? { window: c.slidingWindow } : {}),
+  ...(c.queryPreAttnScalar !== undefined ? { scale: c.queryPreAttnScalar ** -0.5 } : {}),
+  ...(c.attnLogitSoftcap !== undefined ? { softcap: c.attnLogitSoftcap } : {}),
+});
+
+/**
+ * RMSNorm over head_dim of every head of x [R, heads*headDim] (qwen3's q_norm/k_norm): the rows
+ * seen as [R*heads, headDim].
+ */
+const headNorm = (ops: Ops, x: Tensor, w: Tensor, heads: number, hd: number, eps: number) => {
+  const rows = x.shape[0];
+  const n = ops.rmsNorm(ops.reshape(x, [rows * heads, hd]), w, eps);
+  return { y: ops.reshape(n.y, [rows, heads * hd]), rstd: n.rstd };
+};
+
+/** Rotary embedding with the plan's attention scaling. */
+const rotate = (
+  ops: Ops,
+  x: Tensor,
+  positions: Tensor,
+  heads: number,
+  c: ModelConfig,
+  rp: RopePlan,
+) => {
+  const y = ops.rope(x, positions, heads, c.headDim, rp.freqs);
+  return rp.scale === 1 ? y : ops.scale(y, rp.scale);
+};
 
 const linear = (
   cx: Ctx,
@@ -268,33 +396,54 @@ const decoderLayer = (
   const c = model.config;
   const lin = cx.record ? new Map<Projection, LinearTape>() : null;
   const pre = `model.layers.${l}`;
-  const n1 = ops.rmsNorm(x, weight(model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-  const q = ops.rope(
-    linear(cx, l, "q_proj", n1.y, lin),
-    positions,
-    c.numHeads,
-    c.headDim,
-    c.ropeTheta,
-  );
-  const k = ops.rope(
-    linear(cx, l, "k_proj", n1.y, lin),
-    positions,
-    c.numKvHeads,
-    c.headDim,
-    c.ropeTheta,
-  );
+  const gemma = isGemma(c);
+  const n1 = ops.rmsNorm(x, normWeight(ops, model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
+  let qp = linear(cx, l, "q_proj", n1.y, lin);
+  let kp = linear(cx, l, "k_proj", n1.y, lin);
+  let qkNorm: LayerTape["qkNorm"] = null;
+  if (c.qkNorm) {
+    // qwen3: each head normalised over head_dim before the rotation
+    const names = qkNormPaths(l);
+    const qw = normWeight(ops, model, names.q);
+    const kw = normWeight(ops, model, names.k);
+    const qn = headNorm(ops, qp, qw, c.numHeads, c.headDim, c.rmsNormEps);
+    const kn = headNorm(ops, kp, kw, c.numKvHeads, c.headDim, c.rmsNormEps);
+    qkNorm = { qp, kp, rstdQ: qn.rstd, rstdK: kn.rstd };
+    qp = qn.y;
+    kp = kn.y;
+  }
+  const rp = ropeOf(c, cx.ropes, l);
+  const q = rotate(ops, qp, positions, c.numHeads, c, rp);
+  const k = rotate(ops, kp, positions, c.numKvHeads, c, rp);
   const v = linear(cx, l, "v_proj", n1.y, lin);
   const att = attend(q, k, v);
-  const x2 = ops.add(x, linear(cx, l, "o_proj", att.out, lin));
-  const n2 = ops.rmsNorm(x2, weight(model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps);
+  const o = linear(cx, l, "o_proj", att.out, lin);
+  // Gemma normalises the attention and MLP outputs too (post_attention_layernorm is then the
+  // attention output's norm, pre_feedforward_layernorm the MLP input's)
+  const no = gemma
+    ? ops.rmsNorm(o, normWeight(ops, model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps)
+    : null;
+  const x2 = ops.add(x, no ? no.y : o);
+  const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
+  const n2 = ops.rmsNorm(x2, normWeight(ops, model, `${pre}.${mlpNorm}.weight`), c.rmsNormEps);
   const gate = linear(cx, l, "gate_proj", n2.y, lin);
   const up = linear(cx, l, "up_proj", n2.y, lin);
-  const act = ops.swiglu(gate, up);
-  const out = ops.add(x2, linear(cx, l, "down_proj", act, lin));
+  const act = gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up);
+  const d = linear(cx, l, "down_proj", act, lin);
+  const nd = gemma
+    ? ops.rmsNorm(
+      d,
+      normWeight(ops, model, `${pre}.post_feedforward_layernorm.weight`),
+      c.rmsNormEps,
+    )
+    : null;
+  const out = ops.add(x2, nd ? nd.y : d);
   return {
     x,
     rstd1: n1.rstd,
     h1: n1.y,
+    qkNorm,
+    sandwich: no && nd ? { o, rstdO: no.rstd, d, rstdD: nd.rstd } : null,
     q,
     k,
     v,
@@ -338,7 +487,11 @@ export const forward = (
   opts: ForwardOptions = {},
 ): { logits: Tensor; tape: Tape | null } => {
   const { hSel, tape } = forwardHidden(ops, model, input, opts);
-  const logits = headLogits(ops, hSel, weight(model, headName(model.config)), opts.chunkRows);
+  const logits = capLogits(
+    ops,
+    model.config,
+    headLogits(ops, hSel, weight(model, headName(model.config)), opts.chunkRows),
+  );
   return { logits, tape };
 };
 
@@ -355,14 +508,16 @@ const forwardHidden = (
   const c = model.config;
   const rows = input.batch * input.seqLen;
   ensure(input.ids.length === rows, "forward", () => `ids ${input.ids.length} != ${rows} rows`);
+  const hostPositions = input.positions ?? defaultPositions(input);
   const cx: Ctx = {
     ops,
     model,
     lora: opts.lora ?? null,
     rng: opts.rng ?? null,
     record: !!opts.train,
+    ropes: layerRopes(c, maxOf(hostPositions)),
   };
-  const positions = ops.fromArray(input.positions ?? defaultPositions(input), [rows], "i32");
+  const positions = ops.fromArray(hostPositions, [rows], "i32");
   const kvStart = input.kvStart ? ops.fromArray(input.kvStart, [input.batch], "i32") : undefined;
   const attnOpts = {
     batch: input.batch,
@@ -373,15 +528,13 @@ const forwardHidden = (
     headDim: c.headDim,
     kvStart,
   };
-  let x = ops.embedding(
-    weight(model, "model.embed_tokens.weight"),
-    ops.fromArray(input.ids, [rows], "i32"),
-  );
+  let x = embed(ops, model, input.ids);
   const layers: LayerTape[] = [];
   const checkpoints: LayerCheckpoint[] | null = cx.record && opts.gradientCheckpointing ? [] : null;
   for (let l = 0; l < c.numLayers; l++) {
+    const lOpts = layerAttention(c, l, attnOpts);
     if (cx.record && !checkpoints) {
-      const t = decoderLayer(cx, l, x, positions, (q, k, v) => ops.attention(q, k, v, attnOpts));
+      const t = decoderLayer(cx, l, x, positions, (q, k, v) => ops.attention(q, k, v, lOpts));
       layers.push(t);
       x = t.out;
       continue;
@@ -396,12 +549,12 @@ const forwardHidden = (
           l,
           input,
           positions,
-          (q, k, v) => t.attention(q, k, v, attnOpts),
+          (q, k, v) => t.attention(q, k, v, lOpts),
         ).out,
       )
     );
   }
-  const nf = ops.rmsNorm(x, weight(model, "model.norm.weight"), c.rmsNormEps);
+  const nf = ops.rmsNorm(x, normWeight(ops, model, "model.norm.weight"), c.rmsNormEps);
   const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
   const tape: Tape | null = cx.record
     ? {
@@ -410,6 +563,7 @@ const forwardHidden = (
       input,
       rows,
       positions,
+      ropes: cx.ropes,
       kvStart,
       layers,
       checkpoints,
@@ -487,7 +641,7 @@ export const forwardLogProbs = (
   const keep = (lse: Tensor, logits: Tensor | null): LogProbsTape | null =>
     tape ? { tape, hSel, targets: tgt, lse, temperature, logits } : null;
   if (chunks.length === 1) {
-    const logits = ops.matmul(hSel, head, { transB: true });
+    const logits = capLogits(ops, c, ops.matmul(hSel, head, { transB: true }));
     const { logp, lse } = ops.logProbs(logits, tgt, temperature);
     const entropy = opts.entropy ? ops.entropy(logits, temperature) : null;
     return { logp, lse, entropy, tape: keep(lse, logits) };
@@ -496,7 +650,7 @@ export const forwardLogProbs = (
   for (const [c0, cn] of chunks) {
     const prev: Tensor | null = acc;
     acc = ops.transient((t) => {
-      const lc = t.matmul(hSel, t.sliceRows(head, c0, cn), { transB: true });
+      const lc = capLogits(t, c, t.matmul(hSel, t.sliceRows(head, c0, cn), { transB: true }));
       return ops.logSoftmaxChunk(prev, lc, tgt, c0, temperature);
     });
   }
@@ -521,17 +675,20 @@ export const backwardLogProbs = (
   mode: GradMode,
 ): Map<string, Tensor> => {
   const { tape, hSel, targets, lse, temperature } = lt;
+  const c = tape.model.config;
+  const cap = c.finalLogitSoftcap;
+  // the kept / recomputed logits are the capped ones: their gradient goes back through the cap
+  const uncap = (t: Ops, d: Tensor, capped: Tensor) => cap ? t.softcapBackward(d, capped, cap) : d;
   if (lt.logits) {
     const dLogits = ops.logProbsBackward(dlogp, lt.logits, targets, lse, temperature);
-    return backward(ops, tape, dLogits, mode);
+    return backwardUncapped(ops, tape, uncap(ops, dLogits, lt.logits), mode);
   }
-  const c = tape.model.config;
   const head = weight(tape.model, headName(c));
   const n = hSel.shape[0];
   const chunks = headChunks(ops, head, n, LOGITS_CHUNK_ELEMENTS, tape.chunkRows);
   return headBackward(ops, tape, hSel, chunks, mode, (t, w, c0) => {
-    const lc = t.matmul(hSel, w, { transB: true });
-    return t.logProbsBackward(dlogp, lc, targets, lse, temperature, c0);
+    const lc = capLogits(t, c, t.matmul(hSel, w, { transB: true }));
+    return uncap(t, t.logProbsBackward(dlogp, lc, targets, lse, temperature, c0), lc);
   });
 };
 
@@ -594,8 +751,28 @@ const linearBackward = (
 /**
  * Backward pass from d logits (same rows as the forward's logits) to parameter gradients:
  * LoRA A/B (mode "lora", keys from loraGradKey) or every weight (mode "full", HF names).
+ * With final soft-capping, the capped logits are recomputed to take d logits through the cap.
  */
 export const backward = (
+  ops: Ops,
+  tape: Tape,
+  dLogits: Tensor,
+  mode: GradMode,
+): Map<string, Tensor> => {
+  const c = tape.model.config;
+  const cap = c.finalLogitSoftcap;
+  if (!cap) return backwardUncapped(ops, tape, dLogits, mode);
+  const sel = tape.input.logitRows;
+  const hSel = sel ? ops.gatherRows(tape.hFinal, sel) : tape.hFinal;
+  const capped = ops.softcap(
+    headLogits(ops, hSel, weight(tape.model, headName(c)), tape.chunkRows),
+    cap,
+  );
+  return backwardUncapped(ops, tape, ops.softcapBackward(dLogits, capped, cap), mode);
+};
+
+/** `backward` from d of the logits before any soft-capping. */
+const backwardUncapped = (
   ops: Ops,
   tape: Tape,
   dLogits: Tensor,
@@ -674,7 +851,7 @@ const backwardFrom = (
   const nf = ops.rmsNormBackward(
     dh,
     tape.xFinal,
-    weight(model, "model.norm.weight"),
+    normWeight(ops, model, "model.norm.weight"),
     tape.rstdFinal,
   );
   if (mode === "full") accumulate(ops, grads, "model.norm.weight", nf.dw);
@@ -690,8 +867,9 @@ const backwardFrom = (
   };
   for (let l = c.numLayers - 1; l >= 0; l--) {
     const ck = tape.checkpoints?.[l];
+    const lOpts = layerAttention(c, l, attnOpts);
     if (!ck) {
-      dx = layerBackward(ops, tape, l, tape.layers[l], dx, mode, grads, attnOpts);
+      dx = layerBackward(ops, tape, l, tape.layers[l], dx, mode, grads, lOpts);
       continue;
     }
     // recompute the layer from its input (same dropout masks) and run its backward pass, all in
@@ -704,16 +882,17 @@ const backwardFrom = (
         lora: tape.lora,
         rng: ck.rng ? new Rng(ck.rng) : null,
         record: true,
+        ropes: tape.ropes,
       };
       const lt = decoderLayer(
         cx,
         l,
         ck.x,
         tape.positions,
-        (q, k, v) => t.attention(q, k, v, attnOpts),
+        (q, k, v) => t.attention(q, k, v, lOpts),
       );
       const local = new Map<string, Tensor>();
-      const d = layerBackward(t, tape, l, lt, dOut, mode, local, attnOpts);
+      const d = layerBackward(t, tape, l, lt, dOut, mode, local, lOpts);
       for (const [key, g] of local) accumulateOut(ops, grads, key, g);
       return ops.copy(d);
     });
@@ -723,7 +902,11 @@ const backwardFrom = (
       ops,
       grads,
       "model.embed_tokens.weight",
-      ops.embeddingBackward(dx, tape.input.ids, c.vocabSize),
+      ops.embeddingBackward(
+        embedScale(c) === 1 ? dx : ops.scale(dx, embedScale(c)),
+        tape.input.ids,
+        c.vocabSize,
+      ),
     );
   }
   return grads;
@@ -745,31 +928,58 @@ const layerBackward = (
   const pre = `model.layers.${l}`;
   const lb = (p: Projection, dy: Tensor) =>
     linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
-  // x3 = x2 + down(act): the residual passes dx through unchanged
-  const dAct = lb("down_proj", dx);
-  const sw = ops.swigluBackward(dAct, t.gate, t.up);
+  const gemma = isGemma(c);
+  // d through a norm: d input, with d weight accumulated in mode "full"
+  const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor) => {
+    const nb = ops.rmsNormBackward(dy, x, normWeight(ops, model, name), rstd);
+    if (mode === "full") accumulate(ops, grads, name, nb.dw);
+    return nb.dx;
+  };
+  const sw3 = t.sandwich;
+  // x3 = x2 + [norm](down(act)): the residual passes dx through unchanged
+  const dDown = sw3
+    ? normBack(dx, sw3.d, `${pre}.post_feedforward_layernorm.weight`, sw3.rstdD)
+    : dx;
+  const dAct = lb("down_proj", dDown);
+  const sw = gemma
+    ? ops.gegluTanhBackward(dAct, t.gate, t.up)
+    : ops.swigluBackward(dAct, t.gate, t.up);
   const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
-  const n2 = ops.rmsNormBackward(
-    dh2,
-    t.x2,
-    weight(model, `${pre}.post_attention_layernorm.weight`),
-    t.rstd2,
-  );
-  if (mode === "full") accumulate(ops, grads, `${pre}.post_attention_layernorm.weight`, n2.dw);
-  const dx2 = ops.add(dx, n2.dx);
-  const dAtt = lb("o_proj", dx2);
+  const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
+  const dx2 = ops.add(dx, normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2));
+  const dO = sw3 ? normBack(dx2, sw3.o, `${pre}.post_attention_layernorm.weight`, sw3.rstdO) : dx2;
+  const dAtt = lb("o_proj", dO);
   const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
-  const dqPre = ops.ropeBackward(ab.dq, tape.positions, c.numHeads, c.headDim, c.ropeTheta);
-  const dkPre = ops.ropeBackward(ab.dk, tape.positions, c.numKvHeads, c.headDim, c.ropeTheta);
+  const rp = ropeOf(c, tape.ropes, l);
+  const unrotate = (d: Tensor, heads: number) =>
+    ops.ropeBackward(
+      rp.scale === 1 ? d : ops.scale(d, rp.scale),
+      tape.positions,
+      heads,
+      c.headDim,
+      rp.freqs,
+    );
+  let dqPre = unrotate(ab.dq, c.numHeads);
+  let dkPre = unrotate(ab.dk, c.numKvHeads);
+  if (t.qkNorm) {
+    const names = qkNormPaths(l);
+    const headNormBackward = (d: Tensor, x: Tensor, name: string, rstd: Tensor, heads: number) => {
+      const rows = d.shape[0];
+      const flat = [rows * heads, c.headDim];
+      const nb = ops.rmsNormBackward(
+        ops.reshape(d, flat),
+        ops.reshape(x, flat),
+        normWeight(ops, model, name),
+        rstd,
+      );
+      if (mode === "full") accumulate(ops, grads, name, nb.dw);
+      return ops.reshape(nb.dx, [rows, heads * c.headDim]);
+    };
+    dqPre = headNormBackward(dqPre, t.qkNorm.qp, names.q, t.qkNorm.rstdQ, c.numHeads);
+    dkPre = headNormBackward(dkPre, t.qkNorm.kp, names.k, t.qkNorm.rstdK, c.numKvHeads);
+  }
   const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
-  const n1 = ops.rmsNormBackward(
-    dh1,
-    t.x,
-    weight(model, `${pre}.input_layernorm.weight`),
-    t.rstd1,
-  );
-  if (mode === "full") accumulate(ops, grads, `${pre}.input_layernorm.weight`, n1.dw);
-  return ops.add(dx2, n1.dx);
+  return ops.add(dx2, normBack(dh1, t.x, `${pre}.input_layernorm.weight`, t.rstd1));
 };
 
 /**
@@ -791,7 +1001,6 @@ export const forwardCached = (
   const rows = B * tq;
   ensure(ids.length === rows, "forwardCached", () => `ids ${ids.length} != ${rows}`);
   ensure(cache.len + tq <= cache.maxLen, "forwardCached", () => `cache full (${cache.maxLen})`);
-  const cx: Ctx = { ops, model, lora, rng: null, record: false };
   const pos = new Int32Array(rows);
   const cacheRows = new Int32Array(rows);
   for (let b = 0; b < B; b++) {
@@ -800,6 +1009,7 @@ export const forwardCached = (
       cacheRows[b * tq + t] = b * cache.maxLen + cache.len + t;
     }
   }
+  const cx: Ctx = { ops, model, lora, rng: null, record: false, ropes: layerRopes(c, maxOf(pos)) };
   const positions = ops.fromArray(pos, [rows], "i32");
   const kvStartT = ops.fromArray(kvStart, [B], "i32");
   const attnOpts = {
@@ -813,22 +1023,23 @@ export const forwardCached = (
     kvLen: cache.len + tq,
     kvStart: kvStartT,
   };
-  let x = ops.embedding(
-    weight(model, "model.embed_tokens.weight"),
-    ops.fromArray(ids, [rows], "i32"),
-  );
+  let x = embed(ops, model, ids);
   for (let l = 0; l < c.numLayers; l++) {
     // new keys/values go into the cache; attention reads the whole cache
     x = decoderLayer(cx, l, x, positions, (q, k, v) => {
       ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
       ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
-      return ops.attention(q, cache.k[l], cache.v[l], attnOpts);
+      return ops.attention(q, cache.k[l], cache.v[l], layerAttention(c, l, attnOpts));
     }).out;
   }
   cache.len += tq;
   const last = Array.from({ length: B }, (_, b) => b * tq + tq - 1);
-  const nf = ops.rmsNorm(ops.gatherRows(x, last), weight(model, "model.norm.weight"), c.rmsNormEps);
-  return headLogits(ops, nf.y, weight(model, headName(c)), opts.chunkRows);
+  const nf = ops.rmsNorm(
+    ops.gatherRows(x, last),
+    normWeight(ops, model, "model.norm.weight"),
+    c.rmsNormEps,
+  );
+  return capLogits(ops, c, headLogits(ops, nf.y, weight(model, headName(c)), opts.chunkRows));
 };
 
 /** Names of all projections, re-exported for adapters. */

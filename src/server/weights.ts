@@ -41,7 +41,20 @@ const SAME_SHAPE_FIELDS = [
   "vocabSize",
   "tieWordEmbeddings",
   "attentionBias",
+  // fields that change the math without changing a shape: a reload keeps the served ones
+  "mlpBias",
+  "qkNorm",
+  "ropeScaling",
+  "slidingWindow",
+  "slidingLayers",
+  "queryPreAttnScalar",
+  "attnLogitSoftcap",
+  "finalLogitSoftcap",
+  "ropeLocalTheta",
 ] as const;
+
+/** Structural equality of two config values (numbers, booleans, lists, rope-scaling records). */
+const sameValue = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
 
 /** The message of an error-like value. */
 export const message = (e: unknown): string =>
@@ -111,12 +124,12 @@ export class ServedWeights {
         ),
       );
       for (const f of SAME_SHAPE_FIELDS) {
-        if (config[f] !== served[f]) {
+        if (!sameValue(config[f], served[f])) {
           return yield* Effect.fail(
             badRequest(
               `reload_weights: ${dir} does not match the served model: ${f} is ${
-                config[f]
-              }, expected ${served[f]}`,
+                JSON.stringify(config[f])
+              }, expected ${JSON.stringify(served[f])}`,
               "weights_path",
             ),
           );

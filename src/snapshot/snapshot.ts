@@ -30,7 +30,15 @@ import type { BackendError, Ops } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { type DeviceModel, type LoraRuntime, uploadModel } from "../model/decoder.ts";
-import type { HostTensor, WeightMap } from "../model/weights.ts";
+import {
+  type BaseTensor,
+  type BaseWeightMap,
+  type HalfTensor,
+  type HostTensor,
+  isHalfTensor,
+  widenTensor,
+} from "../model/weights.ts";
+import { isNonFiniteHalf, widenHalfBits } from "../io/safetensors.ts";
 import { type LoraConfig, loraScale } from "../lora/adapter.ts";
 
 const SnapshotCorruptedBase: TaggedErrorClass<"SnapshotCorrupted", {
@@ -67,24 +75,31 @@ const enc = new TextEncoder();
 const hex = (b: ArrayBuffer): string =>
   Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, "0")).join("");
 
+/** The stored bytes of a tensor: f32 values, or a 16-bit one's bits as kept. */
+const storedBytes = (t: BaseTensor): Uint8Array<ArrayBuffer> => {
+  const d = isHalfTensor(t) ? t.bits : t.data;
+  return new Uint8Array(d.buffer as ArrayBuffer, d.byteOffset, d.byteLength);
+};
+
 /**
- * SHA-256 of `header`, then for each tensor of `m` (names sorted) `<prefix><name>[<shape>]` and
- * the 32-byte SHA-256 of its f32 bytes. Tensors are hashed concurrently, and never concatenated.
+ * SHA-256 of `header`, then for each tensor of `m` (names sorted) `<prefix><name>[<shape>]`
+ * (followed by `:bf16` / `:f16` for a 16-bit tensor) and the 32-byte SHA-256 of its stored bytes
+ * (f32 values, or the 16-bit bits). Tensors are hashed concurrently, and never concatenated.
  */
 const tensorsDigest = async (
   header: string,
   prefix: string,
-  m: ReadonlyMap<string, HostTensor>,
+  m: ReadonlyMap<string, BaseTensor>,
 ): Promise<string> => {
   const names = [...m.keys()].sort();
-  const hashes = await Promise.all(names.map((n) => {
-    const d = m.get(n)!.data;
-    const bytes = new Uint8Array(d.buffer as ArrayBuffer, d.byteOffset, d.byteLength);
-    return crypto.subtle.digest("SHA-256", bytes);
-  }));
+  const hashes = await Promise.all(
+    names.map((n) => crypto.subtle.digest("SHA-256", storedBytes(m.get(n)!))),
+  );
   const parts: Uint8Array[] = [enc.encode(header)];
   names.forEach((n, i) => {
-    parts.push(enc.encode(`${prefix}${n}[${m.get(n)!.shape.join(",")}]`));
+    const t = m.get(n)!;
+    const format = isHalfTensor(t) ? `:${t.format}` : "";
+    parts.push(enc.encode(`${prefix}${n}[${t.shape.join(",")}]${format}`));
     parts.push(new Uint8Array(hashes[i]));
   });
   const all = new Uint8Array(parts.reduce((k, p) => k + p.length, 0));
@@ -97,7 +112,7 @@ const tensorsDigest = async (
 };
 
 /** Digest of a weight map (a full snapshot, a frozen base): tensorsDigest, no header, `w:`. */
-const weightsDigest = (m: ReadonlyMap<string, HostTensor>): Promise<string> =>
+const weightsDigest = (m: ReadonlyMap<string, BaseTensor>): Promise<string> =>
   tensorsDigest("", "w:", m);
 
 /**
@@ -120,10 +135,34 @@ interface Scan {
   readonly maxAbs: ReadonlyMap<string, number>;
 }
 
-const scan = (m: ReadonlyMap<string, HostTensor>): Scan => {
+/**
+ * A 16-bit tensor's first NaN/Inf and largest |value|, from its bits: magnitudes of finite
+ * bf16 / f16 values order as their bits without the sign, so nothing is widened (a base's
+ * embedding in f32 would be a transient of hundreds of MB).
+ */
+const scanHalf = (name: string, t: HalfTensor) => {
+  let nonFinite: NonFinite | null = null;
+  let top = 0;
+  const b = t.bits;
+  for (let i = 0; i < b.length; i++) {
+    const h = b[i];
+    if (isNonFiniteHalf(h, t.format)) {
+      nonFinite ??= { name, index: i, value: widenHalfBits(b.subarray(i, i + 1), t.format)[0] };
+    } else if ((h & 0x7fff) > top) top = h & 0x7fff;
+  }
+  return { nonFinite, maxAbs: widenHalfBits(Uint16Array.of(top), t.format)[0] };
+};
+
+const scan = (m: ReadonlyMap<string, BaseTensor>): Scan => {
   let nonFinite: NonFinite | null = null;
   const maxAbs = new Map<string, number>();
   for (const [name, t] of m) {
+    if (isHalfTensor(t)) {
+      const h = scanHalf(name, t);
+      nonFinite ??= h.nonFinite;
+      maxAbs.set(name, h.maxAbs);
+      continue;
+    }
     const d = t.data;
     let mx = 0;
     for (let i = 0; i < d.length; i++) {
@@ -143,7 +182,7 @@ const firstNonFiniteOf = (m: ReadonlyMap<string, HostTensor>): NonFinite | null 
 /** Awaits a digest under way (hashing runs off this thread) while scanning the same tensors. */
 const hashWhileScanning = (
   digest: Promise<string>,
-  m: ReadonlyMap<string, HostTensor>,
+  m: ReadonlyMap<string, BaseTensor>,
 ): Effect.Effect<{ digest: string; scan: Scan }> =>
   Effect.promise(async () => {
     const sc = scan(m);
@@ -152,9 +191,13 @@ const hashWhileScanning = (
 
 const copyTensor = (t: HostTensor): HostTensor => ({ shape: [...t.shape], data: t.data.slice() });
 
-const bytesOf = (m: ReadonlyMap<string, HostTensor>): number => {
+/** A fresh f32 copy of a base weight (a 16-bit one widened). */
+const copyWidened = (t: BaseTensor): HostTensor =>
+  isHalfTensor(t) ? { shape: [...t.shape], data: widenTensor(t).data } : copyTensor(t);
+
+const bytesOf = (m: ReadonlyMap<string, BaseTensor>): number => {
   let n = 0;
-  for (const t of m.values()) n += t.data.byteLength;
+  for (const t of m.values()) n += storedBytes(t).byteLength;
   return n;
 };
 
@@ -239,7 +282,8 @@ class DeviceCopies<A> {
 // ---- the frozen base --------------------------------------------------------------------------
 
 interface BaseStore {
-  readonly weights: ReadonlyMap<string, HostTensor>;
+  /** As given: f32, or (a LoRA base loaded from a 16-bit checkpoint) 16-bit matrices. */
+  readonly weights: BaseWeightMap;
   readonly nonFinite: NonFinite | null;
   /** max |w| of each weight (bounds the merged weights without merging). */
   readonly maxAbs: ReadonlyMap<string, number>;
@@ -251,7 +295,8 @@ const baseStores = new WeakMap<FrozenBase, BaseStore>();
 /**
  * The frozen base model: a private host copy of its weights, their digest (taken once, at
  * creation), and its resident device uploads. Shared by reference by the policy and every LoRA
- * snapshot; nothing writes to it.
+ * snapshot; nothing writes to it. 16-bit weights (see loadFrozenBase) stay 16-bit here and on
+ * the device (half the memory); the digest covers their bits.
  */
 export class FrozenBase {
   private constructor(
@@ -261,9 +306,19 @@ export class FrozenBase {
   ) {}
 
   /** Copies `weights` (private from then on) and takes their digest: O(model), once. */
-  static make(config: ModelConfig, weights: WeightMap): Effect.Effect<FrozenBase> {
+  static make(config: ModelConfig, weights: BaseWeightMap): Effect.Effect<FrozenBase> {
     return Effect.suspend(() =>
-      FrozenBase.adopt(config, new Map([...weights].map(([n, t]) => [n, copyTensor(t)])))
+      FrozenBase.adopt(
+        config,
+        new Map(
+          [...weights].map((
+            [n, t],
+          ) => [
+            n,
+            isHalfTensor(t) ? { ...t, shape: [...t.shape], bits: t.bits.slice() } : copyTensor(t),
+          ]),
+        ),
+      )
     );
   }
 
@@ -272,7 +327,7 @@ export class FrozenBase {
    * their digest. The caller must not write to those arrays afterwards (reading is fine); a write
    * would show as a digest mismatch wherever a snapshot of this base is published or verified.
    */
-  static adopt(config: ModelConfig, weights: WeightMap): Effect.Effect<FrozenBase> {
+  static adopt(config: ModelConfig, weights: BaseWeightMap): Effect.Effect<FrozenBase> {
     return Effect.suspend(() => {
       const own = new Map(weights);
       return Effect.map(hashWhileScanning(weightsDigest(own), own), ({ digest, scan }) => {
@@ -306,9 +361,14 @@ export class FrozenBase {
     return t.shape;
   }
 
-  /** Fresh copies of all weights (O(model)). */
+  /** Fresh f32 copies of all weights (O(model); 16-bit ones widened). */
   weights(): Map<string, HostTensor> {
-    return new Map([...this.store.weights].map(([n, t]) => [n, copyTensor(t)]));
+    return new Map([...this.store.weights].map(([n, t]) => [n, copyWidened(t)]));
+  }
+
+  /** True when some weights are kept 16-bit (bf16 / f16). */
+  get hasHalfWeights(): boolean {
+    return [...this.store.weights.values()].some(isHalfTensor);
   }
 
   /** Bytes of the host copy. */
@@ -639,9 +699,10 @@ export const mergedWeights: (
     }));
     const merged = new Map(paths.map((p, i) => [`${p}.weight`, toF32(folded[i])]));
     const out = new Map<string, HostTensor>();
+    // 16-bit base weights are widened: consumers of merged weights get f32 throughout
     for (const [name, t] of baseStores.get(base)!.weights) {
       const f = merged.get(name);
-      out.set(name, f ? { shape: [...t.shape], data: f } : copyTensor(t));
+      out.set(name, f ? { shape: [...t.shape], data: f } : copyWidened(t));
     }
     return out;
   },

@@ -20,7 +20,7 @@ import {
   loraGradKey,
   type LoraRuntime,
 } from "../model/decoder.ts";
-import type { HostTensor, WeightMap } from "../model/weights.ts";
+import { type BaseWeightMap, type HostTensor, widenWeights } from "../model/weights.ts";
 import { initLora, type LoraConfig, type LoraWeights, uploadLora } from "../lora/adapter.ts";
 import { Rng } from "../model/rng.ts";
 import {
@@ -173,25 +173,30 @@ export class Policy {
   /**
    * Uploads base and trainable state in the current scope. `base` is a FrozenBase to share, or
    * host weights to freeze: taken over without a copy (FrozenBase.adopt; the caller must not
-   * write to those arrays afterwards) and hashed once, here.
+   * write to those arrays afterwards) and hashed once, here. 16-bit base weights (LoRA from a
+   * BF16 / F16 checkpoint, see loadFrozenBase) stay 16-bit on the host and the device; LoRA A/B,
+   * their gradients and AdamW state are f32. Full fine-tuning trains f32 master weights: given
+   * 16-bit host weights it widens them first, and its live copy of a 16-bit FrozenBase is widened.
    */
   static readonly make: (
     backend: BackendShape,
     config: ModelConfig,
-    base: WeightMap | FrozenBase,
+    base: BaseWeightMap | FrozenBase,
     options: PolicyOptions,
     initialLora?: LoraWeights,
   ) => Effect.Effect<Policy, never, Scope.Scope> = Effect.fn("Policy.make")(
     function* (
       backend: BackendShape,
       config: ModelConfig,
-      base: WeightMap | FrozenBase,
+      base: BaseWeightMap | FrozenBase,
       options: PolicyOptions,
       initialLora?: LoraWeights,
     ) {
       const ops = yield* backend.ops;
       // host weights are taken over, not copied (FrozenBase.adopt): one model's worth less
-      const frozen = base instanceof FrozenBase ? base : yield* FrozenBase.adopt(config, base);
+      const frozen = base instanceof FrozenBase
+        ? base
+        : yield* FrozenBase.adopt(config, options.mode === "full" ? widenWeights(base) : base);
       const baseDevice = yield* frozen.device(backend);
       const params = new Map<string, { p: Tensor; m: Tensor; v: Tensor }>();
       const track = (key: string, p: Tensor) =>
@@ -207,7 +212,8 @@ export class Policy {
         }
       } else {
         const w = new Map<string, Tensor>();
-        for (const [name, t] of baseDevice.weights) w.set(name, ops.copy(t));
+        // f32 master weights (a 16-bit base widened), never the resident base itself
+        for (const [name, t] of baseDevice.weights) w.set(name, ops.widen(t));
         live = { config, weights: w };
         for (const [name, t] of w) track(name, t);
       }

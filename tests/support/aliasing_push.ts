@@ -11,7 +11,7 @@
 import { Effect } from "effect";
 import { loraScale } from "../../src/lora/adapter.ts";
 import { saveModel } from "../../src/model/loader.ts";
-import type { HostTensor } from "../../src/model/weights.ts";
+import { type HostTensor, widenTensor } from "../../src/model/weights.ts";
 import { type PushReport, type PushTargetShape, SyncError } from "../../src/ports/push_target.ts";
 import type { RolloutLayerFactory } from "../../src/app/trainer.ts";
 import { describeHttpError } from "../../src/vllm/client.ts";
@@ -31,7 +31,9 @@ export const aliasingTarget = (ctx: ServerContext): PushTargetShape => {
   const name = `aliasing-trl-v0.15(${ctx.client.baseUrl})`;
   // the live model: mutable arrays that merge/unmerge write into, kept across pushes
   const live: LiveWeights = new Map(
-    [...ctx.base.weights].map(([n, t]) => [n, { shape: [...t.shape], data: t.data.slice() }]),
+    [...ctx.base.weights].map((
+      [n, t],
+    ) => [n, { shape: [...t.shape], data: widenTensor(t).data.slice() }]),
   );
   return {
     name,

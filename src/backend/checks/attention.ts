@@ -19,8 +19,12 @@ export interface AttentionGeometry {
   readonly group: number;
   readonly qOffset: number;
   readonly kvLen: number;
-  /** 1 / sqrt(headDim). */
+  /** Sliding window (keys per query at most), 0 for none. */
+  readonly window: number;
+  /** Score scale: opts.scale, default 1 / sqrt(headDim). */
   readonly scale: number;
+  /** Logit soft-capping value, 0 for none. */
+  readonly softcap: number;
 }
 
 const isCount = (n: number, min: number): boolean => Number.isInteger(n) && n >= min;
@@ -59,6 +63,19 @@ export const checkAttention = (
       `qOffset ${qOffset} must be a non-negative integer with qOffset + tq (${tq}) <= tk (${tk})`,
   );
   ensure(isCount(kvLen, 0) && kvLen <= tk, op, () => `kvLen ${kvLen} must be in [0, tk=${tk}]`);
+  const window = opts.window ?? 0;
+  ensure(
+    opts.window === undefined || isCount(window, 1),
+    op,
+    () => `window ${opts.window} must be a positive integer`,
+  );
+  for (const [name, x] of [["scale", opts.scale], ["softcap", opts.softcap]] as const) {
+    ensure(
+      x === undefined || (Number.isFinite(x) && x > 0),
+      op,
+      () => `${name} ${x} must be a positive number`,
+    );
+  }
   for (const t of [q, k, v]) {
     ensure(t.dtype === "f32", op, () => `q, k, v must be f32, got ${t.dtype}`);
   }
@@ -83,7 +100,9 @@ export const checkAttention = (
     group: heads / kvHeads,
     qOffset,
     kvLen,
-    scale: 1 / Math.sqrt(headDim),
+    window,
+    scale: opts.scale ?? 1 / Math.sqrt(headDim),
+    softcap: opts.softcap ?? 0,
   };
 };
 

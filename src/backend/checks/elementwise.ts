@@ -6,7 +6,7 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { asMatrix, ensure, expectShape } from "../tensor.ts";
+import { asMatrix, ensure, expectShape, isHalfDType } from "../tensor.ts";
 
 /** Checks that a and b have one shape (the binary ops, addScaledInPlace, swiglu). */
 export const sameShape = (op: string, a: Tensor, b: Tensor, an = "a", bn = "b"): void =>
@@ -167,6 +167,8 @@ export const checkColumnRange = (
   count: number,
 ): [number, number] => {
   expectShape(op, "tensor", t, [-1, -1]);
+  // 16-bit tensors (frozen base weights) are sliced by rows only, never by columns
+  ensure(!isHalfDType(t.dtype), op, () => `${t.dtype} tensors cannot be sliced by columns`);
   const [r, c] = t.shape;
   ensure(
     Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 &&

@@ -5,6 +5,7 @@
  * device data (ids held in a tensor) are left to the backend that has them on the host (CPU).
  * @module
  */
+import type { RopeFrequencies } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
 import { asMatrix, ensure, expectShape } from "../tensor.ts";
 
@@ -64,7 +65,7 @@ export const checkRope = (
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
 ): number => {
   ensure(
     Number.isInteger(heads) && heads > 0 && Number.isInteger(headDim) && headDim > 0 &&
@@ -72,7 +73,15 @@ export const checkRope = (
     op,
     () => `heads ${heads} and headDim ${headDim} must be positive integers, headDim even`,
   );
-  ensure(Number.isFinite(theta) && theta > 0, op, () => `theta ${theta} must be positive`);
+  if (typeof theta === "number") {
+    ensure(Number.isFinite(theta) && theta > 0, op, () => `theta ${theta} must be positive`);
+  } else {
+    ensure(
+      theta.length === headDim / 2 && theta.every((f) => Number.isFinite(f)),
+      op,
+      () => `inverse-frequency table needs ${headDim / 2} finite values, got ${theta.length}`,
+    );
+  }
   ensure(x.shape.length === 2, op, () => `x must be 2-D, got [${x.shape}]`);
   const rows = x.shape[0];
   expectShape(op, "x", x, [rows, heads * headDim]);

@@ -13,9 +13,12 @@ import {
 } from "../checks/attention.ts";
 import type { CpuScope } from "./scope.ts";
 
-/** Visible key range [lo, hi) of query i of a sequence whose first visible key is `start`. */
+/**
+ * Visible key range [lo, hi) of query i of a sequence whose first visible key is `start` (and,
+ * with a sliding window, no key `window` or more before the query).
+ */
 const visible = (g: AttentionGeometry, start: number, i: number): [number, number] => [
-  Math.max(start, 0),
+  Math.max(start, 0, g.window > 0 ? g.qOffset + i + 1 - g.window : 0),
   Math.min(g.qOffset + i + 1, g.kvLen),
 ];
 
@@ -51,7 +54,7 @@ export function attention(
           const ko = ((b * tk + j) * kvHeads + kvh) * hd;
           let dot = 0;
           for (let d = 0; d < hd; d++) dot += Q[qo + d] * K[ko + d];
-          s[j] = dot * scale;
+          s[j] = g.softcap > 0 ? g.softcap * Math.tanh((dot * scale) / g.softcap) : dot * scale;
           m = Math.max(m, s[j]);
         }
         let sum = 0;
@@ -118,8 +121,13 @@ export function attentionBackward(
             dot += Q[qo + d] * K[ko + d];
             dp += dO[qo + d] * V[ko + d];
           }
-          const p = Math.exp(dot * scale - rowLse);
-          const ds = p * (dp - delta) * scale;
+          // with soft-capping, d capped / d raw = 1 - (capped / cap)²
+          const capped = g.softcap > 0
+            ? g.softcap * Math.tanh((dot * scale) / g.softcap)
+            : dot * scale;
+          const p = Math.exp(capped - rowLse);
+          const dcap = g.softcap > 0 ? 1 - (capped / g.softcap) ** 2 : 1;
+          const ds = p * (dp - delta) * dcap * scale;
           for (let d = 0; d < hd; d++) {
             dv[ko + d] += p * dO[qo + d];
             dq[qo + d] += ds * K[ko + d];

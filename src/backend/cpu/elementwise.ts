@@ -213,7 +213,7 @@ export function adamw(
 export function loraFold(sc: CpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {
   const op = "loraFold";
   const [rows, cols, rank] = checkLoraFold(op, w, b, a);
-  const wd = sc.f(w, op);
+  const wd = sc.fw(w, op);
   const bd = sc.f(b, op);
   const ad = sc.f(a, op);
   const out = sc.floats(rows * cols);

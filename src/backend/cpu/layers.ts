@@ -4,7 +4,9 @@
  * reference the WebGPU kernels are tested against. Contracts: see Ops in ../ops.ts.
  * @module
  */
-import type { FloatArray, Tensor } from "../tensor.ts";
+import type { RopeFrequencies } from "../ops.ts";
+import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
+import { isHalfDType } from "../tensor.ts";
 import {
   checkEmbedding,
   checkEmbeddingBackward,
@@ -103,11 +105,11 @@ const rotate = (
   pos: Int32Array,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
   sign: number,
 ): void => {
   const half = headDim / 2;
-  const invFreq = ropeInvFreq(headDim, theta);
+  const invFreq = typeof theta === "number" ? ropeInvFreq(headDim, theta) : theta;
   const cols = heads * headDim;
   for (let r = 0; r < pos.length; r++) {
     for (let i = 0; i < half; i++) {
@@ -132,7 +134,7 @@ export function rope(
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
 ): Tensor {
   const op = "rope";
   const xs = sc.f(x, op);
@@ -150,7 +152,7 @@ export function ropeBackward(
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
 ): Tensor {
   const op = "ropeBackward";
   const ds = sc.f(dy, op);
@@ -164,12 +166,17 @@ export function ropeBackward(
 /** See Ops.embedding. Ids outside [0, V) raise ShapeError. */
 export function embedding(sc: CpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
-  const ts = sc.f(table, op);
+  const t = sc.any(table, op);
   const is = sc.i(ids, op);
   const [, v, h] = checkEmbedding(op, table, ids);
   checkIds(op, is, v);
   const out = sc.floats(is.length * h);
-  for (let i = 0; i < is.length; i++) out.set(ts.subarray(is[i] * h, (is[i] + 1) * h), i * h);
+  // a 16-bit table: only the gathered rows are widened
+  const row = isHalfDType(t.dtype)
+    ? (id: number) =>
+      sc.widen((t.data as Uint16Array).subarray(id * h, (id + 1) * h), t.dtype as HalfDType)
+    : (id: number) => sc.f(t, op).subarray(id * h, (id + 1) * h);
+  for (let i = 0; i < is.length; i++) out.set(row(is[i]), i * h);
   return sc.wrap([is.length, h], out);
 }
 

@@ -6,7 +6,8 @@
  * @module
  */
 import type { MatmulOptions } from "../ops.ts";
-import type { FloatArray, Tensor } from "../tensor.ts";
+import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
+import { isHalfDType } from "../tensor.ts";
 import { matmulDims } from "../checks/matmul.ts";
 import type { CpuScope } from "./scope.ts";
 
@@ -14,6 +15,8 @@ import type { CpuScope } from "./scope.ts";
 const NB = 256;
 /** k-steps per block. */
 const KB = 128;
+/** Rows of a 16-bit b widened at a time by the few-rows path. */
+const DOT_PANEL = 1024;
 
 /** Row-major transpose of src [rows, cols] into a fresh [cols, rows] of the same precision. */
 const transpose = (src: FloatArray, rows: number, cols: number): FloatArray => {
@@ -97,7 +100,10 @@ const gemm = (
   }
 };
 
-/** c[M,N] = a[M,K]·b[N,K]ᵀ by row dot products (both operands contiguous; used for few rows). */
+/**
+ * c[M, j0 + j] = a[M,K]·b[N,K]ᵀ for j < N by row dot products (both operands contiguous; used
+ * for few rows), c of row stride `ldc`.
+ */
 const gemmDot = (
   a: FloatArray,
   b: FloatArray,
@@ -105,6 +111,8 @@ const gemmDot = (
   m: number,
   n: number,
   k: number,
+  ldc = n,
+  j0 = 0,
 ): void => {
   // Same summation order and rounding as gemm (groups of four k-steps added to an accumulator
   // stored in C's precision), so decoding a row gives the bits a batched product gives.
@@ -122,7 +130,7 @@ const gemmDot = (
         );
       }
       for (; p < k; p++) acc = round(acc + a[ar + p] * b[br + p]);
-      c[i * n + j] = acc;
+      c[i * ldc + j0 + j] = acc;
     }
   }
 };
@@ -130,16 +138,30 @@ const gemmDot = (
 /** See Ops.matmul: C[M,N] = op(A)·op(B) in the scope precision. */
 export function matmul(sc: CpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor {
   const { m, n, k, transA, transB } = matmulDims("matmul", a, b, opts);
-  const ad = sc.f(a, "matmul");
-  const bd = sc.f(b, "matmul");
+  // a 16-bit operand (a frozen base weight) is widened exactly into a temporary
+  const ad = sc.fw(a, "matmul");
+  const bt = sc.any(b, "matmul");
+  const bHalf = isHalfDType(bt.dtype);
+  if (!bHalf) sc.f(b, "matmul"); // f32 or 16-bit: anything else is a ShapeError
   const out = sc.out([m, n]);
   if (m === 0 || n === 0 || k === 0) return out;
   const c = out.data as FloatArray;
   if (transB && !transA && m < 8) {
-    // Few rows (decoding): transposing b would cost as much as the product itself.
-    gemmDot(ad, bd, c, m, n, k);
+    // Few rows (decoding): transposing b would cost as much as the product itself. A 16-bit b
+    // (a vocabulary-sized head) is widened a panel of rows at a time, not whole.
+    if (!bHalf) {
+      gemmDot(ad, sc.f(b, "matmul"), c, m, n, k);
+      return out;
+    }
+    const bits = bt.data as Uint16Array;
+    for (let j0 = 0; j0 < n; j0 += DOT_PANEL) {
+      const j1 = Math.min(n, j0 + DOT_PANEL);
+      const panel = sc.widen(bits.subarray(j0 * k, j1 * k), bt.dtype as HalfDType);
+      gemmDot(ad, panel, c, m, j1 - j0, k, n, j0);
+    }
     return out;
   }
+  const bd = sc.fw(b, "matmul");
   const am = transA ? transpose(ad, k, m) : ad;
   const bm = transB ? transpose(bd, n, k) : bd;
   gemm(am, bm, c, m, n, k);

@@ -6,8 +6,10 @@
 import { Effect } from "effect";
 import type { BackendInfo, Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { asMatrix, ensure, sizeOf } from "../tensor.ts";
+import { asMatrix, ensure, isHalfDType, sizeOf } from "../tensor.ts";
+import { roundToHalfBits } from "../../io/safetensors.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
+import * as activations from "./activations.ts";
 import * as attention from "./attention.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
@@ -30,19 +32,31 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
       "fromArray",
       () => `shape [${shape}] vs length ${data.length}`,
     );
+    if (isHalfDType(dtype)) return sc.wrap(shape, roundToHalfBits(data, dtype), dtype);
     const store = dtype === "i32" ? Int32Array.from(data) : sc.floats(data.length);
     if (dtype === "f32") store.set(data);
     return sc.wrap(shape, store, dtype);
   };
+  /** Storage of `n` zeros of `dtype`. */
+  const zerosOf = (n: number, dtype: DType) =>
+    dtype === "i32" ? new Int32Array(n) : isHalfDType(dtype) ? new Uint16Array(n) : sc.floats(n);
   const ops: Ops = {
     info: cpuInfo(precision),
     fromArray,
-    zeros: (shape, dtype = "f32") =>
-      sc.wrap(
-        shape,
-        dtype === "i32" ? new Int32Array(sizeOf(shape)) : sc.floats(sizeOf(shape)),
-        dtype,
-      ),
+    fromHalf: (bits, shape, dtype) => {
+      ensure(isHalfDType(dtype), "fromHalf", () => `expected bf16 or f16, got ${dtype}`);
+      ensure(
+        sizeOf(shape) === bits.length,
+        "fromHalf",
+        () => `shape [${shape}] vs length ${bits.length}`,
+      );
+      return sc.wrap(shape, bits.slice(), dtype);
+    },
+    widen: (t) => {
+      const c = sc.any(t, "widen");
+      return sc.wrap(c.shape, isHalfDType(c.dtype) ? sc.fw(c, "widen") : sc.f(c, "widen").slice());
+    },
+    zeros: (shape, dtype = "f32") => sc.wrap(shape, zerosOf(sizeOf(shape), dtype), dtype),
     copy: (t) => {
       const c = sc.any(t, "copy");
       return sc.wrap(c.shape, c.data.slice(), c.dtype);
@@ -52,7 +66,13 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
       ensure(sizeOf(shape) === c.size, "reshape", () => `[${c.shape}] -> [${shape}]`);
       return new CpuTensor(shape, c.dtype, c.data, c.life);
     },
-    read: (ts) => Effect.sync(() => ts.map((t) => sc.f(t, "read").slice())),
+    read: (ts) =>
+      Effect.sync(() =>
+        ts.map((t) => {
+          const c = sc.any(t, "read");
+          return isHalfDType(c.dtype) ? sc.fw(c, "read") : sc.f(c, "read").slice();
+        })
+      ),
     readInt: (ts) => Effect.sync(() => ts.map((t) => sc.i(t, "readInt").slice())),
     flush: () => {},
     transient: <A>(f: (ops: Ops) => A): A => {
@@ -88,6 +108,10 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
     swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),
     swigluBackward: (dh, gate, up) => elementwise.swigluBackward(sc, dh, gate, up),
+    gegluTanh: (gate, up) => activations.gegluTanh(sc, gate, up),
+    gegluTanhBackward: (dh, gate, up) => activations.gegluTanhBackward(sc, dh, gate, up),
+    softcap: (x, cap) => activations.softcap(sc, x, cap),
+    softcapBackward: (dy, y, cap) => activations.softcapBackward(sc, dy, y, cap),
     adamw: (param, grad, m, v, opts) => elementwise.adamw(sc, param, grad, m, v, opts),
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),

@@ -29,8 +29,10 @@ import type { GpuScope } from "./scope.ts";
  */
 export const attentionTuning: { tile?: 1 | 2 | 4; splitLen?: number } = {};
 
-/** Largest headDim the kernels support (size of their per-invocation arrays). */
-export const MAX_HEAD_DIM = 128;
+/** Largest headDim the kernels support (size of the `_wide` variants' per-invocation arrays). */
+export const MAX_HEAD_DIM = 256;
+/** Largest headDim of the narrow kernels; above it the `_wide` variants run (see kernels.ts). */
+const NARROW_HEAD_DIM = 128;
 /** The forward splits the key range until it has about this many invocations. */
 const SPLIT_TARGET = 64;
 /** Fewest keys one split covers. */
@@ -44,7 +46,7 @@ const MIN_SPLIT_LEN = 32;
  */
 export const tileSize = (kind: "fwd" | "dq" | "dkdv", paddedHeadDim: number): number => {
   if (attentionTuning.tile !== undefined) return attentionTuning.tile;
-  if (kind === "fwd") return paddedHeadDim <= 32 ? 4 : 2;
+  if (kind === "fwd") return paddedHeadDim <= 32 ? 4 : paddedHeadDim <= NARROW_HEAD_DIM ? 2 : 1;
   const perEntry = kind === "dq" ? 3 : 4;
   return [4, 2, 1].find((t) => t * perEntry * paddedHeadDim <= 512) ?? 1;
 };
@@ -93,6 +95,10 @@ const params = (g: AttentionGeometry, hasStart: boolean, splitLen = 0, nsplit = 
   f32(g.scale),
   splitLen,
   nsplit,
+  g.window,
+  f32(g.softcap),
+  0,
+  0,
   0,
 ];
 
@@ -109,7 +115,8 @@ const launch = (
   const wg = wgFor(n);
   const constants: Record<string, number> = { HD: hd, WG: wg };
   if (tile !== undefined) constants.TQ = tile;
-  sc.dispatch(kernel, buffers, grid(Math.ceil(n / wg)), p, constants);
+  const name = hd > NARROW_HEAD_DIM ? `${kernel}_wide` : kernel;
+  sc.dispatch(name, buffers, grid(Math.ceil(n / wg)), p, constants);
 };
 
 /** Copies `rows` rows of width `from` into rows of width `to` of `dst` (zero-filled). */

@@ -13,15 +13,17 @@
 // Invocation id = split * (batch * kv_heads * ntile) + (b * kv_heads + g) * ntile + t. With
 // nsplit = 1 it writes out and lse; otherwise it covers keys [split * split_len, +split_len)
 // and writes unnormalised partials (m, l, acc) for attn_fwd_combine. Visible keys of query i:
-// [kv_start[b], min(q_offset + i + 1, kv_len)). Override HD = head dim, a multiple of 4 (the
+// [kv_start[b], min(q_offset + i + 1, kv_len)), and with a sliding window (window > 0) none
+// before q_offset + i + 1 - window. Override HD = head dim, a multiple of 4 (the
 // host pads other sizes), at most 128. Bindings: q, k, v, kv_start (i32 [batch], read only when
 // has_start != 0), out, lse, part_ml (2 per partial), part_acc (HD per partial).
-struct AttnParams {
+struct Params {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
-  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+  scale: f32, split_len: u32, nsplit: u32, window: u32,
+  softcap: f32, pad1: u32, pad2: u32, pad3: u32,
 }
-@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
@@ -42,6 +44,30 @@ const NEG: f32 = -3.0e38;
 fn attn_first_key(b: u32) -> u32 {
   if (params.has_start == 0u) { return 0u; }
   return u32(max(kv_start[b], 0));
+}
+
+// First visible key of each query row (absolute position q_offset + row): the sequence's first
+// key `lo`, or with a sliding window the first key within `window` of the query.
+fn attn_window_lo(lo: u32, row: vec4<u32>) -> vec4<u32> {
+  if (params.window == 0u) { return vec4<u32>(lo); }
+  let w = vec4<u32>(params.window);
+  let end = vec4<u32>(params.q_offset + 1u) + row;
+  return max(vec4<u32>(lo), select(vec4<u32>(0u), end - w, end > w));
+}
+
+// Soft-capped scores cap * tanh(s / cap) (softcap > 0); tanh via exp(-2|z|), never overflowing.
+fn attn_cap(s: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return s; }
+  let z = s / params.softcap;
+  let e = exp(-2.0 * abs(z));
+  return params.softcap * sign(z) * (1.0 - e) / (1.0 + e);
+}
+
+// d capped / d raw from the capped scores: 1 - (c / cap)^2 (1 without soft-capping).
+fn attn_dcap(c: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return vec4<f32>(1.0); }
+  let t = c / params.softcap;
+  return 1.0 - t * t;
 }
 
 // Writes the result (or partial) of query vector r (lse index); `acc` is unnormalised.
@@ -103,9 +129,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   var m = vec4<f32>(NEG);
   var l = vec4<f32>(0.0);
   let kstride = params.kv_heads * HD4;
-  var ko = (b * params.tk + lo) * kstride + g * HD4;
+  let lov = attn_window_lo(lo, row);
+  let j0 = min(min(lov.x, lov.y), min(lov.z, lov.w));
+  var ko = (b * params.tk + j0) * kstride + g * HD4;
   let hmax = max(max(hi.x, hi.y), max(hi.z, hi.w));
-  for (var j = lo; j < hmax; j++) {
+  for (var j = j0; j < hmax; j++) {
     var s = vec4<f32>(0.0);
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
@@ -116,7 +144,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         s.w += dot(qd[d], kk);
       }
     }
-    let vis = vec4<u32>(j) < hi;
+    s = attn_cap(s);
+    let vis = (vec4<u32>(j) < hi) & (vec4<u32>(j) >= lov);
     let n = select(m, max(m, s), vis);
     let c = exp(m - n);
     let p = select(vec4<f32>(0.0), exp(s - n), vis);
@@ -143,12 +172,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 //! kernel attn_fwd_combine
 // Merges the nsplit key-range partials of attn_fwd into out and lse; one invocation per query
 // vector (row * heads + h). Bindings: part_ml, part_acc, out, lse. Override HD as in attn_fwd.
-struct AttnParams {
+struct Params {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
-  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+  scale: f32, split_len: u32, nsplit: u32, window: u32,
+  softcap: f32, pad1: u32, pad2: u32, pad3: u32,
 }
-@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> part_ml: array<f32>;
 @group(0) @binding(2) var<storage, read> part_acc: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
@@ -190,12 +220,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // recompute P = exp(S - lse) over the visible keys and write dq = scale * sum_j P (dP - D) k_j
 // and delta = D = dOut · out (read by attn_bwd_dkdv). Bindings: dout, q, k, v, out, lse,
 // kv_start, dq, delta. Override HD as in attn_fwd.
-struct AttnParams {
+struct Params {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
-  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+  scale: f32, split_len: u32, nsplit: u32, window: u32,
+  softcap: f32, pad1: u32, pad2: u32, pad3: u32,
 }
-@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> dout: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> k: array<vec4<f32>>;
@@ -215,6 +246,30 @@ override TQ: u32 = 4u;
 fn attn_first_key(b: u32) -> u32 {
   if (params.has_start == 0u) { return 0u; }
   return u32(max(kv_start[b], 0));
+}
+
+// First visible key of each query row (absolute position q_offset + row): the sequence's first
+// key `lo`, or with a sliding window the first key within `window` of the query.
+fn attn_window_lo(lo: u32, row: vec4<u32>) -> vec4<u32> {
+  if (params.window == 0u) { return vec4<u32>(lo); }
+  let w = vec4<u32>(params.window);
+  let end = vec4<u32>(params.q_offset + 1u) + row;
+  return max(vec4<u32>(lo), select(vec4<u32>(0u), end - w, end > w));
+}
+
+// Soft-capped scores cap * tanh(s / cap) (softcap > 0); tanh via exp(-2|z|), never overflowing.
+fn attn_cap(s: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return s; }
+  let z = s / params.softcap;
+  let e = exp(-2.0 * abs(z));
+  return params.softcap * sign(z) * (1.0 - e) / (1.0 + e);
+}
+
+// d capped / d raw from the capped scores: 1 - (c / cap)^2 (1 without soft-capping).
+fn attn_dcap(c: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return vec4<f32>(1.0); }
+  let t = c / params.softcap;
+  return 1.0 - t * t;
 }
 
 fn attn_store_dq(r: u32, dd: f32, acc: ptr<function, array<vec4<f32>, MAXD4>>) {
@@ -276,9 +331,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
   let rl = vec4<f32>(lse[r.x], lse[r.y], lse[r.z], lse[r.w]);
   let kstride = params.kv_heads * HD4;
-  var ko = (b * params.tk + lo) * kstride + g * HD4;
+  let lov = attn_window_lo(lo, row);
+  let j0 = min(min(lov.x, lov.y), min(lov.z, lov.w));
+  var ko = (b * params.tk + j0) * kstride + g * HD4;
   let hmax = max(max(hi.x, hi.y), max(hi.z, hi.w));
-  for (var j = lo; j < hmax; j++) {
+  for (var j = j0; j < hmax; j++) {
     var s = vec4<f32>(0.0);
     var dp = vec4<f32>(0.0);
     for (var d = 0u; d < HD4; d++) {
@@ -297,7 +354,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         dp.w += dot(od[d], vv);
       }
     }
-    let ds = select(vec4<f32>(0.0), exp(s - rl) * (dp - dd), vec4<u32>(j) < hi);
+    let sc = attn_cap(s);
+    let ds = select(
+      vec4<f32>(0.0),
+      exp(sc - rl) * (dp - dd) * attn_dcap(sc),
+      (vec4<u32>(j) < hi) & (vec4<u32>(j) >= lov),
+    );
     for (var d = 0u; d < HD4; d++) {
       let kk = k[ko + d];
       ga[d] += ds.x * kk;
@@ -324,12 +386,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // last tile repeats its last key, stored once. Bindings: dout, q, k, v, lse, delta, kv_start,
 // dk, dv.
 // Override HD as in attn_fwd.
-struct AttnParams {
+struct Params {
   batch: u32, tq: u32, tk: u32, heads: u32,
   kv_heads: u32, q_offset: u32, kv_len: u32, has_start: u32,
-  scale: f32, split_len: u32, nsplit: u32, pad: u32,
+  scale: f32, split_len: u32, nsplit: u32, window: u32,
+  softcap: f32, pad1: u32, pad2: u32, pad3: u32,
 }
-@group(0) @binding(0) var<uniform> params: AttnParams;
+@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> dout: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> k: array<vec4<f32>>;
@@ -355,6 +418,30 @@ fn attn_first_key(b: u32) -> u32 {
 fn attn_first_row(j: u32, lo: u32) -> u32 {
   if (j >= params.kv_len || j < lo) { return params.tq; }
   return select(0u, j - params.q_offset, j > params.q_offset);
+}
+
+// One past the last query row that sees key j: tq, or with a sliding window the rows whose
+// absolute position is below j + window.
+fn attn_end_row(j: u32) -> u32 {
+  if (params.window == 0u) { return params.tq; }
+  let e = j + params.window;
+  if (e <= params.q_offset) { return 0u; }
+  return min(params.tq, e - params.q_offset);
+}
+
+// Soft-capped scores cap * tanh(s / cap) (softcap > 0); tanh via exp(-2|z|), never overflowing.
+fn attn_cap(s: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return s; }
+  let z = s / params.softcap;
+  let e = exp(-2.0 * abs(z));
+  return params.softcap * sign(z) * (1.0 - e) / (1.0 + e);
+}
+
+// d capped / d raw from the capped scores: 1 - (c / cap)^2 (1 without soft-capping).
+fn attn_dcap(c: vec4<f32>) -> vec4<f32> {
+  if (params.softcap <= 0.0) { return vec4<f32>(1.0); }
+  let t = c / params.softcap;
+  return 1.0 - t * t;
 }
 
 fn attn_store_dkdv(o: u32, gk: ptr<function, array<vec4<f32>, MAXD4>>,
@@ -424,8 +511,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     attn_first_row(j.z, lo),
     attn_first_row(j.w, lo),
   );
-  for (var i = min(min(i0.x, i0.y), min(i0.z, i0.w)); i < params.tq; i++) {
-    let see = vec4<u32>(i) >= i0;
+  let i1 = vec4<u32>(attn_end_row(j.x), attn_end_row(j.y), attn_end_row(j.z), attn_end_row(j.w));
+  let imax = max(max(i1.x, i1.y), max(i1.z, i1.w));
+  for (var i = min(min(i0.x, i0.y), min(i0.z, i0.w)); i < imax; i++) {
+    let see = (vec4<u32>(i) >= i0) & (vec4<u32>(i) < i1);
     let rb = (b * params.tq + i) * heads + g * group;
     for (var hh = 0u; hh < group; hh++) {
       let r = rb + hh;
@@ -448,8 +537,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
           dp.w += dot(oo, vd[d]);
         }
       }
-      let p = select(vec4<f32>(0.0), exp(s - lse[r]), see);
-      let ds = p * (dp - delta[r]);
+      let sc = attn_cap(s);
+      let p = select(vec4<f32>(0.0), exp(sc - lse[r]), see);
+      let ds = p * (dp - delta[r]) * attn_dcap(sc);
       for (var d = 0u; d < HD4; d++) {
         let qq = q[qo + d];
         let oo = dout[qo + d];

@@ -14,6 +14,78 @@ export const f32 = (f: number): F32 => ({ f });
 /** A uniform parameter: u32 (number, or negative i32 stored as two's complement) or f32. */
 export type Param = number | F32;
 
+/**
+ * A kernel's uniform parameters: by field name of its WGSL `struct Params` (every field once,
+ * no other key), or positionally in field order. Both are checked against the struct when
+ * encoded (count, names, u32 / f32 kinds), so a host call and its kernel cannot drift apart.
+ */
+export type Params = readonly Param[] | Readonly<Record<string, Param>>;
+
+/** One field of a kernel's `struct Params`. */
+export interface ParamField {
+  readonly name: string;
+  readonly type: "u32" | "i32" | "f32";
+}
+
+/**
+ * Fields of the `struct Params { name: type, ... }` of a kernel's source, in order (all scalars
+ * of 4 bytes: u32, i32 or f32), or null when it declares none. Throws on any other field type.
+ */
+export const paramFields = (kernel: string, code: string): ParamField[] | null => {
+  const m = /struct\s+Params\s*\{([^}]*)\}/.exec(code);
+  if (!m) return null;
+  return m[1].split(",").map((f) => f.trim()).filter((f) => f !== "").map((f) => {
+    const [name, type] = f.split(":").map((x) => x.trim());
+    if (type !== "u32" && type !== "i32" && type !== "f32") {
+      throw new Error(`kernel ${kernel}: Params field "${f}" is not a u32, i32 or f32`);
+    }
+    return { name, type };
+  });
+};
+
+/**
+ * Writes `params` into `view` (4 bytes per field, in struct order) after checking them against
+ * `fields`: a mismatch (a missing, extra or misnamed field, an f32 given as a plain number or
+ * the reverse, a non-integer u32) throws naming the kernel and the field.
+ */
+export const encodeParams = (
+  kernel: string,
+  fields: readonly ParamField[] | null,
+  params: Params,
+  view: DataView,
+): void => {
+  const bad = (why: string): never => {
+    throw new Error(`kernel ${kernel}: ${why}`);
+  };
+  if (fields === null) return bad("declares no struct Params but was given parameters");
+  if (fields.length * 4 > view.byteLength) bad(`${fields.length} params exceed one uniform slot`);
+  let values: readonly Param[];
+  if (Array.isArray(params)) {
+    values = params;
+    if (values.length !== fields.length) {
+      bad(`${values.length} params for struct Params of ${fields.length} fields`);
+    }
+  } else {
+    const named = params as Readonly<Record<string, Param>>;
+    const extra = Object.keys(named).filter((k) => !fields.some((f) => f.name === k));
+    if (extra.length > 0) bad(`no Params field named ${extra.join(", ")}`);
+    values = fields.map((f) => f.name in named ? named[f.name] : bad(`Params.${f.name} missing`));
+  }
+  fields.forEach((f, i) => {
+    const p = values[i];
+    if (f.type === "f32") {
+      if (typeof p === "number") bad(`Params.${f.name} is f32: pass f32(${p})`);
+      view.setFloat32(i * 4, (p as F32).f, true);
+      return;
+    }
+    if (typeof p !== "number") return bad(`Params.${f.name} is ${f.type}, given f32(${p.f})`);
+    if (!Number.isInteger(p) || p < -(2 ** 31) || p >= 2 ** 32) {
+      bad(`Params.${f.name} = ${p} is not a 32-bit integer`);
+    }
+    view.setUint32(i * 4, p >>> 0, true);
+  });
+};
+
 /** Bytes of one uniform slot (minUniformBufferOffsetAlignment). */
 const SLOT = 256;
 const SLOTS = 1024;
@@ -38,6 +110,7 @@ const UPLOAD_SUBMIT_BYTES = 16 << 20;
 /** One WebGPU device with its caches; shared by all scopes of the backend. */
 export class GpuContext {
   private readonly pipelines = new Map<string, GPUComputePipeline>();
+  private readonly layouts = new Map<string, readonly ParamField[] | null>();
   private readonly pool = new Map<number, GPUBuffer[]>();
   private pooledBytes = 0;
   private encoder: GPUCommandEncoder | null = null;
@@ -92,6 +165,29 @@ export class GpuContext {
       throw new Error(`binding limit ${bytes} must be a multiple of 4, at least 16`);
     }
     this.bindingOverride = bytes;
+  }
+
+  /**
+   * Registers kernel `name` as `derive` of kernel `base`'s source (once; later calls reuse it),
+   * for variants that differ in declarations only; then `pipeline(name)` and `dispatch` take it.
+   */
+  derivedKernel(name: string, base: string, derive: (code: string) => string): string {
+    if (!this.kernels.has(name)) {
+      const code = this.kernels.get(base);
+      if (code === undefined) throw new Error(`kernel "${base}" not found in the .wgsl files`);
+      this.kernels.set(name, derive(code));
+    }
+    return name;
+  }
+
+  /** The `struct Params` fields of a kernel (parsed once), or null when it has none. */
+  paramsOf(kernel: string): readonly ParamField[] | null {
+    if (!this.layouts.has(kernel)) {
+      const code = this.kernels.get(kernel);
+      if (code === undefined) throw new Error(`kernel "${kernel}" not found in the .wgsl files`);
+      this.layouts.set(kernel, paramFields(kernel, code));
+    }
+    return this.layouts.get(kernel)!;
   }
 
   /** Compiled pipeline for a kernel (and override constants), cached. */
@@ -194,14 +290,15 @@ export class GpuContext {
   }
 
   /**
-   * Encodes one dispatch of `kernel`. Binding 0 is the uniform `params` (when `params` is given),
-   * bindings 1.. are `buffers` in order; every declared binding must be used by the kernel.
+   * Encodes one dispatch of `kernel`. Binding 0 is the uniform `params` (when `params` is given;
+   * checked against the kernel's struct Params, see encodeParams), bindings 1.. are `buffers` in
+   * order; every declared binding must be used by the kernel.
    */
   dispatch(
     kernel: string,
     buffers: readonly GPUBuffer[],
     groups: readonly [number, number?, number?],
-    params?: readonly Param[],
+    params?: Params,
     constants?: Record<string, number>,
   ): void {
     if ((groups[0] ?? 0) === 0 || (groups[1] ?? 1) === 0 || (groups[2] ?? 1) === 0) return;
@@ -209,13 +306,12 @@ export class GpuContext {
     const pipeline = this.pipeline(kernel, constants);
     const entries: GPUBindGroupEntry[] = [];
     let first = 0;
+    if (!params && this.paramsOf(kernel) !== null) {
+      throw new Error(`kernel ${kernel}: declares struct Params but was given no parameters`);
+    }
     if (params) {
-      if (params.length * 4 > SLOT) throw new Error(`too many params for ${kernel}`);
       const view = new DataView(this.uniformData, this.slots * SLOT, SLOT);
-      params.forEach((p, i) => {
-        if (typeof p === "number") view.setUint32(i * 4, p >>> 0, true);
-        else view.setFloat32(i * 4, p.f, true);
-      });
+      encodeParams(kernel, this.paramsOf(kernel), params, view);
       entries.push({
         binding: 0,
         resource: { buffer: this.uniform, offset: this.slots * SLOT, size: SLOT },

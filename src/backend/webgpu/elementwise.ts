@@ -12,6 +12,7 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
+import { isHalfDType } from "../tensor.ts";
 import {
   checkAdamw,
   checkAdamwStorage,
@@ -29,6 +30,7 @@ import {
 } from "../checks/elementwise.ts";
 import { f32, grid } from "./context.ts";
 import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
+import { copyHalfRange, widenBuffer } from "./half.ts";
 
 /** Invocations per workgroup of the 1-D kernels. */
 const WG = 256;
@@ -57,7 +59,7 @@ const binary = (sc: GpuScope, op: string, a: Tensor, b: Tensor, code: number, s 
       "ew_binary",
       [blk.buffer, y.blocks[i].buffer, out.blocks[i].buffer],
       groups1d(blk.length),
-      [blk.length, code, f32(s)],
+      { n: blk.length, op: code, s: f32(s) },
     );
   });
   return out;
@@ -83,10 +85,10 @@ export function scale(sc: GpuScope, a: Tensor, s: number): Tensor {
   const x = sc.blocks(a, "scale", "f32");
   const out = x.blocks.length === 1 ? sc.out(a.shape) : sc.like(x);
   x.blocks.forEach((blk, i) => {
-    sc.dispatch("ew_scale", [blk.buffer, out.blocks[i].buffer], groups1d(blk.length), [
-      blk.length,
-      f32(s),
-    ]);
+    sc.dispatch("ew_scale", [blk.buffer, out.blocks[i].buffer], groups1d(blk.length), {
+      n: blk.length,
+      s: f32(s),
+    });
   });
   return out;
 }
@@ -111,7 +113,7 @@ export function addScaledInPlace(sc: GpuScope, dst: Tensor, src: Tensor, s: numb
       sc.ctx.copy(x, 0, tmp, 0, n * 4);
       x = tmp;
     }
-    sc.dispatch("ew_axpy_inplace", [d, x], groups1d(n), [n, f32(s)]);
+    sc.dispatch("ew_axpy_inplace", [d, x], groups1d(n), { n, s: f32(s) });
     if (tmp) sc.ctx.release(tmp);
   });
 }
@@ -122,7 +124,7 @@ export function addRow(sc: GpuScope, a: Tensor, row: Tensor): Tensor {
   const x = sc.f(a, "addRow");
   const r = sc.f(row, "addRow");
   const out = sc.out(a.shape);
-  sc.dispatch("ew_add_row", [x, r, out.buffer], groups1d(a.size), [a.size, cols]);
+  sc.dispatch("ew_add_row", [x, r, out.buffer], groups1d(a.size), { n: a.size, cols });
   return out;
 }
 
@@ -139,19 +141,29 @@ export function sumRows(sc: GpuScope, a: Tensor): Tensor {
   if (cols === 0) return out;
   // Params: n (invocations = chunks * cols), cols, rows, chunk_rows.
   if (rows <= 2 * SUM_ROWS_CHUNK) {
-    sc.dispatch("ew_sum_rows", [x, out.buffer], groups1d(cols), [cols, cols, rows, rows]);
+    sc.dispatch("ew_sum_rows", [x, out.buffer], groups1d(cols), {
+      n: cols,
+      cols,
+      rows,
+      chunk_rows: rows,
+    });
     return out;
   }
   const chunkRows = Math.max(SUM_ROWS_CHUNK, Math.ceil(rows / SUM_ROWS_MAX_CHUNKS));
   const chunks = Math.ceil(rows / chunkRows);
   const part = sc.ctx.alloc(chunks * cols * 4);
-  sc.dispatch("ew_sum_rows", [x, part], groups1d(chunks * cols), [
-    chunks * cols,
+  sc.dispatch("ew_sum_rows", [x, part], groups1d(chunks * cols), {
+    n: chunks * cols,
     cols,
     rows,
-    chunkRows,
-  ]);
-  sc.dispatch("ew_sum_rows", [part, out.buffer], groups1d(cols), [cols, cols, chunks, chunks]);
+    chunk_rows: chunkRows,
+  });
+  sc.dispatch("ew_sum_rows", [part, out.buffer], groups1d(cols), {
+    n: cols,
+    cols,
+    rows: chunks,
+    chunk_rows: chunks,
+  });
   sc.ctx.release(part);
   return out;
 }
@@ -165,12 +177,12 @@ const SUM_SQ_MAX_GROUPS = 1024;
 const sumSquaresInto = (sc: GpuScope, x: GPUBuffer, n: number, out: GPUBuffer): void => {
   const groups = Math.min(Math.max(Math.ceil(n / SUM_SQ_PER_GROUP), 1), SUM_SQ_MAX_GROUPS);
   if (groups === 1) {
-    sc.dispatch("ew_sum_squares", [x, out], [1], [n, 1]);
+    sc.dispatch("ew_sum_squares", [x, out], [1], { n, square: 1 });
     return;
   }
   const part = sc.ctx.alloc(groups * 4);
-  sc.dispatch("ew_sum_squares", [x, part], [groups], [n, 1]);
-  sc.dispatch("ew_sum_squares", [part, out], [1], [groups, 0]);
+  sc.dispatch("ew_sum_squares", [x, part], [groups], { n, square: 1 });
+  sc.dispatch("ew_sum_squares", [part, out], [1], { n: groups, square: 0 });
   sc.ctx.release(part);
 };
 
@@ -192,7 +204,7 @@ export function sumSquares(sc: GpuScope, a: Tensor): Tensor {
     sumSquaresInto(sc, blk.buffer, blk.length, one);
     sc.ctx.copy(one, 0, parts, i * 4, 4);
   });
-  sc.dispatch("ew_sum_squares", [parts, out.buffer], [1], [nb, 0]);
+  sc.dispatch("ew_sum_squares", [parts, out.buffer], [1], { n: nb, square: 0 });
   sc.ctx.release(one);
   sc.ctx.release(parts);
   return out;
@@ -207,7 +219,7 @@ export function gatherRows(sc: GpuScope, src: Tensor, rows: ArrayLike<number>): 
   const n = rows.length * c;
   if (n === 0) return out;
   const ib = sc.ctx.upload(idx);
-  sc.dispatch("ew_gather_rows", [x, ib, out.buffer], groups1d(n), [n, c]);
+  sc.dispatch("ew_gather_rows", [x, ib, out.buffer], groups1d(n), { n, cols: c });
   sc.ctx.release(ib);
   return out;
 }
@@ -235,7 +247,7 @@ export function scatterRowsInPlace(
     x = tmp;
   }
   const ib = sc.ctx.upload(idx);
-  sc.dispatch("ew_scatter_rows", [x, ib, d], groups1d(n), [n, c]);
+  sc.dispatch("ew_scatter_rows", [x, ib, d], groups1d(n), { n, cols: c });
   sc.ctx.release(ib);
   if (tmp) sc.ctx.release(tmp);
 }
@@ -246,7 +258,7 @@ export function swiglu(sc: GpuScope, gate: Tensor, up: Tensor): Tensor {
   const g = sc.f(gate, "swiglu");
   const u = sc.f(up, "swiglu");
   const out = sc.out(gate.shape);
-  sc.dispatch("swiglu", [g, u, out.buffer], groups1d(gate.size), [gate.size]);
+  sc.dispatch("swiglu", [g, u, out.buffer], groups1d(gate.size), { n: gate.size });
   return out;
 }
 
@@ -268,7 +280,7 @@ export function swigluBackward(
     "swiglu_backward",
     [d, g, u, dGate.buffer, dUp.buffer],
     groups1d(gate.size),
-    [gate.size],
+    { n: gate.size },
   );
   return { dGate, dUp };
 }
@@ -293,19 +305,19 @@ export function adamw(
     const [p, g, mb, vb] = ts.map((t) => t.blocks[i].buffer);
     checkAdamwStorage(op, p, g, mb, vb);
     const n = blk.length;
-    sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), [
+    sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), {
       n,
-      f32(lr),
-      f32(beta1),
-      f32(1 - beta1),
-      f32(beta2),
-      f32(1 - beta2),
-      f32(eps),
-      f32(1 - lr * weightDecay),
-      f32(opts.gradScale ?? 1),
-      f32(1 - beta1 ** step),
-      f32(1 - beta2 ** step),
-    ]);
+      lr: f32(lr),
+      b1: f32(beta1),
+      omb1: f32(1 - beta1),
+      b2: f32(beta2),
+      omb2: f32(1 - beta2),
+      eps: f32(eps),
+      decay: f32(1 - lr * weightDecay),
+      gscale: f32(opts.gradScale ?? 1),
+      bc1: f32(1 - beta1 ** step),
+      bc2: f32(1 - beta2 ** step),
+    });
   });
 }
 
@@ -320,16 +332,19 @@ const FOLD_TILE = 128;
 export function loraFold(sc: GpuScope, w: Tensor, b: Tensor, a: Tensor, s: number): Tensor {
   const op = "loraFold";
   const [rows, cols, rank] = checkLoraFold(op, w, b, a);
-  const wb = sc.f(w, op);
+  const wh = sc.fh(w, op);
   const bb = sc.f(b, op);
   const ab = sc.f(a, op);
   const out = sc.out([rows, cols]);
+  // a 16-bit base weight is widened into a temporary first (merging is rare: push, export)
+  const wb = wh.dtype === "f32" ? wh.buffer : widenBuffer(sc, wh.buffer, wh.dtype, rows * cols);
   sc.dispatch(
     "lora_fold",
     [wb, bb, ab, out.buffer],
     [Math.ceil(cols / FOLD_TILE), Math.ceil(rows / FOLD_TILE)],
-    [rows, cols, rank, f32(s)],
+    { rows, cols, rank, s: f32(s) },
   );
+  if (wb !== wh.buffer) sc.ctx.release(wb);
   return out;
 }
 
@@ -351,6 +366,8 @@ const copyRows = (
   const lo = sr * cols;
   const hi = (sr + rows) * cols;
   const shift = (dr - sr) * cols; // dst element = src element + shift
+  // 16-bit rows may start inside a word: element-exact copies by a kernel
+  if (isHalfDType(src.dtype)) return copyHalfRange(sc, src, dst, lo, hi, shift);
   for (const s of src.blocks) {
     const a = Math.max(lo, s.start);
     const b = Math.min(hi, s.start + s.length);
@@ -419,14 +436,14 @@ const copyColumns = (
       const r1 = Math.min(s1, d1);
       if (r0 >= r1) continue;
       const total = (r1 - r0) * n;
-      sc.dispatch("ew_copy_cols", [s.buffer, d.buffer], groups1d(total), [
-        total,
-        n,
-        cs,
-        (r0 - s0) * cs + sc0,
-        cd,
-        (r0 - d0) * cd + dc0,
-      ]);
+      sc.dispatch("ew_copy_cols", [s.buffer, d.buffer], groups1d(total), {
+        n: total,
+        cols: n,
+        src_w: cs,
+        src_off: (r0 - s0) * cs + sc0,
+        dst_w: cd,
+        dst_off: (r0 - d0) * cd + dc0,
+      });
     }
   }
 };

@@ -292,3 +292,64 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
   }
 }
 
+
+//! kernel half_widen
+// dst[i] = element i of a 16-bit tensor (two per u32 word), widened exactly (see widen16).
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+override BF16: bool = true;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n) { return; }
+  dst[i] = widen16(src[i >> 1u], i, BF16);
+}
+
+//! kernel half_copy
+// Copies n elements of a 16-bit tensor (two per u32 word) from element src_off of src to element
+// dst_off of dst. One invocation per destination word (`words` of them, from word dst_off / 2);
+// it keeps the half of its word outside the range, since the ranges of two dispatches (two
+// storage blocks) may share a word.
+struct Params { n: u32, src_off: u32, dst_off: u32, words: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+fn half_at(e: u32) -> u32 {
+  return (src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu;
+}
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.words) { return; }
+  let w = (params.dst_off >> 1u) + i;
+  var word = dst[w];
+  for (var h = 0u; h < 2u; h++) {
+    let e = w * 2u + h;
+    if (e >= params.dst_off && e - params.dst_off < params.n) {
+      let shift = h * 16u;
+      let v = half_at(e - params.dst_off + params.src_off);
+      word = (word & ~(0xffffu << shift)) | (v << shift);
+    }
+  }
+  dst[w] = word;
+}
+
+//! kernel half_widen4
+// half_widen by runs of four (n a multiple of 4): dst4[i] = elements 4i..4i+3 widened, from two
+// whole words.
+struct Params { n4: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
+override BF16: bool = true;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n4) { return; }
+  let w0 = src[2u * i];
+  let w1 = src[2u * i + 1u];
+  dst[i] = vec4<f32>(widen16(w0, 0u, BF16), widen16(w0, 1u, BF16), widen16(w1, 0u, BF16),
+                     widen16(w1, 1u, BF16));
+}

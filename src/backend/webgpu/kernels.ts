@@ -13,9 +13,13 @@ import { fileURLToPath } from "node:url";
 /** The shared include, prepended to every kernel. */
 const COMMON_URL = new URL("./common.wgsl", import.meta.url);
 /** One file per kernel family, beside its host module. */
-const FAMILY_URLS: readonly URL[] = ["attention", "elementwise", "layers", "matmul"].map((f) =>
-  new URL(`./${f}.wgsl`, import.meta.url)
-);
+const FAMILY_URLS: readonly URL[] = [
+  "activations",
+  "attention",
+  "elementwise",
+  "layers",
+  "matmul",
+].map((f) => new URL(`./${f}.wgsl`, import.meta.url));
 
 /**
  * Parses the kernel sections of one family file into `out`: name -> full WGSL source (`common`
@@ -44,6 +48,27 @@ export const parseKernels = (
   return out;
 };
 
+/**
+ * The attention kernels keep per-invocation vectors of at most MAXD4 vec4s (head dim 128), a
+ * compile-time size; `<name>_wide` variants with room for head dim 256 (Gemma) are derived from
+ * the same source, so that smaller head dims keep their small (fast to compile) state.
+ */
+export const WIDE_ATTENTION_KERNELS: readonly string[] = [
+  "attn_fwd",
+  "attn_fwd_combine",
+  "attn_bwd_dq",
+  "attn_bwd_dkdv",
+];
+
+const addWideAttention = (out: Map<string, string>): void => {
+  for (const name of WIDE_ATTENTION_KERNELS) {
+    const src = out.get(name);
+    const narrow = "const MAXD4: u32 = 32u;";
+    if (!src || !src.includes(narrow)) throw new Error(`attention.wgsl: ${name} lacks "${narrow}"`);
+    out.set(`${name}_wide`, src.replace(narrow, "const MAXD4: u32 = 64u;"));
+  }
+};
+
 /** Reads a file next to this module from disk (file: URL) or over HTTP (served package). */
 const readText = async (url: URL): Promise<string> =>
   url.protocol === "file:"
@@ -58,5 +83,6 @@ export const loadKernels = async (): Promise<Map<string, string>> => {
     const file = FAMILY_URLS[i].pathname.split("/").pop()!;
     parseKernels(text, common, file, out);
   });
+  addWideAttention(out);
   return out;
 };

@@ -11,7 +11,10 @@
  * `rowKernel` picks one by adapter and shape; see its comment for the measurements behind it.
  * @module
  */
+import type { RopeFrequencies } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
+import { ensure, isHalfDType } from "../tensor.ts";
+import { halfConstants } from "./half.ts";
 import {
   checkEmbedding,
   checkEmbeddingBackward,
@@ -115,7 +118,7 @@ export function rmsNorm(
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
   const k = rowKernel(sc.ctx, "rmsnorm_fwd", r, h);
-  sc.dispatch(k.kernel, [xb, wb, y.buffer, rstd.buffer], k.groups, [r, h, f32(eps)]);
+  sc.dispatch(k.kernel, [xb, wb, y.buffer, rstd.buffer], k.groups, { rows: r, h, eps: f32(eps) });
   return { y, rstd };
 }
 
@@ -136,7 +139,7 @@ export function rmsNormBackward(
   const dx = sc.out(x.shape);
   const dw = sc.out([h]);
   const k = rowKernel(sc.ctx, "rmsnorm_bwd_dx", r, h);
-  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, [r, h]);
+  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h });
   const chunks = Math.max(1, Math.ceil(r / DW_CHUNK));
   const part = chunks === 1 ? dw : sc.out([chunks, h]);
   const total = chunks * h;
@@ -144,10 +147,10 @@ export function rmsNormBackward(
     "rmsnorm_bwd_dw",
     [dyb, xb, sb, part.buffer],
     groups(total, ROW_WG),
-    [total, r, h, DW_CHUNK],
+    { total, rows: r, h, chunk: DW_CHUNK },
   );
   if (chunks > 1) {
-    sc.dispatch("rmsnorm_bwd_dw_sum", [part.buffer, dw.buffer], groups(h, ROW_WG), [chunks, h]);
+    sc.dispatch("rmsnorm_bwd_dw_sum", [part.buffer, dw.buffer], groups(h, ROW_WG), { chunks, h });
   }
   return { dx, dw };
 }
@@ -159,7 +162,7 @@ const rotate = (
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
   sign: number,
 ): Tensor => {
   const xb = sc.f(x, op);
@@ -169,9 +172,17 @@ const rotate = (
   const n = rows * heads * (headDim / 2);
   sc.dispatch(
     "rope_apply",
-    [xb, pb, invFreqBuffer(sc.ctx, headDim, theta), out.buffer],
+    [
+      xb,
+      pb,
+      // a table (scaled RoPE) is small and per call: uploaded into the scope, not cached
+      typeof theta === "number"
+        ? invFreqBuffer(sc.ctx, headDim, theta)
+        : sc.upload(theta, [theta.length], "f32").buffer,
+      out.buffer,
+    ],
     groups(n, ELEM_WG),
-    [n, headDim / 2, heads, f32(sign)],
+    { n, half: headDim / 2, heads, sign: f32(sign) },
   );
   return out;
 };
@@ -183,7 +194,7 @@ export function rope(
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
 ): Tensor {
   return rotate(sc, "rope", x, positions, heads, headDim, theta, 1);
 }
@@ -195,7 +206,7 @@ export function ropeBackward(
   positions: Tensor,
   heads: number,
   headDim: number,
-  theta: number,
+  theta: RopeFrequencies,
 ): Tensor {
   return rotate(sc, "ropeBackward", dy, positions, heads, headDim, theta, -1);
 }
@@ -206,28 +217,36 @@ export function ropeBackward(
  */
 export function embedding(sc: GpuScope, table: Tensor, ids: Tensor): Tensor {
   const op = "embedding";
-  const tt = sc.blocks(table, op, "f32");
+  const tt = sc.blocks(table, op);
+  ensure(
+    tt.dtype === "f32" || isHalfDType(tt.dtype),
+    op,
+    () => `expected f32, bf16 or f16 table, got ${tt.dtype}`,
+  );
   const ib = sc.i(ids, op);
   const [n, v, h] = checkEmbedding(op, table, ids);
   const total = n * h;
-  if (tt.blocks.length === 1) {
+  if (tt.dtype === "f32" && tt.blocks.length === 1) {
     const out = sc.out([n, h]);
-    sc.dispatch("embed_gather", [tt.blocks[0].buffer, ib, out.buffer], groups(total, ELEM_WG), [
+    sc.dispatch("embed_gather", [tt.blocks[0].buffer, ib, out.buffer], groups(total, ELEM_WG), {
       total,
       h,
       v,
-    ]);
+    });
     return out;
   }
   const out = sc.out([n, h]);
   sc.ctx.clear(out.buffer, total * 4);
+  // a 16-bit table (a frozen base) is always gathered block by block, widening as it reads
+  const half = tt.dtype !== "f32";
   for (const b of tt.blocks) {
-    sc.dispatch("embed_gather_part", [b.buffer, ib, out.buffer], groups(total, ELEM_WG), [
-      total,
-      h,
-      b.start / h,
-      b.length / h,
-    ]);
+    sc.dispatch(
+      half ? "embed_gather16" : "embed_gather_part",
+      [b.buffer, ib, out.buffer],
+      groups(total, ELEM_WG),
+      { total, h, row0: b.start / h, rows: b.length / h },
+      half ? halfConstants(tt.dtype) : undefined,
+    );
   }
   return out;
 }
@@ -298,7 +317,7 @@ export function embeddingBackward(
     "embed_grad",
     [csrBuf, db, part.buffer],
     groups(total, ELEM_WG),
-    [total, segments, h, direct ? 1 : 0],
+    { total, segs: segments, h, direct: direct ? 1 : 0 },
   );
   if (direct) return out;
   const at = 2 * segments + 1 + n;
@@ -323,7 +342,7 @@ export function embeddingBackward(
       "embed_grad_sum",
       [csrBuf, part.buffer, b.buffer],
       groups(sumTotal, ELEM_WG),
-      [sumTotal, distinct, h, at, row0, j0],
+      { total: sumTotal, d: distinct, h, at, row0, j0 },
     );
   }
   return out;
@@ -350,12 +369,12 @@ export function logProbs(
   const lse = sc.out([n]);
   for (const b of rowBlocksOf(lt)) {
     const k = rowKernel(sc.ctx, "logprob_fwd", b.rows, v);
-    sc.dispatch(k.kernel, [b.buffer, tb, logp.buffer, lse.buffer], k.groups, [
-      b.rows,
+    sc.dispatch(k.kernel, [b.buffer, tb, logp.buffer, lse.buffer], k.groups, {
+      n: b.rows,
       v,
-      f32(1 / temperature),
-      b.row0,
-    ]);
+      inv_t: f32(1 / temperature),
+      row0: b.row0,
+    });
   }
   return { logp, lse };
 }
@@ -384,7 +403,7 @@ export function logProbsBackward(
       "logprob_bwd",
       [gb, b.buffer, tb, sb, outBlocks[i].buffer],
       groups(total, ELEM_WG),
-      [total, v, f32(1 / temperature), b.row0, targetOffset],
+      { total, v, inv_t: f32(1 / temperature), row0: b.row0, offset: targetOffset },
     );
   });
   return out;
@@ -398,12 +417,12 @@ export function entropy(sc: GpuScope, logits: Tensor, temperature: number): Tens
   const out = sc.out([n]);
   for (const b of rowBlocksOf(lt)) {
     const k = rowKernel(sc.ctx, "entropy", b.rows, v);
-    sc.dispatch(k.kernel, [b.buffer, out.buffer], k.groups, [
-      b.rows,
+    sc.dispatch(k.kernel, [b.buffer, out.buffer], k.groups, {
+      n: b.rows,
       v,
-      f32(1 / temperature),
-      b.row0,
-    ]);
+      inv_t: f32(1 / temperature),
+      row0: b.row0,
+    });
   }
   return out;
 }
@@ -424,13 +443,13 @@ export function logSoftmaxChunk(
   const [n, v] = checkLogSoftmaxChunk(op, acc, logits, targets, offset, temperature);
   const out = sc.out([n, 4]);
   const k = rowKernel(sc.ctx, "lsm_chunk", n, v);
-  sc.dispatch(k.kernel, [lb, tb, ab, out.buffer], k.groups, [
+  sc.dispatch(k.kernel, [lb, tb, ab, out.buffer], k.groups, {
     n,
     v,
-    f32(1 / temperature),
+    inv_t: f32(1 / temperature),
     offset,
-    acc ? 1 : 0,
-  ]);
+    has_acc: acc ? 1 : 0,
+  });
   return out;
 }
 
@@ -445,7 +464,7 @@ export function logSoftmaxFinish(
   const logp = sc.out([n]);
   const lse = sc.out([n]);
   const ent = sc.out([n]);
-  sc.dispatch("lsm_finish", [ab, logp.buffer, lse.buffer, ent.buffer], groups(n, ROW_WG), [n]);
+  sc.dispatch("lsm_finish", [ab, logp.buffer, lse.buffer, ent.buffer], groups(n, ROW_WG), { n });
   return { logp, lse, entropy: ent };
 }
 
@@ -462,12 +481,12 @@ export function sampleCandidates(
   const temps = sc.upload(Float32Array.from(temperatures), [n], "f32");
   const out = sc.out([n, 4 + 2 * count]);
   for (const b of rowBlocksOf(lt)) {
-    sc.dispatch("sample_cand_wg", [b.buffer, temps.buffer, out.buffer], grid(b.rows), [
-      b.rows,
+    sc.dispatch("sample_cand_wg", [b.buffer, temps.buffer, out.buffer], grid(b.rows), {
+      n: b.rows,
       v,
       count,
-      b.row0,
-    ]);
+      row0: b.row0,
+    });
   }
   return out;
 }

@@ -317,6 +317,29 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
 }
 
+//! kernel embed_gather16
+// embed_gather_part for a 16-bit table (two per u32 word, see widen16): from one storage block
+// holding table rows [row0, row0 + rows), out[r, c] = block[ids[r] - row0, c] widened, for the
+// ids inside the block; other rows of out are left as they are (the host zero-fills out first).
+struct Params { total: u32, h: u32, row0: u32, rows: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> block: array<u32>;
+@group(0) @binding(2) var<storage, read> ids: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+override BF16: bool = true;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let idx = linear_id(gid, nwg, 256u);
+  if (idx >= params.total) { return; }
+  let r = idx / params.h;
+  let c = idx - r * params.h;
+  let id = ids[r];
+  if (id >= 0 && u32(id) >= params.row0 && u32(id) - params.row0 < params.rows) {
+    let e = (u32(id) - params.row0) * params.h + c;
+    out[idx] = widen16(block[e >> 1u], e, BF16);
+  }
+}
+
 //! kernel logprob_fwd_row
 // Token log-probs, one invocation per row (loops unrolled by 8, see rmsnorm_fwd_row):
 // lse = m + log(s) with m = max(logits/T), s = sum exp(logits/T - m); logp = (logits[target]/T - m)

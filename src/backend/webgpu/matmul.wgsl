@@ -28,6 +28,45 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   textureStore(dst, vec2<i32>(i32(gid.x), i32(gid.y)), v);
 }
 
+//! kernel matmul_pack16
+// matmul_pack for a 16-bit operand (a frozen base weight stored two per u32 word, see widen16):
+// texel (x, y) holds the widened src[(row0 + y) * sr + (4x + i) * sc], i = 0..3, and 0 outside
+// rows x cols. BF16: bfloat16, else IEEE half.
+struct Params { rows: u32, cols: u32, sr: u32, sc: u32, row0: u32, width: u32, height: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+override BF16: bool = true;
+fn elem(r: u32, c: u32) -> f32 {
+  let i = min(r, params.rows - 1u) * params.sr + min(c, params.cols - 1u) * params.sc;
+  return select(0.0, widen16(src[i >> 1u], i, BF16), r < params.rows && c < params.cols);
+}
+@compute @workgroup_size(4, 16)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= params.width || gid.y >= params.height) { return; }
+  let r = params.row0 + gid.y;
+  let c = gid.x * 4u;
+  let v = vec4<f32>(elem(r, c), elem(r, c + 1u), elem(r, c + 2u), elem(r, c + 3u));
+  textureStore(dst, vec2<i32>(i32(gid.x), i32(gid.y)), v);
+}
+
+//! kernel matmul_pitch16
+// Copies rows of a 16-bit matrix (two elements per u32 word) into a staging buffer of a row
+// pitch of dst_ld words, for a copy into a 16-bit texture (whose rows must be multiples of 256
+// bytes): dst[r * dst_ld + w] = src[(row0 + r) * src_ld + col0 + w] for r < rows, w < words.
+struct Params { src_ld: u32, dst_ld: u32, row0: u32, col0: u32, rows: u32, words: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.rows * params.words) { return; }
+  let r = i / params.words;
+  let w = i - r * params.words;
+  dst[r * params.dst_ld + w] = src[(params.row0 + r) * params.src_ld + params.col0 + w];
+}
+
 //! kernel matmul_small
 // Direct matmul for small or unusual shapes: each invocation computes a 4x4 block of C[m, n]
 // from op(A)[i, k] = a[i * sam + k * sak] and op(B)[k, j] = b[k * sbk + j * sbn] (any transpose).

@@ -6,13 +6,16 @@
 import { Effect } from "effect";
 import { BackendError, type Ops } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { ensure, sizeOf } from "../tensor.ts";
+import { ensure, isHalfDType, sizeOf } from "../tensor.ts";
+import { roundToHalfBits, widenHalfBits } from "../../io/safetensors.ts";
+import * as half from "./half.ts";
+import * as activations from "./activations.ts";
 import * as attention from "./attention.ts";
 import type { GpuContext } from "./context.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
-import { columnsOf, GpuScope, rowsOf } from "./scope.ts";
+import { bytesOf, columnsOf, GpuScope, rowsOf } from "./scope.ts";
 import { messageOf } from "../../base/tagged_error.ts";
 
 const failure = (e: unknown): BackendError =>
@@ -22,18 +25,26 @@ const failure = (e: unknown): BackendError =>
 export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
   const sc = new GpuScope(ctx);
   // The tensors are checked before the wait: a released tensor is a defect, never a BackendError.
-  // A split tensor is read block by block (one wait for all) and joined on the host.
+  // A split tensor is read block by block (one wait for all) and joined on the host; a 16-bit
+  // one is widened there (its blocks may start inside a word: they are joined by element).
   const readBytes = (ts: readonly Tensor[], op: string) =>
     Effect.suspend(() => {
       const gs = ts.map((t) => sc.blocks(t, op));
       const reqs = gs.flatMap((g) =>
-        g.blocks.map((b) => ({ buffer: b.buffer, bytes: b.length * 4 }))
+        g.blocks.map((b) => ({ buffer: b.buffer, bytes: bytesOf(g.dtype, b.length) }))
       );
       return Effect.map(
         Effect.tryPromise({ try: () => ctx.read(reqs), catch: failure }),
         (bufs) => {
           let k = 0;
           return gs.map((g) => {
+            if (isHalfDType(g.dtype)) {
+              const bits = new Uint16Array(g.size);
+              for (const b of g.blocks) {
+                bits.set(new Uint16Array(bufs[k++], 0, b.length), b.start);
+              }
+              return widenHalfBits(bits, g.dtype).buffer as ArrayBuffer;
+            }
             if (g.blocks.length === 1) return bufs[k++];
             const all = new Uint8Array(g.size * 4);
             for (const b of g.blocks) all.set(new Uint8Array(bufs[k++]), b.start * 4);
@@ -50,17 +61,30 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
         "fromArray",
         () => `shape [${shape}] vs length ${data.length}`,
       );
+      if (isHalfDType(dtype)) return sc.upload(roundToHalfBits(data, dtype), shape, dtype);
       // upload copies into the device buffer: an array of the right type goes in as it is
       const host = dtype === "i32"
         ? (data instanceof Int32Array ? data : Int32Array.from(data))
         : (data instanceof Float32Array ? data : Float32Array.from(data));
       return sc.upload(host, shape, dtype);
     },
+    fromHalf: (bits, shape, dtype) => {
+      ensure(isHalfDType(dtype), "fromHalf", () => `expected bf16 or f16, got ${dtype}`);
+      ensure(
+        sizeOf(shape) === bits.length,
+        "fromHalf",
+        () => `shape [${shape}] vs length ${bits.length}`,
+      );
+      return sc.upload(bits, shape, dtype);
+    },
+    widen: (t) => half.widen(sc, t),
     zeros: (shape, dtype = "f32") => sc.zeros(shape, dtype),
     copy: (t) => {
       const src = sc.blocks(t, "copy");
       const out = sc.like(src);
-      src.blocks.forEach((b, i) => ctx.copy(b.buffer, 0, out.blocks[i].buffer, 0, b.length * 4));
+      src.blocks.forEach((b, i) =>
+        ctx.copy(b.buffer, 0, out.blocks[i].buffer, 0, bytesOf(src.dtype, b.length))
+      );
       return out;
     },
     reshape: (t, shape) => {
@@ -68,7 +92,14 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
       return sc.view(t, shape);
     },
     read: (ts) => {
-      ts.forEach((t) => sc.blocks(t, "read", "f32"));
+      ts.forEach((t) => {
+        const g = sc.blocks(t, "read");
+        ensure(
+          g.dtype === "f32" || isHalfDType(g.dtype),
+          "read",
+          () => `expected f32, bf16 or f16 tensor, got ${g.dtype}`,
+        );
+      });
       return Effect.map(readBytes(ts, "read"), (bufs) => bufs.map((b) => new Float32Array(b)));
     },
     readInt: (ts) => {
@@ -108,6 +139,10 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
     swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),
     swigluBackward: (dh, gate, up) => elementwise.swigluBackward(sc, dh, gate, up),
+    gegluTanh: (gate, up) => activations.gegluTanh(sc, gate, up),
+    gegluTanhBackward: (dh, gate, up) => activations.gegluTanhBackward(sc, dh, gate, up),
+    softcap: (x, cap) => activations.softcap(sc, x, cap),
+    softcapBackward: (dy, y, cap) => activations.softcapBackward(sc, dy, y, cap),
     adamw: (param, grad, m, v, opts) => elementwise.adamw(sc, param, grad, m, v, opts),
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),

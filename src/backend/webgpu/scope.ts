@@ -7,11 +7,16 @@
  * storage blocks). Ops that take such tensors loop over the blocks (`blocks`); every other op
  * reaches a tensor's single buffer through `f` / `i` / `any`, which refuse split tensors with a
  * ShapeError, and `out` refuses results that would not fit one binding.
+ *
+ * A 16-bit tensor (bf16 / f16, a frozen base weight) holds two elements per u32 word, element 2i
+ * in the low half of word i of its block's buffer; it has the row blocks an f32 tensor of its
+ * shape would have (each block then fills half a binding), so every chunking decision is the
+ * same for both formats.
  * @module
  */
 import type { DType, Tensor } from "../tensor.ts";
-import { ensure, ReleasedTensorError, ShapeError, sizeOf } from "../tensor.ts";
-import type { GpuContext, Param } from "./context.ts";
+import { ensure, isHalfDType, ReleasedTensorError, ShapeError, sizeOf } from "../tensor.ts";
+import type { GpuContext, Params } from "./context.ts";
 
 interface Life {
   released: boolean;
@@ -51,6 +56,10 @@ const splitError = (op: string, t: GpuTensor): ShapeError =>
     reason: `[${t.shape}] is stored in ${t.blocks.length} blocks (it exceeds the device's ` +
       `largest storage binding) and this op takes only tensors of one block`,
   });
+
+/** Bytes of `n` elements of `dtype` in a buffer (16-bit: whole u32 words). */
+export const bytesOf = (dtype: DType, n: number): number =>
+  isHalfDType(dtype) ? Math.ceil(n / 2) * 4 : n * 4;
 
 /** Columns of a tensor seen as a matrix (its last dimension; 1 for a scalar). */
 const colsOf = (shape: readonly number[]): number =>
@@ -111,7 +120,7 @@ export class GpuScope {
     return new GpuTensor(
       shape,
       dtype,
-      [{ buffer: this.own(n * 4), start: 0, length: n }],
+      [{ buffer: this.own(bytesOf(dtype, n)), start: 0, length: n }],
       this.life,
     );
   }
@@ -119,7 +128,7 @@ export class GpuScope {
   /** Fresh tensor in as many storage blocks as the binding limit needs (contents undefined). */
   outBlocks(shape: readonly number[], dtype: DType = "f32"): GpuTensor {
     const blocks = blockLayout(shape, this.ctx.maxBinding).map(({ start, length }) => ({
-      buffer: this.own(length * 4),
+      buffer: this.own(bytesOf(dtype, length)),
       start,
       length,
     }));
@@ -129,7 +138,7 @@ export class GpuScope {
   /** Fresh tensor with the shape and storage blocks of `t` (contents undefined). */
   like(t: GpuTensor, dtype: DType = t.dtype): GpuTensor {
     const blocks = t.blocks.map(({ start, length }) => ({
-      buffer: this.own(length * 4),
+      buffer: this.own(bytesOf(dtype, length)),
       start,
       length,
     }));
@@ -139,15 +148,31 @@ export class GpuScope {
   /** Fresh zero-filled tensor owned by this scope (split into blocks when needed). */
   zeros(shape: readonly number[], dtype: DType = "f32"): GpuTensor {
     const t = this.outBlocks(shape, dtype);
-    for (const b of t.blocks) this.ctx.clear(b.buffer, b.length * 4);
+    for (const b of t.blocks) this.ctx.clear(b.buffer, bytesOf(dtype, b.length));
     return t;
   }
 
-  /** Fresh tensor holding host data (split into blocks when needed). */
-  upload(data: Float32Array | Int32Array, shape: readonly number[], dtype: DType): GpuTensor {
+  /**
+   * Fresh tensor holding host data (split into blocks when needed): f32 or i32 values, or the
+   * raw bits of a 16-bit tensor (each block packed two per word, an odd tail padded with 0).
+   */
+  upload(
+    data: Float32Array | Int32Array | Uint16Array,
+    shape: readonly number[],
+    dtype: DType,
+  ): GpuTensor {
+    const words = (d: Float32Array | Int32Array | Uint16Array): Float32Array | Int32Array => {
+      if (!(d instanceof Uint16Array)) return d;
+      const even = d.length % 2 === 0 && d.byteOffset % 4 === 0 ? d : (() => {
+        const p = new Uint16Array(d.length + (d.length % 2));
+        p.set(d);
+        return p;
+      })();
+      return new Int32Array(even.buffer, even.byteOffset, even.length / 2);
+    };
     const blocks = blockLayout(shape, this.ctx.maxBinding).map(({ start, length }) => {
       const buffer = this.ctx.upload(
-        start === 0 && length === data.length ? data : data.subarray(start, start + length),
+        words(start === 0 && length === data.length ? data : data.subarray(start, start + length)),
       );
       this.owned.push(buffer);
       return { buffer, start, length };
@@ -199,6 +224,20 @@ export class GpuScope {
     return g.blocks[0].buffer;
   }
 
+  /**
+   * Buffer of an f32 or 16-bit tensor (checked: this backend, alive, one block), with its
+   * dtype: the operands that may be frozen base weights.
+   */
+  fh(t: Tensor, op: string): { buffer: GPUBuffer; dtype: DType } {
+    const g = this.single(t, op);
+    ensure(
+      g.dtype === "f32" || isHalfDType(g.dtype),
+      op,
+      () => `expected f32, bf16 or f16 tensor, got ${g.dtype}`,
+    );
+    return { buffer: g.blocks[0].buffer, dtype: g.dtype };
+  }
+
   /** Buffer of an i32 tensor (checked). */
   i(t: Tensor, op: string): GPUBuffer {
     const g = this.single(t, op);
@@ -236,7 +275,7 @@ export class GpuScope {
     kernel: string,
     buffers: readonly GPUBuffer[],
     groups: readonly [number, number?, number?],
-    params?: readonly Param[],
+    params?: Params,
     constants?: Record<string, number>,
   ): void {
     this.ctx.dispatch(kernel, buffers, groups, params, constants);
