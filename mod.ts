@@ -42,6 +42,14 @@ export {
 // ---- tokenizer --------------------------------------------------------------------------------
 export { CharTokenizer, type Tokenizer, TokenizerError } from "./src/tokenizer/tokenizer.ts";
 export { ByteLevelBpeTokenizer, HfTokenizer, loadTokenizer } from "./src/tokenizer/bpe.ts";
+export {
+  type ChatMessage,
+  type ChatTemplate,
+  ChatTemplateError,
+  chatTemplateFromConfig,
+  loadChatTemplate,
+  type RenderOptions,
+} from "./src/tokenizer/chat_template.ts";
 
 // ---- model ------------------------------------------------------------------------------------
 export {
@@ -175,6 +183,7 @@ export {
   advantage,
   type PromptItem,
   type PromptSource,
+  promptTokens,
   push,
   reward,
   rollout,
@@ -197,9 +206,41 @@ export {
   formatReward,
   type Problem,
 } from "./src/task/arithmetic.ts";
+export {
+  DatasetError,
+  type DatasetFile,
+  type DatasetRow,
+  readDatasetFile,
+} from "./src/io/dataset.ts";
+export {
+  epochSampler,
+  loadPromptDataset,
+  type PromptDataset,
+  promptDatasetOf,
+  splitDataset,
+  stepsForEpochs,
+} from "./src/task/dataset.ts";
+export { datasetTask, type DatasetTaskOptions } from "./src/task/dataset_task.ts";
+export {
+  accuracyReward,
+  BUILTIN_REWARDS,
+  builtinReward,
+  extractAnswer,
+  lengthReward,
+  thinkAnswerFormatReward,
+  thinkFormatReward,
+} from "./src/task/builtin_rewards.ts";
+export {
+  loadRewardModule,
+  type RewardArgs,
+  RewardModuleError,
+  userReward,
+  type UserRewardFn,
+} from "./src/task/reward_module.ts";
 
 // ---- the trainer app --------------------------------------------------------------------------
 export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/app/config.ts";
+export { type TrainTaskError, trainTaskOf } from "./src/app/train_task.ts";
 export {
   type RolloutLayerFactory,
   runTraining,

@@ -31,6 +31,7 @@ import {
 import { loraOptionAliases, loraOptionFields, type LoraOptions } from "../lora/config.ts";
 import { optimizerOptionFields, type OptimizerOptions } from "../train/optimizer_config.ts";
 import { arithmeticTaskDefaults } from "../task/arithmetic_task.ts";
+import { PROJECTIONS } from "../model/weights.ts";
 
 /** Everything `train` needs besides the LoRA, optimizer and GRPO options. */
 export interface RunOptions {
@@ -61,6 +62,32 @@ export interface RunOptions {
   readonly verifyTolerance: number;
   /** Print no progress line. */
   readonly quiet: boolean;
+  /** What to train on: a built-in task ("arithmetic") or a .jsonl / .parquet prompt dataset. */
+  readonly dataset: string;
+  /** Evaluation dataset file; null = `evalSplit` of the training rows, or none. */
+  readonly evalDataset: string | null;
+  /** Share of the training rows held out (seeded) for evaluation when no eval file is given. */
+  readonly evalSplit: number;
+  /** Reward functions: built-in names and module paths; null = the task's own. */
+  readonly rewardFuncs: readonly string[] | null;
+  /** A Jinja chat template file replacing the model's; null = the model's. */
+  readonly chatTemplatePath: string | null;
+  /** Extra chat template variables as `key=value` (values read as JSON when they parse). */
+  readonly chatTemplateKwargs: readonly string[] | null;
+  /** Shuffle the dataset each epoch. */
+  readonly shuffleDataset: boolean;
+  /** Prompt tokens kept (the last ones); null = no limit. */
+  readonly maxPromptLength: number | null;
+  /** Passes over the dataset; sets steps when given. */
+  readonly numTrainEpochs: number | null;
+  /** Write a metrics.jsonl line (and a progress line) every N steps. */
+  readonly loggingSteps: number;
+  /** Completions per micro-batch (TRL); with gradientAccumulationSteps sets the generation batch. */
+  readonly perDeviceTrainBatchSize: number | null;
+  /** Micro-batches per optimizer step (TRL). */
+  readonly gradientAccumulationSteps: number;
+  /** Completions per step (TRL generation_batch_size); sets promptsPerStep when given. */
+  readonly generationBatchSize: number | null;
 }
 
 /** The flat options of a run (everything but the GRPO options). */
@@ -135,6 +162,68 @@ export const runOptionFields: OptionFields = {
     description: "Largest |engine logp - trainer logp| the verification probe accepts",
   }),
   quiet: flag({ default: false, description: "Print no progress line" }),
+  dataset: option(Schema.String, {
+    default: "arithmetic",
+    description: "What to train on: the built-in task, or a prompt dataset file (TRL dataset_name)",
+    allowed: '"arithmetic", or a .jsonl / .parquet file with a prompt column',
+  }),
+  evalDataset: option(Schema.NullOr(Schema.String), {
+    default: null,
+    description: "Evaluation dataset file (same columns as the training set)",
+    allowed: "a .jsonl / .parquet file, or null (eval_split of the training rows, or none)",
+  }),
+  evalSplit: finite({ min: 0, max: 1, exclusiveMax: true }, {
+    default: 0,
+    description: "Share of the training rows held out (seeded) for evaluation",
+    note: "0 = none: without an eval file the first eval_size training rows are evaluated",
+  }),
+  rewardFuncs: option(Schema.NullOr(Schema.Array(Schema.String)), {
+    default: null,
+    description:
+      "Reward functions: accuracy, think_format, think_answer_format, length, or module paths " +
+      "(./my_reward.ts, ./r.ts#name)",
+    allowed: "a list of built-in names and module paths, or null (the task's own)",
+  }),
+  chatTemplatePath: option(Schema.NullOr(Schema.String), {
+    default: null,
+    description: "Jinja chat template file used instead of the model's",
+    allowed: "a file path, or null (the model's tokenizer_config.json chat_template)",
+  }),
+  chatTemplateKwargs: option(Schema.NullOr(Schema.Array(Schema.String)), {
+    default: null,
+    description: "Extra chat template variables, e.g. enable_thinking=false",
+    allowed: "a list of key=value (values read as JSON when they parse), or null",
+  }),
+  shuffleDataset: flag({ default: true, description: "Shuffle the dataset each epoch" }),
+  maxPromptLength: integer<number | null>({ min: 1 }, {
+    default: 512,
+    description: "Prompt tokens kept (the last ones; longer prompts are cut on the left)",
+    nullable: "no limit",
+  }),
+  numTrainEpochs: finite<number | null>({ min: 0, exclusiveMin: true }, {
+    default: null,
+    description: "Passes over the dataset; sets the number of steps (give this or steps)",
+    nullable: "steps decides",
+  }),
+  loggingSteps: integer({ min: 1 }, {
+    default: 1,
+    description: "Write a metrics.jsonl line and a progress line every N steps (and the last)",
+  }),
+  perDeviceTrainBatchSize: integer<number | null>({ min: 1 }, {
+    default: null,
+    description: "Completions per micro-batch; times gradient_accumulation_steps = completions " +
+      "per step",
+    nullable: "prompts_per_step decides",
+  }),
+  gradientAccumulationSteps: integer({ min: 1 }, {
+    default: 1,
+    description: "Micro-batches per optimizer step (with per_device_train_batch_size)",
+  }),
+  generationBatchSize: integer<number | null>({ min: 1 }, {
+    default: null,
+    description: "Completions per step (prompts_per_step x num_generations)",
+    nullable: "prompts_per_step decides",
+  }),
 };
 
 /** Every flat option of `train` but the GRPO ones: run, LoRA and optimizer fields. */
@@ -144,8 +233,36 @@ export const trainOptionFields: OptionFields = {
   ...optimizerOptionFields,
 };
 
-/** Other input spellings of train options (TRL's). */
-export const trainOptionAliases: Readonly<Record<string, string>> = loraOptionAliases;
+/** Other input spellings of train options (TRL's and its scripts'). */
+export const trainOptionAliases: Readonly<Record<string, string>> = {
+  ...loraOptionAliases,
+  model_name_or_path: "model",
+  modelNameOrPath: "model",
+  dataset_name: "dataset",
+  datasetName: "dataset",
+  max_steps: "steps",
+  maxSteps: "steps",
+  save_steps: "checkpointEvery",
+  saveSteps: "checkpointEvery",
+};
+
+/** Flags under TRL's names where ours differ: flag key (kebab-cased) -> option. */
+export const trainFlagAliases: Readonly<Record<string, string>> = {
+  modelNameOrPath: "model",
+  datasetName: "dataset",
+  maxSteps: "steps",
+  saveSteps: "checkpointEvery",
+  loraTargetModules: "targetModules",
+};
+
+/** PEFT's `all-linear` (as a string or the only list entry) is every projection. */
+export const expandTargetModules = (value: unknown): unknown =>
+  value === "all-linear" ||
+    (Array.isArray(value) && value.length === 1 && value[0] === "all-linear")
+    ? [...PROJECTIONS]
+    : typeof value === "string"
+    ? [value] // PEFT accepts one module name as a plain string
+    : value;
 
 /** Decoded training configuration. */
 export interface TrainConfig extends TrainOptions {
@@ -174,11 +291,12 @@ export const decodeTrainConfig = (
   Effect.gen(function* () {
     const train: Record<string, unknown> = {};
     const grpo: Record<string, unknown> = {};
+    const given = new Set<string>();
     for (const [key, value] of Object.entries(input)) {
       const trainKey = optionKey(trainOptionFields, key, trainOptionAliases);
       if (trainKey !== undefined) {
-        // PEFT accepts one module name as a plain string
-        train[key] = trainKey === "targetModules" && typeof value === "string" ? [value] : value;
+        if (value !== undefined) given.add(trainKey);
+        train[key] = trainKey === "targetModules" ? expandTargetModules(value) : value;
       } else if (optionKey(grpoOptionFields, key, grpoOptionAliases) !== undefined) {
         grpo[key] = value;
       } else {
@@ -198,7 +316,15 @@ export const decodeTrainConfig = (
     const g = yield* decodeGrpoConfig(grpo, taskDefaults).pipe(
       Effect.mapError((e) => new TrainConfigError({ option: e.option, reason: e.reason })),
     );
-    const cfg: TrainConfig = { ...(options as unknown as TrainOptions), grpo: g };
+    const decoded: TrainConfig = { ...(options as unknown as TrainOptions), grpo: g };
+    const promptsPerStep = yield* promptsPerStepOf(decoded, given);
+    if (decoded.numTrainEpochs !== null && given.has("steps")) {
+      return yield* invalid(
+        "numTrainEpochs",
+        "option numTrainEpochs: give it or steps (max_steps), not both",
+      );
+    }
+    const cfg: TrainConfig = { ...decoded, promptsPerStep };
     if (cfg.engine === "local" && cfg.serverUrl !== null) {
       return yield* invalid("serverUrl", 'option serverUrl needs engine "server"');
     }
@@ -210,6 +336,53 @@ export const decodeTrainConfig = (
     }
     return cfg;
   });
+
+/**
+ * Prompts per step from TRL's batch options: generation_batch_size completions, or
+ * per_device_train_batch_size x gradient_accumulation_steps, divided by num_generations (one
+ * optimizer step per generation batch, as TRL takes with steps_per_generation =
+ * gradient_accumulation_steps); else prompts_per_step itself.
+ */
+const promptsPerStepOf = (
+  cfg: TrainConfig,
+  given: ReadonlySet<string>,
+): Effect.Effect<number, TrainConfigError> => {
+  const G = cfg.grpo.numGenerations;
+  let completions: number | null = null;
+  let from = "";
+  if (cfg.generationBatchSize !== null) {
+    if (cfg.perDeviceTrainBatchSize !== null) {
+      return invalid(
+        "generationBatchSize",
+        "option generationBatchSize: give it or per_device_train_batch_size, not both",
+      );
+    }
+    [completions, from] = [cfg.generationBatchSize, "generation_batch_size"];
+  } else if (cfg.perDeviceTrainBatchSize !== null) {
+    completions = cfg.perDeviceTrainBatchSize * cfg.gradientAccumulationSteps;
+    from = `per_device_train_batch_size x gradient_accumulation_steps (${completions})`;
+  } else if (given.has("gradientAccumulationSteps") && cfg.gradientAccumulationSteps !== 1) {
+    return invalid(
+      "gradientAccumulationSteps",
+      "option gradientAccumulationSteps needs per_device_train_batch_size " +
+        "(completions per step are their product)",
+    );
+  }
+  if (completions === null) return Effect.succeed(cfg.promptsPerStep);
+  const option = cfg.generationBatchSize !== null
+    ? "generationBatchSize"
+    : "perDeviceTrainBatchSize";
+  if (given.has("promptsPerStep")) {
+    return invalid(option, `option ${option}: give it or prompts_per_step, not both`);
+  }
+  if (completions % G !== 0) {
+    return invalid(
+      option,
+      `option ${option}: ${from} must be a multiple of num_generations (${G})`,
+    );
+  }
+  return Effect.succeed(completions / G);
+};
 
 /** Reads a JSON config file of flat options (any key spelling); flags are merged over it. */
 export const readTrainConfigFile = (

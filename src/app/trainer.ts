@@ -200,7 +200,9 @@ export const runTraining: (
           return acc;
         }));
       const evaluationLine = (acc: number) =>
-        `${task.evaluation.metric} ${(acc * 100).toFixed(1)}% (${task.evaluation.detail})`;
+        `${task.evaluation.metric} ${
+          task.evaluation.format?.(acc) ?? `${(acc * 100).toFixed(1)}%`
+        } (${task.evaluation.detail})`;
       const accBefore = yield* Effect.scoped(Effect.gen(function* () {
         const acc = yield* task.evaluation.run(
           backend,
@@ -245,14 +247,19 @@ export const runTraining: (
               : {}),
           };
           history.push(m);
-          yield* fsOp(
-            metricsPath,
-            "cannot append to the metrics",
-            () => appendFile(metricsPath, JSON.stringify(m) + "\n"),
-          );
+          // logging_steps thins the log; checkpointed steps are always logged (resume reads them)
+          const logged = p.step % cfg.loggingSteps === 0 || p.step === cfg.steps ||
+            (cfg.checkpointEvery > 0 && p.step % cfg.checkpointEvery === 0);
+          if (logged) {
+            yield* fsOp(
+              metricsPath,
+              "cannot append to the metrics",
+              () => appendFile(metricsPath, JSON.stringify(m) + "\n"),
+            );
+          }
           const done = p.step - first + 1;
           const elapsed = (performance.now() - t0) / 1000;
-          if (!cfg.quiet) {
+          if (!cfg.quiet && logged) {
             log(
               `step ${p.step}/${cfg.steps} | reward ${m.reward.toFixed(3)} | reward_std ${
                 m.reward_std.toFixed(3)
@@ -278,8 +285,9 @@ export const runTraining: (
           promptsPerStep: cfg.promptsPerStep,
           config: cfg.grpo,
           seed: cfg.seed,
+          maxPromptLength: cfg.maxPromptLength,
         }),
-        reward(task.rewards),
+        reward(task.rewards, cfg.grpo.rewardWeights),
         advantage(cfg.grpo),
         update({ policy, config: cfg.grpo }),
         snapshot(policy),
@@ -296,11 +304,12 @@ export const runTraining: (
       const rewards = history.map((h) => [h.step, h.reward] as const);
       const svg = lineChartSvg(`GRPO ${cfg.mode} — reward per step`, "step", "reward", [
         { label: "reward", points: rewards, color: "#1f77b4" },
-        {
-          label: "rewards/exact_match/mean",
-          points: history.map((h) => [h.step, h["rewards/exact_match/mean"]] as const),
+        // the first reward function's mean (exact_match for the built-in task)
+        ...task.rewards.slice(0, 1).map((r) => ({
+          label: `rewards/${r.name}/mean`,
+          points: history.map((h) => [h.step, h[`rewards/${r.name}/mean`]] as const),
           color: "#2ca02c",
-        },
+        })),
       ]);
       const svgPath = join(runDir, "reward.svg");
       yield* fsOp(svgPath, "cannot write the reward plot", () => writeFile(svgPath, svg));
@@ -326,10 +335,12 @@ export const runTraining: (
         "cannot write the summary",
         () => writeFile(summaryPath, JSON.stringify(summary, null, 2) + "\n"),
       );
+      // a task's own score format (e.g. a mean reward) names its metric; else an accuracy
+      const shown = task.evaluation.format ?? ((x: number) => `${(x * 100).toFixed(1)}%`);
       log(
-        `accuracy ${(accBefore * 100).toFixed(1)}% -> ${(accAfter * 100).toFixed(1)}% in ${
-          trainWallS.toFixed(1)
-        } s; run in ${runDir}`,
+        `${task.evaluation.format ? task.evaluation.metric : "accuracy"} ${shown(accBefore)} -> ${
+          shown(accAfter)
+        } in ${trainWallS.toFixed(1)} s; run in ${runDir}`,
       );
       return summary;
     });

@@ -93,6 +93,10 @@ export interface FlagSettings {
   readonly defaults?: Readonly<Record<string, unknown>>;
   /** Fields without a default still get an optional flag (their value may come from a file). */
   readonly allOptional?: boolean;
+  /** Text put before a flag's help, keyed by the flag's key (e.g. "Same as --steps"). */
+  readonly helpPrefix?: Readonly<Record<string, string>>;
+  /** Rewrites a field's parsed value before it is checked (e.g. PEFT's `all-linear`). */
+  readonly normalize?: Readonly<Record<string, (value: unknown) => unknown>>;
 }
 
 /** The flag of one field: a value if given (Option), checked against the field's schema. */
@@ -105,7 +109,9 @@ export const flagOf = (
   const override = settings.defaults && Object.hasOwn(settings.defaults, key)
     ? { value: settings.defaults[key] }
     : undefined;
-  const help = helpOf(schema, override);
+  const prefix = settings.helpPrefix?.[key];
+  const help = (prefix === undefined ? "" : `${prefix}. `) + helpOf(schema, override);
+  const normalize = settings.normalize?.[key] ?? ((v: unknown) => v);
   const check = (value: unknown, text: string) => {
     const exit = Schema.decodeUnknownExit(schema as Schema.Codec<unknown>)(value);
     return Exit.isSuccess(exit) ? Effect.succeed(exit.value) : Effect.fail(
@@ -121,7 +127,7 @@ export const flagOf = (
     ? Flag.Boolean(name)
     : Flag.String(name).pipe(
       Flag.withMetavar(metavarOf(schema.ast)),
-      Flag.mapEffect((text) => check(valueFromText(schema.ast, text), text)),
+      Flag.mapEffect((text) => check(normalize(valueFromText(schema.ast, text)), text)),
     );
   const described = base.pipe(Flag.withDescription(help));
   // every flag is optional at parse time when it has a default (filled when options are decoded)
@@ -136,6 +142,31 @@ export const flagsOf = (
   settings: FlagSettings = {},
 ): Record<string, Flag.Flag<Option.Option<unknown>>> =>
   Object.fromEntries(Object.entries(fields).map(([k, s]) => [k, flagOf(k, s, settings)]));
+
+/**
+ * Flags under other names (TRL's) for fields: each alias key gets its own optional flag with
+ * its field's type, help saying what it stands for. Their values keep the alias key, so the
+ * options decoder resolves them (and rejects an option given under two names).
+ */
+export const aliasFlagsOf = (
+  fields: OptionFields,
+  aliases: Readonly<Record<string, string>>,
+  settings: FlagSettings = {},
+): Record<string, Flag.Flag<Option.Option<unknown>>> =>
+  Object.fromEntries(
+    Object.entries(aliases).map(([alias, key]) => [
+      alias,
+      flagOf(alias, fields[key], {
+        ...settings,
+        allOptional: true,
+        defaults: settings.defaults && Object.hasOwn(settings.defaults, key)
+          ? { [alias]: settings.defaults[key] }
+          : undefined,
+        normalize: settings.normalize?.[key] ? { [alias]: settings.normalize[key] } : undefined,
+        helpPrefix: { [alias]: `Same as --${kebabCase(key)} (TRL's name)` },
+      }),
+    ]),
+  );
 
 /** The values given on the command line (absent flags left out). */
 export const givenValues = (

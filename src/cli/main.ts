@@ -14,18 +14,22 @@ import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { grpoOptionFields } from "../grpo/config.ts";
 import { decodeServeConfig, serveOptionFields } from "../server/config.ts";
 import { serve } from "../server/serve.ts";
-import { arithmeticGrpoTask, arithmeticTaskDefaults } from "../task/arithmetic_task.ts";
+import { arithmeticTaskDefaults } from "../task/arithmetic_task.ts";
 import {
   decodeTrainConfig,
+  expandTargetModules,
   readTrainConfigFile,
   type TrainConfig,
+  trainFlagAliases,
+  trainOptionAliases,
   trainOptionFields,
 } from "../app/config.ts";
+import { BUILTIN_DATASET, trainTaskOf } from "../app/train_task.ts";
 import { runTraining } from "../app/trainer.ts";
 import { serverLayer } from "../app/server_layer.ts";
-import { flagsOf, givenValues } from "./flags.ts";
+import { aliasFlagsOf, flagsOf, givenValues } from "./flags.ts";
 import { type PretrainCommandOptions, pretrainOptionFields, runPretrain } from "./pretrain.ts";
-import { decodeOptions } from "../base/options.ts";
+import { decodeOptions, optionKey } from "../base/options.ts";
 
 const isTty = (): boolean => Boolean((process.stdout as { isTTY?: boolean }).isTTY);
 
@@ -63,9 +67,24 @@ const configFlag = Flag.String("config").pipe(
 );
 
 /** Every option of `train`: run, LoRA, optimizer and GRPO fields. */
-const trainFlags = flagsOf({ ...trainOptionFields, ...grpoOptionFields }, {
+const trainFlagSettings = {
   defaults: arithmeticTaskDefaults,
-});
+  normalize: { targetModules: expandTargetModules },
+};
+const trainFlags = {
+  ...flagsOf({ ...trainOptionFields, ...grpoOptionFields }, trainFlagSettings),
+  ...aliasFlagsOf(trainOptionFields, trainFlagAliases, trainFlagSettings),
+};
+
+/** The dataset the input names (any spelling), the built-in task's when none. */
+const datasetOf = (input: Readonly<Record<string, unknown>>): unknown => {
+  for (const [k, v] of Object.entries(input)) {
+    if (optionKey(trainOptionFields, k, trainOptionAliases) === "dataset" && v !== undefined) {
+      return v;
+    }
+  }
+  return BUILTIN_DATASET;
+};
 
 /** The train config of parsed flags: the config file's options, then the flags given, decoded. */
 const trainConfigOf = (
@@ -74,7 +93,10 @@ const trainConfigOf = (
 ) =>
   Effect.gen(function* () {
     const file = Option.isSome(config) ? yield* readTrainConfigFile(config.value) : {};
-    return yield* decodeTrainConfig({ ...file, ...givenValues(flags) });
+    const input = { ...file, ...givenValues(flags) };
+    // the built-in task's recommended values; a dataset starts from TRL's defaults
+    const defaults = datasetOf(input) === BUILTIN_DATASET ? arithmeticTaskDefaults : {};
+    return yield* decodeTrainConfig(input, defaults);
   });
 
 const trainCommand = (run: (cfg: TrainConfig) => Effect.Effect<void, unknown>) =>
@@ -84,16 +106,19 @@ const trainCommand = (run: (cfg: TrainConfig) => Effect.Effect<void, unknown>) =
     ({ config, options }) => Effect.flatMap(trainConfigOf(config, options), run),
   ).pipe(
     Command.withDescription(
-      "GRPO fine-tuning of the built-in arithmetic task (LoRA or full), with rollouts in-process " +
-        "or from a vLLM-compatible server. Options use TRL's GRPOConfig names in kebab-case.",
+      "GRPO fine-tuning (LoRA or full) of the built-in arithmetic task or of a prompt dataset " +
+        "(--dataset FILE.jsonl|.parquet --reward-funcs accuracy,./my_reward.ts), with rollouts " +
+        "in-process or from a vLLM-compatible server. Options use TRL's GRPOConfig names in " +
+        "kebab-case; defaults shown are the built-in task's (a dataset starts from TRL's).",
     ),
   );
 
 const train = (cfg: TrainConfig) =>
-  runTraining(cfg, arithmeticGrpoTask({ heldOutSize: cfg.evalSize }), {
-    log: logLine,
-    rollout: cfg.engine === "server" ? serverLayer : undefined,
-  }).pipe(Effect.asVoid);
+  Effect.flatMap(trainTaskOf(cfg), ({ task, config }) =>
+    runTraining(config, task, {
+      log: logLine,
+      rollout: config.engine === "server" ? serverLayer : undefined,
+    })).pipe(Effect.asVoid);
 
 // ---- serve --------------------------------------------------------------------------------------
 

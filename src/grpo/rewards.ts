@@ -15,6 +15,13 @@ export interface RewardContext {
   readonly prompts: readonly string[];
   /** The reference answer for each completion's prompt, or null when the dataset has none. */
   readonly answers: readonly (string | null)[];
+  /** Token ids of each completion (TRL's `completion_ids`); absent where a caller has none. */
+  readonly completionIds?: readonly (readonly number[])[];
+  /**
+   * The dataset row of each completion's prompt, every column by name (TRL passes the columns
+   * to reward functions as keyword arguments); null for a prompt without one (built-in tasks).
+   */
+  readonly rows?: readonly (Readonly<Record<string, unknown>> | null)[];
 }
 
 /** One reward per completion; null means "does not apply to this sample". */
@@ -202,7 +209,11 @@ export const scoreRewards: (
           }
           seen.add(r.name);
         }
-        if (ctx.prompts.length !== n || ctx.answers.length !== n) {
+        if (
+          ctx.prompts.length !== n || ctx.answers.length !== n ||
+          (ctx.completionIds !== undefined && ctx.completionIds.length !== n) ||
+          (ctx.rows !== undefined && ctx.rows.length !== n)
+        ) {
           throw new RewardError({
             reward: "*",
             reason: `context has ${ctx.prompts.length} prompts and ${ctx.answers.length} answers ` +

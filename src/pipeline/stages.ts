@@ -41,12 +41,31 @@ import {
 
 /** A prompt with its reference answer (null when the task has none). */
 export interface PromptItem {
+  /** The text the model is prompted with (for chat data: the rendered conversation). */
   readonly prompt: string;
   readonly answer: string | null;
+  /**
+   * Whether the tokenizer's BOS is prepended (default true). False for text that already holds
+   * its special tokens, such as a rendered chat template (TRL tokenizes with
+   * `add_special_tokens=False` and lets the template decide).
+   */
+  readonly addSpecialTokens?: boolean;
+  /** The dataset row the prompt came from, every column by name (given to reward functions). */
+  readonly row?: Readonly<Record<string, unknown>>;
 }
 
-/** Where prompts come from: a function of the step's random stream. */
-export type PromptSource = (rng: Rng) => PromptItem;
+/** Which prompt of the run a draw is: the step and its index among the step's prompts. */
+export interface PromptDraw {
+  readonly step: number;
+  readonly index: number;
+  readonly promptsPerStep: number;
+}
+
+/**
+ * Where prompts come from: a function of the step's random stream (and, for sources that walk a
+ * dataset in epochs, of which draw of the run it is).
+ */
+export type PromptSource = (rng: Rng, draw: PromptDraw) => PromptItem;
 
 /** Per-stage wall time in ms, filled as the step moves through the pipeline. */
 export type StageTimes = Record<string, number>;
@@ -121,12 +140,22 @@ export interface RolloutOptions {
   readonly config: GrpoConfig;
   /** Prompts and sampling seeds are derived from (seed, step): a resumed run replays exactly. */
   readonly seed: number;
+  /** Longer prompts keep their last this many tokens (TRL max_prompt_length); null = no limit. */
+  readonly maxPromptLength?: number | null;
 }
 
-const promptTokens = (tok: Tokenizer, text: string): number[] => [
-  ...(tok.bosId === null ? [] : [tok.bosId]),
-  ...tok.encode(text),
-];
+/** A prompt's token ids: BOS first unless the item says not, left-truncated to `max` tokens. */
+export const promptTokens = (
+  tok: Tokenizer,
+  item: PromptItem,
+  max: number | null = null,
+): number[] => {
+  const ids = [
+    ...(tok.bosId === null || item.addSpecialTokens === false ? [] : [tok.bosId]),
+    ...tok.encode(item.prompt),
+  ];
+  return max !== null && ids.length > max ? ids.slice(ids.length - max) : ids;
+};
 
 /** Samples prompts and asks the RolloutEngine for G completions of each. */
 export const rollout = (o: RolloutOptions) =>
@@ -139,10 +168,13 @@ export const rollout = (o: RolloutOptions) =>
       Effect.gen(function* () {
         const engine = yield* RolloutEngine;
         const rng = new Rng([o.seed >>> 0, st.step >>> 0, 0x9e3779b9, 7]);
-        const prompts = Array.from({ length: o.promptsPerStep }, () => o.prompts(rng));
+        const prompts = Array.from(
+          { length: o.promptsPerStep },
+          (_, index) => o.prompts(rng, { step: st.step, index, promptsPerStep: o.promptsPerStep }),
+        );
         const G = o.config.numGenerations;
         const requests: RolloutRequest[] = prompts.map((p, i) => ({
-          prompt: promptTokens(o.tokenizer, p.prompt),
+          prompt: promptTokens(o.tokenizer, p, o.maxPromptLength ?? null),
           n: G,
           maxTokens: o.config.maxCompletionLength,
           temperature: o.config.temperature,
@@ -190,6 +222,8 @@ export const reward =
           scoreRewards(rewards, r.completionTexts, {
             prompts: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.prompt)),
             answers: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.answer)),
+            completionIds: r.sequences.map((q) => q.completion),
+            rows: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.row ?? null)),
           }, { rewardWeights: weights ?? null }),
           (table) => ({ ...r, rewards: table }),
         )),

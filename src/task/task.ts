@@ -8,17 +8,19 @@
 import type { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
-import type { NamedReward } from "../grpo/rewards.ts";
+import type { NamedReward, RewardError } from "../grpo/rewards.ts";
 import type { SnapshotModel } from "../snapshot/snapshot.ts";
 import type { PromptSource } from "../pipeline/stages.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 
-/** A held-out evaluation: a score in [0, 1] of a model on fixed items. */
+/** A held-out evaluation: a score (an accuracy in [0, 1], or a mean reward) on fixed items. */
 export interface TaskEvaluation {
   /** What the score measures, for log lines ("held-out exact-match accuracy"). */
   readonly metric: string;
   /** How it is measured, for log lines ("200 problems, greedy"). */
   readonly detail: string;
+  /** The score as log lines show it; default a percentage. */
+  readonly format?: (score: number) => string;
   /**
    * Scores `policy`: its weights on `backend`, with the LoRA adapter to apply at run time (null:
    * none; the trainer passes the resident base and a snapshot's adapter, or the base alone).
@@ -29,7 +31,7 @@ export interface TaskEvaluation {
     policy: SnapshotModel,
     tokenizer: Tokenizer,
     maxTokens: number,
-  ): Effect.Effect<number, BackendError>;
+  ): Effect.Effect<number, BackendError | RewardError>;
 }
 
 /** A GRPO task. */
