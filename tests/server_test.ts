@@ -612,7 +612,17 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
     await t.step(
       "malformed requests -> 400/404 envelopes, and the server keeps serving",
       async () => {
-        assertEnvelope(await post(srv, "/v1/completions", "{not json"), 400, "JSON");
+        const notJson = await srv.request("/v1/completions", {
+          method: "POST",
+          body: "{not json",
+          headers: { "content-type": "application/json" },
+        });
+        const notJsonText = await notJson.text();
+        assertEnvelope(
+          { status: notJson.status, text: notJsonText, json: JSON.parse(notJsonText) },
+          400,
+          "JSON",
+        );
         assertEnvelope(await post(srv, "/v1/completions", { prompt: 5 }), 400, "prompt");
         assertEnvelope(
           await post(srv, "/v1/completions", { prompt: "ab", temperature: "hot" }),
@@ -649,7 +659,7 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
         assertEnvelope(
           await post(srv, "/v1/completions", { prompt: "a", max_tokens: 500 }),
           400,
-          "maximum context length",
+          "cannot be greater than max_model_len",
         );
         assertEnvelope(
           await post(srv, "/v1/completions", { prompt: "a", model: "nope" }),
@@ -658,7 +668,10 @@ Deno.test("server: completions, LoRA, dev routes, prefix cache (real process)", 
         );
         assertEnvelope(await post(srv, "/v1/completions", { prompt: "ABC" }), 400, "prompt");
         assertEnvelope(
-          await post(srv, "/v1/completions", { prompt: "a", stream: true }),
+          await post(srv, "/v1/completions", {
+            prompt: "a",
+            stream_options: { include_usage: true },
+          }),
           400,
           "stream",
         );

@@ -20,6 +20,8 @@ import type { ModelConfig } from "../model/config.ts";
 import type { LoraRuntime } from "../model/decoder.ts";
 import { type ApiError, badRequest, notFound } from "./schemas.ts";
 import { message, pathExists } from "./weights.ts";
+import { checkAllowedPath, redactFileText } from "./file_policy.ts";
+import { readFile } from "node:fs/promises";
 
 /** One loaded adapter. */
 export interface Adapter {
@@ -59,12 +61,22 @@ export class AdapterRegistry {
     return [...this.#byName.values()];
   }
 
-  /** Reads and checks an adapter directory (host only; nothing changes). */
+  /**
+   * Reads and checks an adapter directory (host only; nothing changes). Like vLLM, adapters with
+   * `modules_to_save`, DoRA, a rank above --max-lora-rank or `bias` other than "none" are refused
+   * with vLLM's messages (joined, in vLLM's order), before any tensor is read; messages never
+   * quote the files.
+   */
   prepare(
     name: string,
     path: string,
     inplace: boolean,
-    ctx: { readonly config: ModelConfig; readonly maxRank: number; readonly baseName: string },
+    ctx: {
+      readonly config: ModelConfig;
+      readonly maxRank: number;
+      readonly baseName: string;
+      readonly allowedRoot?: string | null;
+    },
   ): Effect.Effect<LoraWeights, ApiError> {
     const loaded = this.#byName.has(name);
     return Effect.gen(function* () {
@@ -78,21 +90,48 @@ export class AdapterRegistry {
           badRequest(`The lora adapter name '${name}' is the base model's name.`, "lora_name"),
         );
       }
-      if (!(yield* pathExists(join(path, ADAPTER_CONFIG)))) {
+      yield* checkAllowedPath(path, ctx.allowedRoot ?? null, "lora_path");
+      const configPath = join(path, ADAPTER_CONFIG);
+      if (!(yield* pathExists(configPath))) {
         return yield* Effect.fail(
           notFound(
-            `No adapter found for ${path}: ${join(path, ADAPTER_CONFIG)} does not exist.`,
+            `Loading lora ${name} failed: No adapter found for ${path}`,
             "lora_path",
           ),
         );
       }
+      const failed = (why: string) =>
+        badRequest(`Failed to load LoRA adapter '${name}' from ${path}: ${why}`, "lora_path");
+      const text = yield* Effect.tryPromise({
+        try: () => readFile(configPath, "utf8"),
+        catch: () => failed(`cannot read ${ADAPTER_CONFIG}`),
+      });
+      const json = yield* Effect.try({
+        try: () => JSON.parse(text) as unknown,
+        catch: () => failed(`${ADAPTER_CONFIG} is not valid JSON`),
+      });
+      if (typeof json !== "object" || json === null || Array.isArray(json)) {
+        return yield* Effect.fail(failed(`${ADAPTER_CONFIG} must be a JSON object`));
+      }
+      const j = json as Record<string, unknown>;
+      // vLLM's PEFTHelper.validate_legal
+      const problems: string[] = [];
+      const mts = j.modules_to_save;
+      if (mts !== undefined && mts !== null && !(Array.isArray(mts) && mts.length === 0)) {
+        problems.push("vLLM only supports modules_to_save being None.");
+      }
+      if (j.use_dora === true) problems.push("vLLM does not yet support DoRA.");
+      if (typeof j.r === "number" && j.r > ctx.maxRank) {
+        problems.push(`LoRA rank ${j.r} is greater than max_lora_rank ${ctx.maxRank}.`);
+      }
+      if (j.bias !== undefined && j.bias !== null && j.bias !== "none") {
+        problems.push("Adapter bias is not supported.");
+      }
+      if (problems.length > 0) {
+        return yield* Effect.fail(badRequest(problems.join(" "), "lora_path"));
+      }
       const w = yield* loadPeftAdapter(path, ctx.config).pipe(
-        Effect.mapError((e) =>
-          badRequest(
-            `Failed to load LoRA adapter '${name}' from ${path}: ${message(e)}`,
-            "lora_path",
-          )
-        ),
+        Effect.mapError((e) => failed(redactFileText(message(e)))),
       );
       if (w.config.r > ctx.maxRank) {
         return yield* Effect.fail(

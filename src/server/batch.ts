@@ -245,11 +245,14 @@ export class DecodeBatch<M extends BatchMember> {
         kv.len = layout.len;
         cache = { kv, scope };
         // the live rows, shifted to end at the new len (positions are relative to kvStart)
+        // slot of each live member (a map: indexOf per member would be quadratic in the batch)
+        const slotOfLive = new Map<M, number>();
+        this.#members.forEach((m, b) => m !== null && slotOfLive.set(m, b));
         if (old && live.length > 0) {
           const from: number[] = [];
           const to: number[] = [];
           live.forEach((m, nb) => {
-            const b = this.#members.indexOf(m);
+            const b = slotOfLive.get(m)!;
             const rows = old.kv.len - this.#kvStart[b];
             for (let t = 0; t < rows; t++) {
               from.push(b * old.kv.maxLen + this.#kvStart[b] + t);
@@ -266,7 +269,7 @@ export class DecodeBatch<M extends BatchMember> {
           }));
         }
         const kvStart = live.map((m) =>
-          layout.len - (old!.kv.len - this.#kvStart[this.#members.indexOf(m)])
+          layout.len - (old!.kv.len - this.#kvStart[slotOfLive.get(m)!])
         );
         this.#members = [...live];
         this.#kvStart = kvStart;
@@ -283,7 +286,9 @@ export class DecodeBatch<M extends BatchMember> {
           const b = slotOf(m, i);
           this.#members[b] = m;
           this.#kvStart[b] = kv.len - m.prefill.ids.length;
-          byEntry.set(m.prefill, [...(byEntry.get(m.prefill) ?? []), b]);
+          const list = byEntry.get(m.prefill);
+          if (list) list.push(b);
+          else byEntry.set(m.prefill, [b]);
         });
         for (const [entry, slots] of byEntry) {
           const L = entry.ids.length;

@@ -44,6 +44,24 @@ export interface ServeConfig {
   readonly prefixCacheMb: number | null;
   /** KV-cache budget of the running batches in MiB; null = LORAFOLD_KV_CACHE_MB, else 4096. */
   readonly kvCacheMb: number | null;
+  /** Largest `n`; null = VLLM_MAX_N_SEQUENCES, else 16384 (vLLM's default). */
+  readonly maxNSequences: number | null;
+  /** Largest prompt list; null = VLLM_MAX_COMPLETION_PROMPTS, else 1024 (vLLM's default). */
+  readonly maxCompletionPrompts: number | null;
+  /** Most sequences (prompts x n) one request may ask for. */
+  readonly maxRequestSequences: number;
+  /** Largest request body in MiB (checked while reading it). */
+  readonly maxRequestBodyMb: number;
+  /** Most stop strings a request may give. */
+  readonly maxStopStrings: number;
+  /** Longest stop string, in characters. */
+  readonly maxStopStringLength: number;
+  /** Adapters and reload_weights checkpoints must lie under this directory; null = anywhere. */
+  readonly allowedLoraRoot: string | null;
+  /** A chat template file replacing the model's; null = the model's own. */
+  readonly chatTemplate: string | null;
+  /** "auto": the model's generation_config.json gives the defaults; "vllm": OpenAI's. */
+  readonly generationConfig: "auto" | "vllm";
 }
 
 /** The `serve` option fields. */
@@ -112,6 +130,50 @@ export const serveOptionFields: OptionFields = {
     default: null,
     description: "KV-cache budget of the running sequences in MiB (a request is never split)",
     nullable: "LORAFOLD_KV_CACHE_MB, else 4096",
+  }),
+  maxNSequences: integer<number | null>({ min: 1, max: 1 << 24 }, {
+    default: null,
+    description: "Largest n (samples per prompt) a request may ask for; larger n is a 400",
+    nullable: "VLLM_MAX_N_SEQUENCES, else 16384",
+  }),
+  maxCompletionPrompts: integer<number | null>({ min: 1, max: 1 << 20 }, {
+    default: null,
+    description: "Largest prompt list of one request; a longer list is a 400",
+    nullable: "VLLM_MAX_COMPLETION_PROMPTS, else 1024",
+  }),
+  maxRequestSequences: integer({ min: 1, max: 1 << 26 }, {
+    default: 65536,
+    description:
+      "Most sequences (prompts x n) one request may ask for: bounds a request's memory; more is a 400",
+  }),
+  maxRequestBodyMb: integer({ min: 1, max: 1 << 12 }, {
+    default: 32,
+    description: "Largest request body in MiB (checked while reading; larger is a 413)",
+  }),
+  maxStopStrings: integer({ min: 0, max: 1 << 16 }, {
+    default: 64,
+    description: "Most stop strings one request may give",
+  }),
+  maxStopStringLength: integer({ min: 1, max: 1 << 20 }, {
+    default: 1024,
+    description: "Longest stop string, in characters",
+  }),
+  allowedLoraRoot: option(Schema.NullOr(Schema.String.check(Schema.isMinLength(1))), {
+    default: null,
+    description:
+      "lora_path and reload_weights' weights_path must resolve under this directory; null = any readable path (vLLM)",
+    allowed: "a directory path, or null",
+  }),
+  chatTemplate: option(Schema.NullOr(Schema.String.check(Schema.isMinLength(1))), {
+    default: null,
+    description:
+      "Jinja chat template file for /v1/chat/completions; null = the model's (tokenizer_config.json or chat_template.jinja)",
+    allowed: "a file path, or null",
+  }),
+  generationConfig: choice(["auto", "vllm"], {
+    default: "auto",
+    description:
+      "auto: the model's generation_config.json sets the defaults of omitted sampling fields and adds its eos ids (vLLM's default); vllm: ignore it",
   }),
 };
 

@@ -1,6 +1,7 @@
 /**
  * The thin HTTP adapter (effect/http router -> web handler for `Deno.serve`): routes, body
- * decoding with effect Schema, and rendering of ApiError as vLLM's error envelope. All serving
+ * decoding with effect Schema (application/json only, bodies capped while read), streamed
+ * answers (SSE, stream.ts) and rendering of ApiError as vLLM's error envelope. All serving
  * logic lives in inference_engine.ts (a façade over the scheduler); a completion handler submits
  * its request and awaits the scheduler's answer. Unknown routes answer FastAPI's 404
  * `{"detail":"Not Found"}`; routes of disabled features (runtime LoRA, dev mode) are not
@@ -10,6 +11,10 @@
 import { Effect, Layer } from "effect";
 import { HttpRouter, type HttpServerRequest, HttpServerResponse } from "effect/http";
 import type { InferenceEngine, PauseMode } from "./inference_engine.ts";
+import type { CompletionSpec } from "./completion.ts";
+import type { CompletionResponse } from "./schemas.ts";
+import { SSE_DONE, sseEvent, type StreamChunk, StreamRenderer } from "./stream.ts";
+import { ChatCompletionRequest, ChatStreamMapper, planChat, renderChat } from "./chat.ts";
 import {
   ApiError,
   badRequest,
@@ -22,12 +27,17 @@ import {
   LoadLoraRequest,
   parseJson,
   ReloadWeightsKwargs,
+  TokenizeChatRequest,
   TokenizeRequest,
   UnloadLoraRequest,
 } from "./schemas.ts";
 
-/** The version GET /version reports (a vLLM-like, PEP 440 parsable string). */
-export const SERVER_VERSION = "0.11.0+lorafold";
+/**
+ * The version GET /version reports (PEP 440): the first vLLM release with every route and
+ * behaviour served here (`/pause?mode=keep`, PR #32351, is the newest of them), so a client that
+ * gates features on the version sees them all.
+ */
+export const SERVER_VERSION = "0.15.0+lorafold";
 
 /** Which optional route groups exist. */
 export interface HttpOptions {
@@ -37,7 +47,12 @@ export interface HttpOptions {
   readonly runtimeLora: boolean;
   /** VLLM_SERVER_DEV_MODE: pause/resume/is_paused/collective_rpc/reset_prefix_cache. */
   readonly devMode: boolean;
+  /** Largest request body in bytes (read up to this, then 413). */
+  readonly maxBodyBytes?: number;
 }
+
+/** Default --max-request-body-mb in bytes. */
+export const DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024;
 
 type Req = HttpServerRequest.HttpServerRequest;
 type Handler = (req: Req) => Effect.Effect<HttpServerResponse.HttpServerResponse>;
@@ -69,6 +84,117 @@ const body = (req: Req): Effect.Effect<unknown, ApiError> =>
     Effect.mapError((e) => badRequest(`cannot read the request body: ${e.message}`)),
     Effect.flatMap(parseJson),
   );
+
+/** vLLM's validate_json_request: the OpenAI routes take application/json only. */
+const jsonBody = (req: Req): Effect.Effect<unknown, ApiError> => {
+  const type = (req.headers["content-type"] ?? "").toLowerCase().split(";")[0].trim();
+  return type === "application/json" ? body(req) : Effect.fail(
+    new ApiError({
+      status: 400,
+      reason: "Unsupported Media Type: Only 'application/json' is allowed",
+      param: null,
+    }),
+  );
+};
+
+/**
+ * A completion response as JSON. Large ones (many choices) are serialised a slice of choices at a
+ * time as the client reads, so one response never holds the event loop; the bytes are exactly
+ * `JSON.stringify(res)`.
+ */
+const completionJson = (res: CompletionResponse): HttpServerResponse.HttpServerResponse => {
+  if (res.choices.length <= 256) return json(res);
+  const enc = new TextEncoder();
+  const head = `{"id":${JSON.stringify(res.id)},"object":"text_completion","created":${
+    JSON.stringify(res.created)
+  },"model":${JSON.stringify(res.model)},"choices":[`;
+  const tail = `],"usage":${JSON.stringify(res.usage)}}`;
+  let next = -1;
+  const body = new ReadableStream<Uint8Array>({
+    pull: (c) => {
+      if (next === -1) {
+        c.enqueue(enc.encode(head));
+        next = 0;
+        return;
+      }
+      if (next >= res.choices.length) {
+        c.enqueue(enc.encode(tail));
+        c.close();
+        return;
+      }
+      const end = Math.min(res.choices.length, next + 128);
+      const part = res.choices.slice(next, end).map((x) => JSON.stringify(x)).join(",");
+      c.enqueue(enc.encode((next > 0 ? "," : "") + part));
+      next = end;
+    },
+  });
+  return HttpServerResponse.fromWeb(
+    new Response(body, { status: 200, headers: { "content-type": "application/json" } }),
+  );
+};
+
+/** A streamed completion: SSE chunks as the scheduler advances it, then `data: [DONE]`. */
+const streamed = (
+  engine: InferenceEngine,
+  spec: CompletionSpec,
+  shape: (chunk: StreamChunk) => unknown = (c) => c,
+): HttpServerResponse.HttpServerResponse => {
+  const renderer = new StreamRenderer(spec, engine.tokenizer);
+  const enc = new TextEncoder();
+  let out: ReadableStreamDefaultController<Uint8Array> | null = null;
+  let open = true;
+  // the client going away aborts the request (vLLM does the same)
+  const gone = new AbortController();
+  const send = (text: string) => {
+    if (!open || !out) return;
+    try {
+      out.enqueue(enc.encode(text));
+    } catch {
+      open = false;
+      gone.abort();
+    }
+  };
+  const end = () => {
+    send(SSE_DONE);
+    if (open && out) {
+      try {
+        out.close();
+      } catch { /* already closed */ }
+    }
+    open = false;
+  };
+  const stream = new ReadableStream<Uint8Array>({
+    start: (c) => {
+      out = c;
+    },
+    cancel: () => {
+      open = false;
+      gone.abort();
+    },
+  });
+  Effect.runFork(
+    engine.run(spec, (seqs) => {
+      for (const chunk of renderer.progress(seqs)) send(sseEvent(shape(chunk)));
+    }, gone.signal).pipe(
+      Effect.match({
+        onSuccess: (res) => {
+          for (const chunk of renderer.finish(res)) send(sseEvent(shape(chunk)));
+          end();
+        },
+        onFailure: (e) => {
+          send(sseEvent(errorEnvelope(e)));
+          end();
+        },
+      }),
+    ),
+  );
+  return HttpServerResponse.fromWeb(
+    new Response(stream, {
+      status: 200,
+      headers: { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache" },
+    }),
+  );
+};
 
 const query = (req: Req): URLSearchParams => new URL(req.url, "http://localhost").searchParams;
 
@@ -183,10 +309,50 @@ export const routes = (
       "POST",
       "/v1/completions",
       handle((req) =>
-        body(req).pipe(
+        jsonBody(req).pipe(
           Effect.flatMap((j) => decodeBody(CompletionRequest, j)),
-          Effect.flatMap((c) => engine.complete(c)),
-          Effect.map((res) => json(res)),
+          Effect.flatMap((c) => engine.validate(c, req.headers["x-request-id"] ?? null)),
+          Effect.flatMap((spec) =>
+            spec.stream ? Effect.succeed(streamed(engine, spec)) : engine.run(spec).pipe(
+              Effect.map((res) => completionJson(res)),
+            )
+          ),
+        )
+      ),
+    ),
+    r(
+      "POST",
+      "/v1/chat/completions",
+      handle((req) =>
+        jsonBody(req).pipe(
+          Effect.flatMap((j) =>
+            decodeBody(ChatCompletionRequest, j).pipe(
+              Effect.flatMap((c) =>
+                planChat(
+                  c,
+                  j as Record<string, unknown>,
+                  engine.chatTemplate,
+                  (t) => engine.tokenizer.encode(t),
+                  engine.tokenizer.bosId,
+                  engine.config.maxPositionEmbeddings,
+                )
+              ),
+            )
+          ),
+          Effect.flatMap((plan) =>
+            decodeBody(CompletionRequest, plan.completion).pipe(
+              Effect.flatMap((c) => engine.validate(c, req.headers["x-request-id"] ?? null)),
+              Effect.flatMap((spec) => {
+                if (spec.stream) {
+                  const mapper = new ChatStreamMapper(plan.topLogprobs);
+                  return Effect.succeed(streamed(engine, spec, (c) => mapper.map(c)));
+                }
+                return engine.run(spec).pipe(
+                  Effect.map((res) => json(renderChat(res, spec, plan.topLogprobs))),
+                );
+              }),
+            )
+          ),
         )
       ),
     ),
@@ -194,15 +360,22 @@ export const routes = (
       "POST",
       "/tokenize",
       handle((req) =>
-        body(req).pipe(
-          Effect.flatMap((j) => decodeBody(TokenizeRequest, j)),
-          Effect.flatMap((t) =>
-            engine.tokenize(
-              t.model,
-              t.prompt,
-              t.add_special_tokens ?? true,
-              t.return_token_strs ?? false,
-            )
+        jsonBody(req).pipe(
+          Effect.flatMap((j) =>
+            typeof j === "object" && j !== null && "messages" in j
+              ? decodeBody(TokenizeChatRequest, j).pipe(
+                Effect.flatMap((t) => engine.tokenizeChat(t)),
+              )
+              : decodeBody(TokenizeRequest, j).pipe(
+                Effect.flatMap((t) =>
+                  engine.tokenize(
+                    t.model,
+                    t.prompt,
+                    t.add_special_tokens ?? true,
+                    t.return_token_strs ?? false,
+                  )
+                ),
+              )
           ),
           Effect.map((res) => json(res)),
         )
@@ -212,7 +385,7 @@ export const routes = (
       "POST",
       "/detokenize",
       handle((req) =>
-        body(req).pipe(
+        jsonBody(req).pipe(
           Effect.flatMap((j) => decodeBody(DetokenizeRequest, j)),
           Effect.flatMap((t) => engine.detokenize(t.model, t.tokens)),
           Effect.map((res) => json(res)),
@@ -349,12 +522,59 @@ export const routes = (
   return Layer.mergeAll(notFoundRoute, ...base, ...lora, ...dev);
 };
 
+/** The body of `req`, or null as soon as it is known to exceed `limit` bytes. */
+const readCapped = async (req: Request, limit: number): Promise<Uint8Array<ArrayBuffer> | null> => {
+  const declared = Number(req.headers.get("content-length") ?? NaN);
+  if (Number.isFinite(declared) && declared > limit) {
+    await req.body?.cancel().catch(() => {});
+    return null;
+  }
+  const reader = req.body!.getReader();
+  const parts: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    let r: ReadableStreamReadResult<Uint8Array>;
+    try {
+      r = await reader.read();
+    } catch {
+      break; // a broken upload: the route sees what arrived (and fails to parse it)
+    }
+    if (r.done) break;
+    total += r.value.length;
+    if (total > limit) {
+      await reader.cancel().catch(() => {});
+      return null;
+    }
+    parts.push(r.value);
+  }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+};
+
+const tooLarge = (limit: number): Response =>
+  Response.json(
+    errorEnvelope(
+      new ApiError({
+        status: 413,
+        reason: `the request body exceeds ${limit} bytes (--max-request-body-mb)`,
+        param: null,
+      }),
+    ),
+    { status: 413 },
+  );
+
 /** A web handler (Request -> Response) for Deno.serve, with the --api-key guard on /v1/*. */
 export const makeWebHandler = (
   engine: InferenceEngine,
   opts: HttpOptions,
 ): { handler: (req: Request) => Promise<Response>; dispose: () => Promise<void> } => {
   const web = HttpRouter.toWebHandler(routes(engine, opts), { disableLogger: true });
+  const maxBody = opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   const unauthorized = () =>
     Response.json(
       errorEnvelope(new ApiError({ status: 401, reason: "Unauthorized", param: null })),
@@ -374,9 +594,14 @@ export const makeWebHandler = (
       }
       // A fresh Request: Deno's legacy `request.signal` aborts even after successful responses
       // (and warns when read); requests are not cancelled on disconnect anyway (the scheduler
-      // owns them).
-      return web.handler(
-        new Request(req.url, { method: req.method, headers: req.headers, body: req.body }),
+      // owns them). The body is read here, up to the cap, before any route sees it.
+      if (req.body === null) {
+        return web.handler(new Request(req.url, { method: req.method, headers: req.headers }));
+      }
+      return readCapped(req, maxBody).then((bytes) =>
+        bytes === null ? tooLarge(maxBody) : web.handler(
+          new Request(req.url, { method: req.method, headers: req.headers, body: bytes }),
+        )
       );
     },
     dispose: web.dispose,

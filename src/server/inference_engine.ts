@@ -23,12 +23,34 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { loadModel } from "../model/loader.ts";
 import { loadTokenizer } from "../tokenizer/bpe.ts";
+import { type ChatTemplate, loadChatTemplate } from "../tokenizer/chat_template.ts";
+import {
+  type GenerationConfig,
+  loadGenerationConfig,
+  mergeEosIds,
+  NO_GENERATION_CONFIG,
+} from "../model/generation_config.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { AdapterRegistry } from "./adapters.ts";
-import { decodeIds, normalizeCompletion, tokenizeText, tokenText } from "./completion.ts";
+import {
+  type CompletionLimits,
+  decodeIds,
+  maxCharsPerToken,
+  normalizeCompletion,
+  tokenizeText,
+  tokenText,
+} from "./completion.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 import type { LogprobsMode } from "./sampler.ts";
-import { makeScheduler, type PauseMode, type Scheduler, type SchedulerEvent } from "./scheduler.ts";
+import {
+  makeScheduler,
+  type PauseMode,
+  type ProgressObserver,
+  type Scheduler,
+  type SchedulerEvent,
+} from "./scheduler.ts";
+import type { CompletionSpec } from "./completion.ts";
+import { chatPromptIds, type ConversationFields } from "./chat.ts";
 import {
   type ApiError,
   badRequest,
@@ -60,14 +82,36 @@ export interface InferenceEngineOptions {
   readonly kvCacheBytes: number;
   /** Observer of the scheduler (tests). */
   readonly onEvent?: (e: SchedulerEvent) => void;
+  /** Request limits (n, prompt list, stop strings); vLLM's defaults when absent. */
+  readonly limits?: Partial<CompletionLimits>;
+  /** lora_path and weights_path must resolve under this directory; null/absent = anywhere. */
+  readonly allowedRoot?: string | null;
+  /** --chat-template: a template file replacing the model's; null/absent = the model's own. */
+  readonly chatTemplatePath?: string | null;
+  /**
+   * --generation-config: "auto" (default, vLLM's) reads the model's generation_config.json (its
+   * sampling values become the defaults of omitted fields, its eos ids stop generation too);
+   * "vllm" ignores it.
+   */
+  readonly generationConfig?: "auto" | "vllm";
 }
+
+/** vLLM's default request limits. */
+export const DEFAULT_LIMITS: CompletionLimits = {
+  maxN: 16384,
+  maxPrompts: 1024,
+  maxSequences: 65536,
+  maxStopStrings: 64,
+  maxStopLength: 1024,
+};
 
 /** Fields of an {@link InferenceEngineStartError}. */
 export interface InferenceEngineStartErrorFields {
   /** The served model directory. */
   readonly modelDir: string;
-  /** What could not be used: the model, the tokenizer, or the two together (vocab sizes). */
-  readonly part: "model" | "tokenizer" | "vocab";
+  /** What could not be used: the model, the tokenizer, the two together (vocab sizes), or the
+   * --chat-template file. */
+  readonly part: "model" | "tokenizer" | "vocab" | "chat template";
   /** What is wrong, in words (the load error's message, or the mismatch). */
   readonly reason: string;
   /** The load error, when there is one. */
@@ -84,6 +128,8 @@ const InferenceEngineStartErrorBase: TaggedErrorClass<
       ? `cannot load model ${e.modelDir}: ${e.reason}`
       : e.part === "tokenizer"
       ? `cannot load the tokenizer of ${e.modelDir}: ${e.reason}`
+      : e.part === "chat template"
+      ? `cannot use the chat template: ${e.reason}`
       : e.reason;
   },
 );
@@ -99,8 +145,15 @@ export class InferenceEngine {
   readonly weights: ServedWeights;
   readonly adapters: AdapterRegistry;
   readonly scheduler: Scheduler;
+  /** The chat template (/v1/chat/completions, /tokenize with messages), or null. */
+  readonly chatTemplate: ChatTemplate | null;
+  /** generation_config.json of the model (empty with --generation-config vllm). */
+  readonly generation: GenerationConfig;
   readonly created: number = Math.floor(Date.now() / 1000);
   readonly #device: Semaphore.Semaphore;
+  readonly limits: CompletionLimits;
+  /** vLLM's max_chars_per_token of the tokenizer (computed once). */
+  readonly maxCharsPerToken: number;
   #released = false;
 
   /** Use `makeInferenceEngine`. */
@@ -113,7 +166,11 @@ export class InferenceEngine {
     readonly adapters: AdapterRegistry;
     readonly scheduler: Scheduler;
     readonly device: Semaphore.Semaphore;
+    readonly chatTemplate?: ChatTemplate | null;
+    readonly generation?: GenerationConfig;
   }) {
+    this.chatTemplate = parts.chatTemplate ?? null;
+    this.generation = parts.generation ?? NO_GENERATION_CONFIG;
     this.options = parts.options;
     this.backend = parts.backend;
     this.tokenizer = parts.tokenizer;
@@ -122,6 +179,8 @@ export class InferenceEngine {
     this.adapters = parts.adapters;
     this.scheduler = parts.scheduler;
     this.#device = parts.device;
+    this.limits = { ...DEFAULT_LIMITS, ...parts.options.limits };
+    this.maxCharsPerToken = maxCharsPerToken(parts.tokenizer);
   }
 
   /** The served model's configuration. */
@@ -178,7 +237,7 @@ export class InferenceEngine {
   }
 
   #checkModel(name: string | null | undefined): Effect.Effect<void, ApiError> {
-    return name == null || this.resolveModel(name)
+    return name == null || name === "" || this.resolveModel(name)
       ? Effect.void
       : Effect.fail(notFound(`The model \`${name}\` does not exist.`, "model"));
   }
@@ -195,13 +254,56 @@ export class InferenceEngine {
     { count: number; max_model_len: number; tokens: number[]; token_strs: string[] | null },
     ApiError
   > {
+    const maxLen = this.config.maxPositionEmbeddings;
+    const maxChars = maxLen * this.maxCharsPerToken;
     return this.#checkModel(model).pipe(
-      Effect.andThen(tokenizeText(this.tokenizer, prompt, addSpecial)),
+      // vLLM's character bound: a prompt that cannot fit is refused without tokenizing it
+      Effect.andThen(
+        prompt.length > maxChars
+          ? Effect.fail(
+            badRequest(
+              `You passed ${prompt.length} input characters and requested 0 output tokens. ` +
+                `However, the model's context length is only ${maxLen} tokens, resulting in a ` +
+                `maximum input length of ${maxLen} tokens (at most ${maxChars} characters). ` +
+                "Please reduce the length of the input prompt.",
+              "input_text",
+            ),
+          )
+          : tokenizeText(this.tokenizer, prompt, addSpecial),
+      ),
       Effect.map((tokens) => ({
         count: tokens.length,
         max_model_len: this.config.maxPositionEmbeddings,
         tokens,
         token_strs: returnStrs ? tokens.map((t) => tokenText(this.tokenizer, t)) : null,
+      })),
+    );
+  }
+
+  /** POST /tokenize, chat form: the conversation rendered with the chat template. */
+  tokenizeChat(
+    req: ConversationFields & {
+      readonly model?: string | null;
+      readonly return_token_strs?: boolean | null;
+    },
+  ): Effect.Effect<
+    { count: number; max_model_len: number; tokens: number[]; token_strs: string[] | null },
+    ApiError
+  > {
+    return this.#checkModel(req.model).pipe(
+      Effect.andThen(
+        chatPromptIds(
+          req,
+          this.chatTemplate,
+          (t) => this.tokenizer.encode(t),
+          this.tokenizer.bosId,
+        ),
+      ),
+      Effect.map((tokens) => ({
+        count: tokens.length,
+        max_model_len: this.config.maxPositionEmbeddings,
+        tokens,
+        token_strs: req.return_token_strs ? tokens.map((t) => tokenText(this.tokenizer, t)) : null,
       })),
     );
   }
@@ -226,15 +328,43 @@ export class InferenceEngine {
 
   // ---- completions ---------------------------------------------------------------------------
 
-  /** POST /v1/completions: validates, submits to the scheduler, waits for the response. */
-  complete(req: CompletionRequest): Effect.Effect<CompletionResponse, ApiError> {
+  /** Validates a /v1/completions request into a spec (400/404 on bad input). */
+  validate(
+    req: CompletionRequest,
+    headerRequestId: string | null = null,
+  ): Effect.Effect<CompletionSpec, ApiError> {
+    const config = this.config;
     return normalizeCompletion(req, {
       tokenizer: this.tokenizer,
-      config: this.config,
+      config: this.generation.eosTokenIds.length === 0 ? config : {
+        ...config,
+        eosTokenIds: mergeEosIds(config.eosTokenIds, this.generation.eosTokenIds),
+      },
+      samplingDefaults: this.generation.defaults,
       maxLogprobs: this.options.maxLogprobs,
       servedModelName: this.options.servedModelName,
       resolveModel: (n) => this.resolveModel(n),
-    }).pipe(Effect.flatMap((spec) => this.scheduler.submit(spec)));
+      limits: this.limits,
+      maxCharsPerToken: this.maxCharsPerToken,
+      headerRequestId,
+    });
+  }
+
+  /**
+   * Runs a validated request; `onProgress` (streaming) sees its sequences at each boundary,
+   * `cancel` aborts it (a streaming client that went away).
+   */
+  run(
+    spec: CompletionSpec,
+    onProgress: ProgressObserver | null = null,
+    cancel: AbortSignal | null = null,
+  ): Effect.Effect<CompletionResponse, ApiError> {
+    return this.scheduler.submit(spec, onProgress, cancel);
+  }
+
+  /** POST /v1/completions: validates, submits to the scheduler, waits for the response. */
+  complete(req: CompletionRequest): Effect.Effect<CompletionResponse, ApiError> {
+    return this.validate(req).pipe(Effect.flatMap((spec) => this.run(spec)));
   }
 
   // ---- pause / resume ------------------------------------------------------------------------
@@ -279,6 +409,7 @@ export class InferenceEngine {
       config: this.config,
       maxRank: this.options.maxLoraRank,
       baseName: this.options.servedModelName,
+      allowedRoot: this.options.allowedRoot ?? null,
     }).pipe(
       Effect.flatMap((w) => this.#onDevice(this.adapters.install(name, path, w), "")),
     );
@@ -304,7 +435,7 @@ export class InferenceEngine {
    * (like vLLM).
    */
   reloadWeights(path: string | null): Effect.Effect<void, ApiError> {
-    return this.weights.prepare(path).pipe(
+    return this.weights.prepare(path, this.options.allowedRoot ?? null).pipe(
       Effect.flatMap((next) =>
         this.#onDevice(this.weights.install(next), "reload_weights failed: ")
       ),
@@ -349,6 +480,25 @@ export const makeInferenceEngine = (
         }),
       );
     }
+    const generation = options.generationConfig === "vllm"
+      ? NO_GENERATION_CONFIG
+      : yield* loadGenerationConfig(modelDir).pipe(
+        Effect.mapError((e) =>
+          new InferenceEngineStartError({ modelDir, part: "model", reason: e.message, cause: e })
+        ),
+      );
+    const template = yield* loadChatTemplate(modelDir, options.chatTemplatePath ?? null).pipe(
+      Effect.catch((e) =>
+        options.chatTemplatePath
+          ? Effect.fail(
+            new InferenceEngineStartError({ modelDir, part: "chat template", reason: e.message }),
+          )
+          : Effect.sync(() => {
+            console.warn(`lorafold serve: the model's chat template is unusable: ${e.message}`);
+            return null;
+          })
+      ),
+    );
     const served = new ServedWeights(
       backend,
       modelDir,
@@ -375,6 +525,8 @@ export const makeInferenceEngine = (
       adapters,
       scheduler,
       device,
+      chatTemplate: template,
+      generation,
     });
     yield* scheduler.start();
     yield* Effect.addFinalizer(() => engine.close());

@@ -1,7 +1,8 @@
 /**
  * Per-step sampling for the server, on top of `sampleToken` (src/model/sampling.ts, the same
- * sampler the in-process engine uses, so seeded results agree): adds vLLM's min_p and min_tokens
- * masking, and reports logprobs in vLLM's two modes with the top-k alternatives.
+ * sampler the in-process engine uses, so seeded results agree): adds vLLM's min_p, samples from the
+ * row the request's logits rules produced (logits_rules.ts: min_tokens, bias, penalties...), and
+ * reports logprobs in vLLM's two modes with the top-k alternatives.
  *
  * - raw_logprobs (default): log_softmax of the model's logits, before any masking or temperature.
  * - processed_logprobs: log-probabilities of the distribution actually sampled from (after the
@@ -79,26 +80,22 @@ export const processedLogprobs = (logits: ArrayLike<number>, p: StepParams): Flo
 };
 
 /**
- * Samples one token from a row of logits. `banned` ids (stop tokens while fewer than min_tokens
- * were generated) get -inf before sampling; `topN` asks for that many alternatives.
+ * Samples one token from a row of logits. `processed` is the row after the request's logits
+ * rules (logits_rules.ts: allowed ids, bad words, min_tokens bans, bias, penalties), or `row`
+ * itself when none apply; `topN` asks for that many alternatives. Raw logprobs are always of
+ * `row` (vLLM computes them before any processing).
  */
 export const sampleStep = (
   row: FloatArray,
+  processed: ArrayLike<number>,
   p: StepParams,
   rng: Rng,
-  banned: readonly number[],
   mode: LogprobsMode,
   topN: number | null,
 ): StepResult => {
   const V = row.length;
-  let work: ArrayLike<number> = row;
+  let work: ArrayLike<number> = processed;
   let topK = p.topK;
-  const ban = banned.filter((t) => t >= 0 && t < V);
-  if (ban.length > 0 && ban.length < V) {
-    const w = Float64Array.from(row);
-    for (const t of ban) w[t] = -Infinity;
-    work = w;
-  }
   if (p.minP > 0 && p.temperature > 0) {
     const lpT = logSoftmax(work, p.temperature);
     let max = -Infinity;

@@ -15,7 +15,10 @@
  *
  * Batches are per adapter: the decoder applies ONE LoRA to a whole `forwardCached` call (no
  * per-sequence LoRA), so requests for different adapters (or the base model) decode in separate
- * batches, all stepped at every boundary; at most --max-loras adapters run at once (a running
+ * batches, all stepped at every boundary. A batch holds at most --max-num-seqs sequences, so a
+ * request larger than that (n up to --max-n-sequences) is admitted whole but decodes in several
+ * batches, and no single forward call, sampling pass or response rendering holds the event loop
+ * for long (the scheduler yields between them); at most --max-loras adapters run at once (a running
  * batch pins its adapter, adapters.ts). Each sequence has its own generator (seed + j) and attends
  * only its own KV rows, so its tokens and logprobs are the same alone or batched.
  *
@@ -54,13 +57,30 @@ import {
 import {
   type CompletionSpec,
   type PromptPosition,
+  renderChoice,
   renderCompletion,
+  renderPromptLogprobs,
   type SeqResult,
+  usageOf,
 } from "./completion.ts";
 import { type PrefixCache, type PrefixEntry, prefixNamespace } from "./prefix_cache.ts";
 import type { LogprobsMode } from "./sampler.ts";
-import { ApiError, type CompletionResponse, internalError, notFound } from "./schemas.ts";
-import { ABORTED, finish, newSeq, sampleNext, seqResult } from "./stop_rules.ts";
+import {
+  ApiError,
+  type CompletionChoice,
+  type CompletionResponse,
+  internalError,
+  notFound,
+} from "./schemas.ts";
+import {
+  ABORTED,
+  finish,
+  newSeq,
+  sampleNext,
+  seededRng,
+  seqResult,
+  type SeqState,
+} from "./stop_rules.ts";
 import { message, type ServedWeights } from "./weights.ts";
 
 /** Pause modes of POST /pause. */
@@ -109,9 +129,25 @@ export interface SchedulerDeps {
   readonly device: Semaphore.Semaphore;
 }
 
+/** One sequence of a request as a stream observer sees it (read-only). */
+export interface SeqView {
+  /** Index of its prompt in the request. */
+  readonly prompt: number;
+  /** Sample index within its prompt. */
+  readonly j: number;
+  readonly state: SeqState;
+}
+
+/**
+ * Called on the scheduler fiber after every token boundary that advanced a streamed request
+ * (keep it cheap; it must not throw): its sequences, in (prompt, j) order.
+ */
+export type ProgressObserver = (seqs: readonly SeqView[]) => void;
+
 /** A request in the scheduler (opaque outside this module). */
 export interface Job {
   readonly spec: CompletionSpec;
+  readonly onProgress: ProgressObserver | null;
   readonly deferred: Deferred.Deferred<CompletionResponse, ApiError>;
   /** Submitted while not paused, or resumed since. */
   admitted: boolean;
@@ -154,7 +190,12 @@ export class Scheduler {
   readonly #pending = new Set<Job>();
   /** Queued requests in arrival order (scheduler-owned). */
   #waiting: Job[] = [];
-  readonly #groups = new Map<Adapter | null, Group>();
+  /**
+   * Running batches. A batch holds at most --max-num-seqs sequences (one forward call each, so
+   * no single call holds the event loop for long): a request larger than that is admitted whole
+   * but decodes in several batches of its adapter.
+   */
+  readonly #groups = new Set<Group>();
   readonly #fallbackRng = new Rng(crypto.getRandomValues(new Uint32Array(1))[0]);
   #paused: PauseMode | null = null;
   #closed = false;
@@ -181,12 +222,21 @@ export class Scheduler {
 
   // ---- the HTTP side ---------------------------------------------------------------------------
 
-  /** Queues a validated request and waits for its response. */
-  submit(spec: CompletionSpec): Effect.Effect<CompletionResponse, ApiError> {
+  /**
+   * Queues a validated request and waits for its response; `onProgress` (streaming) sees its
+   * sequences after every boundary that advanced them; `cancel` (the client went away) aborts
+   * it like vLLM does: its sequences end at the next boundary with finish_reason "abort".
+   */
+  submit(
+    spec: CompletionSpec,
+    onProgress: ProgressObserver | null = null,
+    cancel: AbortSignal | null = null,
+  ): Effect.Effect<CompletionResponse, ApiError> {
     return Effect.suspend(() => {
       if (this.#closed) return Effect.fail(shuttingDown());
       const job: Job = {
         spec,
+        onProgress,
         deferred: Deferred.makeUnsafe<CompletionResponse, ApiError>(),
         admitted: this.#paused === null,
         aborted: false,
@@ -198,6 +248,11 @@ export class Scheduler {
       this.#pending.add(job);
       this.#syncDrained();
       Queue.offerUnsafe(this.#mailbox, job);
+      cancel?.addEventListener("abort", () => {
+        if (job.state === "done") return;
+        job.aborted = true;
+        this.#wake();
+      }, { once: true });
       return Deferred.await(job.deferred);
     });
   }
@@ -321,7 +376,7 @@ export class Scheduler {
         this.#deliver([yield* Queue.take(this.#mailbox)]);
       }
       yield* this.deps.device.withPermit(Effect.gen({ self: this }, function* () {
-        for (const g of this.#groups.values()) yield* this.#dropGroup(g);
+        for (const g of [...this.#groups]) yield* this.#dropGroup(g);
       }));
     }).pipe(
       Effect.catchCause((cause) =>
@@ -374,8 +429,27 @@ export class Scheduler {
     return this.#waiting.some((j) => j.admitted);
   }
 
+  /** Gives the event loop a turn after a few milliseconds of work (HTTP stays responsive). */
+  #breathe(): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (performance.now() - this.#lastYield < 5) return Effect.void;
+      return macrotask.pipe(Effect.andThen(Effect.sync(() => {
+        this.#lastYield = performance.now();
+      })));
+    });
+  }
+
   #emit(e: SchedulerEvent): void {
     this.options.onEvent?.(e);
+  }
+
+  #progress(job: Job): void {
+    if (!job.onProgress || job.state !== "running") return;
+    try {
+      job.onProgress(job.seqs);
+    } catch (e) {
+      console.error("lorafold serve: a stream observer failed:", e);
+    }
   }
 
   #answer(job: Job, response: CompletionResponse): void {
@@ -400,11 +474,32 @@ export class Scheduler {
     );
   }
 
-  #render(job: Job): CompletionResponse {
-    const spec = job.spec;
-    const results: SeqResult[][] = spec.prompts.map(() => []);
-    for (const s of job.seqs) results[s.prompt][s.j] = seqResult(s.state);
-    return renderCompletion(spec, this.deps.tokenizer, results, job.scores);
+  /** The response of a finished request, rendered in slices (the event loop gets turns). */
+  #render(job: Job): Effect.Effect<CompletionResponse> {
+    return Effect.gen({ self: this }, function* () {
+      const spec = job.spec;
+      const tok = this.deps.tokenizer;
+      const results: SeqResult[][] = spec.prompts.map(() => []);
+      for (const s of job.seqs) results[s.prompt][s.j] = seqResult(s.state);
+      const choices: CompletionChoice[] = [];
+      let k = 0;
+      for (const [p, row] of results.entries()) {
+        const scores = job.scores[p] ?? null;
+        const promptLogprobs = renderPromptLogprobs(spec, tok, scores);
+        for (const [j, r] of row.entries()) {
+          choices.push(renderChoice(spec, tok, p, j, r, scores, promptLogprobs));
+          if ((++k & 127) === 0) yield* this.#breathe();
+        }
+      }
+      return {
+        id: spec.id,
+        object: "text_completion",
+        created: spec.created,
+        model: spec.model,
+        choices,
+        usage: usageOf(spec, results),
+      } satisfies CompletionResponse;
+    });
   }
 
   #weightsOf(g: { readonly adapter: Adapter | null }): StepWeights {
@@ -428,12 +523,13 @@ export class Scheduler {
         }
       }
       // 2. leaves
-      this.#retire();
+      yield* this.#retire();
       // 3. joins
-      const joining = new Map<Adapter | null, Seq[]>();
+      const joining = new Map<Group, Seq[]>();
       if (!frozen && !this.#closed) yield* this.#admit(joining);
-      for (const [key, g] of [...this.#groups]) {
-        const exit = yield* Effect.exit(g.batch.join(joining.get(key) ?? []));
+      for (const g of [...this.#groups]) {
+        const exit = yield* Effect.exit(g.batch.join(joining.get(g) ?? []));
+        yield* this.#breathe();
         if (Exit.isFailure(exit)) yield* this.#failGroup(g, exit.cause);
         else if (exit.value === "closed") yield* this.#dropGroup(g);
         else if (exit.value === "rebuilt") this.#rebuilds++;
@@ -443,43 +539,80 @@ export class Scheduler {
       if (!frozen) {
         const ids = new Set<string>();
         let seqs = 0;
-        for (const g of [...this.#groups.values()]) {
+        for (const g of [...this.#groups]) {
+          yield* this.#breathe();
           const exit = yield* Effect.exit(g.batch.step(this.#weightsOf(g)));
           if (Exit.isFailure(exit)) {
             yield* this.#failGroup(g, exit.cause);
             continue;
           }
+          const streamed = new Set<Job>();
+          let k = 0;
           for (const [m, row] of exit.value) {
             sampleNext(m.state, row, this.deps.tokenizer, this.options.logprobsMode);
             this.#generationTokens++;
             seqs++;
             ids.add(m.job.spec.id);
+            if (m.job.onProgress) streamed.add(m.job);
+            if ((++k & 63) === 0) yield* this.#breathe();
           }
+          for (const j of streamed) this.#progress(j);
         }
         if (ids.size > 0) this.#emit({ kind: "step", step: this.#step, ids: [...ids], seqs });
-        this.#retire();
+        yield* this.#retire();
       }
       this.#syncDrained();
     });
   }
 
   /** Finished sequences leave their batches; requests with every sequence finished are answered. */
-  #retire(): void {
-    for (const g of this.#groups.values()) {
-      for (const m of g.batch.leave()) {
-        if (--m.job.live === 0) this.#answer(m.job, this.#render(m.job));
+  #retire(): Effect.Effect<void> {
+    return Effect.gen({ self: this }, function* () {
+      const finished: Job[] = [];
+      for (const g of this.#groups.values()) {
+        for (const m of g.batch.leave()) if (--m.job.live === 0) finished.push(m.job);
+      }
+      for (const job of finished) {
+        this.#progress(job);
+        const response = yield* this.#render(job);
+        if (job.state !== "done") this.#answer(job, response);
+      }
+    });
+  }
+
+  /** A running batch of `adapter` with room for more sequences, or null. */
+  #openGroup(adapter: Adapter | null, joining: Map<Group, Seq[]>): Group | null {
+    for (const g of this.#groups) {
+      if (g.adapter !== adapter) continue;
+      if (g.batch.members.length + (joining.get(g)?.length ?? 0) < this.options.maxNumSeqs) {
+        return g;
       }
     }
+    return null;
+  }
+
+  /** A new, empty batch of `adapter` (pinning it); null when no adapter slot is free. */
+  #newGroup(adapter: Adapter | null): Effect.Effect<Group | null> {
+    return Effect.gen({ self: this }, function* () {
+      if (adapter && !(yield* this.deps.adapters.pin(adapter))) return null;
+      const g: Group = {
+        adapter,
+        batch: new DecodeBatch<Seq>(this.deps.backend, this.deps.weights.config),
+      };
+      this.#groups.add(g);
+      return g;
+    });
   }
 
   /** Admits waiting requests (FIFO) into `joining`, per batch. */
-  #admit(joining: Map<Adapter | null, Seq[]>): Effect.Effect<void> {
+  #admit(joining: Map<Group, Seq[]>): Effect.Effect<void> {
     return Effect.gen({ self: this }, function* () {
       const { maxNumSeqs, kvCacheBytes } = this.options;
       let running = this.#runningSeqs();
       const fresh = new Map<string, PrefixEntry>();
       for (const job of [...this.#waiting]) {
         if (!job.admitted || job.state !== "queued") continue;
+        yield* this.#breathe();
         const spec = job.spec;
         let adapter: Adapter | null = null;
         if (spec.adapter !== null) {
@@ -494,27 +627,25 @@ export class Scheduler {
         const k = spec.prompts.length * spec.n;
         const first = running === 0;
         if (!first && running + k > maxNumSeqs) break;
-        let g = this.#groups.get(adapter);
-        if (!g && adapter && !this.deps.adapters.canPin(adapter)) continue; // wait for a slot
+        const hasBatch = [...this.#groups].some((h) => h.adapter === adapter);
+        if (!hasBatch && adapter && !this.deps.adapters.canPin(adapter)) continue; // wait for a slot
         // the KV budget, counting the rebuilt cache this request would cause
         const shapes = spec.prompts.flatMap((p) =>
           Array.from({ length: spec.n }, () => ({ rows: p.ids.length, remaining: spec.maxTokens }))
         );
         if (!first) {
+          // the caches after the joins, the open batch of this adapter counted as rebuilt
+          const open = this.#openGroup(adapter, joining);
           let bytes = 0;
-          for (const [key, h] of this.#groups) {
-            if (key !== adapter) bytes += h.batch.bytes;
-          }
-          const target = g?.batch ??
+          for (const h of this.#groups) if (h !== open) bytes += h.batch.bytes;
+          const target = open?.batch ??
             new DecodeBatch<Seq>(this.deps.backend, this.deps.weights.config);
-          const before = (joining.get(adapter) ?? []).map(shapeOf);
+          const before = (open ? joining.get(open) ?? [] : []).map(shapeOf);
           if (bytes + target.bytesWith([...before, ...shapes]) > kvCacheBytes) break;
         }
-        if (!g) {
-          if (adapter && !(yield* this.deps.adapters.pin(adapter))) continue;
-          g = { adapter, batch: new DecodeBatch<Seq>(this.deps.backend, this.deps.weights.config) };
-          this.#groups.set(adapter, g);
-        }
+        let g = this.#openGroup(adapter, joining);
+        if (!g) g = yield* this.#newGroup(adapter);
+        if (!g) continue;
         const exit = yield* Effect.exit(this.#start(job, g, fresh));
         if (Exit.isFailure(exit)) {
           const why = message(Cause.squash(exit.cause));
@@ -523,9 +654,24 @@ export class Scheduler {
           continue;
         }
         running += k;
-        const mine = joining.get(adapter) ?? [];
-        for (const s of job.seqs) if (!s.state.done) mine.push(s);
-        joining.set(adapter, mine);
+        // the live sequences fill the open batch, then new batches of at most --max-num-seqs
+        for (const s of job.seqs) {
+          if (s.state.done) continue;
+          let target: Group | null = this.#groups.has(g) &&
+              g.batch.members.length + (joining.get(g)?.length ?? 0) < maxNumSeqs
+            ? g
+            : this.#openGroup(adapter, joining);
+          if (!target) target = yield* this.#newGroup(adapter);
+          if (!target) {
+            // unreachable: the adapter is pinned by `g` already
+            this.#fail(job, internalError("no adapter slot for a running request"));
+            break;
+          }
+          g = target;
+          const list = joining.get(g);
+          if (list) list.push(s);
+          else joining.set(g, [s]);
+        }
       }
       this.#waiting = this.#waiting.filter((j) => j.state === "queued");
     });
@@ -561,23 +707,29 @@ export class Scheduler {
             : null,
         );
         for (let j = 0; j < spec.n; j++) {
-          const rng = new Rng(spec.seed !== null ? spec.seed + j : this.#fallbackRng.nextU32());
-          seqs.push({ job, prompt: p, j, prefill: entry, state: newSeq(spec, rng) });
+          const rng = spec.seed !== null
+            ? seededRng(spec.seed, j)
+            : new Rng(this.#fallbackRng.nextU32());
+          seqs.push({ job, prompt: p, j, prefill: entry, state: newSeq(spec, rng, prompt.ids) });
         }
+        yield* this.#breathe();
       }
       if (job.state !== "queued") return; // failed by a shutdown meanwhile
       job.state = "running";
       job.scores = scores;
-      job.seqs.push(...seqs);
+      for (const s of seqs) job.seqs.push(s);
       job.live = seqs.length;
       this.#emit({ kind: "admit", id: spec.id, step: this.#step });
       for (const p of spec.prompts) this.#promptTokens += p.ids.length;
+      let k = 0;
       for (const s of seqs) {
         sampleNext(s.state, s.prefill.logits, this.deps.tokenizer, this.options.logprobsMode);
         this.#generationTokens++;
         if (s.state.done) job.live--;
+        if ((++k & 63) === 0) yield* this.#breathe();
       }
-      if (job.live === 0) this.#answer(job, this.#render(job));
+      if (job.live === 0) this.#answer(job, yield* this.#render(job));
+      else this.#progress(job);
     });
   }
 
@@ -595,7 +747,7 @@ export class Scheduler {
 
   #dropGroup(g: Group): Effect.Effect<void> {
     return Effect.gen({ self: this }, function* () {
-      this.#groups.delete(g.adapter);
+      this.#groups.delete(g);
       yield* g.batch.close();
       if (g.adapter) yield* this.deps.adapters.unpin(g.adapter);
     });

@@ -49,6 +49,8 @@ export const errorType = (status: number): string =>
     ? "AuthenticationError"
     : status === 404
     ? "NotFoundError"
+    : status === 413
+    ? "RequestEntityTooLarge"
     : status === 503
     ? "ServiceUnavailableError"
     : status >= 500
@@ -74,15 +76,29 @@ export const errorEnvelope = (e: ApiError): ErrorEnvelope => ({
 
 const opt = <S extends Schema.Constraint>(s: S) => Schema.optional(Schema.NullOr(s));
 
-/** A prompt: one string, strings, one token-id list, or token-id lists. */
+const TokenId = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0));
+
+/** A prompt: one string, strings, one token-id list, or token-id lists (ids >= 0, as vLLM). */
 export const PromptInput = Schema.Union([
   Schema.String,
   Schema.Array(Schema.String),
-  Schema.Array(Schema.Int),
-  Schema.Array(Schema.Array(Schema.Int)),
+  Schema.Array(TokenId),
+  Schema.Array(Schema.Array(TokenId)),
 ]);
 
-/** POST /v1/completions (fields vLLM accepts; unknown fields are ignored like vLLM does). */
+/** A seed: an integer, or a bigint for integers beyond 2^53 (see `parseJson`). */
+const Seed = Schema.Union([Schema.Int, Schema.BigInt]);
+
+/** stream_options of a streamed request. */
+export const StreamOptions = Schema.Struct({
+  include_usage: opt(Schema.Boolean),
+  continuous_usage_stats: opt(Schema.Boolean),
+});
+
+/**
+ * POST /v1/completions: the fields vLLM accepts. Unknown fields are ignored like vLLM does; every
+ * vLLM field is implemented or refused by `normalizeCompletion` (completion.ts), none ignored.
+ */
 export const CompletionRequest = Schema.Struct({
   model: opt(Schema.String),
   prompt: PromptInput,
@@ -93,11 +109,29 @@ export const CompletionRequest = Schema.Struct({
   top_p: opt(Schema.Number),
   top_k: opt(Schema.Int),
   min_p: opt(Schema.Number),
-  seed: opt(Schema.Int),
+  seed: opt(Seed),
   logprobs: opt(Schema.Int),
   prompt_logprobs: opt(Schema.Int),
   echo: opt(Schema.Boolean),
   stream: opt(Schema.Boolean),
+  stream_options: opt(StreamOptions),
+  use_beam_search: opt(Schema.Boolean),
+  truncate_prompt_tokens: opt(Schema.Int),
+  truncation_side: opt(Schema.Literals(["left", "right"])),
+  allowed_token_ids: opt(Schema.Array(Schema.Int)),
+  bad_words: opt(Schema.Array(Schema.String)),
+  session_id: opt(Schema.String),
+  // vLLM fields this server refuses when set (normalizeCompletion names them)
+  prompt_embeds: opt(Schema.Unknown),
+  response_format: opt(Schema.Unknown),
+  structured_outputs: opt(Schema.Unknown),
+  logprob_token_ids: opt(Schema.Unknown),
+  kv_transfer_params: opt(Schema.Unknown),
+  ec_transfer_params: opt(Schema.Unknown),
+  vllm_xargs: opt(Schema.Unknown),
+  repetition_detection: opt(Schema.Unknown),
+  thinking_token_budget: opt(Schema.Unknown),
+  watermarking: opt(Schema.Unknown),
   return_tokens_as_token_ids: opt(Schema.Boolean),
   return_token_ids: opt(Schema.Boolean),
   stop: opt(Schema.Union([Schema.String, Schema.Array(Schema.String)])),
@@ -131,6 +165,17 @@ export const TokenizeRequest = Schema.Struct({
 });
 /** Decoded /tokenize body. */
 export type TokenizeRequest = typeof TokenizeRequest.Type;
+
+/** POST /tokenize, chat form (vLLM's TokenizeChatRequest). */
+export const TokenizeChatRequest = Schema.Struct({
+  model: opt(Schema.String),
+  messages: Schema.Array(Schema.Record(Schema.String, Schema.Unknown)),
+  add_generation_prompt: opt(Schema.Boolean),
+  continue_final_message: opt(Schema.Boolean),
+  add_special_tokens: opt(Schema.Boolean),
+  return_token_strs: opt(Schema.Boolean),
+  chat_template_kwargs: opt(Schema.Record(Schema.String, Schema.Unknown)),
+});
 
 /** POST /detokenize. */
 export const DetokenizeRequest = Schema.Struct({
@@ -208,11 +253,34 @@ export const schemaErrorToApi = (e: Schema.SchemaError, prefix = ""): ApiError =
   );
 };
 
+/**
+ * JSON.parse keeping an integer `seed` beyond 2^53 exact (a bigint from its source text): vLLM
+ * accepts any int64 seed, and a rounded one would silently change the sampled stream.
+ */
+const seedReviver = function (
+  this: unknown,
+  key: string,
+  value: unknown,
+  context?: { source?: string },
+): unknown {
+  if (
+    key === "seed" && typeof value === "number" && !Number.isSafeInteger(value) &&
+    typeof context?.source === "string" && /^-?\d+$/.test(context.source)
+  ) return BigInt(context.source);
+  return value;
+};
+
+/** Where a JSON syntax error is (never the text itself: bodies and files are not echoed). */
+export const jsonErrorText = (e: unknown): string => {
+  const m = /position (\d+)/.exec(messageOf(e));
+  return m ? `invalid JSON at position ${m[1]}` : "invalid JSON";
+};
+
 /** Parses a JSON body text: malformed JSON -> 400. */
 export const parseJson = (text: string): Effect.Effect<unknown, ApiError> =>
   Effect.try({
-    try: () => (text.trim() === "" ? undefined : JSON.parse(text)) as unknown,
-    catch: (e) => badRequest(`JSON decode error: ${messageOf(e)}`),
+    try: () => (text.trim() === "" ? undefined : JSON.parse(text, seedReviver as never)) as unknown,
+    catch: (e) => badRequest(`JSON decode error: ${jsonErrorText(e)}`),
   }).pipe(
     Effect.flatMap((v) =>
       v === undefined

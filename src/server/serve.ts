@@ -11,8 +11,9 @@
  * Environment: VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true (with --enable-lora: the load/unload
  * routes), VLLM_SERVER_DEV_MODE=1|true (pause/resume/collective_rpc/reset_prefix_cache),
  * LORAFOLD_BACKEND (when --backend is absent), LORAFOLD_PREFIX_CACHE_MB (default 256),
- * LORAFOLD_KV_CACHE_MB (default 4096) and LORAFOLD_MAX_NUM_SEQS (sequences running at once,
- * default 256) when their flags are absent.
+ * LORAFOLD_KV_CACHE_MB (default 4096), LORAFOLD_MAX_NUM_SEQS (sequences running at once,
+ * default 256), VLLM_MAX_N_SEQUENCES (largest n, default 16384) and VLLM_MAX_COMPLETION_PROMPTS
+ * (largest prompt list, default 1024) when their flags are absent.
  * @module
  */
 import { Cause, Deferred, Effect, Exit, Option } from "effect";
@@ -62,6 +63,19 @@ export const serveProgram = (a: ServeConfig): Effect.Effect<number, unknown> =>
         prefixCacheBytes: (a.prefixCacheMb ?? envInt("LORAFOLD_PREFIX_CACHE_MB", 256)) * MB,
         maxBatchSequences: Math.max(1, a.maxNumSeqs ?? envInt("LORAFOLD_MAX_NUM_SEQS", 256)),
         kvCacheBytes: (a.kvCacheMb ?? envInt("LORAFOLD_KV_CACHE_MB", 4096)) * MB,
+        limits: {
+          maxN: Math.max(1, a.maxNSequences ?? envInt("VLLM_MAX_N_SEQUENCES", 16384)),
+          maxPrompts: Math.max(
+            1,
+            a.maxCompletionPrompts ?? envInt("VLLM_MAX_COMPLETION_PROMPTS", 1024),
+          ),
+          maxSequences: a.maxRequestSequences,
+          maxStopStrings: a.maxStopStrings,
+          maxStopLength: a.maxStopStringLength,
+        },
+        allowedRoot: a.allowedLoraRoot,
+        chatTemplatePath: a.chatTemplate,
+        generationConfig: a.generationConfig,
       });
     }));
     if (Exit.isFailure(started)) {
@@ -72,7 +86,14 @@ export const serveProgram = (a: ServeConfig): Effect.Effect<number, unknown> =>
     }
     const engine = started.value;
     const web = yield* Effect.acquireRelease(
-      Effect.sync(() => makeWebHandler(engine, { apiKey: a.apiKey, runtimeLora, devMode })),
+      Effect.sync(() =>
+        makeWebHandler(engine, {
+          apiKey: a.apiKey,
+          runtimeLora,
+          devMode,
+          maxBodyBytes: a.maxRequestBodyMb * MB,
+        })
+      ),
       (w) => Effect.promise(() => w.dispose()),
     );
     console.log(

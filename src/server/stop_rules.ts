@@ -7,10 +7,11 @@
  * @module
  */
 import type { FloatArray } from "../backend/tensor.ts";
-import type { Rng } from "../model/rng.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { checkStopStrings, type CompletionSpec, decodeIds, type SeqResult } from "./completion.ts";
 import { type LogprobsMode, sampleStep } from "./sampler.ts";
+import { applyLogitsRules } from "./logits_rules.ts";
+import { Rng } from "../model/rng.ts";
 
 /** Why a sequence ended. */
 export type FinishReason = "stop" | "length" | "abort";
@@ -18,6 +19,8 @@ export type FinishReason = "stop" | "length" | "abort";
 /** The generation state of one sequence (sample `j` of one prompt of a request). */
 export interface SeqState {
   readonly spec: CompletionSpec;
+  /** Its prompt's ids (repetition_penalty counts them). */
+  readonly promptIds: readonly number[];
   /** Its own generator: seed + j for seeded requests (vLLM), so batching never changes it. */
   readonly rng: Rng;
   readonly tokens: number[];
@@ -33,8 +36,9 @@ export interface SeqState {
 }
 
 /** A fresh sequence of `spec` drawing from `rng`. */
-export const newSeq = (spec: CompletionSpec, rng: Rng): SeqState => ({
+export const newSeq = (spec: CompletionSpec, rng: Rng, promptIds: readonly number[]): SeqState => ({
   spec,
+  promptIds,
   rng,
   tokens: [],
   logprobs: [],
@@ -76,7 +80,8 @@ export const sampleNext = (
   const stopIds = spec.eosId === null ? spec.stopTokenIds : [spec.eosId, ...spec.stopTokenIds];
   const banned = s.tokens.length < spec.minTokens ? [...stopIds, tokenizer.eosId] : [];
   const topN = spec.logprobs !== null && spec.logprobs > 0 ? spec.logprobs : null;
-  const r = sampleStep(row, spec.sampling, s.rng, banned, mode, topN);
+  const processed = applyLogitsRules(row, spec.rules, s.promptIds, s.tokens, banned);
+  const r = sampleStep(row, processed, spec.sampling, s.rng, mode, topN);
   s.tokens.push(r.token);
   s.logprobs.push(r.logprob);
   s.tops.push(r.top);
@@ -102,6 +107,31 @@ export const sampleNext = (
     }
   }
   if (s.tokens.length >= spec.maxTokens) finish(s, "length", null);
+};
+
+const MASK64 = (1n << 64n) - 1n;
+
+/**
+ * The generator of sample `j` of a seeded request: seed + j (vLLM), over all 64 bits. Seeds in
+ * [0, 2^32) seed the stream exactly as the in-process engine's `new Rng(seed)` does; any other
+ * int64 (negative, or 2^32 and above) expands both halves into the state, so s and s + 2^32 give
+ * different streams.
+ */
+export const seededRng = (seed: bigint, j: number): Rng => {
+  const s = seed + BigInt(j);
+  if (s >= 0n && s < 0x100000000n) return new Rng(Number(s));
+  const u = s & MASK64;
+  const lo = Number(u & 0xffffffffn);
+  const hi = Number(u >> 32n);
+  // splitmix32 over (lo, hi, lo^hi, golden): four non-zero words
+  const words: number[] = [lo, hi, (lo ^ hi) >>> 0, 0x9e3779b9].map((x, i): number => {
+    let z = (x + Math.imul(i + 1, 0x9e3779b9)) >>> 0;
+    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
+    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
+    return (z ^ (z >>> 16)) >>> 0;
+  });
+  if (!words.some((w) => w !== 0)) words[0] = 1;
+  return new Rng(words);
 };
 
 /** What the response renders of a sequence. */

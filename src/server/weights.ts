@@ -16,6 +16,7 @@ import { type DeviceModel, uploadModel } from "../model/decoder.ts";
 import { loadModel } from "../model/loader.ts";
 import type { WeightMap } from "../model/weights.ts";
 import { type ApiError, badRequest } from "./schemas.ts";
+import { checkAllowedPath, redactFileText } from "./file_policy.ts";
 
 /** Base weights on the device, in a scope of their own. */
 export interface BaseWeights {
@@ -106,10 +107,14 @@ export class ServedWeights {
    * Reads a checkpoint directory (default: the served model directory) and checks that it has the
    * served architecture (host only; nothing changes).
    */
-  prepare(path: string | null): Effect.Effect<PreparedWeights, ApiError> {
+  prepare(
+    path: string | null,
+    allowedRoot: string | null = null,
+  ): Effect.Effect<PreparedWeights, ApiError> {
     const dir = path ?? this.modelDir;
     const served = this.config;
     return Effect.gen(function* () {
+      if (path !== null) yield* checkAllowedPath(path, allowedRoot, "weights_path");
       if (!(yield* pathExists(join(dir, "config.json")))) {
         return yield* Effect.fail(
           badRequest(
@@ -120,7 +125,10 @@ export class ServedWeights {
       }
       const { config, weights } = yield* loadModel(dir).pipe(
         Effect.mapError((e) =>
-          badRequest(`reload_weights: cannot load ${dir}: ${message(e)}`, "weights_path")
+          badRequest(
+            `reload_weights: cannot load ${dir}: ${redactFileText(message(e))}`,
+            "weights_path",
+          )
         ),
       );
       for (const f of SAME_SHAPE_FIELDS) {
