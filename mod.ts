@@ -168,7 +168,14 @@ export {
 } from "./src/ports/push_target.ts";
 
 // ---- vLLM protocol client ---------------------------------------------------------------------
-export { makeVllmClient, type VllmClient, VllmHttpError } from "./src/vllm/client.ts";
+export {
+  CLAMPED_LOGPROB,
+  type FinishReason,
+  makeVllmClient,
+  type VllmClient,
+  VllmHttpError,
+} from "./src/vllm/client.ts";
+export { detectPauseSupport, type PauseForm, type PauseSupport } from "./src/vllm/pause.ts";
 
 // ---- rollout engines --------------------------------------------------------------------------
 export { LocalEngineLive, makeLocalEngine } from "./src/rollout/local.ts";

@@ -470,7 +470,7 @@ for (const kind of ["lora", "full"] as const) {
 }
 
 /** A throwaway HTTP server answering every request badly (a broken remote server). */
-const brokenServer = (mode: "500" | "404" | "garbage") => {
+const brokenServer = (mode: "500" | "503" | "404" | "garbage") => {
   const hits: string[] = [];
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
     await req.body?.cancel();
@@ -487,6 +487,11 @@ const brokenServer = (mode: "500" | "404" | "garbage") => {
         status: 500,
       });
     }
+    if (mode === "503") {
+      return Response.json({
+        error: { message: "engine busy", type: "ServiceUnavailable", param: null, code: 503 },
+      }, { status: 503 });
+    }
     if (mode === "404") return Response.json({ detail: "Not Found" }, { status: 404 });
     return new Response("<html><body>502 gateway hiccup</body></html>", {
       status: 200,
@@ -496,7 +501,7 @@ const brokenServer = (mode: "500" | "404" | "garbage") => {
   return { url: `http://127.0.0.1:${server.addr.port}`, hits, stop: () => server.shutdown() };
 };
 
-Deno.test("fault: a broken remote (500 / 404 / garbage) gives typed errors; policy version and snapshot digest intact", async () => {
+Deno.test("fault: a broken remote (503 / 500 / 404 / garbage) gives typed errors; policy version and snapshot digest intact", async () => {
   const backend = cpuBackend();
   const base = await run(loadBase(BUILTIN_MODEL_DIR));
   const { policy, close } = await makePolicy(backend, base, "lora", 9);
@@ -520,24 +525,36 @@ Deno.test("fault: a broken remote (500 / 404 / garbage) gives typed errors; poli
       assertEquals((await readdir(root)).filter((e) => e.startsWith(".tmp-")), []);
     };
 
-    // 500 with vLLM's envelope: retried (FAST_RETRY: 3 retries), then a typed SyncError
-    const s500 = brokenServer("500");
-    for (const kind of ["lora", "full"] as const) {
-      s500.hits.length = 0;
-      const routing = new Routing();
-      const e = await flip(pusherOn(s500.url, kind, routing).push(snap));
-      assertEquals(e._tag, "SyncError");
-      const cause = (e as { cause?: unknown }).cause;
-      assert(cause instanceof VllmHttpError, String(cause));
-      assertEquals([cause.status, cause.type, cause.attempts], [500, "InternalServerError", 4]);
-      assert(e.message.includes("illegal memory access"), e.message);
-      assertEquals(
-        s500.hits.filter((h) => h === (kind === "lora" ? "/v1/load_lora_adapter" : "/pause"))
-          .length,
-        4,
-      );
-      await intact(routing);
+    // 503 (not now): load and pause are safe to repeat, so retried (FAST_RETRY: 3 retries);
+    // 500 with vLLM's envelope (what recent vLLM answers to an adapter it cannot load, however
+    // often it is sent): one attempt; both end in a typed SyncError
+    for (const status of ["503", "500"] as const) {
+      const broken = brokenServer(status);
+      for (const kind of ["lora", "full"] as const) {
+        broken.hits.length = 0;
+        const routing = new Routing();
+        const e = await flip(pusherOn(broken.url, kind, routing).push(snap));
+        assertEquals(e._tag, "SyncError");
+        const cause = (e as { cause?: unknown }).cause;
+        assert(cause instanceof VllmHttpError, String(cause));
+        const attempts = status === "503" ? 4 : 1;
+        assertEquals(
+          [cause.status, cause.type, cause.attempts],
+          status === "503"
+            ? [503, "ServiceUnavailable", attempts]
+            : [500, "InternalServerError", attempts],
+        );
+        assert(
+          e.message.includes(status === "503" ? "engine busy" : "illegal memory access"),
+          e.message,
+        );
+        const route = kind === "lora" ? "/v1/load_lora_adapter" : "/pause";
+        assertEquals(broken.hits.filter((h) => h === route).length, attempts);
+        await intact(routing);
+      }
+      if (status === "503") await broken.stop();
     }
+    const s500 = brokenServer("500");
     // a whole training run against it fails typed before any step, with the server's message
     const out = await Deno.makeTempDir();
     const cfg = await run(
@@ -674,7 +691,7 @@ Deno.test("envelopes: nested, flat and FastAPI detail shapes, and non-JSON bodie
   ]);
 });
 
-Deno.test("retry schedule: exponential, capped, bounded; only connection errors, timeouts and 5xx retry", async () => {
+Deno.test("retry schedule: exponential, capped, bounded; idempotent requests retry transport failures and 502/503/504, other POSTs only when never sent, 500 never", async () => {
   const delays = await run(Effect.gen(function* () {
     const step = yield* Schedule.toStep(
       retrySchedule({ baseMs: 100, factor: 2, maxDelayMs: 1000, maxRetries: 6 }),
@@ -703,26 +720,77 @@ Deno.test("retry schedule: exponential, capped, bounded; only connection errors,
       body: null,
       attempts: 1,
     });
-  assertEquals(
-    [
-      err("connection", 0),
-      err("timeout", 0),
-      err("status", 500),
-      err("status", 503),
-      err("status", 400),
-      err("status", 404),
-      err("decode", 200),
-    ].map(
-      isRetryable,
-    ),
-    [true, true, true, true, false, false, false],
-  );
-  // against a real socket: a refused connection is retried maxRetries times, then typed
+  const failures = [
+    err("connection", 0),
+    new VllmHttpError({ ...err("connection", 0), requestSent: false }),
+    err("timeout", 0),
+    err("status", 500),
+    err("status", 502),
+    err("status", 503),
+    err("status", 504),
+    err("status", 400),
+    err("status", 404),
+    err("decode", 200),
+  ];
+  // idempotent requests: transport failures and "not now" statuses; never 500 or 4xx
+  assertEquals(failures.map((e) => isRetryable(e, true)), [
+    true,
+    true,
+    true,
+    false,
+    true,
+    true,
+    true,
+    false,
+    false,
+    false,
+  ]);
+  // other requests: only when the request provably never reached the server
+  assertEquals(failures.map((e) => isRetryable(e, false)), [
+    false,
+    true,
+    false,
+    false,
+    false,
+    false,
+    false,
+    false,
+    false,
+    false,
+  ]);
+  // against a real socket: a refused connection is retried maxRetries times, then typed; a POST
+  // that is not idempotent is too (it never left), and says so
   const port = freePort();
-  const e = await flip(
-    makeVllmClient(`http://127.0.0.1:${port}`, { retry: FAST_RETRY }).getJson("/v1/models"),
-  );
+  const refused = makeVllmClient(`http://127.0.0.1:${port}`, { retry: FAST_RETRY });
+  const e = await flip(refused.getJson("/v1/models"));
   assertEquals([e.reason, e.status, e.attempts], ["connection", 0, 4]);
+  const ep = await flip(refused.postJson("/collective_rpc", {}));
+  assertEquals([ep.reason, ep.requestSent, ep.attempts], ["connection", false, 4]);
+  // a connection closed after the request was read: the POST may have been applied, so it is
+  // sent once; marked idempotent, it is retried
+  let accepted = 0;
+  const closer = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const closing = (async () => {
+    for await (const c of closer) {
+      accepted++;
+      await c.read(new Uint8Array(4096)).catch(() => null);
+      c.close();
+    }
+  })();
+  const resetting = makeVllmClient(`http://127.0.0.1:${(closer.addr as Deno.NetAddr).port}`, {
+    retry: FAST_RETRY,
+  });
+  const once = await flip(resetting.postJson("/v1/load_lora_adapter", {}));
+  assertEquals([once.reason, once.requestSent, once.attempts, accepted], [
+    "connection",
+    true,
+    1,
+    1,
+  ]);
+  const again = await flip(resetting.postJson("/resume", {}, { idempotent: true }));
+  assertEquals([again.reason, again.attempts], ["connection", 4]);
+  closer.close();
+  await closing.catch(() => {});
   // a slow answer times out per attempt
   const slow = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async () => {
     await new Promise((r) => setTimeout(r, 300));
@@ -759,10 +827,29 @@ Deno.test("completion decoding: token_ids, token-id logprob tokens, and malforme
     [1, [5, 2], [-0.5, -0.1], "stop"],
     [0, [7], [-1], "length"],
   ]);
+  // vLLM's repetition detection keeps its own finish reason; -9999.0 (clamped -inf) is unknown
+  const rep = await run(decodeCompletion({
+    choices: [{
+      index: 0,
+      finish_reason: "repetition",
+      token_ids: [5, 5, 5],
+      logprobs: { token_logprobs: [-0.5, -9999.0, -1e5] },
+    }],
+  }));
+  assertEquals(rep[0].finishReason, "repetition");
+  assertEquals(rep[0].logprobs!.map((x) => Number.isNaN(x)), [false, true, true]);
   for (
-    const bad of [{}, {
-      choices: [{ index: 0, token_ids: [1, 2], logprobs: { token_logprobs: [-1] } }],
-    }, { choices: [{ index: 0 }] }]
+    const bad of [
+      {},
+      {
+        choices: [{ index: 0, token_ids: [1, 2], logprobs: { token_logprobs: [-1] } }],
+      },
+      { choices: [{ index: 0 }] },
+      {
+        // an unknown reason (a failed generation) is not silently "length"
+        choices: [{ index: 0, finish_reason: "error", token_ids: [1], logprobs: null }],
+      },
+    ]
   ) {
     const e = await flip(decodeCompletion(bad));
     assertEquals([e._tag, e.reason], ["VllmHttpError", "decode"]);

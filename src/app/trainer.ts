@@ -15,7 +15,7 @@ import type { BackendError } from "../backend/backend.ts";
 import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import { CheckpointError, type SafetensorsError } from "../io/errors.ts";
-import { errorText, fsOp, makeDirectory } from "../io/checkpoint.ts";
+import { errorText, fsOp, makeDirectory, writeFileAtomic } from "../io/checkpoint.ts";
 import { type SnapshotCorrupted, snapshotModel } from "../snapshot/snapshot.ts";
 import type { Task } from "../task/task.ts";
 import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
@@ -170,12 +170,15 @@ export const runTraining: (
         // keep the metrics of the steps the checkpoint covers; later lines are replayed
         // cannot fail: a missing or unreadable metrics file counts as empty
         const text = yield* Effect.promise(() => readFile(metricsPath, "utf8").catch(() => ""));
-        const kept = (yield* parseMetrics(metricsPath, text)).filter((m) => m.step <= ck.step);
+        // a last line without its newline is an append a kill cut short (a step after the
+        // checkpoint's): dropped, not an error
+        const whole = text.endsWith("\n") ? text : text.slice(0, text.lastIndexOf("\n") + 1);
+        const kept = (yield* parseMetrics(metricsPath, whole)).filter((m) => m.step <= ck.step);
         history.push(...kept);
-        yield* fsOp(
+        // atomically: a kill during the rewrite must not lose the kept lines
+        yield* writeFileAtomic(
           metricsPath,
-          "cannot rewrite the metrics",
-          () => writeFile(metricsPath, kept.map((m) => JSON.stringify(m) + "\n").join("")),
+          new TextEncoder().encode(kept.map((m) => JSON.stringify(m) + "\n").join("")),
         );
         log(`resumed ${runDir} at step ${ck.step} (policy v${ck.state.version})`);
       } else {

@@ -165,6 +165,30 @@ export const writeFileAtomic = (
     }
   });
 
+/** The temp-file pattern of {@link writeFileAtomic} for `path`: `.<name>.<12 hex>.tmp`. */
+const tempFilePattern = (path: string): RegExp => {
+  const name = nodePath.basename(path).replace(/[.*+?^$()|[\]\\{}]/g, "\\$&");
+  return new RegExp("^\\." + name + "\\.[0-9a-f]{12}\\.tmp$");
+};
+
+/**
+ * Removes the temp files a killed {@link writeFileAtomic} of `path` left behind. Only for a path
+ * this process alone writes (a run's checkpoint): another writer's temp file would go too.
+ */
+export const removeStaleTempFiles = (path: string): Effect.Effect<void, CheckpointError> =>
+  fsOp(path, "removing stale temp files failed", async () => {
+    const dir = nodePath.dirname(path);
+    const re = tempFilePattern(path);
+    let names: string[];
+    try {
+      names = await fs.readdir(dir);
+    } catch (e) {
+      if (errCode(e) === "ENOENT") return;
+      throw e;
+    }
+    for (const n of names) if (re.test(n)) await fs.rm(nodePath.join(dir, n), { force: true });
+  });
+
 /** Reads and validates one safetensors file. Tensor bytes are views into the file's buffer. */
 export const readSafetensorsFile: (
   path: string,

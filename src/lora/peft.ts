@@ -11,6 +11,7 @@ import { tryTagged } from "../base/tagged_error.ts";
 import {
   makeDirectory,
   readSafetensorsFile,
+  removeStaleTempFiles,
   writeFileAtomic,
   writeSafetensorsFile,
 } from "../io/checkpoint.ts";
@@ -80,7 +81,11 @@ export const savePeftAdapter: (
         ]),
       SafetensorsError,
     );
+    // temp files of an export a kill interrupted (a directory has one writer)
+    yield* removeStaleTempFiles(join(dir, ADAPTER_WEIGHTS));
+    yield* removeStaleTempFiles(join(dir, ADAPTER_CONFIG));
     yield* writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), entries);
+    // the config last: its presence marks a complete directory (loaders read it first)
     const json = JSON.stringify(peftConfigJson(config, baseModel), null, 2) + "\n";
     yield* writeFileAtomic(join(dir, ADAPTER_CONFIG), new TextEncoder().encode(json));
   },

@@ -302,7 +302,13 @@ export const update = (o: UpdateOptions) =>
                   logp,
                   oldLogp: old ? old[i] : null,
                   refLogp: ref ? ref[i] : null,
-                  engineLogp: c.vllmImportanceSamplingCorrection ? r.engineLogp[i] : null,
+                  // a token whose engine logprob is unknown (NaN: vLLM's clamp) gets no
+                  // correction: its engine logp is taken as the old policy's, ratio 1
+                  engineLogp: c.vllmImportanceSamplingCorrection
+                    ? r.engineLogp[i].map((e, t) =>
+                      Number.isNaN(e) ? (old ? old[i][t] : logp[t]) : e
+                    )
+                    : null,
                   mask: masks[i],
                   entropy: lp.entropy[i],
                   advantage: r.advantages[i],

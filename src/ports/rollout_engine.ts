@@ -23,9 +23,13 @@ export interface RolloutRequest {
 /** One sampled completion with the engine's log-probs of its tokens. */
 export interface RolloutCompletion {
   readonly tokens: readonly number[];
-  /** Engine log-probs of the sampled tokens (of the sampled, tempered distribution). */
+  /**
+   * Engine log-probs of the sampled tokens (of the sampled, tempered distribution); NaN where the
+   * engine's value is unknown (vLLM sends -inf clamped to -9999.0).
+   */
   readonly logprobs: readonly number[];
-  readonly finishReason: "stop" | "length" | "abort";
+  /** EOS/stop, max_tokens, aborted by the server, or vLLM's repetition detection. */
+  readonly finishReason: "stop" | "length" | "abort" | "repetition";
 }
 
 /** Rollouts of one batch, tagged with the policy version that produced them. */

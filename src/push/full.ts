@@ -4,7 +4,9 @@
  * 1. the snapshot is exported (digest re-checked) as a Hugging Face checkpoint into a temporary
  *    directory renamed atomically to a FRESH `policy-v{k}` directory (reload_weights is known to
  *    serve stale weights when a directory is reused);
- * 2. POST /pause?mode=wait (in-flight requests finish, nothing new starts) →
+ * 2. POST /pause in the server's spelling of "wait" (src/vllm/pause.ts: `mode=wait`, or
+ *    `wait_for_inflight_requests=true` on vLLM before PR #32351; a server without /pause is refused
+ *    before anything is written, with the flag or vLLM version it needs) →
  *    POST /collective_rpc {method: "reload_weights", kwargs: {weights_path, is_checkpoint_format:
  *    true}} → POST /reset_prefix_cache (only effective once drained) → POST /resume. Resume is
  *    attempted even when the reload failed, so a failed push never leaves the server paused;
@@ -33,27 +35,59 @@ import {
 import type { Snapshot } from "../snapshot/snapshot.ts";
 import { verifyRoute, type VerifySettings } from "./verify.ts";
 import type { Route, Routing } from "../vllm/routing.ts";
+import {
+  detectPauseSupport,
+  type PauseForm,
+  pausePath,
+  type PauseSupport,
+  pauseUnavailableHint,
+} from "../vllm/pause.ts";
 
 const noObserver: StageObserver = () => Effect.void;
 
 /**
+ * Every step of the sequence is safe to repeat: pausing a paused server, reloading the same
+ * directory, resetting an empty cache and resuming a running server change nothing more.
+ */
+const repeatable = { idempotent: true } as const;
+
+/** Whether /pause rejected the query itself (a server that does not know `mode`). */
+const rejectedQuery = (e: VllmHttpError): boolean =>
+  e.reason === "status" && (e.status === 400 || e.status === 422);
+
+/**
+ * POST /pause in the server's form; when `mode=wait` is rejected as a bad query, once more as
+ * `wait_for_inflight_requests=true` (never as a bare /pause, which aborts in-flight requests).
+ */
+const pauseWaiting = (client: VllmClient, form: PauseForm): Effect.Effect<void, VllmHttpError> => {
+  const path = pausePath(form) ?? pausePath("both")!;
+  const post = (p: string) => client.request("POST", p, {}, repeatable).pipe(Effect.asVoid);
+  return form === "mode"
+    ? post(path).pipe(Effect.catchIf(rejectedQuery, () => post(pausePath("legacy")!)))
+    : post(path);
+};
+
+/**
  * The dev-mode reload sequence for a checkpoint directory the server can read (null: the
- * server's own model directory): pause(wait) → reload_weights → reset_prefix_cache → resume.
- * Resume runs whatever happened after a successful pause; the first failure is returned.
+ * server's own model directory): pause(wait, in the server's form) → reload_weights →
+ * reset_prefix_cache → resume. Resume runs whatever happened after a successful pause; the first
+ * failure is returned.
  */
 export const reloadCheckpoint: (
   client: VllmClient,
   dir: string | null,
   version: number,
   onStage?: StageObserver,
+  pauseForm?: PauseForm,
 ) => Effect.Effect<void, VllmHttpError> = Effect.fn("reloadCheckpoint")(
   function* (
     client: VllmClient,
     dir: string | null,
     version: number,
     onStage: StageObserver = noObserver,
+    pauseForm: PauseForm = "both",
   ): Effect.fn.Return<void, VllmHttpError> {
-    yield* client.request("POST", "/pause?mode=wait", {});
+    yield* pauseWaiting(client, pauseForm);
     yield* onStage("paused", version);
     const reload = yield* Effect.exit(
       client.request("POST", "/collective_rpc", {
@@ -61,17 +95,19 @@ export const reloadCheckpoint: (
         kwargs: dir === null
           ? { is_checkpoint_format: true }
           : { weights_path: dir, is_checkpoint_format: true },
-      }).pipe(Effect.tap(() => onStage("reloaded", version))),
+      }, repeatable).pipe(Effect.tap(() => onStage("reloaded", version))),
     );
     const reset = Exit.isSuccess(reload)
       ? yield* Effect.exit(
-        client.request("POST", "/reset_prefix_cache", {}).pipe(
+        client.request("POST", "/reset_prefix_cache", {}, repeatable).pipe(
           Effect.tap(() => onStage("reset", version)),
         ),
       )
       : Exit.void;
     const resume = yield* Effect.exit(
-      client.request("POST", "/resume", {}).pipe(Effect.tap(() => onStage("resumed", version))),
+      client.request("POST", "/resume", {}, repeatable).pipe(
+        Effect.tap(() => onStage("resumed", version)),
+      ),
     );
     const exits: Exit.Exit<unknown, VllmHttpError>[] = [reload, reset, resume];
     for (const ex of exits) {
@@ -81,6 +117,17 @@ export const reloadCheckpoint: (
     }
   },
 );
+
+/** What the server needs for a failed step of the sequence (404: a route it lacks). */
+const fullPushHint = (e: VllmHttpError, pause: PauseSupport): string => {
+  if (!(e.reason === "status" && e.status === 404)) return "";
+  if (e.path.startsWith("/pause")) return ` (${pauseUnavailableHint(pause)})`;
+  if (e.path === "/collective_rpc") {
+    return " (POST /collective_rpc is missing: start the server with VLLM_SERVER_DEV_MODE=1; " +
+      "it needs a vLLM that includes PR #23075, and reload_weights with weights_path)";
+  }
+  return routeHint(e, "dev");
+};
 
 /** What a full-weight push needs. */
 export interface FullPushContext {
@@ -115,6 +162,16 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
   const keep = Math.max(2, ctx.keepDirs);
   const dirs: string[] = [];
   const pushed = new PushedVersions();
+  // read once per pusher: the server's pause form (a restarted server is the same binary)
+  let pauseSupport: PauseSupport | null = null;
+  const pauseOf = Effect.suspend(() =>
+    pauseSupport
+      ? Effect.succeed(pauseSupport)
+      : Effect.tap(detectPauseSupport(ctx.client), (s) =>
+        Effect.sync(() => {
+          if (s.form !== "absent" && s.source !== "unknown") pauseSupport = s;
+        }))
+  );
 
   const push = Effect.fn("FullPusher.push")(function* (
     snapshot: Snapshot,
@@ -126,6 +183,13 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
     const routed = yield* pushed.check(snapshot, ctx.routing, ctx.target);
     if (routed) {
       return yield* reverify(ctx.client, ctx.backend, snapshot, routed, ctx.verify, ctx.target);
+    }
+    const pause = yield* pauseOf;
+    if (pause.form === "absent") {
+      // nothing written, nothing sent: the previous version keeps serving
+      return yield* Effect.fail(
+        syncError(`full-weight push of v${version} impossible: ${pauseUnavailableHint(pause)}`),
+      );
     }
     const { dir, bytes } = yield* freshVersionDir(
       ctx.root,
@@ -139,11 +203,11 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
     );
     yield* stage("exported", version);
     const previous = ctx.routing.current;
-    yield* reloadCheckpoint(ctx.client, dir, version, stage).pipe(
+    yield* reloadCheckpoint(ctx.client, dir, version, stage, pause.form).pipe(
       Effect.mapError((e) =>
         syncError(
           `full-weight push of v${version} failed: ${describeHttpError(e)}${
-            routeHint(e, "dev")
+            fullPushHint(e, pause)
           }; ` +
             `the previous version (${
               previous ? `v${previous.version}` : "the base model"
@@ -170,7 +234,13 @@ export const makeFullPusher = (ctx: FullPushContext): FullPusher => {
     ).pipe(
       Effect.onError(() =>
         // the server holds weights we will not route to: put the previous version back
-        reloadCheckpoint(ctx.client, previous?.kind === "full" ? previous.dir : null, version)
+        reloadCheckpoint(
+          ctx.client,
+          previous?.kind === "full" ? previous.dir : null,
+          version,
+          noObserver,
+          pause.form,
+        )
           .pipe(
             Effect.catch((e) =>
               Effect.logWarning(

@@ -14,11 +14,12 @@
  *
  * A failure at any step leaves the previous version routed and serving. A load retried after a
  * lost answer ("already loaded") is recognised by the adapter's path in GET /v1/models, so a
- * snapshot is applied exactly once.
+ * snapshot is applied exactly once; a 500 (vLLM's answer to an adapter it cannot load, however
+ * often it is sent) is not retried.
  * @module
  */
 import { Effect } from "effect";
-import { readdir, rename, rm, stat } from "node:fs/promises";
+import { open, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
 import { type CheckpointError, fsOp, makeDirectory } from "../io/checkpoint.ts";
@@ -57,6 +58,20 @@ const randomSuffix = (): string =>
 
 const exists = (p: string): Promise<boolean> => stat(p).then(() => true, () => false);
 
+/** fsync of a directory, best effort (not every platform can open one). */
+const syncDirectory = async (dir: string): Promise<void> => {
+  try {
+    const h = await open(dir, "r");
+    try {
+      await h.sync();
+    } finally {
+      await h.close();
+    }
+  } catch {
+    // best effort
+  }
+};
+
 /** Total size of the files directly inside `dir`. */
 export const directoryBytes = async (dir: string): Promise<number> => {
   let n = 0;
@@ -91,6 +106,7 @@ export const freshVersionDir: <E>(
         const d = join(root, i === 0 ? name : `${name}.${i}`);
         if (await exists(d)) continue;
         await rename(tmp, d);
+        await syncDirectory(root); // the rename itself survives a power loss
         return d;
       }
     }).pipe(Effect.onError(() => removeDir(tmp)));
@@ -226,7 +242,10 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
   const keep = Math.max(2, ctx.keepLoaded);
 
   const unload = (v: LoadedVersion): Effect.Effect<void> =>
-    ctx.client.request("POST", "/v1/unload_lora_adapter", { lora_name: v.name }).pipe(
+    // a repeat that finds the adapter gone answers 404, taken as done below
+    ctx.client.request("POST", "/v1/unload_lora_adapter", { lora_name: v.name }, {
+      idempotent: true,
+    }).pipe(
       Effect.asVoid,
       Effect.catch((e) =>
         e.reason === "status" && e.status === 404
@@ -247,7 +266,14 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
         }${what}`,
         cause: e,
       });
-    const post = ctx.client.postText("/v1/load_lora_adapter", { lora_name: name, lora_path: dir });
+    // Retried like an idempotent request (never on 500: vLLM's answer to an adapter it cannot
+    // load): a repeat whose first attempt landed gets "already loaded", recognised below by the
+    // card's root, so the versioned name makes the load idempotent.
+    const post = ctx.client.postText(
+      "/v1/load_lora_adapter",
+      { lora_name: name, lora_path: dir },
+      { idempotent: true },
+    );
     return post.pipe(
       Effect.asVoid,
       Effect.catch((e) => {

@@ -17,6 +17,7 @@ import { logSoftmax } from "../model/sampling.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { SyncError, SyncMismatch } from "../ports/push_target.ts";
 import {
+  CLAMPED_LOGPROB,
   decodeCompletion,
   describeHttpError,
   explicitCompletionFields,
@@ -53,8 +54,20 @@ export const defaultProbePrompt = (tok: Tokenizer): number[] => {
 /** The engine's greedy completion of a prompt and the logprobs of its tokens. */
 export interface ProbeAnswer {
   readonly tokens: readonly number[];
+  /** NaN where the engine sent vLLM's clamp value (-9999.0 for -inf) or no logprob at all. */
   readonly logprobs: readonly number[];
 }
+
+/**
+ * |trainer - engine| of one probe token. An unknown engine value (NaN: vLLM clamped -inf to
+ * -9999.0) is not compared as a number: it agrees only with a trainer logprob that is itself at
+ * or below the clamp (both say "impossible"), and is an unbounded disagreement otherwise.
+ */
+export const probeTokenDiff = (trainer: number, engine: number): number => {
+  if (Number.isNaN(engine)) return trainer <= CLAMPED_LOGPROB ? 0 : Infinity;
+  const d = Math.abs(trainer - engine);
+  return Number.isFinite(d) ? d : Infinity;
+};
 
 /** Asks the engine for the probe completion on `route` (model name and cache_salt). */
 export const probeEngine = (
@@ -77,7 +90,7 @@ export const probeEngine = (
     stop_token_ids: [],
     skip_special_tokens: false,
     cache_salt: route.cacheSalt,
-  }).pipe(
+  }, { idempotent: true }).pipe(
     Effect.flatMap((j) => decodeCompletion(j)),
     Effect.map((choices) => {
       const c = choices.find((x) => x.index === 0);
@@ -175,10 +188,7 @@ export const verifyRoute: (
           syncError(`verification of v${version}: trainer forward failed: ${e.message}`, e)
         ),
       );
-    const diffs = trainer.map((t, i) => {
-      const d = Math.abs(t - answer.logprobs[i]);
-      return Number.isFinite(d) ? d : Infinity;
-    });
+    const diffs = trainer.map((t, i) => probeTokenDiff(t, answer.logprobs[i]));
     const max = Math.max(...diffs);
     const mean = diffs.reduce((a, b) => a + b, 0) / diffs.length;
     const outcome: VerifyOutcome = {

@@ -89,6 +89,8 @@ export const makeServerRolloutEngine = (
     return client.postJson(
       "/v1/completions",
       completionBody(route, group.map((i) => requests[i].prompt), r),
+      // generating changes nothing on the server: a lost answer is asked for again
+      { idempotent: true },
     ).pipe(
       Effect.flatMap((j) => decodeCompletion(j)),
       Effect.mapError((e: VllmHttpError) => rolloutError(describeHttpError(e), e)),
@@ -109,6 +111,7 @@ export const makeServerRolloutEngine = (
           }
           slots[p][j] = {
             tokens: c.tokens,
+            // NaN where vLLM clamped the value (unknown); the update stage does not correct those
             logprobs: c.logprobs as number[],
             finishReason: c.finishReason,
           };

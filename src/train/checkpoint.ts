@@ -6,7 +6,11 @@
  */
 import { Effect } from "effect";
 import { tryTagged } from "../base/tagged_error.ts";
-import { readSafetensorsFile, writeSafetensorsFile } from "../io/checkpoint.ts";
+import {
+  readSafetensorsFile,
+  removeStaleTempFiles,
+  writeSafetensorsFile,
+} from "../io/checkpoint.ts";
 import { CheckpointError, SafetensorsError } from "../io/errors.ts";
 import { fromFloat32, toFloat32 } from "../io/safetensors.ts";
 import type { HostTensor } from "../model/weights.ts";
@@ -35,6 +39,8 @@ export const saveTrainCheckpoint: (
         ),
       SafetensorsError,
     );
+    // temp files of saves a kill interrupted (this run is the checkpoint's only writer)
+    yield* removeStaleTempFiles(path);
     yield* writeSafetensorsFile(path, entries, {
       format: "lorafold-train-state",
       step: String(ckpt.step),

@@ -1,16 +1,20 @@
 /**
  * A small client for vLLM-compatible servers (vLLM, the embedded lorafold server): JSON and text
- * requests with a per-attempt timeout, retries with exponential backoff (an effect Schedule) on
- * connection errors, timeouts and 5xx answers, and one typed error, `VllmHttpError`, that carries
- * the status and the fields of whichever error envelope the server used:
+ * requests with a per-attempt timeout, retries with exponential backoff (an effect Schedule), and
+ * one typed error, `VllmHttpError`, that carries the status and the fields of whichever error
+ * envelope the server used:
  *
  * - `{"error": {message, type, param, code}}` (vLLM >= 0.10.1),
  * - `{"object": "error", message, type, param, code}` (older vLLM),
  * - `{"detail": ...}` (FastAPI: unknown routes, some dev routes, validation lists).
  *
- * 4xx answers are never retried (the request itself is wrong); non-idempotent callers (adapter
- * loading) handle the "already applied" answer a retry can get. HTTP goes through effect/http's
- * fetch client; this module is the only client code in src/ that speaks HTTP.
+ * What is retried depends on whether repeating the request is safe ({@link isRetryable}):
+ * idempotent requests (every GET, and POSTs the caller marks `idempotent`, such as pause/resume or
+ * a load whose repeat the caller detects) on connection errors, timeouts and 502/503/504; other
+ * POSTs only when the connection was refused, i.e. the request provably never reached the server.
+ * A 500 is never retried: recent vLLM answers 500 to deterministic failures (an adapter that cannot
+ * load), and 4xx means the request itself is wrong. HTTP goes through effect/http's fetch client;
+ * this module is the only client code in src/ that speaks HTTP.
  * @module
  */
 import { Duration, Effect, Schedule, Schema } from "effect";
@@ -45,6 +49,11 @@ export interface VllmHttpErrorFields {
   readonly body: string | null;
   /** Attempts made, the first included. */
   readonly attempts: number;
+  /**
+   * false when the failure proves the request never reached the server (connection refused,
+   * name resolution failed); true or absent when it may have (reset, timeout, an answer).
+   */
+  readonly requestSent?: boolean;
 }
 
 const VllmHttpErrorBase: TaggedErrorClass<"VllmHttpError", VllmHttpErrorFields> = taggedError(
@@ -163,9 +172,23 @@ export const retrySchedule = (p: RetryPolicy): Schedule.Schedule<Duration.Durati
     Schedule.upTo({ times: p.maxRetries }),
   );
 
-/** Connection errors, timeouts and 5xx answers are worth retrying; 4xx and bad bodies are not. */
-export const isRetryable = (e: VllmHttpError): boolean =>
-  e.reason === "connection" || e.reason === "timeout" || (e.reason === "status" && e.status >= 500);
+/** Statuses that say "not now" rather than "not this request": a proxy or an overloaded server. */
+const TRANSIENT_STATUS = new Set([502, 503, 504]);
+
+/** Whether a failure proves the request never reached the server (so it can be sent again). */
+export const neverReachedServer = (e: VllmHttpError): boolean =>
+  e.reason === "connection" && e.requestSent === false;
+
+/**
+ * Whether a failed attempt may be repeated. An idempotent request (repeating it leaves the server
+ * as one success would) is retried on connection errors, timeouts and 502/503/504; any other
+ * request only when it never reached the server. 500, other statuses and bad bodies never are.
+ */
+export const isRetryable = (e: VllmHttpError, idempotent = true): boolean =>
+  idempotent
+    ? e.reason === "connection" || e.reason === "timeout" ||
+      (e.reason === "status" && TRANSIENT_STATUS.has(e.status))
+    : neverReachedServer(e);
 
 /** Client settings. */
 export interface VllmClientOptions {
@@ -181,6 +204,11 @@ export interface RequestOptions {
   readonly timeoutMs?: number;
   /** false: a single attempt. */
   readonly retry?: boolean | RetryPolicy;
+  /**
+   * Whether sending the request twice is safe (see {@link isRetryable}). Default: true for GET,
+   * false for POST.
+   */
+  readonly idempotent?: boolean;
 }
 
 /** A successful answer. */
@@ -243,6 +271,33 @@ const message = (e: unknown): string =>
     ? String((e as { message: unknown }).message)
     : String(e);
 
+/**
+ * The messages of an error and its causes, outermost first, without repeats: effect/http's
+ * "Transport error" wraps fetch's "fetch failed", which wraps what actually happened.
+ */
+const causeChain = (e: unknown): string[] => {
+  const out: string[] = [];
+  const seen = new Set<unknown>();
+  let cur: unknown = e;
+  while (cur !== undefined && cur !== null && !seen.has(cur) && out.length < 8) {
+    seen.add(cur);
+    const m = message(cur);
+    if (m && !out.includes(m)) out.push(m);
+    const o = cur as { cause?: unknown; reason?: unknown };
+    cur = typeof cur === "object"
+      ? (o.reason !== undefined && typeof o.reason === "object" ? o.reason : o.cause)
+      : undefined;
+  }
+  return out;
+};
+
+/**
+ * A transport failure before any byte of the request left: the TCP connect (hyper's "client error
+ * (Connect)"), a refused connection, a failed name lookup.
+ */
+const NOT_SENT =
+  /client error \(Connect\)|connection refused|ECONNREFUSED|os error 111|dns error|failed to lookup address/i;
+
 /** Makes a client for the server at `baseUrl` (e.g. "http://127.0.0.1:8000"). */
 export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {}): VllmClient => {
   const root = baseUrl.replace(/\/+$/, "");
@@ -296,7 +351,11 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
       return { status: res.status, text };
     }).pipe(
       Effect.provide(FetchHttpClient.layer),
-      Effect.mapError((e) => fail("connection", 0, noFields(message(e)), null)),
+      Effect.mapError((e) => {
+        const chain = causeChain(e);
+        const err = fail("connection", 0, noFields(chain.join(": ")), null);
+        return new VllmHttpError({ ...err, requestSent: !chain.some((m) => NOT_SENT.test(m)) });
+      }),
       Effect.timeoutOrElse({
         duration: Duration.millis(timeoutMs),
         orElse: () => Effect.fail(fail("timeout", 0, noFields(""), null, timeoutMs)),
@@ -322,13 +381,15 @@ export const makeVllmClient = (baseUrl: string, options: VllmClientOptions = {})
         ? defaultRetry
         : opts.retry;
       if (!policy || policy.maxRetries <= 0) return once;
+      const idempotent = opts.idempotent ?? method === "GET";
+      const retryable = (e: VllmHttpError) => isRetryable(e, idempotent);
       return once.pipe(
         Effect.tapError((e) =>
-          isRetryable(e) && n <= policy.maxRetries
+          retryable(e) && n <= policy.maxRetries
             ? Effect.logWarning(`${e.message} (attempt ${n}; retrying)`)
             : Effect.void
         ),
-        Effect.retry({ schedule: retrySchedule(policy), while: isRetryable }),
+        Effect.retry({ schedule: retrySchedule(policy), while: retryable }),
       );
     });
 
@@ -416,13 +477,34 @@ const CompletionAnswer = Schema.Struct({
   choices: Schema.Array(Choice),
 });
 
+/**
+ * Why a completion ended: EOS or a stop condition ("stop"), max_tokens ("length"), aborted by the
+ * server, e.g. a pause in abort mode ("abort"), or vLLM's repetition detection ("repetition").
+ */
+export type FinishReason = "stop" | "length" | "abort" | "repetition";
+
+/**
+ * The floor vLLM puts on logprobs in its OpenAI answers: -inf (and, in newer versions, NaN) is
+ * sent as -9999.0, because JSON has no -inf. A value at or below it is not a log-probability but
+ * "clamped: at most this, exact value unknown".
+ */
+export const CLAMPED_LOGPROB = -9999;
+
+const FINISH_REASONS: ReadonlySet<string> = new Set(["stop", "length", "abort", "repetition"]);
+
+/** Whether a logprob from the server is vLLM's clamp value rather than a real log-probability. */
+export const isClampedLogprob = (x: number): boolean => x <= CLAMPED_LOGPROB;
+
 /** One choice of a /v1/completions answer, as token ids and the logprobs of those tokens. */
 export interface CompletionChoiceData {
   readonly index: number;
   readonly tokens: readonly number[];
-  /** Logprob of each token (null where the server gave none). */
+  /**
+   * Logprob of each token: null where the server gave none; NaN where it sent vLLM's clamp value
+   * (see {@link CLAMPED_LOGPROB}): unknown, never to be used as a number.
+   */
   readonly logprobs: readonly (number | null)[] | null;
-  readonly finishReason: "stop" | "length" | "abort";
+  readonly finishReason: FinishReason;
 }
 
 const tokenIdOf = (s: string): number | null => {
@@ -474,12 +556,17 @@ export const decodeCompletion = (
             bad(`choice ${c.index}: ${tokens.length} tokens but ${lps.length} logprobs`),
           );
         }
-        const fr = c.finish_reason;
-        const finishReason = fr === "stop" || fr === "abort" ? fr : "length";
+        // a finished choice always has a reason; an absent one is read as "length" (old servers)
+        const fr = c.finish_reason ?? "length";
+        if (!FINISH_REASONS.has(fr)) {
+          // e.g. "error": mapping it to "length" would hide a failed generation
+          return Effect.fail(bad(`choice ${c.index}: unknown finish_reason ${JSON.stringify(fr)}`));
+        }
+        const finishReason = fr as FinishReason;
         return Effect.succeed({
           index: c.index,
           tokens: [...tokens],
-          logprobs: lps ? [...lps] : null,
+          logprobs: lps ? lps.map((x) => (x !== null && isClampedLogprob(x) ? NaN : x)) : null,
           finishReason,
         });
       })
