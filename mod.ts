@@ -188,6 +188,8 @@ export { makeFullPusher } from "./src/push/full.ts";
 // ---- pipeline stages --------------------------------------------------------------------------
 export {
   advantage,
+  boundedStaleness,
+  type PromptDraw,
   type PromptItem,
   type PromptSource,
   promptTokens,
@@ -195,6 +197,9 @@ export {
   reward,
   rollout,
   snapshot,
+  type Staled,
+  type StalenessInfo,
+  type StalenessOptions,
   steps,
   update,
 } from "./src/pipeline/stages.ts";

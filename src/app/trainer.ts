@@ -31,11 +31,15 @@ import type { RolloutEngineShape, RolloutError } from "../ports/rollout_engine.t
 import type { PushTargetShape, SyncError, SyncMismatch } from "../ports/push_target.ts";
 import {
   advantage,
+  type Advantaged,
+  boundedStaleness,
   push,
   type Pushed,
   reward,
   rollout,
   snapshot,
+  type Staled,
+  type Step,
   steps,
   update,
 } from "../pipeline/stages.ts";
@@ -218,11 +222,19 @@ export const runTraining: (
       }));
       const target = yield* PushTarget;
       yield* target.push(yield* policy.snapshot());
+      const initialVersion = policy.version;
       const t0 = performance.now();
       let tokens = 0;
       const stageTotals: Record<string, number> = {};
       const total = cfg.steps - first + 1;
-      const onStep = (p: Pushed) =>
+      const checkpoint = (step: number) =>
+        (cfg.checkpointEvery > 0 && step % cfg.checkpointEvery === 0) || step === cfg.steps
+          ? Effect.flatMap(
+            policy.exportState(),
+            (state) => saveTrainCheckpoint(ckptPath, { step, state }),
+          )
+          : Effect.void;
+      const onStep = (p: Pushed & Partial<Staled>) =>
         Effect.gen(function* () {
           const stepTime = Object.values(p.times).reduce((a, b) => a + b, 0) / 1000;
           const trained = p.sequences.reduce(
@@ -248,6 +260,7 @@ export const runTraining: (
             ...(p.push.logpDiffMax !== null
               ? { "sync/verify_logp_diff_max": p.push.logpDiffMax }
               : {}),
+            ...p.asyncMetrics,
           };
           history.push(m);
           // logging_steps thins the log; checkpointed steps are always logged (resume reads them)
@@ -272,32 +285,38 @@ export const runTraining: (
               true,
             );
           }
-          if (
-            (cfg.checkpointEvery > 0 && p.step % cfg.checkpointEvery === 0) || p.step === cfg.steps
-          ) {
-            yield* saveTrainCheckpoint(ckptPath, {
-              step: p.step,
-              state: yield* policy.exportState(),
-            });
-          }
+          // asynchronously the policy is a step ahead by now: its checkpoint follows its snapshot
+          if (cfg.grpo.maxStaleness === 0) yield* checkpoint(p.step);
         });
-      const stream = steps(first, cfg.steps).pipe(
-        rollout({
-          tokenizer: tok,
-          prompts: task.prompts,
-          promptsPerStep: cfg.promptsPerStep,
-          config: cfg.grpo,
-          seed: cfg.seed,
-          maxPromptLength: cfg.maxPromptLength,
-        }),
-        reward(task.rewards, cfg.grpo.rewardWeights),
-        advantage(cfg.grpo),
-        update({ policy, config: cfg.grpo }),
-        snapshot(policy),
-        push,
-        Stream.tap(onStep),
-      );
-      yield* Stream.runDrain(stream);
+      const produce = <E, R>(s: Stream.Stream<Step, E, R>) =>
+        s.pipe(
+          rollout({
+            tokenizer: tok,
+            prompts: task.prompts,
+            promptsPerStep: cfg.promptsPerStep,
+            config: cfg.grpo,
+            seed: cfg.seed,
+            maxPromptLength: cfg.maxPromptLength,
+          }),
+          reward(task.rewards, cfg.grpo.rewardWeights),
+          advantage(cfg.grpo),
+        );
+      const train = <A extends Advantaged, E, R>(s: Stream.Stream<A, E, R>) =>
+        s.pipe(update({ policy, config: cfg.grpo }), snapshot(policy));
+      // max_staleness 0: the sequential, on-policy pipeline, exactly as composed before
+      const stream = cfg.grpo.maxStaleness === 0
+        ? push(train(produce(steps(first, cfg.steps))))
+        : boundedStaleness(
+          { maxStaleness: cfg.grpo.maxStaleness, initialVersion },
+          steps(first, cfg.steps),
+          produce,
+          // the push stays on the trainer's path: its verification forward pass queues behind
+          // the next update on the same device, so publishing in parallel gained nothing
+          // (bench/async.ts: pushes 3-4x slower, throughput bound by them)
+          (s) => push(train(s).pipe(Stream.tap((a) => checkpoint(a.step)))),
+          (s) => s,
+        );
+      yield* Stream.runDrain(Stream.tap(stream, onStep));
       const trainWallS = (performance.now() - t0) / 1000;
       log("");
       const accAfter = yield* evaluate("trained policy");

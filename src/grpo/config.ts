@@ -73,6 +73,20 @@ export interface GrpoConfig {
   readonly vllmImportanceSamplingClipMax: number | null;
   /** Lower bound of the engine importance ratio; null = none. */
   readonly vllmImportanceSamplingClipMin: number | null;
+  /**
+   * Off-policy sequence masking (DeepSeek-V3.2, TRL `off_policy_mask_threshold`): a completion
+   * with a negative advantage whose mean per-token log(engine / policy) exceeds this is left out
+   * of the policy term. null = off.
+   */
+  readonly offPolicyMaskThreshold: number | null;
+  /**
+   * Rollouts may run this many snapshot versions ahead of training (asynchronous GRPO); every
+   * trained sample was generated at most this many versions before the policy it updates. 0 (the
+   * default) = on-policy, one step at a time. The off-policy gap is corrected by the engine
+   * importance ratio (vllmImportanceSamplingCorrection). A resumed asynchronous run regenerates
+   * the rollouts that were ahead of its checkpoint, so it does not replay bit for bit.
+   */
+  readonly maxStaleness: number;
 }
 
 /** What decoding accepts: any subset of the options (camelCase), the rest take TRL's defaults. */
@@ -174,6 +188,17 @@ const fields = {
     default: null,
     description: "Lower bound of the engine importance ratio",
     nullable: "no lower bound",
+  }),
+  offPolicyMaskThreshold: finite<number | null>({ min: 0 }, {
+    default: null,
+    description: "Negative-advantage completions whose mean log(engine / policy) per token " +
+      "exceeds this leave the policy term (off-policy sequence masking)",
+    nullable: "off",
+  }),
+  maxStaleness: integer({ min: 0 }, {
+    default: 0,
+    description: "Snapshot versions rollouts may run ahead of training (asynchronous GRPO)",
+    note: "0 = on-policy, one step at a time",
   }),
 };
 

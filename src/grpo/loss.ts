@@ -8,7 +8,8 @@
  * Per token t of sequence i (mask m, advantage A, all log-probs at the sampling temperature):
  *   log_ratio = logp - old_logp                      (sequence level: masked mean per sequence)
  *   c1 = exp(log_ratio), c2 = clamp(c1, 1 - eps_low, 1 + eps_high), c1 = min(c1, delta) if set
- *   policy = -min(c1 * A, c2 * A) * entropy_mask * rho          (rho: engine importance ratio)
+ *   policy = -min(c1 * A, c2 * A) * entropy_mask * rho * keep   (rho: engine importance ratio)
+ *   keep = 0 when A < 0 and mean_t (engine - logp) > off_policy_mask_threshold, else 1
  *   per_token = policy + beta * (exp(ref - logp) - (ref - logp) - 1)
  *   loss = sum_i,t per_token * m * s_i               (s_i from loss_type, see {@link LossType})
  *
@@ -99,6 +100,8 @@ export interface LossOptions extends
     | "topEntropyQuantile"
     | "maskTruncatedCompletions"
   > {
+  /** GrpoConfig's off-policy mask threshold; absent or null = off. */
+  readonly offPolicyMaskThreshold?: number | null;
   /**
    * dapo denominator: masked tokens in the whole generation batch divided by the number of
    * processes (TRL `num_items_in_batch / num_processes`), see {@link countLossTokens}; read only
@@ -161,6 +164,7 @@ interface Resolved {
   readonly clipMin: number;
   readonly topEntropyQuantile: number;
   readonly maskTruncated: boolean;
+  readonly offPolicyMask: number | null;
 }
 
 /**
@@ -198,6 +202,7 @@ const resolve = (o: LossOptions): Resolved => {
     clipMin: o.vllmImportanceSamplingClipMin ?? -Infinity,
     topEntropyQuantile: o.topEntropyQuantile,
     maskTruncated: o.maskTruncatedCompletions,
+    offPolicyMask: o.offPolicyMaskThreshold ?? null,
   };
 };
 
@@ -295,8 +300,15 @@ const compute = (sequences: readonly LossSequence[], options: LossOptions): Loss
       logp: s.logp,
       old: checkArray(s.oldLogp, "oldLogp", i, T, null) ?? s.logp,
       ref: o.beta !== 0 ? checkArray(s.refLogp, "refLogp", i, T, "when beta != 0") : null,
-      engine: o.correction
-        ? checkArray(s.engineLogp, "engineLogp", i, T, "by vllmImportanceSamplingCorrection")
+      // the off-policy mask uses the engine's log-probs when given (else old_logp, as TRL)
+      engine: o.correction || o.offPolicyMask !== null
+        ? checkArray(
+          s.engineLogp,
+          "engineLogp",
+          i,
+          T,
+          o.correction ? "by vllmImportanceSamplingCorrection" : null,
+        )
         : null,
       entropy: checkArray(
         s.entropy,
@@ -379,6 +391,15 @@ const compute = (sequences: readonly LossSequence[], options: LossOptions): Loss
     metrics["sampling/importance_sampling_ratio/max"] = r.max;
   }
 
+  // ---- off-policy sequence mask (a constant: it reads only detached log-probs) ----------------
+  const keep = o.offPolicyMask === null ? null : inputs.map((s, i) => {
+    if (s.a >= 0) return 1;
+    const sampling = s.engine ?? s.old;
+    let kl = 0;
+    for (let t = 0; t < s.T; t++) kl += (sampling[t] - s.logp[t]) * masks[i][t];
+    return kl / Math.max(seqTokens[i], 1) <= o.offPolicyMask! ? 1 : 0;
+  });
+
   // ---- aggregation weight of each masked token of sequence i ----------------------------------
   const scale = (i: number): number => {
     switch (o.lossType) {
@@ -406,7 +427,8 @@ const compute = (sequences: readonly LossSequence[], options: LossOptions): Loss
     const s_i = scale(i);
     const grad = new Float64Array(s.T);
     const weight = (t: number): number =>
-      m[t] * s_i * (entropyMask ? entropyMask[i][t] : 1) * (rho ? rho[i][t] : 1);
+      m[t] * s_i * (entropyMask ? entropyMask[i][t] : 1) * (rho ? rho[i][t] : 1) *
+      (keep ? keep[i] : 1);
     if (o.level === "token") {
       for (let t = 0; t < s.T; t++) {
         if (m[t] === 0) continue;

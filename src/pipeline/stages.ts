@@ -6,10 +6,11 @@
  * Each stage is a function Stream<In> → Stream<Out> with typed errors and service requirements
  * (RolloutEngine, PushTarget), so users recombine them: swap the reward list, insert a filter
  * between stages, or provide another PushTarget Layer. Stages run one step at a time, in order,
- * so step k+1's rollouts always come from the snapshot pushed at step k (on-policy).
+ * so step k+1's rollouts always come from the snapshot pushed at step k (on-policy), unless
+ * {@link boundedStaleness} runs the rollout stages ahead of training (asynchronous GRPO).
  * @module
  */
-import { Effect, Stream } from "effect";
+import { Effect, Queue, Stream } from "effect";
 import type { BackendError } from "../backend/ops.ts";
 import { groupAdvantages } from "../grpo/advantages.ts";
 import type { GrpoConfig } from "../grpo/config.ts";
@@ -271,16 +272,16 @@ export interface UpdateOptions {
  * the device's token log-probs and its gradient flows back through the model.
  */
 export const update = (o: UpdateOptions) =>
-<E, R>(
-  s: Stream.Stream<Advantaged, E, R>,
+<A extends Advantaged, E, R>(
+  s: Stream.Stream<A, E, R>,
 ): Stream.Stream<
-  Updated,
+  A & Updated,
   E | BackendError | NonFiniteStepError | GrpoInputError | GrpoNumericError,
   R
 > =>
   Stream.mapEffect(
     s,
-    timed("update", (r: Advantaged) =>
+    timed("update", (r: A) =>
       Effect.gen(function* () {
         const c = o.config;
         const needOld = c.numIterations > 1;
@@ -304,7 +305,8 @@ export const update = (o: UpdateOptions) =>
                   refLogp: ref ? ref[i] : null,
                   // a token whose engine logprob is unknown (NaN: vLLM's clamp) gets no
                   // correction: its engine logp is taken as the old policy's, ratio 1
-                  engineLogp: c.vllmImportanceSamplingCorrection
+                  engineLogp: c.vllmImportanceSamplingCorrection ||
+                      c.offPolicyMaskThreshold !== null
                     ? r.engineLogp[i].map((e, t) =>
                       Number.isNaN(e) ? (old ? old[i][t] : logp[t]) : e
                     )
@@ -356,3 +358,120 @@ export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
         return { ...a, push: yield* target.push(a.snapshot) };
       })),
   );
+
+// ---- asynchronous GRPO: rollouts ahead of training, bounded staleness -------------------------
+
+/** Options of {@link boundedStaleness}. */
+export interface StalenessOptions {
+  /** Versions rollouts may run ahead of training, >= 1 (0 is the plain, sequential pipeline). */
+  readonly maxStaleness: number;
+  /** The version pushed before the first step (the policy the first rollouts come from). */
+  readonly initialVersion: number;
+}
+
+/** What the trainer knows about a batch's staleness when it starts training on it. */
+export interface StalenessInfo {
+  /** The snapshot version the batch was generated from. */
+  readonly generatedFrom: number;
+  /** The version the trainer is about to update (its latest snapshot). */
+  readonly trainerVersion: number;
+  /** Snapshots between the two (0 = on-policy). */
+  readonly staleness: number;
+}
+
+/** A batch on its way through training, with its staleness and the step's async metrics. */
+export interface Staled {
+  readonly stale: StalenessInfo;
+  /**
+   * `async/staleness_mean`, `async/staleness_max` (in versions, over the batch's samples),
+   * `async/trainer_wait_ms` (the trainer idle before this batch was ready) and
+   * `async/dropped_stale` (batches dropped so far for being too stale).
+   */
+  readonly asyncMetrics: Record<string, number>;
+}
+
+/**
+ * Asynchronous GRPO as three stages joined by bounded buffers, each running in a fiber of its
+ * own: `produce` (rollout → reward → advantage) runs ahead of `train` (update → snapshot), which
+ * consumes its batches in order and hands each snapshot to `publish` (push), so the next update
+ * can start while the engine loads and verifies the last snapshot (when the push's own work
+ * competes with the update for the device, as the verification probe's forward pass does, put
+ * the push at the end of `train` and give the identity as `publish`). Staleness is bounded by
+ * credits: the producer takes one credit per batch before it asks the engine for rollouts; there
+ * are `maxStaleness + 1` to begin with and one comes back after each publish. So the batch trained
+ * at step s was started after the publish of step s - maxStaleness - 1 and comes from that
+ * version or a newer one, while the trainer is at version s - 1: at most `maxStaleness` apart.
+ * The trainer still checks every batch against the versions it has made and drops (never trains
+ * on) one that is too stale or comes from a version it did not make, returning its credit; with
+ * the credits that never happens, the check makes the bound hold whatever the engine reports.
+ */
+export const boundedStaleness = <
+  A extends Step & { readonly result: RolloutResult },
+  B extends Step & { readonly snapshot: Snapshot },
+  C,
+  E1,
+  R1,
+  E2,
+  R2,
+  E3,
+  R3,
+>(
+  options: StalenessOptions,
+  source: Stream.Stream<Step>,
+  produce: (s: Stream.Stream<Step>) => Stream.Stream<A, E1, R1>,
+  train: (s: Stream.Stream<A & Staled, E1, R1>) => Stream.Stream<B, E2, R2>,
+  publish: (s: Stream.Stream<B, E2, R1 | R2>) => Stream.Stream<C, E3, R3>,
+): Stream.Stream<C, E3, R1 | R2 | R3> =>
+  Stream.unwrap(Effect.gen(function* () {
+    const k = options.maxStaleness;
+    const credits = yield* Queue.unbounded<void>();
+    yield* Queue.offerAll(credits, Array.from({ length: k + 1 }, () => undefined));
+    // the trainer's snapshot versions, oldest first: staleness counts them, not optimizer steps
+    const versions: number[] = [options.initialVersion];
+    let dropped = 0;
+    let idleSince = performance.now();
+    const gated = Stream.mapEffect(source, (st) => Effect.as(Queue.take(credits), st));
+    const checked = produce(gated).pipe(
+      Stream.buffer({ capacity: k }),
+      // one batch at a time from here: its staleness is measured right before it trains
+      Stream.rechunk(1),
+      Stream.mapEffect((a) =>
+        Effect.gen(function* () {
+          const at = versions.lastIndexOf(a.result.policyVersion);
+          const staleness = at < 0 ? Infinity : versions.length - 1 - at;
+          if (staleness > k) {
+            dropped++;
+            yield* Queue.offer(credits, undefined);
+            return null;
+          }
+          const waitMs = performance.now() - idleSince;
+          const stale: StalenessInfo = {
+            generatedFrom: a.result.policyVersion,
+            trainerVersion: versions[versions.length - 1],
+            staleness,
+          };
+          // one engine call per batch: every sample of it shares the batch's version
+          const asyncMetrics = {
+            "async/staleness_mean": staleness,
+            "async/staleness_max": staleness,
+            "async/trainer_wait_ms": waitMs,
+            "async/dropped_stale": dropped,
+          };
+          return { ...a, stale, asyncMetrics } as A & Staled;
+        })
+      ),
+      Stream.filter((a): a is A & Staled => a !== null),
+    );
+    const trained = train(checked).pipe(
+      Stream.tap((b) =>
+        Effect.sync(() => {
+          versions.push(b.snapshot.version);
+          idleSince = performance.now();
+        })
+      ),
+      // one snapshot may wait for its publish while the next update runs
+      Stream.buffer({ capacity: 1 }),
+      Stream.rechunk(1),
+    );
+    return publish(trained).pipe(Stream.tap(() => Queue.offer(credits, undefined)));
+  }));

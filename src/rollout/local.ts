@@ -1,6 +1,8 @@
 /**
  * The in-process rollout engine and its push target: rollouts are generated from the most
- * recently pushed snapshot, held in a scope of its own (released when the next one arrives).
+ * recently pushed snapshot, held in a scope of its own. A newer push retires it; its scope is
+ * released once the generations still running on it have finished (asynchronous GRPO overlaps
+ * rollouts with the next push), so no generation ever runs on released buffers.
  * A LoRA snapshot runs as the resident base plus the snapshot's own device copy of the adapter,
  * applied at run time: a push moves no model weights. A full snapshot's weights are uploaded.
  * No server is involved; this is the "local engine" half of the LoRA × engine table.
@@ -47,7 +49,15 @@ interface Loaded {
   readonly model: DeviceModel;
   readonly lora: LoraRuntime | null;
   readonly scope: Scope.Closeable;
+  /** Generations running on this version. */
+  inflight: number;
+  /** A newer version was pushed: release the scope when the last generation ends. */
+  retired: boolean;
 }
+
+/** Releases a retired version once nothing runs on it. */
+const releaseIfDrained = (l: Loaded): Effect.Effect<void> =>
+  l.retired && l.inflight === 0 ? Scope.close(l.scope, Exit.void) : Effect.void;
 
 /** Builds the in-process rollout engine and its push target over one backend. */
 export const makeLocalEngine = (
@@ -56,8 +66,15 @@ export const makeLocalEngine = (
 ): Effect.Effect<{ engine: RolloutEngineShape; target: PushTargetShape }, never, Scope.Scope> =>
   Effect.gen(function* () {
     let current: Loaded | null = null;
+    const draining = new Set<Loaded>();
     const rng = new Rng(seed);
-    yield* Effect.addFinalizer(() => current ? Scope.close(current.scope, Exit.void) : Effect.void);
+    yield* Effect.addFinalizer(() =>
+      Effect.forEach(
+        [...draining, ...(current ? [current] : [])],
+        (l) => Scope.close(l.scope, Exit.void),
+        { discard: true },
+      )
+    );
     const engine: RolloutEngineShape = {
       name: "local",
       generate: Effect.fn("LocalEngine.generate")(function* (
@@ -69,18 +86,25 @@ export const makeLocalEngine = (
             new RolloutError({ engine: "local", reason: "no snapshot pushed yet" }),
           );
         }
-        const gens = yield* generate(
-          backend,
-          loaded.model,
-          expandRequests(requests),
-          loaded.lora,
-          rng,
-        )
-          .pipe(
-            Effect.mapError((e) =>
-              new RolloutError({ engine: "local", reason: e.message, cause: e })
+        // counted in flight from before it starts until it has ended, however it ends
+        const gens = yield* Effect.acquireUseRelease(
+          Effect.sync(() => {
+            loaded.inflight++;
+          }),
+          () =>
+            generate(backend, loaded.model, expandRequests(requests), loaded.lora, rng).pipe(
+              Effect.mapError((e) =>
+                new RolloutError({ engine: "local", reason: e.message, cause: e })
+              ),
             ),
-          );
+          () =>
+            Effect.suspend(() => {
+              loaded.inflight--;
+              if (!loaded.retired || loaded.inflight > 0) return Effect.void;
+              draining.delete(loaded);
+              return releaseIfDrained(loaded);
+            }),
+        );
         let k = 0;
         const completions = requests.map((r) =>
           Array.from({ length: r.n }, () => {
@@ -116,8 +140,12 @@ export const makeLocalEngine = (
           const scope = yield* Scope.make();
           const { model, lora } = yield* Scope.provide(scope)(snapshotModel(snapshot, backend));
           const old = current;
-          current = { version: snapshot.version, model, lora, scope };
-          if (old) yield* Scope.close(old.scope, Exit.void);
+          current = { version: snapshot.version, model, lora, scope, inflight: 0, retired: false };
+          if (old) {
+            old.retired = true;
+            if (old.inflight > 0) draining.add(old);
+            else yield* releaseIfDrained(old);
+          }
         }));
         return {
           version: snapshot.version,
