@@ -149,6 +149,7 @@ export {
   type PolicyOptions,
   StateMismatchError,
 } from "./src/train/policy.ts";
+export { isDecayed } from "./src/train/weight_decay.ts";
 
 // ---- ports: where rollouts come from, where snapshots go ---------------------------------------
 export {

@@ -5,7 +5,8 @@
  * - Snapshot.adapter() hands out copies: writing into them reaches neither the snapshot (digest,
  *   a later adapter()) nor what a push exports;
  * - AdamW weight decay: one step with a zero gradient scales every trainable tensor, LoRA A and
- *   B included, by exactly (1 - lr * wd), LoRA and full fine-tuning alike;
+ *   B included, by exactly (1 - lr * wd), LoRA and full fine-tuning alike, except norm weights
+ *   and biases, which transformers' Trainer (so TRL) never decays;
  * - resume restores the RNG: with LoRA dropout on, a run resumed from its checkpoint continues
  *   bit-identically (without the RNG, the dropout masks after the resume differ).
  *
@@ -21,6 +22,7 @@ import { initLora, type LoraConfig } from "../src/lora/adapter.ts";
 import { Rng } from "../src/model/rng.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { Policy } from "../src/train/policy.ts";
+import { isDecayed } from "../src/train/weight_decay.ts";
 import { exportAdapter } from "../src/snapshot/export.ts";
 import { ADAPTER_WEIGHTS } from "../src/lora/peft.ts";
 import { readSafetensorsFile } from "../src/io/checkpoint.ts";
@@ -101,7 +103,7 @@ Deno.test("Snapshot.adapter() hands out copies: writing into them reaches neithe
 });
 
 for (const mode of ["lora", "full"] as const) {
-  Deno.test(`AdamW weight decay (${mode}): a zero-gradient step scales every trainable tensor by exactly 1 - lr·wd${mode === "lora" ? ", LoRA A included" : ""}`, async () => {
+  Deno.test(`AdamW weight decay (${mode}): a zero-gradient step scales every trainable tensor by exactly 1 - lr·wd${mode === "lora" ? ", LoRA A included" : ", norms and biases exempt"}`, async () => {
     const lr = 0.05;
     const wd = 0.3;
     const { policy, close } = await tinyPolicy(mode, { learningRate: lr, weightDecay: wd });
@@ -122,9 +124,15 @@ for (const mode of ["lora", "full"] as const) {
       if (mode === "lora") {
         assert([...before.keys()].some((k) => k.endsWith("lora_A")), "no LoRA A among the params");
       }
-      const factor = Math.fround(1 - lr * wd);
+      // as transformers' Trainer: norm weights and biases are never decayed
+      const exempt = (name: string) =>
+        /bias|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)|layernorm/.test(name);
+      if (mode === "full") {
+        assert([...before.keys()].some(exempt), "no norm weight among the full-FT params");
+      }
       let checked = 0;
       for (const [name, t] of before) {
+        const factor = exempt(name) ? 1 : Math.fround(1 - lr * wd);
         const got = after.get(name)!.data;
         let nonZero = 0;
         for (let i = 0; i < t.data.length; i++) {
@@ -138,7 +146,7 @@ for (const mode of ["lora", "full"] as const) {
         }
         if (nonZero > 0) checked++;
       }
-      assertEquals(checked, before.size, "every trainable tensor should be non-zero and decayed");
+      assertEquals(checked, before.size, "every trainable tensor should be non-zero and checked");
     } finally {
       await close();
     }
@@ -193,4 +201,27 @@ Deno.test("resume with LoRA dropout: the checkpoint's RNG state is restored, the
   } finally {
     await Deno.remove(out, { recursive: true });
   }
+});
+
+Deno.test("weight decay applies to weights, never to biases or norm weights (transformers' rule)", () => {
+  const decayed = [
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.3.mlp.down_proj.weight",
+    "model.layers.0.self_attn.q_proj.lora_A",
+    "model.layers.0.self_attn.q_proj.lora_B",
+  ];
+  const exempt = [
+    "model.norm.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+    "model.layers.0.pre_feedforward_layernorm.weight",
+    "model.layers.0.self_attn.q_norm.weight",
+    "model.layers.0.self_attn.k_norm.weight",
+    "model.layers.0.self_attn.q_proj.bias",
+    "model.layers.0.mlp.gate_proj.bias",
+  ];
+  assertEquals(decayed.filter((n) => !isDecayed(n)), []);
+  assertEquals(exempt.filter(isDecayed), []);
 });

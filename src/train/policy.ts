@@ -30,6 +30,7 @@ import {
   loraSnapshot,
   type Snapshot,
 } from "../snapshot/snapshot.ts";
+import { isDecayed } from "./weight_decay.ts";
 
 /** Training-step settings: AdamW, clipping, gradient checkpointing (PyTorch/TRL names in camelCase). */
 export interface OptimizerConfig {
@@ -358,7 +359,7 @@ export class Policy {
           beta1: o2.beta1,
           beta2: o2.beta2,
           eps: o2.eps,
-          weightDecay: o2.weightDecay,
+          weightDecay: isDecayed(k) ? o2.weightDecay : 0,
           step: stepNo,
           gradScale: clip,
         });
