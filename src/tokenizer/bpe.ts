@@ -1,20 +1,23 @@
 /**
- * Hugging Face `tokenizer.json` BPE tokenizers (byte-level: Llama-3, Qwen2/3, GPT-2, SmolLM2;
- * SentencePiece-style with byte fallback: Llama-2, Mistral, Gemma-3), and `loadTokenizer(dir)`,
- * which picks the char or BPE tokenizer for a model directory.
+ * Hugging Face `tokenizer.json` BPE tokenizers (byte-level: Llama-3, Qwen2/3, DeepSeek-V3,
+ * GPT-4o, GPT-2, SmolLM2; SentencePiece-style with byte fallback: Llama-2, Mistral, Gemma-2,
+ * Gemma-3), and `loadTokenizer(dir)`, which picks the char or BPE tokenizer for a model directory.
  *
  * The BPE model, the added-token matching and the decoders are Hugging Face's
  * `@huggingface/tokenizers` (pure TypeScript), which also translates the files' Oniguruma regexes
  * to JavaScript. Normalizers and pre-tokenizers are this module's, written to the Rust library's
  * semantics where the TypeScript port departs from them (split behaviors and `invert`, `Digits`
  * on all numeric characters, `Strip` on Unicode White_Space, `Prepend` leaving "" alone,
- * `Lowercase` per character, the GPT-2 regex's `\s`). Ids and decodes equal Hugging Face's Rust
- * `tokenizers` on every case of `tests/fixtures/tokenizer/expected/` (`tests/tokenizer_hf_test.ts`).
+ * `Lowercase` per character, the GPT-2 regex's `\s`), and so is the ByteFallback decoder's
+ * handling of invalid UTF-8 (one U+FFFD a byte). Ids and decodes equal Hugging Face's Rust
+ * `tokenizers` on every string of `tests/fixtures/tokenizer/corpus.jsonl` for seven real files
+ * and on 14 variants of them (`tests/tokenizer_hf_test.ts`).
  *
  * Supported `tokenizer.json` parts (anything else is a `TokenizerError` naming the field):
  * - `model`: `type: "BPE"`, `vocab`, `merges` (`"a b"` strings or `["a", "b"]` pairs),
- *   `unk_token`, `byte_fallback`, `ignore_merges`, `fuse_unk` (only where every byte has a token,
- *   so no unknown symbol can occur). `dropout` is ignored: encoding is deterministic.
+ *   `unk_token`, `byte_fallback`, `ignore_merges`, `fuse_unk` (only where every byte that byte
+ *   fallback can need has a token, so no unknown symbol can occur). `dropout` is ignored:
+ *   encoding is deterministic.
  * - `added_tokens`: matched before normalization (or after it, with `normalized: true`), longest
  *   first; `lstrip` / `rstrip` supported, `single_word: true` refused.
  * - `normalizer`: NFC, NFD, NFKC, NFKD, Lowercase, Prepend, Replace, Strip, Sequence.
@@ -355,6 +358,35 @@ const checkDecoder = (x: unknown, field: string): void => {
   }
 };
 
+const fatalUtf8 = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * Makes the port's ByteFallback decoders (found in a decoder tree) decode a run of byte tokens
+ * as Rust does: valid UTF-8 as its text, otherwise one U+FFFD per byte (the port decodes lossily,
+ * so `<0x05><0x96>` gave "\u0005\uFFFD" instead of "\uFFFD\uFFFD").
+ */
+const exactByteFallback = (x: unknown): void => {
+  // The port's decoders are callable objects (functions).
+  if (typeof x !== "function" && !isRecord(x)) return;
+  const decoder = x as { decoders?: unknown; config?: unknown; text_decoder?: unknown };
+  if (Array.isArray(decoder.decoders)) decoder.decoders.forEach(exactByteFallback);
+  if (isRecord(decoder.config) && decoder.config.type === "ByteFallback") {
+    if (!("text_decoder" in decoder)) {
+      // Another version of the port: refuse rather than decode inexactly.
+      fail("decoder", "decoder: cannot make this @huggingface/tokenizers ByteFallback exact");
+    }
+    decoder.text_decoder = {
+      decode: (bytes: Uint8Array): string => {
+        try {
+          return fatalUtf8.decode(bytes);
+        } catch {
+          return "\uFFFD".repeat(bytes.length);
+        }
+      },
+    };
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The model and added tokens
 
@@ -505,11 +537,18 @@ const checkModel = (
     const hex = (b: number) => `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`;
     const allBytes = (name: (b: number) => string) =>
       BYTE_TO_CHAR.every((_, b) => vocab.has(name(b)));
+    // With byte fallback, an ASCII byte is needed only for its own character when that
+    // character has no token (Gemma-2 has "\t" but no <0x09>); bytes >= 0x80 always are.
     const covered = byteFallback
-      ? allBytes(hex)
+      ? BYTE_TO_CHAR.every((_, b) =>
+        vocab.has(hex(b)) || (b < 0x80 && vocab.has(String.fromCharCode(b)))
+      )
       : hasByteLevel(json.pre_tokenizer) && allBytes((b) => BYTE_TO_CHAR[b]);
     if (!covered) {
-      fail("model.fuse_unk", "model.fuse_unk: supported only when every byte has a token");
+      fail(
+        "model.fuse_unk",
+        "model.fuse_unk: supported only when every byte that byte fallback can need has a token",
+      );
     }
   }
   return { vocab, byId };
@@ -597,8 +636,13 @@ export class HfTokenizer implements Tokenizer {
     } catch (e) {
       throw new TokenizerError({ reason: `tokenizer.json: ${messageOf(e)}`, field: "" });
     }
-    const patched = this.#hf as unknown as { normalizer: unknown; pre_tokenizer: unknown };
+    const patched = this.#hf as unknown as {
+      normalizer: unknown;
+      pre_tokenizer: unknown;
+      decoder: unknown;
+    };
     patched.normalizer = normalize;
+    exactByteFallback(patched.decoder);
     patched.pre_tokenizer = preTokenize === null
       ? null
       : (text: string) => preTokenize([text]).filter((p) => p !== "");

@@ -1,8 +1,9 @@
 /**
  * Tokenizers: the `Tokenizer` interface every model uses, and `CharTokenizer`, a character-level
  * tokenizer over a fixed alphabet for small models trained from scratch. Hugging Face
- * `tokenizer.json` BPE tokenizers (byte-level: Llama-3, Qwen; SentencePiece-style with byte
- * fallback: Llama-2, Gemma-3) live in `./bpe.ts`, which also has `loadTokenizer(dir)`.
+ * `tokenizer.json` BPE tokenizers (byte-level: Llama-3, Qwen, DeepSeek-V3, GPT-4o;
+ * SentencePiece-style with byte fallback: Llama-2, Gemma-2, Gemma-3) live in `./bpe.ts`, which
+ * also has `loadTokenizer(dir)`.
  *
  * Conventions shared by all tokenizers:
  * - `encode` never adds BOS/EOS; callers prepend `bosId` (when not null) and append `eosId`.
