@@ -318,6 +318,19 @@ const ropeScalingOf = (
     }
   });
 
+/** HF `layer_types`: one "full_attention" or "sliding_attention" per layer; true where sliding. */
+const slidingLayerTypes = (
+  lt: unknown,
+  numLayers: number,
+): Effect.Effect<boolean[], ModelConfigError> =>
+  Array.isArray(lt) && lt.length === numLayers &&
+    lt.every((t) => t === "full_attention" || t === "sliding_attention")
+    ? Effect.succeed(lt.map((t) => t === "sliding_attention"))
+    : fail(
+      "layer_types",
+      `config.json: "layer_types" must list "full_attention" or "sliding_attention" for each of ${numLayers} layers`,
+    );
+
 /**
  * Which layers use sliding-window attention, HF's way: mistral applies `sliding_window` to every
  * layer; qwen2/qwen3 only with `use_sliding_window`, from layer `max_window_layers` on; an
@@ -335,17 +348,7 @@ const slidingOf = (
       const window = yield* posInt(j, "sliding_window", 4096);
       let layers: boolean[];
       if (j.layer_types !== undefined && j.layer_types !== null) {
-        const lt = j.layer_types;
-        if (
-          !Array.isArray(lt) || lt.length !== numLayers ||
-          lt.some((t) => t !== "full_attention" && t !== "sliding_attention")
-        ) {
-          return yield* fail(
-            "layer_types",
-            `config.json: "layer_types" must list "full_attention" or "sliding_attention" for each of ${numLayers} layers`,
-          );
-        }
-        layers = lt.map((t) => t === "sliding_attention");
+        layers = yield* slidingLayerTypes(j.layer_types, numLayers);
       } else {
         const pattern = modelType === "gemma2" ? 2 : yield* posInt(j, "sliding_window_pattern", 6);
         layers = Array.from({ length: numLayers }, (_, i) => (i + 1) % pattern !== 0);
@@ -389,17 +392,7 @@ const slidingOf = (
     const window = yield* posInt(j, "sliding_window");
     let layers: boolean[];
     if (j.layer_types !== undefined && j.layer_types !== null) {
-      const lt = j.layer_types;
-      if (
-        !Array.isArray(lt) || lt.length !== numLayers ||
-        lt.some((t) => t !== "full_attention" && t !== "sliding_attention")
-      ) {
-        return yield* fail(
-          "layer_types",
-          `config.json: "layer_types" must list "full_attention" or "sliding_attention" for each of ${numLayers} layers`,
-        );
-      }
-      layers = lt.map((t) => t === "sliding_attention");
+      layers = yield* slidingLayerTypes(j.layer_types, numLayers);
     } else if (modelType === "mistral") {
       layers = Array.from({ length: numLayers }, () => true);
     } else {
