@@ -204,6 +204,25 @@ export {
   steps,
   update,
 } from "./src/pipeline/stages.ts";
+export {
+  appendModelTurn,
+  appendObservation,
+  emptyEpisode,
+  type Environment,
+  EnvironmentError,
+  type EnvironmentStep,
+  type Episode,
+  type EpisodeEnvironment,
+  type EpisodeLimits,
+  type EpisodeSpec,
+  fromPromise,
+  type ModelTurn,
+  type MultiTurnOptions,
+  multiTurnRollout,
+  runEpisodes,
+  type TokenOrigin,
+  type TurnGenerator,
+} from "./src/pipeline/multi_turn.ts";
 
 // ---- tasks ------------------------------------------------------------------------------------
 export type { Task, TaskEvaluation } from "./src/task/task.ts";
@@ -250,6 +269,17 @@ export {
   userReward,
   type UserRewardFn,
 } from "./src/task/reward_module.ts";
+export {
+  calculatorEnvironment,
+  calculatorLimits,
+  type CalculatorOptions,
+  type CalculatorTask,
+  calculatorTask,
+  episodeAccuracy,
+  episodeExactMatch,
+  lastSum,
+  threeSumProblem,
+} from "./src/task/calculator_env.ts";
 
 // ---- the trainer app --------------------------------------------------------------------------
 export { decodeTrainConfig, type TrainConfig, TrainConfigError } from "./src/app/config.ts";

@@ -87,6 +87,13 @@ export interface Rollouts extends Step {
   readonly completionTexts: readonly string[];
   readonly engineLogp: readonly (readonly number[])[];
   readonly endedWithEos: readonly boolean[];
+  /**
+   * Per-token loss masks of the completions (1 = trained, 0 = environment / tool output), from
+   * the multi-turn rollout stage (multi_turn.ts); absent = every completion token is trained.
+   */
+  readonly lossMasks?: readonly (readonly number[])[];
+  /** Model turns of each episode (multi-turn rollouts only). */
+  readonly turns?: readonly number[];
 }
 
 /** Rollouts with rewards. */
@@ -119,7 +126,7 @@ export interface Pushed extends Snapshotted {
  * One stage's per-step effect as a traced function: a span named after the stage, and the
  * stage's wall time recorded in the step's `times` under the same name.
  */
-const timed = <A extends Step, B, E, R>(
+export const timedStage = <A extends Step, B, E, R>(
   name: string,
   f: (a: A) => Effect.Effect<B, E, R>,
 ): (a: A) => Effect.Effect<B & { times: StageTimes }, E, R> =>
@@ -165,7 +172,7 @@ export const rollout = (o: RolloutOptions) =>
 ): Stream.Stream<Rollouts, E | RolloutError, R | typeof RolloutEngine.Identifier> =>
   Stream.mapEffect(
     s,
-    timed("rollout", (st: Step) =>
+    timedStage("rollout", (st: Step) =>
       Effect.gen(function* () {
         const engine = yield* RolloutEngine;
         const rng = new Rng([o.seed >>> 0, st.step >>> 0, 0x9e3779b9, 7]);
@@ -218,7 +225,7 @@ export const reward =
   ): Stream.Stream<Scored, E | RewardError, R> =>
     Stream.mapEffect(
       s,
-      timed("reward", (r: Rollouts) =>
+      timedStage("reward", (r: Rollouts) =>
         Effect.map(
           scoreRewards(rewards, r.completionTexts, {
             prompts: r.prompts.flatMap((p) => Array(r.numGenerations).fill(p.prompt)),
@@ -230,6 +237,19 @@ export const reward =
         )),
     );
 
+/** `multi_turn/turns_mean` and `multi_turn/env_tokens_mean` (environment tokens per episode). */
+const multiTurnMetrics = (
+  turns: readonly number[],
+  masks: readonly (readonly number[])[],
+): Record<string, number> => {
+  const n = Math.max(1, turns.length);
+  const env = masks.reduce((a, m) => a + m.filter((x) => x === 0).length, 0);
+  return {
+    "multi_turn/turns_mean": turns.reduce((a, b) => a + b, 0) / n,
+    "multi_turn/env_tokens_mean": env / n,
+  };
+};
+
 /** Group-relative advantages (scale_rewards as configured) and the rollout metrics. */
 export const advantage = (config: GrpoConfig) =>
 <E, R>(
@@ -237,7 +257,7 @@ export const advantage = (config: GrpoConfig) =>
 ): Stream.Stream<Advantaged, E | GrpoInputError | GrpoNumericError, R> =>
   Stream.mapEffect(
     s,
-    timed("advantage", (r: Scored) =>
+    timedStage("advantage", (r: Scored) =>
       Effect.map(
         groupAdvantages(r.rewards.combined, {
           numGenerations: r.numGenerations,
@@ -254,6 +274,7 @@ export const advantage = (config: GrpoConfig) =>
             "completions/max_length": Math.max(...lengths),
             "completions/clipped_ratio": r.endedWithEos.filter((e) => !e).length /
               Math.max(1, lengths.length),
+            ...(r.turns && r.lossMasks ? multiTurnMetrics(r.turns, r.lossMasks) : {}),
           };
           return { ...r, advantages: a.advantages, metrics };
         },
@@ -281,7 +302,7 @@ export const update = (o: UpdateOptions) =>
 > =>
   Stream.mapEffect(
     s,
-    timed("update", (r: A) =>
+    timedStage("update", (r: A) =>
       Effect.gen(function* () {
         const c = o.config;
         const needOld = c.numIterations > 1;
@@ -289,7 +310,12 @@ export const update = (o: UpdateOptions) =>
         const ref = c.beta !== 0
           ? yield* o.policy.logProbs(r.sequences, c.temperature, true)
           : null;
-        const masks = r.sequences.map((q) => new Float64Array(q.completion.length).fill(1));
+        // multi-turn episodes train only the model's own tokens (environment tokens: mask 0)
+        const masks = r.sequences.map((q, i) =>
+          r.lossMasks
+            ? Float64Array.from(r.lossMasks[i])
+            : new Float64Array(q.completion.length).fill(1)
+        );
         const dapoNormalizer = countLossTokens(
           masks.map((mask, i) => ({ mask, endedWithEos: r.endedWithEos[i] })),
           c.maskTruncatedCompletions,
@@ -336,7 +362,7 @@ export const snapshot = (policy: Policy) =>
 ): Stream.Stream<A & { snapshot: Snapshot }, E | BackendError | NonFiniteStepError, R> =>
   Stream.mapEffect(
     s,
-    timed(
+    timedStage(
       "snapshot",
       (a: A) => Effect.map(policy.snapshot(), (snap) => ({ ...a, snapshot: snap })),
     ),
@@ -352,7 +378,7 @@ export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
 > =>
   Stream.mapEffect(
     s,
-    timed("push", (a: A) =>
+    timedStage("push", (a: A) =>
       Effect.gen(function* () {
         const target = yield* PushTarget;
         return { ...a, push: yield* target.push(a.snapshot) };

@@ -1,0 +1,396 @@
+/**
+ * Multi-turn, tool-using rollouts: an episode is a loop of generate → hand the model's turn to an
+ * {@link Environment} → append what it returns → generate again, until the environment ends the
+ * episode, the turns run out or the episode's token budget is spent.
+ *
+ * The trained sequence is the prompt plus the whole episode after it, in token ids exactly as
+ * generated and returned (never re-tokenized, so the ids trained on are the ids sampled). A loss
+ * mask marks each episode token's origin: 1 for the model's own tokens, 0 for the environment's
+ * (tool output is conditioned on, never trained on, as in verl's multi-turn loss masks and TRL's
+ * tool masks). Engine log-probs of environment tokens are NaN: the update stage never uses them,
+ * their loss weight is 0. Rewards see the whole episode (text and ids).
+ * @module
+ */
+import { Effect, Stream } from "effect";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { Rng } from "../model/rng.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+import {
+  type RolloutCompletion,
+  RolloutEngine,
+  type RolloutError,
+  type RolloutRequest,
+  type RolloutResult,
+} from "../ports/rollout_engine.ts";
+import type { TrainSequence } from "../train/policy.ts";
+import {
+  type PromptItem,
+  promptTokens,
+  type RolloutOptions,
+  type Rollouts,
+  type Step,
+  timedStage,
+} from "./stages.ts";
+
+// ---- the environment -------------------------------------------------------------------------
+
+/** Fields of an {@link EnvironmentError}. */
+export interface EnvironmentErrorFields {
+  /** The environment's name. */
+  readonly environment: string;
+  /** What went wrong, in words. */
+  readonly reason: string;
+  /** The underlying error (a thrown exception, a rejected promise), when there is one. */
+  readonly cause?: unknown;
+}
+
+const EnvironmentErrorBase: TaggedErrorClass<"EnvironmentError", EnvironmentErrorFields> =
+  taggedError("EnvironmentError", (e) => `environment ${e.environment}: ${e.reason}`);
+/**
+ * An environment failed, returned something that is not a valid observation, or was given
+ * episode limits that are not integers >= 1.
+ */
+export class EnvironmentError extends EnvironmentErrorBase {}
+
+/** One turn of the model, as the environment sees it. */
+export interface ModelTurn {
+  /** 1 for the first turn. */
+  readonly turn: number;
+  /** The turn's token ids (with the stop token that ended it, if one did). */
+  readonly tokens: readonly number[];
+  /** The turn decoded (special tokens dropped). */
+  readonly text: string;
+  /** "stop": a stop token ended the turn; "length": the per-turn or episode token limit did. */
+  readonly finishReason: RolloutCompletion["finishReason"];
+  /** Every episode token so far (model and environment), this turn included. */
+  readonly episode: readonly number[];
+}
+
+/** What the environment answers to a model turn. */
+export interface EnvironmentStep {
+  /**
+   * Appended to the episode after the model's turn, masked out of the loss: token ids, or text
+   * (encoded with the run's tokenizer, no special tokens). Ignored (may be empty) when done.
+   */
+  readonly observation: readonly number[] | string;
+  /** The episode is over: no further turn is generated. */
+  readonly done: boolean;
+}
+
+/** One episode's environment: receives each model turn in order. */
+export interface EpisodeEnvironment {
+  step(turn: ModelTurn): Effect.Effect<EnvironmentStep, EnvironmentError>;
+}
+
+/**
+ * A user's environment: `reset` starts an episode for one sample of a prompt (each of the G
+ * samples of a group gets its own, so state never leaks between samples). Plain async code is
+ * wrapped with {@link fromPromise}.
+ */
+export interface Environment {
+  readonly name: string;
+  reset(item: PromptItem): Effect.Effect<EpisodeEnvironment, EnvironmentError>;
+}
+
+/** An environment from Promise-returning functions (a class instance's methods work too). */
+export const fromPromise = (
+  name: string,
+  reset: (item: PromptItem) => Promise<(turn: ModelTurn) => Promise<EnvironmentStep>>,
+): Environment => {
+  const wrap = <A>(what: string, f: () => Promise<A>) =>
+    Effect.tryPromise({
+      try: f,
+      catch: (cause) =>
+        new EnvironmentError({
+          environment: name,
+          reason: `${what} failed: ${cause instanceof Error ? cause.message : String(cause)}`,
+          cause,
+        }),
+    });
+  return {
+    name,
+    reset: (item) =>
+      Effect.map(wrap("reset", () => reset(item)), (step) => ({
+        step: (turn: ModelTurn) => wrap(`step (turn ${turn.turn})`, () => step(turn)),
+      })),
+  };
+};
+
+// ---- an episode's tokens and their origins ---------------------------------------------------
+
+/** Where an episode token came from. */
+export type TokenOrigin = "model" | "environment";
+
+/** An episode under construction: tokens after the prompt, with their origins. */
+export interface Episode {
+  readonly tokens: number[];
+  /** 1 = generated by the model (trained), 0 = returned by the environment (masked). */
+  readonly mask: number[];
+  /** The engine's log-probs of the model's tokens; NaN at environment tokens. */
+  readonly engineLogp: number[];
+  /** Model turns generated. */
+  turns: number;
+  /** "stop": the environment ended it; "length": turns or token budget ran out first. */
+  finish: "stop" | "length";
+}
+
+/** An empty episode. */
+export const emptyEpisode = (): Episode => ({
+  tokens: [],
+  mask: [],
+  engineLogp: [],
+  turns: 0,
+  finish: "length",
+});
+
+/** Appends a model turn: its tokens count in the loss. */
+export const appendModelTurn = (
+  ep: Episode,
+  tokens: readonly number[],
+  logprobs: readonly number[],
+): void => {
+  for (let t = 0; t < tokens.length; t++) {
+    ep.tokens.push(tokens[t]);
+    ep.mask.push(1);
+    ep.engineLogp.push(logprobs[t] ?? NaN);
+  }
+  ep.turns++;
+};
+
+/** Appends environment tokens: conditioned on, never trained on. */
+export const appendObservation = (ep: Episode, tokens: readonly number[]): void => {
+  for (const t of tokens) {
+    ep.tokens.push(t);
+    ep.mask.push(0);
+    ep.engineLogp.push(NaN);
+  }
+};
+
+// ---- the loop --------------------------------------------------------------------------------
+
+/** Limits of an episode. */
+export interface EpisodeLimits {
+  /** Model turns at most (>= 1). */
+  readonly maxTurns: number;
+  /** Tokens of one model turn at most. */
+  readonly maxTurnTokens: number;
+  /** Episode tokens (model and environment) at most; an observation is cut to fit. */
+  readonly maxEpisodeTokens: number;
+}
+
+/** One episode to run: its prompt ids, its environment, the sampling of its first turn. */
+export interface EpisodeSpec {
+  readonly item: PromptItem;
+  readonly prompt: readonly number[];
+  /** The request of the first turn (n = 1); later turns keep its sampling, with their own seed. */
+  readonly request: RolloutRequest;
+}
+
+/** Engine of the loop: one call per turn, every active episode in it (n = 1 each). */
+export type TurnGenerator<E = RolloutError> = (
+  requests: readonly RolloutRequest[],
+) => Effect.Effect<RolloutResult, E>;
+
+const checkObservation = (
+  env: Environment,
+  tok: Tokenizer,
+  obs: readonly number[] | string,
+  turn: number,
+): Effect.Effect<readonly number[], EnvironmentError> => {
+  if (typeof obs === "string") return Effect.succeed(tok.encode(obs));
+  if (!Array.isArray(obs)) {
+    return Effect.fail(
+      new EnvironmentError({
+        environment: env.name,
+        reason: `turn ${turn}: observation is neither token ids nor text`,
+      }),
+    );
+  }
+  const bad = obs.findIndex((t) => !Number.isInteger(t) || t < 0 || t >= tok.vocabSize);
+  return bad < 0 ? Effect.succeed(obs) : Effect.fail(
+    new EnvironmentError({
+      environment: env.name,
+      reason: `turn ${turn}: observation token ${bad} is ${
+        obs[bad]
+      }, not an id of the vocabulary (0..${tok.vocabSize - 1})`,
+    }),
+  );
+};
+
+/** A later turn's seed, from the first turn's, the episode and the turn (null stays null). */
+const turnSeed = (seed: number | null, turn: number): number | null =>
+  seed === null ? null : new Rng([seed >>> 0, turn >>> 0, 0x85ebca6b, 11]).int(2147483647);
+
+/**
+ * Runs episodes to their end: each turn is one engine call for every episode still running, then
+ * each episode's environment step (concurrently). Returns the episodes (in order) and the oldest
+ * policy version any turn came from (a multi-turn batch is as stale as its oldest turn).
+ */
+export const runEpisodes = <E = RolloutError>(
+  generateTurn: TurnGenerator<E>,
+  env: Environment,
+  tok: Tokenizer,
+  specs: readonly EpisodeSpec[],
+  limits: EpisodeLimits,
+): Effect.Effect<{ episodes: Episode[]; policyVersion: number }, E | EnvironmentError> =>
+  Effect.gen(function* () {
+    for (const k of ["maxTurns", "maxTurnTokens", "maxEpisodeTokens"] as const) {
+      const v = limits[k];
+      if (!Number.isInteger(v) || v < 1) {
+        return yield* Effect.fail(
+          new EnvironmentError({
+            environment: env.name,
+            reason: `episode limit ${k} must be an integer >= 1, got ${v}`,
+          }),
+        );
+      }
+    }
+    const envs = yield* Effect.forEach(specs, (s) => env.reset(s.item), {
+      concurrency: "unbounded",
+    });
+    const episodes = specs.map(emptyEpisode);
+    let active = specs.map((_, i) => i);
+    let version = Infinity;
+    for (let turn = 1; turn <= limits.maxTurns && active.length > 0; turn++) {
+      const room = active.map((i) =>
+        Math.min(limits.maxTurnTokens, limits.maxEpisodeTokens - episodes[i].tokens.length)
+      );
+      const requests = active.map((i, k): RolloutRequest => ({
+        ...specs[i].request,
+        prompt: [...specs[i].prompt, ...episodes[i].tokens],
+        n: 1,
+        maxTokens: room[k],
+        seed: turn === 1 ? specs[i].request.seed : turnSeed(specs[i].request.seed, turn),
+      }));
+      const result = yield* generateTurn(requests);
+      version = Math.min(version, result.policyVersion);
+      const answers = yield* Effect.forEach(active, (i, k) => {
+        const c = result.completions[k][0];
+        const ep = episodes[i];
+        appendModelTurn(ep, c.tokens, c.logprobs);
+        return envs[i].step({
+          turn,
+          tokens: c.tokens,
+          text: tok.decode(c.tokens),
+          finishReason: c.finishReason,
+          episode: [...ep.tokens],
+        });
+      }, { concurrency: "unbounded" });
+      const next: number[] = [];
+      for (let k = 0; k < active.length; k++) {
+        const ep = episodes[active[k]];
+        const a = answers[k];
+        if (a.done) {
+          ep.finish = "stop";
+          continue;
+        }
+        const obs = yield* checkObservation(env, tok, a.observation, turn);
+        const left = limits.maxEpisodeTokens - ep.tokens.length;
+        appendObservation(ep, obs.slice(0, Math.max(0, left)));
+        // out of budget: the episode is cut, as a completion is at max_tokens
+        if (obs.length < left && turn < limits.maxTurns) next.push(active[k]);
+      }
+      active = next;
+    }
+    return { episodes, policyVersion: Number.isFinite(version) ? version : 0 };
+  });
+
+// ---- the stage -------------------------------------------------------------------------------
+
+/** Options of {@link multiTurnRollout}: the rollout stage's, the environment and the limits. */
+export interface MultiTurnOptions extends RolloutOptions {
+  readonly environment: Environment;
+  /** Model turns per episode at most (default 4). */
+  readonly maxTurns?: number;
+  /** Tokens per model turn at most (default: the config's maxCompletionLength). */
+  readonly maxTurnTokens?: number;
+  /**
+   * Episode tokens after the prompt at most, model and environment together (default: the
+   * config's maxCompletionLength, so dr_grpo's normalizer still bounds every episode).
+   */
+  readonly maxEpisodeTokens?: number;
+}
+
+/**
+ * The rollout stage for multi-turn episodes: same prompts, seeds and output as {@link rollout}
+ * (so reward, advantage, update and {@link boundedStaleness} compose with it unchanged), with a
+ * sequence's completion the whole episode and `lossMasks` marking the environment's tokens.
+ * `endedWithEos` is whether the environment ended the episode (false: cut by the limits).
+ */
+export const multiTurnRollout = (o: MultiTurnOptions) =>
+<E, R>(
+  s: Stream.Stream<Step, E, R>,
+): Stream.Stream<
+  Rollouts,
+  E | RolloutError | EnvironmentError,
+  R | typeof RolloutEngine.Identifier
+> =>
+  Stream.mapEffect(
+    s,
+    timedStage("rollout", (st: Step) =>
+      Effect.gen(function* () {
+        const engine = yield* RolloutEngine;
+        const rng = new Rng([o.seed >>> 0, st.step >>> 0, 0x9e3779b9, 7]);
+        const prompts = Array.from(
+          { length: o.promptsPerStep },
+          (_, index) => o.prompts(rng, { step: st.step, index, promptsPerStep: o.promptsPerStep }),
+        );
+        const c = o.config;
+        const G = c.numGenerations;
+        const budget = o.maxEpisodeTokens ?? c.maxCompletionLength;
+        const specs: EpisodeSpec[] = prompts.flatMap((p, i) => {
+          const prompt = promptTokens(o.tokenizer, p, o.maxPromptLength ?? null);
+          // sample j of prompt i is seeded as the single-turn stage's request i, sample j
+          const seed = ((o.seed * 1_000_003 + st.step * 10_007 + i * G) >>> 0) % 2147483647;
+          return Array.from({ length: G }, (_, j) => ({
+            item: p,
+            prompt,
+            request: {
+              prompt,
+              n: 1,
+              maxTokens: budget,
+              temperature: c.temperature,
+              topP: c.topP,
+              topK: c.topK,
+              seed: seed + j,
+              stopTokenIds: [o.tokenizer.eosId],
+            },
+          }));
+        });
+        const { episodes, policyVersion } = yield* runEpisodes(
+          (reqs) => engine.generate(reqs),
+          o.environment,
+          o.tokenizer,
+          specs,
+          {
+            maxTurns: o.maxTurns ?? 4,
+            maxTurnTokens: o.maxTurnTokens ?? c.maxCompletionLength,
+            maxEpisodeTokens: budget,
+          },
+        );
+        const sequences: TrainSequence[] = episodes.map((ep, k) => ({
+          prompt: specs[k].prompt,
+          completion: ep.tokens,
+        }));
+        const completions: RolloutCompletion[][] = prompts.map((_, i) =>
+          episodes.slice(i * G, (i + 1) * G).map((ep) => ({
+            tokens: ep.tokens,
+            logprobs: ep.engineLogp,
+            finishReason: ep.finish,
+          }))
+        );
+        const result: RolloutResult = { completions, policyVersion };
+        return {
+          ...st,
+          prompts,
+          numGenerations: G,
+          result,
+          sequences,
+          completionTexts: episodes.map((ep) => o.tokenizer.decode(ep.tokens)),
+          engineLogp: episodes.map((ep) => ep.engineLogp),
+          endedWithEos: episodes.map((ep) => ep.finish === "stop"),
+          lossMasks: episodes.map((ep) => ep.mask),
+          turns: episodes.map((ep) => ep.turns),
+        };
+      })),
+  );
