@@ -52,6 +52,8 @@ import type { Tokenizer } from "../src/tokenizer/tokenizer.ts";
 import { runExample } from "../examples/calculator_tool.ts";
 import { decodeTrainConfig } from "../src/app/config.ts";
 import { serverLayer } from "../src/app/server_layer.ts";
+import { runTraining } from "../src/app/trainer.ts";
+import { join } from "node:path";
 
 const lora = {
   r: 8,
@@ -562,4 +564,33 @@ Deno.test("example through the embedded vLLM-compatible server: every turn over 
     `call rate over the server: ${r.callRates}`,
   );
   await Deno.remove(out, { recursive: true });
+});
+
+Deno.test("runTraining rolls out a task with an environment as multi-turn episodes", async () => {
+  const out = await Deno.makeTempDir();
+  try {
+    const base = await Effect.runPromise(loadBase(BUILTIN_MODEL_DIR));
+    const task = calculatorTask(base.tokenizer, { heldOutSize: 10 });
+    const cfg = await Effect.runPromise(decodeTrainConfig({
+      backend: "cpu",
+      quiet: true,
+      evalSize: 10,
+      steps: 2,
+      promptsPerStep: 4,
+      numGenerations: 4,
+      maxCompletionLength: task.limits.maxEpisodeTokens,
+      outputDir: out,
+    }));
+    const summary = await Effect.runPromise(runTraining(cfg, task, { log: () => {} }));
+    const lines = (await Deno.readTextFile(join(summary.runDir, "metrics.jsonl"))).trim()
+      .split("\n").map((l) => JSON.parse(l) as Record<string, number>);
+    assertEquals(lines.map((m) => m.step), [1, 2]);
+    for (const m of lines) {
+      // the multi-turn stage ran: its metrics are there, with episodes of at least one turn
+      assert(m["multi_turn/turns_mean"] >= 1, `turns_mean ${m["multi_turn/turns_mean"]}`);
+      assert(Number.isFinite(m["multi_turn/env_tokens_mean"]));
+    }
+  } finally {
+    await Deno.remove(out, { recursive: true });
+  }
 });

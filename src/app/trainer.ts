@@ -43,6 +43,7 @@ import {
   steps,
   update,
 } from "../pipeline/stages.ts";
+import { type EnvironmentError, multiTurnRollout } from "../pipeline/multi_turn.ts";
 
 /** What a finished run reports (also written to runs/<id>/summary.json). */
 export interface TrainSummary {
@@ -75,6 +76,7 @@ export type TrainError =
   | TokenizerError
   | BackendError
   | RolloutError
+  | EnvironmentError
   | RewardError
   | GrpoInputError
   | GrpoNumericError
@@ -288,16 +290,21 @@ export const runTraining: (
           // asynchronously the policy is a step ahead by now: its checkpoint follows its snapshot
           if (cfg.grpo.maxStaleness === 0) yield* checkpoint(p.step);
         });
+      const rolloutOptions = {
+        tokenizer: tok,
+        prompts: task.prompts,
+        promptsPerStep: cfg.promptsPerStep,
+        config: cfg.grpo,
+        seed: cfg.seed,
+        maxPromptLength: cfg.maxPromptLength,
+      };
+      // a task with an environment rolls out multi-turn episodes; the stages after are the same
+      const rolloutStage = task.environment
+        ? multiTurnRollout({ ...rolloutOptions, environment: task.environment, ...task.limits })
+        : rollout(rolloutOptions);
       const produce = <E, R>(s: Stream.Stream<Step, E, R>) =>
         s.pipe(
-          rollout({
-            tokenizer: tok,
-            prompts: task.prompts,
-            promptsPerStep: cfg.promptsPerStep,
-            config: cfg.grpo,
-            seed: cfg.seed,
-            maxPromptLength: cfg.maxPromptLength,
-          }),
+          rolloutStage,
           reward(task.rewards, cfg.grpo.rewardWeights),
           advantage(cfg.grpo),
         );

@@ -175,9 +175,8 @@ export interface CalculatorTask extends Task {
 
 /**
  * The three-sum task with the calculator, on the built-in model. Held-out problems are drawn
- * from a stream of their own and skipped in training. Train it with the pipeline stages and
- * `multiTurnRollout` given `environment` and `limits` (examples/calculator_tool.ts): runTraining
- * does not run environments yet, it would train single-turn completions.
+ * from a stream of their own and skipped in training. `runTraining` rolls it out multi-turn
+ * through its `environment` and `limits`; examples/calculator_tool.ts composes the stages itself.
  */
 export const calculatorTask = (
   tokenizer: Tokenizer,

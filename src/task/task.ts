@@ -11,6 +11,7 @@ import type { BackendError } from "../backend/ops.ts";
 import type { NamedReward, RewardError } from "../grpo/rewards.ts";
 import type { SnapshotModel } from "../snapshot/snapshot.ts";
 import type { PromptSource } from "../pipeline/stages.ts";
+import type { Environment, EpisodeLimits } from "../pipeline/multi_turn.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 
 /** A held-out evaluation: a score (an accuracy in [0, 1], or a mean reward) on fixed items. */
@@ -44,4 +45,12 @@ export interface Task {
   readonly evaluation: TaskEvaluation;
   /** Checkpoint directory trained when the run names no model; null = the run must name one. */
   readonly baseModelDir: string | null;
+  /**
+   * A multi-turn task's environment: rollouts are episodes (generate, environment step, ...)
+   * within `limits`, trained with the environment's tokens masked out of the loss. Absent: one
+   * completion per rollout.
+   */
+  readonly environment?: Environment;
+  /** Episode limits of a multi-turn task (defaults: see multiTurnRollout). */
+  readonly limits?: Partial<EpisodeLimits>;
 }
