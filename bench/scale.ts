@@ -192,10 +192,16 @@ const child = async (model: ModelName, backendName: BackendName, budgetS: number
   try {
     const config = await modelConfig(model);
     const rng = new Rng(11);
-    const base = initWeights(config, 1);
+    // as a LoRA run on a published (BF16) checkpoint: the frozen base's matrices stay bf16;
+    // Qwen2.5-0.5B also checkpoints its activations (TRL's gradient_checkpointing), as a user
+    // fitting it in a few GB would
+    const base = initWeights16(config, 1, "bf16");
+    const checkpointing = model === "qwen25_05b";
     let params = 0;
-    for (const t of base.values()) params += t.data.length;
+    for (const t of base.values()) params += t.shape.reduce((a, b) => a * b, 1);
     out[`${p}_parameters`] = params;
+    out[`${p}_base_format`] = "bf16";
+    out[`${p}_gradient_checkpointing`] = checkpointing ? "on" : "off";
     if (params !== MODELS[model].parameters) {
       throw new Error(`${model}: ${params} parameters, expected ${MODELS[model].parameters}`);
     }
@@ -213,6 +219,7 @@ const child = async (model: ModelName, backendName: BackendName, budgetS: number
         eps: 1e-8,
         weightDecay: 0,
         maxGradNorm: 1,
+        gradientCheckpointing: checkpointing,
       },
     }));
     const ops: Ops = await inScope(backend.ops);
