@@ -1023,14 +1023,21 @@ export const forwardCached = (
     kvLen: cache.len + tq,
     kvStart: kvStartT,
   };
-  let x = embed(ops, model, ids);
+  // the hidden state, overwritten by each layer's output
+  const x = embed(ops, model, ids);
   for (let l = 0; l < c.numLayers; l++) {
-    // new keys/values go into the cache; attention reads the whole cache
-    x = decoderLayer(cx, l, x, positions, (q, k, v) => {
-      ops.scatterRowsInPlace(cache.k[l], k, cacheRows);
-      ops.scatterRowsInPlace(cache.v[l], v, cacheRows);
-      return ops.attention(q, cache.k[l], cache.v[l], layerAttention(c, l, attnOpts));
-    }).out;
+    // Each layer's temporaries go back to the pool when it ends: a prefill of batch x prompt
+    // rows would otherwise hold every layer's activations (O(layers)) until the step ends.
+    ops.transient((t) => {
+      // new keys/values go into the cache; attention reads the whole cache
+      const out = decoderLayer({ ...cx, ops: t }, l, x, positions, (q, k, v) => {
+        t.scatterRowsInPlace(cache.k[l], k, cacheRows);
+        t.scatterRowsInPlace(cache.v[l], v, cacheRows);
+        return t.attention(q, cache.k[l], cache.v[l], layerAttention(c, l, attnOpts));
+      }).out;
+      // encoded after every read of x (device queues and the CPU run in order)
+      t.setRows(x, 0, out);
+    });
   }
   cache.len += tq;
   const last = Array.from({ length: B }, (_, b) => b * tq + tq - 1);

@@ -127,6 +127,11 @@ export class GpuContext {
   submits = 0;
   /** Buffers handed out by alloc/upload and not yet released (0 when every scope closed). */
   outstanding = 0;
+  /** Bytes of the buffers counted by `outstanding`. */
+  outstandingBytes = 0;
+  /** Most `outstanding` / `outstandingBytes` since the last `resetPeak` (live device memory). */
+  peakOutstanding = 0;
+  peakOutstandingBytes = 0;
   private readonly persistent: GPUBuffer[] = [];
   private bindingOverride: number | null = null;
 
@@ -208,10 +213,23 @@ export class GpuContext {
     return p;
   }
 
+  /** Restarts the high-water marks of live buffers at the current counts. */
+  resetPeak(): void {
+    this.peakOutstanding = this.outstanding;
+    this.peakOutstandingBytes = this.outstandingBytes;
+  }
+
+  private handOut(size: number): void {
+    this.outstanding++;
+    this.outstandingBytes += size;
+    this.peakOutstanding = Math.max(this.peakOutstanding, this.outstanding);
+    this.peakOutstandingBytes = Math.max(this.peakOutstandingBytes, this.outstandingBytes);
+  }
+
   /** A storage buffer of at least `bytes` (pooled by exact size; contents undefined). */
   alloc(bytes: number): GPUBuffer {
-    this.outstanding++;
     const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    this.handOut(size);
     const list = this.pool.get(size);
     if (list && list.length > 0) {
       this.pooledBytes -= size;
@@ -235,8 +253,8 @@ export class GpuContext {
 
   /** A fresh buffer initialised from host data (fresh, so no pending command can see it). */
   upload(data: Float32Array | Int32Array): GPUBuffer {
-    this.outstanding++;
     const size = Math.max(4, data.byteLength);
+    this.handOut(size);
     const buf = this.device.createBuffer({
       size,
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
@@ -256,6 +274,7 @@ export class GpuContext {
   uploadPersistent(data: Float32Array | Int32Array): GPUBuffer {
     const b = this.upload(data);
     this.outstanding--;
+    this.outstandingBytes -= b.size;
     this.persistent.push(b);
     return b;
   }
@@ -266,6 +285,7 @@ export class GpuContext {
    */
   release(buf: GPUBuffer): void {
     this.outstanding--;
+    this.outstandingBytes -= buf.size;
     if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
       this.flush();
       buf.destroy();
