@@ -19,7 +19,9 @@
  * estimated time does not fit is skipped and recorded as such. Also: WebGPU 1024³ matmul vs
  * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only).
  *
- * Run: deno run -A bench/scale.ts (writes bench/results/scale.json). Memory of the 16-bit frozen
+ * Run: deno run -A bench/scale.ts (writes bench/results/scale.json). One child alone, with its
+ * own budget: deno run -A bench/scale.ts --child qwen25_05b webgpu --budget-s 720 --out
+ * scale_qwen25_05b_webgpu (writes bench/results/scale_qwen25_05b_webgpu.json). Memory of the 16-bit frozen
  * base: deno run -A bench/scale.ts --memory qwen25_05b webgpu bf16 --train (or f32; see
  * memoryChild).
  * @module
@@ -366,6 +368,7 @@ const child = async (model: ModelName, backendName: BackendName, budgetS: number
     errors.push(`release: ${describe(e)}`);
     report();
   }
+  return out;
 };
 
 /** The WebGPU 1024³ matmul, measured as bench/matmul.ts does (that file exports no helper). */
@@ -812,7 +815,15 @@ if (import.meta.main) {
         const i = args.indexOf(k);
         return i >= 0 ? Number(args[i + 1]) : d;
       };
-      await child(model, backend, opt("--budget-s", 600), opt("--repetitions", 2));
+      const out = await child(model, backend, opt("--budget-s", 600), opt("--repetitions", 2));
+      // `--out <topic>`: also record this one child (its own run) as bench/results/<topic>.json
+      const o = args.indexOf("--out");
+      if (o >= 0) {
+        const kept = Object.entries(out).filter((e): e is [string, number | string] =>
+          e[1] !== null
+        );
+        console.error(await writeResult(args[o + 1], Object.fromEntries(kept)));
+      }
     }
     Deno.exit(0);
   } else {
