@@ -27,3 +27,33 @@ fn widen16(word: u32, j: u32, bf16: bool) -> f32 {
   let special = sign | 0x7f800000u | (m << 13u);
   return bitcast<f32>(select(select(normal, special, e == 31u), sub, e == 0u));
 }
+
+// Online softmax statistics of scaled logits z, a state vec3 (m, s, u): m the running max,
+// s = sum e^(z - m), u = sum e^(z - m) (z - m) (entropy = log s - u / s); a state with s = 0 is
+// empty. Shared by the entropy and streamed log-softmax kernels so their partials combine alike.
+// softmax_rescale: the state's (s, u) moved to a larger max mm.
+fn softmax_rescale(st: vec3<f32>, mm: f32) -> vec2<f32> {
+  if (st.y == 0.0) { return vec2<f32>(0.0, 0.0); }
+  let a = exp(st.x - mm);
+  return vec2<f32>(a * st.y, a * (st.z + (st.x - mm) * st.y));
+}
+
+// The state with one more scaled logit z.
+fn softmax_push(st: vec3<f32>, z: f32) -> vec3<f32> {
+  if (z > st.x) {
+    let q = softmax_rescale(st, z);
+    return vec3<f32>(z, q.x + 1.0, q.y);
+  }
+  let e = exp(z - st.x);
+  var u = st.z;
+  if (e > 0.0) { u += e * (z - st.x); }
+  return vec3<f32>(st.x, st.y + e, u);
+}
+
+// Two states merged at the larger max.
+fn softmax_merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+  let mm = max(a.x, b.x);
+  let p = softmax_rescale(a, mm);
+  let q = softmax_rescale(b, mm);
+  return vec3<f32>(mm, p.x + q.x, p.y + q.y);
+}

@@ -510,15 +510,7 @@ struct Params { n: u32, v: u32, inv_t: f32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
-var<workgroup> pm: array<f32, WG>;
-var<workgroup> ps: array<f32, WG>;
-var<workgroup> pz: array<f32, WG>;
-// Moves a partial (m, s, sz) to a larger max mm: s' = a*s, sz' = a*(sz + (m - mm)*s), a = e^(m-mm).
-fn rescale(m: f32, s: f32, sz: f32, mm: f32) -> vec2<f32> {
-  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
-  let a = exp(m - mm);
-  return vec2<f32>(a * s, a * (sz + (m - mm) * s));
-}
+var<workgroup> part: array<vec3<f32>, WG>;
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -527,37 +519,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let v = params.v;
   let it = params.inv_t;
   let base = r * v;
-  var m = NEG;
-  var s = 0.0;
-  var sz = 0.0;
-  for (var j = lid; j < v; j += WG) {
-    let z = logits[base + j] * it;
-    if (z > m) {
-      let q = rescale(m, s, sz, z);
-      s = q.x + 1.0;
-      sz = q.y;
-      m = z;
-    } else {
-      let e = exp(z - m);
-      s += e;
-      if (e > 0.0) { sz += e * (z - m); }
-    }
-  }
-  pm[lid] = m;
-  ps[lid] = s;
-  pz[lid] = sz;
+  var st = vec3<f32>(NEG, 0.0, 0.0);
+  for (var j = lid; j < v; j += WG) { st = softmax_push(st, logits[base + j] * it); }
+  part[lid] = st;
   for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
-    if (lid < k) {
-      let mm = max(pm[lid], pm[lid + k]);
-      let a = rescale(pm[lid], ps[lid], pz[lid], mm);
-      let b = rescale(pm[lid + k], ps[lid + k], pz[lid + k], mm);
-      pm[lid] = mm;
-      ps[lid] = a.x + b.x;
-      pz[lid] = a.y + b.y;
-    }
+    if (lid < k) { part[lid] = softmax_merge(part[lid], part[lid + k]); }
   }
-  if (lid == 0u) { out[params.row0 + r] = log(ps[0]) - pz[0] / ps[0]; }
+  if (lid == 0u) { out[params.row0 + r] = log(part[0].y) - part[0].z / part[0].y; }
 }
 
 //! kernel lsm_chunk_row
@@ -584,11 +553,6 @@ fn ez(i: u32, it: f32, m: f32) -> vec2<f32> {
   let e = exp(z);
   return vec2<f32>(e, select(0.0, e * z, e > 0.0));
 }
-fn rescale(m: f32, s: f32, u: f32, mm: f32) -> vec2<f32> {
-  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
-  let a = exp(m - mm);
-  return vec2<f32>(a * s, a * (u + (m - mm) * s));
-}
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let r = linear_id(gid, nwg, 64u);
@@ -612,10 +576,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   var res = vec4<f32>(m, acc.x, acc.y, bitcast<f32>(0x7fc00000u | (v & 0u)));
   if (params.has_acc != 0u) {
     let p = acc_in[r];
-    let mm = max(p.x, m);
-    let a = rescale(p.x, p.y, p.z, mm);
-    let b = rescale(m, acc.x, acc.y, mm);
-    res = vec4<f32>(mm, a.x + b.x, a.y + b.y, p.w);
+    res = vec4<f32>(softmax_merge(p.xyz, vec3<f32>(m, acc.x, acc.y)), p.w);
   }
   if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t)] * it; }
   acc_out[r] = res;
@@ -632,14 +593,7 @@ struct Params { n: u32, v: u32, inv_t: f32, offset: u32, has_acc: u32 }
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read> acc_in: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> acc_out: array<vec4<f32>>;
-var<workgroup> pm: array<f32, WG>;
-var<workgroup> ps: array<f32, WG>;
-var<workgroup> pu: array<f32, WG>;
-fn rescale(m: f32, s: f32, u: f32, mm: f32) -> vec2<f32> {
-  if (s == 0.0) { return vec2<f32>(0.0, 0.0); }
-  let a = exp(m - mm);
-  return vec2<f32>(a * s, a * (u + (m - mm) * s));
-}
+var<workgroup> part: array<vec3<f32>, WG>;
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -648,45 +602,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let v = params.v;
   let it = params.inv_t;
   let base = r * v;
-  var m = NEG;
-  var s = 0.0;
-  var u = 0.0;
-  for (var j = lid; j < v; j += WG) {
-    let z = logits[base + j] * it;
-    if (z > m) {
-      let q = rescale(m, s, u, z);
-      s = q.x + 1.0;
-      u = q.y;
-      m = z;
-    } else {
-      let e = exp(z - m);
-      s += e;
-      if (e > 0.0) { u += e * (z - m); }
-    }
-  }
-  pm[lid] = m;
-  ps[lid] = s;
-  pu[lid] = u;
+  var st = vec3<f32>(NEG, 0.0, 0.0);
+  for (var j = lid; j < v; j += WG) { st = softmax_push(st, logits[base + j] * it); }
+  part[lid] = st;
   for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
-    if (lid < k) {
-      let mm = max(pm[lid], pm[lid + k]);
-      let a = rescale(pm[lid], ps[lid], pu[lid], mm);
-      let b = rescale(pm[lid + k], ps[lid + k], pu[lid + k], mm);
-      pm[lid] = mm;
-      ps[lid] = a.x + b.x;
-      pu[lid] = a.y + b.y;
-    }
+    if (lid < k) { part[lid] = softmax_merge(part[lid], part[lid + k]); }
   }
   if (lid == 0u) {
     let t = targets[r] - i32(params.offset);
-    var res = vec4<f32>(pm[0], ps[0], pu[0], bitcast<f32>(0x7fc00000u | (v & 0u)));
+    var res = vec4<f32>(part[0], bitcast<f32>(0x7fc00000u | (v & 0u)));
     if (params.has_acc != 0u) {
       let p = acc_in[r];
-      let mm = max(p.x, pm[0]);
-      let a = rescale(p.x, p.y, p.z, mm);
-      let b = rescale(pm[0], ps[0], pu[0], mm);
-      res = vec4<f32>(mm, a.x + b.x, a.y + b.y, p.w);
+      res = vec4<f32>(softmax_merge(p.xyz, part[0]), p.w);
     }
     if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t)] * it; }
     acc_out[r] = res;
