@@ -38,8 +38,14 @@ export const taggedError = <Tag extends string, A extends object>(
   return Tagged as unknown as TaggedErrorClass<Tag, A>;
 };
 
-/** The text of a thrown value: an Error's message, anything else as a string. */
-export const messageOf = (e: unknown): string => e instanceof Error ? e.message : String(e);
+/**
+ * The text of a thrown value: an Error's message, or the `message` of an error-like object (a
+ * failure that crossed a realm or was rebuilt from JSON), anything else as a string.
+ */
+export const messageOf = (e: unknown): string =>
+  e instanceof Error || (typeof e === "object" && e !== null && "message" in e)
+    ? String((e as { message: unknown }).message)
+    : String(e);
 
 type ErrorClass = abstract new (...args: never) => unknown;
 

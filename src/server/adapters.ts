@@ -11,6 +11,7 @@
  * device runs under the scheduler's device permit (between two decode steps).
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import { Effect, Exit, Scope } from "effect";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
@@ -19,7 +20,7 @@ import { ADAPTER_CONFIG, loadPeftAdapter } from "../lora/peft.ts";
 import type { ModelConfig } from "../model/config.ts";
 import type { LoraRuntime } from "../model/decoder.ts";
 import { type ApiError, badRequest, notFound } from "./schemas.ts";
-import { message, pathExists } from "./weights.ts";
+import { pathExists } from "./weights.ts";
 import { checkAllowedPath, redactFileText } from "./file_policy.ts";
 import { readFile } from "node:fs/promises";
 
@@ -131,7 +132,7 @@ export class AdapterRegistry {
         return yield* Effect.fail(badRequest(problems.join(" "), "lora_path"));
       }
       const w = yield* loadPeftAdapter(path, ctx.config).pipe(
-        Effect.mapError((e) => failed(redactFileText(message(e)))),
+        Effect.mapError((e) => failed(redactFileText(messageOf(e)))),
       );
       if (w.config.r > ctx.maxRank) {
         return yield* Effect.fail(

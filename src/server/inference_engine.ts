@@ -18,7 +18,7 @@
  */
 import { Effect, Semaphore } from "effect";
 import type { Scope } from "effect";
-import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { loadModel } from "../model/loader.ts";
@@ -60,7 +60,7 @@ import {
   type ModelCard,
   notFound,
 } from "./schemas.ts";
-import { message, ServedWeights, uploadBase } from "./weights.ts";
+import { ServedWeights, uploadBase } from "./weights.ts";
 
 export type { PauseMode, SchedulerEvent };
 
@@ -320,7 +320,7 @@ export class InferenceEngine {
           ? Effect.fail(badRequest(`Token id ${bad} is out of vocabulary`, "tokens"))
           : Effect.try({
             try: () => ({ prompt: decodeIds(this.tokenizer, tokens, false) }),
-            catch: (e) => badRequest(message(e), "tokens"),
+            catch: (e) => badRequest(messageOf(e), "tokens"),
           }),
       ),
     );
@@ -445,7 +445,7 @@ export class InferenceEngine {
   /** Runs device work under the permit (between decode steps); defects become 500s. */
   #onDevice<A>(work: Effect.Effect<A>, prefix: string): Effect.Effect<A, ApiError> {
     return this.#device.withPermit(work).pipe(
-      Effect.catchDefect((d) => Effect.fail(internalError(`${prefix}${message(d)}`))),
+      Effect.catchDefect((d) => Effect.fail(internalError(`${prefix}${messageOf(d)}`))),
     );
   }
 }

@@ -31,6 +31,7 @@
  * (open when no admitted request is queued or running) that pause(wait|abort) awaits.
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import {
   Cause,
   Deferred,
@@ -81,7 +82,7 @@ import {
   seqResult,
   type SeqState,
 } from "./stop_rules.ts";
-import { message, type ServedWeights } from "./weights.ts";
+import { type ServedWeights } from "./weights.ts";
 
 /** Pause modes of POST /pause. */
 export type PauseMode = "abort" | "wait" | "keep";
@@ -648,7 +649,7 @@ export class Scheduler {
         if (!g) continue;
         const exit = yield* Effect.exit(this.#start(job, g, fresh));
         if (Exit.isFailure(exit)) {
-          const why = message(Cause.squash(exit.cause));
+          const why = messageOf(Cause.squash(exit.cause));
           console.error(`lorafold serve: prefill failed: ${Cause.pretty(exit.cause)}`);
           this.#fail(job, internalError(`generation failed: ${why}`));
           continue;
@@ -736,7 +737,7 @@ export class Scheduler {
   /** A batch failed on the device: its requests get 500, its cache is released. */
   #failGroup(g: Group, cause: Cause.Cause<unknown>): Effect.Effect<void> {
     return Effect.suspend(() => {
-      const why = message(Cause.squash(cause));
+      const why = messageOf(Cause.squash(cause));
       console.error(`lorafold serve: generation failed: ${Cause.pretty(cause)}`);
       for (const m of g.batch.members) {
         if (m.job.state !== "done") this.#fail(m.job, internalError(`generation failed: ${why}`));

@@ -7,6 +7,7 @@
  * sequences continue with the new weights (vLLM's in-flight update semantics).
  * @module
  */
+import { messageOf } from "../base/tagged_error.ts";
 import { Effect, Exit, Scope } from "effect";
 import { access } from "node:fs/promises";
 import { join } from "node:path";
@@ -56,12 +57,6 @@ const SAME_SHAPE_FIELDS = [
 
 /** Structural equality of two config values (numbers, booleans, lists, rope-scaling records). */
 const sameValue = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
-
-/** The message of an error-like value. */
-export const message = (e: unknown): string =>
-  e instanceof Error || (typeof e === "object" && e !== null && "message" in e)
-    ? String((e as { message: unknown }).message)
-    : String(e);
 
 /** Whether a path exists. */
 export const pathExists = (path: string): Effect.Effect<boolean> =>
@@ -126,7 +121,7 @@ export class ServedWeights {
       const { config, weights } = yield* loadModel(dir).pipe(
         Effect.mapError((e) =>
           badRequest(
-            `reload_weights: cannot load ${dir}: ${redactFileText(message(e))}`,
+            `reload_weights: cannot load ${dir}: ${redactFileText(messageOf(e))}`,
             "weights_path",
           )
         ),
