@@ -82,7 +82,7 @@ import {
   seqResult,
   type SeqState,
 } from "./stop_rules.ts";
-import { type ServedWeights } from "./weights.ts";
+import type { ServedWeights } from "./weights.ts";
 
 /** Pause modes of POST /pause. */
 export type PauseMode = "abort" | "wait" | "keep";
