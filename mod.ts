@@ -164,6 +164,7 @@ export {
   type PushReport,
   PushTarget,
   type PushTargetShape,
+  type ReplicaPushOutcome,
   SyncError,
   SyncMismatch,
 } from "./src/ports/push_target.ts";
@@ -177,6 +178,19 @@ export {
   VllmHttpError,
 } from "./src/vllm/client.ts";
 export { detectPauseSupport, type PauseForm, type PauseSupport } from "./src/vllm/pause.ts";
+export { type Route, Routing } from "./src/vllm/routing.ts";
+export {
+  type OutCause,
+  parseReplicaFile,
+  parseReplicaSource,
+  Replica,
+  type ReplicaEvent,
+  type ReplicaObserver,
+  ReplicaSet,
+  type ReplicaSource,
+  type ReplicaState,
+  type ReplicaStatus,
+} from "./src/vllm/replicas.ts";
 
 // ---- rollout engines --------------------------------------------------------------------------
 export { LocalEngineLive, makeLocalEngine } from "./src/rollout/local.ts";
@@ -185,6 +199,15 @@ export { makeServerRolloutEngine } from "./src/rollout/server.ts";
 // ---- push targets -----------------------------------------------------------------------------
 export { makeLoraPusher } from "./src/push/lora.ts";
 export { makeFullPusher } from "./src/push/full.ts";
+export {
+  makeReplicatedPushTarget,
+  monitorReplicas,
+  monitorRound,
+  type ReplicaMonitorOptions,
+  type ReplicaTarget,
+  type ReplicaTargetFactory,
+  type ReplicatedPushTarget,
+} from "./src/push/replicated.ts";
 
 // ---- pipeline stages --------------------------------------------------------------------------
 export {

@@ -45,6 +45,7 @@ import { makeServerRolloutEngine } from "../src/rollout/server.ts";
 import type { Snapshot } from "../src/snapshot/snapshot.ts";
 import { defaultProbePrompt, type VerifySettings } from "../src/push/verify.ts";
 import { Routing } from "../src/vllm/routing.ts";
+import { ReplicaSet } from "../src/vllm/replicas.ts";
 import { aliasingEngineLayer } from "./support/aliasing_push.ts";
 import { type ServerProcess, startServer } from "./support/server_process.ts";
 
@@ -211,7 +212,7 @@ Deno.test("server engine rollouts equal the in-process engine's for the same sna
       target: "t",
     });
     await run(pusher.push(snap));
-    const server = makeServerRolloutEngine(client, routing);
+    const server = makeServerRolloutEngine(ReplicaSet.single(client, routing));
     const requests: RolloutRequest[] = ["12+34=", "57+38=", "99+99="].map((p, i) => ({
       prompt: [1, ...base.tokenizer.encode(p)],
       n: 4,
@@ -599,8 +600,7 @@ Deno.test("fault: a broken remote (503 / 500 / 404 / garbage) gives typed errors
       const routing = new Routing();
       routing.set({ version: 3, kind: "full", model: "m", cacheSalt: "v3", dir: "/nonexistent" });
       const engine = makeServerRolloutEngine(
-        makeVllmClient(sg.url, { retry: FAST_RETRY }),
-        routing,
+        ReplicaSet.single(makeVllmClient(sg.url, { retry: FAST_RETRY }), routing),
       );
       const re = await flip(
         engine.generate([{

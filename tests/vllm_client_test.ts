@@ -37,6 +37,7 @@ import { makeFullPusher, reloadCheckpoint } from "../src/push/full.ts";
 import { makeLoraPusher } from "../src/push/lora.ts";
 import { defaultProbePrompt, probeTokenDiff, type VerifySettings } from "../src/push/verify.ts";
 import { makeServerRolloutEngine } from "../src/rollout/server.ts";
+import { ReplicaSet } from "../src/vllm/replicas.ts";
 import { Routing } from "../src/vllm/routing.ts";
 import type { Snapshot } from "../src/snapshot/snapshot.ts";
 import { decodeTrainConfig } from "../src/app/config.ts";
@@ -493,7 +494,7 @@ Deno.test('finish_reason "repetition" and vLLM\'s clamped -9999.0 logprob: kept 
     });
     await run(pusher.push(await snapshotAt(policy, 1)));
     clamp = true;
-    const engine = makeServerRolloutEngine(client, routing);
+    const engine = makeServerRolloutEngine(ReplicaSet.single(client, routing));
     const r = await run(engine.generate([{
       prompt: [1, ...base.tokenizer.encode("12+34=")],
       n: 2,

@@ -7,6 +7,7 @@
  * allowed.
  * @module
  */
+import { parseReplicaSource } from "../vllm/replicas.ts";
 import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import { Effect, Schema } from "effect";
 import { readFile } from "node:fs/promises";
@@ -111,8 +112,8 @@ export const runOptionFields: OptionFields = {
   serverUrl: option(Schema.NullOr(Schema.String), {
     default: null,
     description:
-      "Base URL of a vLLM-compatible server (engine server); null = start the embedded one",
-    allowed: "an http(s) URL, or null",
+      "Base URL of a vLLM-compatible server (engine server), or several (replicas: pushes fan out, rollouts balance), or a file listing them (re-read while training: add or remove replicas); null = start the embedded one",
+    allowed: "http(s) URLs separated by commas, a file path, or null",
   }),
   push: choice(["auto", "lora", "full"], {
     default: "auto",
@@ -327,6 +328,10 @@ export const decodeTrainConfig = (
     const cfg: TrainConfig = { ...decoded, promptsPerStep };
     if (cfg.engine === "local" && cfg.serverUrl !== null) {
       return yield* invalid("serverUrl", 'option serverUrl needs engine "server"');
+    }
+    const source = cfg.serverUrl === null ? null : parseReplicaSource(cfg.serverUrl);
+    if (typeof source === "string") {
+      return yield* invalid("serverUrl", `option serverUrl: ${source}`);
     }
     if (cfg.push === "lora" && cfg.mode === "full") {
       return yield* invalid(

@@ -72,6 +72,8 @@ export interface EmbeddedServerOptions {
   readonly env?: Readonly<Record<string, string>>;
   /** Default 60 s. */
   readonly startTimeoutMs?: number;
+  /** Port on 127.0.0.1 (default 0: the OS picks a free one). */
+  readonly port?: number;
 }
 
 /** A running embedded server. */
@@ -109,7 +111,7 @@ const serveArgs = (o: EmbeddedServerOptions, hasConfig: boolean): string[] => [
   "--host",
   "127.0.0.1",
   "--port",
-  "0", // the OS picks a free port; the "listening on" line names it
+  String(o.port ?? 0), // 0: the OS picks a free port; the "listening on" line names it
   "--max-lora-rank",
   String(o.maxLoraRank ?? 16),
   "--max-loras",

@@ -8,11 +8,10 @@
  */
 import { messageOf } from "../base/tagged_error.ts";
 import { Context, Effect, Layer, type Scope, Semaphore } from "effect";
-import { rm, rmdir } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { Backend, type BackendShape } from "../backend/backend.ts";
 import type { TrainConfig } from "./config.ts";
-import { type CheckpointError, makeDirectory } from "../io/checkpoint.ts";
+import { type CheckpointError, fsOp, makeDirectory } from "../io/checkpoint.ts";
 import { RolloutEngine } from "../ports/rollout_engine.ts";
 import {
   type PushReport,
@@ -33,10 +32,24 @@ import {
   type VllmHttpError,
 } from "../vllm/client.ts";
 import { makeFullPusher } from "../push/full.ts";
-import { makeLoraPusher, type StageObserver } from "../push/lora.ts";
+import { makeLoraPusher, type StageObserver, unloadAdaptersUnder } from "../push/lora.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import { defaultProbePrompt, type VerifySettings } from "../push/verify.ts";
-import { Routing } from "../vllm/routing.ts";
+import { defaultProbePrompt, sharedTrainerLogProbs, type VerifySettings } from "../push/verify.ts";
+import {
+  parseReplicaFile,
+  parseReplicaSource,
+  type ReplicaObserver,
+  ReplicaSet,
+} from "../vllm/replicas.ts";
+import type { Routing } from "../vllm/routing.ts";
+import {
+  makeReplicatedPushTarget,
+  monitorReplicas,
+  type ReplicaTarget,
+  type ReplicaTargetFactory,
+  type ReplicatedPushTarget,
+} from "../push/replicated.ts";
+import { readFile, rm, rmdir } from "node:fs/promises";
 
 /** Everything a server PushTarget is built from (for custom targets, see `makeTarget`). */
 export interface ServerContext {
@@ -76,8 +89,17 @@ export interface ServerLayerOptions {
   /** Extra flags and environment of the embedded server. */
   readonly serverArgs?: readonly string[];
   readonly serverEnv?: Readonly<Record<string, string>>;
-  /** Replaces the standard PushTarget (which it receives) with another one built on the context. */
+  /**
+   * Replaces the standard PushTarget of a replica (which it receives) with another one built on
+   * the replica's context.
+   */
   readonly makeTarget?: (ctx: ServerContext, standard: PushTargetShape) => PushTargetShape;
+  /** Observer of replica state changes (joined, out of rotation and why, removed). */
+  readonly onReplicaEvent?: ReplicaObserver;
+  /** Receives the replicated target once built: add, remove, status while training runs. */
+  readonly onReplicas?: (target: ReplicatedPushTarget) => Effect.Effect<void>;
+  /** Between health rounds of several replicas, ms (default 2000). */
+  readonly monitorIntervalMs?: number;
 }
 
 const envApiKey = (): string | null => {
@@ -96,11 +118,11 @@ export const pushKindOf = (cfg: TrainConfig): "lora" | "full" =>
 export const makeServerPushTarget = (
   ctx: ServerContext,
   keep = 2,
-): Effect.Effect<PushTargetShape> =>
+): Effect.Effect<ReplicaTarget> =>
   Effect.gen(function* () {
     const sem = yield* Semaphore.make(1);
     const target = `server-${ctx.pushKind}(${ctx.client.baseUrl})`;
-    const pusher = ctx.pushKind === "lora"
+    const lora = ctx.pushKind === "lora"
       ? makeLoraPusher({
         client: ctx.client,
         backend: ctx.backend,
@@ -112,21 +134,24 @@ export const makeServerPushTarget = (
         target,
         onStage: ctx.onStage,
       })
-      : makeFullPusher({
-        client: ctx.client,
-        backend: ctx.backend,
-        routing: ctx.routing,
-        root: ctx.root,
-        modelName: ctx.modelName,
-        verify: ctx.verify,
-        keepDirs: keep,
-        target,
-        onStage: ctx.onStage,
-      });
+      : null;
+    const pusher = lora ?? makeFullPusher({
+      client: ctx.client,
+      backend: ctx.backend,
+      routing: ctx.routing,
+      root: ctx.root,
+      modelName: ctx.modelName,
+      verify: ctx.verify,
+      keepDirs: keep,
+      target,
+      onStage: ctx.onStage,
+    });
     return {
       name: target,
       push: (snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch> =>
         sem.withPermits(1)(pusher.push(snapshot)),
+      // a full push leaves the weights it loaded; its directories go with the push root
+      release: lora?.release ?? Effect.void,
     };
   });
 
@@ -171,7 +196,30 @@ const pushDirectory = (
       ),
   );
 
-/** The engine and target on an already-running server (URL) or a started embedded one. */
+/** The replica URLs of a `serverUrl`: the URLs it gives, or those of the file it names. */
+const replicaUrlsOf = (serverUrl: string): Effect.Effect<readonly string[], SyncError> =>
+  Effect.gen(function* () {
+    const source = parseReplicaSource(serverUrl);
+    const fail = (reason: string, cause?: unknown) =>
+      new SyncError({ target: serverUrl, version: null, reason, cause });
+    if (typeof source === "string") return yield* Effect.fail(fail(source));
+    if (source.kind === "urls") return source.urls;
+    const text = yield* fsOp(
+      source.path,
+      "cannot read the replica file",
+      () => readFile(source.path, "utf8"),
+    ).pipe(Effect.mapError((e) => fail(e.message, e)));
+    const urls = parseReplicaFile(text);
+    if (typeof urls === "string") {
+      return yield* Effect.fail(fail(`replica file ${source.path}: ${urls}`));
+    }
+    if (urls.length === 0) {
+      return yield* Effect.fail(fail(`replica file ${source.path} lists no server URL`));
+    }
+    return urls;
+  });
+
+/** The engine and target on already-running servers (URLs, a file) or a started embedded one. */
 const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
   options: ServerLayerOptions,
   cfg: TrainConfig,
@@ -179,23 +227,45 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
 ) {
   const backend = yield* Backend;
   const pushKind = pushKindOf(cfg);
-  const url = cfg.serverUrl ?? (yield* startEmbeddedServer({
-    modelDir: base.dir,
-    backend: cfg.backend === "webgpu" ? "webgpu" : "cpu",
-    maxLoraRank: maxLoraRankFor(cfg.loraR),
-    maxLoras: Math.max(4, (options.keep ?? 2) + 2),
-    args: options.serverArgs,
-    env: options.serverEnv,
-  })).url;
-  const client = makeVllmClient(url, {
-    retry: options.retry,
-    timeoutMs: options.timeoutMs,
-    apiKey: options.apiKey === undefined ? envApiKey() : options.apiKey,
-  });
-  const version = yield* client.version();
-  const modelName = yield* discoverModelName(client);
+  const urls = cfg.serverUrl !== null ? yield* replicaUrlsOf(cfg.serverUrl) : [
+    (yield* startEmbeddedServer({
+      modelDir: base.dir,
+      backend: cfg.backend === "webgpu" ? "webgpu" : "cpu",
+      maxLoraRank: maxLoraRankFor(cfg.loraR),
+      maxLoras: Math.max(4, (options.keep ?? 2) + 2),
+      args: options.serverArgs,
+      env: options.serverEnv,
+    })).url,
+  ];
+  const apiKey = options.apiKey === undefined ? envApiKey() : options.apiKey;
+  const replicas = new ReplicaSet(
+    (url) => makeVllmClient(url, { retry: options.retry, timeoutMs: options.timeoutMs, apiKey }),
+    options.onReplicaEvent,
+  );
+  for (const u of urls) yield* replicas.add(u);
+  // every replica that answers now joins with the first push; the others once they answer
+  const found = yield* Effect.forEach(
+    replicas.replicas,
+    (r) => Effect.result(Effect.all([r.client.version(), discoverModelName(r.client)])),
+    { concurrency: "unbounded" },
+  );
+  const first = found.find((x) => x._tag === "Success");
+  if (first === undefined) {
+    const none = found[0];
+    if (none._tag === "Failure") return yield* Effect.fail(none.failure);
+  }
+  for (const [i, x] of found.entries()) {
+    if (x._tag === "Failure") {
+      yield* replicas.drain(
+        replicas.replicas[i],
+        "unreachable",
+        `at start: ${messageOf(x.failure)}`,
+      );
+    }
+  }
+  const [version, modelName] = first!._tag === "Success" ? first!.success : [null, ""];
   yield* Effect.logInfo(
-    `server rollouts and pushes: ${url} (version ${
+    `server rollouts and pushes: ${urls.join(", ")} (version ${
       version ?? "unknown"
     }), model '${modelName}', ${pushKind} pushes, ` +
       `verify ${cfg.verify}`,
@@ -207,29 +277,78 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
       `${new Date().toISOString().replace(/[:.]/g, "-")}-${crypto.randomUUID().slice(0, 8)}`,
     );
   yield* pushDirectory(root, !options.pushRoot);
-  const routing = new Routing();
-  const ctx: ServerContext = {
-    cfg,
-    base,
-    client,
-    backend,
-    routing,
-    root,
-    modelName,
-    pushKind,
-    verify: {
-      policy: cfg.verify,
-      tolerance: cfg.verifyTolerance,
-      probePrompt: options.probePrompt ?? defaultProbePrompt(base.tokenizer),
-      probeTokens: options.probeTokens ?? 4,
-    },
-    onStage: options.onStage,
+  const verify: VerifySettings = {
+    policy: cfg.verify,
+    tolerance: cfg.verifyTolerance,
+    probePrompt: options.probePrompt ?? defaultProbePrompt(base.tokenizer),
+    probeTokens: options.probeTokens ?? 4,
+    trainer: sharedTrainerLogProbs(), // replicas serving the same weights share one forward
   };
-  const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
-  const target = options.makeTarget ? options.makeTarget(ctx, standard) : standard;
-  const engine = makeServerRolloutEngine(client, routing, {
-    concurrency: options.concurrency,
-  });
+  // the first replica pushes into the root itself, later ones into replica-<n>/ under it
+  const roots = new Map<string, string>();
+  const rootOf = (url: string) => {
+    const known = roots.get(url);
+    if (known) return known;
+    const dir = roots.size === 0 ? root : join(root, `replica-${roots.size + 1}`);
+    roots.set(url, dir);
+    return dir;
+  };
+  const targetFor: ReplicaTargetFactory = (replica, returning) =>
+    Effect.gen(function* () {
+      const dir = rootOf(replica.url);
+      if (returning && pushKind === "lora") yield* unloadAdaptersUnder(replica.client, dir);
+      const name = yield* discoverModelName(replica.client).pipe(
+        Effect.mapError((e) =>
+          new SyncError({
+            target: replica.url,
+            version: null,
+            reason: e._tag === "VllmHttpError" ? describeHttpError(e) : e.message,
+            cause: e,
+          })
+        ),
+      );
+      const ctx: ServerContext = {
+        cfg,
+        base,
+        client: replica.client,
+        backend,
+        routing: replica.routing,
+        root: dir,
+        modelName: name,
+        pushKind,
+        verify,
+        onStage: options.onStage,
+      };
+      const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
+      return options.makeTarget
+        ? { ...options.makeTarget(ctx, standard), release: standard.release }
+        : standard;
+    });
+  const target = yield* makeReplicatedPushTarget(
+    replicas,
+    targetFor,
+    `server-${pushKind}(${urls.join(",")})`,
+  );
+  if (cfg.serverUrl !== null && (urls.length > 1 || !cfg.serverUrl.includes("://"))) {
+    const file = cfg.serverUrl.includes("://") ? null : cfg.serverUrl;
+    let warned = false;
+    const refresh = file === null ? undefined : Effect.matchEffect(replicaUrlsOf(file), {
+      onSuccess: (u) => Effect.sync(() => ((warned = false), u)),
+      onFailure: (e) =>
+        Effect.as(
+          warned ? Effect.void : Effect.andThen(
+            Effect.sync(() => (warned = true)),
+            Effect.logWarning(`${e.message}: keeping the replicas as they are`),
+          ),
+          null,
+        ),
+    });
+    yield* Effect.forkScoped(
+      monitorReplicas(target, { intervalMs: options.monitorIntervalMs, refresh }),
+    );
+  }
+  if (options.onReplicas) yield* options.onReplicas(target);
+  const engine = makeServerRolloutEngine(replicas, { concurrency: options.concurrency });
   return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);
 });
 

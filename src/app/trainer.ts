@@ -262,6 +262,7 @@ export const runTraining: (
             ...(p.push.logpDiffMax !== null
               ? { "sync/verify_logp_diff_max": p.push.logpDiffMax }
               : {}),
+            ...p.push.metrics,
             ...p.asyncMetrics,
           };
           history.push(m);

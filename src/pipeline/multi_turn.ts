@@ -354,6 +354,8 @@ export const multiTurnRollout = (o: MultiTurnOptions) =>
               topK: c.topK,
               seed: seed + j,
               stopTokenIds: [o.tokenizer.eosId],
+              // later turns extend this prompt: they go where its KV is cached
+              affinity: prompt,
             },
           }));
         });

@@ -19,6 +19,21 @@ export interface PushReport {
   /** |engine logp - trainer logp| on the verification probe (mean, max); null when not verified. */
   readonly logpDiffMean: number | null;
   readonly logpDiffMax: number | null;
+  /** Per replica, when the target fans out to several engine replicas. */
+  readonly replicas?: readonly ReplicaPushOutcome[];
+  /** Further per-push metrics for the step's log (e.g. `replicas/serving`). */
+  readonly metrics?: Readonly<Record<string, number>>;
+}
+
+/** What one replica made of a fanned-out push. */
+export interface ReplicaPushOutcome {
+  readonly url: string;
+  /** Pushed and verified (or verification off). */
+  readonly ok: boolean;
+  /** Why not; null when ok. */
+  readonly reason: string | null;
+  readonly latencyMs: number;
+  readonly logpDiffMax: number | null;
 }
 
 /** Fields of a {@link SyncError}. */

@@ -18,6 +18,11 @@ export interface RolloutRequest {
   /** Sample j of the request uses seed + j (vLLM); null = engine's choice. */
   readonly seed: number | null;
   readonly stopTokenIds: readonly number[];
+  /**
+   * Tokens naming the replica this request prefers when there are several (its prefix cache
+   * holds them): default the prompt. The turns of one episode pass the episode's first prompt.
+   */
+  readonly affinity?: readonly number[];
 }
 
 /** One sampled completion with the engine's log-probs of its tokens. */

@@ -210,6 +210,8 @@ export interface LoraPushContext {
 export interface LoraPusher {
   push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
   loaded(): readonly number[];
+  /** Unloads every version it loaded (each once its requests have ended); best effort. */
+  readonly release: Effect.Effect<void>;
 }
 
 interface LoadedVersion {
@@ -369,5 +371,30 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
     } satisfies PushReport;
   });
 
-  return { push, loaded: () => loaded.map((v) => v.version) };
+  const release = Effect.suspend(() =>
+    Effect.forEach(loaded.splice(0), (v) => ctx.routing.retire(v.version, unload(v)), {
+      discard: true,
+    })
+  );
+
+  return { push, loaded: () => loaded.map((v) => v.version), release };
 };
+
+/**
+ * Unloads the adapters a server lists whose directory lies under `root` (versions an earlier
+ * pusher of this run loaded there, before the server stopped answering); best effort.
+ */
+export const unloadAdaptersUnder = (client: VllmClient, root: string): Effect.Effect<void> =>
+  cards(client).pipe(
+    Effect.flatMap((cs) =>
+      Effect.forEach(
+        cs.filter((c) => typeof c.root === "string" && c.root.startsWith(root + "/")),
+        (c) =>
+          client.request("POST", "/v1/unload_lora_adapter", { lora_name: c.id }, {
+            idempotent: true,
+          }),
+        { discard: true },
+      )
+    ),
+    Effect.catch((e) => Effect.logWarning(`unloading stale adapters: ${describeHttpError(e)}`)),
+  );

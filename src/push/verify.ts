@@ -38,7 +38,17 @@ export interface VerifySettings {
   readonly probePrompt: readonly number[];
   /** Tokens the engine generates for the probe (EOS ignored, so exactly this many). */
   readonly probeTokens: number;
+  /** The trainer's side of the comparison (default {@link trainerLogProbs}; see {@link sharedTrainerLogProbs}). */
+  readonly trainer?: TrainerLogProbs;
 }
+
+/** The trainer's log-probs of a completion under a snapshot's weights. */
+export type TrainerLogProbs = (
+  backend: BackendShape,
+  snapshot: Snapshot,
+  prompt: readonly number[],
+  completion: readonly number[],
+) => Effect.Effect<number[], BackendError>;
 
 /** The default probe prompt: BOS + "57+38=" when the tokenizer can encode it, else a few ids. */
 export const defaultProbePrompt = (tok: Tokenizer): number[] => {
@@ -137,6 +147,33 @@ export const trainerLogProbs: (
   Effect.scoped,
 );
 
+/**
+ * {@link trainerLogProbs} computed once per snapshot and completion: replicas that answer the
+ * probe alike (they serve the same weights) share one trainer forward pass. Keeps the entries of
+ * the newest snapshot only.
+ */
+export const sharedTrainerLogProbs = (): TrainerLogProbs => {
+  let digest = "";
+  const memo = new Map<string, Effect.Effect<number[], BackendError>>();
+  return (backend, snapshot, prompt, completion) =>
+    Effect.suspend(() => {
+      if (snapshot.digest !== digest) {
+        digest = snapshot.digest;
+        memo.clear();
+      }
+      const key = `${snapshot.version}:${prompt.join(",")}|${completion.join(",")}`;
+      const known = memo.get(key);
+      if (known) return known;
+      return Effect.flatMap(
+        Effect.cached(trainerLogProbs(backend, snapshot, prompt, completion)),
+        (once) => {
+          memo.set(key, once);
+          return once;
+        },
+      );
+    });
+};
+
 /** |diff| statistics of a verified push. */
 export interface VerifyOutcome {
   readonly mean: number;
@@ -182,7 +219,8 @@ export const verifyRoute: (
         syncError(`verification probe of v${version}: the engine generated no tokens`),
       );
     }
-    const trainer = yield* trainerLogProbs(backend, snapshot, settings.probePrompt, answer.tokens)
+    const trainerSide = settings.trainer ?? trainerLogProbs;
+    const trainer = yield* trainerSide(backend, snapshot, settings.probePrompt, answer.tokens)
       .pipe(
         Effect.mapError((e) =>
           syncError(`verification of v${version}: trainer forward failed: ${e.message}`, e)

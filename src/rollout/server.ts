@@ -24,7 +24,8 @@ import {
   type VllmClient,
   type VllmHttpError,
 } from "../vllm/client.ts";
-import type { Route, Routing } from "../vllm/routing.ts";
+import type { Route } from "../vllm/routing.ts";
+import type { Replica, ReplicaSet } from "../vllm/replicas.ts";
 
 /** The /v1/completions body of one call (prompts share the request's sampling settings). */
 export const completionBody = (
@@ -75,25 +76,52 @@ export interface ServerRolloutOptions {
   readonly concurrency?: number;
 }
 
-/** A RolloutEngine over /v1/completions, generating from the version `routing` points to. */
+/**
+ * Whether a failed call says the replica (not the request) is at fault: no answer, no answer in
+ * time, a server error, a version it no longer serves (404), or an answer that does not decode.
+ * Such a call is sent to another replica and the replica is taken out of rotation.
+ */
+export const replicaAtFault = (e: VllmHttpError): boolean =>
+  e.reason !== "status" || e.status >= 500 || e.status === 404;
+
+/** Retries of a call while other replicas could take it: one, then fail over. */
+const failoverRetry = { baseMs: 100, factor: 2, maxDelayMs: 1000, maxRetries: 1 } as const;
+
+/**
+ * A RolloutEngine over /v1/completions on the replicas of `replicas`, generating from the newest
+ * version a serving replica routes to. With one serving replica, requests with equal unseeded
+ * settings share one call; with several, each request is its own call so that calls spread over
+ * the replicas by load (samples of one prompt stay together, and prefer the replica their
+ * prompt's affinity names). A call whose replica fails (see {@link replicaAtFault}) takes that
+ * replica out of rotation and runs on another replica serving the same version, so a replica
+ * lost mid-batch loses no completion; only when none is left does the call fail.
+ */
 export const makeServerRolloutEngine = (
-  client: VllmClient,
-  routing: Routing,
+  replicas: ReplicaSet,
   options: ServerRolloutOptions = {},
 ): RolloutEngineShape => {
-  const name = `server(${client.baseUrl})`;
+  const name = replicas.size === 1
+    ? `server(${replicas.replicas[0].url})`
+    : `servers(${replicas.replicas.map((r) => r.url).join(",")})`;
   const rolloutError = (reason: string, cause?: unknown) =>
     new RolloutError({ engine: name, reason, cause });
-  const call = (route: Route, requests: readonly RolloutRequest[], group: readonly number[]) => {
+
+  /** One call on one replica; fails with the HTTP error (for fail-over) or a RolloutError. */
+  const callOn = (
+    client: VllmClient,
+    route: Route,
+    requests: readonly RolloutRequest[],
+    group: readonly number[],
+    retry: boolean | typeof failoverRetry,
+  ) => {
     const r = requests[group[0]];
     return client.postJson(
       "/v1/completions",
       completionBody(route, group.map((i) => requests[i].prompt), r),
       // generating changes nothing on the server: a lost answer is asked for again
-      { idempotent: true },
+      { idempotent: true, ...(retry === true ? {} : { retry }) },
     ).pipe(
       Effect.flatMap((j) => decodeCompletion(j)),
-      Effect.mapError((e: VllmHttpError) => rolloutError(describeHttpError(e), e)),
       Effect.flatMap((choices) => {
         const slots: (RolloutCompletion | null)[][] = group.map(() =>
           Array.from({ length: r.n }, () => null)
@@ -124,22 +152,95 @@ export const makeServerRolloutEngine = (
       }),
     );
   };
+
+  /** A call on the best replica serving `version`, failing over to the others. */
+  const call = Effect.fn("ServerRolloutEngine.call")(function* (
+    version: number,
+    requests: readonly RolloutRequest[],
+    group: readonly number[],
+  ): Effect.fn.Return<RolloutCompletion[][], RolloutError> {
+    const first = requests[group[0]];
+    const size = group.reduce((a, i) => a + requests[i].n, 0);
+    const tried = new Set<Replica>();
+    let last: RolloutError | null = null;
+    while (true) {
+      const replica = replicas.pick(version, first.affinity ?? first.prompt, size, tried);
+      const route = replica?.routing.begin(version) ?? null;
+      if (!replica || !route) {
+        return yield* Effect.fail(
+          last ??
+            rolloutError(`no serving replica serves v${version} (${replicas.describe()})`),
+        );
+      }
+      tried.add(replica);
+      const others = replicas.eligible(version, tried).length > 0;
+      replica.load += size;
+      const answer = yield* callOn(
+        replica.client,
+        route,
+        requests,
+        group,
+        others ? failoverRetry : true,
+      ).pipe(
+        Effect.ensuring(Effect.andThen(
+          Effect.sync(() => (replica.load -= size)),
+          replica.routing.end(route),
+        )),
+        Effect.result,
+      );
+      if (answer._tag === "Success") {
+        replica.calls++;
+        return answer.success;
+      }
+      const e = answer.failure;
+      if (e._tag === "VllmHttpError" && !replicaAtFault(e)) {
+        return yield* Effect.fail(rolloutError(describeHttpError(e), e));
+      }
+      const why = e._tag === "VllmHttpError" ? describeHttpError(e) : e.reason;
+      last = e._tag === "VllmHttpError" ? rolloutError(why, e) : e;
+      // the last replica serving the version stays in rotation (the health monitor and the
+      // pushes judge it): the call fails as it would on a single server
+      if (!others) return yield* Effect.fail(last);
+      yield* replicas.drain(
+        replica,
+        e._tag === "VllmHttpError" && e.reason !== "decode" && e.status !== 404
+          ? "unreachable"
+          : "unverified",
+        `rollout call failed: ${why}`,
+      );
+    }
+  });
+
   const generate = Effect.fn("ServerRolloutEngine.generate")(function* (
     requests: readonly RolloutRequest[],
   ): Effect.fn.Return<RolloutResult, RolloutError> {
-    const route = routing.begin();
-    if (!route) return yield* Effect.fail(rolloutError("no snapshot pushed yet"));
-    const groups = groupRequests(requests);
-    return yield* Effect.forEach(groups, (g) => call(route, requests, g), {
+    const version = replicas.currentVersion();
+    if (version === null) {
+      const pushed = replicas.replicas.some((r) => r.routing.current !== null);
+      return yield* Effect.fail(
+        rolloutError(
+          pushed ? `no replica is serving (${replicas.describe()})` : "no snapshot pushed yet",
+        ),
+      );
+    }
+    // the version stays loaded on every replica serving it until the batch ends
+    const pins = replicas.eligible(version).flatMap((r) => {
+      const route = r.routing.begin(version);
+      return route ? [{ r, route }] : [];
+    });
+    const groups = pins.length > 1
+      ? requests.flatMap((r, i) => (r.n > 0 ? [[i]] : []))
+      : groupRequests(requests);
+    const answers = yield* Effect.forEach(groups, (g) => call(version, requests, g), {
       concurrency: options.concurrency ?? 32,
     }).pipe(
-      Effect.map((answers) => {
-        const completions: RolloutCompletion[][] = requests.map(() => []);
-        groups.forEach((g, gi) => g.forEach((ri, p) => (completions[ri] = answers[gi][p])));
-        return { completions, policyVersion: route.version };
-      }),
-      Effect.ensuring(routing.end(route)),
+      Effect.ensuring(Effect.forEach(pins, ({ r, route }) => r.routing.end(route), {
+        discard: true,
+      })),
     );
+    const completions: RolloutCompletion[][] = requests.map(() => []);
+    groups.forEach((g, gi) => g.forEach((ri, p) => (completions[ri] = answers[gi][p])));
+    return { completions, policyVersion: version };
   });
   return { name, generate };
 };

@@ -19,11 +19,14 @@ export interface Route {
 }
 
 /**
- * The version rollouts go to, plus per-version in-flight counts: a retired version's cleanup
- * (unloading its adapter) runs when its last in-flight request ends.
+ * The version rollouts go to, the versions still servable (a LoRA push keeps its predecessors
+ * loaded until they are retired; a full push replaces the weights, so only it is), plus
+ * per-version in-flight counts: a retired version's cleanup (unloading its adapter) runs when its
+ * last in-flight request ends.
  */
 export class Routing {
   #current: Route | null = null;
+  readonly #live = new Map<number, Route>();
   readonly #inflight = new Map<number, number>();
   readonly #retired = new Map<number, Effect.Effect<void>>();
 
@@ -35,6 +38,16 @@ export class Routing {
   /** Routes new requests to `route`. */
   set(route: Route): void {
     this.#current = route;
+    if (route.kind === "full") this.#live.clear(); // the weights of older versions are gone
+    this.#live.set(route.version, route);
+  }
+
+  /**
+   * The route of a version the engine still serves (routed, kept, or retired while requests
+   * still run on it); else null.
+   */
+  live(version: number): Route | null {
+    return this.#live.get(version) ?? null;
   }
 
   /** Requests running on a version. */
@@ -47,9 +60,12 @@ export class Routing {
     return [...this.#retired.keys()];
   }
 
-  /** Takes the current route for a request (null when nothing was pushed yet). */
-  begin(): Route | null {
-    const r = this.#current;
+  /**
+   * Takes a route for a request: the current one, or that of `version` while it is still served
+   * (null when nothing was pushed yet, or that version is no longer served).
+   */
+  begin(version?: number): Route | null {
+    const r = version === undefined ? this.#current : this.live(version);
     if (r) this.#inflight.set(r.version, this.inflight(r.version) + 1);
     return r;
   }
@@ -66,6 +82,7 @@ export class Routing {
       const cleanup = this.#retired.get(route.version);
       if (!cleanup) return Effect.void;
       this.#retired.delete(route.version);
+      this.#live.delete(route.version);
       return cleanup;
     });
   }
@@ -73,10 +90,12 @@ export class Routing {
   /** Retires a version: its cleanup runs now when it is idle, else when its last request ends. */
   retire(version: number, cleanup: Effect.Effect<void>): Effect.Effect<void> {
     return Effect.suspend(() => {
+      // a rollout batch already running on it may still start calls on it until it drains
       if (this.inflight(version) > 0) {
         this.#retired.set(version, cleanup);
         return Effect.void;
       }
+      this.#live.delete(version);
       return cleanup;
     });
   }
