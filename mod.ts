@@ -216,6 +216,7 @@ export {
   type PromptDraw,
   type PromptItem,
   type PromptSource,
+  preparePush,
   promptTokens,
   push,
   reward,

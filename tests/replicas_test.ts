@@ -279,10 +279,12 @@ Deno.test("3 replicas, one pushed a wrong adapter: verification takes it out at 
       badTokens - badTokensAtOut! <= probeTokens * steps,
       `${badTokens - badTokensAtOut!} tokens generated on the wrong replica after it was out`,
     );
-    // the good ones shared the rollouts
+    // the good ones shared the rollouts; the run's adapters were unloaded at its end
     for (const u of [a.url, b.url]) {
       const g = await counter(u, "vllm:generation_tokens_total");
       assert(g > probeTokens * (steps + 1) * 4, `${u} generated only ${g} tokens`);
+      const models = await (await fetch(`${u}/v1/models`)).json() as { data: { id: string }[] };
+      assertEquals(models.data.filter((c) => c.id.startsWith("policy-v")), []);
     }
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void));

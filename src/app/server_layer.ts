@@ -34,7 +34,7 @@ import {
 import { makeFullPusher } from "../push/full.ts";
 import { makeLoraPusher, type StageObserver, unloadAdaptersUnder } from "../push/lora.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import { defaultProbePrompt, sharedTrainerLogProbs, type VerifySettings } from "../push/verify.ts";
+import { defaultProbePrompt, makeTrainerProbeCache, type VerifySettings } from "../push/verify.ts";
 import {
   parseReplicaFile,
   parseReplicaSource,
@@ -277,12 +277,13 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
       `${new Date().toISOString().replace(/[:.]/g, "-")}-${crypto.randomUUID().slice(0, 8)}`,
     );
   yield* pushDirectory(root, !options.pushRoot);
+  const probes = makeTrainerProbeCache();
   const verify: VerifySettings = {
     policy: cfg.verify,
     tolerance: cfg.verifyTolerance,
     probePrompt: options.probePrompt ?? defaultProbePrompt(base.tokenizer),
     probeTokens: options.probeTokens ?? 4,
-    trainer: sharedTrainerLogProbs(), // replicas serving the same weights share one forward
+    trainer: probes.trainer, // replicas serving the same weights share one forward
   };
   // the first replica pushes into the root itself, later ones into replica-<n>/ under it
   const roots = new Map<string, string>();
@@ -324,11 +325,25 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
         ? { ...options.makeTarget(ctx, standard), release: standard.release }
         : standard;
     });
-  const target = yield* makeReplicatedPushTarget(
+  const fanned = yield* makeReplicatedPushTarget(
     replicas,
     targetFor,
     `server-${pushKind}(${urls.join(",")})`,
   );
+  const target: ReplicatedPushTarget = {
+    ...fanned,
+    prepare: (snapshot) =>
+      probes.prime(backend, snapshot, verify).pipe(
+        Effect.mapError((e) =>
+          new SyncError({
+            target: fanned.name,
+            version: snapshot.version,
+            reason: `verification of v${snapshot.version}: trainer forward failed: ${e.message}`,
+            cause: e,
+          })
+        ),
+      ),
+  };
   if (cfg.serverUrl !== null && (urls.length > 1 || !cfg.serverUrl.includes("://"))) {
     const file = cfg.serverUrl.includes("://") ? null : cfg.serverUrl;
     let warned = false;
@@ -347,6 +362,8 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
       monitorReplicas(target, { intervalMs: options.monitorIntervalMs, refresh }),
     );
   }
+  // the servers outlive the run: its adapters are unloaded at its end
+  yield* Effect.addFinalizer(() => target.release);
   if (options.onReplicas) yield* options.onReplicas(target);
   const engine = makeServerRolloutEngine(replicas, { concurrency: options.concurrency });
   return Context.add(Context.make(RolloutEngine, engine), PushTarget, target);

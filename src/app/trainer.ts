@@ -33,6 +33,7 @@ import {
   advantage,
   type Advantaged,
   boundedStaleness,
+  preparePush,
   push,
   type Pushed,
   reward,
@@ -318,11 +319,10 @@ export const runTraining: (
           { maxStaleness: cfg.grpo.maxStaleness, initialVersion },
           steps(first, cfg.steps),
           produce,
-          // the push stays on the trainer's path: its verification forward pass queues behind
-          // the next update on the same device, so publishing in parallel gained nothing
-          // (bench/async.ts: pushes 3-4x slower, throughput bound by them)
-          (s) => push(train(s).pipe(Stream.tap((a) => checkpoint(a.step)))),
-          (s) => s,
+          // the trainer's side of verification is computed on its own path (preparePush), so
+          // the push runs beside the next update and waits only on the engine
+          (s) => preparePush(train(s)).pipe(Stream.tap((a) => checkpoint(a.step))),
+          push,
         );
       yield* Stream.runDrain(Stream.tap(stream, onStep));
       const trainWallS = (performance.now() - t0) / 1000;

@@ -368,6 +368,23 @@ export const snapshot = (policy: Policy) =>
     ),
   );
 
+/**
+ * Does the trainer-device part of each snapshot's push ahead (PushTarget.prepare, when the target
+ * has one), so that a push running beside the next update waits only on the engine.
+ */
+export const preparePush = <A extends Step & { snapshot: Snapshot }, E, R>(
+  s: Stream.Stream<A, E, R>,
+): Stream.Stream<A, E | SyncError, R | typeof PushTarget.Identifier> =>
+  Stream.mapEffect(
+    s,
+    timedStage("prepare_push", (a: A) =>
+      Effect.gen(function* () {
+        const target = yield* PushTarget;
+        if (target.prepare) yield* target.prepare(a.snapshot);
+        return a;
+      })),
+  );
+
 /** Publishes each snapshot to the PushTarget (which verifies it). */
 export const push = <A extends Step & { snapshot: Snapshot }, E, R>(
   s: Stream.Stream<A, E, R>,
@@ -420,9 +437,9 @@ export interface Staled {
  * Asynchronous GRPO as three stages joined by bounded buffers, each running in a fiber of its
  * own: `produce` (rollout → reward → advantage) runs ahead of `train` (update → snapshot), which
  * consumes its batches in order and hands each snapshot to `publish` (push), so the next update
- * can start while the engine loads and verifies the last snapshot (when the push's own work
- * competes with the update for the device, as the verification probe's forward pass does, put
- * the push at the end of `train` and give the identity as `publish`). Staleness is bounded by
+ * can start while the engine loads and verifies the last snapshot (the push's own work on the
+ * trainer's device, the verification probe's forward pass, belongs at the end of `train`:
+ * {@link preparePush}). Staleness is bounded by
  * credits: the producer takes one credit per batch before it asks the engine for rollouts; there
  * are `maxStaleness + 1` to begin with and one comes back after each publish. So the batch trained
  * at step s was started after the publish of step s - maxStaleness - 1 and comes from that

@@ -91,6 +91,12 @@ export class SyncMismatch extends SyncMismatchBase {}
 export interface PushTargetShape {
   readonly name: string;
   push(snapshot: Snapshot): Effect.Effect<PushReport, SyncError | SyncMismatch>;
+  /**
+   * The work a push of `snapshot` needs from the trainer's device (its side of verification),
+   * done ahead on the trainer's path, so that a push running beside the next update waits only
+   * on the engine. Optional: a push does all its work itself when this was not called.
+   */
+  prepare?(snapshot: Snapshot): Effect.Effect<void, SyncError>;
 }
 
 /** PushTarget service key. */

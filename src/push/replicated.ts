@@ -46,6 +46,11 @@ export interface ReplicatedPushTarget extends PushTargetShape {
   add(url: string): Effect.Effect<void>;
   /** Removes a replica: no new request starts on it; its adapters are unloaded once idle. */
   remove(url: string): Effect.Effect<void>;
+  /**
+   * Unloads what the run loaded on every replica that answers (at its end: the server keeps
+   * serving others without this run's adapters); best effort, bounded in time.
+   */
+  readonly release: Effect.Effect<void>;
 }
 
 interface Slot {
@@ -235,9 +240,21 @@ export const makeReplicatedPushTarget: (
       return slot.lock.withPermits(1)(slot.target?.release ?? Effect.void);
     });
 
+  const release = Effect.suspend(() =>
+    Effect.forEach(
+      [...slots.entries()],
+      ([r, slot]) =>
+        r.state === "out" && r.cause === "unreachable"
+          ? Effect.void
+          : slot.lock.withPermits(1)(slot.target?.release ?? Effect.void),
+      { concurrency: "unbounded", discard: true },
+    )
+  ).pipe(Effect.timeout(10_000), Effect.ignore);
+
   return {
     name,
     replicas,
+    release,
     push: (snapshot: Snapshot) => order.withPermits(1)(push(snapshot)),
     catchUp,
     add,

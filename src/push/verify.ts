@@ -38,7 +38,7 @@ export interface VerifySettings {
   readonly probePrompt: readonly number[];
   /** Tokens the engine generates for the probe (EOS ignored, so exactly this many). */
   readonly probeTokens: number;
-  /** The trainer's side of the comparison (default {@link trainerLogProbs}; see {@link sharedTrainerLogProbs}). */
+  /** The trainer's side of the comparison (default {@link trainerLogProbs}; see {@link makeTrainerProbeCache}). */
   readonly trainer?: TrainerLogProbs;
 }
 
@@ -147,31 +147,140 @@ export const trainerLogProbs: (
   Effect.scoped,
 );
 
+/** The trainer's greedy continuation of a probe prompt, with its log-probs when known. */
+export interface GreedyProbe {
+  readonly tokens: readonly number[];
+  /** As {@link trainerLogProbs} computes them for these tokens (the same forward pass); null when not computed. */
+  readonly logprobs: readonly number[] | null;
+}
+
 /**
- * {@link trainerLogProbs} computed once per snapshot and completion: replicas that answer the
- * probe alike (they serve the same weights) share one trainer forward pass. Keeps the entries of
- * the newest snapshot only.
+ * The trainer's greedy continuation of `prompt` under the snapshot's weights (`n` tokens, EOS not
+ * special, the lowest id on a tie): what an engine serving the snapshot answers the probe.
+ * `guess` (e.g. the previous snapshot's continuation: one optimizer step rarely changes it) is
+ * checked in one forward pass — a guessed token that is the argmax after the tokens before it is
+ * the greedy token — and decoding goes on from the first token that differs, so a right guess
+ * costs one forward pass instead of `n`; that pass is exactly {@link trainerLogProbs}'s, so its
+ * log-probs come with it.
  */
-export const sharedTrainerLogProbs = (): TrainerLogProbs => {
-  let digest = "";
-  const memo = new Map<string, Effect.Effect<number[], BackendError>>();
-  return (backend, snapshot, prompt, completion) =>
-    Effect.suspend(() => {
-      if (snapshot.digest !== digest) {
-        digest = snapshot.digest;
-        memo.clear();
+export const trainerGreedyProbe: (
+  backend: BackendShape,
+  snapshot: Snapshot,
+  prompt: readonly number[],
+  n: number,
+  guess?: readonly number[],
+) => Effect.Effect<GreedyProbe, BackendError> = Effect.fn("trainerGreedyProbe")(
+  function* (
+    backend: BackendShape,
+    snapshot: Snapshot,
+    prompt: readonly number[],
+    n: number,
+    guess: readonly number[] = [],
+  ) {
+    const { model, lora } = yield* snapshotModel(snapshot, backend);
+    const ops = yield* backend.ops;
+    const V = snapshot.config.vocabSize;
+    const tokens: number[] = [];
+    let logprobs: number[] | null = null;
+    while (tokens.length < n) {
+      const from = tokens.length;
+      const cand = [...tokens, ...guess.slice(from, n)];
+      // rows predicting continuation positions from..last (one past the candidates if short)
+      const last = Math.min(n - 1, cand.length);
+      const rows = Array.from({ length: last - from + 1 }, (_, j) => prompt.length - 1 + from + j);
+      const ids = [...prompt, ...cand];
+      const { logits } = forward(
+        ops,
+        model,
+        { ids, batch: 1, seqLen: ids.length, logitRows: rows },
+        { lora },
+      );
+      const [host] = yield* ops.read([logits]);
+      const picked: number[] = [];
+      for (let j = from; j <= last; j++) {
+        const row = host.subarray((j - from) * V, (j - from + 1) * V);
+        let best = 0;
+        for (let v = 1; v < V; v++) if (row[v] > row[best]) best = v;
+        tokens.push(best);
+        picked.push(logSoftmax(row)[best]);
+        if (j < cand.length && best !== cand[j]) break; // later rows follow a wrong token
       }
-      const key = `${snapshot.version}:${prompt.join(",")}|${completion.join(",")}`;
-      const known = memo.get(key);
+      // the whole guess held in the first pass: that pass was trainerLogProbs(prompt, tokens)
+      if (from === 0 && cand.length === n && tokens.every((t, j) => t === cand[j])) {
+        logprobs = picked;
+      }
+    }
+    return { tokens, logprobs };
+  },
+  Effect.scoped,
+);
+
+/**
+ * The trainer's side of verification, computed once per snapshot and completion: replicas that
+ * answer the probe alike (they serve the same weights) share one forward pass, and `prime`
+ * computes it ahead for the answer an engine serving the snapshot gives (the trainer's greedy
+ * continuation), so that a push, once the engine answers, compares without waiting for the
+ * trainer's device (busy with the next update in asynchronous GRPO). Another answer is computed
+ * when it comes, exactly as without the cache. Keeps the entries of the newest `snapshots`
+ * snapshots (default 4).
+ */
+export interface TrainerProbeCache {
+  readonly trainer: TrainerLogProbs;
+  prime(
+    backend: BackendShape,
+    snapshot: Snapshot,
+    settings: VerifySettings,
+  ): Effect.Effect<void, BackendError>;
+}
+
+/** Makes a {@link TrainerProbeCache}. */
+export const makeTrainerProbeCache = (snapshots = 4): TrainerProbeCache => {
+  // per snapshot digest (insertion order = age), per probe completion
+  const memo = new Map<string, Map<string, Effect.Effect<number[], BackendError>>>();
+  const entriesOf = (snapshot: Snapshot) => {
+    let entries = memo.get(snapshot.digest);
+    if (!entries) {
+      entries = new Map();
+      memo.set(snapshot.digest, entries);
+      // a push of an older snapshot may still be verifying while the newest is primed
+      while (memo.size > snapshots) memo.delete(memo.keys().next().value!);
+    }
+    return entries;
+  };
+  const keyOf = (prompt: readonly number[], completion: readonly number[]) =>
+    `${prompt.join(",")}|${completion.join(",")}`;
+  const trainer: TrainerLogProbs = (backend, snapshot, prompt, completion) =>
+    Effect.suspend(() => {
+      const entries = entriesOf(snapshot);
+      const key = keyOf(prompt, completion);
+      const known = entries.get(key);
       if (known) return known;
+      const cell = entries;
       return Effect.flatMap(
         Effect.cached(trainerLogProbs(backend, snapshot, prompt, completion)),
         (once) => {
-          memo.set(key, once);
+          cell.set(key, once);
           return once;
         },
       );
     });
+  let guess: readonly number[] = [];
+  const prime = (backend: BackendShape, snapshot: Snapshot, settings: VerifySettings) =>
+    settings.policy === "off" ? Effect.void : Effect.flatMap(
+      trainerGreedyProbe(backend, snapshot, settings.probePrompt, settings.probeTokens, guess),
+      (g) => {
+        guess = g.tokens;
+        if (g.logprobs === null) {
+          return Effect.asVoid(trainer(backend, snapshot, settings.probePrompt, g.tokens));
+        }
+        entriesOf(snapshot).set(
+          keyOf(settings.probePrompt, g.tokens),
+          Effect.succeed([...g.logprobs]),
+        );
+        return Effect.void;
+      },
+    );
+  return { trainer, prime };
 };
 
 /** |diff| statistics of a verified push. */
