@@ -424,3 +424,49 @@ Deno.test("a replica file: replicas added and removed while training runs join a
     await Deno.remove(out, { recursive: true });
   }
 });
+
+Deno.test("two runs on one long-lived server: the second run's pushes verify (its own cache_salt: no prefix-cache entry of the first run's same-named versions is reused)", async () => {
+  const scope = Scope.makeUnsafe();
+  const out = await Deno.makeTempDir();
+  try {
+    const [srv] = await startServers(scope, 1) as EmbeddedServer[];
+    const salts: string[][] = [];
+    // other seeds: the same version numbers name other weights in the two runs
+    for (const [runId, seed] of [["first", 1], ["second", 2]] as const) {
+      const cfg = await config({
+        serverUrl: srv.url,
+        steps: 4,
+        promptsPerStep: 8,
+        outputDir: out,
+        runId,
+        seed,
+        verify: "fail",
+      });
+      const seen: string[] = [];
+      const s = await train(cfg, {
+        makeTarget: (ctx, standard) => ({
+          ...standard,
+          push: (snap) =>
+            Effect.tap(
+              standard.push(snap),
+              () => Effect.sync(() => seen.push(ctx.routing.current!.cacheSalt)),
+            ),
+        }),
+      });
+      assertEquals(s.steps, 4);
+      for (const x of await metricsOf(s.runDir)) {
+        assert(x["sync/verify_logp_diff_max"] <= cfg.verifyTolerance, `${runId} step ${x.step}`);
+      }
+      salts.push(seen);
+    }
+    // same versions, other salts
+    assertEquals(salts[0].length, salts[1].length);
+    for (const [i, salt] of salts[0].entries()) {
+      assert(salt.endsWith(`-v${i}`) && salts[1][i].endsWith(`-v${i}`), salt);
+      assert(salt !== salts[1][i], salt);
+    }
+  } finally {
+    await Effect.runPromise(Scope.close(scope, Exit.void));
+    await Deno.remove(out, { recursive: true });
+  }
+});

@@ -65,6 +65,12 @@ export interface ServerContext {
   readonly pushKind: "lora" | "full";
   readonly verify: VerifySettings;
   readonly onStage?: StageObserver;
+  /**
+   * cache_salt of a version: `<session>-v{k}`, unique per run, so a later run on the same server
+   * (same adapter names, same versions) never meets this run's prefix-cache entries (vLLM keys
+   * them by adapter name and salt).
+   */
+  readonly cacheSalt?: (version: number) => string;
 }
 
 /** Options of the server layer. */
@@ -133,6 +139,7 @@ export const makeServerPushTarget = (
         keepLoaded: keep,
         target,
         onStage: ctx.onStage,
+        cacheSalt: ctx.cacheSalt,
       })
       : null;
     const pusher = lora ?? makeFullPusher({
@@ -145,6 +152,7 @@ export const makeServerPushTarget = (
       keepDirs: keep,
       target,
       onStage: ctx.onStage,
+      cacheSalt: ctx.cacheSalt,
     });
     return {
       name: target,
@@ -270,11 +278,12 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
     }), model '${modelName}', ${pushKind} pushes, ` +
       `verify ${cfg.verify}`,
   );
+  const session = crypto.randomUUID().slice(0, 8);
   const root = options.pushRoot ??
     join(
       resolve(cfg.outputDir),
       ".push",
-      `${new Date().toISOString().replace(/[:.]/g, "-")}-${crypto.randomUUID().slice(0, 8)}`,
+      `${new Date().toISOString().replace(/[:.]/g, "-")}-${session}`,
     );
   yield* pushDirectory(root, !options.pushRoot);
   const probes = makeTrainerProbeCache();
@@ -319,6 +328,7 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
         pushKind,
         verify,
         onStage: options.onStage,
+        cacheSalt: (v) => `${session}-v${v}`,
       };
       const standard = yield* makeServerPushTarget(ctx, options.keep ?? 2);
       return options.makeTarget
