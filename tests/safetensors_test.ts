@@ -692,6 +692,22 @@ Deno.test("writeSafetensorsFile/readSafetensorsFile round-trip, atomic, no temp 
     sameTensors((await run(readSafetensorsFile(p))).tensors, tensors.slice(0, 1));
   }));
 
+Deno.test("plain writes (a pushed version's files): the same bytes as atomic ones, one file, never over an existing one", () =>
+  withTempDir(async (dir) => {
+    const tensors = sampleTensors();
+    const atomic = nodePath.join(dir, "a.safetensors");
+    const plain = nodePath.join(dir, "p.safetensors");
+    await run(writeSafetensorsFile(atomic, tensors, { format: "pt" }));
+    await run(writeSafetensorsFile(plain, tensors, { format: "pt" }, "plain"));
+    assertEquals(await fs.readFile(plain), await fs.readFile(atomic));
+    assertEquals(await listDir(dir), ["a.safetensors", "p.safetensors"]);
+    // a fresh directory is written once: an existing file is a typed error, left as it was
+    const e = await run(Effect.flip(writeSafetensorsFile(plain, tensors.slice(0, 1), {}, "plain")));
+    assert(e instanceof CheckpointError, String(e));
+    assert(e.message.includes("p.safetensors"), e.message);
+    assertEquals(await fs.readFile(plain), await fs.readFile(atomic));
+  }));
+
 Deno.test("atomic write failures are typed and leave no temp file or torn target", () =>
   withTempDir(async (dir) => {
     // Target is a non-empty directory: the rename fails after the temp file was written.

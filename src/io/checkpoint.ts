@@ -165,6 +165,30 @@ export const writeFileAtomic = (
     }
   });
 
+/**
+ * How a file is written: `atomic` ({@link writeFileAtomic}: checkpoints, exports a user keeps) or
+ * `plain` (one write, no fsync: files inside a directory that is itself published by an atomic
+ * rename and thrown away after use, such as a pushed version's directory).
+ */
+export type WriteMode = "atomic" | "plain";
+
+/** Writes `chunks` to `path` in the given mode. */
+export const writeFileAs = (
+  path: string,
+  chunks: Uint8Array | readonly Uint8Array[],
+  mode: WriteMode,
+): Effect.Effect<void, CheckpointError> =>
+  mode === "atomic" ? writeFileAtomic(path, chunks) : fsOp(path, "write failed", async () => {
+    const parts = chunks instanceof Uint8Array ? [chunks] : chunks;
+    const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let off = 0;
+    for (const p of parts) {
+      all.set(p, off);
+      off += p.length;
+    }
+    await fs.writeFile(path, all, { flag: "wx", mode: 0o644 });
+  });
+
 /** The temp-file pattern of {@link writeFileAtomic} for `path`: `.<name>.<12 hex>.tmp`. */
 const tempFilePattern = (path: string): RegExp => {
   const name = nodePath.basename(path).replace(/[.*+?^$()|[\]\\{}]/g, "\\$&");
@@ -200,7 +224,7 @@ export const readSafetensorsFile: (
 });
 
 /**
- * Writes one safetensors file atomically (see {@link writeFileAtomic}); metadata defaults to
+ * Writes one safetensors file, atomically unless `mode` is "plain" (see {@link WriteMode}); metadata defaults to
  * {format:"pt"}. Invalid tensors (duplicate names, byte lengths not matching shapes) fail with a
  * SafetensorsError before anything is written.
  */
@@ -208,10 +232,16 @@ export const writeSafetensorsFile: (
   path: string,
   tensors: readonly TensorEntry[],
   metadata?: Record<string, string>,
+  mode?: WriteMode,
 ) => Effect.Effect<void, CheckpointError | SafetensorsError> = Effect.fn("writeSafetensorsFile")(
-  function* (path: string, tensors: readonly TensorEntry[], metadata?: Record<string, string>) {
+  function* (
+    path: string,
+    tensors: readonly TensorEntry[],
+    metadata?: Record<string, string>,
+    mode: WriteMode = "atomic",
+  ) {
     const header = yield* syncStep(() => serializeHeader(tensors, metadata));
-    yield* writeFileAtomic(path, [header, ...tensors.map((t) => t.bytes)]);
+    yield* writeFileAs(path, [header, ...tensors.map((t) => t.bytes)], mode);
   },
 );
 

@@ -12,7 +12,8 @@ import {
   makeDirectory,
   readSafetensorsFile,
   removeStaleTempFiles,
-  writeFileAtomic,
+  writeFileAs,
+  type WriteMode,
   writeSafetensorsFile,
 } from "../io/checkpoint.ts";
 import type { CheckpointError } from "../io/errors.ts";
@@ -65,12 +66,14 @@ export const savePeftAdapter: (
   config: LoraConfig,
   modules: ReadonlyMap<string, { readonly a: HostTensor; readonly b: HostTensor }>,
   baseModel: string,
+  mode?: WriteMode,
 ) => Effect.Effect<void, CheckpointError | SafetensorsError> = Effect.fn("savePeftAdapter")(
   function* (
     dir: string,
     config: LoraConfig,
     modules: ReadonlyMap<string, { readonly a: HostTensor; readonly b: HostTensor }>,
     baseModel: string,
+    mode: WriteMode = "atomic",
   ) {
     yield* makeDirectory(dir);
     const entries = yield* tryTagged(
@@ -81,13 +84,15 @@ export const savePeftAdapter: (
         ]),
       SafetensorsError,
     );
-    // temp files of an export a kill interrupted (a directory has one writer)
-    yield* removeStaleTempFiles(join(dir, ADAPTER_WEIGHTS));
-    yield* removeStaleTempFiles(join(dir, ADAPTER_CONFIG));
-    yield* writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), entries);
+    if (mode === "atomic") {
+      // temp files of an export a kill interrupted (a directory has one writer)
+      yield* removeStaleTempFiles(join(dir, ADAPTER_WEIGHTS));
+      yield* removeStaleTempFiles(join(dir, ADAPTER_CONFIG));
+    }
+    yield* writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), entries, undefined, mode);
     // the config last: its presence marks a complete directory (loaders read it first)
     const json = JSON.stringify(peftConfigJson(config, baseModel), null, 2) + "\n";
-    yield* writeFileAtomic(join(dir, ADAPTER_CONFIG), new TextEncoder().encode(json));
+    yield* writeFileAs(join(dir, ADAPTER_CONFIG), new TextEncoder().encode(json), mode);
   },
 );
 

@@ -19,7 +19,7 @@
  * @module
  */
 import { Effect } from "effect";
-import { open, readdir, rename, rm, stat } from "node:fs/promises";
+import { readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
 import { type CheckpointError, fsOp, makeDirectory } from "../io/checkpoint.ts";
@@ -58,20 +58,6 @@ const randomSuffix = (): string =>
 
 const exists = (p: string): Promise<boolean> => stat(p).then(() => true, () => false);
 
-/** fsync of a directory, best effort (not every platform can open one). */
-const syncDirectory = async (dir: string): Promise<void> => {
-  try {
-    const h = await open(dir, "r");
-    try {
-      await h.sync();
-    } finally {
-      await h.close();
-    }
-  } catch {
-    // best effort
-  }
-};
-
 /** Total size of the files directly inside `dir`. */
 export const directoryBytes = async (dir: string): Promise<number> => {
   let n = 0;
@@ -105,8 +91,8 @@ export const freshVersionDir: <E>(
       for (let i = 0;; i++) {
         const d = join(root, i === 0 ? name : `${name}.${i}`);
         if (await exists(d)) continue;
+        // no fsync: a pushed version is used once and removed; a crash loses nothing of value
         await rename(tmp, d);
-        await syncDirectory(root); // the rename itself survives a power loss
         return d;
       }
     }).pipe(Effect.onError(() => removeDir(tmp)));
@@ -330,7 +316,8 @@ export const makeLoraPusher = (ctx: LoraPushContext): LoraPusher => {
     const { dir, bytes } = yield* freshVersionDir(
       ctx.root,
       name,
-      (tmp) => exportAdapter(snapshot, tmp, ctx.baseModel),
+      // plain writes: the directory is published by one rename and removed after use
+      (tmp) => exportAdapter(snapshot, tmp, ctx.baseModel, "plain"),
     ).pipe(
       Effect.mapError((e) =>
         syncError(`exporting the adapter of v${version} failed: ${e.message}`, e)

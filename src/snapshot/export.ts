@@ -9,6 +9,7 @@ import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
 import type { CheckpointError, SafetensorsError } from "../io/errors.ts";
+import type { WriteMode } from "../io/checkpoint.ts";
 import { saveModel } from "../model/loader.ts";
 import { savePeftAdapter } from "../lora/peft.ts";
 import type { HostTensor } from "../model/weights.ts";
@@ -41,9 +42,10 @@ export const exportAdapter: (
   snapshot: Snapshot,
   dir: string,
   baseModel: string,
+  mode?: WriteMode,
 ) => Effect.Effect<void, SnapshotCorrupted | CheckpointError | SafetensorsError> = Effect.fn(
   "exportAdapter",
-)(function* (snapshot: Snapshot, dir: string, baseModel: string) {
+)(function* (snapshot: Snapshot, dir: string, baseModel: string, mode: WriteMode = "atomic") {
   yield* snapshot.verify();
   const tensors = snapshot.adapter();
   if (!tensors || !snapshot.loraConfig) {
@@ -57,5 +59,5 @@ export const exportAdapter: (
     const m = modules.get(path) ?? { a: t, b: t };
     modules.set(path, name.endsWith("lora_A") ? { ...m, a: t } : { ...m, b: t });
   }
-  yield* savePeftAdapter(dir, snapshot.loraConfig, modules, baseModel);
+  yield* savePeftAdapter(dir, snapshot.loraConfig, modules, baseModel, mode);
 });
