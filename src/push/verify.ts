@@ -12,6 +12,7 @@
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
 import type { BackendError } from "../backend/ops.ts";
+import type { FloatArray } from "../backend/tensor.ts";
 import { forward } from "../model/decoder.ts";
 import { logSoftmax } from "../model/sampling.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
@@ -130,22 +131,35 @@ export const trainerLogProbs: (
     completion: readonly number[],
   ) {
     if (completion.length === 0) return [];
-    const { model, lora } = yield* snapshotModel(snapshot, backend);
-    const ops = yield* backend.ops;
-    const ids = [...prompt, ...completion];
     const rows = completion.map((_, j) => prompt.length - 1 + j);
-    const { logits } = forward(
-      ops,
-      model,
-      { ids, batch: 1, seqLen: ids.length, logitRows: rows },
-      { lora },
-    );
-    const [host] = yield* ops.read([logits]);
+    const host = yield* snapshotLogits(backend, snapshot, [...prompt, ...completion], rows);
     const V = snapshot.config.vocabSize;
     return completion.map((t, j) => logSoftmax(host.subarray(j * V, (j + 1) * V))[t]);
   },
-  Effect.scoped,
 );
+
+/**
+ * One forward pass of `ids` under the snapshot's weights (a LoRA snapshot on the resident base
+ * with its adapter applied at run time), the logits of `rows` read back ([rows, vocab]).
+ */
+const snapshotLogits = (
+  backend: BackendShape,
+  snapshot: Snapshot,
+  ids: readonly number[],
+  rows: readonly number[],
+): Effect.Effect<FloatArray, BackendError> =>
+  Effect.scoped(Effect.gen(function* () {
+    const { model, lora } = yield* snapshotModel(snapshot, backend);
+    const ops = yield* backend.ops;
+    const { logits } = forward(
+      ops,
+      model,
+      { ids: [...ids], batch: 1, seqLen: ids.length, logitRows: [...rows] },
+      { lora },
+    );
+    const [host] = yield* ops.read([logits]);
+    return host;
+  }));
 
 /** The trainer's greedy continuation of a probe prompt, with its log-probs when known. */
 export interface GreedyProbe {
@@ -177,8 +191,6 @@ export const trainerGreedyProbe: (
     n: number,
     guess: readonly number[] = [],
   ) {
-    const { model, lora } = yield* snapshotModel(snapshot, backend);
-    const ops = yield* backend.ops;
     const V = snapshot.config.vocabSize;
     const tokens: number[] = [];
     let logprobs: number[] | null = null;
@@ -188,14 +200,7 @@ export const trainerGreedyProbe: (
       // rows predicting continuation positions from..last (one past the candidates if short)
       const last = Math.min(n - 1, cand.length);
       const rows = Array.from({ length: last - from + 1 }, (_, j) => prompt.length - 1 + from + j);
-      const ids = [...prompt, ...cand];
-      const { logits } = forward(
-        ops,
-        model,
-        { ids, batch: 1, seqLen: ids.length, logitRows: rows },
-        { lora },
-      );
-      const [host] = yield* ops.read([logits]);
+      const host = yield* snapshotLogits(backend, snapshot, [...prompt, ...cand], rows);
       const picked: number[] = [];
       for (let j = from; j <= last; j++) {
         const row = host.subarray((j - from) * V, (j - from + 1) * V);
@@ -212,7 +217,6 @@ export const trainerGreedyProbe: (
     }
     return { tokens, logprobs };
   },
-  Effect.scoped,
 );
 
 /**
