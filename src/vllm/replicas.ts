@@ -69,6 +69,8 @@ export class Replica {
   calls = 0;
   /** Health checks missed in a row. */
   missedHealth = 0;
+  /** Added while the run was under way (its joining is logged). */
+  lateJoin = false;
   /** Versions it serves; replaced when it comes back after it stopped answering (it may have lost them). */
   routing: Routing = new Routing();
   constructor(readonly url: string, readonly client: VllmClient) {}
@@ -148,8 +150,10 @@ export class ReplicaSet {
       if (known) return Effect.succeed(known);
       const u = normalizeUrl(url);
       const r = new Replica(u, this.makeClient(u));
+      // the replicas a run starts with are named by its first log line; later ones are news
+      r.lateJoin = this.currentVersion() !== null;
       this.#replicas.push(r);
-      return Effect.as(this.#report({ kind: "added", url: u }), r);
+      return Effect.as(this.#report({ kind: "added", url: u }, r.lateJoin), r);
     });
   }
 
@@ -174,7 +178,7 @@ export class ReplicaSet {
       r.reason = null;
       return was === "serving"
         ? Effect.void
-        : this.#report({ kind: "serving", url: r.url, version });
+        : this.#report({ kind: "serving", url: r.url, version }, was === "out" || r.lateJoin);
     });
   }
 
@@ -263,13 +267,13 @@ export class ReplicaSet {
     };
   }
 
-  #report(event: ReplicaEvent): Effect.Effect<void> {
+  #report(event: ReplicaEvent, news = true): Effect.Effect<void> {
     const line = event.kind === "out"
       ? Effect.logWarning(
         `replica ${event.url} out of rotation (${event.cause}): ${event.reason}`,
       )
-      : this.#replicas.length <= 1 && event.kind !== "removed"
-      ? Effect.void // a single server's joining is the run's start, logged as such
+      : !news
+      ? Effect.void
       : event.kind === "serving"
       ? Effect.logInfo(`replica ${event.url} serving from v${event.version}`)
       : Effect.logInfo(`replica ${event.url} ${event.kind}`);
