@@ -21,7 +21,7 @@ import type { Scope } from "effect";
 import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
 import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
-import { loadModel } from "../model/loader.ts";
+import { loadFrozenBase } from "../model/loader.ts";
 import { loadTokenizer } from "../tokenizer/bpe.ts";
 import { type ChatTemplate, loadChatTemplate } from "../tokenizer/chat_template.ts";
 import {
@@ -460,7 +460,8 @@ export const makeInferenceEngine = (
 ): Effect.Effect<InferenceEngine, InferenceEngineStartError, Scope.Scope> =>
   Effect.gen(function* () {
     const modelDir = options.modelDir;
-    const { config, weights } = yield* loadModel(modelDir).pipe(
+    // 16-bit checkpoints stay 16-bit on the device (widened in the kernels): half the memory
+    const { config, weights } = yield* loadFrozenBase(modelDir).pipe(
       Effect.mapError((e) =>
         new InferenceEngineStartError({ modelDir, part: "model", reason: e.message, cause: e })
       ),

@@ -14,8 +14,8 @@ import { join } from "node:path";
 import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { type DeviceModel, uploadModel } from "../model/decoder.ts";
-import { loadModel } from "../model/loader.ts";
-import type { WeightMap } from "../model/weights.ts";
+import { loadFrozenBase } from "../model/loader.ts";
+import type { BaseWeightMap } from "../model/weights.ts";
 import { type ApiError, badRequest } from "./schemas.ts";
 import { checkAllowedPath, redactFileText } from "./file_policy.ts";
 
@@ -29,7 +29,7 @@ export interface BaseWeights {
 /** A checkpoint read and checked on the host, ready to upload. */
 export interface PreparedWeights {
   readonly config: ModelConfig;
-  readonly weights: WeightMap;
+  readonly weights: BaseWeightMap;
 }
 
 const SAME_SHAPE_FIELDS = [
@@ -66,7 +66,7 @@ export const pathExists = (path: string): Effect.Effect<boolean> =>
 export const uploadBase = (
   backend: BackendShape,
   config: ModelConfig,
-  weights: WeightMap,
+  weights: BaseWeightMap,
 ): Effect.Effect<BaseWeights> =>
   Effect.gen(function* () {
     const scope = yield* Scope.make();
@@ -118,7 +118,7 @@ export class ServedWeights {
           ),
         );
       }
-      const { config, weights } = yield* loadModel(dir).pipe(
+      const { config, weights } = yield* loadFrozenBase(dir).pipe(
         Effect.mapError((e) =>
           badRequest(
             `reload_weights: cannot load ${dir}: ${redactFileText(messageOf(e))}`,
