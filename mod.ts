@@ -213,10 +213,10 @@ export {
 export {
   advantage,
   boundedStaleness,
+  preparePush,
   type PromptDraw,
   type PromptItem,
   type PromptSource,
-  preparePush,
   promptTokens,
   push,
   reward,
@@ -293,6 +293,12 @@ export {
   userReward,
   type UserRewardFn,
 } from "./src/task/reward_module.ts";
+export {
+  EnvironmentModuleError,
+  loadEnvironmentModule,
+  type UserEpisodeStart,
+} from "./src/task/environment_module.ts";
+export { importUserExport, isModuleSpec, type UserExport } from "./src/task/user_module.ts";
 export {
   calculatorEnvironment,
   calculatorLimits,

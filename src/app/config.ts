@@ -71,6 +71,12 @@ export interface RunOptions {
   readonly evalSplit: number;
   /** Reward functions: built-in names and module paths; null = the task's own. */
   readonly rewardFuncs: readonly string[] | null;
+  /** A multi-turn environment module (`./env.ts`, `./envs.ts#name`); null = single-turn. */
+  readonly environment: string | null;
+  /** Model turns of an episode at most (with an environment). */
+  readonly maxTurns: number;
+  /** Tokens of one model turn at most; null = max_completion_length. */
+  readonly maxTurnTokens: number | null;
   /** A Jinja chat template file replacing the model's; null = the model's. */
   readonly chatTemplatePath: string | null;
   /** Extra chat template variables as `key=value` (values read as JSON when they parse). */
@@ -184,6 +190,23 @@ export const runOptionFields: OptionFields = {
       "Reward functions: accuracy, think_format, think_answer_format, length, or module paths " +
       "(./my_reward.ts, ./r.ts#name)",
     allowed: "a list of built-in names and module paths, or null (the task's own)",
+  }),
+  environment: option(Schema.NullOr(Schema.String), {
+    default: null,
+    description:
+      "Multi-turn rollouts: a module whose default export (or ./envs.ts#name) starts an episode, " +
+      "async (item) => async (turn) => ({ observation, done }); observations are masked out of " +
+      "the loss, and max_completion_length bounds the whole episode",
+    allowed: "a module path, or null (single-turn)",
+  }),
+  maxTurns: integer({ min: 1 }, {
+    default: 4,
+    description: "Model turns of an episode at most (with --environment)",
+  }),
+  maxTurnTokens: integer<number | null>({ min: 1 }, {
+    default: null,
+    description:
+      "Tokens of one model turn at most (with --environment); null = max_completion_length",
   }),
   chatTemplatePath: option(Schema.NullOr(Schema.String), {
     default: null,

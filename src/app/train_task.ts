@@ -19,8 +19,10 @@ import {
   stepsForEpochs,
 } from "../task/dataset.ts";
 import { datasetTask } from "../task/dataset_task.ts";
-import { isModuleSpec, loadRewardModule, type RewardModuleError } from "../task/reward_module.ts";
+import { loadRewardModule, type RewardModuleError } from "../task/reward_module.ts";
+import { isModuleSpec } from "../task/user_module.ts";
 import type { Task } from "../task/task.ts";
+import { type EnvironmentModuleError, loadEnvironmentModule } from "../task/environment_module.ts";
 import { type TrainConfig, TrainConfigError } from "./config.ts";
 
 /** Why a run's task cannot be set up. */
@@ -28,7 +30,8 @@ export type TrainTaskError =
   | TrainConfigError
   | DatasetError
   | ChatTemplateError
-  | RewardModuleError;
+  | RewardModuleError
+  | EnvironmentModuleError;
 
 /** The built-in task's name as a `dataset` value. */
 export const BUILTIN_DATASET = "arithmetic";
@@ -148,6 +151,30 @@ export interface TrainTaskSettings {
 export const trainTaskOf = (
   cfg: TrainConfig,
   settings: TrainTaskSettings = {},
+): Effect.Effect<{ task: Task; config: TrainConfig }, TrainTaskError> =>
+  Effect.flatMap(
+    singleTurnTaskOf(cfg, settings),
+    ({ task, config }) =>
+      cfg.environment === null
+        ? Effect.succeed({ task, config })
+        : Effect.map(loadEnvironmentModule(cfg.environment, settings.cwd), (environment) => ({
+          // rollouts become episodes; the task's rewards see the whole episode
+          task: {
+            ...task,
+            environment,
+            limits: {
+              maxTurns: cfg.maxTurns,
+              ...(cfg.maxTurnTokens === null ? {} : { maxTurnTokens: cfg.maxTurnTokens }),
+            },
+          },
+          config,
+        })),
+  );
+
+/** The run's task without `environment`: the built-in task or a dataset's. */
+const singleTurnTaskOf = (
+  cfg: TrainConfig,
+  settings: TrainTaskSettings,
 ): Effect.Effect<{ task: Task; config: TrainConfig }, TrainTaskError> =>
   Effect.gen(function* () {
     if (cfg.dataset === BUILTIN_DATASET) {

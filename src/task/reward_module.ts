@@ -18,10 +18,9 @@
  * @module
  */
 import { Effect } from "effect";
-import { basename, extname, resolve } from "node:path";
 import process from "node:process";
-import { pathToFileURL } from "node:url";
-import { messageOf, taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { taggedError, type TaggedErrorClass } from "../base/tagged_error.ts";
+import { importUserExport } from "./user_module.ts";
 import type { NamedReward, RewardValues } from "../grpo/rewards.ts";
 import type { ChatMessage } from "../tokenizer/chat_template.ts";
 
@@ -62,10 +61,6 @@ export interface LoadedReward {
   /** Columns the module declares it reads (`export const columns`); empty when it declares none. */
   readonly columns: readonly string[];
 }
-
-/** Whether a `--reward-funcs` entry names a module rather than a built-in function. */
-export const isModuleSpec = (spec: string): boolean =>
-  /^(\.{1,2}[\\/]|[\\/]|file:)/.test(spec) || /\.[cm]?[jt]sx?(#.*)?$/.test(spec);
 
 const isMessages = (x: unknown): x is readonly ChatMessage[] => Array.isArray(x);
 
@@ -114,26 +109,21 @@ export const loadRewardModule = (
   cwd: string = process.cwd(),
 ): Effect.Effect<LoadedReward, RewardModuleError> =>
   Effect.gen(function* () {
-    const hash = spec.lastIndexOf("#");
-    const file = hash < 0 ? spec : spec.slice(0, hash);
-    const exportName = hash < 0 ? "default" : spec.slice(hash + 1);
-    const url = file.startsWith("file:") ? file : pathToFileURL(resolve(cwd, file)).href;
-    const mod = yield* Effect.tryPromise({
-      try: () => import(url) as Promise<Record<string, unknown>>,
-      catch: (e) => new RewardModuleError({ spec, reason: `cannot import: ${messageOf(e)}` }),
-    });
-    const fn = mod[exportName];
+    const found = yield* importUserExport(spec, cwd).pipe(
+      Effect.mapError((reason) => new RewardModuleError({ spec, reason })),
+    );
+    const fn = found.value;
     if (typeof fn !== "function") {
       return yield* Effect.fail(
         new RewardModuleError({
           spec,
-          reason: exportName === "default"
+          reason: found.isDefault
             ? "has no default export function (or name one: file.ts#name)"
-            : `has no exported function "${exportName}"`,
+            : `has no exported function "${found.name}"`,
         }),
       );
     }
-    const cols = mod.columns;
+    const cols = found.module.columns;
     if (
       cols !== undefined && (!Array.isArray(cols) || cols.some((c) => typeof c !== "string"))
     ) {
@@ -141,11 +131,8 @@ export const loadRewardModule = (
         new RewardModuleError({ spec, reason: "exports columns that are not a list of names" }),
       );
     }
-    const name = exportName === "default"
-      ? basename(file, extname(file)).replace(/[^A-Za-z0-9_.-]/g, "_")
-      : exportName;
     return {
-      reward: userReward(name, fn as UserRewardFn),
-      columns: hash < 0 ? (cols as string[] | undefined) ?? [] : [],
+      reward: userReward(found.name, fn as UserRewardFn),
+      columns: found.isDefault ? (cols as string[] | undefined) ?? [] : [],
     };
   });
