@@ -213,6 +213,14 @@ const onceAt = (
       : Effect.void;
 };
 
+/** A loopback port nothing listens on. */
+const closedPort = (): number => {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+};
+
 const waitFor = async (what: string, cond: () => boolean, ms = 60_000): Promise<void> => {
   const end = Date.now() + ms;
   while (!cond()) {
@@ -369,6 +377,7 @@ Deno.test("a replica file: replicas added and removed while training runs join a
   const out = await Deno.makeTempDir();
   try {
     const [a, b] = await startServers(scope, 2) as EmbeddedServer[];
+    const dead = `http://127.0.0.1:${closedPort()}`;
     const file = join(out, "replicas.txt");
     await writeFile(file, `# the run's replicas\n${a.url}\n`);
     const events: ReplicaEvent[] = [];
@@ -383,7 +392,8 @@ Deno.test("a replica file: replicas added and removed while training runs join a
       runId: "f",
     });
     const stages = [
-      onceAt(2, "routed", () => writeFile(file, `${a.url}\n${b.url}\n`)),
+      // b, and a URL nothing answers on (a typo in the file: reported, never waited for)
+      onceAt(2, "routed", () => writeFile(file, `${a.url}\n${b.url}\n${dead}\n`)),
       onceAt(4, "routed", async () => {
         await waitFor(
           "b serving",
@@ -410,7 +420,13 @@ Deno.test("a replica file: replicas added and removed while training runs join a
     assertEquals((await metricsOf(s.runDir)).length, steps);
     assert(control !== null);
     assertEquals((control as ReplicatedPushTarget).replicas.status().map((r) => r.url), [b.url]);
-    assertEquals(events.filter((e) => e.kind === "added").map((e) => e.url), [a.url, b.url]);
+    assertEquals(events.filter((e) => e.kind === "added").map((e) => e.url), [a.url, b.url, dead]);
+    const outDead = events.find((e) => e.kind === "out" && e.url === dead) as
+      | Extract<ReplicaEvent, { kind: "out" }>
+      | undefined;
+    assert(outDead !== undefined, JSON.stringify(events));
+    assertEquals([outDead.cause, outDead.reason], ["unreachable", "GET /health does not answer"]);
+    assert(!events.some((e) => e.kind === "serving" && e.url === dead));
     // b joined with a verified push, then served rollouts; a got nothing after it left
     const g = await counter(b.url, "vllm:generation_tokens_total");
     assert(g > 4 * steps * 2, `b generated only ${g} tokens`);

@@ -263,6 +263,7 @@ const buildServerEngine = Effect.fn("makeServerLayer.build")(function* (
     if (none._tag === "Failure") return yield* Effect.fail(none.failure);
   }
   for (const [i, x] of found.entries()) {
+    replicas.replicas[i].reachable = x._tag === "Success";
     if (x._tag === "Failure") {
       yield* replicas.drain(
         replicas.replicas[i],

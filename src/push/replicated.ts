@@ -69,12 +69,15 @@ const outCauseOf = (e: SyncError | SyncMismatch): OutCause => {
 };
 
 /**
- * Fails once the replica is out of rotation for not answering (or removed); it stays out for
- * that reason (an unreachable replica is not re-labelled unverified).
+ * Fails once the replica goes out of rotation for not answering (or is removed) during the push;
+ * it stays out for that reason (an unreachable replica is not re-labelled unverified).
  */
 const lost = (r: Replica, snapshot: Snapshot, target: string): Effect.Effect<never, SyncError> =>
   Effect.gen(function* () {
-    while (!((r.state === "out" && r.cause === "unreachable") || r.state === "removed")) {
+    const gone = () => (r.state === "out" && r.cause === "unreachable") || r.state === "removed";
+    // pushed to although it was out already (no other replica to push to): let the push try
+    if (gone()) return yield* Effect.never;
+    while (!gone()) {
       yield* Effect.sleep(100);
     }
     return yield* Effect.fail(
@@ -150,10 +153,10 @@ export const makeReplicatedPushTarget: (
     snapshot: Snapshot,
   ): Effect.fn.Return<PushReport, SyncError | SyncMismatch> {
     latest = snapshot;
-    // in rotation, joining, or answering but wrong (a verified push brings it back); unreachable
-    // ones are the monitor's, unless there is no one else to push to
+    // in rotation, joining and answering, or answering but wrong (a verified push brings it
+    // back); unreachable ones are the monitor's, unless there is no one else to push to
     const answering = replicas.replicas.filter((r) =>
-      r.state === "serving" || r.state === "joining" ||
+      r.state === "serving" || (r.state === "joining" && r.reachable) ||
       (r.state === "out" && r.cause === "unverified")
     );
     const targets = answering.length > 0
@@ -302,9 +305,10 @@ export const monitorRound = (
     yield* Effect.forEach(set.replicas, (r) =>
       Effect.gen(function* () {
         const up = yield* answers(r, timeout);
+        r.reachable = up;
         r.missedHealth = up ? 0 : r.missedHealth + 1;
         // two misses in a row: one slow answer of a busy server is not an outage
-        if (r.state === "serving" && r.missedHealth >= 2) {
+        if ((r.state === "serving" || r.state === "joining") && r.missedHealth >= 2) {
           yield* set.drain(r, "unreachable", "GET /health does not answer");
         } else if (
           up && (r.state === "joining" || (r.state === "out" && r.cause === "unreachable"))

@@ -69,6 +69,8 @@ export class Replica {
   calls = 0;
   /** Health checks missed in a row. */
   missedHealth = 0;
+  /** Whether it answered the last check (at start, or the monitor's /health). */
+  reachable = false;
   /** Added while the run was under way (its joining is logged). */
   lateJoin = false;
   /** Versions it serves; replaced when it comes back after it stopped answering (it may have lost them). */
