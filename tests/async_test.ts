@@ -316,51 +316,57 @@ Deno.test("the bound is reached: a slow trainer and a fast engine train k versio
 });
 
 Deno.test("in-process engine: a push while a generation runs keeps the older version until it drains", async () => {
-  const c = tinyConfig({ eosTokenIds: [], maxPositionEmbeddings: 512 });
+  const c = tinyConfig({ eosTokenIds: [], maxPositionEmbeddings: 4096 });
   const backend = cpuBackend();
-  const request = {
-    prompt: [1, 3],
-    n: 16,
-    maxTokens: 400,
-    temperature: 1,
-    topP: 1,
-    topK: 0,
-    seed: 7,
-    stopTokenIds: [],
+  const attempt = (maxTokens: number) => {
+    const request = {
+      prompt: [1, 3],
+      n: 16,
+      maxTokens,
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      seed: 7,
+      stopTokenIds: [],
+    };
+    return Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+      const policy = yield* Policy.make(backend, c, initWeights(c, 4), {
+        mode: "lora",
+        lora: {
+          r: 2,
+          alpha: 4,
+          dropout: 0,
+          targetModules: ["q_proj", "v_proj"],
+          useRslora: false,
+        },
+        seed: 1,
+        optimizer: {
+          learningRate: 1e-3,
+          beta1: 0.9,
+          beta2: 0.999,
+          eps: 1e-8,
+          weightDecay: 0,
+          maxGradNorm: 1,
+        },
+      });
+      const { engine, target } = yield* makeLocalEngine(backend, 0);
+      yield* target.push(yield* policy.snapshot());
+      // the same request alone, for reference
+      const alone = yield* engine.generate([request]);
+      const running = yield* Effect.forkChild(engine.generate([request]));
+      yield* Effect.yieldNow; // let it start on v0
+      policy.version = 1;
+      yield* target.push(yield* policy.snapshot()); // retires v0 while it generates
+      const inFlightAtPush = running.pollUnsafe() === undefined;
+      const during = yield* Fiber.join(running);
+      const after = yield* engine.generate([request]);
+      return { alone, during, after, inFlightAtPush };
+    })));
   };
-  const out = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
-    const policy = yield* Policy.make(backend, c, initWeights(c, 4), {
-      mode: "lora",
-      lora: {
-        r: 2,
-        alpha: 4,
-        dropout: 0,
-        targetModules: ["q_proj", "v_proj"],
-        useRslora: false,
-      },
-      seed: 1,
-      optimizer: {
-        learningRate: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-      },
-    });
-    const { engine, target } = yield* makeLocalEngine(backend, 0);
-    yield* target.push(yield* policy.snapshot());
-    // the same request alone, for reference
-    const alone = yield* engine.generate([request]);
-    const running = yield* Effect.forkChild(engine.generate([request]));
-    yield* Effect.yieldNow; // let it start on v0
-    policy.version = 1;
-    yield* target.push(yield* policy.snapshot()); // retires v0 while it generates
-    const inFlightAtPush = running.pollUnsafe() === undefined;
-    const during = yield* Fiber.join(running);
-    const after = yield* engine.generate([request]);
-    return { alone, during, after, inFlightAtPush };
-  })));
+  // on a loaded machine the snapshot's digest can take longer than a short generation: longer
+  // generations until one is still running when the push lands
+  let out = await attempt(400);
+  for (let t = 800; !out.inFlightAtPush && t <= 3200; t *= 2) out = await attempt(t);
   assert(out.inFlightAtPush, "the generation had finished before the push: nothing was tested");
   // it ran to the end on v0's buffers, token for token what v0 gives alone
   assertEquals(out.during.policyVersion, 0);
