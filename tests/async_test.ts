@@ -29,7 +29,7 @@ import { cpuBackend } from "../src/backend/backend.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { Policy } from "../src/train/policy.ts";
 import { makeLocalEngine } from "../src/rollout/local.ts";
-import { tinyConfig } from "./support/tiny.ts";
+import { testOptimizer, tinyConfig } from "./support/tiny.ts";
 
 const quiet = () => {};
 const config = (over: Record<string, unknown>): Promise<TrainConfig> =>
@@ -340,14 +340,7 @@ Deno.test("in-process engine: a push while a generation runs keeps the older ver
           useRslora: false,
         },
         seed: 1,
-        optimizer: {
-          learningRate: 1e-3,
-          beta1: 0.9,
-          beta2: 0.999,
-          eps: 1e-8,
-          weightDecay: 0,
-          maxGradNorm: 1,
-        },
+        optimizer: testOptimizer,
       });
       const { engine, target } = yield* makeLocalEngine(backend, 0);
       yield* target.push(yield* policy.snapshot());

@@ -10,7 +10,7 @@ import { Policy } from "../src/train/policy.ts";
 import { makeLocalEngine } from "../src/rollout/local.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { gpuTeardown, hasGpu, openGpu } from "./support/backends.ts";
-import { tinyConfig } from "./support/tiny.ts";
+import { testOptimizer, tinyConfig } from "./support/tiny.ts";
 
 Deno.test({
   name: "webgpu: one training step waits on the GPU twice, one snapshot once, its push never",
@@ -30,14 +30,7 @@ Deno.test({
           useRslora: false,
         },
         seed: 1,
-        optimizer: {
-          learningRate: 1e-3,
-          beta1: 0.9,
-          beta2: 0.999,
-          eps: 1e-8,
-          weightDecay: 0,
-          maxGradNorm: 1,
-        },
+        optimizer: testOptimizer,
       });
       const seqs = [{ prompt: [1, 3, 4], completion: [5, 6, 2] }, {
         prompt: [1, 7],

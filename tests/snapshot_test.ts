@@ -33,7 +33,7 @@ import {
 import { Policy } from "../src/train/policy.ts";
 import { makeLocalEngine } from "../src/rollout/local.ts";
 import { gpuTeardown, hasGpu, relError, testBackends, withOps } from "./support/backends.ts";
-import { tinyConfig } from "./support/tiny.ts";
+import { testOptimizer, tinyConfig } from "./support/tiny.ts";
 import { aliasingFold } from "./support/aliasing_fold.ts";
 
 const { gpu, cpu } = await testBackends();
@@ -421,14 +421,7 @@ const snapshotCost = (b: BackendShape, vocab: number) => {
       mode: "lora",
       lora: COST_LORA,
       seed: 1,
-      optimizer: {
-        learningRate: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-      },
+      optimizer: testOptimizer,
     }, init);
     policy.version = 1;
     zeroCounts(counts);

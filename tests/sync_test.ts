@@ -48,6 +48,7 @@ import { Routing } from "../src/vllm/routing.ts";
 import { ReplicaSet } from "../src/vllm/replicas.ts";
 import { aliasingEngineLayer } from "./support/aliasing_push.ts";
 import { type ServerProcess, startServer } from "./support/server_process.ts";
+import { testOptimizer } from "./support/tiny.ts";
 
 const quiet = () => {};
 /** The built-in task, sized as the config says, trained through `rollout` without progress lines. */
@@ -145,14 +146,7 @@ const makePolicy = async (
       mode,
       lora: LORA,
       seed,
-      optimizer: {
-        learningRate: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-      },
+      optimizer: testOptimizer,
     }, init)),
   );
   return { policy, close: () => Effect.runPromise(Scope.close(scope, Exit.void)) };

@@ -19,7 +19,7 @@ import {
   trainerLogProbs,
   type VerifySettings,
 } from "../src/push/verify.ts";
-import { tinyConfig } from "./support/tiny.ts";
+import { testOptimizer, tinyConfig } from "./support/tiny.ts";
 
 const config = tinyConfig({ vocabSize: 13 });
 const LORA: LoraConfig = {
@@ -46,14 +46,7 @@ const snapshots = async (seed: number) => {
         mode: "lora",
         lora: LORA,
         seed: s,
-        optimizer: {
-          learningRate: 1e-3,
-          beta1: 0.9,
-          beta2: 0.999,
-          eps: 1e-8,
-          weightDecay: 0,
-          maxGradNorm: 1,
-        },
+        optimizer: testOptimizer,
       }, init);
       policy.version = v;
       return yield* policy.snapshot();

@@ -49,6 +49,7 @@ import {
   tinyServerConfig,
   writeTinyCheckpoint,
 } from "./support/server_process.ts";
+import { testOptimizer } from "./support/tiny.ts";
 
 const run = <A, E>(e: Effect.Effect<A, E>): Promise<A> => Effect.runPromise(e);
 const flip = <A, E>(e: Effect.Effect<A, E>): Promise<E> => Effect.runPromise(Effect.flip(e));
@@ -182,14 +183,7 @@ const makePolicy = async (backend: BackendShape, base: BaseModel, seed: number) 
       mode: "lora",
       lora: LORA,
       seed,
-      optimizer: {
-        learningRate: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-      },
+      optimizer: testOptimizer,
     }, init)),
   );
   return { policy, close: () => run(Scope.close(scope, Exit.void)) };

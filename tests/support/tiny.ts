@@ -1,5 +1,6 @@
 /** Tiny model configurations and helpers shared by the model, LoRA and snapshot tests. */
 import type { ModelConfig } from "../../src/model/config.ts";
+import type { OptimizerConfig } from "../../src/train/policy.ts";
 
 /** A tiny decoder; `qwen` adds q/k/v biases, `tied` ties lm_head to the embeddings. */
 export const tinyConfig = (over: Partial<ModelConfig> = {}): ModelConfig => ({
@@ -20,3 +21,13 @@ export const tinyConfig = (over: Partial<ModelConfig> = {}): ModelConfig => ({
   eosTokenIds: [2],
   ...over,
 });
+
+/** AdamW settings of the tests that train a step or two (no weight decay, clipping at 1). */
+export const testOptimizer: OptimizerConfig = {
+  learningRate: 1e-3,
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  weightDecay: 0,
+  maxGradNorm: 1,
+};
