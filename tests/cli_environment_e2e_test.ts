@@ -7,21 +7,9 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { runCli } from "./support/cli.ts";
 
-const MAIN = new URL("../src/cli/main.ts", import.meta.url).pathname;
-
-const cli = async (args: readonly string[], cwd: string) => {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, "train", ...args],
-    stdout: "piped",
-    stderr: "piped",
-    stdin: "null",
-    cwd,
-    env: { NO_COLOR: "1", LORAFOLD_BACKEND: "cpu" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-};
+const cli = (args: readonly string[], cwd: string) => runCli(["train", ...args], cwd);
 
 /** After the model's first turn the environment answers "=" and lets it go on; then it ends. */
 const ENV = `export default async (item) => {

@@ -14,21 +14,9 @@ import { serveOptionFields } from "../src/server/config.ts";
 import { pretrainOptionFields } from "../src/cli/pretrain.ts";
 import { parseTrainArgs } from "../src/cli/main.ts";
 import { valueFromText } from "../src/cli/flags.ts";
+import { runCli } from "./support/cli.ts";
 
-const MAIN = new URL("../src/cli/main.ts", import.meta.url).pathname;
-
-const cli = async (args: readonly string[], cwd?: string) => {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    stdin: "null",
-    cwd,
-    env: { NO_COLOR: "1", LORAFOLD_BACKEND: "cpu" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-};
+const cli = runCli;
 
 const helpLists = (help: string, fields: OptionFields) => {
   for (const [key, schema] of Object.entries(fields)) {
