@@ -175,6 +175,17 @@ export interface Ops {
    * Either operand may be 16-bit (a frozen base weight), widened exactly as it is read.
    */
   matmul(a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor;
+  /**
+   * c += s·op(A)·op(B) in place, c an f32 [M, N] (see matmul): the product is added where it
+   * lands, without a temporary or a separate add (a LoRA delta onto the base projection).
+   */
+  matmulAccumulate(c: Tensor, a: Tensor, b: Tensor, s: number, opts?: MatmulOptions): void;
+  /**
+   * x·Wᵀ + s·xa·Bᵀ (x [M,K], w [N,K], xa [M,R], b [N,R]): a projection and its LoRA delta as
+   * one product where the backend can (the delta's rank-long inner loop continues the base
+   * one's in the same registers), else matmul then matmulAccumulate.
+   */
+  projectLora(x: Tensor, w: Tensor, xa: Tensor, b: Tensor, s: number): Tensor;
 
   // ---- elementwise and reductions (f32) ------------------------------------------------------
   /** a + b, same shape. */

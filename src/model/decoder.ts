@@ -348,13 +348,13 @@ const linear = (
 ): Tensor => {
   const { ops, model } = cx;
   const path = projectionPath(layer, p);
-  let y = ops.matmul(x, weight(model, `${path}.weight`), { transB: true });
+  const w = weight(model, `${path}.weight`);
   const bias = model.weights.get(`${path}.bias`);
-  if (bias) y = ops.addRow(y, bias);
   const m = cx.lora?.modules.get(path);
   if (!m) {
+    const y = ops.matmul(x, w, { transB: true });
     tape?.set(p, { x });
-    return y;
+    return bias ? ops.addRow(y, bias) : y;
   }
   let xd = x;
   let mask: Tensor | undefined;
@@ -366,9 +366,10 @@ const linear = (
     xd = ops.mul(x, mask);
   }
   const xa = ops.matmul(xd, m.a, { transB: true });
-  y = ops.addScaled(y, ops.matmul(xa, m.b, { transB: true }), cx.lora!.scale);
+  // the projection and its delta in one product where the backend can
+  const y = ops.projectLora(x, w, xa, m.b, cx.lora!.scale);
   tape?.set(p, { x, xd, xa, mask });
-  return y;
+  return bias ? ops.addRow(y, bias) : y;
 };
 
 const defaultPositions = (input: ForwardInput): Int32Array => {
@@ -741,9 +742,8 @@ const linearBackward = (
       );
       accumulate(ops, grads, loraGradKey(path, "A"), ops.matmul(dxa, lt.xd, { transA: true }));
     }
-    let dxd = ops.matmul(dxa, m.a);
-    if (lt.mask) dxd = ops.mul(dxd, lt.mask);
-    dx = ops.add(dx, dxd);
+    if (lt.mask) dx = ops.add(dx, ops.mul(ops.matmul(dxa, m.a), lt.mask));
+    else ops.matmulAccumulate(dx, dxa, m.a, 1); // dx: this call's own fresh product
   }
   return dx;
 };
@@ -822,7 +822,7 @@ const headBackward = (
     ops.transient((t) => {
       const w = t.sliceRows(head, c0, cn);
       const dl = dChunk(t, w, c0, cn);
-      ops.addScaledInPlace(dh, t.matmul(dl, w), 1);
+      t.matmulAccumulate(dh, dl, w, 1);
       if (dHead) ops.setRows(dHead, c0, t.matmul(dl, hSel, { transA: true }));
     });
   }

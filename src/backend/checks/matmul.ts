@@ -31,3 +31,38 @@ export const matmulDims = (
   );
   return { m, n, k, transA, transB };
 };
+
+/** matmulDims for Ops.matmulAccumulate, with c checked to be 2-D [M, N]. */
+export const accumulateDims = (
+  op: string,
+  c: Tensor,
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions | undefined,
+): { m: number; n: number; k: number; transA: boolean; transB: boolean } => {
+  const d = matmulDims(op, a, b, opts);
+  ensure(
+    c.shape.length === 2 && c.shape[0] === d.m && c.shape[1] === d.n,
+    op,
+    () => `c is [${c.shape}], the product [${d.m},${d.n}]`,
+  );
+  return d;
+};
+
+/** Shapes of Ops.projectLora: x [M,K]·w [N,K]ᵀ and xa [M,R]·b [N,R]ᵀ, the same [M, N]. */
+export const projectLoraDims = (
+  op: string,
+  x: Tensor,
+  w: Tensor,
+  xa: Tensor,
+  b: Tensor,
+): { m: number; n: number; k: number; r: number } => {
+  const base = matmulDims(op, x, w, { transB: true });
+  const delta = matmulDims(op, xa, b, { transB: true });
+  ensure(
+    delta.m === base.m && delta.n === base.n,
+    op,
+    () => `the delta xa·bᵀ is [${delta.m},${delta.n}], the projection [${base.m},${base.n}]`,
+  );
+  return { m: base.m, n: base.n, k: base.k, r: delta.k };
+};

@@ -8,7 +8,7 @@
 import type { MatmulOptions } from "../ops.ts";
 import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
 import { isHalfDType } from "../tensor.ts";
-import { matmulDims } from "../checks/matmul.ts";
+import { accumulateDims, matmulDims, projectLoraDims } from "../checks/matmul.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -166,4 +166,35 @@ export function matmul(sc: CpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
   const bm = transB ? transpose(bd, n, k) : bd;
   gemm(am, bm, c, m, n, k);
   return out;
+}
+
+/** See Ops.matmulAccumulate: c += s·op(A)·op(B), the product rounded as matmul rounds it. */
+export function matmulAccumulate(
+  sc: CpuScope,
+  c: Tensor,
+  a: Tensor,
+  b: Tensor,
+  s: number,
+  opts?: MatmulOptions,
+): void {
+  const op = "matmulAccumulate";
+  accumulateDims(op, c, a, b, opts);
+  const d = sc.f(c, op);
+  const p = sc.f(matmul(sc, a, b, opts), op);
+  for (let i = 0; i < d.length; i++) d[i] = d[i] + s * p[i];
+}
+
+/** See Ops.projectLora: the projection, then the delta accumulated onto it. */
+export function projectLora(
+  sc: CpuScope,
+  x: Tensor,
+  w: Tensor,
+  xa: Tensor,
+  b: Tensor,
+  s: number,
+): Tensor {
+  projectLoraDims("projectLora", x, w, xa, b);
+  const y = matmul(sc, x, w, { transB: true });
+  matmulAccumulate(sc, y, xa, b, s, { transB: true });
+  return y;
 }

@@ -133,6 +133,12 @@ export class GpuContext {
   peakOutstanding = 0;
   peakOutstandingBytes = 0;
   private readonly persistent: GPUBuffer[] = [];
+  /** Objects to destroy after the next submit (encoded work may still use them). */
+  private readonly retired: { destroy(): void }[] = [];
+  /** Binding numbers of each kernel's read_write storage buffers (parsed once). */
+  private readonly writes = new Map<string, ReadonlySet<number>>();
+  /** Device objects derived from a buffer's contents (see `derive`), by buffer. */
+  private readonly derived = new Map<GPUBuffer, Set<() => void>>();
   private bindingOverride: number | null = null;
 
   constructor(
@@ -213,6 +219,34 @@ export class GpuContext {
     return p;
   }
 
+  /**
+   * Registers `dispose` as the owner of something derived from `buf`'s current contents (a
+   * packed copy of a frozen weight): it is called, once, when `buf` is released or written by a
+   * copy or clear (`invalidate`), so the derived object never outlives the contents it mirrors.
+   */
+  derive(buf: GPUBuffer, dispose: () => void): void {
+    const set = this.derived.get(buf) ?? new Set();
+    set.add(dispose);
+    this.derived.set(buf, set);
+  }
+
+  /**
+   * Destroys `obj` (a texture that encoded, not yet submitted work may still use) right after
+   * the next submit.
+   */
+  retire(obj: { destroy(): void }): void {
+    if (this.encoder) this.retired.push(obj);
+    else obj.destroy();
+  }
+
+  /** Disposes what was derived from `buf` (its contents are about to change or be reused). */
+  invalidate(buf: GPUBuffer): void {
+    const set = this.derived.get(buf);
+    if (!set) return;
+    this.derived.delete(buf);
+    for (const d of set) d();
+  }
+
   /** Restarts the high-water marks of live buffers at the current counts. */
   resetPeak(): void {
     this.peakOutstanding = this.outstanding;
@@ -284,6 +318,7 @@ export class GpuContext {
    * in order, so a later user only ever writes after those reads.
    */
   release(buf: GPUBuffer): void {
+    this.invalidate(buf);
     this.outstanding--;
     this.outstandingBytes -= buf.size;
     if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
@@ -321,6 +356,38 @@ export class GpuContext {
     params?: Params,
     constants?: Record<string, number>,
   ): void {
+    this.dispatchResources(
+      kernel,
+      buffers.map((buffer) => ({ buffer })),
+      groups,
+      params,
+      constants,
+    );
+  }
+
+  /** Binding numbers of the `var<storage, read_write>` declarations of a kernel. */
+  private writesOf(kernel: string): ReadonlySet<number> {
+    let w = this.writes.get(kernel);
+    if (!w) {
+      const code = this.kernels.get(kernel) ?? "";
+      const re = /@binding\((\d+)\)\s*var<storage,\s*read_write>/g;
+      w = new Set([...code.matchAll(re)].map((m) => Number(m[1])));
+      this.writes.set(kernel, w);
+    }
+    return w;
+  }
+
+  /**
+   * `dispatch` with any binding resources (texture views too) at bindings 1.. (0 is `params`
+   * when given). Buffers the kernel declares read_write lose what was derived from them.
+   */
+  dispatchResources(
+    kernel: string,
+    resources: readonly GPUBindingResource[],
+    groups: readonly [number, number?, number?],
+    params?: Params,
+    constants?: Record<string, number>,
+  ): void {
     if ((groups[0] ?? 0) === 0 || (groups[1] ?? 1) === 0 || (groups[2] ?? 1) === 0) return;
     if (this.slots >= SLOTS || this.dispatches >= MAX_BATCH) this.flush();
     const pipeline = this.pipeline(kernel, constants);
@@ -339,7 +406,14 @@ export class GpuContext {
       this.slots++;
       first = 1;
     }
-    buffers.forEach((b, i) => entries.push({ binding: first + i, resource: { buffer: b } }));
+    resources.forEach((resource, i) => entries.push({ binding: first + i, resource }));
+    if (this.derived.size > 0) {
+      const w = this.writesOf(kernel);
+      for (const e of entries) {
+        const b = (e.resource as GPUBufferBinding).buffer;
+        if (w.has(e.binding) && b) this.invalidate(b);
+      }
+    }
     const bindGroup = this.device.createBindGroup({
       layout: pipeline.getBindGroupLayout(0),
       entries,
@@ -354,13 +428,27 @@ export class GpuContext {
   /** Encodes a buffer-to-buffer copy (ordered with the dispatches). */
   copy(src: GPUBuffer, srcOffset: number, dst: GPUBuffer, dstOffset: number, bytes: number): void {
     if (bytes === 0) return;
+    this.invalidate(dst);
     this.endPass();
     this.enc().copyBufferToBuffer(src, srcOffset, dst, dstOffset, bytes);
     this.dispatches++;
   }
 
+  /** Encodes a buffer-to-texture copy (ordered with the dispatches). */
+  copyToTexture(
+    src: GPUTexelCopyBufferInfo,
+    dst: GPUTexelCopyTextureInfo,
+    size: readonly [number, number],
+  ): void {
+    if (this.dispatches >= MAX_BATCH) this.flush();
+    this.endPass();
+    this.enc().copyBufferToTexture(src, dst, [size[0], size[1]]);
+    this.dispatches++;
+  }
+
   /** Encodes zero-filling of a buffer range (ordered with the dispatches). */
   clear(buf: GPUBuffer, bytes?: number): void {
+    this.invalidate(buf);
     this.endPass();
     this.enc().clearBuffer(buf, 0, bytes === undefined ? undefined : Math.ceil(bytes / 4) * 4);
     this.dispatches++;
@@ -378,6 +466,7 @@ export class GpuContext {
     this.slots = 0;
     this.dispatches = 0;
     this.submits++;
+    for (const r of this.retired.splice(0)) r.destroy();
   }
 
   /** Copies buffers to the host with one submit and one wait. */
@@ -425,6 +514,7 @@ export class GpuContext {
     this.flush();
     for (const list of this.pool.values()) for (const b of list) b.destroy();
     for (const b of this.persistent) b.destroy();
+    for (const r of this.retired.splice(0)) r.destroy();
     this.pool.clear();
     this.uniform.destroy();
     this.device.destroy();

@@ -55,12 +55,17 @@ const binary = (sc: GpuScope, op: string, a: Tensor, b: Tensor, code: number, s 
   const [x, y] = alike(sc, op, [a, b]);
   const out = x.blocks.length === 1 ? sc.out(a.shape) : sc.like(x);
   x.blocks.forEach((blk, i) => {
-    sc.dispatch(
-      "ew_binary",
-      [blk.buffer, y.blocks[i].buffer, out.blocks[i].buffer],
-      groups1d(blk.length),
-      { n: blk.length, op: code, s: f32(s) },
-    );
+    const buffers = [blk.buffer, y.blocks[i].buffer, out.blocks[i].buffer];
+    if (blk.length % 4 === 0) {
+      const n4 = blk.length / 4;
+      sc.dispatch("ew_binary4", buffers, groups1d(n4), { n4, op: code, s: f32(s) });
+    } else {
+      sc.dispatch("ew_binary", buffers, groups1d(blk.length), {
+        n: blk.length,
+        op: code,
+        s: f32(s),
+      });
+    }
   });
   return out;
 };
@@ -258,7 +263,10 @@ export function swiglu(sc: GpuScope, gate: Tensor, up: Tensor): Tensor {
   const g = sc.f(gate, "swiglu");
   const u = sc.f(up, "swiglu");
   const out = sc.out(gate.shape);
-  sc.dispatch("swiglu", [g, u, out.buffer], groups1d(gate.size), { n: gate.size });
+  if (gate.size % 4 === 0) {
+    const n4 = gate.size / 4;
+    sc.dispatch("swiglu4", [g, u, out.buffer], groups1d(n4), { n4 });
+  } else sc.dispatch("swiglu", [g, u, out.buffer], groups1d(gate.size), { n: gate.size });
   return out;
 }
 

@@ -38,6 +38,29 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   out[i] = r;
 }
 
+//! kernel ew_binary4
+// ew_binary four elements per invocation (n4 = n / 4 vec4s; see swiglu4).
+struct Params { n4: u32, op: u32, s: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n4) { return; }
+  let x = a[i];
+  let y = b[i];
+  var r: vec4<f32>;
+  switch params.op {
+    case 0u: { r = x + y; }
+    case 1u: { r = x - y; }
+    case 2u: { r = x * y; }
+    default: { r = x + params.s * y; }
+  }
+  out[i] = r;
+}
+
 //! kernel ew_scale
 // out = s * a.
 struct Params { n: u32, s: f32 }
@@ -191,6 +214,26 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   if (i >= params.n) { return; }
   let x = g[i];
   out[i] = x * sigmoid(x) * u[i];
+}
+
+//! kernel swiglu4
+// swiglu four elements per invocation (n4 = n / 4 vec4s): on a software adapter each storage
+// access runs lane by lane, and a vec4 access is one of them instead of four.
+struct Params { n4: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> g: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> u: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
+  let e = exp(-abs(x));
+  return select(e, vec4<f32>(1.0), x >= vec4<f32>(0.0)) / (1.0 + e);
+}
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 256u);
+  if (i >= params.n4) { return; }
+  let x = g[i];
+  out[i] = x * sigmoid4(x) * u[i];
 }
 
 //! kernel swiglu_backward

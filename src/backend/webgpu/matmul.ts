@@ -11,12 +11,15 @@
  *   storage-buffer load runs lane by lane), and barriers cost more than they save, so this
  *   layout is several times faster than a storage-buffer kernel. Packing also absorbs every
  *   transpose variant and the zero padding of K, so one kernel serves X·Wᵀ, dY·W, dYᵀ·X and
- *   the plain product. These dispatches need texture bindings, which `GpuContext.dispatch`
- *   does not bind, so they are encoded into a command buffer of their own, submitted right
- *   after the context's pending batch is flushed (queue order keeps every dependency).
+ *   the plain product. Copies and dispatches join the context's batch (`dispatchResources`
+ *   binds the textures; queue order keeps every dependency), so a product costs no submit of
+ *   its own: a decoding step runs ~200 of them.
  * - Direct (`matmul_small`): a 4x4 block per invocation straight from the storage buffers with
- *   arbitrary strides, for products too small to repay the packing, and for K beyond the
- *   texture limit.
+ *   arbitrary strides, for products too small to repay the packing, for K beyond the
+ *   texture limit, and for accumulating a skinny product (a LoRA delta while decoding).
+ *
+ * Both kernels can add alpha times the product into C as they store it (`matmulAccumulate`,
+ * override ACC): a LoRA delta lands on the base projection without a temporary or an add pass.
  *
  * A 16-bit operand (a frozen base weight, two elements per u32 word) whose contiguous dimension
  * is a multiple of 4 (real models) goes to its texture as raw bits, half the bytes of an f32
@@ -24,18 +27,23 @@
  * rgba16float for f16 (the texture load widens). Rows of a multiple of 128 elements (256 bytes,
  * e.g. every Qwen2.5 matrix) are copied as they are, others through a staging buffer of that
  * pitch (`matmul_pitch16`). Any other 16-bit operand is widened element by element by
- * `matmul_pack16`; the direct kernel gets it widened into a temporary.
+ * `matmul_pack16`; the direct kernel gets it widened into a temporary. A 16-bit operand's packed
+ * texture is kept with its buffer (`TileState.frozen`, within a byte budget) and reused until
+ * that buffer is released or written, so a frozen base weight is packed once, not per product.
  * @module
  */
 import type { MatmulOptions } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { matmulDims } from "../checks/matmul.ts";
-import { encodeParams, type GpuContext, grid, type Params } from "./context.ts";
+import { accumulateDims, matmulDims, projectLoraDims } from "../checks/matmul.ts";
+import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
+import { addScaledInPlace } from "./elementwise.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
+/** Inner dimensions up to this (a LoRA rank) with few rows accumulate with the direct kernel. */
+const SKINNY_K = 32;
 /** Output rows and columns per invocation of the tiled kernel (`matmul_t16x16`). */
 const TILE = 16;
 
@@ -49,8 +57,18 @@ const TEX_W_STEP = 64;
 const TEX_H_STEP = 128;
 /** Cached operand textures above this many bytes are dropped (after a flush). */
 const TEX_CACHE_BYTES = 512 * 1024 * 1024;
-/** Bytes per uniform slot (the default minUniformBufferOffsetAlignment). */
-const SLOT = 256;
+/**
+ * Most bytes of packed 16-bit operands kept between products (TileState.frozen): the frozen base
+ * of a small model (SmolLM2-135M: 270 MB) fits; a larger one keeps the first matrices it meets.
+ */
+const KEPT_TEX_BYTES = 768 * 1024 * 1024;
+/**
+ * Operands that copy straight into their texture are kept only up to this total (they cost
+ * memory for a gain in small products only), and only for products of at most
+ * KEEP_DIRECT_ROWS rows of A.
+ */
+const KEPT_DIRECT_BYTES = 384 * 1024 * 1024;
+const KEEP_DIRECT_ROWS = 64;
 
 /** Operand texture formats: f32 values, or a 16-bit operand's bits as they are. */
 type TexFormat = "rgba32float" | "rgba16uint" | "rgba16float";
@@ -65,10 +83,54 @@ interface Packed {
 class TileState {
   private readonly textures = new Map<string, Packed>();
   private bytes = 0;
-  private uniform: GPUBuffer | null = null;
-  private uniformSlots = 0;
+
+  /** Packed copies of 16-bit operands kept with their buffer (see `frozen`), and their bytes. */
+  private readonly kept = new Map<GPUBuffer, Map<string, Packed>>();
+  private keptBytes = 0;
 
   constructor(private readonly ctx: GpuContext) {}
+
+  /**
+   * The packed copy of a 16-bit operand's rows under `key` (its layout), kept with its buffer:
+   * `hit` when it is already filled, else a fresh texture of w x h texels that the caller fills
+   * now; null when keeping it would pass KEPT_TEX_BYTES (the caller packs into the shared
+   * texture as before). A copy lives until its buffer is released or written
+   * (GpuContext.invalidate): a frozen base weight is packed once, not on every product.
+   */
+  frozen(
+    buffer: GPUBuffer,
+    direct: boolean,
+    key: string,
+    w: number,
+    h: number,
+    format: TexFormat,
+  ): { tex: Packed; hit: boolean } | null {
+    const per = this.kept.get(buffer);
+    const found = per?.get(key);
+    if (found) return { tex: found, hit: true };
+    const bytes = w * h * (format === "rgba32float" ? 16 : 8);
+    if (this.keptBytes + bytes > (direct ? KEPT_DIRECT_BYTES : KEPT_TEX_BYTES)) return null;
+    const texture = this.ctx.device.createTexture({
+      label: `matmul_kept_${key}`,
+      size: [w, h],
+      format,
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
+    });
+    const tex = { texture, view: texture.createView(), bytes };
+    if (per) per.set(key, tex);
+    else {
+      this.kept.set(buffer, new Map([[key, tex]]));
+      this.ctx.derive(buffer, () => {
+        for (const t of this.kept.get(buffer)?.values() ?? []) {
+          this.ctx.retire(t.texture);
+          this.keptBytes -= t.bytes;
+        }
+        this.kept.delete(buffer);
+      });
+    }
+    this.keptBytes += bytes;
+    return { tex, hit: false };
+  }
 
   /**
    * A texture of at least w x h texels for the operand role ("a" or "b"): rgba32float, or a
@@ -97,25 +159,11 @@ class TileState {
     return p;
   }
 
-  /** Destroys the cached textures (everything using them has been submitted). */
+  /** Drops the shared textures (destroyed once the work encoded so far is submitted). */
   private clear(): void {
-    for (const p of this.textures.values()) p.texture.destroy();
+    for (const p of this.textures.values()) this.ctx.retire(p.texture);
     this.textures.clear();
     this.bytes = 0;
-  }
-
-  /** A uniform buffer with at least `slots` slots of SLOT bytes. */
-  uniforms(slots: number): GPUBuffer {
-    if (!this.uniform || this.uniformSlots < slots) {
-      // The old buffer may still be read by submitted work: let it go instead of destroying it.
-      this.uniformSlots = Math.max(64, slots);
-      this.uniform = this.ctx.device.createBuffer({
-        label: "matmul_params",
-        size: this.uniformSlots * SLOT,
-        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
-      });
-    }
-    return this.uniform;
   }
 }
 
@@ -139,6 +187,8 @@ interface Operand {
   readonly kContiguous: boolean;
   /** f32, or a 16-bit format (then always packed, by matmul_pack16). */
   readonly dtype: DType;
+  /** Keep an f32 operand's packed texture with its buffer too (a LoRA B between updates). */
+  readonly keep?: boolean;
 }
 
 /** How a chunk of an operand reaches its texture. */
@@ -152,6 +202,8 @@ type Load =
     tex: Packed;
     /** Bytes per element in the buffer and the texture: 4 (f32), 2 (bf16 bits, rgba16uint). */
     elem: number;
+    /** Inner dimension of this operand when not the product's (the LoRA pair's rank). */
+    k?: number;
   }
   | {
     /** 16-bit rows copied into a staging buffer of a 256-byte pitch, then into the texture. */
@@ -164,7 +216,7 @@ type Load =
     words: number;
     extent: [number, number];
     tex: Packed;
-    u: GPUBufferBinding;
+    u: Params;
   }
   | {
     kind: "pack";
@@ -174,10 +226,10 @@ type Load =
     /** Texels to write: [width, height]. */
     size: readonly [number, number];
     tex: Packed;
-    u: GPUBufferBinding;
+    u: Params;
   };
 
-/** Encodes the tiled path and submits it (results land in `c`). */
+/** Encodes the tiled path into the context's batch (results land in `c`). */
 const tiled = (
   ctx: GpuContext,
   a: Operand,
@@ -187,19 +239,23 @@ const tiled = (
   n: number,
   k: number,
   ldc: number,
+  /** Accumulate: c += alpha·product (Ops.matmulAccumulate); null stores the product. */
+  alpha: number | null = null,
+  /**
+   * A LoRA pair added to the product: + beta·xa·Bᵀ (xa [m, r] and B [n, r], both f32 and
+   * k-contiguous), by the `_lora` kernel's second inner loop. Needs one row and column chunk.
+   */
+  lora: { xa: Operand; b: Operand; r: number; beta: number } | null = null,
 ): void => {
+  const kk = k;
   const st = stateOf(ctx);
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const kSteps = Math.ceil(k / 4);
   // Rows of A (columns of B) per chunk: a multiple of the tile side that fits the texture limit.
   const chunk = Math.floor(limit / TILE) * TILE;
-  // uniform slots: the kernel each is for (to check them against its struct Params) and values
-  const params: [string, Params][] = [];
-  const slot = (kernel: string, p: Params): GPUBufferBinding => {
-    params.push([kernel, p]);
-    return { buffer: null as unknown as GPUBuffer, offset: (params.length - 1) * SLOT, size: 32 };
-  };
+  // kernel parameters, by the kernel they are for (checked against its struct Params when encoded)
+  const slot = (_kernel: string, p: Params): Params => p;
   // Texture layout of an operand: k-major (texel = 4 consecutive k of one row) unless the
   // operand is stored [K, rows] with rows a multiple of 64 and K of the k-step, which is copied
   // as is (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
@@ -223,13 +279,27 @@ const tiled = (
     const padded = Math.ceil(rows / TILE) * TILE;
     if (bits16(op)) {
       const km = kMajor(op);
-      const tex = km
-        ? st.texture(role + "k", kSteps, padded, format(op))
-        : st.texture(role + "m", padded / 4, k, format(op));
+      const direct = ((km ? k : op.rows) * 2) % 256 === 0;
+      // A 16-bit operand (a frozen weight) is packed once and kept with its buffer when its rows
+      // need a staging pass, or when the product is so small (decoding) that even a direct copy
+      // costs as much as the arithmetic; a larger product redoes a direct copy (cheap beside it).
+      const kept = direct && m > KEEP_DIRECT_ROWS ? null : st.frozen(
+        op.buffer,
+        direct,
+        `${km}:${format(op)}:${k}:${op.rows}:${row0}:${rows}`,
+        km ? kSteps : padded / 4,
+        km ? padded : k,
+        format(op),
+      );
+      if (kept?.hit) return kept.tex;
+      const tex = kept?.tex ??
+        (km
+          ? st.texture(role + "k", kSteps, padded, format(op))
+          : st.texture(role + "m", padded / 4, k, format(op)));
       // the run of elements one texture row holds: k of one op row, or `rows` op rows at one k;
       // a direct copy reads it at the buffer's row stride, which must be a multiple of 256 bytes
       const run = km ? k : rows;
-      if (((km ? k : op.rows) * 2) % 256 === 0) {
+      if (direct) {
         loads.push({ kind: "copy", op, kMajor: km, row0, rows, tex, elem: 2 });
         return tex;
       }
@@ -274,7 +344,7 @@ const tiled = (
     }
     return tex;
   };
-  type Main = { loads: Load[]; at: Packed; bt: Packed; u: GPUBufferBinding; tiles: number };
+  type Main = { loads: Load[]; at: Packed; bt: Packed; u: Params; tiles: number };
   const mains: Main[] = [];
   // With a single row chunk, A is loaded once and serves every column chunk.
   const single = m <= chunk ? load(a, "a", 0, m) : null;
@@ -295,6 +365,9 @@ const tiled = (
         coff4: (m0 * ldc + n0) / 4,
         tiles_n: tilesN,
         tiles_m: tilesM,
+        alpha: f32(alpha ?? 1),
+        k4b: lora ? Math.ceil(lora.r / 4) : 0,
+        beta: f32(lora?.beta ?? 0),
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -303,36 +376,26 @@ const tiled = (
   const wg = Math.ceil(m / TILE) * Math.ceil(n / TILE) >= FEW_TILES ? 64 : 16;
   const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
   if (wg !== 64) constants.WG = wg;
-  const pipeline = ctx.pipeline(mainKernel(ctx, format(a), format(b)), constants);
-  const pack = (kernel: string, op: Operand) =>
-    ctx.pipeline(kernel, op.dtype === "f32" ? undefined : halfConstants(op.dtype));
+  if (alpha !== null) constants.ACC = 1;
+  const base = mainKernel(ctx, format(a), format(b));
+  const kernel = lora ? loraKernel(ctx, base) : base;
+  // the LoRA pair's textures, loaded with the (single) main's operands
+  const pair = lora
+    ? [
+      loadRank(st, lora.xa, "xa", lora.r, mains[0].loads),
+      loadRank(st, lora.b, "lb", lora.r, mains[0].loads),
+    ]
+    : [];
 
-  ctx.flush(); // the context's pending work first: it may produce our operands
-  const ubuf = st.uniforms(params.length);
-  const data = new ArrayBuffer(params.length * SLOT);
-  params.forEach(([kernel, p], i) =>
-    encodeParams(kernel, ctx.paramsOf(kernel), p, new DataView(data, i * SLOT, SLOT))
-  );
-  dev.queue.writeBuffer(ubuf, 0, data);
-  const bind = (u: GPUBufferBinding): GPUBufferBinding => ({ ...u, buffer: ubuf });
-
-  const enc = dev.createCommandEncoder({ label: "matmul" });
-  let pass: GPUComputePassEncoder | null = null;
-  const endPass = () => {
-    pass?.end();
-    pass = null;
-  };
-  const bindGroup = (p: GPUComputePipeline, resources: GPUBindingResource[]) =>
-    dev.createBindGroup({
-      layout: p.getBindGroupLayout(0),
-      entries: resources.map((resource, binding) => ({ binding, resource })),
-    });
+  // Encoded into the context's batch, in order with the dispatches that produce the operands
+  // and those that read the result (queue order keeps every dependency, shared textures too).
   for (const main of mains) {
     for (const l of main.loads) {
       if (l.kind === "copy") {
-        endPass();
         const { op, row0, rows, elem: e } = l;
-        enc.copyBufferToTexture(
+        const k = l.k ?? kk;
+        const kSteps = Math.ceil(k / 4);
+        ctx.copyToTexture(
           l.kMajor
             ? { buffer: op.buffer, offset: row0 * k * e, bytesPerRow: k * e, rowsPerImage: rows }
             : { buffer: op.buffer, offset: row0 * e, bytesPerRow: op.rows * e, rowsPerImage: k },
@@ -340,44 +403,121 @@ const tiled = (
           l.kMajor ? [kSteps, rows] : [Math.ceil(rows / 4), k],
         );
       } else if (l.kind === "pitch") {
-        pass ??= enc.beginComputePass({ label: "matmul" });
-        const p = ctx.pipeline("matmul_pitch16");
-        pass.setPipeline(p);
-        pass.setBindGroup(
-          0,
-          bindGroup(p, [bind(l.u), { buffer: l.op.buffer }, { buffer: l.staging }]),
+        ctx.dispatch(
+          "matmul_pitch16",
+          [l.op.buffer, l.staging],
+          grid(Math.ceil((l.lines * l.words) / 256)),
+          l.u,
         );
-        const [gx, gy] = grid(Math.ceil((l.lines * l.words) / 256));
-        pass.dispatchWorkgroups(gx, gy);
-        endPass();
-        enc.copyBufferToTexture(
+        ctx.copyToTexture(
           { buffer: l.staging, offset: 0, bytesPerRow: l.pitch, rowsPerImage: l.lines },
           { texture: l.tex.texture },
           l.extent,
         );
       } else {
-        pass ??= enc.beginComputePass({ label: "matmul" });
-        const p = pack(l.kernel, l.op);
-        pass.setPipeline(p);
-        pass.setBindGroup(0, bindGroup(p, [bind(l.u), { buffer: l.op.buffer }, l.tex.view]));
-        pass.dispatchWorkgroups(Math.ceil(l.size[0] / 4), Math.ceil(l.size[1] / 16));
+        ctx.dispatchResources(
+          l.kernel,
+          [{ buffer: l.op.buffer }, l.tex.view],
+          [Math.ceil(l.size[0] / 4), Math.ceil(l.size[1] / 16)],
+          l.u,
+          l.op.dtype === "f32" ? undefined : halfConstants(l.op.dtype),
+        );
       }
     }
-    pass ??= enc.beginComputePass({ label: "matmul" });
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(
-      0,
-      bindGroup(pipeline, [bind(main.u), main.at.view, main.bt.view, { buffer: c }]),
+    ctx.dispatchResources(
+      kernel,
+      [main.at.view, main.bt.view, { buffer: c }, ...pair.map((p) => p.view)],
+      grid(Math.ceil(main.tiles / wg)),
+      main.u,
+      constants,
     );
-    const [gx, gy] = grid(Math.ceil(main.tiles / wg));
-    pass.dispatchWorkgroups(gx, gy);
   }
-  endPass();
-  dev.queue.submit([enc.finish()]);
-  ctx.submits++;
-  // later users of these buffers come after this submit in the queue
+  // later users of these buffers come after this work in the queue
   for (const buf of staging) ctx.release(buf);
 };
+
+/**
+ * Texture of an f32 operand along a short inner dimension r (the LoRA pair: rows of xa or B,
+ * r contiguous), k-major like the main operands: copied when r is a multiple of 64, else packed.
+ * With `op.keep` the texture is kept with the buffer (until it is released or written).
+ */
+const loadRank = (
+  st: TileState,
+  op: Operand,
+  role: string,
+  r: number,
+  loads: Load[],
+): Packed => {
+  const steps = Math.ceil(r / 4);
+  const padded = Math.ceil(op.rows / TILE) * TILE;
+  const kept = op.keep
+    ? st.frozen(op.buffer, false, `lora:${r}:${op.rows}`, steps, padded, "rgba32float")
+    : null;
+  if (kept?.hit) return kept.tex;
+  const tex = kept?.tex ?? st.texture(role, steps, padded);
+  if (r % 64 === 0) {
+    loads.push({ kind: "copy", op, kMajor: true, row0: 0, rows: op.rows, tex, elem: 4, k: r });
+  } else {
+    const u: Params = {
+      rows: op.rows,
+      cols: r,
+      sr: r,
+      sc: 1,
+      row0: 0,
+      width: steps,
+      height: padded,
+    };
+    loads.push({ kind: "pack", kernel: "matmul_pack", op, size: [steps, padded], tex, u });
+  }
+  return tex;
+};
+
+/**
+ * `base` (a main tiled kernel) with a second inner loop over the LoRA pair's textures (bindings
+ * 4 and 5, k-major f32): the same 16x16 tile accumulates beta·xa·Bᵀ after op(A)·op(B), so the
+ * delta costs no store pass of its own.
+ */
+const loraKernel = (ctx: GpuContext, base: string): string =>
+  ctx.derivedKernel(`${base}_lora`, base, (code) => {
+    let out = code;
+    const swap = (from: string, to: string) => {
+      if (!out.includes(from)) throw new Error(`matmul.wgsl: matmul_t16x16 lacks "${from}"`);
+      out = out.replace(from, to);
+    };
+    swap(
+      "@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;",
+      `@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(4) var ta_lora: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(5) var tb_lora: texture_storage_2d<rgba32float, read>;
+fn la(x: i32, y: i32) -> vec4<f32> { return textureLoad(ta_lora, vec2<i32>(x, y)); }
+fn lb(x: i32, y: i32) -> vec4<f32> { return textureLoad(tb_lora, vec2<i32>(x, y)); }
+fn rows_la(k: i32, r: i32) -> mat4x4<f32> {
+  return transpose(mat4x4<f32>(la(k, r), la(k, r + 1), la(k, r + 2), la(k, r + 3))) * params.beta;
+}
+fn cols_lb(k: i32, n: i32) -> mat4x4<f32> {
+  return mat4x4<f32>(lb(k, n), lb(k, n + 1), lb(k, n + 2), lb(k, n + 3));
+}`,
+    );
+    swap(
+      "  let r = u32(m0);",
+      `  for (var k = 0; k < i32(params.k4b); k++) {
+    let a0 = rows_la(k, m0 + 0);
+    let a1 = rows_la(k, m0 + 4);
+    let a2 = rows_la(k, m0 + 8);
+    let a3 = rows_la(k, m0 + 12);
+    let b0 = cols_lb(k, n0 + 0);
+    let b1 = cols_lb(k, n0 + 4);
+    let b2 = cols_lb(k, n0 + 8);
+    let b3 = cols_lb(k, n0 + 12);
+    c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
+    c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
+    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+  }
+  let r = u32(m0);`,
+    );
+    return out;
+  });
 
 /**
  * The main tiled kernel for operand textures of the given formats: matmul_t16x16 with the
@@ -418,6 +558,50 @@ const useTiled = (ctx: GpuContext, m: number, n: number, k: number): boolean => 
   return matmulTuning.forceTiled || m * n * k >= SMALL_MACS;
 };
 
+/**
+ * The direct kernel (`matmul_small`) into c: stores the product, or adds alpha times it
+ * (`alpha` not null). 16-bit operands are widened into temporaries first.
+ */
+const direct = (
+  sc: GpuScope,
+  ah: { buffer: GPUBuffer; dtype: DType },
+  bh: { buffer: GPUBuffer; dtype: DType },
+  c: GPUBuffer,
+  m: number,
+  n: number,
+  k: number,
+  transA: boolean,
+  transB: boolean,
+  alpha: number | null,
+): void => {
+  const ctx = sc.ctx;
+  // 16-bit operands widened into temporaries, released once the product is encoded
+  const dense = (h: { buffer: GPUBuffer; dtype: DType }, size: number) =>
+    h.dtype === "f32" ? h.buffer : widenBuffer(sc, h.buffer, h.dtype, size);
+  const ab = dense(ah, m * k);
+  const bb = dense(bh, k * n);
+  const tilesN = Math.ceil(n / 4);
+  const blocks = Math.ceil(m / 4) * tilesN;
+  // few blocks: a workgroup of their size (extra invocations would only idle through the loop)
+  const wg = blocks >= 64 ? 64 : blocks > 8 ? 16 : 8;
+  const constants: Record<string, number> = {};
+  if (wg !== 64) constants.WG = wg;
+  if (alpha !== null) constants.ACC = 1;
+  sc.dispatch("matmul_small", [ab, bb, c], grid(Math.ceil(blocks / wg)), {
+    m,
+    n,
+    k,
+    sam: transA ? 1 : k,
+    sak: transA ? m : 1,
+    sbk: transB ? 1 : n,
+    sbn: transB ? k : 1,
+    tiles_n: tilesN,
+    alpha: f32(alpha ?? 1),
+  }, Object.keys(constants).length > 0 ? constants : undefined);
+  if (ab !== ah.buffer) ctx.release(ab);
+  if (bb !== bh.buffer) ctx.release(bb);
+};
+
 /** See Ops.matmul. */
 export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor {
   const { m, n, k, transA, transB } = matmulDims("matmul", a, b, opts);
@@ -427,26 +611,8 @@ export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
   if (k === 0) return sc.zeros([m, n]);
   const ctx = sc.ctx;
   if (!useTiled(ctx, m, n, k)) {
-    // 16-bit operands widened into temporaries, released once the product is encoded
-    const dense = (h: { buffer: GPUBuffer; dtype: DType }, size: number) =>
-      h.dtype === "f32" ? h.buffer : widenBuffer(sc, h.buffer, h.dtype, size);
-    const ab = dense(ah, a.size);
-    const bb = dense(bh, b.size);
     const out = sc.out([m, n]);
-    const tilesN = Math.ceil(n / 4);
-    const groups = Math.ceil((Math.ceil(m / 4) * tilesN) / 64);
-    sc.dispatch("matmul_small", [ab, bb, out.buffer], grid(groups), {
-      m,
-      n,
-      k,
-      sam: transA ? 1 : k,
-      sak: transA ? m : 1,
-      sbk: transB ? 1 : n,
-      sbn: transB ? k : 1,
-      tiles_n: tilesN,
-    });
-    if (ab !== ah.buffer) ctx.release(ab);
-    if (bb !== bh.buffer) ctx.release(bb);
+    direct(sc, ah, bh, out.buffer, m, n, k, transA, transB, null);
     return out;
   }
   // Rows of op(A) and columns of op(B), each a vector along k.
@@ -467,5 +633,90 @@ export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions)
     ld,
   });
   ctx.release(tmp);
+  return out;
+}
+
+/**
+ * See Ops.matmulAccumulate. The tiled kernel adds into c as it stores (no temporary, no add
+ * pass over c); the other paths compute the product and add it.
+ */
+export function matmulAccumulate(
+  sc: GpuScope,
+  c: Tensor,
+  a: Tensor,
+  b: Tensor,
+  s: number,
+  opts?: MatmulOptions,
+): void {
+  const op = "matmulAccumulate";
+  const { m, n, k, transA, transB } = accumulateDims(op, c, a, b, opts);
+  const cb = sc.f(c, op);
+  const ah = sc.fh(a, op);
+  const bh = sc.fh(b, op);
+  if (m === 0 || n === 0 || k === 0) return;
+  if (cb === ah.buffer || cb === bh.buffer) {
+    addScaledInPlace(sc, c, matmul(sc, a, b, opts), s);
+    return;
+  }
+  // A skinny inner dimension with few rows (a LoRA delta x·Aᵀ·Bᵀ while decoding) goes direct
+  // too: packing its operands would cost more than the product.
+  if (!useTiled(sc.ctx, m, n, k) || n % 4 !== 0 || (k <= SKINNY_K && m <= KEEP_DIRECT_ROWS)) {
+    direct(sc, ah, bh, cb, m, n, k, transA, transB, s);
+    return;
+  }
+  const opA: Operand = { buffer: ah.buffer, rows: m, kContiguous: !transA, dtype: ah.dtype };
+  const opB: Operand = { buffer: bh.buffer, rows: n, kContiguous: transB, dtype: bh.dtype };
+  tiled(sc.ctx, opA, opB, cb, m, n, k, n, s);
+}
+
+/**
+ * See Ops.projectLora. Products of more than KEEP_DIRECT_ROWS rows that the tiled kernel takes
+ * in one chunk run the `_lora` kernel (the delta's loop continues the base one's, B's texture
+ * kept until B changes); others (decoding, where packing xa would add a dispatch) take the
+ * projection, then the delta accumulated onto it.
+ */
+export function projectLora(
+  sc: GpuScope,
+  x: Tensor,
+  w: Tensor,
+  xa: Tensor,
+  b: Tensor,
+  s: number,
+): Tensor {
+  const op = "projectLora";
+  const { m, n, k, r } = projectLoraDims(op, x, w, xa, b);
+  const xh = sc.fh(x, op);
+  const wh = sc.fh(w, op);
+  const xah = sc.fh(xa, op);
+  const bh = sc.fh(b, op);
+  const ctx = sc.ctx;
+  const limit = ctx.device.limits.maxTextureDimension2D;
+  const chunk = Math.floor(limit / TILE) * TILE;
+  const fused = m > KEEP_DIRECT_ROWS && m <= chunk && n <= chunk && n % 4 === 0 && r > 0 &&
+    Math.ceil(r / 4) <= limit && xah.dtype === "f32" && bh.dtype === "f32" && k > 0 &&
+    useTiled(ctx, m, n, k);
+  if (!fused) {
+    const y = matmul(sc, x, w, { transB: true });
+    matmulAccumulate(sc, y, xa, b, s, { transB: true });
+    return y;
+  }
+  const out = sc.out([m, n]);
+  tiled(
+    ctx,
+    { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
+    { buffer: wh.buffer, rows: n, kContiguous: true, dtype: wh.dtype },
+    out.buffer,
+    m,
+    n,
+    k,
+    n,
+    null,
+    {
+      xa: { buffer: xah.buffer, rows: m, kContiguous: true, dtype: "f32" },
+      b: { buffer: bh.buffer, rows: n, kContiguous: true, dtype: "f32", keep: true },
+      r,
+      beta: s,
+    },
+  );
   return out;
 }

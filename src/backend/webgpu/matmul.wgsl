@@ -70,22 +70,34 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 //! kernel matmul_small
 // Direct matmul for small or unusual shapes: each invocation computes a 4x4 block of C[m, n]
 // from op(A)[i, k] = a[i * sam + k * sak] and op(B)[k, j] = b[k * sbk + j * sbn] (any transpose).
-struct Params { m: u32, n: u32, k: u32, sam: u32, sak: u32, sbk: u32, sbn: u32, tiles_n: u32 }
+// Invocations past the last block return at once: on a software adapter every invocation that
+// runs the loop pays its loads lane by lane, so few blocks (a LoRA x·Aᵀ while decoding) also get
+// a small workgroup (override WG).
+// With ACC it adds alpha times the product to c instead of storing it (Ops.matmulAccumulate).
+struct Params {
+  m: u32, n: u32, k: u32, sam: u32, sak: u32, sbk: u32, sbn: u32, tiles_n: u32, alpha: f32,
+}
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+override ACC: bool = false;
+fn put1(o: u32, v: f32) {
+  if (ACC) { c[o] = c[o] + params.alpha * v; } else { c[o] = v; }
+}
 fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row >= params.m) { return; }
   let o = row * params.n + col;
-  if (col < params.n) { c[o] = v.x; }
-  if (col + 1u < params.n) { c[o + 1u] = v.y; }
-  if (col + 2u < params.n) { c[o + 2u] = v.z; }
-  if (col + 3u < params.n) { c[o + 3u] = v.w; }
+  if (col < params.n) { put1(o, v.x); }
+  if (col + 1u < params.n) { put1(o + 1u, v.y); }
+  if (col + 2u < params.n) { put1(o + 2u, v.z); }
+  if (col + 3u < params.n) { put1(o + 3u, v.w); }
 }
-@compute @workgroup_size(64)
+override WG: u32 = 64u;
+@compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let id = linear_id(gid, nwg, 64u);
+  let id = linear_id(gid, nwg, WG);
+  if (id >= ((params.m + 3u) / 4u) * params.tiles_n) { return; }
   let r0 = (id / params.tiles_n) * 4u;
   let c0 = (id % params.tiles_n) * 4u;
   // Rows and columns past the edge are clamped (their results are never stored).
@@ -138,8 +150,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // fetch is a call per texel (measured: 1.7x the throughput). Tiles are taken in `tile_order`;
 // in that order a 32x16 tile (fewer fetches per multiply-add, more spilled registers)
 // measured no faster on any bench shape and was dropped.
-// Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4].
-struct Params { m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32 }
+// Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4];
+// with ACC it adds alpha times the product to what is there instead (Ops.matmulAccumulate).
+// k4b, beta: the LoRA pair of the derived `_lora` kernels (see matmul.ts loraKernel).
+struct Params {
+  m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32, alpha: f32,
+  k4b: u32, beta: f32,
+}
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;
@@ -167,8 +184,12 @@ fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
   let x = n / 4;
   return transpose(mat4x4<f32>(tb(x, 4 * k), tb(x, 4 * k + 1), tb(x, 4 * k + 2), tb(x, 4 * k + 3)));
 }
+override ACC: bool = false;
 fn put(row: u32, col: u32, v: vec4<f32>) {
-  if (row < params.m && col < params.n) { c[params.coff4 + row * params.ldc4 + col / 4u] = v; }
+  if (row < params.m && col < params.n) {
+    let i = params.coff4 + row * params.ldc4 + col / 4u;
+    if (ACC) { c[i] = c[i] + params.alpha * v; } else { c[i] = v; }
+  }
 }
 // Stores a 4x4 block whose column j is C[row..row+3, col + j].
 fn put4(row: u32, col: u32, t: mat4x4<f32>) {
@@ -202,7 +223,10 @@ fn tile_order(id: u32, wg: u32, tiles_m: u32, tiles_n: u32) -> vec2<u32> {
 override WG: u32 = 64u;
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let tile = tile_order(linear_id(gid, nwg, WG), WG, params.tiles_m, params.tiles_n);
+  let id = linear_id(gid, nwg, WG);
+  // the last workgroup's tail has no tile (it would only recompute one)
+  if (id >= params.tiles_m * params.tiles_n) { return; }
+  let tile = tile_order(id, WG, params.tiles_m, params.tiles_n);
   let tm = tile.x;
   let tn = tile.y;
   let m0 = i32(tm * 16u);

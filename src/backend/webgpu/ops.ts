@@ -126,6 +126,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     sliceColumns: (t, start, count) => elementwise.sliceColumns(sc, t, start, count),
     setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
+    matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
+    projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),

@@ -1,0 +1,188 @@
+/**
+ * Ops.matmulAccumulate: c += s·op(A)·op(B) in place. Random shapes, every transpose, f32 and
+ * 16-bit B (a frozen base weight), on both WebGPU paths (the tiled kernel's accumulating store
+ * and the product-then-add fallback) and the CPU, against the float64 reference; it changes only
+ * c; and a c of the wrong shape is a ShapeError naming the op. Ops.projectLora (x·Wᵀ + s·xa·Bᵀ,
+ * on WebGPU one fused product for more than 64 rows): the same reference checks, and a B
+ * changed in place between two calls is seen by the second (its kept texture is dropped).
+ */
+import { deepStrictEqual as assertEquals, ok as assert, throws } from "node:assert/strict";
+import fc from "fast-check";
+import { Effect } from "effect";
+import type { BackendShape } from "../src/backend/backend.ts";
+import { type HalfDType, ShapeError } from "../src/backend/tensor.ts";
+import { matmulTuning } from "../src/backend/webgpu/matmul.ts";
+import {
+  gpuTeardown,
+  hasGpu,
+  relError,
+  seededValues,
+  testBackends,
+  withOps,
+} from "./support/backends.ts";
+
+const { gpu, cpu, ref } = await testBackends();
+const backends: BackendShape[] = [cpu, ...(gpu ? [gpu] : [])];
+const TOL = 1e-5;
+
+interface Case {
+  readonly m: number;
+  readonly n: number;
+  readonly k: number;
+  readonly transA: boolean;
+  readonly transB: boolean;
+  readonly half: HalfDType | null;
+  readonly s: number;
+  readonly seed: number;
+}
+
+/** c after accumulating, and A and B read back (they must not change). */
+const run = (b: BackendShape, c: Case) =>
+  withOps(b, (ops) => {
+    const av = seededValues(c.m * c.k, c.seed);
+    const bv = seededValues(c.k * c.n, c.seed + 1);
+    const a = ops.fromArray(av, c.transA ? [c.k, c.m] : [c.m, c.k]);
+    const bShape = c.transB ? [c.n, c.k] : [c.k, c.n];
+    const w = ops.fromArray(bv, bShape, c.half ?? "f32");
+    const acc = ops.fromArray(seededValues(c.m * c.n, c.seed + 2), [c.m, c.n]);
+    ops.matmulAccumulate(acc, a, w, c.s, { transA: c.transA, transB: c.transB });
+    return Effect.map(ops.read([acc, a, ops.widen(w)]), ([x, ar, br]) => ({ x, ar, br, av, bv }));
+  });
+
+const cases = fc.record({
+  m: fc.integer({ min: 1, max: 70 }),
+  n: fc.integer({ min: 1, max: 70 }),
+  k: fc.integer({ min: 1, max: 90 }),
+  transA: fc.boolean(),
+  transB: fc.boolean(),
+  half: fc.constantFrom<HalfDType | null>(null, "bf16", "f16"),
+  s: fc.constantFrom(1, 2, -0.5, 0.125),
+  seed: fc.integer({ min: 1, max: 0x7fffffff }),
+});
+
+for (const tiled of [false, true]) {
+  Deno.test(`matmulAccumulate equals c + s·op(A)·op(B) of the f64 reference (WebGPU tiled forced: ${tiled})`, async () => {
+    await fc.assert(
+      fc.asyncProperty(cases, async (c) => {
+        // the reference multiplies the very values the 16-bit B holds
+        const want = (await run(ref, c)).x;
+        matmulTuning.forceTiled = tiled;
+        try {
+          for (const b of backends) {
+            const got = await run(b, c);
+            const e = relError(got.x, want);
+            assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)}: rel error ${e}`);
+            // only c changes
+            assertEquals(Array.from(got.ar), Array.from(Float32Array.from(got.av)));
+          }
+        } finally {
+          matmulTuning.forceTiled = false;
+        }
+      }),
+      { numRuns: 30 },
+    );
+  });
+}
+
+Deno.test("matmulAccumulate adds onto what c holds (twice is 2·s·AB), at a tiled size", async () => {
+  // 64 x 96 x 128: the tiled kernel's accumulating store without forcing it
+  const [m, n, k] = [64, 96, 128];
+  for (const b of backends) {
+    const [once, twice] = await withOps(b, (ops) => {
+      const a = ops.fromArray(seededValues(m * k, 3), [m, k]);
+      const w = ops.fromArray(seededValues(n * k, 4), [n, k], "bf16");
+      const c1 = ops.zeros([m, n]);
+      const c2 = ops.zeros([m, n]);
+      ops.matmulAccumulate(c1, a, w, 2, { transB: true });
+      ops.matmulAccumulate(c2, a, w, 1, { transB: true });
+      ops.matmulAccumulate(c2, a, w, 1, { transB: true });
+      return ops.read([c1, c2]);
+    });
+    assert(relError(twice, once) <= TOL, `${b.info.name}: ${relError(twice, once)}`);
+    assert(once.some((v) => v !== 0));
+  }
+});
+
+Deno.test("matmulAccumulate: a c that is not [M, N] is a ShapeError naming the op", async () => {
+  for (const b of backends) {
+    await withOps(b, (ops) => {
+      const a = ops.fromArray(seededValues(6, 1), [2, 3]);
+      const w = ops.fromArray(seededValues(12, 2), [3, 4]);
+      throws(
+        () => ops.matmulAccumulate(ops.zeros([2, 5]), a, w, 1),
+        (e: unknown) => e instanceof ShapeError && e.message.includes("matmulAccumulate"),
+      );
+    });
+  }
+});
+
+interface LoraCase {
+  readonly m: number;
+  readonly n: number;
+  readonly k: number;
+  readonly r: number;
+  readonly half: HalfDType | null;
+  readonly s: number;
+  readonly seed: number;
+}
+
+const project = (b: BackendShape, c: LoraCase) =>
+  withOps(b, (ops) => {
+    const x = ops.fromArray(seededValues(c.m * c.k, c.seed), [c.m, c.k]);
+    const w = ops.fromArray(seededValues(c.n * c.k, c.seed + 1), [c.n, c.k], c.half ?? "f32");
+    const xa = ops.fromArray(seededValues(c.m * c.r, c.seed + 2), [c.m, c.r]);
+    const lb = ops.fromArray(seededValues(c.n * c.r, c.seed + 3), [c.n, c.r]);
+    const first = ops.projectLora(x, w, xa, lb, c.s);
+    // B changes in place (as AdamW updates it): the next product must use the new values
+    ops.addScaledInPlace(lb, ops.fromArray(seededValues(c.n * c.r, c.seed + 4), [c.n, c.r]), 1);
+    const second = ops.projectLora(x, w, xa, lb, c.s);
+    return ops.read([first, second]);
+  });
+
+Deno.test("projectLora equals x·Wᵀ + s·xa·Bᵀ of the f64 reference, before and after B changes in place", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.record({
+        // past 64 rows the WebGPU product is fused; n a multiple of 4 most of the time
+        m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 160 })),
+        n: fc.oneof(
+          fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
+          fc.integer({ min: 1, max: 70 }),
+        ),
+        k: fc.integer({ min: 1, max: 80 }),
+        r: fc.constantFrom(1, 3, 8, 16, 64),
+        half: fc.constantFrom<HalfDType | null>(null, "bf16", "f16"),
+        s: fc.constantFrom(1, 2, -0.5),
+        seed: fc.integer({ min: 1, max: 0x7fffffff }),
+      }),
+      async (c) => {
+        const [w1, w2] = await project(ref, c);
+        for (const b of backends) {
+          const [g1, g2] = await project(b, c);
+          for (const [g, w, what] of [[g1, w1, "first"], [g2, w2, "after B changed"]] as const) {
+            const e = relError(g, w);
+            assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)} ${what}: rel error ${e}`);
+          }
+        }
+      },
+    ),
+    { numRuns: 30 },
+  );
+});
+
+Deno.test("projectLora: a delta of another shape is a ShapeError naming the op", async () => {
+  for (const b of backends) {
+    await withOps(b, (ops) => {
+      const x = ops.fromArray(seededValues(6, 1), [2, 3]);
+      const w = ops.fromArray(seededValues(12, 2), [4, 3]);
+      const xa = ops.fromArray(seededValues(4, 3), [2, 2]);
+      const lb = ops.fromArray(seededValues(10, 4), [5, 2]);
+      throws(
+        () => ops.projectLora(x, w, xa, lb, 1),
+        (e: unknown) => e instanceof ShapeError && e.message.includes("projectLora"),
+      );
+    });
+  }
+});
+
+if (hasGpu) gpuTeardown();
