@@ -104,6 +104,34 @@ export const grid = (n: number): [number, number] => {
   return [Math.ceil(n / y), y];
 };
 
+/** Dispatches per batch on a software adapter, whose submit runs the batch before returning. */
+const SOFTWARE_BATCH = 64;
+
+/** A flushed batch waiting for its submit. */
+interface PendingBatch {
+  /** The batch's uniform slots (a copy when the submit is deferred), or null. */
+  readonly uniforms: Uint8Array<ArrayBuffer> | null;
+  readonly commands: GPUCommandBuffer;
+  /** Objects to destroy once it is submitted. */
+  readonly retired: { destroy(): void }[];
+}
+
+/**
+ * Resolves after one turn of the event loop: a message on a fresh MessageChannel, closed once it
+ * arrives (I/O that is ready runs first; no clamped millisecond as with setTimeout, ~30 us; no
+ * port left open to keep the process alive).
+ */
+const eventLoopTurn = (): Promise<void> =>
+  new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => {
+      ch.port1.close();
+      ch.port2.close();
+      resolve();
+    };
+    ch.port2.postMessage(0);
+  });
+
 /** Uploads of at least this many bytes are submitted at once (their staging copy goes back). */
 const UPLOAD_SUBMIT_BYTES = 16 << 20;
 
@@ -135,6 +163,19 @@ export class GpuContext {
   private readonly persistent: GPUBuffer[] = [];
   /** Objects to destroy after the next submit (encoded work may still use them). */
   private readonly retired: { destroy(): void }[] = [];
+  /**
+   * Batches encoded but not yet submitted (software adapters only, see `deferSubmits`), in
+   * order, each with its uniforms and what to destroy once it is submitted.
+   */
+  private readonly pending: PendingBatch[] = [];
+  /**
+   * Whether flushes queue their batch and `read`/`sync` submit the queue one batch at a time,
+   * giving the event loop a turn between batches. On a software adapter (llvmpipe) submit runs
+   * the work before it returns, so one submit of a long batch holds the JS thread (and every
+   * HTTP answer and file write of the process) for its whole duration; on a real GPU submit
+   * returns at once and batches go out as they are flushed.
+   */
+  private readonly deferSubmits: boolean;
   /** Binding numbers of each kernel's read_write storage buffers (parsed once). */
   private readonly writes = new Map<string, ReadonlySet<number>>();
   /** Device objects derived from a buffer's contents (see `derive`), by buffer. */
@@ -150,6 +191,7 @@ export class GpuContext {
       size: SLOT * SLOTS,
       usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
     });
+    this.deferSubmits = info.fallback;
     device.addEventListener("uncapturederror", (e) => {
       const msg = (e as GPUUncapturedErrorEvent).error.message;
       this.error ??= msg;
@@ -236,6 +278,7 @@ export class GpuContext {
    */
   retire(obj: { destroy(): void }): void {
     if (this.encoder) this.retired.push(obj);
+    else if (this.pending.length > 0) this.pending[this.pending.length - 1].retired.push(obj);
     else obj.destroy();
   }
 
@@ -323,7 +366,7 @@ export class GpuContext {
     this.outstandingBytes -= buf.size;
     if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
       this.flush();
-      buf.destroy();
+      this.retire(buf);
       return;
     }
     const list = this.pool.get(buf.size) ?? [];
@@ -389,7 +432,7 @@ export class GpuContext {
     constants?: Record<string, number>,
   ): void {
     if ((groups[0] ?? 0) === 0 || (groups[1] ?? 1) === 0 || (groups[2] ?? 1) === 0) return;
-    if (this.slots >= SLOTS || this.dispatches >= MAX_BATCH) this.flush();
+    if (this.slots >= SLOTS || this.dispatches >= this.batchLimit) this.flush();
     const pipeline = this.pipeline(kernel, constants);
     const entries: GPUBindGroupEntry[] = [];
     let first = 0;
@@ -454,19 +497,47 @@ export class GpuContext {
     this.dispatches++;
   }
 
-  /** Submits encoded work (uniforms are written first; the queue keeps the order). */
+  /** Dispatches per batch: shorter batches where a submit holds the JS thread while it runs. */
+  private get batchLimit(): number {
+    return this.deferSubmits ? SOFTWARE_BATCH : MAX_BATCH;
+  }
+
+  /**
+   * Ends the encoded batch: submits it (uniforms are written first; the queue keeps the order),
+   * or queues it for `read` / `sync` on a software adapter.
+   */
   flush(): void {
     this.endPass();
     if (!this.encoder) return;
-    if (this.slots > 0) {
-      this.device.queue.writeBuffer(this.uniform, 0, this.uniformData, 0, this.slots * SLOT);
-    }
-    this.device.queue.submit([this.encoder.finish()]);
+    const batch: PendingBatch = {
+      uniforms: this.slots > 0
+        ? (this.deferSubmits
+          ? new Uint8Array(this.uniformData.slice(0, this.slots * SLOT))
+          : new Uint8Array(this.uniformData, 0, this.slots * SLOT))
+        : null,
+      commands: this.encoder.finish(),
+      retired: this.retired.splice(0),
+    };
     this.encoder = null;
     this.slots = 0;
     this.dispatches = 0;
+    if (this.deferSubmits) this.pending.push(batch);
+    else this.submitBatch(batch);
+  }
+
+  private submitBatch(b: PendingBatch): void {
+    if (b.uniforms) this.device.queue.writeBuffer(this.uniform, 0, b.uniforms);
+    this.device.queue.submit([b.commands]);
     this.submits++;
-    for (const r of this.retired.splice(0)) r.destroy();
+    for (const r of b.retired) r.destroy();
+  }
+
+  /** Submits the queued batches in order, with a turn of the event loop between two. */
+  private async drain(): Promise<void> {
+    while (this.pending.length > 0) {
+      this.submitBatch(this.pending.shift()!);
+      if (this.pending.length > 0) await eventLoopTurn();
+    }
   }
 
   /** Copies buffers to the host with one submit and one wait. */
@@ -481,6 +552,7 @@ export class GpuContext {
       return s;
     });
     this.flush();
+    await this.drain();
     this.waits++;
     try {
       await Promise.all(staging.map((s) => s.mapAsync(GPUMapMode.READ)));
@@ -505,6 +577,7 @@ export class GpuContext {
   /** Waits until all submitted work is done (used before timing and at shutdown). */
   async sync(): Promise<void> {
     this.flush();
+    await this.drain();
     this.waits++;
     await this.device.queue.onSubmittedWorkDone();
   }
@@ -512,6 +585,7 @@ export class GpuContext {
   /** Frees pooled buffers and the device. */
   destroy(): void {
     this.flush();
+    for (const b of this.pending.splice(0)) this.submitBatch(b);
     for (const list of this.pool.values()) for (const b of list) b.destroy();
     for (const b of this.persistent) b.destroy();
     for (const r of this.retired.splice(0)) r.destroy();
