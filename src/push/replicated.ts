@@ -19,7 +19,7 @@ import {
   type SyncMismatch,
 } from "../ports/push_target.ts";
 import type { Snapshot } from "../snapshot/snapshot.ts";
-import type { OutCause, Replica, ReplicaSet } from "../vllm/replicas.ts";
+import { normalizeUrl, type OutCause, type Replica, type ReplicaSet } from "../vllm/replicas.ts";
 import { Routing } from "../vllm/routing.ts";
 
 /** One replica's push target, plus what to do when the replica leaves the set. */
@@ -297,7 +297,7 @@ export const monitorRound = (
     const set = target.replicas;
     const urls = options.refresh ? yield* options.refresh : null;
     if (urls !== null) {
-      const wanted = new Set(urls.map((u) => set.find(u)?.url ?? u.trim().replace(/\/+$/, "")));
+      const wanted = new Set(urls.map(normalizeUrl));
       for (const r of [...set.replicas]) if (!wanted.has(r.url)) yield* target.remove(r.url);
       for (const u of wanted) yield* target.add(u);
     }

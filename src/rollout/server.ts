@@ -21,6 +21,7 @@ import {
   decodeCompletion,
   describeHttpError,
   explicitCompletionFields,
+  type RetryPolicy,
   type VllmClient,
   type VllmHttpError,
 } from "../vllm/client.ts";
@@ -85,7 +86,7 @@ export const replicaAtFault = (e: VllmHttpError): boolean =>
   e.reason !== "status" || e.status >= 500 || e.status === 404;
 
 /** Retries of a call while other replicas could take it: one, then fail over. */
-const failoverRetry = { baseMs: 100, factor: 2, maxDelayMs: 1000, maxRetries: 1 } as const;
+const failoverRetry: RetryPolicy = { baseMs: 100, factor: 2, maxDelayMs: 1000, maxRetries: 1 };
 
 /**
  * A RolloutEngine over /v1/completions on the replicas of `replicas`, generating from the newest
@@ -112,14 +113,14 @@ export const makeServerRolloutEngine = (
     route: Route,
     requests: readonly RolloutRequest[],
     group: readonly number[],
-    retry: boolean | typeof failoverRetry,
+    retry: RetryPolicy | undefined,
   ) => {
     const r = requests[group[0]];
     return client.postJson(
       "/v1/completions",
       completionBody(route, group.map((i) => requests[i].prompt), r),
       // generating changes nothing on the server: a lost answer is asked for again
-      { idempotent: true, ...(retry === true ? {} : { retry }) },
+      { idempotent: true, ...(retry ? { retry } : {}) },
     ).pipe(
       Effect.flatMap((j) => decodeCompletion(j)),
       Effect.flatMap((choices) => {
@@ -180,7 +181,7 @@ export const makeServerRolloutEngine = (
         route,
         requests,
         group,
-        others ? failoverRetry : true,
+        others ? failoverRetry : undefined, // else the client's own policy
       ).pipe(
         Effect.ensuring(Effect.andThen(
           Effect.sync(() => (replica.load -= size)),

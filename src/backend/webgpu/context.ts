@@ -483,7 +483,7 @@ export class GpuContext {
     dst: GPUTexelCopyTextureInfo,
     size: readonly [number, number],
   ): void {
-    if (this.dispatches >= MAX_BATCH) this.flush();
+    if (this.dispatches >= this.batchLimit) this.flush();
     this.endPass();
     this.enc().copyBufferToTexture(src, dst, [size[0], size[1]]);
     this.dispatches++;
