@@ -5,6 +5,8 @@
  * c; and a c of the wrong shape is a ShapeError naming the op. Ops.projectLora (x·Wᵀ + s·xa·Bᵀ,
  * on WebGPU one fused product for more than 64 rows): the same reference checks, and a B
  * changed in place between two calls is seen by the second (its kept texture is dropped).
+ * Ops.projectLoraShared (projections of one input with their deltas; on WebGPU one product for
+ * every x·Aᵀ): each output against the reference, before and after A and B change in place.
  */
 import { deepStrictEqual as assertEquals, ok as assert, throws } from "node:assert/strict";
 import fc from "fast-check";
@@ -180,6 +182,104 @@ Deno.test("projectLora: a delta of another shape is a ShapeError naming the op",
       throws(
         () => ops.projectLora(x, w, xa, lb, 1),
         (e: unknown) => e instanceof ShapeError && e.message.includes("projectLora"),
+      );
+    });
+  }
+});
+
+interface SharedCase {
+  readonly m: number;
+  readonly k: number;
+  readonly parts: readonly { readonly n: number; readonly r: number }[];
+  readonly half: HalfDType | null;
+  readonly s: number;
+  readonly seed: number;
+}
+
+/** The projections of projectLoraShared, then again after every A and B changed in place. */
+const projectShared = (b: BackendShape, c: SharedCase) =>
+  withOps(b, (ops) => {
+    const x = ops.fromArray(seededValues(c.m * c.k, c.seed), [c.m, c.k]);
+    const parts = c.parts.map((p, i) => ({
+      w: ops.fromArray(seededValues(p.n * c.k, c.seed + 10 * i + 1), [p.n, c.k], c.half ?? "f32"),
+      a: ops.fromArray(seededValues(p.r * c.k, c.seed + 10 * i + 2), [p.r, c.k]),
+      b: ops.fromArray(seededValues(p.n * p.r, c.seed + 10 * i + 3), [p.n, p.r]),
+    }));
+    const first = ops.projectLoraShared(x, parts, c.s);
+    parts.forEach((p, i) => {
+      ops.addScaledInPlace(
+        p.a,
+        ops.fromArray(seededValues(p.a.size, c.seed + 10 * i + 4), p.a.shape),
+        1,
+      );
+      ops.addScaledInPlace(
+        p.b,
+        ops.fromArray(seededValues(p.b.size, c.seed + 10 * i + 5), p.b.shape),
+        1,
+      );
+    });
+    const second = ops.projectLoraShared(x, parts, c.s);
+    return ops.read([...first, ...second]);
+  });
+
+for (const tiled of [false, true]) {
+  Deno.test(`projectLoraShared equals each x·Wᵀ + s·(x·Aᵀ)·Bᵀ of the f64 reference, before and after A and B change in place (WebGPU tiled forced: ${tiled})`, async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.record({
+          // decoding (≤ 64 rows) and prefill sizes; ranks and widths mostly multiples of 4
+          // (one product for every xa), sometimes not (projection by projection)
+          m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 140 })),
+          k: fc.oneof(
+            fc.integer({ min: 1, max: 20 }).map((v) => v * 4),
+            fc.integer({ min: 1, max: 70 }),
+          ),
+          parts: fc.array(
+            fc.record({
+              n: fc.oneof(
+                fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
+                fc.integer({ min: 1, max: 40 }),
+              ),
+              r: fc.constantFrom(4, 8, 16, 24, 3),
+            }),
+            { minLength: 1, maxLength: 3 },
+          ),
+          half: fc.constantFrom<HalfDType | null>(null, "bf16", "f16"),
+          s: fc.constantFrom(1, 2, -0.5),
+          seed: fc.integer({ min: 1, max: 0x7fffffff }),
+        }),
+        async (c) => {
+          const want = await projectShared(ref, c);
+          matmulTuning.forceTiled = tiled;
+          try {
+            for (const b of backends) {
+              const got = await projectShared(b, c);
+              assertEquals(got.length, 2 * c.parts.length);
+              got.forEach((g, i) => {
+                const e = relError(g, want[i]);
+                assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)} output ${i}: rel error ${e}`);
+              });
+            }
+          } finally {
+            matmulTuning.forceTiled = false;
+          }
+        },
+      ),
+      { numRuns: 25 },
+    );
+  });
+}
+
+Deno.test("projectLoraShared: a B that is not [N, R] for its projection and A is a ShapeError naming the op", async () => {
+  for (const b of backends) {
+    await withOps(b, (ops) => {
+      const x = ops.fromArray(seededValues(8, 1), [2, 4]);
+      const w = ops.fromArray(seededValues(16, 2), [4, 4]);
+      const a = ops.fromArray(seededValues(8, 3), [2, 4]);
+      throws(
+        () =>
+          ops.projectLoraShared(x, [{ w, a, b: ops.fromArray(seededValues(12, 4), [4, 3]) }], 1),
+        (e: unknown) => e instanceof ShapeError && e.message.includes("projectLoraShared"),
       );
     });
   }

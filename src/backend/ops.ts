@@ -59,6 +59,18 @@ export interface MatmulOptions {
   readonly transB?: boolean;
 }
 
+/** One projection of Ops.projectLoraShared: the weight w [N,K] and its LoRA pair a [R,K], b [N,R]. */
+export interface LoraProjection {
+  readonly w: Tensor;
+  readonly a: Tensor;
+  readonly b: Tensor;
+  /**
+   * An f32 [M, N] tensor to add the result onto in place (then returned), as a residual
+   * stream takes an output projection; by default a fresh tensor.
+   */
+  readonly into?: Tensor;
+}
+
 /** Geometry of an attention call. Rows of q are `batch * tq`, rows of k/v are `batch * tk`. */
 export interface AttentionOptions {
   readonly batch: number;
@@ -186,6 +198,12 @@ export interface Ops {
    * one's in the same registers), else matmul then matmulAccumulate.
    */
   projectLora(x: Tensor, w: Tensor, xa: Tensor, b: Tensor, s: number): Tensor;
+  /**
+   * Projections of one input (q/k/v, gate/up) with their LoRA deltas, no backward:
+   * y_i = x·w_iᵀ + s·(x·a_iᵀ)·b_iᵀ (x [M,K], w_i [N_i,K], a_i [R_i,K], b_i [N_i,R_i]). Where the
+   * backend can, every x·a_iᵀ comes from one product and each delta joins its projection.
+   */
+  projectLoraShared(x: Tensor, parts: readonly LoraProjection[], s: number): Tensor[];
 
   // ---- elementwise and reductions (f32) ------------------------------------------------------
   /** a + b, same shape. */

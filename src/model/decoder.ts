@@ -372,6 +372,74 @@ const linear = (
   return bias ? ops.addRow(y, bias) : y;
 };
 
+/**
+ * Projections of one input (q/k/v, gate/up, or one). Without a tape (inference) the adapted ones
+ * run through Ops.projectLoraShared, which computes all their x·Aᵀ in one product.
+ */
+const linears = (
+  cx: Ctx,
+  layer: number,
+  ps: readonly Projection[],
+  x: Tensor,
+  tape: Map<Projection, LinearTape> | null,
+): Tensor[] => {
+  const lora = cx.lora;
+  const adapted = ps.filter((p) => lora?.modules.has(projectionPath(layer, p)));
+  if (cx.record || !lora || adapted.length === 0) {
+    return ps.map((p) => linear(cx, layer, p, x, tape));
+  }
+  const { ops, model } = cx;
+  const shared = ops.projectLoraShared(
+    x,
+    adapted.map((p) => {
+      const path = projectionPath(layer, p);
+      const m = lora.modules.get(path)!;
+      return { w: weight(model, `${path}.weight`), a: m.a, b: m.b };
+    }),
+    lora.scale,
+  );
+  return ps.map((p) => {
+    const i = adapted.indexOf(p);
+    if (i < 0) return linear(cx, layer, p, x, tape);
+    const bias = model.weights.get(`${projectionPath(layer, p)}.bias`);
+    return bias ? ops.addRow(shared[i], bias) : shared[i];
+  });
+};
+
+/**
+ * The residual stream past an output projection (o_proj, down_proj): x + proj(h), or with
+ * Gemma's sandwich norm (`post`, the norm's name in the layer) x + norm(proj(h)). Without a tape
+ * and without that norm x itself is updated and returned: the projection adds onto it as it
+ * stores, with no add pass and no new tensor (an inference pass never reads x again).
+ */
+const addProjection = (
+  cx: Ctx,
+  layer: number,
+  p: Projection,
+  h: Tensor,
+  x: Tensor,
+  tape: Map<Projection, LinearTape> | null,
+  post: string | null,
+): { sum: Tensor; proj: Tensor | null; norm: { y: Tensor; rstd: Tensor } | null } => {
+  const { ops, model, lora } = cx;
+  const path = projectionPath(layer, p);
+  if (!cx.record && post === null && !model.weights.has(`${path}.bias`)) {
+    const w = weight(model, `${path}.weight`);
+    const m = lora?.modules.get(path);
+    if (m) ops.projectLoraShared(h, [{ w, a: m.a, b: m.b, into: x }], lora!.scale);
+    else ops.matmulAccumulate(x, h, w, 1, { transB: true });
+    return { sum: x, proj: null, norm: null };
+  }
+  const [proj] = linears(cx, layer, [p], h, tape);
+  const c = model.config;
+  const norm = post === null ? null : ops.rmsNorm(
+    proj,
+    normWeight(ops, model, `model.layers.${layer}.${post}.weight`),
+    c.rmsNormEps,
+  );
+  return { sum: ops.add(x, norm ? norm.y : proj), proj, norm };
+};
+
 const defaultPositions = (input: ForwardInput): Int32Array => {
   const pos = new Int32Array(input.batch * input.seqLen);
   for (let b = 0; b < input.batch; b++) {
@@ -399,8 +467,7 @@ const decoderLayer = (
   const pre = `model.layers.${l}`;
   const gemma = isGemma(c);
   const n1 = ops.rmsNorm(x, normWeight(ops, model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-  let qp = linear(cx, l, "q_proj", n1.y, lin);
-  let kp = linear(cx, l, "k_proj", n1.y, lin);
+  let [qp, kp, v] = linears(cx, l, ["q_proj", "k_proj", "v_proj"], n1.y, lin);
   let qkNorm: LayerTape["qkNorm"] = null;
   if (c.qkNorm) {
     // qwen3: each head normalised over head_dim before the rotation
@@ -416,35 +483,41 @@ const decoderLayer = (
   const rp = ropeOf(c, cx.ropes, l);
   const q = rotate(ops, qp, positions, c.numHeads, c, rp);
   const k = rotate(ops, kp, positions, c.numKvHeads, c, rp);
-  const v = linear(cx, l, "v_proj", n1.y, lin);
   const att = attend(q, k, v);
-  const o = linear(cx, l, "o_proj", att.out, lin);
   // Gemma normalises the attention and MLP outputs too (post_attention_layernorm is then the
   // attention output's norm, pre_feedforward_layernorm the MLP input's)
-  const no = gemma
-    ? ops.rmsNorm(o, normWeight(ops, model, `${pre}.post_attention_layernorm.weight`), c.rmsNormEps)
-    : null;
-  const x2 = ops.add(x, no ? no.y : o);
+  const ro = addProjection(
+    cx,
+    l,
+    "o_proj",
+    att.out,
+    x,
+    lin,
+    gemma ? "post_attention_layernorm" : null,
+  );
+  const x2 = ro.sum;
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
   const n2 = ops.rmsNorm(x2, normWeight(ops, model, `${pre}.${mlpNorm}.weight`), c.rmsNormEps);
-  const gate = linear(cx, l, "gate_proj", n2.y, lin);
-  const up = linear(cx, l, "up_proj", n2.y, lin);
+  const [gate, up] = linears(cx, l, ["gate_proj", "up_proj"], n2.y, lin);
   const act = gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up);
-  const d = linear(cx, l, "down_proj", act, lin);
-  const nd = gemma
-    ? ops.rmsNorm(
-      d,
-      normWeight(ops, model, `${pre}.post_feedforward_layernorm.weight`),
-      c.rmsNormEps,
-    )
-    : null;
-  const out = ops.add(x2, nd ? nd.y : d);
+  const rd = addProjection(
+    cx,
+    l,
+    "down_proj",
+    act,
+    x2,
+    lin,
+    gemma ? "post_feedforward_layernorm" : null,
+  );
+  const out = rd.sum;
   return {
     x,
     rstd1: n1.rstd,
     h1: n1.y,
     qkNorm,
-    sandwich: no && nd ? { o, rstdO: no.rstd, d, rstdD: nd.rstd } : null,
+    sandwich: ro.norm && rd.norm
+      ? { o: ro.proj!, rstdO: ro.norm.rstd, d: rd.proj!, rstdD: rd.norm.rstd }
+      : null,
     q,
     k,
     v,
@@ -543,17 +616,17 @@ const forwardHidden = (
     // only the layer's output outlives it (and, checkpointed, its input, kept by the tape)
     checkpoints?.push({ x, rng: cx.rng ? cx.rng.state() : null });
     const input = x;
-    x = ops.transient((t) =>
-      ops.copy(
-        decoderLayer(
-          { ...cx, ops: t },
-          l,
-          input,
-          positions,
-          (q, k, v) => t.attention(q, k, v, lOpts),
-        ).out,
-      )
-    );
+    x = ops.transient((t) => {
+      const out = decoderLayer(
+        { ...cx, ops: t },
+        l,
+        input,
+        positions,
+        (q, k, v) => t.attention(q, k, v, lOpts),
+      ).out;
+      // an inference pass may have updated its input in place (see addProjection)
+      return out === input ? input : ops.copy(out);
+    });
   }
   const nf = ops.rmsNorm(x, normWeight(ops, model, "model.norm.weight"), c.rmsNormEps);
   const hSel = input.logitRows ? ops.gatherRows(nf.y, input.logitRows) : nf.y;
@@ -1035,8 +1108,9 @@ export const forwardCached = (
         t.scatterRowsInPlace(cache.v[l], v, cacheRows);
         return t.attention(q, cache.k[l], cache.v[l], layerAttention(c, l, attnOpts));
       }).out;
-      // encoded after every read of x (device queues and the CPU run in order)
-      t.setRows(x, 0, out);
+      // encoded after every read of x (device queues and the CPU run in order), unless the
+      // layer updated x in place (see addProjection)
+      if (out !== x) t.setRows(x, 0, out);
     });
   }
   cache.len += tq;

@@ -66,3 +66,35 @@ export const projectLoraDims = (
   );
   return { m: base.m, n: base.n, k: base.k, r: delta.k };
 };
+
+/**
+ * Shapes of Ops.projectLoraShared: for each part x [M,K]·w [N,K]ᵀ, x·a [R,K]ᵀ and b [N,R]
+ * (the delta (x·aᵀ)·bᵀ the size of the projection), and `into`, when given, [M,N] and not x.
+ */
+export const projectLoraSharedDims = (
+  op: string,
+  x: Tensor,
+  parts: readonly {
+    readonly w: Tensor;
+    readonly a: Tensor;
+    readonly b: Tensor;
+    readonly into?: Tensor;
+  }[],
+): { m: number; n: number; k: number; r: number }[] =>
+  parts.map((p) => {
+    const base = matmulDims(op, x, p.w, { transB: true });
+    const xa = matmulDims(op, x, p.a, { transB: true });
+    ensure(
+      p.b.shape.length === 2 && p.b.shape[0] === base.n && p.b.shape[1] === xa.n,
+      op,
+      () => `b is [${p.b.shape}], the delta needs [${base.n},${xa.n}]`,
+    );
+    const into = p.into;
+    ensure(
+      !into || (into.shape.length === 2 && into.shape[0] === base.m && into.shape[1] === base.n),
+      op,
+      () => `into is [${into!.shape}], the projection [${base.m},${base.n}]`,
+    );
+    ensure(into !== x, op, () => "into is the input x");
+    return { m: base.m, n: base.n, k: base.k, r: xa.n };
+  });

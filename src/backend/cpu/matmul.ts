@@ -5,10 +5,15 @@
  * four rows and four k-steps at a time (accumulating in the output's precision).
  * @module
  */
-import type { MatmulOptions } from "../ops.ts";
+import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
 import { isHalfDType } from "../tensor.ts";
-import { accumulateDims, matmulDims, projectLoraDims } from "../checks/matmul.ts";
+import {
+  accumulateDims,
+  matmulDims,
+  projectLoraDims,
+  projectLoraSharedDims,
+} from "../checks/matmul.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -197,4 +202,21 @@ export function projectLora(
   const y = matmul(sc, x, w, { transB: true });
   matmulAccumulate(sc, y, xa, b, s, { transB: true });
   return y;
+}
+
+/** See Ops.projectLoraShared: each projection as projectLora with its own x·aᵀ. */
+export function projectLoraShared(
+  sc: CpuScope,
+  x: Tensor,
+  parts: readonly LoraProjection[],
+  s: number,
+): Tensor[] {
+  projectLoraSharedDims("projectLoraShared", x, parts);
+  return parts.map((p) => {
+    const xa = matmul(sc, x, p.a, { transB: true });
+    if (!p.into) return projectLora(sc, x, p.w, xa, p.b, s);
+    matmulAccumulate(sc, p.into, x, p.w, 1, { transB: true });
+    matmulAccumulate(sc, p.into, xa, p.b, s, { transB: true });
+    return p.into;
+  });
 }

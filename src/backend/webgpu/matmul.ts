@@ -32,9 +32,14 @@
  * that buffer is released or written, so a frozen base weight is packed once, not per product.
  * @module
  */
-import type { MatmulOptions } from "../ops.ts";
+import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
-import { accumulateDims, matmulDims, projectLoraDims } from "../checks/matmul.ts";
+import {
+  accumulateDims,
+  matmulDims,
+  projectLoraDims,
+  projectLoraSharedDims,
+} from "../checks/matmul.ts";
 import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
@@ -229,6 +234,21 @@ type Load =
     u: Params;
   };
 
+/**
+ * A LoRA pair added to a tiled product: + beta·xa·Bᵀ (xa [m, r] and B [n, r], both f32 and
+ * k-contiguous), by the `_lora` kernel's second inner loop. xa may be r columns of a wider
+ * matrix (`xaWidth` columns, from column `xaOffset`, both multiples of 4): the deltas of
+ * projections that share an input share one xa.
+ */
+interface LoraPair {
+  readonly xa: Operand;
+  readonly b: Operand;
+  readonly r: number;
+  readonly beta: number;
+  readonly xaWidth?: number;
+  readonly xaOffset?: number;
+}
+
 /** Encodes the tiled path into the context's batch (results land in `c`). */
 const tiled = (
   ctx: GpuContext,
@@ -241,11 +261,8 @@ const tiled = (
   ldc: number,
   /** Accumulate: c += alpha·product (Ops.matmulAccumulate); null stores the product. */
   alpha: number | null = null,
-  /**
-   * A LoRA pair added to the product: + beta·xa·Bᵀ (xa [m, r] and B [n, r], both f32 and
-   * k-contiguous), by the `_lora` kernel's second inner loop. Needs one row and column chunk.
-   */
-  lora: { xa: Operand; b: Operand; r: number; beta: number } | null = null,
+  /** A LoRA pair added to the product (the `_lora` kernel); needs one row and column chunk. */
+  lora: LoraPair | null = null,
 ): void => {
   const kk = k;
   const st = stateOf(ctx);
@@ -368,6 +385,7 @@ const tiled = (
         alpha: f32(alpha ?? 1),
         k4b: lora ? Math.ceil(lora.r / 4) : 0,
         beta: f32(lora?.beta ?? 0),
+        k4b0: lora ? (lora.xaOffset ?? 0) / 4 : 0,
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -382,7 +400,7 @@ const tiled = (
   // the LoRA pair's textures, loaded with the (single) main's operands
   const pair = lora
     ? [
-      loadRank(st, lora.xa, "xa", lora.r, mains[0].loads),
+      loadRank(st, lora.xa, "xa", lora.xaWidth ?? lora.r, mains[0].loads),
       loadRank(st, lora.b, "lb", lora.r, mains[0].loads),
     ]
     : [];
@@ -492,7 +510,8 @@ const loraKernel = (ctx: GpuContext, base: string): string =>
 fn la(x: i32, y: i32) -> vec4<f32> { return textureLoad(ta_lora, vec2<i32>(x, y)); }
 fn lb(x: i32, y: i32) -> vec4<f32> { return textureLoad(tb_lora, vec2<i32>(x, y)); }
 fn rows_la(k: i32, r: i32) -> mat4x4<f32> {
-  return transpose(mat4x4<f32>(la(k, r), la(k, r + 1), la(k, r + 2), la(k, r + 3))) * params.beta;
+  let x = k + i32(params.k4b0);
+  return transpose(mat4x4<f32>(la(x, r), la(x, r + 1), la(x, r + 2), la(x, r + 3))) * params.beta;
 }
 fn cols_lb(k: i32, n: i32) -> mat4x4<f32> {
   return mat4x4<f32>(lb(k, n), lb(k, n + 1), lb(k, n + 2), lb(k, n + 3));
@@ -690,12 +709,7 @@ export function projectLora(
   const xah = sc.fh(xa, op);
   const bh = sc.fh(b, op);
   const ctx = sc.ctx;
-  const limit = ctx.device.limits.maxTextureDimension2D;
-  const chunk = Math.floor(limit / TILE) * TILE;
-  const fused = m > KEEP_DIRECT_ROWS && m <= chunk && n <= chunk && n % 4 === 0 && r > 0 &&
-    Math.ceil(r / 4) <= limit && xah.dtype === "f32" && bh.dtype === "f32" && k > 0 &&
-    useTiled(ctx, m, n, k);
-  if (!fused) {
+  if (!(m > KEEP_DIRECT_ROWS && fusable(ctx, m, n, k, r, [xah.dtype, bh.dtype]))) {
     const y = matmul(sc, x, w, { transB: true });
     matmulAccumulate(sc, y, xa, b, s, { transB: true });
     return y;
@@ -719,4 +733,107 @@ export function projectLora(
     },
   );
   return out;
+}
+
+/** Whether `projectLora` with these operands runs as one `_lora` product (any number of rows). */
+const fusable = (
+  ctx: GpuContext,
+  m: number,
+  n: number,
+  k: number,
+  r: number,
+  dtypes: readonly DType[],
+): boolean => {
+  const limit = ctx.device.limits.maxTextureDimension2D;
+  const chunk = Math.floor(limit / TILE) * TILE;
+  return m <= chunk && n <= chunk && n % 4 === 0 && r > 0 && Math.ceil(r / 4) <= limit &&
+    k > 0 && dtypes.every((d) => d === "f32") && useTiled(ctx, m, n, k);
+};
+
+/**
+ * See Ops.projectLoraShared. The ranks' A matrices are stacked (buffer copies) so that one
+ * product gives every xa, into a row pitch of a multiple of 64 floats so that it copies into
+ * the `_lora` kernel's texture as is; each projection then runs as one `_lora` product reading
+ * its columns of xa. Per layer of a decoding step that is 4 dispatches for the 7 deltas of a
+ * LoRA on all projections instead of 14 (each delta's x·Aᵀ and its accumulate). Other shapes
+ * go projection by projection.
+ */
+export function projectLoraShared(
+  sc: GpuScope,
+  x: Tensor,
+  parts: readonly LoraProjection[],
+  s: number,
+): Tensor[] {
+  const op = "projectLoraShared";
+  const xh = sc.fh(x, op);
+  const ctx = sc.ctx;
+  const dims = projectLoraSharedDims(op, x, parts).map((d, i) => ({
+    ...d,
+    ah: sc.fh(parts[i].a, op),
+    bh: sc.fh(parts[i].b, op),
+  }));
+  const [m, k] = x.shape;
+  const r = dims.reduce((t, d) => t + d.r, 0);
+  const pitch = Math.ceil(r / 64) * 64;
+  const shared = parts.length > 0 && m > 0 && xh.dtype === "f32" &&
+    Math.ceil(pitch / 4) <= ctx.device.limits.maxTextureDimension2D &&
+    dims.every((d) => d.r % 4 === 0 && fusable(ctx, m, d.n, k, d.r, [d.ah.dtype, d.bh.dtype]));
+  if (!shared) {
+    return parts.map((p) => {
+      const xa = matmul(sc, x, p.a, { transB: true });
+      if (!p.into) return projectLora(sc, x, p.w, xa, p.b, s);
+      matmulAccumulate(sc, p.into, x, p.w, 1, { transB: true });
+      matmulAccumulate(sc, p.into, xa, p.b, s, { transB: true });
+      return p.into;
+    });
+  }
+  const stacked = ctx.alloc(r * k * 4);
+  let row = 0;
+  for (const d of dims) {
+    ctx.copy(d.ah.buffer, 0, stacked, row * k * 4, d.r * k * 4);
+    row += d.r;
+  }
+  const xa = ctx.alloc(m * pitch * 4);
+  const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
+  tiled(
+    ctx,
+    opX,
+    { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" },
+    xa,
+    m,
+    r,
+    k,
+    pitch,
+  );
+  let offset = 0;
+  const outs = parts.map((p, i) => {
+    const d = dims[i];
+    const wh = sc.fh(p.w, op);
+    // onto `into` in place (the kernel's accumulating store), else into a fresh tensor
+    const out = p.into ?? sc.out([m, d.n]);
+    tiled(
+      ctx,
+      opX,
+      { buffer: wh.buffer, rows: d.n, kContiguous: true, dtype: wh.dtype },
+      sc.f(out, op),
+      m,
+      d.n,
+      k,
+      d.n,
+      p.into ? 1 : null,
+      {
+        xa: { buffer: xa, rows: m, kContiguous: true, dtype: "f32" },
+        b: { buffer: d.bh.buffer, rows: d.n, kContiguous: true, dtype: "f32", keep: true },
+        r: d.r,
+        beta: s,
+        xaWidth: pitch,
+        xaOffset: offset,
+      },
+    );
+    offset += d.r;
+    return out;
+  });
+  ctx.release(stacked);
+  ctx.release(xa);
+  return outs;
 }

@@ -152,10 +152,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // measured no faster on any bench shape and was dropped.
 // Writes rows < params.m, columns < params.n (a multiple of 4) at c[coff4 + row * ldc4 + col / 4];
 // with ACC it adds alpha times the product to what is there instead (Ops.matmulAccumulate).
-// k4b, beta: the LoRA pair of the derived `_lora` kernels (see matmul.ts loraKernel).
+// k4b, beta, k4b0: the LoRA pair of the derived `_lora` kernels (see matmul.ts loraKernel): its
+// rank in texels, its scale, and its first texel in the xa texture (several pairs share one).
 struct Params {
   m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32, alpha: f32,
-  k4b: u32, beta: f32,
+  k4b: u32, beta: f32, k4b0: u32,
 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;

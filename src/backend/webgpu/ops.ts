@@ -128,6 +128,7 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
+    projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),
