@@ -6,7 +6,8 @@
  * on WebGPU one fused product for more than 64 rows): the same reference checks, and a B
  * changed in place between two calls is seen by the second (its kept texture is dropped).
  * Ops.projectLoraShared (projections of one input with their deltas; on WebGPU one product for
- * every x·Aᵀ): each output against the reference, before and after A and B change in place.
+ * every x·Aᵀ): each output (fresh, or added onto `into` in place) against the reference, before
+ * and after A and B change in place; an `into` of the wrong shape or aliasing x is a ShapeError.
  */
 import { deepStrictEqual as assertEquals, ok as assert, throws } from "node:assert/strict";
 import fc from "fast-check";
@@ -190,7 +191,7 @@ Deno.test("projectLora: a delta of another shape is a ShapeError naming the op",
 interface SharedCase {
   readonly m: number;
   readonly k: number;
-  readonly parts: readonly { readonly n: number; readonly r: number }[];
+  readonly parts: readonly { readonly n: number; readonly r: number; readonly into: boolean }[];
   readonly half: HalfDType | null;
   readonly s: number;
   readonly seed: number;
@@ -204,8 +205,15 @@ const projectShared = (b: BackendShape, c: SharedCase) =>
       w: ops.fromArray(seededValues(p.n * c.k, c.seed + 10 * i + 1), [p.n, c.k], c.half ?? "f32"),
       a: ops.fromArray(seededValues(p.r * c.k, c.seed + 10 * i + 2), [p.r, c.k]),
       b: ops.fromArray(seededValues(p.n * p.r, c.seed + 10 * i + 3), [p.n, p.r]),
+      into: p.into
+        ? ops.fromArray(seededValues(c.m * p.n, c.seed + 10 * i + 6), [c.m, p.n])
+        : undefined,
     }));
-    const first = ops.projectLoraShared(x, parts, c.s);
+    // a part with `into` returns it, updated in place: read its value now, before the next call
+    const first = ops.projectLoraShared(x, parts, c.s).map((y, i) => {
+      if (parts[i].into && y !== parts[i].into) throw new Error("into was not returned");
+      return ops.copy(y);
+    });
     parts.forEach((p, i) => {
       ops.addScaledInPlace(
         p.a,
@@ -223,7 +231,7 @@ const projectShared = (b: BackendShape, c: SharedCase) =>
   });
 
 for (const tiled of [false, true]) {
-  Deno.test(`projectLoraShared equals each x·Wᵀ + s·(x·Aᵀ)·Bᵀ of the f64 reference, before and after A and B change in place (WebGPU tiled forced: ${tiled})`, async () => {
+  Deno.test(`projectLoraShared equals each x·Wᵀ + s·(x·Aᵀ)·Bᵀ (added onto \`into\` when given) of the f64 reference, before and after A and B change in place (WebGPU tiled forced: ${tiled})`, async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.record({
@@ -241,6 +249,7 @@ for (const tiled of [false, true]) {
                 fc.integer({ min: 1, max: 40 }),
               ),
               r: fc.constantFrom(4, 8, 16, 24, 3),
+              into: fc.boolean(),
             }),
             { minLength: 1, maxLength: 3 },
           ),
@@ -270,7 +279,7 @@ for (const tiled of [false, true]) {
   });
 }
 
-Deno.test("projectLoraShared: a B that is not [N, R] for its projection and A is a ShapeError naming the op", async () => {
+Deno.test("projectLoraShared: a B that is not [N, R] for its projection and A, an into that is not [M, N] or is x: ShapeErrors naming the op", async () => {
   for (const b of backends) {
     await withOps(b, (ops) => {
       const x = ops.fromArray(seededValues(8, 1), [2, 4]);
@@ -281,6 +290,13 @@ Deno.test("projectLoraShared: a B that is not [N, R] for its projection and A is
           ops.projectLoraShared(x, [{ w, a, b: ops.fromArray(seededValues(12, 4), [4, 3]) }], 1),
         (e: unknown) => e instanceof ShapeError && e.message.includes("projectLoraShared"),
       );
+      const b4 = ops.fromArray(seededValues(8, 5), [4, 2]);
+      for (const into of [ops.zeros([2, 3]), x]) {
+        throws(
+          () => ops.projectLoraShared(x, [{ w, a, b: b4, into }], 1),
+          (e: unknown) => e instanceof ShapeError && e.message.includes("into"),
+        );
+      }
     });
   }
 });
