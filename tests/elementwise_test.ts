@@ -217,6 +217,59 @@ gpuTest("sumSquares of 4M elements is accurate and deterministic", async () => {
   assertEquals(a[0], b[0]);
 });
 
+/** Each tensor's sum of squares in f64, from the f32 values it holds. */
+const sumsOf = (xs: readonly number[][]): number[] =>
+  xs.map((x) => x.reduce((a, v) => a + v * v, 0));
+
+for (const b of both) {
+  Deno.test(`${b.info.name}: sumSquaresEach equals each tensor's f64 sum of squares, the same on every call`, async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.oneof(fc.integer({ min: 0, max: 40 }), dim(5000)), { maxLength: 12 }),
+        seed,
+        async (sizes, sd) => {
+          const xs = sizes.map((n, i) => vals(n, sd + i));
+          const [once, again] = await withOps(b, (ops) => {
+            const ts = xs.map((x) => ops.fromArray(x, [x.length]));
+            return ops.read([ops.sumSquaresEach(ts), ops.sumSquaresEach(ts)]);
+          });
+          const want = sumsOf(xs);
+          assertEquals(once.length, xs.length);
+          once.forEach((v, i) => {
+            assert(
+              Math.abs(v - want[i]) <= 1e-6 * want[i],
+              `tensor ${i} (${sizes[i]}): ${v} vs ${want[i]}`,
+            );
+          });
+          assertEquals(Array.from(again), Array.from(once));
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  });
+}
+
+gpuTest(
+  "sumSquaresEach: a tensor split by the binding limit and the others around it",
+  async () => {
+    const shapes = [[3, 100], [50, 100], [16, 128], [1, 7]];
+    const xs = shapes.map(([r, c], i) => vals(r * c, 77 + i));
+    gpu!.gpu?.setBindingLimit(4096); // 1024 floats: the [50, 100] and [16, 128] tensors split
+    try {
+      const [got] = await withOps(gpu!, (ops) => {
+        const ts = xs.map((x, i) => ops.fromArray(x, shapes[i]));
+        return ops.read([ops.sumSquaresEach(ts)]);
+      });
+      const want = sumsOf(xs);
+      got.forEach((v, i) =>
+        assert(Math.abs(v - want[i]) <= 1e-6 * want[i], `tensor ${i}: ${v} vs ${want[i]}`)
+      );
+    } finally {
+      gpu!.gpu?.setBindingLimit(null);
+    }
+  },
+);
+
 for (const b of both) {
   Deno.test(`${b.info.name}: addRow / sumRows / sumSquares on a hand example`, () =>
     withOps(b, (ops) =>
@@ -240,6 +293,7 @@ for (const b of both) {
       throws(() => ops.addRow(ops.zeros([2, 3]), ops.zeros([1, 3])), isShapeError);
       throws(() => ops.sumRows(ops.zeros([])), isShapeError);
       throws(() => ops.sumSquares(ops.zeros([4], "i32")), isShapeError);
+      throws(() => ops.sumSquaresEach([ops.zeros([4]), ops.zeros([4], "i32")]), isShapeError);
     }));
 }
 

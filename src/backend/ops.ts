@@ -224,6 +224,8 @@ export interface Ops {
   sumRows(a: Tensor): Tensor;
   /** Sum of squares of all elements -> [1] (gradient norms; read back with `read`). */
   sumSquares(a: Tensor): Tensor;
+  /** Sum of squares of each tensor -> [ts.length] (a gradient norm over many matrices at once). */
+  sumSquaresEach(ts: readonly Tensor[]): Tensor;
   /** Rows of src[R,C] picked by host indices -> [rows.length, C]. */
   gatherRows(src: Tensor, rows: ArrayLike<number>): Tensor;
   /** In place: dst[rows[i], :] = src[i, :] (KV-cache writes). */

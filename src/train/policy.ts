@@ -338,11 +338,13 @@ export class Policy {
         this.options.mode,
       );
       const keys = [...this.params.keys()];
-      const sq = yield* ops.read(keys.map((k) => ops.sumSquares(grads.get(k) ?? ops.zeros([1]))));
+      const [sq] = yield* ops.read([
+        ops.sumSquaresEach(keys.map((k) => grads.get(k) ?? ops.zeros([1]))),
+      ]);
       let total = 0;
       for (let i = 0; i < keys.length; i++) {
-        if (!Number.isFinite(sq[i][0])) return yield* Effect.fail(nonFinite("gradient", keys[i]));
-        total += sq[i][0];
+        if (!Number.isFinite(sq[i])) return yield* Effect.fail(nonFinite("gradient", keys[i]));
+        total += sq[i];
       }
       const gradNorm = Math.sqrt(total);
       if (!Number.isFinite(gradNorm)) {

@@ -111,6 +111,18 @@ export function sumSquares(sc: CpuScope, a: Tensor): Tensor {
   return sc.wrap([1], out);
 }
 
+/** See Ops.sumSquaresEach: each tensor as sumSquares. */
+export function sumSquaresEach(sc: CpuScope, ts: readonly Tensor[]): Tensor {
+  const out = sc.floats(ts.length);
+  ts.forEach((t, i) => {
+    const x = sc.f(t, "sumSquaresEach");
+    let acc = 0;
+    for (let j = 0; j < x.length; j++) acc += x[j] * x[j];
+    out[i] = acc;
+  });
+  return sc.wrap([ts.length], out);
+}
+
 /** See Ops.gatherRows. */
 export function gatherRows(sc: CpuScope, src: Tensor, rows: ArrayLike<number>): Tensor {
   const [, c] = checkGatherRows("gatherRows", src, rows);

@@ -107,6 +107,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     addRow: (a, row) => elementwise.addRow(sc, a, row),
     sumRows: (a) => elementwise.sumRows(sc, a),
     sumSquares: (a) => elementwise.sumSquares(sc, a),
+    sumSquaresEach: (ts) => elementwise.sumSquaresEach(sc, ts),
     gatherRows: (src, rows) => elementwise.gatherRows(sc, src, rows),
     scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
     swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),

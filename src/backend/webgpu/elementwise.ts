@@ -215,6 +215,67 @@ export function sumSquares(sc: GpuScope, a: Tensor): Tensor {
   return out;
 }
 
+/** Floats per chunk of ew_sum_squares_chunks; each tensor of a batch starts at a chunk. */
+const SUM_SQ_CHUNK = 1024;
+/** Most floats one batch of sumSquaresEach copies together (the temporary's size). */
+const SUM_SQ_BATCH = 16 * 1024 * 1024;
+
+/**
+ * See Ops.sumSquaresEach. Tensors of one storage block are copied into one zero-padded buffer,
+ * each from a chunk boundary (buffer copies, no dispatch), whose chunk sums and per-tensor
+ * totals take two dispatches for the lot: a gradient norm over hundreds of LoRA matrices costs
+ * two dispatches, not two per matrix. A split or very large tensor goes through sumSquares.
+ */
+export function sumSquaresEach(sc: GpuScope, ts: readonly Tensor[]): Tensor {
+  const out = sc.zeros([ts.length]);
+  if (ts.length === 0) return out;
+  const ctx = sc.ctx;
+  const budget = Math.min(SUM_SQ_BATCH, Math.floor(ctx.maxBinding / 4));
+  const batch: { t: Tensor; i: number; buffer: GPUBuffer }[] = [];
+  let floats = 0;
+  const flush = () => {
+    if (batch.length === 0) return;
+    const flat = ctx.alloc(floats * 4);
+    ctx.clear(flat, floats * 4);
+    const first = new Int32Array(batch.length + 1);
+    let o = 0;
+    batch.forEach(({ t, buffer }, s) => {
+      first[s] = o / SUM_SQ_CHUNK;
+      ctx.copy(buffer, 0, flat, o * 4, t.size * 4);
+      o += Math.ceil(t.size / SUM_SQ_CHUNK) * SUM_SQ_CHUNK;
+    });
+    const chunks = o / SUM_SQ_CHUNK;
+    first[batch.length] = chunks;
+    const part = ctx.alloc(chunks * 4);
+    sc.dispatch("ew_sum_squares_chunks", [flat, part], grid(Math.ceil(chunks / 64)), {
+      n4: o / 4,
+      chunks,
+    });
+    const fb = ctx.upload(first);
+    const db = ctx.upload(Int32Array.from(batch, (e) => e.i));
+    sc.dispatch("ew_sum_segments", [part, fb, db, out.buffer], grid(Math.ceil(batch.length / 64)), {
+      segments: batch.length,
+    });
+    for (const buf of [flat, part, fb, db]) ctx.release(buf);
+    batch.length = 0;
+    floats = 0;
+  };
+  ts.forEach((t, i) => {
+    const x = sc.blocks(t, "sumSquaresEach", "f32");
+    const padded = Math.ceil(t.size / SUM_SQ_CHUNK) * SUM_SQ_CHUNK;
+    if (t.size === 0) return; // its sum stays 0
+    if (x.blocks.length !== 1 || padded > budget) {
+      ctx.copy(sc.f(sumSquares(sc, t), "sumSquaresEach"), 0, out.buffer, i * 4, 4);
+      return;
+    }
+    if (floats + padded > budget) flush();
+    batch.push({ t, i, buffer: x.blocks[0].buffer });
+    floats += padded;
+  });
+  flush();
+  return out;
+}
+
 /** See Ops.gatherRows. */
 export function gatherRows(sc: GpuScope, src: Tensor, rows: ArrayLike<number>): Tensor {
   const [, c] = checkGatherRows("gatherRows", src, rows);

@@ -149,6 +149,45 @@ fn main(
   if (lid.x == 0u) { out[wid.x] = part[0]; }
 }
 
+//! kernel ew_sum_squares_chunks
+// Sums of squares of consecutive chunks of 1024 floats (256 vec4s): out[c] over x4[256c, 256c +
+// 256) ∩ [0, n4), one invocation per chunk adding in a fixed order (four lanes, then pairs):
+// deterministic, and no workgroup memory or barriers (costly on software adapters).
+struct Params { n4: u32, chunks: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let c = linear_id(gid, nwg, 64u);
+  if (c >= params.chunks) { return; }
+  var acc = vec4<f32>(0.0);
+  let end = min(c * 256u + 256u, params.n4);
+  for (var i = c * 256u; i < end; i++) {
+    let v = x4[i];
+    acc += v * v;
+  }
+  out[c] = (acc.x + acc.y) + (acc.z + acc.w);
+}
+
+//! kernel ew_sum_segments
+// out[dst[s]] = sum of part[first[s] .. first[s + 1]) in order, for s < segments: the totals of
+// the tensors whose chunk sums ew_sum_squares_chunks wrote.
+struct Params { segments: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> part: array<f32>;
+@group(0) @binding(2) var<storage, read> first: array<i32>;
+@group(0) @binding(3) var<storage, read> dst: array<i32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let s = linear_id(gid, nwg, 64u);
+  if (s >= params.segments) { return; }
+  var acc = 0.0;
+  for (var i = first[s]; i < first[s + 1u]; i++) { acc += part[i]; }
+  out[dst[s]] = acc;
+}
+
 //! kernel ew_gather_rows
 // out[i, c] = src[idx[i], c] for out [rows, cols]; n = rows * cols.
 struct Params { n: u32, cols: u32 }
