@@ -327,11 +327,11 @@ const rmsAll =
     const dy = ops.fromArray(vals(a.rows * a.h, a.seed + 2), [a.rows, a.h]);
     const { y, rstd } = ops.rmsNorm(x, w, a.eps);
     const { dx, dw } = ops.rmsNormBackward(dy, x, w, rstd);
-    return [y, rstd, dx, dw];
+    return [y, rstd, dx, dw, ops.rmsNormBackwardInput(dy, x, w, rstd)];
   };
 
 gpuTest(
-  "rmsNorm and rmsNormBackward match the CPU",
+  "rmsNorm, rmsNormBackward and rmsNormBackwardInput match the CPU (rows of any width: vec4 kernels where a multiple of 4)",
   () =>
     fc.assert(fc.asyncProperty(rmsArb, (a) => gpuMatchesCpu("rmsNorm", rmsAll(a))), {
       numRuns: RUNS,
@@ -442,6 +442,17 @@ gpuTest(
       numRuns: RUNS,
     }),
 );
+
+for (const b of both) {
+  Deno.test(`${b.info.name}: rmsNormBackwardInput is the dx of rmsNormBackward, exactly`, () =>
+    fc.assert(
+      fc.asyncProperty(rmsArb, async (a) => {
+        const [, , dx, , dxOnly] = await evalOn(b, rmsAll(a));
+        assertEquals(Array.from(dxOnly), Array.from(dx));
+      }),
+      { numRuns: RUNS },
+    ));
+}
 
 gpuTest("the workgroup-per-row and per-row-loop kernels both match the CPU", async () => {
   try {

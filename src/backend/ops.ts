@@ -236,6 +236,8 @@ export interface Ops {
   rmsNorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
   /** Gradients of rmsNorm: dx [R,H] and dw [H]. */
   rmsNormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
+  /** dx of rmsNormBackward alone (a frozen norm weight needs no dw). */
+  rmsNormBackwardInput(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): Tensor;
   /**
    * Rotary embedding (Hugging Face "rotate_half" layout) on x [R, heads*headDim] with i32
    * positions [R]: for i < d/2, (x_i, x_{i+d/2}) rotated by pos * inv_freq_i, where inv_freq_i =

@@ -777,6 +777,27 @@ const accumulate = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Tensor
   grads.set(key, prev ? ops.add(prev, g) : g);
 };
 
+/**
+ * d input of an RMSNorm with weight `name`; in mode "full" its weight gradient accumulates in
+ * `grads` (a LoRA run's norms are frozen: no dw is computed).
+ */
+const normBackward = (
+  ops: Ops,
+  mode: GradMode,
+  grads: Map<string, Tensor>,
+  dy: Tensor,
+  x: Tensor,
+  model: DeviceModel,
+  name: string,
+  rstd: Tensor,
+): Tensor => {
+  const w = normWeight(ops, model, name);
+  if (mode !== "full") return ops.rmsNormBackwardInput(dy, x, w, rstd);
+  const nb = ops.rmsNormBackward(dy, x, w, rstd);
+  accumulate(ops, grads, name, nb.dw);
+  return nb.dx;
+};
+
 /** accumulate, with `g` from a transient scope: the result is owned by `ops`'s scope. */
 const accumulateOut = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Tensor): void => {
   const prev = grads.get(key);
@@ -921,14 +942,16 @@ const backwardFrom = (
     ops.scatterRowsInPlace(full, dh, sel);
     dh = full;
   }
-  const nf = ops.rmsNormBackward(
+  let dx = normBackward(
+    ops,
+    mode,
+    grads,
     dh,
     tape.xFinal,
-    normWeight(ops, model, "model.norm.weight"),
+    model,
+    "model.norm.weight",
     tape.rstdFinal,
   );
-  if (mode === "full") accumulate(ops, grads, "model.norm.weight", nf.dw);
-  let dx = nf.dx;
   const attnOpts = {
     batch: tape.input.batch,
     tq: tape.input.seqLen,
@@ -1003,11 +1026,8 @@ const layerBackward = (
     linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
   const gemma = isGemma(c);
   // d through a norm: d input, with d weight accumulated in mode "full"
-  const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor) => {
-    const nb = ops.rmsNormBackward(dy, x, normWeight(ops, model, name), rstd);
-    if (mode === "full") accumulate(ops, grads, name, nb.dw);
-    return nb.dx;
-  };
+  const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor) =>
+    normBackward(ops, mode, grads, dy, x, model, name, rstd);
   const sw3 = t.sandwich;
   // x3 = x2 + [norm](down(act)): the residual passes dx through unchanged
   const dDown = sw3
@@ -1039,14 +1059,17 @@ const layerBackward = (
     const headNormBackward = (d: Tensor, x: Tensor, name: string, rstd: Tensor, heads: number) => {
       const rows = d.shape[0];
       const flat = [rows * heads, c.headDim];
-      const nb = ops.rmsNormBackward(
+      const dx = normBackward(
+        ops,
+        mode,
+        grads,
         ops.reshape(d, flat),
         ops.reshape(x, flat),
-        normWeight(ops, model, name),
+        model,
+        name,
         rstd,
       );
-      if (mode === "full") accumulate(ops, grads, name, nb.dw);
-      return ops.reshape(nb.dx, [rows, heads * c.headDim]);
+      return ops.reshape(dx, [rows, heads * c.headDim]);
     };
     dqPre = headNormBackward(dqPre, t.qkNorm.qp, names.q, t.qkNorm.rstdQ, c.numHeads);
     dkPre = headNormBackward(dkPre, t.qkNorm.kp, names.k, t.qkNorm.rstdK, c.numKvHeads);

@@ -98,6 +98,17 @@ export function rmsNormBackward(
   return { dx: sc.wrap(x.shape, dx), dw: sc.wrap([h], dwOut) };
 }
 
+/** See Ops.rmsNormBackwardInput: dx of rmsNormBackward (the reference computes both). */
+export function rmsNormBackwardInput(
+  sc: CpuScope,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  rstd: Tensor,
+): Tensor {
+  return rmsNormBackward(sc, dy, x, w, rstd).dx;
+}
+
 /** Rotates every (i, i + d/2) pair of every head by `sign` times its angle. */
 const rotate = (
   src: FloatArray,

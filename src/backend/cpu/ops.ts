@@ -120,6 +120,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
     rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
+    rmsNormBackwardInput: (dy, x, w, rstd) => layers.rmsNormBackwardInput(sc, dy, x, w, rstd),
     rope: (x, positions, heads, headDim, theta) =>
       layers.rope(sc, x, positions, heads, headDim, theta),
     ropeBackward: (dy, positions, heads, headDim, theta) =>

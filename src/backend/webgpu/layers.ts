@@ -117,9 +117,54 @@ export function rmsNorm(
   const [r, h] = checkRmsNorm(op, x, w, eps);
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
-  const k = rowKernel(sc.ctx, "rmsnorm_fwd", r, h);
+  const k = rowKernel4(sc.ctx, "rmsnorm_fwd", r, h);
   sc.dispatch(k.kernel, [xb, wb, y.buffer, rstd.buffer], k.groups, { rows: r, h, eps: f32(eps) });
   return { y, rstd };
+}
+
+/**
+ * `rowKernel` for a row reduction, with the vec4 row form (`${base}_row4`) where the row form is
+ * chosen and rows are a multiple of 4 elements.
+ */
+const rowKernel4 = (
+  ctx: GpuContext,
+  base: string,
+  rows: number,
+  cols: number,
+): { kernel: string; groups: [number, number] } => {
+  const k = rowKernel(ctx, base, rows, cols);
+  return cols % 4 === 0 && k.kernel === `${base}_row` ? { ...k, kernel: `${base}_row4` } : k;
+};
+
+/** d x of rmsNorm into a fresh tensor (the first half of rmsNormBackward). */
+const rmsNormDx = (
+  sc: GpuScope,
+  op: string,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  rstd: Tensor,
+): { dx: Tensor; buffers: GPUBuffer[]; r: number; h: number } => {
+  const dyb = sc.f(dy, op);
+  const xb = sc.f(x, op);
+  const wb = sc.f(w, op);
+  const sb = sc.f(rstd, op);
+  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
+  const dx = sc.out(x.shape);
+  const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
+  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h });
+  return { dx, buffers: [dyb, xb, sb], r, h };
+};
+
+/** See Ops.rmsNormBackwardInput. */
+export function rmsNormBackwardInput(
+  sc: GpuScope,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  rstd: Tensor,
+): Tensor {
+  return rmsNormDx(sc, "rmsNormBackwardInput", dy, x, w, rstd).dx;
 }
 
 /** See Ops.rmsNormBackward. */
@@ -131,15 +176,8 @@ export function rmsNormBackward(
   rstd: Tensor,
 ): { dx: Tensor; dw: Tensor } {
   const op = "rmsNormBackward";
-  const dyb = sc.f(dy, op);
-  const xb = sc.f(x, op);
-  const wb = sc.f(w, op);
-  const sb = sc.f(rstd, op);
-  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
-  const dx = sc.out(x.shape);
+  const { dx, buffers: [dyb, xb, sb], r, h } = rmsNormDx(sc, op, dy, x, w, rstd);
   const dw = sc.out([h]);
-  const k = rowKernel(sc.ctx, "rmsnorm_bwd_dx", r, h);
-  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h });
   const chunks = Math.max(1, Math.ceil(r / DW_CHUNK));
   const part = chunks === 1 ? dw : sc.out([chunks, h]);
   const total = chunks * h;

@@ -45,6 +45,31 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   for (var j = h8; j < h; j++) { y[base + j] = x[base + j] * s * w[j]; }
 }
 
+//! kernel rmsnorm_fwd_row4
+// rmsnorm_fwd_row for rows of a multiple of 4 elements, read and written as vec4s: a software
+// adapter pays a storage access per lane whatever its width, so this does a quarter of them.
+struct Params { rows: u32, h: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.rows) { return; }
+  let h4 = params.h / 4u;
+  let base = r * h4;
+  var ss = vec4<f32>(0.0);
+  for (var j = 0u; j < h4; j++) {
+    let v = x[base + j];
+    ss += v * v;
+  }
+  let s = 1.0 / sqrt(((ss.x + ss.y) + (ss.z + ss.w)) / f32(params.h) + params.eps);
+  rstd[r] = s;
+  for (var j = 0u; j < h4; j++) { y[base + j] = x[base + j] * s * w[j]; }
+}
+
 //! kernel rmsnorm_fwd_wg
 // RMSNorm, one workgroup per row with a shared-memory reduction of the sum of squares.
 const WG = 64u;
@@ -115,6 +140,28 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     g(b + 7u, j + 7u, s, c);
   }
   for (var j = h8; j < h; j++) { g(base + j, j, s, c); }
+}
+
+//! kernel rmsnorm_bwd_dx_row4
+// rmsnorm_bwd_dx_row for rows of a multiple of 4 elements, as vec4s (see rmsnorm_fwd_row4).
+struct Params { rows: u32, h: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dy: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> rstd: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<vec4<f32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.rows) { return; }
+  let h4 = params.h / 4u;
+  let base = r * h4;
+  var d = vec4<f32>(0.0);
+  for (var j = 0u; j < h4; j++) { d += dy[base + j] * w[j] * x[base + j]; }
+  let s = rstd[r];
+  let c = s * s * s * ((d.x + d.y) + (d.z + d.w)) / f32(params.h);
+  for (var j = 0u; j < h4; j++) { dx[base + j] = s * w[j] * dy[base + j] - c * x[base + j]; }
 }
 
 //! kernel rmsnorm_bwd_dx_wg
