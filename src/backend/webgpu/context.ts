@@ -97,6 +97,19 @@ const POOL_CAP_BYTES = 1 << 30;
 /** Largest workgroup count per dimension (WebGPU default limit). */
 export const MAX_GROUPS = 65535;
 
+/**
+ * The vec4 form of an elementwise kernel written over `alias V = f32;` (its arrays of V, its
+ * constants as V(...)): the same text with V = vec4<f32>, dispatched with counts in vec4s. On a
+ * software adapter each storage access costs about the same per lane whatever its width, so the
+ * vec4 form makes a quarter of them.
+ */
+export const vec4Form = (ctx: GpuContext, base: string): string =>
+  ctx.derivedKernel(`${base}_v4`, base, (code) => {
+    const from = "alias V = f32;";
+    if (!code.includes(from)) throw new Error(`kernel ${base} has no "${from}"`);
+    return code.replace(from, "alias V = vec4<f32>;");
+  });
+
 /** Splits `n` workgroups into an [x, y] grid within the per-dimension limit. */
 export const grid = (n: number): [number, number] => {
   if (n <= MAX_GROUPS) return [Math.max(n, 1), 1];

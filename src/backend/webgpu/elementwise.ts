@@ -28,7 +28,7 @@ import {
   checkSwigluBackward,
   sameShape,
 } from "../checks/elementwise.ts";
-import { f32, grid } from "./context.ts";
+import { f32, grid, vec4Form } from "./context.ts";
 import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 import { copyHalfRange, widenBuffer } from "./half.ts";
 
@@ -345,11 +345,13 @@ export function swigluBackward(
   const u = sc.f(up, op);
   const dGate: GpuTensor = sc.out(gate.shape);
   const dUp: GpuTensor = sc.out(gate.shape);
+  const w = gate.size % 4 === 0 ? 4 : 1;
+  const n = gate.size / w;
   sc.dispatch(
-    "swiglu_backward",
+    w === 4 ? vec4Form(sc.ctx, "swiglu_backward") : "swiglu_backward",
     [d, g, u, dGate.buffer, dUp.buffer],
-    groups1d(gate.size),
-    { n: gate.size },
+    groups1d(n),
+    { n },
   );
   return { dGate, dUp };
 }
@@ -373,8 +375,9 @@ export function adamw(
   ts[0].blocks.forEach((blk, i) => {
     const [p, g, mb, vb] = ts.map((t) => t.blocks[i].buffer);
     checkAdamwStorage(op, p, g, mb, vb);
-    const n = blk.length;
-    sc.dispatch("adamw", [p, g, mb, vb], groups1d(n), {
+    const w = blk.length % 4 === 0 ? 4 : 1;
+    const n = blk.length / w;
+    sc.dispatch(w === 4 ? vec4Form(sc.ctx, "adamw") : "adamw", [p, g, mb, vb], groups1d(n), {
       n,
       lr: f32(lr),
       b1: f32(beta1),

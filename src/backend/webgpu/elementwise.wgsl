@@ -277,13 +277,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 //! kernel swiglu_backward
 // With s = sigmoid(g): du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)).
+// V is the element type: the host derives a vec4 form (V = vec4<f32>, n counted in vec4s).
+alias V = f32;
 struct Params { n: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> dh: array<f32>;
-@group(0) @binding(2) var<storage, read> g: array<f32>;
-@group(0) @binding(3) var<storage, read> u: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dg: array<f32>;
-@group(0) @binding(5) var<storage, read_write> du: array<f32>;
+@group(0) @binding(1) var<storage, read> dh: array<V>;
+@group(0) @binding(2) var<storage, read> g: array<V>;
+@group(0) @binding(3) var<storage, read> u: array<V>;
+@group(0) @binding(4) var<storage, read_write> dg: array<V>;
+@group(0) @binding(5) var<storage, read_write> du: array<V>;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let i = linear_id(gid, nwg, 256u);
@@ -291,8 +293,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let x = g[i];
   let e = exp(-abs(x));
   // sigmoid(x) and 1 - sigmoid(x), each without cancellation.
-  let s = select(e, 1.0, x >= 0.0) / (1.0 + e);
-  let t = select(1.0, e, x >= 0.0) / (1.0 + e);
+  let s = select(e, V(1.0), x >= V(0.0)) / (1.0 + e);
+  let t = select(V(1.0), e, x >= V(0.0)) / (1.0 + e);
   let d = dh[i];
   du[i] = d * x * s;
   dg[i] = d * u[i] * s * (1.0 + x * t);
@@ -301,15 +303,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 //! kernel adamw
 // In place AdamW (PyTorch): g' = gscale * g; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'²;
 // p = p * decay - lr * (m / bc1) / (sqrt(v / bc2) + eps), decay = 1 - lr * wd, bc = 1 - beta^t.
+// V is the element type: the host derives a vec4 form (V = vec4<f32>, n counted in vec4s).
+alias V = f32;
 struct Params {
   n: u32, lr: f32, b1: f32, omb1: f32, b2: f32, omb2: f32, eps: f32, decay: f32, gscale: f32,
   bc1: f32, bc2: f32,
 }
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read_write> p: array<f32>;
-@group(0) @binding(2) var<storage, read> grad: array<f32>;
-@group(0) @binding(3) var<storage, read_write> m: array<f32>;
-@group(0) @binding(4) var<storage, read_write> v: array<f32>;
+@group(0) @binding(1) var<storage, read_write> p: array<V>;
+@group(0) @binding(2) var<storage, read> grad: array<V>;
+@group(0) @binding(3) var<storage, read_write> m: array<V>;
+@group(0) @binding(4) var<storage, read_write> v: array<V>;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let i = linear_id(gid, nwg, 256u);

@@ -29,7 +29,7 @@ import {
   checkSampleCandidates,
 } from "../checks/layers.ts";
 import { ropeInvFreq } from "../cpu/layers.ts";
-import { f32, type GpuContext, grid } from "./context.ts";
+import { f32, type GpuContext, grid, vec4Form } from "./context.ts";
 import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 
 /** Invocations per workgroup of the one-invocation-per-row kernels (`*_row`). */
@@ -207,9 +207,12 @@ const rotate = (
   const pb = sc.i(positions, op);
   const rows = checkRope(op, x, positions, heads, headDim, theta);
   const out = sc.out(x.shape);
-  const n = rows * heads * (headDim / 2);
+  // four rotation pairs per invocation where the half head dim allows
+  const w = (headDim / 2) % 4 === 0 ? 4 : 1;
+  const half = headDim / 2 / w;
+  const n = rows * heads * half;
   sc.dispatch(
-    "rope_apply",
+    w === 4 ? vec4Form(sc.ctx, "rope_apply") : "rope_apply",
     [
       xb,
       pb,
@@ -220,7 +223,7 @@ const rotate = (
       out.buffer,
     ],
     groups(n, ELEM_WG),
-    { n, half: headDim / 2, heads, sign: f32(sign) },
+    { n, half, heads, sign: f32(sign) },
   );
   return out;
 };

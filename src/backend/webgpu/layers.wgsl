@@ -238,12 +238,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // (x_i, x_{i+half}) rotated by sign * angle, angle = f32(pos) * inv_freq[i] rounded to f32 as
 // Hugging Face computes it. cos/sin are taken after an exact Cody-Waite reduction modulo 2*pi,
 // so large angles (positions in the thousands) stay accurate on every driver.
+// V is the element type: the host derives a vec4 form (V = vec4<f32>, four pairs per invocation,
+// n and half counted in vec4s) for half a multiple of 4, a quarter of the storage accesses.
+alias V = f32;
 struct Params { n: u32, half: u32, heads: u32, sign: f32 }
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> pos: array<i32>;
-@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<V>;
+@group(0) @binding(4) var<storage, read_write> out: array<V>;
 // 2*pi = C1 + C2 + C3; C1 and C2 have 8 and 11 significant bits, so k*C1 and k*C2 are exact for
 // |k| < 2^13 (angles up to ~51000).
 const C1 = 6.28125;
