@@ -804,6 +804,16 @@ const accumulateOut = (ops: Ops, grads: Map<string, Tensor>, key: string, g: Ten
   grads.set(key, prev ? ops.add(prev, g) : ops.copy(g));
 };
 
+/**
+ * s·op(a)·b as one accumulating product onto zeros (op(a) = aᵀ with `transA`): no scale pass
+ * over the result (the LoRA gradients' s).
+ */
+const scaledProduct = (ops: Ops, a: Tensor, b: Tensor, s: number, transA = false): Tensor => {
+  const out = ops.zeros([transA ? a.shape[1] : a.shape[0], b.shape[1]]);
+  ops.matmulAccumulate(out, a, b, s, { transA });
+  return out;
+};
+
 const linearBackward = (
   ops: Ops,
   tape: Tape,
@@ -826,14 +836,9 @@ const linearBackward = (
   const m = tape.lora?.modules.get(path);
   if (m && lt.xa && lt.xd) {
     const s = tape.lora!.scale;
-    const dxa = ops.scale(ops.matmul(dy, m.b), s);
+    const dxa = scaledProduct(ops, dy, m.b, s);
     if (mode === "lora") {
-      accumulate(
-        ops,
-        grads,
-        loraGradKey(path, "B"),
-        ops.scale(ops.matmul(dy, lt.xa, { transA: true }), s),
-      );
+      accumulate(ops, grads, loraGradKey(path, "B"), scaledProduct(ops, dy, lt.xa, s, true));
       accumulate(ops, grads, loraGradKey(path, "A"), ops.matmul(dxa, lt.xd, { transA: true }));
     }
     if (lt.mask) dx = ops.add(dx, ops.mul(ops.matmul(dxa, m.a), lt.mask));
