@@ -204,6 +204,12 @@ export interface Ops {
    * backend can, every x·a_iᵀ comes from one product and each delta joins its projection.
    */
   projectLoraShared(x: Tensor, parts: readonly LoraProjection[], s: number): Tensor[];
+  /**
+   * x·w[start, start + count)ᵀ: the product with a row range of w (x [M,K], w [R,K]), as
+   * matmul(x, sliceRows(w, start, count), {transB: true}) where the backend can read the rows
+   * in place (a vocabulary chunk of the LM head, without copying it).
+   */
+  projectRows(x: Tensor, w: Tensor, start: number, count: number): Tensor;
 
   // ---- elementwise and reductions (f32) ------------------------------------------------------
   /** a + b, same shape. */

@@ -224,9 +224,7 @@ const headLogits = (ops: Ops, h: Tensor, head: Tensor, chunkRows?: number): Tens
   if (chunks.length === 1) return ops.matmul(h, head, { transB: true });
   const logits = ops.zeros([h.shape[0], head.shape[0]]);
   for (const [c0, n] of chunks) {
-    ops.transient((t) =>
-      ops.setColumns(logits, c0, t.matmul(h, t.sliceRows(head, c0, n), { transB: true }))
-    );
+    ops.transient((t) => ops.setColumns(logits, c0, t.projectRows(h, head, c0, n)));
   }
   return logits;
 };
@@ -724,7 +722,7 @@ export const forwardLogProbs = (
   for (const [c0, cn] of chunks) {
     const prev: Tensor | null = acc;
     acc = ops.transient((t) => {
-      const lc = capLogits(t, c, t.matmul(hSel, t.sliceRows(head, c0, cn), { transB: true }));
+      const lc = capLogits(t, c, t.projectRows(hSel, head, c0, cn));
       return ops.logSoftmaxChunk(prev, lc, tgt, c0, temperature);
     });
   }
@@ -760,8 +758,8 @@ export const backwardLogProbs = (
   const head = weight(tape.model, headName(c));
   const n = hSel.shape[0];
   const chunks = headChunks(ops, head, n, LOGITS_CHUNK_ELEMENTS, tape.chunkRows);
-  return headBackward(ops, tape, hSel, chunks, mode, (t, w, c0) => {
-    const lc = capLogits(t, c, t.matmul(hSel, w, { transB: true }));
+  return headBackward(ops, tape, hSel, chunks, mode, (t, c0, cn) => {
+    const lc = capLogits(t, c, t.projectRows(hSel, head, c0, cn));
     return uncap(t, t.logProbsBackward(dlogp, lc, targets, lse, temperature, c0), lc);
   });
 };
@@ -896,13 +894,13 @@ const backwardUncapped = (
     hSel,
     chunks,
     mode,
-    (t, _w, c0, cn) => t.sliceColumns(dLogits, c0, cn),
+    (t, c0, cn) => t.sliceColumns(dLogits, c0, cn),
   );
 };
 
 /**
  * The head's backward pass chunk by chunk: `dChunk` gives d logits of vocabulary rows
- * [c0, c0 + cn) (w: those head rows) in a transient scope; d hidden accumulates in place, and in
+ * [c0, c0 + cn) in a transient scope; d hidden accumulates in place, and in
  * mode "full" each chunk's head gradient lands in its rows. Then the rest of the backward pass.
  */
 const headBackward = (
@@ -911,7 +909,7 @@ const headBackward = (
   hSel: Tensor,
   chunks: readonly Chunk[],
   mode: GradMode,
-  dChunk: (t: Ops, w: Tensor, c0: number, cn: number) => Tensor,
+  dChunk: (t: Ops, c0: number, cn: number) => Tensor,
 ): Map<string, Tensor> => {
   const c = tape.model.config;
   const head = weight(tape.model, headName(c));
@@ -919,8 +917,8 @@ const headBackward = (
   const dHead = mode === "full" ? ops.zeros(head.shape) : null;
   for (const [c0, cn] of chunks) {
     ops.transient((t) => {
+      const dl = dChunk(t, c0, cn);
       const w = t.sliceRows(head, c0, cn);
-      const dl = dChunk(t, w, c0, cn);
       t.matmulAccumulate(dh, dl, w, 1);
       if (dHead) ops.setRows(dHead, c0, t.matmul(dl, hSel, { transA: true }));
     });

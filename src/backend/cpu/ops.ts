@@ -14,6 +14,7 @@ import * as attention from "./attention.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
+import { matmulDims } from "../checks/matmul.ts";
 import { type CpuPrecision, CpuScope, CpuTensor } from "./scope.ts";
 
 /** Describes the CPU backend. */
@@ -26,6 +27,13 @@ export const cpuInfo = (precision: CpuPrecision): BackendInfo => ({
 /** Ops bound to a fresh CPU scope; call `release` of the returned scope when it closes. */
 export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope } => {
   const sc = new CpuScope(precision);
+  // rows [start, start + count) of t as a view of its data
+  const sliceRows = (t: Tensor, start: number, count: number, op: string) => {
+    const c = sc.any(t, op);
+    const [, cols] = checkRowRange(op, c, start, count);
+    const data = c.data.subarray(start * cols, (start + count) * cols);
+    return new CpuTensor([count, cols], c.dtype, data, c.life);
+  };
   const fromArray = (data: ArrayLike<number>, shape: readonly number[], dtype: DType = "f32") => {
     ensure(
       sizeOf(shape) === data.length,
@@ -85,12 +93,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     },
     maxBlockElements: () => Number.MAX_SAFE_INTEGER,
     rowBlocks: (t) => [0, asMatrix(sc.any(t, "rowBlocks"))[0]],
-    sliceRows: (t, start, count) => {
-      const c = sc.any(t, "sliceRows");
-      const [, cols] = checkRowRange("sliceRows", c, start, count);
-      const data = c.data.subarray(start * cols, (start + count) * cols);
-      return new CpuTensor([count, cols], c.dtype, data, c.life);
-    },
+    sliceRows: (t, start, count) => sliceRows(t, start, count, "sliceRows"),
     setRows: (dst, start, src) => elementwise.setRows(sc, dst, start, src),
     sliceColumns: (t, start, count) => elementwise.sliceColumns(sc, t, start, count),
     setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
@@ -98,6 +101,12 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
+    // the rows are a view already (sliceRows copies nothing here)
+    projectRows: (x, w, start, count) => {
+      const rows = sliceRows(w, start, count, "projectRows");
+      matmulDims("projectRows", x, rows, { transB: true });
+      return matmul.matmul(sc, x, rows, { transB: true });
+    },
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),

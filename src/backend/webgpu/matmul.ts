@@ -33,7 +33,8 @@
  * @module
  */
 import type { LoraProjection, MatmulOptions } from "../ops.ts";
-import type { DType, Tensor } from "../tensor.ts";
+import { type DType, ensure, type Tensor } from "../tensor.ts";
+import { checkRowRange } from "../checks/elementwise.ts";
 import {
   accumulateDims,
   matmulDims,
@@ -43,7 +44,7 @@ import {
 import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
-import { addScaledInPlace } from "./elementwise.ts";
+import { addScaledInPlace, sliceRows } from "./elementwise.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
@@ -194,6 +195,11 @@ interface Operand {
   readonly dtype: DType;
   /** Keep an f32 operand's packed texture with its buffer too (a LoRA B between updates). */
   readonly keep?: boolean;
+  /**
+   * For a k-contiguous operand: its rows are rows [rowBase, rowBase + rows) of a matrix of
+   * bufferRows rows in the buffer (a vocabulary chunk of the LM head, read without a copy).
+   */
+  readonly view?: { readonly rowBase: number; readonly bufferRows: number };
 }
 
 /** How a chunk of an operand reaches its texture. */
@@ -292,7 +298,10 @@ const tiled = (
     !bits16(op) ? "rgba32float" : op.dtype === "bf16" ? "rgba16uint" : "rgba16float";
   const staging: GPUBuffer[] = [];
   const loads: Load[] = [];
-  const load = (op: Operand, role: string, row0: number, rows: number): Packed => {
+  const load = (op: Operand, role: string, viewRow0: number, rows: number): Packed => {
+    // rows of a view are addressed in its buffer's matrix (see Operand.view)
+    const row0 = viewRow0 + (op.view?.rowBase ?? 0);
+    const bufferRows = op.view?.bufferRows ?? op.rows;
     const padded = Math.ceil(rows / TILE) * TILE;
     if (bits16(op)) {
       const km = kMajor(op);
@@ -303,7 +312,7 @@ const tiled = (
       const kept = direct && m > KEEP_DIRECT_ROWS ? null : st.frozen(
         op.buffer,
         direct,
-        `${km}:${format(op)}:${k}:${op.rows}:${row0}:${rows}`,
+        `${km}:${format(op)}:${k}:${bufferRows}:${row0}:${rows}`,
         km ? kSteps : padded / 4,
         km ? padded : k,
         format(op),
@@ -349,7 +358,7 @@ const tiled = (
       const [sr, sc] = op.kContiguous ? [k, 1] : [1, op.rows];
       const kernel = op.dtype === "f32" ? "matmul_pack" : "matmul_pack16";
       const u = slot(kernel, {
-        rows: op.rows,
+        rows: bufferRows,
         cols: k,
         sr,
         sc,
@@ -836,4 +845,48 @@ export function projectLoraShared(
   ctx.release(stacked);
   ctx.release(xa);
   return outs;
+}
+
+/**
+ * See Ops.projectRows. The rows are read where they lie (their storage block, from a row
+ * offset), so a 16-bit head weight's kept textures serve every chunk and nothing is copied;
+ * a range across blocks, or a product the tiled kernel does not take, goes through sliceRows.
+ */
+export function projectRows(
+  sc: GpuScope,
+  x: Tensor,
+  w: Tensor,
+  start: number,
+  count: number,
+): Tensor {
+  const op = "projectRows";
+  const g = sc.blocks(w, op);
+  const [, k] = checkRowRange(op, g, start, count);
+  const xh = sc.fh(x, op);
+  ensure(x.shape.length === 2 && x.shape[1] === k, op, () => `x [${x.shape}], rows of ${k}`);
+  const m = x.shape[0];
+  const block = g.blocks.find((b) =>
+    b.start <= start * k && (start + count) * k <= b.start + b.length
+  );
+  if (!block || count % 4 !== 0 || m === 0 || !useTiled(sc.ctx, m, count, k)) {
+    return matmul(sc, x, sliceRows(sc, w, start, count), { transB: true });
+  }
+  const out = sc.out([m, count]);
+  tiled(
+    sc.ctx,
+    { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
+    {
+      buffer: block.buffer,
+      rows: count,
+      kContiguous: true,
+      dtype: g.dtype,
+      view: { rowBase: (start * k - block.start) / k, bufferRows: block.length / k },
+    },
+    out.buffer,
+    m,
+    count,
+    k,
+    count,
+  );
+  return out;
 }
