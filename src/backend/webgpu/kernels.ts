@@ -19,6 +19,7 @@ const FAMILY_URLS: readonly URL[] = [
   "elementwise",
   "layers",
   "matmul",
+  "matmul_gpu",
 ].map((f) => new URL(`./${f}.wgsl`, import.meta.url));
 
 /**

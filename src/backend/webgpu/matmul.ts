@@ -45,6 +45,7 @@ import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows } from "./elementwise.ts";
+import * as gpuVariant from "./matmul_gpu.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
@@ -632,6 +633,7 @@ const direct = (
 
 /** See Ops.matmul. */
 export function matmul(sc: GpuScope, a: Tensor, b: Tensor, opts?: MatmulOptions): Tensor {
+  if (gpuVariant.usesGpuKernels(sc.ctx)) return gpuVariant.matmulGpu(sc, a, b, opts);
   const { m, n, k, transA, transB } = matmulDims("matmul", a, b, opts);
   const ah = sc.fh(a, "matmul");
   const bh = sc.fh(b, "matmul");
@@ -676,6 +678,9 @@ export function matmulAccumulate(
   s: number,
   opts?: MatmulOptions,
 ): void {
+  if (gpuVariant.usesGpuKernels(sc.ctx)) {
+    return gpuVariant.matmulAccumulateGpu(sc, c, a, b, s, opts);
+  }
   const op = "matmulAccumulate";
   const { m, n, k, transA, transB } = accumulateDims(op, c, a, b, opts);
   const cb = sc.f(c, op);
@@ -711,6 +716,7 @@ export function projectLora(
   b: Tensor,
   s: number,
 ): Tensor {
+  if (gpuVariant.usesGpuKernels(sc.ctx)) return gpuVariant.projectLoraGpu(sc, x, w, xa, b, s);
   const op = "projectLora";
   const { m, n, k, r } = projectLoraDims(op, x, w, xa, b);
   const xh = sc.fh(x, op);
@@ -773,6 +779,7 @@ export function projectLoraShared(
   parts: readonly LoraProjection[],
   s: number,
 ): Tensor[] {
+  if (gpuVariant.usesGpuKernels(sc.ctx)) return gpuVariant.projectLoraSharedGpu(sc, x, parts, s);
   const op = "projectLoraShared";
   const xh = sc.fh(x, op);
   const ctx = sc.ctx;
