@@ -6,6 +6,7 @@ import { writeResult } from "./common.ts";
 
 const topics: [string, () => Promise<Record<string, number | string>>][] = [
   ["matmul", async () => (await import("./matmul.ts")).run()],
+  ["attention", async () => (await import("./attention.ts")).run()],
   ["model", async () => (await import("./model.ts")).run()],
   ["push", async () => (await import("./push.ts")).run()],
   ["train", async () => (await import("./train.ts")).run()],

@@ -161,13 +161,16 @@ Deno.test({
         // Kernel tile sizes and key-range splits chosen by the host, or forced (every code path).
         fc.constantFrom(undefined, 1, 2, 4),
         fc.option(fc.integer({ min: 1, max: 4 }), { nil: undefined }),
-        async (c, tile, splitLen) => {
+        // operands staged in textures (default) or read from storage buffers (the fallback)
+        fc.constantFrom(undefined, true),
+        async (c, tile, splitLen, buffers) => {
           const x = inputsOf(c);
           const want = await runCase(cpu, c, x);
-          Object.assign(attentionTuning, { tile, splitLen });
+          Object.assign(attentionTuning, { tile, splitLen, buffers });
           const got = await runCase(gpu!, c, x).finally(() => {
             delete attentionTuning.tile;
             delete attentionTuning.splitLen;
+            delete attentionTuning.buffers;
           });
           // Natural scales of the gradients (the terms of dP - D, times q or k, cancel).
           const dvScale = maxAbs(x.dOut);
@@ -175,7 +178,7 @@ Deno.test({
           const floors = [0, 0, dqkScale, dqkScale, dvScale];
           got.forEach((g, i) => {
             const err = relErrorFloor(g, want[i], floors[i]);
-            const at = JSON.stringify({ ...c, tile, splitLen });
+            const at = JSON.stringify({ ...c, tile, splitLen, buffers });
             assert(err <= 1e-5, `${NAMES[i]}: error ${err} for ${at}`);
           });
         },
