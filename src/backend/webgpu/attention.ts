@@ -126,24 +126,6 @@ const texKernel = (ctx: GpuContext, name: string): string =>
 
 /** Staging textures per device, by role and size (reused: queue order keeps every dependency). */
 const stagingTextures = new WeakMap<GpuContext, Map<string, GPUTexture>>();
-/** Bytes of staging textures above which they are dropped at the start of the next call. */
-const STAGING_BYTES = 256 * 1024 * 1024;
-
-/**
- * Drops the staging textures when they pass STAGING_BYTES (every shape met keeps its own, so a
- * long run of varied shapes would grow without bound). Called when an attention call starts,
- * before it stages anything: the textures are destroyed once the work already encoded is
- * submitted, so no call loses a texture between staging and use.
- */
-const trimStaging = (ctx: GpuContext): void => {
-  const m = stagingTextures.get(ctx);
-  if (!m) return;
-  let bytes = 0;
-  for (const t of m.values()) bytes += t.width * t.height * 16;
-  if (bytes <= STAGING_BYTES) return;
-  for (const t of m.values()) ctx.retire(t);
-  m.clear();
-};
 
 const stagingTexture = (ctx: GpuContext, role: string, w: number, h: number): GPUTexture => {
   let m = stagingTextures.get(ctx);
@@ -564,7 +546,6 @@ export function attention(
 ): { out: Tensor; lse: Tensor } {
   const op = "attention";
   const g = check(op, q, k, v, opts);
-  trimStaging(sc.ctx);
   const hd = g.headDim;
   const hp = padded(hd);
   const rows = g.batch * g.tq;
@@ -631,7 +612,6 @@ export function attentionBackward(
 ): { dq: Tensor; dk: Tensor; dv: Tensor } {
   const op = "attentionBackward";
   const g = check(op, q, k, v, opts);
-  trimStaging(sc.ctx);
   checkAttentionBackward(op, g, dOut, out, lse);
   const hd = g.headDim;
   const hp = padded(hd);

@@ -91,13 +91,8 @@ const SLOT = 256;
 const SLOTS = 1024;
 /** Dispatches per submitted batch before an automatic flush. */
 const MAX_BATCH = 1024;
-/**
- * Pooled bytes above which released buffers are destroyed instead of kept. Every phase of a run
- * (log-probs, a training step, batched generation) leaves its own sizes here, on top of the
- * operand texture caches: 512 MiB keeps a phase's repeated sizes while bounding what the mix
- * holds (Qwen2.5-0.5B in bench/scale.ts peaked at 6.5 GB with 1 GiB).
- */
-const POOL_CAP_BYTES = 512 * 1024 * 1024;
+/** Pooled bytes above which released buffers are destroyed instead of kept. */
+const POOL_CAP_BYTES = 1 << 30;
 
 /** Largest workgroup count per dimension (WebGPU default limit). */
 export const MAX_GROUPS = 65535;

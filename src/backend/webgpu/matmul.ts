@@ -63,7 +63,7 @@ const FEW_TILES = 256;
 const TEX_W_STEP = 64;
 const TEX_H_STEP = 128;
 /** Cached operand textures above this many bytes are dropped (after a flush). */
-const TEX_CACHE_BYTES = 256 * 1024 * 1024;
+const TEX_CACHE_BYTES = 512 * 1024 * 1024;
 /**
  * Most bytes of packed 16-bit operands kept between products (TileState.frozen): the frozen base
  * of a small model (SmolLM2-135M: 270 MB) fits; a larger one keeps the first matrices it meets.
