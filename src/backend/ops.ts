@@ -236,14 +236,6 @@ export interface Ops {
   gatherRows(src: Tensor, rows: ArrayLike<number>): Tensor;
   /** In place: dst[rows[i], :] = src[i, :] (KV-cache writes). */
   scatterRowsInPlace(dst: Tensor, src: Tensor, rows: ArrayLike<number>): void;
-  /** scatterRowsInPlace of two pairs with the same rows at once (a layer's keys and values). */
-  scatterRowsPairInPlace(
-    dst: Tensor,
-    src: Tensor,
-    dst2: Tensor,
-    src2: Tensor,
-    rows: ArrayLike<number>,
-  ): void;
 
   // ---- decoder layers ------------------------------------------------------------------------
   /** RMSNorm over the last dim: y = x / sqrt(mean(x²) + eps) * w. Also returns rstd [R]. */
@@ -265,16 +257,6 @@ export interface Ops {
     headDim: number,
     theta: RopeFrequencies,
   ): Tensor;
-  /** rope of two tensors of the same rows at once (a layer's queries and keys): [q', k']. */
-  ropePair(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    qHeads: number,
-    kHeads: number,
-    headDim: number,
-    theta: RopeFrequencies,
-  ): [Tensor, Tensor];
   /** Gradient of rope (rotation by the opposite angle). */
   ropeBackward(
     dy: Tensor,

@@ -479,13 +479,8 @@ const decoderLayer = (
     kp = kn.y;
   }
   const rp = ropeOf(c, cx.ropes, l);
-  // queries and keys in one pass where no scale follows (the rotation of each is the same)
-  const [q, k] = rp.scale === 1
-    ? ops.ropePair(qp, kp, positions, c.numHeads, c.numKvHeads, c.headDim, rp.freqs)
-    : [
-      rotate(ops, qp, positions, c.numHeads, c, rp),
-      rotate(ops, kp, positions, c.numKvHeads, c, rp),
-    ];
+  const q = rotate(ops, qp, positions, c.numHeads, c, rp);
+  const k = rotate(ops, kp, positions, c.numKvHeads, c, rp);
   const att = attend(q, k, v);
   // Gemma normalises the attention and MLP outputs too (post_attention_layernorm is then the
   // attention output's norm, pre_feedforward_layernorm the MLP input's)
@@ -1135,7 +1130,8 @@ export const forwardCached = (
     ops.transient((t) => {
       // new keys/values go into the cache; attention reads the whole cache
       const out = decoderLayer({ ...cx, ops: t }, l, x, positions, (q, k, v) => {
-        t.scatterRowsPairInPlace(cache.k[l], k, cache.v[l], v, cacheRows);
+        t.scatterRowsInPlace(cache.k[l], k, cacheRows);
+        t.scatterRowsInPlace(cache.v[l], v, cacheRows);
         return t.attention(q, cache.k[l], cache.v[l], layerAttention(c, l, attnOpts));
       }).out;
       // encoded after every read of x (device queues and the CPU run in order), unless the

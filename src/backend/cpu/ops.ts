@@ -119,10 +119,6 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     sumSquaresEach: (ts) => elementwise.sumSquaresEach(sc, ts),
     gatherRows: (src, rows) => elementwise.gatherRows(sc, src, rows),
     scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
-    scatterRowsPairInPlace: (dst, src, dst2, src2, rows) => {
-      elementwise.scatterRowsInPlace(sc, dst, src, rows);
-      elementwise.scatterRowsInPlace(sc, dst2, src2, rows);
-    },
     swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),
     swigluBackward: (dh, gate, up) => elementwise.swigluBackward(sc, dh, gate, up),
     gegluTanh: (gate, up) => activations.gegluTanh(sc, gate, up),
@@ -136,10 +132,6 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     rmsNormBackwardInput: (dy, x, w, rstd) => layers.rmsNormBackwardInput(sc, dy, x, w, rstd),
     rope: (x, positions, heads, headDim, theta) =>
       layers.rope(sc, x, positions, heads, headDim, theta),
-    ropePair: (q, k, positions, qHeads, kHeads, headDim, theta) => [
-      layers.rope(sc, q, positions, qHeads, headDim, theta),
-      layers.rope(sc, k, positions, kHeads, headDim, theta),
-    ],
     ropeBackward: (dy, positions, heads, headDim, theta) =>
       layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
     embedding: (table, ids) => layers.embedding(sc, table, ids),

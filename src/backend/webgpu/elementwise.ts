@@ -12,7 +12,7 @@
  */
 import type { AdamWOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
-import { ensure, isHalfDType } from "../tensor.ts";
+import { isHalfDType } from "../tensor.ts";
 import {
   checkAdamw,
   checkAdamwStorage,
@@ -316,41 +316,6 @@ export function scatterRowsInPlace(
   sc.dispatch("ew_scatter_rows", [x, ib, d], groups1d(n), { n, cols: c });
   sc.ctx.release(ib);
   if (tmp) sc.ctx.release(tmp);
-}
-
-/**
- * See Ops.scatterRowsPairInPlace: one ew_scatter_rows2 dispatch for both pairs (vec4s where rows
- * allow); a source that is also a destination goes pair by pair.
- */
-export function scatterRowsPairInPlace(
-  sc: GpuScope,
-  dst: Tensor,
-  src: Tensor,
-  dst2: Tensor,
-  src2: Tensor,
-  rows: ArrayLike<number>,
-): void {
-  const op = "scatterRowsPairInPlace";
-  const [, c] = checkScatterRows(op, dst, src, rows);
-  const [, c2] = checkScatterRows(op, dst2, src2, rows);
-  ensure(c === c2, op, () => `rows of ${c} and ${c2} elements`);
-  const [d, x, d2, x2] = [dst, src, dst2, src2].map((t) => sc.f(t, op));
-  if (new Set([d, x, d2, x2]).size < 4) {
-    scatterRowsInPlace(sc, dst, src, rows);
-    scatterRowsInPlace(sc, dst2, src2, rows);
-    return;
-  }
-  const w = c % 4 === 0 ? 4 : 1;
-  const n = (rows.length * c) / w;
-  if (n === 0) return;
-  const ib = sc.ctx.upload(Int32Array.from(rows));
-  sc.dispatch(
-    w === 4 ? vec4Form(sc.ctx, "ew_scatter_rows2") : "ew_scatter_rows2",
-    [x, x2, ib, d, d2],
-    groups1d(n),
-    { n, cols: c / w },
-  );
-  sc.ctx.release(ib);
 }
 
 /** See Ops.swiglu. */

@@ -220,28 +220,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   dst[u32(idx[r]) * params.cols + c] = src[i];
 }
 
-//! kernel ew_scatter_rows2
-// ew_scatter_rows for two pairs of the same shape and rows in one pass (a layer's new keys and
-// values into its KV cache): dst[idx[i], c] = src[i, c], dst2[idx[i], c] = src2[i, c]. V is the
-// element type (the host derives the vec4 form for rows of a multiple of 4, counts in vec4s).
-alias V = f32;
-struct Params { n: u32, cols: u32 }
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<V>;
-@group(0) @binding(2) var<storage, read> src2: array<V>;
-@group(0) @binding(3) var<storage, read> idx: array<i32>;
-@group(0) @binding(4) var<storage, read_write> dst: array<V>;
-@group(0) @binding(5) var<storage, read_write> dst2: array<V>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = linear_id(gid, nwg, 256u);
-  if (i >= params.n) { return; }
-  let r = i / params.cols;
-  let o = u32(idx[r]) * params.cols + (i - r * params.cols);
-  dst[o] = src[i];
-  dst2[o] = src2[i];
-}
-
 //! kernel ew_copy_cols
 // Copies a column range between row-major matrices (bit for bit, any 32-bit dtype):
 // dst[dst_off + r * dst_w + c] = src[src_off + r * src_w + c] for c < cols; n = rows * cols.

@@ -193,10 +193,6 @@ export function rmsNormBackward(
   return { dx, dw };
 }
 
-/**
- * rope_apply over x (heads heads) and, in the same pass, `second` (its own head count, the
- * same rows); without `second` the kernel's second pair of bindings gets a small placeholder.
- */
 const rotate = (
   sc: GpuScope,
   op: string,
@@ -206,44 +202,30 @@ const rotate = (
   headDim: number,
   theta: RopeFrequencies,
   sign: number,
-  second: { readonly x: Tensor; readonly heads: number } | null = null,
-): Tensor[] => {
+): Tensor => {
   const xb = sc.f(x, op);
   const pb = sc.i(positions, op);
   const rows = checkRope(op, x, positions, heads, headDim, theta);
   const out = sc.out(x.shape);
-  const out2 = second ? sc.out(second.x.shape) : null;
-  if (second) {
-    ensure(
-      checkRope(op, second.x, positions, second.heads, headDim, theta) === rows,
-      op,
-      () => `the second tensor has other rows than [${x.shape}]`,
-    );
-  }
   // four rotation pairs per invocation where the half head dim allows
   const w = (headDim / 2) % 4 === 0 ? 4 : 1;
   const half = headDim / 2 / w;
-  const heads2 = second?.heads ?? 0;
-  const n = rows * (heads + heads2) * half;
-  const placeholder = out2 ? null : sc.ctx.alloc(16);
+  const n = rows * heads * half;
   sc.dispatch(
     w === 4 ? vec4Form(sc.ctx, "rope_apply") : "rope_apply",
     [
       xb,
-      second ? sc.f(second.x, op) : xb,
       pb,
       // a table (scaled RoPE) is small and per call: uploaded into the scope, not cached
       typeof theta === "number"
         ? invFreqBuffer(sc.ctx, headDim, theta)
         : sc.upload(theta, [theta.length], "f32").buffer,
       out.buffer,
-      out2?.buffer ?? placeholder!,
     ],
     groups(n, ELEM_WG),
-    { n, half, heads, heads2, sign: f32(sign) },
+    { n, half, heads, sign: f32(sign) },
   );
-  if (placeholder) sc.ctx.release(placeholder);
-  return out2 ? [out, out2] : [out];
+  return out;
 };
 
 /** See Ops.rope. */
@@ -255,25 +237,7 @@ export function rope(
   headDim: number,
   theta: RopeFrequencies,
 ): Tensor {
-  return rotate(sc, "rope", x, positions, heads, headDim, theta, 1)[0];
-}
-
-/** See Ops.ropePair: both tensors in one rope_apply dispatch. */
-export function ropePair(
-  sc: GpuScope,
-  q: Tensor,
-  k: Tensor,
-  positions: Tensor,
-  qHeads: number,
-  kHeads: number,
-  headDim: number,
-  theta: RopeFrequencies,
-): [Tensor, Tensor] {
-  const [qr, kr] = rotate(sc, "ropePair", q, positions, qHeads, headDim, theta, 1, {
-    x: k,
-    heads: kHeads,
-  });
-  return [qr, kr];
+  return rotate(sc, "rope", x, positions, heads, headDim, theta, 1);
 }
 
 /** See Ops.ropeBackward. */
@@ -285,7 +249,7 @@ export function ropeBackward(
   headDim: number,
   theta: RopeFrequencies,
 ): Tensor {
-  return rotate(sc, "ropeBackward", dy, positions, heads, headDim, theta, -1)[0];
+  return rotate(sc, "ropeBackward", dy, positions, heads, headDim, theta, -1);
 }
 
 /**

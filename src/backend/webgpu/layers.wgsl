@@ -238,19 +238,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // (x_i, x_{i+half}) rotated by sign * angle, angle = f32(pos) * inv_freq[i] rounded to f32 as
 // Hugging Face computes it. cos/sin are taken after an exact Cody-Waite reduction modulo 2*pi,
 // so large angles (positions in the thousands) stay accurate on every driver.
-// Two tensors of the same rows in one pass (a layer's queries and keys): heads [0, heads) of x
-// into out, then heads2 heads of x2 into out2 (heads2 = 0 for one tensor).
 // V is the element type: the host derives a vec4 form (V = vec4<f32>, four pairs per invocation,
 // n and half counted in vec4s) for half a multiple of 4, a quarter of the storage accesses.
 alias V = f32;
-struct Params { n: u32, half: u32, heads: u32, heads2: u32, sign: f32 }
+struct Params { n: u32, half: u32, heads: u32, sign: f32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read> x2: array<V>;
-@group(0) @binding(3) var<storage, read> pos: array<i32>;
-@group(0) @binding(4) var<storage, read> inv_freq: array<V>;
-@group(0) @binding(5) var<storage, read_write> out: array<V>;
-@group(0) @binding(6) var<storage, read_write> out2: array<V>;
+@group(0) @binding(2) var<storage, read> pos: array<i32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<V>;
+@group(0) @binding(4) var<storage, read_write> out: array<V>;
 // 2*pi = C1 + C2 + C3; C1 and C2 have 8 and 11 significant bits, so k*C1 and k*C2 are exact for
 // |k| < 2^13 (angles up to ~51000).
 const C1 = 6.28125;
@@ -262,29 +258,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let idx = linear_id(gid, nwg, 256u);
   if (idx >= params.n) { return; }
   let half = params.half;
-  let heads = params.heads + params.heads2;
   let i = idx % half;
   let t = idx / half;
-  let hd = t % heads;
-  let r = t / heads;
+  let hd = t % params.heads;
+  let r = t / params.heads;
   let a = f32(pos[r]) * inv_freq[i];
   let k = round(a * INV_2PI);
   let red = ((a - k * C1) - k * C2) - k * C3;
   let c = cos(red);
   let sn = sin(red) * params.sign;
-  if (hd < params.heads) {
-    let lo = (r * params.heads + hd) * 2u * half + i;
-    let x1 = x[lo];
-    let xh = x[lo + half];
-    out[lo] = x1 * c - xh * sn;
-    out[lo + half] = xh * c + x1 * sn;
-  } else {
-    let lo = (r * params.heads2 + hd - params.heads) * 2u * half + i;
-    let x1 = x2[lo];
-    let xh = x2[lo + half];
-    out2[lo] = x1 * c - xh * sn;
-    out2[lo + half] = xh * c + x1 * sn;
-  }
+  let lo = (r * params.heads + hd) * 2u * half + i;
+  let x1 = x[lo];
+  let x2 = x[lo + half];
+  out[lo] = x1 * c - x2 * sn;
+  out[lo + half] = x2 * c + x1 * sn;
 }
 
 //! kernel embed_gather

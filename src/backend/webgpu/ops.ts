@@ -142,8 +142,6 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     sumSquaresEach: (ts) => elementwise.sumSquaresEach(sc, ts),
     gatherRows: (src, rows) => elementwise.gatherRows(sc, src, rows),
     scatterRowsInPlace: (dst, src, rows) => elementwise.scatterRowsInPlace(sc, dst, src, rows),
-    scatterRowsPairInPlace: (dst, src, dst2, src2, rows) =>
-      elementwise.scatterRowsPairInPlace(sc, dst, src, dst2, src2, rows),
     swiglu: (gate, up) => elementwise.swiglu(sc, gate, up),
     swigluBackward: (dh, gate, up) => elementwise.swigluBackward(sc, dh, gate, up),
     gegluTanh: (gate, up) => activations.gegluTanh(sc, gate, up),
@@ -157,8 +155,6 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     rmsNormBackwardInput: (dy, x, w, rstd) => layers.rmsNormBackwardInput(sc, dy, x, w, rstd),
     rope: (x, positions, heads, headDim, theta) =>
       layers.rope(sc, x, positions, heads, headDim, theta),
-    ropePair: (q, k, positions, qHeads, kHeads, headDim, theta) =>
-      layers.ropePair(sc, q, k, positions, qHeads, kHeads, headDim, theta),
     ropeBackward: (dy, positions, heads, headDim, theta) =>
       layers.ropeBackward(sc, dy, positions, heads, headDim, theta),
     embedding: (table, ids) => layers.embedding(sc, table, ids),
