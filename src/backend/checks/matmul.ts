@@ -3,7 +3,7 @@
  * raise the same ShapeErrors.
  * @module
  */
-import type { MatmulOptions } from "../ops.ts";
+import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
 import { ensure } from "../tensor.ts";
 
@@ -74,12 +74,7 @@ export const projectLoraDims = (
 export const projectLoraSharedDims = (
   op: string,
   x: Tensor,
-  parts: readonly {
-    readonly w: Tensor;
-    readonly a: Tensor;
-    readonly b: Tensor;
-    readonly into?: Tensor;
-  }[],
+  parts: readonly LoraProjection[],
 ): { m: number; n: number; k: number; r: number }[] =>
   parts.map((p) => {
     const base = matmulDims(op, x, p.w, { transB: true });

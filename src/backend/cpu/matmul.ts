@@ -5,6 +5,7 @@
  * four rows and four k-steps at a time (accumulating in the output's precision).
  * @module
  */
+import { projectEachLora } from "../lora_projections.ts";
 import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
 import { isHalfDType } from "../tensor.ts";
@@ -212,11 +213,14 @@ export function projectLoraShared(
   s: number,
 ): Tensor[] {
   projectLoraSharedDims("projectLoraShared", x, parts);
-  return parts.map((p) => {
-    const xa = matmul(sc, x, p.a, { transB: true });
-    if (!p.into) return projectLora(sc, x, p.w, xa, p.b, s);
-    matmulAccumulate(sc, p.into, x, p.w, 1, { transB: true });
-    matmulAccumulate(sc, p.into, xa, p.b, s, { transB: true });
-    return p.into;
-  });
+  return projectEachLora(
+    {
+      matmul: (a, b, opts) => matmul(sc, a, b, opts),
+      matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
+      projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+    },
+    x,
+    parts,
+    s,
+  );
 }

@@ -32,6 +32,7 @@
  * that buffer is released or written, so a frozen base weight is packed once, not per product.
  * @module
  */
+import { projectEachLora } from "../lora_projections.ts";
 import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
@@ -795,13 +796,16 @@ export function projectLoraShared(
     Math.ceil(pitch / 4) <= ctx.device.limits.maxTextureDimension2D &&
     dims.every((d) => d.r % 4 === 0 && fusable(ctx, m, d.n, k, d.r, [d.ah.dtype, d.bh.dtype]));
   if (!shared) {
-    return parts.map((p) => {
-      const xa = matmul(sc, x, p.a, { transB: true });
-      if (!p.into) return projectLora(sc, x, p.w, xa, p.b, s);
-      matmulAccumulate(sc, p.into, x, p.w, 1, { transB: true });
-      matmulAccumulate(sc, p.into, xa, p.b, s, { transB: true });
-      return p.into;
-    });
+    return projectEachLora(
+      {
+        matmul: (a, b, opts) => matmul(sc, a, b, opts),
+        matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
+        projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+      },
+      x,
+      parts,
+      s,
+    );
   }
   const stacked = ctx.alloc(r * k * 4);
   let row = 0;

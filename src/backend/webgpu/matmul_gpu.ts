@@ -20,6 +20,7 @@
  * delta accumulated onto the projection as it is stored), not one fused kernel.
  * @module
  */
+import { projectEachLora } from "../lora_projections.ts";
 import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { DType, Tensor } from "../tensor.ts";
 import { ensure, isHalfDType } from "../tensor.ts";
@@ -325,11 +326,14 @@ export function projectLoraSharedGpu(
   s: number,
 ): Tensor[] {
   projectLoraSharedDims("projectLoraShared", x, parts);
-  return parts.map((p) => {
-    const xa = matmulGpu(sc, x, p.a, { transB: true });
-    if (!p.into) return projectLoraGpu(sc, x, p.w, xa, p.b, s);
-    matmulAccumulateGpu(sc, p.into, x, p.w, 1, { transB: true });
-    matmulAccumulateGpu(sc, p.into, xa, p.b, s, { transB: true });
-    return p.into;
-  });
+  return projectEachLora(
+    {
+      matmul: (a, b, opts) => matmulGpu(sc, a, b, opts),
+      matmulAccumulate: (c, a, b, k, opts) => matmulAccumulateGpu(sc, c, a, b, k, opts),
+      projectLora: (xx, w, xa, b, k) => projectLoraGpu(sc, xx, w, xa, b, k),
+    },
+    x,
+    parts,
+    s,
+  );
 }
