@@ -269,7 +269,7 @@ Deno.test({
   },
 });
 
-Deno.test("crash consistency: a metrics line torn by a kill mid-append does not stop the resume, and the run still ends as an uninterrupted one", async () => {
+Deno.test("crash consistency: a metrics line torn by a kill mid-append, or the temp file of a killed metrics rewrite, does not stop the resume, and the run still ends as an uninterrupted one with no temp file left", async () => {
   const out = await Deno.makeTempDir();
   const quiet = () => {};
   const train = async (over: Record<string, unknown>) => {
@@ -295,8 +295,11 @@ Deno.test("crash consistency: a metrics line torn by a kill mid-append does not 
     const path = join(out, "torn", "metrics.jsonl");
     const line = JSON.stringify({ step: 3, reward: 0.5, loss: 0.25 });
     await Deno.writeTextFile(path, line.slice(0, line.length >> 1), { append: true });
+    // and an earlier resume was killed while it rewrote the metrics file: its temp file remains
+    await Deno.writeTextFile(join(out, "torn", ".metrics.jsonl.0123456789ab.tmp"), '{"step"');
     await train({ runId: "torn", resume: true });
     assertEquals(await metricsOf(join(out, "torn")), await metricsOf(join(out, "ref")));
+    assertEquals(await tempFiles(join(out, "torn")), [], "temp files left");
     assert(
       (await readFile(join(out, "torn", "adapter", ADAPTER_WEIGHTS))).equals(
         await readFile(join(out, "ref", "adapter", ADAPTER_WEIGHTS)),

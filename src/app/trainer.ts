@@ -15,7 +15,13 @@ import type { BackendError } from "../backend/backend.ts";
 import type { RewardError } from "../grpo/rewards.ts";
 import type { GrpoInputError, GrpoNumericError } from "../grpo/errors.ts";
 import { CheckpointError, type SafetensorsError } from "../io/errors.ts";
-import { errorText, fsOp, makeDirectory, writeFileAtomic } from "../io/checkpoint.ts";
+import {
+  errorText,
+  fsOp,
+  makeDirectory,
+  removeStaleTempFiles,
+  writeFileAtomic,
+} from "../io/checkpoint.ts";
 import { type SnapshotCorrupted, snapshotModel } from "../snapshot/snapshot.ts";
 import type { Task } from "../task/task.ts";
 import { exportAdapter, exportCheckpoint } from "../snapshot/export.ts";
@@ -182,7 +188,9 @@ export const runTraining: (
         const whole = text.endsWith("\n") ? text : text.slice(0, text.lastIndexOf("\n") + 1);
         const kept = (yield* parseMetrics(metricsPath, whole)).filter((m) => m.step <= ck.step);
         history.push(...kept);
-        // atomically: a kill during the rewrite must not lose the kept lines
+        // atomically: a kill during the rewrite must not lose the kept lines; the temp file
+        // of a rewrite an earlier kill cut short goes first (as the checkpoint's does)
+        yield* removeStaleTempFiles(metricsPath);
         yield* writeFileAtomic(
           metricsPath,
           new TextEncoder().encode(kept.map((m) => JSON.stringify(m) + "\n").join("")),
