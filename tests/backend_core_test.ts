@@ -61,4 +61,39 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "webgpu: a full pool drops its least recently released buffers, keeps the new sizes",
+  ignore: !hasGpu,
+  fn: async () => {
+    const ctx = gpu!.gpu!;
+    const kib = 1024;
+    ctx.setPoolCap(0); // empties the pool
+    ctx.setPoolCap(1024 * kib);
+    try {
+      const old = 200 * kib;
+      const next = 392 * kib;
+      // a phase that pools four buffers of one size (800 KiB of the 1 MiB cap) ...
+      const phase = (bytes: number, n: number) =>
+        withOps(gpu!, (ops) =>
+          Effect.gen(function* () {
+            const ts = Array.from({ length: n }, () => ops.zeros([bytes / 4]));
+            const [x] = yield* ops.read([ts[n - 1]]);
+            assertEquals(x.length, bytes / 4);
+          }));
+      await phase(old, 4);
+      assertEquals(ctx.pooledBufferCount(old), 4);
+      // ... then one whose buffers do not fit beside them: the oldest go, the new ones stay
+      await phase(next, 2);
+      assertEquals(ctx.pooledBufferCount(next), 2);
+      assertEquals(ctx.pooledBufferCount(old), 1);
+      // and the next step of the new phase takes them again instead of allocating
+      await phase(next, 2);
+      assertEquals(ctx.pooledBufferCount(next), 2);
+      assertEquals(ctx.pooledBufferCount(old), 1);
+    } finally {
+      ctx.setPoolCap(null);
+    }
+  },
+});
+
 gpuTeardown();

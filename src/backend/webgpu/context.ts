@@ -91,7 +91,7 @@ const SLOT = 256;
 const SLOTS = 1024;
 /** Dispatches per submitted batch before an automatic flush. */
 const MAX_BATCH = 1024;
-/** Pooled bytes above which released buffers are destroyed instead of kept. */
+/** Most bytes the pool keeps idle (past it, the least recently released buffers go). */
 const POOL_CAP_BYTES = 1 << 30;
 
 /** Largest workgroup count per dimension (WebGPU default limit). */
@@ -153,7 +153,15 @@ export class GpuContext {
   private readonly pipelines = new Map<string, GPUComputePipeline>();
   private readonly layouts = new Map<string, readonly ParamField[] | null>();
   private readonly pool = new Map<number, GPUBuffer[]>();
+  /**
+   * The pooled buffers, least recently released first, each with the number of batches that must
+   * be submitted before it is idle on the device (see `release`, `evictFor`).
+   */
+  private readonly pooledOrder = new Map<GPUBuffer, number>();
   private pooledBytes = 0;
+  /** Batches ended by `flush` so far, and batches submitted so far. */
+  private flushed = 0;
+  private submitted = 0;
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private readonly uniform: GPUBuffer;
@@ -194,6 +202,7 @@ export class GpuContext {
   /** Device objects derived from a buffer's contents (see `derive`), by buffer. */
   private readonly derived = new Map<GPUBuffer, Set<() => void>>();
   private bindingOverride: number | null = null;
+  private poolCap = POOL_CAP_BYTES;
 
   constructor(
     readonly device: GPUDevice,
@@ -231,6 +240,12 @@ export class GpuContext {
       throw new Error(`binding limit ${bytes} must be a multiple of 4, at least 16`);
     }
     this.bindingOverride = bytes;
+  }
+
+  /** @internal Test hook: the pool's cap in bytes (null restores POOL_CAP_BYTES). */
+  setPoolCap(bytes: number | null): void {
+    this.poolCap = bytes ?? POOL_CAP_BYTES;
+    this.evictFor(0);
   }
 
   /**
@@ -323,7 +338,9 @@ export class GpuContext {
     const list = this.pool.get(size);
     if (list && list.length > 0) {
       this.pooledBytes -= size;
-      return list.pop()!;
+      const buf = list.pop()!;
+      this.pooledOrder.delete(buf);
+      return buf;
     }
     return this.device.createBuffer({
       size,
@@ -377,15 +394,37 @@ export class GpuContext {
     this.invalidate(buf);
     this.outstanding--;
     this.outstandingBytes -= buf.size;
-    if (this.pooledBytes + buf.size > POOL_CAP_BYTES) {
-      this.flush();
+    if (buf.size > this.poolCap) {
       this.retire(buf);
       return;
     }
+    this.evictFor(buf.size);
     const list = this.pool.get(buf.size) ?? [];
     list.push(buf);
     this.pool.set(buf.size, list);
     this.pooledBytes += buf.size;
+    // idle once the batch holding the work encoded so far is submitted
+    this.pooledOrder.set(buf, this.flushed + (this.encoder ? 1 : 0));
+  }
+
+  /**
+   * Makes room for `bytes` in the pool by dropping the least recently released buffers: when the
+   * sizes in use change (a prefill of 64 x 64 rows after a training step), the newest buffers
+   * are the ones the next layer asks for again, while the old sizes would hold the pool full and
+   * send every new buffer to destruction. A buffer whose last user is submitted is destroyed at
+   * once (its memory goes back now, not at the next host read); others after the next submit.
+   */
+  private evictFor(bytes: number): void {
+    for (const [old, idleAfter] of this.pooledOrder) {
+      if (this.pooledBytes + bytes <= this.poolCap) return;
+      this.pooledOrder.delete(old);
+      const list = this.pool.get(old.size)!;
+      list.splice(list.indexOf(old), 1);
+      if (list.length === 0) this.pool.delete(old.size);
+      this.pooledBytes -= old.size;
+      if (this.submitted >= idleAfter) old.destroy();
+      else this.retire(old);
+    }
   }
 
   private enc(): GPUCommandEncoder {
@@ -534,6 +573,7 @@ export class GpuContext {
     this.encoder = null;
     this.slots = 0;
     this.dispatches = 0;
+    this.flushed++;
     if (this.deferSubmits) this.pending.push(batch);
     else this.submitBatch(batch);
   }
@@ -542,6 +582,7 @@ export class GpuContext {
     if (b.uniforms) this.device.queue.writeBuffer(this.uniform, 0, b.uniforms);
     this.device.queue.submit([b.commands]);
     this.submits++;
+    this.submitted++;
     for (const r of b.retired) r.destroy();
   }
 
@@ -603,6 +644,7 @@ export class GpuContext {
     for (const b of this.persistent) b.destroy();
     for (const r of this.retired.splice(0)) r.destroy();
     this.pool.clear();
+    this.pooledOrder.clear();
     this.uniform.destroy();
     this.device.destroy();
   }
