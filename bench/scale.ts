@@ -19,7 +19,9 @@
  * estimated time does not fit is skipped and recorded as such. Also: WebGPU 1024³ matmul vs
  * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only).
  *
- * Run: deno run -A bench/scale.ts (writes bench/results/scale.json). One child alone, with its
+ * Run: deno run -A bench/scale.ts (writes bench/results/scale.json); `--models smollm2_135m
+ * --backends torch,webgpu --out scale_smollm2` runs only those children (and writes that topic);
+ * `--only <measure,...>` on a child runs only those measurements. One child alone, with its
  * own budget: deno run -A bench/scale.ts --child qwen25_05b webgpu --budget-s 720 --out
  * scale_qwen25_05b_webgpu (writes bench/results/scale_qwen25_05b_webgpu.json). Memory of the 16-bit frozen
  * base: deno run -A bench/scale.ts --memory qwen25_05b webgpu bf16 --train (or f32; see
@@ -173,7 +175,13 @@ const MARK = "SCALE_RESULT ";
 const randomIds = (rng: Rng, n: number, vocab: number): number[] =>
   Array.from({ length: n }, () => rng.int(vocab));
 
-const child = async (model: ModelName, backendName: BackendName, budgetS: number, reps: number) => {
+const child = async (
+  model: ModelName,
+  backendName: BackendName,
+  budgetS: number,
+  reps: number,
+  only: readonly string[] = [],
+) => {
   const t0 = performance.now();
   const left = () => budgetS - (performance.now() - t0) / 1000;
   const p = `${model}_${backendName}`;
@@ -287,6 +295,7 @@ const child = async (model: ModelName, backendName: BackendName, budgetS: number
       warm: () => Promise<unknown>,
       value: (bestS: number) => number,
     ) => {
+      if (only.length > 0 && !only.includes(m)) return;
       const est = estimate(m);
       // warm-up (full size, or ~1/8) + as many timed runs as fit (at least one); a second run
       // only when the later measurements still fit one each
@@ -705,9 +714,17 @@ export async function run(args: readonly string[] = []): Promise<Results> {
     out.torch_peer_skipped =
       `python3-torch is not importable by /usr/bin/python3 (${torchMissing}); torch peer skipped`;
   }
+  // `--models a,b` / `--backends x,y`: only those children (a quick side-by-side of one model)
+  const pick = (flag: string) => {
+    const i = args.indexOf(flag);
+    return i >= 0 ? args[i + 1].split(",") : null;
+  };
+  const models = pick("--models");
+  const backends = pick("--backends");
   for (const [model, backend, cap, reps] of plan) {
     const p = `${model}_${backend}`;
     if (backend === "torch" && torchMissing) continue;
+    if ((models && !models.includes(model)) || (backends && !backends.includes(backend))) continue;
     const budgetS = Math.floor(Math.min(cap, left() - 30));
     if (budgetS < 30) {
       for (const m of MEASURES) out[`${p}_${m}`] = null;
@@ -815,7 +832,16 @@ if (import.meta.main) {
         const i = args.indexOf(k);
         return i >= 0 ? Number(args[i + 1]) : d;
       };
-      const out = await child(model, backend, opt("--budget-s", 600), opt("--repetitions", 2));
+      // `--only <measure,...>`: just those measurements (one phase's time or peak RSS alone)
+      const k = args.indexOf("--only");
+      const only = k >= 0 ? args[k + 1].split(",") : [];
+      const out = await child(
+        model,
+        backend,
+        opt("--budget-s", 600),
+        opt("--repetitions", 2),
+        only,
+      );
       // `--out <topic>`: also record this one child (its own run) as bench/results/<topic>.json
       const o = args.indexOf("--out");
       if (o >= 0) {
@@ -828,6 +854,9 @@ if (import.meta.main) {
     Deno.exit(0);
   } else {
     const results = await run(args);
-    console.log(await writeResult("scale", results as Record<string, number | string>));
+    // `--out <topic>`: a partial run goes to bench/results/<topic>.json, not scale.json
+    const o = args.indexOf("--out");
+    const topic = o >= 0 ? args[o + 1] : "scale";
+    console.log(await writeResult(topic, results as Record<string, number | string>));
   }
 }
