@@ -373,6 +373,8 @@ const tiled = (
     return tex;
   };
   type Main = { loads: Load[]; at: Packed; bt: Packed; u: Params; tiles: number };
+  // at most half a tile of rows (decoding a few sequences): tiles of 8 rows (HALF_M)
+  const halfM = m <= TILE / 2;
   const mains: Main[] = [];
   // With a single row chunk, A is loaded once and serves every column chunk.
   const single = m <= chunk ? load(a, "a", 0, m) : null;
@@ -383,7 +385,7 @@ const tiled = (
       const mc = Math.min(chunk, m - m0);
       const at = single ?? load(a, "a", m0, mc);
       const tilesN = Math.ceil(nc / TILE);
-      const tilesM = Math.ceil(mc / TILE);
+      const tilesM = Math.ceil(mc / (halfM ? TILE / 2 : TILE));
       const tiles = tilesM * tilesN;
       const u = slot("matmul_t16x16", {
         m: mc,
@@ -406,6 +408,7 @@ const tiled = (
   const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
   if (wg !== 64) constants.WG = wg;
   if (alpha !== null) constants.ACC = 1;
+  if (halfM) constants.HALF_M = 1;
   const base = mainKernel(ctx, format(a), format(b));
   const kernel = lora ? loraKernel(ctx, base) : base;
   // the LoRA pair's textures, loaded with the (single) main's operands
@@ -533,16 +536,18 @@ fn cols_lb(k: i32, n: i32) -> mat4x4<f32> {
       `  for (var k = 0; k < i32(params.k4b); k++) {
     let a0 = rows_la(k, m0 + 0);
     let a1 = rows_la(k, m0 + 4);
-    let a2 = rows_la(k, m0 + 8);
-    let a3 = rows_la(k, m0 + 12);
     let b0 = cols_lb(k, n0 + 0);
     let b1 = cols_lb(k, n0 + 4);
     let b2 = cols_lb(k, n0 + 8);
     let b3 = cols_lb(k, n0 + 12);
     c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
     c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
-    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
-    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+    if (!HALF_M) {
+      let a2 = rows_la(k, m0 + 8);
+      let a3 = rows_la(k, m0 + 12);
+      c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+      c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+    }
   }
   let r = u32(m0);`,
     );

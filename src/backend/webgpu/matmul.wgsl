@@ -222,6 +222,9 @@ fn tile_order(id: u32, wg: u32, tiles_m: u32, tiles_n: u32) -> vec2<u32> {
 // Invocations per workgroup: 64, or 16 when there are few tiles (a workgroup runs on one
 // thread of a software adapter; 16 fills one 512-bit vector of f32).
 override WG: u32 = 64u;
+// HALF_M: tiles of 8 rows x 16 columns, for products of at most 8 rows (decoding a batch of 8):
+// a 16-row tile would spend half its loads and multiply-adds on padding rows.
+override HALF_M: bool = false;
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
@@ -230,7 +233,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let tile = tile_order(id, WG, params.tiles_m, params.tiles_n);
   let tm = tile.x;
   let tn = tile.y;
-  let m0 = i32(tm * 16u);
+  let m0 = i32(tm * select(16u, 8u, HALF_M));
   let n0 = i32(tn * 16u);
   let k4 = i32(params.k4);
   var c0_0: mat4x4<f32>; var c0_1: mat4x4<f32>; var c0_2: mat4x4<f32>; var c0_3: mat4x4<f32>;
@@ -241,16 +244,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   for (var k = 0; k < k4; k++) {
     let a0 = rows_a(k, m0 + 0);
     let a1 = rows_a(k, m0 + 4);
-    let a2 = rows_a(k, m0 + 8);
-    let a3 = rows_a(k, m0 + 12);
     let b0 = cols_b(k, n0 + 0);
     let b1 = cols_b(k, n0 + 4);
     let b2 = cols_b(k, n0 + 8);
     let b3 = cols_b(k, n0 + 12);
     c0_0 += a0 * b0; c0_1 += a0 * b1; c0_2 += a0 * b2; c0_3 += a0 * b3;
     c1_0 += a1 * b0; c1_1 += a1 * b1; c1_2 += a1 * b2; c1_3 += a1 * b3;
-    c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
-    c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+    if (!HALF_M) {
+      let a2 = rows_a(k, m0 + 8);
+      let a3 = rows_a(k, m0 + 12);
+      c2_0 += a2 * b0; c2_1 += a2 * b1; c2_2 += a2 * b2; c2_3 += a2 * b3;
+      c3_0 += a3 * b0; c3_1 += a3 * b1; c3_2 += a3 * b2; c3_3 += a3 * b3;
+    }
   }
   let r = u32(m0);
   let q = u32(n0);
@@ -258,8 +263,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   put4(r, q + 8u, c0_2); put4(r, q + 12u, c0_3);
   put4(r + 4u, q, c1_0); put4(r + 4u, q + 4u, c1_1);
   put4(r + 4u, q + 8u, c1_2); put4(r + 4u, q + 12u, c1_3);
-  put4(r + 8u, q, c2_0); put4(r + 8u, q + 4u, c2_1);
-  put4(r + 8u, q + 8u, c2_2); put4(r + 8u, q + 12u, c2_3);
-  put4(r + 12u, q, c3_0); put4(r + 12u, q + 4u, c3_1);
-  put4(r + 12u, q + 8u, c3_2); put4(r + 12u, q + 12u, c3_3);
+  if (!HALF_M) {
+    put4(r + 8u, q, c2_0); put4(r + 8u, q + 4u, c2_1);
+    put4(r + 8u, q + 8u, c2_2); put4(r + 8u, q + 12u, c2_3);
+    put4(r + 12u, q, c3_0); put4(r + 12u, q + 4u, c3_1);
+    put4(r + 12u, q + 8u, c3_2); put4(r + 12u, q + 12u, c3_3);
+  }
 }
