@@ -197,6 +197,9 @@ gpuTest(
           await checkAgainstCpu({ m: 128, k: 128, n: 192, transA, transB, seed: 3 });
           // Rows past the last whole tile and K not a multiple of 4: packed.
           await checkAgainstCpu({ m: 100, k: 70, n: 52, transA, transB, seed: 4 });
+          // Few tiles over a long K (a decoding step's x·Aᵀ): K split into parts, then summed.
+          await checkAgainstCpu({ m: 8, k: 576, n: 48, transA, transB, seed: 8 });
+          await checkAgainstCpu({ m: 5, k: 301, n: 20, transA, transB, seed: 9 });
           // At most 8 rows (decoding a few sequences): tiles of 8 rows (HALF_M).
           await checkAgainstCpu({ m: 8, k: 128, n: 192, transA, transB, seed: 6 });
           await checkAgainstCpu({ m: 5, k: 70, n: 52, transA, transB, seed: 7 });

@@ -58,6 +58,17 @@ const TILE = 16;
 /** @internal Test hook: send every product the tiled kernel can take to it, whatever its size. */
 export const matmulTuning: { forceTiled: boolean } = { forceTiled: false };
 
+/**
+ * Products of fewer tiles than this (and no accumulate or LoRA pair) split K when it is long:
+ * a decoding step's x·Aᵀ (8 rows, a rank of 48: 3 tiles) otherwise runs 3 invocations, lanes
+ * of one vector on one thread, through all of K.
+ */
+const SPLIT_BELOW_TILES = 16;
+/** Invocations a K split aims at: a 16-lane vector for each of two threads. */
+const SPLIT_INVOCATIONS = 32;
+/** Fewest k-texels (4 k each) per part of a K split. */
+const SPLIT_MIN_K4 = 16;
+
 /** Tiles below which workgroups shrink from 64 to 16 invocations. */
 const FEW_TILES = 256;
 /** Texture sizes are rounded up to these multiples so that similar shapes share textures. */
@@ -399,6 +410,9 @@ const tiled = (
         k4b: lora ? Math.ceil(lora.r / 4) : 0,
         beta: f32(lora?.beta ?? 0),
         k4b0: lora ? (lora.xaOffset ?? 0) / 4 : 0,
+        nz: 1,
+        kz4: kSteps,
+        zstride4: 0,
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -411,6 +425,15 @@ const tiled = (
   if (halfM) constants.HALF_M = 1;
   const base = mainKernel(ctx, format(a), format(b));
   const kernel = lora ? loraKernel(ctx, base) : base;
+  // K split (see SPLIT_BELOW_TILES): parts into slabs of a temporary, added up into c after
+  const split = mains.length === 1 && alpha === null && lora === null &&
+      mains[0].tiles < SPLIT_BELOW_TILES
+    ? kSplit(mains[0], kSteps, m, n, ldc)
+    : null;
+  if (split) {
+    split.part = ctx.alloc(split.nz * split.slab4 * 16);
+    staging.push(split.part);
+  }
   // the LoRA pair's textures, loaded with the (single) main's operands
   const pair = lora
     ? [
@@ -458,14 +481,50 @@ const tiled = (
     }
     ctx.dispatchResources(
       kernel,
-      [main.at.view, main.bt.view, { buffer: c }, ...pair.map((p) => p.view)],
+      [main.at.view, main.bt.view, { buffer: split?.part ?? c }, ...pair.map((p) => p.view)],
       grid(Math.ceil(main.tiles / wg)),
       main.u,
       constants,
     );
   }
+  if (split) {
+    ctx.dispatch("matmul_ksum", [split.part!, c], grid(Math.ceil((m * split.n4) / 64)), {
+      rows: m,
+      n4: split.n4,
+      ldc4: ldc / 4,
+      coff4: 0,
+      nz: split.nz,
+      zstride4: split.slab4,
+    });
+  }
   // later users of these buffers come after this work in the queue
   for (const buf of staging) ctx.release(buf);
+};
+
+/**
+ * The K split of a product of few tiles (one chunk, stored at offset 0): as many parts as bring
+ * the invocations to SPLIT_INVOCATIONS, each of at least SPLIT_MIN_K4 k-texels; null when that is
+ * one part. Rewrites `main` to write part z into slab z of a temporary (`part`, allocated by the
+ * caller) of `slab4` vec4s each.
+ */
+const kSplit = (
+  main: { u: Params; tiles: number },
+  kSteps: number,
+  m: number,
+  n: number,
+  ldc: number,
+): { nz: number; slab4: number; n4: number; part?: GPUBuffer } | null => {
+  const want = Math.min(
+    Math.ceil(SPLIT_INVOCATIONS / main.tiles),
+    Math.floor(kSteps / SPLIT_MIN_K4),
+  );
+  if (want < 2) return null;
+  const kz4 = Math.ceil(kSteps / want);
+  const nz = Math.ceil(kSteps / kz4);
+  const slab4 = (m * ldc) / 4;
+  main.u = { ...main.u, coff4: 0, nz, kz4, zstride4: slab4 };
+  main.tiles *= nz;
+  return { nz, slab4, n4: Math.ceil(n / 4) };
 };
 
 /**

@@ -128,6 +128,23 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   put(r0 + 3u, c0, s3);
 }
 
+//! kernel matmul_ksum
+// c[coff4 + r * ldc4 + q] = sum over z < nz of part[z * zstride4 + r * ldc4 + q], for rows r <
+// rows and vec4 columns q < n4: the slabs of a K-split matmul_t16x16 added up (in z order).
+struct Params { rows: u32, n4: u32, ldc4: u32, coff4: u32, nz: u32, zstride4: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = linear_id(gid, nwg, 64u);
+  if (i >= params.rows * params.n4) { return; }
+  let at = (i / params.n4) * params.ldc4 + i % params.n4;
+  var s = part[at];
+  for (var z = 1u; z < params.nz; z++) { s += part[z * params.zstride4 + at]; }
+  c[params.coff4 + at] = s;
+}
+
 //! kernel matmul_unpad
 // dst[r, col] = src[r * ld + col] for a [rows, cols] result computed with a padded row stride.
 struct Params { rows: u32, cols: u32, ld: u32 }
@@ -154,9 +171,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // with ACC it adds alpha times the product to what is there instead (Ops.matmulAccumulate).
 // k4b, beta, k4b0: the LoRA pair of the derived `_lora` kernels (see matmul.ts loraKernel): its
 // rank in texels, its scale, and its first texel in the xa texture (several pairs share one).
+// nz, kz4, zstride4: a K split (few tiles, so few invocations: a decoding step's x·Aᵀ): part z of
+// nz sums k-texels [z·kz4, (z+1)·kz4) into its own slab of c, zstride4 vec4s after part z-1's;
+// matmul_ksum adds the slabs up. Without a split nz = 1, kz4 = k4.
 struct Params {
   m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32, alpha: f32,
-  k4b: u32, beta: f32, k4b0: u32,
+  k4b: u32, beta: f32, k4b0: u32, nz: u32, kz4: u32, zstride4: u32,
 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
@@ -186,9 +206,11 @@ fn cols_b(k: i32, n: i32) -> mat4x4<f32> {
   return transpose(mat4x4<f32>(tb(x, 4 * k), tb(x, 4 * k + 1), tb(x, 4 * k + 2), tb(x, 4 * k + 3)));
 }
 override ACC: bool = false;
+// first vec4 of this invocation's slab of c (its K-split part's)
+var<private> slab: u32;
 fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row < params.m && col < params.n) {
-    let i = params.coff4 + row * params.ldc4 + col / 4u;
+    let i = slab + row * params.ldc4 + col / 4u;
     if (ACC) { c[i] = c[i] + params.alpha * v; } else { c[i] = v; }
   }
 }
@@ -229,19 +251,23 @@ override HALF_M: bool = false;
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let id = linear_id(gid, nwg, WG);
   // the last workgroup's tail has no tile (it would only recompute one)
-  if (id >= params.tiles_m * params.tiles_n) { return; }
-  let tile = tile_order(id, WG, params.tiles_m, params.tiles_n);
+  let tiles = params.tiles_m * params.tiles_n;
+  let z = id / tiles;
+  if (z >= params.nz) { return; }
+  slab = params.coff4 + z * params.zstride4;
+  let tile = tile_order(id - z * tiles, WG, params.tiles_m, params.tiles_n);
   let tm = tile.x;
   let tn = tile.y;
   let m0 = i32(tm * select(16u, 8u, HALF_M));
   let n0 = i32(tn * 16u);
-  let k4 = i32(params.k4);
+  let k0 = i32(z * params.kz4);
+  let k4 = min(i32(params.k4), k0 + i32(params.kz4));
   var c0_0: mat4x4<f32>; var c0_1: mat4x4<f32>; var c0_2: mat4x4<f32>; var c0_3: mat4x4<f32>;
   var c1_0: mat4x4<f32>; var c1_1: mat4x4<f32>; var c1_2: mat4x4<f32>; var c1_3: mat4x4<f32>;
   var c2_0: mat4x4<f32>; var c2_1: mat4x4<f32>; var c2_2: mat4x4<f32>; var c2_3: mat4x4<f32>;
   var c3_0: mat4x4<f32>; var c3_1: mat4x4<f32>; var c3_2: mat4x4<f32>; var c3_3: mat4x4<f32>;
   // One k-texel (4 k) per iteration: unrolling two was slower (more live registers).
-  for (var k = 0; k < k4; k++) {
+  for (var k = k0; k < k4; k++) {
     let a0 = rows_a(k, m0 + 0);
     let a1 = rows_a(k, m0 + 4);
     let b0 = cols_b(k, n0 + 0);
