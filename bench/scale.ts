@@ -14,10 +14,13 @@
  * Each (model, backend) runs as its own child process (`--child <model> <backend>`), so a
  * failure (an error, a crash, a time-out) is recorded as `null` plus `<model>_<backend>_error`
  * and the others still run, and so its peak RSS (VmHWM) is its own. Children report after every
- * measurement, so a child that dies keeps what it measured. A time budget (default 1500 s for
+ * measurement, so a child that dies keeps what it measured. A time budget (default 2100 s for
  * the whole bench, `--budget-s N` or SCALE_BUDGET_S) keeps the run bounded: a measurement whose
  * estimated time does not fit is skipped and recorded as such. Also: WebGPU 1024³ matmul vs
- * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only).
+ * numpy's OpenBLAS (the two OPENBLAS_* variables unset for that child only). The pairs whose
+ * ratios are bars (SmolLM2 vs torch, matmul vs OpenBLAS) run in alternating rounds, and each ratio
+ * is the median of its rounds' back-to-back ratios: the machine's speed drifts over the minutes
+ * between two children (OpenBLAS seen at 210 and 362 GFLOP/s in two runs of one machine).
  *
  * Run: deno run -A bench/scale.ts (writes bench/results/scale.json); `--models smollm2_135m
  * --backends torch,webgpu --out scale_smollm2` runs only those children (and writes that topic);
@@ -144,7 +147,10 @@ const DEFINITIONS = "logprobs and lora_train: batch 8 x (64 prompt + 64 completi
   "fold + SHA-256 + finite check); peak_rss_mib: VmHWM of the child process that ran that " +
   "(model, backend); each figure is the best of `repetitions` timed runs after one warm-up " +
   "(logprobs: full size on webgpu, which compiles its kernels then, batch 1 on cpu and torch; " +
-  "lora_train: batch 1; generation: the same batch with an 8-token prompt and 2 new tokens)";
+  "lora_train: full size on webgpu, batch 1 on cpu and torch; generation: the same batch with an 8-token prompt and 2 new tokens); " +
+  "SmolLM2 torch and webgpu children run in alternating rounds (`_rounds`), each figure the " +
+  "best of its rounds; a `_vs_torch_..._ratio` is the median over rounds of webgpu round i / " +
+  "torch round i (`_ratio_rounds` lists them), as is the matmul vs OpenBLAS ratio";
 
 const round = (x: number, d = 2): number => Math.round(x * 10 ** d) / 10 ** d;
 
@@ -262,8 +268,10 @@ const child = async (
         metrics: {},
       });
     };
-    // Only the first call on WebGPU warms up at full size (it compiles the forward kernels at
-    // their shapes); the others warm up at ~1/8 of the work, so that the budget buys measurements.
+    // On WebGPU the log-probs and the training step warm up at full size (they compile the
+    // forward and backward kernels at their shapes, and the pool then holds the step's buffers:
+    // a user's steady-state step); the others warm up at ~1/8 of the work, so that the budget
+    // buys measurements.
     const warmFull = backendName === "webgpu";
     /** Seconds per log-probs call; estimates what the others cost (unknown: just try). */
     let forwardS: number | null = null;
@@ -299,7 +307,10 @@ const child = async (
       const est = estimate(m);
       // warm-up (full size, or ~1/8) + as many timed runs as fit (at least one); a second run
       // only when the later measurements still fit one each
-      const warmCost = warmFull && m === "logprobs_tokens_per_s" ? est : est / 8;
+      const warmCost =
+        warmFull && (m === "logprobs_tokens_per_s" || m === "lora_train_tokens_per_s")
+          ? est
+          : est / 8;
       let n = reps;
       while (n > 1 && warmCost + n * est + rest(m) > left()) n--;
       if (warmCost + n * est > left()) {
@@ -363,7 +374,7 @@ const child = async (
     await measure(
       "lora_train_tokens_per_s",
       () => Effect.runPromise(policy.step(train, 1, lossFn)),
-      () => Effect.runPromise(policy.step(small, 1, lossFn)),
+      () => Effect.runPromise(policy.step(warmFull ? train : small, 1, lossFn)),
       (s) => tokens / s,
     );
     await generation(64);
@@ -664,10 +675,64 @@ const openblas = async (): Promise<Results> => {
   };
 };
 
+/** Alternating rounds of the pairs whose ratios are bars (SmolLM2 vs torch, matmul vs OpenBLAS). */
+const ROUNDS = 2;
+
+const median = (xs: readonly number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const h = Math.floor(s.length / 2);
+  return s.length % 2 ? s[h] : (s[h - 1] + s[h]) / 2;
+};
+
+/** The better of a kept value and a new one (`pick`: Math.max or Math.min), numbers only. */
+const best = (
+  kept: Value | undefined,
+  v: Value | undefined,
+  pick: (a: number, b: number) => number,
+) => typeof v !== "number" ? (kept ?? null) : typeof kept === "number" ? pick(kept, v) : v;
+
+/**
+ * Folds the rounds of one child into `out`: throughputs and peak RSS the highest seen, times
+ * (`_ms`, `_s`) the lowest, anything else the latest round's; `_rounds` counts them.
+ */
+const mergeRounds = (out: Results, p: string, rounds: readonly Results[]): void => {
+  for (const m of MEASURES) out[`${p}_${m}`] = null;
+  out[`${p}_peak_rss_mib`] = null;
+  for (const r of rounds) {
+    for (const [k, v] of Object.entries(r)) {
+      if (k.endsWith("_tokens_per_s") || k.endsWith("_peak_rss_mib")) {
+        out[k] = best(out[k], v, Math.max);
+      } else if (k.endsWith("_ms") || k.endsWith("_build_s")) out[k] = best(out[k], v, Math.min);
+      else out[k] = v;
+    }
+  }
+  if (rounds.length > 1) out[`${p}_rounds`] = rounds.length;
+};
+
+/**
+ * Ratio of `q` between a backend's round i and the peer's round i (run back to back, so the
+ * machine's drift over the whole bench cancels), for every round where both measured it.
+ */
+const pairRatios = (
+  mine: readonly Results[],
+  peer: readonly Results[],
+  q: string,
+  model: string,
+  backend: string,
+): number[] => {
+  const out: number[] = [];
+  for (let i = 0; i < Math.min(mine.length, peer.length); i++) {
+    const a = mine[i][`${model}_${backend}_${q}`];
+    const t = peer[i][`${model}_torch_${q}`];
+    if (typeof a === "number" && typeof t === "number") out.push(a / t);
+  }
+  return out;
+};
+
 const budgetFromArgs = (args: readonly string[]): number => {
   const i = args.indexOf("--budget-s");
-  const v = i >= 0 ? Number(args[i + 1]) : Number(Deno.env.get("SCALE_BUDGET_S") ?? 1500);
-  return Number.isFinite(v) && v > 0 ? v : 1500;
+  const v = i >= 0 ? Number(args[i + 1]) : Number(Deno.env.get("SCALE_BUDGET_S") ?? 2100);
+  return Number.isFinite(v) && v > 0 ? v : 2100;
 };
 
 /** Runs the whole scale bench (children for each measurement group). */
@@ -686,30 +751,43 @@ export async function run(args: readonly string[] = []): Promise<Results> {
       `rope_theta ${c.ropeTheta}, rms_eps ${c.rmsNormEps}`;
   }
 
-  console.log("scale: WebGPU 1024 matmul vs numpy OpenBLAS");
-  const mm = await runChild(deno, ["run", "-A", self, "--child", "matmul"], 300);
-  Object.assign(out, mm.results);
-  if (mm.error && out.webgpu_matmul_1024_gflop_s === undefined) {
-    out.webgpu_matmul_1024_error = mm.error;
+  // The matmul against OpenBLAS in ROUNDS alternating pairs (the machine's speed drifts over
+  // minutes; a pair's ratio does not): the ratio is the median pair's, the GFLOP/s the best.
+  const mmRatios: number[] = [];
+  for (let i = 0; i < ROUNDS; i++) {
+    console.log(`scale: WebGPU 1024 matmul vs numpy OpenBLAS (round ${i + 1} of ${ROUNDS})`);
+    const mm = await runChild(deno, ["run", "-A", self, "--child", "matmul"], 300);
+    if (mm.error && mm.results.webgpu_matmul_1024_gflop_s === undefined) {
+      out.webgpu_matmul_1024_error = mm.error;
+    }
+    const ob = await openblas();
+    const g = mm.results.webgpu_matmul_1024_gflop_s;
+    const o = ob.openblas_matmul_1024_gflop_s;
+    out.webgpu_matmul_1024_gflop_s = best(out.webgpu_matmul_1024_gflop_s, g, Math.max);
+    out.openblas_matmul_1024_gflop_s = best(out.openblas_matmul_1024_gflop_s, o, Math.max);
+    out.openblas_numpy = ob.openblas_numpy;
+    if (typeof g === "number" && typeof o === "number") mmRatios.push(g / o);
   }
-  Object.assign(out, await openblas());
-  const g = out.webgpu_matmul_1024_gflop_s;
-  const o = out.openblas_matmul_1024_gflop_s;
-  out.webgpu_matmul_1024_vs_openblas_ratio = typeof g === "number" && typeof o === "number"
-    ? round(g / o, 3)
-    : null;
+  out.webgpu_matmul_1024_vs_openblas_ratio = mmRatios.length ? round(median(mmRatios), 3) : null;
+  out.webgpu_matmul_1024_vs_openblas_ratio_rounds = mmRatios.map((r) => round(r, 3)).join(", ");
 
   // Cheapest and most informative first; each child gets the time left, capped.
   const torchMissing = await torchAvailable();
+  // SmolLM2's pair (the ratio bars) runs in ROUNDS alternating rounds (torch, webgpu, torch,
+  // webgpu): see pairRatios.
   const plan: [ModelName, BackendName | "torch", number, number][] = [
     // model, backend, cap (s), timed repetitions
-    ["smollm2_135m", "torch", 240, 2],
-    ["smollm2_135m", "webgpu", 300, 2],
+    ...Array.from({ length: ROUNDS }, (): [ModelName, "torch" | "webgpu", number, number][] => [
+      ["smollm2_135m", "torch", 200, 1],
+      ["smollm2_135m", "webgpu", 240, 1],
+    ]).flat(),
     ["qwen25_05b", "torch", 330, 1],
     ["qwen25_05b", "webgpu", 480, 1], // room for its b64 generation (the bar asks for it)
     ["smollm2_135m", "cpu", 180, 1],
-    ["qwen25_05b", "cpu", 1800, 1],
+    ["qwen25_05b", "cpu", 300, 1],
   ];
+  /** Each child's results, in the order run, by `<model>_<backend>`. */
+  const runs = new Map<string, Results[]>();
   if (torchMissing) {
     out.torch_peer_skipped =
       `python3-torch is not importable by /usr/bin/python3 (${torchMissing}); torch peer skipped`;
@@ -768,9 +846,8 @@ export async function run(args: readonly string[] = []): Promise<Results> {
         "--repetitions",
         String(reps),
       ], budgetS + 60);
-    for (const m of MEASURES) out[`${p}_${m}`] = null;
-    out[`${p}_peak_rss_mib`] = null;
-    Object.assign(out, r.results);
+    runs.set(p, [...(runs.get(p) ?? []), r.results]);
+    mergeRounds(out, p, runs.get(p)!);
     if (r.error) {
       const prev = out[`${p}_error`];
       out[`${p}_error`] = prev ? `${prev} | ${r.error}` : r.error;
@@ -783,11 +860,11 @@ export async function run(args: readonly string[] = []): Promise<Results> {
     for (const m of MODEL_NAMES) {
       for (const b of ["webgpu", "cpu"]) {
         for (const q of MEASURES.filter((x) => x.endsWith("tokens_per_s"))) {
-          const a = out[`${m}_${b}_${q}`];
-          const t = out[`${m}_torch_${q}`];
-          out[`${m}_${b}_vs_torch_${q}_ratio`] = typeof a === "number" && typeof t === "number"
-            ? round(a / t, 3)
-            : null;
+          const pr = pairRatios(runs.get(`${m}_${b}`) ?? [], runs.get(`${m}_torch`) ?? [], q, m, b);
+          out[`${m}_${b}_vs_torch_${q}_ratio`] = pr.length ? round(median(pr), 3) : null;
+          if (pr.length > 1) {
+            out[`${m}_${b}_vs_torch_${q}_ratio_rounds`] = pr.map((x) => round(x, 3)).join(", ");
+          }
         }
       }
     }
