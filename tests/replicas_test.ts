@@ -399,6 +399,12 @@ Deno.test("a replica file: replicas added and removed while training runs join a
           "b serving",
           () => events.some((e) => e.kind === "serving" && e.url === b.url),
         );
+        // the monitor's verdict on the dead URL (a tick every 200 ms; a loaded machine can
+        // bring b in before the first), so that removing it below cannot come first
+        await waitFor(
+          "dead reported out",
+          () => events.some((e) => e.kind === "out" && e.url === dead),
+        );
         await writeFile(file, `${b.url}\n`);
         await waitFor(
           "a removed",
