@@ -146,8 +146,8 @@ const DEFINITIONS = "logprobs and lora_train: batch 8 x (64 prompt + 64 completi
   "policy.snapshot() of the LoRA policy (fold + host copy + SHA-256 digest; torch: out-of-place " +
   "fold + SHA-256 + finite check); peak_rss_mib: VmHWM of the child process that ran that " +
   "(model, backend); each figure is the best of `repetitions` timed runs after one warm-up " +
-  "(logprobs: full size on webgpu, which compiles its kernels then, batch 1 on cpu and torch; " +
-  "lora_train: full size on webgpu, batch 1 on cpu and torch; generation: the same batch with an 8-token prompt and 2 new tokens); " +
+  "(logprobs: full size on webgpu, which compiles its kernels then, and torch, batch 1 on cpu; " +
+  "lora_train: full size on webgpu and torch, batch 1 on cpu; generation: the same batch with an 8-token prompt and 2 new tokens); " +
   "SmolLM2 torch and webgpu children run in alternating rounds (`_rounds`), each figure the " +
   "best of its rounds; a `_vs_torch_..._ratio` is the median over rounds of webgpu round i / " +
   "torch round i (`_ratio_rounds` lists them), as is the matmul vs OpenBLAS ratio";

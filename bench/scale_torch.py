@@ -309,7 +309,7 @@ def main():
 
     def measure(m, fn, value, warm):
         est = estimate(m)
-        warm_cost = est if m == "snapshot_ms" else est / 8
+        warm_cost = est if m in ("snapshot_ms", "logprobs_tokens_per_s", "lora_train_tokens_per_s") else est / 8
         n = a.repetitions
         while n > 1 and warm_cost + n * est + rest(m) > left():
             n -= 1
@@ -338,13 +338,14 @@ def main():
             errors.append(f"{m}: {type(e).__name__}: {str(e)[:300]}")
         report()
 
-    # warm-ups as bench/scale.ts on the CPU: batch 1 (logprobs, train), a full snapshot, and for
-    # generation the same batch with an 8-token prompt and 2 new tokens
-    measure("logprobs_tokens_per_s", logprobs, lambda s: tokens / s, lambda: logprobs(1))
+    # warm-ups as bench/scale.ts on WebGPU: full size (logprobs, train: the timed step is a
+    # steady-state one, not the first at that batch), a full snapshot, and for generation the
+    # same batch with an 8-token prompt and 2 new tokens
+    measure("logprobs_tokens_per_s", logprobs, lambda s: tokens / s, logprobs)
     measure("snapshot_ms", snapshot, lambda s: s * 1000, snapshot)
     for b in (8, 64):
         if b == 64:
-            measure("lora_train_tokens_per_s", train_step, lambda s: tokens / s, lambda: train_step(1))
+            measure("lora_train_tokens_per_s", train_step, lambda s: tokens / s, train_step)
         measure(
             f"generate_b{b}_tokens_per_s",
             lambda b=b: generate(b),
