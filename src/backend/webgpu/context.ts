@@ -159,9 +159,8 @@ export class GpuContext {
    */
   private readonly pooledOrder = new Map<GPUBuffer, number>();
   private pooledBytes = 0;
-  /** Batches ended by `flush` so far, and batches submitted so far. */
+  /** Batches ended by `flush` so far (the pool compares it with `submits`). */
   private flushed = 0;
-  private submitted = 0;
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private readonly uniform: GPUBuffer;
@@ -422,7 +421,7 @@ export class GpuContext {
       list.splice(list.indexOf(old), 1);
       if (list.length === 0) this.pool.delete(old.size);
       this.pooledBytes -= old.size;
-      if (this.submitted >= idleAfter) old.destroy();
+      if (this.submits >= idleAfter) old.destroy();
       else this.retire(old);
     }
   }
@@ -582,7 +581,6 @@ export class GpuContext {
     if (b.uniforms) this.device.queue.writeBuffer(this.uniform, 0, b.uniforms);
     this.device.queue.submit([b.commands]);
     this.submits++;
-    this.submitted++;
     for (const r of b.retired) r.destroy();
   }
 

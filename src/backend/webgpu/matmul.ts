@@ -430,10 +430,8 @@ const tiled = (
       mains[0].tiles < SPLIT_BELOW_TILES
     ? kSplit(mains[0], kSteps, m, n, ldc)
     : null;
-  if (split) {
-    split.part = ctx.alloc(split.nz * split.slab4 * 16);
-    staging.push(split.part);
-  }
+  const part = split ? ctx.alloc(split.nz * split.slab4 * 16) : null;
+  if (part) staging.push(part);
   // the LoRA pair's textures, loaded with the (single) main's operands
   const pair = lora
     ? [
@@ -481,14 +479,14 @@ const tiled = (
     }
     ctx.dispatchResources(
       kernel,
-      [main.at.view, main.bt.view, { buffer: split?.part ?? c }, ...pair.map((p) => p.view)],
+      [main.at.view, main.bt.view, { buffer: part ?? c }, ...pair.map((p) => p.view)],
       grid(Math.ceil(main.tiles / wg)),
       main.u,
       constants,
     );
   }
-  if (split) {
-    ctx.dispatch("matmul_ksum", [split.part!, c], grid(Math.ceil((m * split.n4) / 64)), {
+  if (split && part) {
+    ctx.dispatch("matmul_ksum", [part, c], grid(Math.ceil((m * split.n4) / 64)), {
       rows: m,
       n4: split.n4,
       ldc4: ldc / 4,
@@ -502,9 +500,9 @@ const tiled = (
 };
 
 /**
- * The K split of a product of few tiles (one chunk, stored at offset 0): as many parts as bring
- * the invocations to SPLIT_INVOCATIONS, each of at least SPLIT_MIN_K4 k-texels; null when that is
- * one part. Rewrites `main` to write part z into slab z of a temporary (`part`, allocated by the
+ * The K split of a product of few tiles (one chunk, so stored at offset 0): as many parts as
+ * bring the invocations to SPLIT_INVOCATIONS, each of at least SPLIT_MIN_K4 k-texels; null when
+ * that is one part. Rewrites `main` to write part z into slab z of a temporary (allocated by the
  * caller) of `slab4` vec4s each.
  */
 const kSplit = (
@@ -513,7 +511,7 @@ const kSplit = (
   m: number,
   n: number,
   ldc: number,
-): { nz: number; slab4: number; n4: number; part?: GPUBuffer } | null => {
+): { nz: number; slab4: number; n4: number } | null => {
   const want = Math.min(
     Math.ceil(SPLIT_INVOCATIONS / main.tiles),
     Math.floor(kSteps / SPLIT_MIN_K4),
@@ -522,7 +520,7 @@ const kSplit = (
   const kz4 = Math.ceil(kSteps / want);
   const nz = Math.ceil(kSteps / kz4);
   const slab4 = (m * ldc) / 4;
-  main.u = { ...main.u, coff4: 0, nz, kz4, zstride4: slab4 };
+  main.u = { ...main.u, nz, kz4, zstride4: slab4 };
   main.tiles *= nz;
   return { nz, slab4, n4: Math.ceil(n / 4) };
 };
