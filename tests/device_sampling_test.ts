@@ -11,7 +11,12 @@ import fc from "fast-check";
 import type { BackendShape } from "../src/backend/backend.ts";
 import type { Ops } from "../src/backend/ops.ts";
 import type { Tensor } from "../src/backend/tensor.ts";
-import { generate, type GenerationRequest, setDeviceSampling } from "../src/model/generate.ts";
+import {
+  generate,
+  type GenerationRequest,
+  setDeviceSampling,
+  SOFTWARE_DEVICE_SAMPLING_ROWS,
+} from "../src/model/generate.ts";
 import {
   candidateRow,
   sampleFromCandidates,
@@ -244,6 +249,29 @@ Deno.test("generate: a decode step reads back O(batch) values; seeded results ar
     }
   }
   setDeviceSampling(undefined);
+});
+
+Deno.test("generate: by default a software adapter samples on the device from SOFTWARE_DEVICE_SAMPLING_ROWS rows", async () => {
+  setDeviceSampling(undefined);
+  const V = 300;
+  for (const b of both) {
+    const ops = await Effect.runPromise(Effect.scoped(b.ops));
+    // the host path reads every row of every decode step (B x V logits), the device path never
+    const fullReads = async (B: number) => {
+      const reads: number[] = [];
+      await runGenerate(b, V, B, reads);
+      return reads.filter((r) => r === B * V).length;
+    };
+    const small = SOFTWARE_DEVICE_SAMPLING_ROWS - 1;
+    const large = SOFTWARE_DEVICE_SAMPLING_ROWS;
+    if (ops.info.fallback) {
+      assert((await fullReads(small)) >= 6, "a small batch samples on the host");
+      assertEquals(await fullReads(large), 0);
+    } else {
+      assertEquals(await fullReads(small), 0);
+      assertEquals(await fullReads(large), 0);
+    }
+  }
 });
 
 gpuTeardown();

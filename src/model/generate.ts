@@ -30,10 +30,19 @@ export const SAMPLE_CANDIDATES = 64;
 let forcedSampling: boolean | undefined;
 
 /**
+ * Batches from this many rows sample on the device on a software adapter too: the host path's
+ * read-back and per-row softmax grow with rows x vocabulary. SmolLM2-135M decode step on
+ * llvmpipe (Intel Xeon, 2 cores), device vs host, mean of two alternating pairs: batch 16 224
+ * vs 260 ms, 32 352 vs 376, 64 583 vs 620.
+ */
+export const SOFTWARE_DEVICE_SAMPLING_ROWS = 16;
+
+/**
  * Forces sampling on the device (true) or on the host from the read-back logits (false);
- * `undefined` restores the default: the device, except on a software adapter (llvmpipe), where
- * the candidate kernel's barriers cost more than reading the logits (measured: see the report
- * of issue 11 item 4). Tests and benchmarks set it.
+ * `undefined` restores the default: the device, except for a batch of fewer than
+ * SOFTWARE_DEVICE_SAMPLING_ROWS rows on a software adapter (llvmpipe), where the candidate
+ * kernel's barriers cost about what reading the logits does (the report of issue 11 item 4
+ * measured the host faster there). Tests and benchmarks set it.
  */
 export const setDeviceSampling = (on: boolean | undefined): void => {
   forcedSampling = on;
@@ -112,7 +121,9 @@ export const generate: (
       Effect.scoped(Effect.gen(function* () {
         const sops = yield* backend.ops;
         const logits = forwardCached(sops, model, cache, tokens, tq, pad, lora);
-        if (!(forcedSampling ?? !sops.info.fallback)) {
+        const onDevice = forcedSampling ??
+          (!sops.info.fallback || B >= SOFTWARE_DEVICE_SAMPLING_ROWS);
+        if (!onDevice) {
           const host = (yield* sops.read([logits]))[0];
           return requests.map((r, b) =>
             done[b]
