@@ -178,10 +178,39 @@ class TileState {
     return p;
   }
 
+  /**
+   * What each shared texture holds: the operand load last encoded into it (its buffer and the
+   * load's layout), while that buffer is neither written nor released.
+   */
+  private readonly holds = new Map<Packed, { buffer: GPUBuffer; load: string }>();
+  /** Buffers whose writes and release clear their entries in `holds`. */
+  private readonly watched = new Set<GPUBuffer>();
+
+  /**
+   * Whether shared texture `tex` already holds load `load` of `buffer` (encoded earlier and
+   * neither overwritten nor stale since; queue order then serves it to later products as is).
+   * Otherwise records it as the texture's contents, for the caller to encode now. Products of
+   * one input (q/k/v and their LoRA x·Aᵀ, gate/up) thus copy it into its texture once.
+   */
+  holding(tex: Packed, buffer: GPUBuffer, load: string): boolean {
+    const h = this.holds.get(tex);
+    if (h && h.buffer === buffer && h.load === load) return true;
+    this.holds.set(tex, { buffer, load });
+    if (!this.watched.has(buffer)) {
+      this.watched.add(buffer);
+      this.ctx.derive(buffer, () => {
+        this.watched.delete(buffer);
+        for (const [t, v] of this.holds) if (v.buffer === buffer) this.holds.delete(t);
+      });
+    }
+    return false;
+  }
+
   /** Drops the shared textures (destroyed once the work encoded so far is submitted). */
   private clear(): void {
     for (const p of this.textures.values()) this.ctx.retire(p.texture);
     this.textures.clear();
+    this.holds.clear();
     this.bytes = 0;
   }
 }
@@ -335,6 +364,9 @@ const tiled = (
         (km
           ? st.texture(role + "k", kSteps, padded, format(op))
           : st.texture(role + "m", padded / 4, k, format(op)));
+      if (!kept && st.holding(tex, op.buffer, `16:${km}:${k}:${bufferRows}:${row0}:${rows}`)) {
+        return tex;
+      }
       // the run of elements one texture row holds: k of one op row, or `rows` op rows at one k;
       // a direct copy reads it at the buffer's row stride, which must be a multiple of 256 bytes
       const run = km ? k : rows;
@@ -360,10 +392,13 @@ const tiled = (
     }
     if (!kMajor(op)) {
       const tex = st.texture(role + "m", padded / 4, k);
+      if (st.holding(tex, op.buffer, `m:${k}:${bufferRows}:${row0}:${rows}`)) return tex;
       loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex, elem: 4 });
       return tex;
     }
     const tex = st.texture(role + "k", kSteps, padded);
+    const layout = op.kContiguous ? "k" : "t";
+    if (st.holding(tex, op.buffer, `${layout}:${k}:${bufferRows}:${row0}:${rows}`)) return tex;
     if (copyable(op)) {
       // Rows past `rows` keep stale values; they only reach results that are never stored.
       loads.push({ kind: "copy", op, kMajor: true, row0, rows, tex, elem: 4 });
@@ -544,6 +579,7 @@ const loadRank = (
     : null;
   if (kept?.hit) return kept.tex;
   const tex = kept?.tex ?? st.texture(role, steps, padded);
+  if (!kept && st.holding(tex, op.buffer, `rank:${r}:${op.rows}`)) return tex;
   if (r % 64 === 0) {
     loads.push({ kind: "copy", op, kMajor: true, row0: 0, rows: op.rows, tex, elem: 4, k: r });
   } else {
