@@ -6,6 +6,22 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
 
+/**
+ * Vulkan drivers (ICD manifests) installed: without one, wgpu runs WebGPU on OpenGL ES (on a
+ * machine without a GPU, both are Mesa llvmpipe, with different per-command costs).
+ */
+const vulkanIcds = (): string => {
+  const found: string[] = [];
+  for (const dir of ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]) {
+    try {
+      for (const e of Deno.readDirSync(dir)) if (e.name.endsWith(".json")) found.push(e.name);
+    } catch {
+      // no such folder
+    }
+  }
+  return found.length ? found.sort().join(", ") : "none (wgpu uses OpenGL ES)";
+};
+
 /** Machine facts recorded next to every result. */
 export const machine = async (): Promise<Record<string, string | number>> => {
   const simd = preferWideSoftwareSimd();
@@ -17,6 +33,7 @@ export const machine = async (): Promise<Record<string, string | number>> => {
     gpu_adapter: adapter?.info.description || "none",
     gpu_fallback_adapter: String(adapter?.info.isFallbackAdapter ?? false),
     llvmpipe_simd_width_choice: simd,
+    vulkan_icds: vulkanIcds(),
     runtime: `deno ${Deno.version.deno}`,
     date: new Date().toISOString(),
   };
