@@ -8,6 +8,8 @@
  * Ops.projectLoraShared (projections of one input with their deltas; on WebGPU one product for
  * every x·Aᵀ): each output (fresh, or added onto `into` in place) against the reference, before
  * and after A and B change in place; an `into` of the wrong shape or aliasing x is a ShapeError.
+ * Its stacked product (on WebGPU, 2-3 16-bit weights of tile-multiple widths in one product
+ * with a block-diagonal B): against the reference before and after A, B and W change in place.
  */
 import { deepStrictEqual as assertEquals, ok as assert, throws } from "node:assert/strict";
 import fc from "fast-check";
@@ -282,6 +284,79 @@ for (const tiled of [false, true]) {
     );
   });
 }
+
+/** projectLoraShared three times: as given, after A and B change in place, after W does too. */
+const projectStackedThrice = (b: BackendShape, c: SharedCase) =>
+  withOps(b, (ops) => {
+    const x = ops.fromArray(seededValues(c.m * c.k, c.seed), [c.m, c.k]);
+    const parts = c.parts.map((p, i) => ({
+      w: ops.fromArray(seededValues(p.n * c.k, c.seed + 10 * i + 1), [p.n, c.k], c.half!),
+      a: ops.fromArray(seededValues(p.r * c.k, c.seed + 10 * i + 2), [p.r, c.k]),
+      b: ops.fromArray(seededValues(p.n * p.r, c.seed + 10 * i + 3), [p.n, p.r]),
+    }));
+    const first = ops.projectLoraShared(x, parts, c.s).map((y) => ops.copy(y));
+    parts.forEach((p, i) => {
+      for (const [t, seed] of [[p.a, 4], [p.b, 5]] as const) {
+        ops.addScaledInPlace(
+          t,
+          ops.fromArray(seededValues(t.size, c.seed + 10 * i + seed), t.shape),
+          1,
+        );
+      }
+    });
+    const second = ops.projectLoraShared(x, parts, c.s).map((y) => ops.copy(y));
+    // the last part's weight: rows 1.. from another 16-bit tensor
+    const last = parts[parts.length - 1];
+    const [n] = last.w.shape;
+    const other = ops.fromArray(seededValues(n * c.k, c.seed + 7), [n, c.k], c.half!);
+    ops.setRows(last.w, 1, ops.sliceRows(other, 1, n - 1));
+    const third = ops.projectLoraShared(x, parts, c.s);
+    return ops.read([...first, ...second, ...third]);
+  });
+
+Deno.test("projectLoraShared's stacked product (16-bit weights of tile-multiple widths) equals the f64 reference, before and after A, B and W change in place", async () => {
+  const stackedBefore = matmulTuning.stackedProducts;
+  await fc.assert(
+    fc.asyncProperty(
+      fc.record({
+        // rows of a decoding step: 8-row tiles, one 16-row tile
+        m: fc.integer({ min: 1, max: 16 }),
+        // k·2 bytes a multiple of 256 (copied as is) or not (through a pitch)
+        k: fc.oneof(fc.constant(128), fc.integer({ min: 1, max: 24 }).map((v) => v * 4)),
+        parts: fc.array(
+          fc.record({
+            n: fc.integer({ min: 1, max: 6 }).map((v) => v * 16),
+            r: fc.constantFrom(4, 8, 16),
+            into: fc.constant(false),
+          }),
+          { minLength: 2, maxLength: 3 },
+        ),
+        half: fc.constantFrom<HalfDType | null>("bf16", "f16"),
+        s: fc.constantFrom(1, -0.5),
+        seed: fc.integer({ min: 1, max: 0x7fffffff }),
+      }),
+      async (c) => {
+        const want = await projectStackedThrice(ref, c);
+        matmulTuning.forceTiled = true;
+        try {
+          for (const b of backends) {
+            const got = await projectStackedThrice(b, c);
+            assertEquals(got.length, 3 * c.parts.length);
+            got.forEach((g, i) => {
+              const e = relError(g, want[i]);
+              assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)} output ${i}: rel error ${e}`);
+            });
+          }
+        } finally {
+          matmulTuning.forceTiled = false;
+        }
+      },
+    ),
+    { numRuns: 30 },
+  );
+  // on llvmpipe every call of the property took the stacked product
+  if (gpu) assert(matmulTuning.stackedProducts - stackedBefore >= 30 * 3, "stacked path not taken");
+});
 
 Deno.test("projectLoraShared: a B that is not [N, R] for its projection and A, an into that is not [M, N] or is x: ShapeErrors naming the op", async () => {
   for (const b of backends) {

@@ -67,6 +67,28 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   dst[r * params.dst_ld + w] = src[(params.row0 + r) * params.src_ld + params.col0 + w];
 }
 
+//! kernel matmul_pack_block
+// One projection's LoRA B [rows, r] (r contiguous, f32) into rows y0.. of the block-diagonal
+// texture of projectLoraShared's stacked product: texel (x, y0 + y) holds B[y, 4x + i - coff]
+// where coff <= 4x + i < coff + r, else 0 (i = 0..3), for x < width, y < rows.
+struct Params { rows: u32, r: u32, coff: u32, width: u32, y0: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+fn elem(y: u32, col: u32) -> f32 {
+  let inside = col >= params.coff && col < params.coff + params.r;
+  // clamped index and select, as matmul_pack: no divergent branch around the load
+  let j = min(select(0u, col - params.coff, col >= params.coff), params.r - 1u);
+  return select(0.0, src[y * params.r + j], inside);
+}
+@compute @workgroup_size(4, 16)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= params.width || gid.y >= params.rows) { return; }
+  let c = gid.x * 4u;
+  let v = vec4<f32>(elem(gid.y, c), elem(gid.y, c + 1u), elem(gid.y, c + 2u), elem(gid.y, c + 3u));
+  textureStore(dst, vec2<i32>(i32(gid.x), i32(params.y0 + gid.y)), v);
+}
+
 //! kernel matmul_small
 // Direct matmul for small or unusual shapes: each invocation computes a 4x4 block of C[m, n]
 // from op(A)[i, k] = a[i * sam + k * sak] and op(B)[k, j] = b[k * sbk + j * sbn] (any transpose).
