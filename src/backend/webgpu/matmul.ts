@@ -30,6 +30,10 @@
  * `matmul_pack16`; the direct kernel gets it widened into a temporary. A 16-bit operand's packed
  * texture is kept with its buffer (`TileState.frozen`, within a byte budget) and reused until
  * that buffer is released or written, so a frozen base weight is packed once, not per product.
+ * Other operands go to shared textures, and one already there (the last load into that texture,
+ * its buffer neither written nor released since) is not copied again (`TileState.holding`).
+ * projectLoraShared runs a decoding step's q/k/v or gate/up as one product over stacked weights
+ * (`stackedProjections`).
  * @module
  */
 import { projectEachLora } from "../lora_projections.ts";
