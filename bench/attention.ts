@@ -16,7 +16,7 @@ import { type BackendShape, webgpuBackend } from "../src/backend/backend.ts";
 import type { AttentionOptions, Ops } from "../src/backend/ops.ts";
 import type { Tensor } from "../src/backend/tensor.ts";
 import { attentionTuning } from "../src/backend/webgpu/attention.ts";
-import { median, writeResult } from "./common.ts";
+import { median, randomFloats, writeResult } from "./common.ts";
 
 interface Case {
   readonly key: string;
@@ -33,16 +33,6 @@ const CASES: readonly Case[] = [
   { key: "bwd_b8_t128", o: train, backward: true, reps: 2 },
   { key: "decode_b64_k80", o: decode, backward: false, reps: 8 },
 ];
-
-const random = (n: number, seed: number): Float32Array => {
-  const out = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-};
 
 const scoped = <A>(b: BackendShape, f: (ops: Ops) => Promise<A>): Promise<A> =>
   Effect.runPromise(Effect.scoped(Effect.flatMap(b.ops, (ops) => Effect.promise(() => f(ops)))));
@@ -81,11 +71,14 @@ const select = (v: Variant): void => {
 const measure = async (b: BackendShape, c: Case): Promise<Record<Variant, number>> =>
   await scoped(b, async (ops) => {
     const { batch, tq, tk, heads, kvHeads, headDim } = c.o;
-    const q = ops.fromArray(random(batch * tq * heads * headDim, 1), [batch * tq, heads * headDim]);
+    const q = ops.fromArray(randomFloats(batch * tq * heads * headDim, 1), [
+      batch * tq,
+      heads * headDim,
+    ]);
     const kv = [batch * tk, kvHeads * headDim];
-    const k = ops.fromArray(random(kv[0] * kv[1], 2), kv);
-    const v = ops.fromArray(random(kv[0] * kv[1], 3), kv);
-    const dOut = ops.fromArray(random(batch * tq * heads * headDim, 4), q.shape);
+    const k = ops.fromArray(randomFloats(kv[0] * kv[1], 2), kv);
+    const v = ops.fromArray(randomFloats(kv[0] * kv[1], 3), kv);
+    const dOut = ops.fromArray(randomFloats(batch * tq * heads * headDim, 4), q.shape);
     attentionTuning.buffers = true;
     const { out, lse } = ops.attention(q, k, v, c.o);
     const x = { q, k, v, dOut, out, lse };

@@ -56,3 +56,74 @@ export const median = (xs: readonly number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
+
+/** Deterministic floats in [-1, 1) (an LCG), the operands of the benches. */
+export const randomFloats = (n: number, seed: number): Float32Array<ArrayBuffer> => {
+  const out = new Float32Array(n);
+  let s = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = s / 2 ** 31 - 1;
+  }
+  return out;
+};
+
+/** This process's environment without the two OpenBLAS tuning variables (for peers only). */
+export const peerEnv = (): Record<string, string> => {
+  const env = Deno.env.toObject();
+  delete env.OPENBLAS_CORETYPE;
+  delete env.OPENBLAS_L2_SIZE;
+  return env;
+};
+
+const NUMPY_MATMUL = `
+import json, time, numpy as np
+n = 1024
+a = np.random.default_rng(1).random((n, n), dtype=np.float32)
+b = np.random.default_rng(2).random((n, n), dtype=np.float32)
+a @ b
+best = 1e9
+for _ in range(20):
+    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+print(json.dumps({"gflop_s": 2 * n**3 / best / 1e9, "numpy": np.__version__}))
+`;
+
+/**
+ * numpy's sgemm at n=1024 (the OpenBLAS peer) with each python3 that has numpy, the best one
+ * kept: `openblas_matmul_1024_gflop_s` (null when none ran) and what each python3 gave.
+ */
+export const openblas = async (): Promise<
+  { openblas_matmul_1024_gflop_s: number | null; openblas_numpy: string }
+> => {
+  const round = (x: number) => Math.round(x * 100) / 100;
+  const seen: string[] = [];
+  let best: number | null = null;
+  for (const py of ["python3", "/usr/bin/python3"]) {
+    try {
+      const o = await new Deno.Command(py, {
+        args: ["-c", NUMPY_MATMUL],
+        stdout: "piped",
+        stderr: "piped",
+        env: peerEnv(),
+        clearEnv: true,
+      }).output();
+      if (!o.success) {
+        seen.push(`${py}: no numpy`);
+        continue;
+      }
+      const r = JSON.parse(new TextDecoder().decode(o.stdout)) as {
+        gflop_s: number;
+        numpy: string;
+      };
+      seen.push(`${py} (numpy ${r.numpy}): ${round(r.gflop_s)} GFLOP/s`);
+      best = Math.max(best ?? 0, r.gflop_s);
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      seen.push(`${py}: ${msg.replace(/\s+/g, " ").slice(0, 400)}`);
+    }
+  }
+  return {
+    openblas_matmul_1024_gflop_s: best === null ? null : round(best),
+    openblas_numpy: seen.join("; ") + " (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE unset)",
+  };
+};

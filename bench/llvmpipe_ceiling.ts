@@ -14,22 +14,12 @@
  * @module
  */
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
-import { writeResult } from "./common.ts";
+import { openblas, randomFloats, writeResult } from "./common.ts";
 
 preferWideSoftwareSimd();
 const N = 1024;
 const K4 = N / 4;
 const round = (x: number, d = 2): number => Math.round(x * 10 ** d) / 10 ** d;
-
-const random = (n: number, seed: number): Float32Array<ArrayBuffer> => {
-  const out = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-};
 
 /** The tile kernel with `la` / `lb` distinct texel loads of A / B per k-texel. */
 const tileKernel = (la: number, lb: number): string => {
@@ -75,32 +65,6 @@ const tileKernel = (la: number, lb: number): string => {
   }
   lines.push("}");
   return lines.join("\n");
-};
-
-const NUMPY = `
-import json, time, numpy as np
-n = ${N}
-a = np.random.default_rng(1).random((n, n), dtype=np.float32)
-b = np.random.default_rng(2).random((n, n), dtype=np.float32)
-a @ b
-best = 1e9
-for _ in range(20):
-    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
-print(json.dumps(2 * n**3 / best / 1e9))
-`;
-
-/** numpy's sgemm GFLOP/s at n=1024 (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset for it), or null. */
-const openblas = async (): Promise<number | null> => {
-  const env = Deno.env.toObject();
-  delete env.OPENBLAS_CORETYPE;
-  delete env.OPENBLAS_L2_SIZE;
-  try {
-    const o = await new Deno.Command("python3", { args: ["-c", NUMPY], env, clearEnv: true })
-      .output();
-    return o.success ? JSON.parse(new TextDecoder().decode(o.stdout)) : null;
-  } catch {
-    return null;
-  }
 };
 
 const adapter = await navigator.gpu?.requestAdapter();
@@ -177,7 +141,7 @@ const empty = pipelineOf(
 );
 results.empty_dispatch_us = round(1000 * await perCommand(500, 3, dispatchOf(empty, 1)));
 const copyTex = storageTexture(144, 8, new Float32Array(144 * 8 * 4));
-const copySrc = storage(144 * 8 * 16, random(144 * 8 * 4, 3));
+const copySrc = storage(144 * 8 * 16, randomFloats(144 * 8 * 4, 3));
 results.texture_copy_8x576_us = round(
   1000 *
     await perCommand(
@@ -192,8 +156,8 @@ results.texture_copy_8x576_us = round(
 );
 
 // the tile kernel at 1024³: A k-major (texel (x, y) = A[y, 4x..]), B k-major (B[4x.., y])
-const a = random(N * N, 1);
-const b = random(N * N, 2);
+const a = randomFloats(N * N, 1);
+const b = randomFloats(N * N, 2);
 const bt = new Float32Array(N * N);
 for (let i = 0; i < N; i++) for (let j = 0; j < N; j++) bt[j * N + i] = b[i * N + j];
 const at = storageTexture(K4, N, a);
@@ -232,10 +196,12 @@ staging.unmap();
 if (worst > 1e-3) throw new Error(`tile kernel wrong: relative error ${worst}`);
 results.tile16_all_loads_max_sample_error = Number(worst.toExponential(2));
 
-const ob = await openblas();
+const peer = await openblas();
+const ob = peer.openblas_matmul_1024_gflop_s;
+results.openblas_numpy = peer.openblas_numpy;
 if (ob === null) results.openblas_matmul_1024 = "skipped: python3 with numpy not found";
 else {
-  results.openblas_matmul_1024_gflop_s = round(ob);
+  results.openblas_matmul_1024_gflop_s = ob;
   for (const key of ["arithmetic_only", "b_loads", "all_loads"]) {
     results[`tile16_${key}_vs_openblas_ratio`] = round(
       (results[`tile16_${key}_gflop_s`] as number) / ob,

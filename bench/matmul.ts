@@ -13,7 +13,7 @@
 import { Effect, Exit, Scope } from "effect";
 import { type BackendShape, cpuBackend, webgpuBackend } from "../src/backend/backend.ts";
 import type { MatmulOptions, Ops } from "../src/backend/ops.ts";
-import { writeResult } from "./common.ts";
+import { randomFloats, writeResult } from "./common.ts";
 
 interface Shape {
   readonly key: string;
@@ -38,16 +38,6 @@ const SHAPES: readonly Shape[] = [
   { key: "1024_transA", m: 1024, k: 1024, n: 1024, opts: { transA: true }, cpu: true },
 ];
 
-const random = (n: number, seed: number): Float32Array => {
-  const out = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-};
-
 /** Runs `f` with Ops of `b` inside a scope closed afterwards. */
 const scoped = <A>(b: BackendShape, f: (ops: Ops) => Promise<A>): Promise<A> =>
   Effect.runPromise(Effect.scoped(Effect.flatMap(b.ops, (ops) => Effect.promise(() => f(ops)))));
@@ -60,8 +50,8 @@ const measure = async (b: BackendShape, s: Shape, cpu: boolean): Promise<number>
   const aShape = s.opts?.transA ? [s.k, s.m] : [s.m, s.k];
   const bShape = s.opts?.transB ? [s.n, s.k] : [s.k, s.n];
   return await scoped(b, async (ops) => {
-    const a = ops.fromArray(random(s.m * s.k, 1), aShape);
-    const w = ops.fromArray(random(s.k * s.n, 2), bShape);
+    const a = ops.fromArray(randomFloats(s.m * s.k, 1), aShape);
+    const w = ops.fromArray(randomFloats(s.k * s.n, 2), bShape);
     // Warm-up: pipeline compile (seconds for a cold shader cache) and texture allocation.
     let t = performance.now();
     ops.matmul(a, w, s.opts);

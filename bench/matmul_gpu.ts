@@ -19,7 +19,7 @@ import { type BackendShape, webgpuBackend } from "../src/backend/backend.ts";
 import type { MatmulOptions, Ops } from "../src/backend/ops.ts";
 import type { DType } from "../src/backend/tensor.ts";
 import { type MatmulVariant, matmulVariant } from "../src/backend/webgpu/matmul_gpu.ts";
-import { writeResult } from "./common.ts";
+import { randomFloats, writeResult } from "./common.ts";
 
 interface Shape {
   readonly key: string;
@@ -62,16 +62,6 @@ const SHAPES: readonly Shape[] = [
   ),
 ];
 
-const random = (n: number, seed: number): Float32Array => {
-  const out = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-};
-
 const scoped = <A>(b: BackendShape, f: (ops: Ops) => Promise<A>): Promise<A> =>
   Effect.runPromise(Effect.scoped(Effect.flatMap(b.ops, (ops) => Effect.promise(() => f(ops)))));
 
@@ -90,8 +80,8 @@ const measure = async (
   matmulVariant.force = variant;
   try {
     return await scoped(b, async (ops) => {
-      const a = ops.fromArray(random(s.m * s.k, 1), aShape);
-      const w = ops.fromArray(random(s.k * s.n, 2), bShape, s.wDtype);
+      const a = ops.fromArray(randomFloats(s.m * s.k, 1), aShape);
+      const w = ops.fromArray(randomFloats(s.k * s.n, 2), bShape, s.wDtype);
       // warm-up (compile), then one timed product to size the batches
       ops.matmul(a, w, s.opts);
       await sync(b);

@@ -49,7 +49,7 @@ import {
   uploadLora,
   webgpuBackend,
 } from "../mod.ts";
-import { writeResult } from "./common.ts";
+import { openblas, peerEnv, writeResult } from "./common.ts";
 import { type HalfFormat, roundToHalfBits } from "../src/io/safetensors.ts";
 import { type BaseTensor, type BaseWeightMap, weightSpecs } from "../src/model/weights.ts";
 
@@ -540,14 +540,6 @@ const memoryChild = async (
 
 // ---- parent ---------------------------------------------------------------------------------
 
-/** This process's environment without the two OpenBLAS tuning variables (for peers only). */
-const peerEnv = (): Record<string, string> => {
-  const env = Deno.env.toObject();
-  delete env.OPENBLAS_CORETYPE;
-  delete env.OPENBLAS_L2_SIZE;
-  return env;
-};
-
 interface ChildRun {
   readonly results: Results;
   readonly error: string | null;
@@ -628,51 +620,6 @@ const torchAvailable = async (): Promise<string | null> => {
   } catch (e) {
     return describe(e);
   }
-};
-
-const NUMPY_MATMUL = `
-import json, time, numpy as np
-n = 1024
-a = np.random.default_rng(1).random((n, n), dtype=np.float32)
-b = np.random.default_rng(2).random((n, n), dtype=np.float32)
-a @ b
-best = 1e9
-for _ in range(20):
-    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
-print(json.dumps({"gflop_s": 2 * n**3 / best / 1e9, "numpy": np.__version__}))
-`;
-
-/** numpy's sgemm at n=1024 with each python3 that has numpy; the best one is the peer. */
-const openblas = async (): Promise<Results> => {
-  const seen: string[] = [];
-  let best: number | null = null;
-  for (const py of ["python3", "/usr/bin/python3"]) {
-    try {
-      const o = await new Deno.Command(py, {
-        args: ["-c", NUMPY_MATMUL],
-        stdout: "piped",
-        stderr: "piped",
-        env: peerEnv(),
-        clearEnv: true,
-      }).output();
-      if (!o.success) {
-        seen.push(`${py}: no numpy`);
-        continue;
-      }
-      const r = JSON.parse(new TextDecoder().decode(o.stdout)) as {
-        gflop_s: number;
-        numpy: string;
-      };
-      seen.push(`${py} (numpy ${r.numpy}): ${round(r.gflop_s)} GFLOP/s`);
-      best = Math.max(best ?? 0, r.gflop_s);
-    } catch (e) {
-      seen.push(`${py}: ${describe(e)}`);
-    }
-  }
-  return {
-    openblas_matmul_1024_gflop_s: best === null ? null : round(best),
-    openblas_numpy: seen.join("; ") + " (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE unset)",
-  };
 };
 
 /** Alternating rounds of the pairs whose ratios are bars (SmolLM2 vs torch, matmul vs OpenBLAS). */
