@@ -135,15 +135,14 @@ class TileState {
     const per = this.kept.get(buffer);
     const found = per?.get(key);
     if (found) return { tex: found, hit: true };
-    const bytes = w * h * (format === "rgba32float" ? 16 : 8);
-    if (this.keptBytes + bytes > (direct ? KEPT_DIRECT_BYTES : KEPT_TEX_BYTES)) return null;
-    const texture = this.ctx.device.createTexture({
-      label: `matmul_kept_${key}`,
-      size: [w, h],
+    const tex = this.keep(
+      `matmul_kept_${key}`,
+      w,
+      h,
       format,
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
-    });
-    const tex = { texture, view: texture.createView(), bytes };
+      direct ? KEPT_DIRECT_BYTES : KEPT_TEX_BYTES,
+    );
+    if (!tex) return null;
     if (per) per.set(key, tex);
     else {
       this.kept.set(buffer, new Map([[key, tex]]));
@@ -155,8 +154,21 @@ class TileState {
         this.kept.delete(buffer);
       });
     }
-    this.keptBytes += bytes;
     return { tex, hit: false };
+  }
+
+  /** A fresh w x h texture counted in keptBytes, or null when that would pass `budget`. */
+  private keep(label: string, w: number, h: number, format: TexFormat, budget: number) {
+    const bytes = w * h * (format === "rgba32float" ? 16 : 8);
+    if (this.keptBytes + bytes > budget) return null;
+    const texture = this.ctx.device.createTexture({
+      label,
+      size: [w, h],
+      format,
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
+    });
+    this.keptBytes += bytes;
+    return { texture, view: texture.createView(), bytes };
   }
 
   /** Numbers naming buffers in the keys of `stacked`. */
@@ -186,28 +198,15 @@ class TileState {
     const key = `${what}:${w}x${h}:${format}:${buffers.map(id).join(",")}`;
     const found = this.stacks.get(key);
     if (found) return { tex: found, hit: true };
-    const bytes = w * h * (format === "rgba32float" ? 16 : 8);
-    if (this.keptBytes + bytes > KEPT_TEX_BYTES) return null;
-    const texture = this.ctx.device.createTexture({
-      label: `matmul_stacked_${what}`,
-      size: [w, h],
-      format,
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
-    });
-    const tex = { texture, view: texture.createView(), bytes };
+    const tex = this.keep(`matmul_stacked_${what}`, w, h, format, KEPT_TEX_BYTES);
+    if (!tex) return null;
     this.stacks.set(key, tex);
-    this.keptBytes += bytes;
-    const dispose = () => {
-      if (this.stacks.get(key) !== tex) return;
-      this.stacks.delete(key);
-      this.ctx.retire(texture);
-      this.keptBytes -= bytes;
-    };
-    for (const b of buffers) this.ctx.derive(b, dispose);
+    // the first of its buffers to change drops it (the others find it gone)
+    for (const b of buffers) this.ctx.derive(b, () => this.unstack(tex));
     return { tex, hit: false };
   }
 
-  /** Drops a texture of `stacked` that its caller will not fill after all. */
+  /** Drops a texture of `stacked` (its contents are stale, or its caller will not fill it). */
   unstack(tex: Packed): void {
     for (const [key, t] of this.stacks) {
       if (t !== tex) continue;
@@ -325,6 +324,8 @@ type Load =
     elem: number;
     /** Inner dimension of this operand when not the product's (the LoRA pair's rank). */
     k?: number;
+    /** First texture row written (0 unless several operands share the texture). */
+    y0?: number;
   }
   | {
     /** 16-bit rows copied into a staging buffer of a 256-byte pitch, then into the texture. */
@@ -338,6 +339,8 @@ type Load =
     extent: [number, number];
     tex: Packed;
     u: Params;
+    /** First texture row written (as for a copy). */
+    y0?: number;
   }
   | {
     kind: "pack";
@@ -364,6 +367,80 @@ interface LoraPair {
   readonly xaWidth?: number;
   readonly xaOffset?: number;
 }
+
+/**
+ * How rows [row0, row0 + rows) of a 16-bit operand reach texture `tex` as raw bits, from texture
+ * row y0: copied when the run one texture row holds (k of one operand row when `km`, else `rows`
+ * operand rows at one k) is a multiple of 256 bytes, as copies need; else through a staging
+ * buffer of that row pitch (matmul_pitch16), pushed to `staging` for the caller to release once
+ * the load is encoded.
+ */
+const load16 = (
+  ctx: GpuContext,
+  op: Operand,
+  km: boolean,
+  k: number,
+  row0: number,
+  rows: number,
+  tex: Packed,
+  staging: GPUBuffer[],
+  y0 = 0,
+): Load => {
+  const run = km ? k : rows;
+  if (((km ? k : op.rows) * 2) % 256 === 0) {
+    return { kind: "copy", op, kMajor: km, row0, rows, tex, elem: 2, y0 };
+  }
+  const pitch = Math.ceil((run * 2) / 256) * 256;
+  const lines = km ? rows : k;
+  const buf = ctx.alloc(lines * pitch);
+  staging.push(buf);
+  const u: Params = {
+    src_ld: (km ? k : op.rows) / 2,
+    dst_ld: pitch / 4,
+    row0: km ? row0 : 0,
+    col0: km ? 0 : row0 / 2,
+    rows: lines,
+    words: run / 2,
+  };
+  const extent: [number, number] = km ? [Math.ceil(k / 4), rows] : [rows / 4, k];
+  return { kind: "pitch", op, staging: buf, pitch, lines, words: run / 2, extent, tex, u, y0 };
+};
+
+/** Encodes one operand load (`k`: the product's inner dimension) into the context's batch. */
+const encodeLoad = (ctx: GpuContext, l: Load, kk: number): void => {
+  if (l.kind === "copy") {
+    const { op, row0, rows, elem: e } = l;
+    const k = l.k ?? kk;
+    const kSteps = Math.ceil(k / 4);
+    ctx.copyToTexture(
+      l.kMajor
+        ? { buffer: op.buffer, offset: row0 * k * e, bytesPerRow: k * e, rowsPerImage: rows }
+        : { buffer: op.buffer, offset: row0 * e, bytesPerRow: op.rows * e, rowsPerImage: k },
+      { texture: l.tex.texture, origin: { x: 0, y: l.y0 ?? 0 } },
+      l.kMajor ? [kSteps, rows] : [Math.ceil(rows / 4), k],
+    );
+  } else if (l.kind === "pitch") {
+    ctx.dispatch(
+      "matmul_pitch16",
+      [l.op.buffer, l.staging],
+      grid(Math.ceil((l.lines * l.words) / 256)),
+      l.u,
+    );
+    ctx.copyToTexture(
+      { buffer: l.staging, offset: 0, bytesPerRow: l.pitch, rowsPerImage: l.lines },
+      { texture: l.tex.texture, origin: { x: 0, y: l.y0 ?? 0 } },
+      l.extent,
+    );
+  } else {
+    ctx.dispatchResources(
+      l.kernel,
+      [{ buffer: l.op.buffer }, l.tex.view],
+      [Math.ceil(l.size[0] / 4), Math.ceil(l.size[1] / 16)],
+      l.u,
+      l.op.dtype === "f32" ? undefined : halfConstants(l.op.dtype),
+    );
+  }
+};
 
 /** Encodes the tiled path into the context's batch (results land in `c`). */
 const tiled = (
@@ -438,27 +515,7 @@ const tiled = (
       if (!kept && st.holding(tex, op.buffer, `16:${km}:${k}:${bufferRows}:${row0}:${rows}`)) {
         return tex;
       }
-      // the run of elements one texture row holds: k of one op row, or `rows` op rows at one k;
-      // a direct copy reads it at the buffer's row stride, which must be a multiple of 256 bytes
-      const run = km ? k : rows;
-      if (direct) {
-        loads.push({ kind: "copy", op, kMajor: km, row0, rows, tex, elem: 2 });
-        return tex;
-      }
-      const pitch = Math.ceil((run * 2) / 256) * 256;
-      const lines = km ? rows : k;
-      const buf = ctx.alloc(lines * pitch);
-      staging.push(buf);
-      const u = slot("matmul_pitch16", {
-        src_ld: (km ? k : op.rows) / 2,
-        dst_ld: pitch / 4,
-        row0: km ? row0 : 0,
-        col0: km ? 0 : row0 / 2,
-        rows: lines,
-        words: run / 2,
-      });
-      const extent: [number, number] = km ? [kSteps, rows] : [rows / 4, k];
-      loads.push({ kind: "pitch", op, staging: buf, pitch, lines, words: run / 2, extent, tex, u });
+      loads.push(load16(ctx, op, km, k, row0, rows, tex, staging));
       return tex;
     }
     if (!kMajor(op)) {
@@ -556,40 +613,7 @@ const tiled = (
   // Encoded into the context's batch, in order with the dispatches that produce the operands
   // and those that read the result (queue order keeps every dependency, shared textures too).
   for (const main of mains) {
-    for (const l of main.loads) {
-      if (l.kind === "copy") {
-        const { op, row0, rows, elem: e } = l;
-        const k = l.k ?? kk;
-        const kSteps = Math.ceil(k / 4);
-        ctx.copyToTexture(
-          l.kMajor
-            ? { buffer: op.buffer, offset: row0 * k * e, bytesPerRow: k * e, rowsPerImage: rows }
-            : { buffer: op.buffer, offset: row0 * e, bytesPerRow: op.rows * e, rowsPerImage: k },
-          { texture: l.tex.texture },
-          l.kMajor ? [kSteps, rows] : [Math.ceil(rows / 4), k],
-        );
-      } else if (l.kind === "pitch") {
-        ctx.dispatch(
-          "matmul_pitch16",
-          [l.op.buffer, l.staging],
-          grid(Math.ceil((l.lines * l.words) / 256)),
-          l.u,
-        );
-        ctx.copyToTexture(
-          { buffer: l.staging, offset: 0, bytesPerRow: l.pitch, rowsPerImage: l.lines },
-          { texture: l.tex.texture },
-          l.extent,
-        );
-      } else {
-        ctx.dispatchResources(
-          l.kernel,
-          [{ buffer: l.op.buffer }, l.tex.view],
-          [Math.ceil(l.size[0] / 4), Math.ceil(l.size[1] / 16)],
-          l.u,
-          l.op.dtype === "f32" ? undefined : halfConstants(l.op.dtype),
-        );
-      }
-    }
+    for (const l of main.loads) encodeLoad(ctx, l, kk);
     ctx.dispatchResources(
       kernel,
       [
@@ -1137,34 +1161,11 @@ const stackedProjections = (
   }
   let y0 = 0;
   let coff = 0;
+  const staging: GPUBuffer[] = [];
   dims.forEach((d, i) => {
     if (!w.hit) {
-      // 16-bit rows copied as they are (via a 256-byte pitch where k·2 bytes is not one)
-      const dst = { texture: w.tex.texture, origin: { x: 0, y: y0 } };
-      if ((k * 2) % 256 === 0) {
-        ctx.copyToTexture(
-          { buffer: ws[i].buffer, offset: 0, bytesPerRow: k * 2, rowsPerImage: d.n },
-          dst,
-          [kSteps, d.n],
-        );
-      } else {
-        const rowBytes = Math.ceil((k * 2) / 256) * 256;
-        const staging = ctx.alloc(d.n * rowBytes);
-        ctx.dispatch("matmul_pitch16", [ws[i].buffer, staging], grid(Math.ceil((d.n * k) / 512)), {
-          src_ld: k / 2,
-          dst_ld: rowBytes / 4,
-          row0: 0,
-          col0: 0,
-          rows: d.n,
-          words: k / 2,
-        });
-        ctx.copyToTexture(
-          { buffer: staging, offset: 0, bytesPerRow: rowBytes, rowsPerImage: d.n },
-          dst,
-          [kSteps, d.n],
-        );
-        ctx.release(staging);
-      }
+      const op: Operand = { buffer: ws[i].buffer, rows: d.n, kContiguous: true, dtype };
+      encodeLoad(ctx, load16(ctx, op, true, k, 0, d.n, w.tex, staging, y0), k);
     }
     if (!b.hit) {
       ctx.dispatchResources(
@@ -1177,6 +1178,7 @@ const stackedProjections = (
     y0 += d.n;
     coff += d.r;
   });
+  for (const buf of staging) ctx.release(buf);
   const outs = dims.map((d) => sc.out([m, d.n]));
   // two parts: the third output is never written (its columns start at n)
   const unused = outs.length === 2 ? ctx.alloc(16) : null;
