@@ -268,7 +268,12 @@ Deno.test("bpe fixture: added tokens are kept whole; specials skipped by decode"
   assert(bpe.isSpecial(302) && !bpe.isSpecial(303) && !bpe.isSpecial(id("hello")));
   // A partial special token is ordinary text.
   assertEquals(bpe.decode(bpe.encode("<|eot_id|")), "<|eot_id|");
-  throwsTokenizerError(() => bpe.decode([290]), "unknown token id 290");
+  // ids without a token (a hole in the vocabulary, a model's padding rows) are skipped, as HF
+  // tokenizers' decode does; ids that are no token id at all are errors
+  assertEquals(bpe.decode([id("hello"), 290, id("Ġworld"), bpe.vocabSize + 7]), "hello world");
+  assertEquals(bpe.decode([290]), "");
+  throwsTokenizerError(() => bpe.decode([id("hello"), -1]), "unknown token id -1");
+  throwsTokenizerError(() => bpe.decode([1.5]), "unknown token id 1.5");
 });
 
 /** Any Unicode scalar value (no lone surrogates); cheaper than fc's "binary" unit. */

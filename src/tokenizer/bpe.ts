@@ -727,14 +727,21 @@ export class HfTokenizer implements Tokenizer {
     return out;
   }
 
-  /** Text of `ids`, through the file's decoder; special tokens are skipped by default. */
+  /**
+   * Text of `ids`, through the file's decoder; special tokens are skipped by default. An id with
+   * no token is skipped too, as HF tokenizers' decode does: a model's embedding may have more
+   * rows than its tokenizer has tokens (Qwen2.5 and Qwen3 pad 151,669 to 151,936), and a
+   * sampled padding id must not end a run. An id that is not a non-negative integer is a
+   * TokenizerError.
+   */
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
     const skip = options.skipSpecialTokens ?? true;
     const kept: number[] = [];
     ids.forEach((id, position) => {
-      if (!Number.isInteger(id) || this.#known[id] === undefined) {
+      if (!Number.isInteger(id) || id < 0) {
         throw new TokenizerError({ reason: `unknown token id ${id}`, position });
       }
+      if (this.#known[id] === undefined) return;
       if (!(skip && this.isSpecial(id))) kept.push(id);
     });
     return kept.length === 0 ? "" : this.#hf.decode(kept, {
