@@ -22,6 +22,14 @@ const vulkanIcds = (): string => {
   return found.length ? found.sort().join(", ") : "none (wgpu uses OpenGL ES)";
 };
 
+/** The adapter's subgroup sizes, "min-max" ("none" without an adapter). */
+const subgroupSizes = (adapter: GPUAdapter | null): string => {
+  const info = adapter?.info as
+    | (GPUAdapterInfo & { subgroupMinSize?: number; subgroupMaxSize?: number })
+    | undefined;
+  return info ? `${info.subgroupMinSize ?? "?"}-${info.subgroupMaxSize ?? "?"}` : "none";
+};
+
 /** Machine facts recorded next to every result. */
 export const machine = async (): Promise<Record<string, string | number>> => {
   const simd = preferWideSoftwareSimd();
@@ -34,6 +42,11 @@ export const machine = async (): Promise<Record<string, string | number>> => {
     gpu_fallback_adapter: String(adapter?.info.isFallbackAdapter ?? false),
     llvmpipe_simd_width_choice: simd,
     vulkan_icds: vulkanIcds(),
+    // lavapipe (Vulkan) reports one subgroup size and gets the subgroup tile matmul; llvmpipe
+    // on OpenGL ES has no subgroups
+    gpu_subgroup_sizes: subgroupSizes(adapter),
+    lorafold_subgroups: Deno.env.get("LORAFOLD_SUBGROUPS") === "off" ? "off" : "auto",
+    deno_webgpu_backend: Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default",
     runtime: `deno ${Deno.version.deno}`,
     date: new Date().toISOString(),
   };

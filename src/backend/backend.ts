@@ -13,6 +13,7 @@ import type { CpuPrecision } from "./cpu/scope.ts";
 import { BackendError, type BackendInfo, type Ops } from "./ops.ts";
 import { GpuContext } from "./webgpu/context.ts";
 import { loadKernels } from "./webgpu/kernels.ts";
+import { subgroupLanesSupported } from "./webgpu/matmul_subgroup.ts";
 import { makeGpuOps } from "./webgpu/ops.ts";
 import { preferWideSoftwareSimd } from "./webgpu/software_simd.ts";
 
@@ -57,6 +58,27 @@ const gpuApi = (): GPU | undefined => {
   return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
 };
 
+/**
+ * The subgroup size a software adapter runs every subgroup at (its SIMD width: min = max),
+ * when the subgroup tile matmul supports it and LORAFOLD_SUBGROUPS is not "off"; else null.
+ * Real GPUs take the GPU kernel variant (matmul_gpu.ts) instead.
+ */
+const fixedSubgroupLanes = (info: GPUAdapterInfo, fallback: boolean): number | null => {
+  const { subgroupMinSize: min, subgroupMaxSize: max } = info as GPUAdapterInfo & {
+    subgroupMinSize?: number;
+    subgroupMaxSize?: number;
+  };
+  if (!fallback || min === undefined || min !== max || !subgroupLanesSupported(min)) return null;
+  let off = false;
+  try {
+    off = (globalThis as { Deno?: { env: { get(k: string): string | undefined } } }).Deno?.env
+      .get("LORAFOLD_SUBGROUPS") === "off";
+  } catch {
+    // no env permission: the default
+  }
+  return off ? null : min;
+};
+
 /** Opens the WebGPU device with the adapter's raised limits; released with the scope. */
 export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scope> = Effect
   .acquireRelease(
@@ -67,23 +89,30 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
         const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
         if (!adapter) throw new Error("no WebGPU adapter");
         const l = adapter.limits;
-        const device = await adapter.requestDevice({
-          requiredLimits: {
-            maxBufferSize: l.maxBufferSize,
-            maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-            maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-            maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-            maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-            maxComputeWorkgroupSizeY: l.maxComputeWorkgroupSizeY,
-            maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
-          },
-        });
+        const requiredLimits = {
+          maxBufferSize: l.maxBufferSize,
+          maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+          maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+          maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+          maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+          maxComputeWorkgroupSizeY: l.maxComputeWorkgroupSizeY,
+          maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+        };
         const info = adapter.info;
+        const fallback = info.isFallbackAdapter ?? false;
+        const lanes = fixedSubgroupLanes(info, fallback);
+        // Deno 2.9 leaves "subgroups" out of adapter.features even where requestDevice grants
+        // it (lavapipe), so it is asked for and the device opened without it if refused.
+        const withSubgroups = lanes === null ? null : await adapter
+          .requestDevice({ requiredFeatures: ["subgroups" as GPUFeatureName], requiredLimits })
+          .catch(() => null);
+        const device = withSubgroups ?? await adapter.requestDevice({ requiredLimits });
         const description = info.description || `${info.vendor} ${info.device}`.trim();
         return new GpuContext(
           device,
-          { name: "webgpu", description, fallback: info.isFallbackAdapter ?? false },
+          { name: "webgpu", description, fallback },
           await loadKernels(),
+          withSubgroups ? lanes : null,
         );
       },
       catch: (e) => new BackendError({ operation: "setup", reason: messageOf(e) }),

@@ -207,6 +207,12 @@ export class GpuContext {
     readonly device: GPUDevice,
     readonly info: BackendInfo,
     private readonly kernels: Map<string, string>,
+    /**
+     * Lanes of every subgroup when the device has the `subgroups` feature and the adapter runs
+     * one fixed size (a software adapter: its SIMD width), else null: the subgroup tile matmul
+     * (matmul_subgroup.ts) is written for that size.
+     */
+    readonly subgroupLanes: number | null = null,
   ) {
     this.uniform = device.createBuffer({
       size: SLOT * SLOTS,
@@ -245,6 +251,15 @@ export class GpuContext {
   setPoolCap(bytes: number | null): void {
     this.poolCap = bytes ?? POOL_CAP_BYTES;
     this.evictFor(0);
+  }
+
+  /**
+   * Registers kernel `name` with the source `make()` returns (once; later calls reuse it), for
+   * kernels whose text is generated for the device (matmul_subgroup.ts); no include prepended.
+   */
+  generatedKernel(name: string, make: () => string): string {
+    if (!this.kernels.has(name)) this.kernels.set(name, make());
+    return name;
   }
 
   /**

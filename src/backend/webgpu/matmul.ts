@@ -34,6 +34,11 @@
  * its buffer neither written nor released since) is not copied again (`TileState.holding`).
  * projectLoraShared runs a decoding step's q/k/v or gate/up as one product over stacked weights
  * (`stackedProjections`).
+ *
+ * Where the device has subgroups of one fixed size (lavapipe, llvmpipe's Vulkan driver), a
+ * product of at least 64 rows with a k-major A runs the subgroup tile kernel instead of
+ * matmul_t16x16 (matmul_subgroup.ts): same textures, parameters and store, a 64-row tile per
+ * subgroup with rows of A shared by broadcast (1024³: 83 vs 69-71 GFLOP/s).
  * @module
  */
 import { projectEachLora } from "../lora_projections.ts";
@@ -51,6 +56,7 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows } from "./elementwise.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
+import { SUBGROUP_TILE_ROWS, subgroupKernelName, subgroupKernelSource } from "./matmul_subgroup.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
@@ -60,10 +66,19 @@ const SKINNY_K = 32;
 const TILE = 16;
 
 /** @internal Test hook: send every product the tiled kernel can take to it, whatever its size. */
-export const matmulTuning: { forceTiled: boolean; stackedProducts: number } = {
+export const matmulTuning: {
+  forceTiled: boolean;
+  stackedProducts: number;
+  subgroupTiles: boolean;
+  subgroupProducts: number;
+} = {
   forceTiled: false,
   /** Products projectLoraShared ran stacked (stackedProjections), counted for tests. */
   stackedProducts: 0,
+  /** Let products the subgroup tile kernel can take go to it (false: matmul_t16x16 only). */
+  subgroupTiles: true,
+  /** Dispatches of the subgroup tile kernel (matmul_subgroup.ts), counted for tests. */
+  subgroupProducts: 0,
 };
 
 /**
@@ -547,6 +562,13 @@ const tiled = (
     return tex;
   };
   type Main = { loads: Load[]; at: Packed; bt: Packed; u: Params; tiles: number };
+  // The subgroup tile kernel where the device has one (lavapipe) and the product has a tile's
+  // rows: it reads op(A) k-major only, and has no segmented store (decode-sized products).
+  const lanes = ctx.subgroupLanes;
+  const sg = lanes !== null && matmulTuning.subgroupTiles && !segments &&
+    m >= SUBGROUP_TILE_ROWS && kMajor(a);
+  const tileRows = sg ? SUBGROUP_TILE_ROWS : TILE;
+  const tileCols = sg ? 4 * lanes! : TILE;
   // at most half a tile of rows (decoding a few sequences): tiles of 8 rows (HALF_M)
   const halfM = m <= TILE / 2;
   const mains: Main[] = [];
@@ -558,8 +580,8 @@ const tiled = (
     for (let m0 = 0; m0 < m; m0 += chunk) {
       const mc = Math.min(chunk, m - m0);
       const at = single ?? load(a, "a", m0, mc);
-      const tilesN = Math.ceil(nc / TILE);
-      const tilesM = Math.ceil(mc / (halfM ? TILE / 2 : TILE));
+      const tilesN = Math.ceil(nc / tileCols);
+      const tilesM = Math.ceil(mc / (halfM ? TILE / 2 : tileRows));
       const tiles = tilesM * tilesN;
       const u = slot("matmul_t16x16", {
         m: mc,
@@ -582,21 +604,29 @@ const tiled = (
   }
   // Few tiles: small workgroups, so that both threads of a software adapter get work.
   const wg = Math.ceil(m / TILE) * Math.ceil(n / TILE) >= FEW_TILES ? 64 : 16;
-  const constants: Record<string, number> = { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
-  if (wg !== 64) constants.WG = wg;
+  const constants: Record<string, number> = sg
+    ? { B_KMAJOR: +kMajor(b) }
+    : { A_KMAJOR: +kMajor(a), B_KMAJOR: +kMajor(b) };
+  if (wg !== 64 && !sg) constants.WG = wg;
   if (alpha !== null) constants.ACC = 1;
   if (halfM) constants.HALF_M = 1;
-  const base = mainKernel(ctx, format(a), format(b));
-  const fused = lora ? loraKernel(ctx, base) : base;
   if (segments && (!lora || alpha !== null || mains.length !== 1)) {
     throw new Error("matmul: segmented outputs need one chunk, a LoRA pair and no accumulate");
   }
-  const kernel = segments ? segmentKernel(ctx, fused) : fused;
+  const kernel = (() => {
+    if (sg) {
+      const spec = { lanes: lanes!, fa: format(a), fb: format(b), lora: lora !== null };
+      return ctx.generatedKernel(subgroupKernelName(spec), () => subgroupKernelSource(spec));
+    }
+    const base = mainKernel(ctx, format(a), format(b));
+    const fused = lora ? loraKernel(ctx, base) : base;
+    return segments ? segmentKernel(ctx, fused) : fused;
+  })();
   if (segments) {
     mains[0].u = { ...mains[0].u, seg1: segments.bounds[0], seg2: segments.bounds[1] };
   }
   // K split (see SPLIT_BELOW_TILES): parts into slabs of a temporary, added up into c after
-  const split = mains.length === 1 && alpha === null && lora === null &&
+  const split = !sg && mains.length === 1 && alpha === null && lora === null &&
       mains[0].tiles < SPLIT_BELOW_TILES
     ? kSplit(mains[0], kSteps, m, n, ldc)
     : null;
@@ -623,10 +653,12 @@ const tiled = (
         ...pair.map((p) => p.view),
         ...(segments?.outs ?? []).map((buffer) => ({ buffer })),
       ],
-      grid(Math.ceil(main.tiles / wg)),
+      // the subgroup kernel: one workgroup (one subgroup) per tile
+      grid(sg ? main.tiles : Math.ceil(main.tiles / wg)),
       main.u,
       constants,
     );
+    if (sg) matmulTuning.subgroupProducts++;
   }
   if (split && part) {
     ctx.dispatch("matmul_ksum", [part, c], grid(Math.ceil((m * split.n4) / 64)), {
