@@ -3,7 +3,9 @@
  * CPU and on WebGPU (where the rows are read in place from their storage block), for f32 and
  * 16-bit w, tiled and direct shapes, and a w split into storage blocks (ranges inside one block
  * and across two); a second range of the same 16-bit w reuses nothing stale; bad ranges are
- * ShapeErrors naming the op.
+ * ShapeErrors naming the op. Ops.accumulateRows (c += s·x·w[start, start + count), the head's
+ * backward pass): the same checks against matmulAccumulate with the sliced rows, c read back
+ * after every range (each adds onto the last), and its shape errors.
  */
 import { ok as assert, throws } from "node:assert/strict";
 import fc from "fast-check";
@@ -65,6 +67,32 @@ const cases = fc.record({
   }),
 }));
 
+/** c after accumulating each range in turn (read after each), on the reference through sliceRows. */
+const runAccumulate = (b: BackendShape, c: Case, sliced = false) =>
+  withOps(b, (ops) => {
+    const x = (n: number, i: number) =>
+      ops.fromArray(seededValues(c.m * n, c.seed + 7 * i), [c.m, n]);
+    const w = ops.fromArray(seededValues(c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
+    const acc = ops.fromArray(seededValues(c.m * c.k, c.seed + 2), [c.m, c.k]);
+    const seen = c.ranges.map(([s, n], i) => {
+      if (sliced) ops.matmulAccumulate(acc, x(n, i), ops.sliceRows(w, s, n), 0.5);
+      else ops.accumulateRows(acc, x(n, i), w, s, n, 0.5);
+      return ops.copy(acc);
+    });
+    return ops.read(seen);
+  });
+
+const checkAccumulate = async (c: Case) => {
+  const want = await runAccumulate(ref, c, true);
+  for (const b of backends) {
+    const got = await runAccumulate(b, c);
+    got.forEach((g, i) => {
+      const e = relError(g, want[i]);
+      assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)} range ${i}: rel error ${e}`);
+    });
+  }
+};
+
 const check = async (c: Case) => {
   const want = await run(ref, c, true);
   for (const b of backends) {
@@ -95,6 +123,54 @@ Deno.test({
       gpu!.gpu?.setBindingLimit(null);
     }
   },
+});
+
+Deno.test("accumulateRows equals c + s·x·sliceRows(w) of the f64 reference, ranges in turn", async () => {
+  await fc.assert(fc.asyncProperty(cases, checkAccumulate), { numRuns: 30 });
+});
+
+Deno.test({
+  name: "accumulateRows at the LM head's backward shape (in place) and on a w split into blocks",
+  ignore: !hasGpu,
+  fn: async () => {
+    // 16-bit head rows of 576 (1152 bytes: a staging pitch) and of 64, ranges of a multiple of 4
+    await checkAccumulate({
+      m: 70,
+      rows: 300,
+      k: 576,
+      ranges: [[40, 200], [0, 64]],
+      half: "bf16",
+      seed: 5,
+    });
+    gpu!.gpu?.setBindingLimit(16384);
+    try {
+      for (const half of [null, "bf16"] as const) {
+        const ranges = [[8, 48], [40, 48], [0, 64], [100, 60]] as const;
+        await checkAccumulate({ m: 64, rows: 200, k: 64, ranges, half, seed: 9 });
+      }
+    } finally {
+      gpu!.gpu?.setBindingLimit(null);
+    }
+  },
+});
+
+Deno.test("accumulateRows: a range outside w, an x of another width or a c of another shape is a ShapeError naming the op", async () => {
+  for (const b of backends) {
+    await withOps(b, (ops) => {
+      const x = ops.fromArray(seededValues(8, 1), [2, 4]);
+      const w = ops.fromArray(seededValues(30, 2), [10, 3]);
+      const c = ops.zeros([2, 3]);
+      for (
+        const f of [
+          () => ops.accumulateRows(c, x, w, 8, 4, 1),
+          () => ops.accumulateRows(c, ops.zeros([2, 3]), w, 0, 4, 1),
+          () => ops.accumulateRows(ops.zeros([2, 4]), x, w, 0, 4, 1),
+        ]
+      ) {
+        throws(f, (e: unknown) => e instanceof ShapeError && e.message.includes("accumulateRows"));
+      }
+    });
+  }
 });
 
 Deno.test("projectRows: a range outside w or an x of another width is a ShapeError naming the op", async () => {

@@ -210,6 +210,12 @@ export interface Ops {
    * in place (a vocabulary chunk of the LM head, without copying it).
    */
   projectRows(x: Tensor, w: Tensor, start: number, count: number): Tensor;
+  /**
+   * c += s·x·w[start, start + count): accumulates the product with a row range of w (c [M,N],
+   * x [M,count], w [R,N]), as matmulAccumulate(c, x, sliceRows(w, start, count), s) where the
+   * backend can read the rows in place (the LM head's backward pass, chunk by chunk).
+   */
+  accumulateRows(c: Tensor, x: Tensor, w: Tensor, start: number, count: number, s: number): void;
 
   // ---- elementwise and reductions (f32) ------------------------------------------------------
   /** a + b, same shape. */

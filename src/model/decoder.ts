@@ -918,8 +918,8 @@ const headBackward = (
   for (const [c0, cn] of chunks) {
     ops.transient((t) => {
       const dl = dChunk(t, c0, cn);
-      const w = t.sliceRows(head, c0, cn);
-      t.matmulAccumulate(dh, dl, w, 1);
+      // the head's rows read in place (no copy of the chunk, whose texture stays packed)
+      t.accumulateRows(dh, dl, head, c0, cn, 1);
       if (dHead) ops.setRows(dHead, c0, t.matmul(dl, hSel, { transA: true }));
     });
   }

@@ -49,6 +49,36 @@ export const accumulateDims = (
   return d;
 };
 
+/**
+ * Shapes of Ops.accumulateRows: c [M,N] += x [M,count]·w[start, start + count) (w [R,N]); the
+ * range within w's rows. Returns [M, N].
+ */
+export const accumulateRowsDims = (
+  op: string,
+  c: Tensor,
+  x: Tensor,
+  w: Tensor,
+  start: number,
+  count: number,
+): [number, number] => {
+  ensure(w.shape.length === 2, op, () => `w must be 2-D, got [${w.shape}]`);
+  const [rows, n] = w.shape;
+  ensure(
+    Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 &&
+      start + count <= rows,
+    op,
+    () => `rows [${start}, ${start + count}) out of range [0, ${rows}) of [${w.shape}]`,
+  );
+  ensure(x.shape.length === 2 && x.shape[1] === count, op, () => `x [${x.shape}], ${count} rows`);
+  const m = x.shape[0];
+  ensure(
+    c.shape.length === 2 && c.shape[0] === m && c.shape[1] === n,
+    op,
+    () => `c is [${c.shape}], the product [${m},${n}]`,
+  );
+  return [m, n];
+};
+
 /** Shapes of Ops.projectLora: x [M,K]·w [N,K]ᵀ and xa [M,R]·b [N,R]ᵀ, the same [M, N]. */
 export const projectLoraDims = (
   op: string,

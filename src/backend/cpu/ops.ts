@@ -14,7 +14,7 @@ import * as attention from "./attention.ts";
 import * as elementwise from "./elementwise.ts";
 import * as layers from "./layers.ts";
 import * as matmul from "./matmul.ts";
-import { matmulDims } from "../checks/matmul.ts";
+import { accumulateRowsDims, matmulDims } from "../checks/matmul.ts";
 import { type CpuPrecision, CpuScope, CpuTensor } from "./scope.ts";
 
 /** Describes the CPU backend. */
@@ -102,6 +102,10 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
     // the rows are a view already (sliceRows copies nothing here)
+    accumulateRows: (c, x, w, start, count, s) => {
+      accumulateRowsDims("accumulateRows", c, x, w, start, count);
+      matmul.matmulAccumulate(sc, c, x, sliceRows(w, start, count, "accumulateRows"), s);
+    },
     projectRows: (x, w, start, count) => {
       const rows = sliceRows(w, start, count, "projectRows");
       matmulDims("projectRows", x, rows, { transB: true });

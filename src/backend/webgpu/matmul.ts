@@ -47,6 +47,7 @@ import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
 import {
   accumulateDims,
+  accumulateRowsDims,
   matmulDims,
   projectLoraDims,
   projectLoraSharedDims,
@@ -322,6 +323,11 @@ interface Operand {
    * bufferRows rows in the buffer (a vocabulary chunk of the LM head, read without a copy).
    */
   readonly view?: { readonly rowBase: number; readonly bufferRows: number };
+  /**
+   * For an operand that is not k-contiguous and goes to its texture as it is (not k-major): its
+   * k rows start at row kBase of the buffer (a vocabulary chunk of the LM head, read in place).
+   */
+  readonly kBase?: number;
   /** Its texture, filled already (projectLoraShared's stacked weights and LoRA B): no load. */
   readonly packed?: Packed;
 }
@@ -412,7 +418,7 @@ const load16 = (
   const u: Params = {
     src_ld: (km ? k : op.rows) / 2,
     dst_ld: pitch / 4,
-    row0: km ? row0 : 0,
+    row0: km ? row0 : op.kBase ?? 0,
     col0: km ? 0 : row0 / 2,
     rows: lines,
     words: run / 2,
@@ -430,7 +436,12 @@ const encodeLoad = (ctx: GpuContext, l: Load, kk: number): void => {
     ctx.copyToTexture(
       l.kMajor
         ? { buffer: op.buffer, offset: row0 * k * e, bytesPerRow: k * e, rowsPerImage: rows }
-        : { buffer: op.buffer, offset: row0 * e, bytesPerRow: op.rows * e, rowsPerImage: k },
+        : {
+          buffer: op.buffer,
+          offset: ((op.kBase ?? 0) * op.rows + row0) * e,
+          bytesPerRow: op.rows * e,
+          rowsPerImage: k,
+        },
       { texture: l.tex.texture, origin: { x: 0, y: l.y0 ?? 0 } },
       l.kMajor ? [kSteps, rows] : [Math.ceil(rows / 4), k],
     );
@@ -504,6 +515,9 @@ const tiled = (
   const loads: Load[] = [];
   const load = (op: Operand, role: string, viewRow0: number, rows: number): Packed => {
     if (op.packed) return op.packed;
+    if (op.kBase !== undefined && kMajor(op)) {
+      throw new Error("matmul: an operand with a k offset must go to its texture as it is");
+    }
     // rows of a view are addressed in its buffer's matrix (see Operand.view)
     const row0 = viewRow0 + (op.view?.rowBase ?? 0);
     const bufferRows = op.view?.bufferRows ?? op.rows;
@@ -517,7 +531,7 @@ const tiled = (
       const kept = direct && m > KEEP_DIRECT_ROWS ? null : st.frozen(
         op.buffer,
         direct,
-        `${km}:${format(op)}:${k}:${bufferRows}:${row0}:${rows}`,
+        `${km}:${format(op)}:${k}:${bufferRows}:${row0}:${rows}:${op.kBase ?? 0}`,
         km ? kSteps : padded / 4,
         km ? padded : k,
         format(op),
@@ -527,7 +541,8 @@ const tiled = (
         (km
           ? st.texture(role + "k", kSteps, padded, format(op))
           : st.texture(role + "m", padded / 4, k, format(op)));
-      if (!kept && st.holding(tex, op.buffer, `16:${km}:${k}:${bufferRows}:${row0}:${rows}`)) {
+      const held = `16:${km}:${k}:${bufferRows}:${row0}:${rows}:${op.kBase ?? 0}`;
+      if (!kept && st.holding(tex, op.buffer, held)) {
         return tex;
       }
       loads.push(load16(ctx, op, km, k, row0, rows, tex, staging));
@@ -535,7 +550,9 @@ const tiled = (
     }
     if (!kMajor(op)) {
       const tex = st.texture(role + "m", padded / 4, k);
-      if (st.holding(tex, op.buffer, `m:${k}:${bufferRows}:${row0}:${rows}`)) return tex;
+      if (st.holding(tex, op.buffer, `m:${k}:${bufferRows}:${row0}:${rows}:${op.kBase ?? 0}`)) {
+        return tex;
+      }
       loads.push({ kind: "copy", op, kMajor: false, row0, rows, tex, elem: 4 });
       return tex;
     }
@@ -1247,6 +1264,55 @@ const stackedProjections = (
   matmulTuning.stackedProducts++;
   return outs;
 };
+
+/** See Ops.accumulateRows. */
+export function accumulateRows(
+  sc: GpuScope,
+  c: Tensor,
+  x: Tensor,
+  w: Tensor,
+  start: number,
+  count: number,
+  s: number,
+): void {
+  const op = "accumulateRows";
+  const [m, n] = accumulateRowsDims(op, c, x, w, start, count);
+  const g = sc.blocks(w, op);
+  const cb = sc.f(c, op);
+  const xh = sc.fh(x, op);
+  const block = g.blocks.find((b) =>
+    b.start <= start * n && (start + count) * n <= b.start + b.length
+  );
+  const ctx = sc.ctx;
+  // The rows go to their texture in place only as a plain (not k-major) operand: n of a multiple
+  // of 64 (f32) or 4 (16-bit), count within the texture limit (see tiled's kMajor).
+  const plain = n % (g.dtype === "f32" ? 64 : 4) === 0 && count % 4 === 0 &&
+    count <= ctx.device.limits.maxTextureDimension2D;
+  if (
+    gpuVariant.usesGpuKernels(ctx) || !block || !plain || cb === xh.buffer || m === 0 ||
+    !useTiled(ctx, m, n, count)
+  ) {
+    matmulAccumulate(sc, c, x, sliceRows(sc, w, start, count), s);
+    return;
+  }
+  tiled(
+    ctx,
+    { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
+    {
+      buffer: block.buffer,
+      rows: n,
+      kContiguous: false,
+      dtype: g.dtype,
+      kBase: (start * n - block.start) / n,
+    },
+    cb,
+    m,
+    n,
+    count,
+    n,
+    s,
+  );
+}
 
 /**
  * See Ops.projectRows. The rows are read where they lie (their storage block, from a row

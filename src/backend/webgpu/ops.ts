@@ -130,6 +130,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
     projectRows: (x, w, start, count) => matmul.projectRows(sc, x, w, start, count),
+    accumulateRows: (c, x, w, start, count, s) =>
+      matmul.accumulateRows(sc, c, x, w, start, count, s),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),
