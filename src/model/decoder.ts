@@ -812,6 +812,11 @@ const scaledProduct = (ops: Ops, a: Tensor, b: Tensor, s: number, transA = false
   return out;
 };
 
+/**
+ * d input of one projection (and its gradients into `grads`). With `into` (d input of another
+ * projection of the same input) it is added onto that tensor in place and returned: the
+ * products accumulate as they store, with no add pass.
+ */
 const linearBackward = (
   ops: Ops,
   tape: Tape,
@@ -821,10 +826,12 @@ const linearBackward = (
   lt: LinearTape,
   mode: GradMode,
   grads: Map<string, Tensor>,
+  into: Tensor | null = null,
 ): Tensor => {
   const path = projectionPath(layer, p);
   const w = weight(tape.model, `${path}.weight`);
-  let dx = ops.matmul(dy, w);
+  let dx = into ?? ops.matmul(dy, w);
+  if (into) ops.matmulAccumulate(into, dy, w, 1);
   if (mode === "full") {
     accumulate(ops, grads, `${path}.weight`, ops.matmul(dy, lt.x, { transA: true }));
     if (tape.model.weights.has(`${path}.bias`)) {
@@ -839,8 +846,11 @@ const linearBackward = (
       accumulate(ops, grads, loraGradKey(path, "B"), scaledProduct(ops, dy, lt.xa, s, true));
       accumulate(ops, grads, loraGradKey(path, "A"), ops.matmul(dxa, lt.xd, { transA: true }));
     }
-    if (lt.mask) dx = ops.add(dx, ops.mul(ops.matmul(dxa, m.a), lt.mask));
-    else ops.matmulAccumulate(dx, dxa, m.a, 1); // dx: this call's own fresh product
+    if (lt.mask) {
+      const d = ops.mul(ops.matmul(dxa, m.a), lt.mask);
+      if (into) ops.addScaledInPlace(into, d, 1);
+      else dx = ops.add(dx, d);
+    } else ops.matmulAccumulate(dx, dxa, m.a, 1); // dx: a fresh product, or `into`
   }
   return dx;
 };
@@ -1025,8 +1035,8 @@ const layerBackward = (
   const { model } = tape;
   const c = model.config;
   const pre = `model.layers.${l}`;
-  const lb = (p: Projection, dy: Tensor) =>
-    linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads);
+  const lb = (p: Projection, dy: Tensor, into: Tensor | null = null) =>
+    linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads, into);
   const gemma = isGemma(c);
   // d through a norm: d input, with d weight accumulated in mode "full"
   const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor) =>
@@ -1040,7 +1050,7 @@ const layerBackward = (
   const sw = gemma
     ? ops.gegluTanhBackward(dAct, t.gate, t.up)
     : ops.swigluBackward(dAct, t.gate, t.up);
-  const dh2 = ops.add(lb("gate_proj", sw.dGate), lb("up_proj", sw.dUp));
+  const dh2 = lb("up_proj", sw.dUp, lb("gate_proj", sw.dGate));
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
   const dx2 = ops.add(dx, normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2));
   const dO = sw3 ? normBack(dx2, sw3.o, `${pre}.post_attention_layernorm.weight`, sw3.rstdO) : dx2;
@@ -1077,7 +1087,7 @@ const layerBackward = (
     dqPre = headNormBackward(dqPre, t.qkNorm.qp, names.q, t.qkNorm.rstdQ, c.numHeads);
     dkPre = headNormBackward(dkPre, t.qkNorm.kp, names.k, t.qkNorm.rstdK, c.numKvHeads);
   }
-  const dh1 = ops.add(ops.add(lb("q_proj", dqPre), lb("k_proj", dkPre)), lb("v_proj", ab.dv));
+  const dh1 = lb("v_proj", ab.dv, lb("k_proj", dkPre, lb("q_proj", dqPre)));
   return ops.add(dx2, normBack(dh1, t.x, `${pre}.input_layernorm.weight`, t.rstd1));
 };
 
