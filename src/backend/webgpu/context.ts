@@ -145,6 +145,9 @@ const eventLoopTurn = (): Promise<void> =>
     ch.port2.postMessage(0);
   });
 
+/** Most bytes of one staging buffer of `read` (larger reads take several). */
+const READ_STAGING_BYTES = 256 << 20;
+
 /** Uploads of at least this many bytes are submitted at once (their staging copy goes back). */
 const UPLOAD_SUBMIT_BYTES = 16 << 20;
 
@@ -607,17 +610,38 @@ export class GpuContext {
     }
   }
 
-  /** Copies buffers to the host with one submit and one wait. */
+  /**
+   * Copies buffers to the host with one submit and one wait. The sources share staging buffers
+   * of up to READ_STAGING_BYTES (at 8-byte offsets, as mapped ranges need): a LoRA snapshot reads
+   * ~400 tensors, and a staging buffer and a map per tensor cost more than the copy.
+   */
   async read(srcs: readonly { buffer: GPUBuffer; bytes: number }[]): Promise<ArrayBuffer[]> {
-    const staging = srcs.map(({ buffer, bytes }) => {
-      const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    const cap = Math.min(READ_STAGING_BYTES, this.device.limits.maxBufferSize);
+    const staging: GPUBuffer[] = [];
+    const at: { stage: number; offset: number }[] = [];
+    let start = 0;
+    let used = 0;
+    const close = (end: number) => {
+      if (end === start) return;
       const s = this.device.createBuffer({
-        size,
+        size: Math.max(used, 8),
         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
       });
-      this.copy(buffer, 0, s, 0, size);
-      return s;
+      for (let i = start; i < end; i++) {
+        const size = Math.ceil(srcs[i].bytes / 4) * 4;
+        if (size > 0) this.copy(srcs[i].buffer, 0, s, at[i].offset, size);
+      }
+      staging.push(s);
+      start = end;
+      used = 0;
+    };
+    srcs.forEach(({ bytes }, i) => {
+      const size = Math.ceil(bytes / 8) * 8;
+      if (used > 0 && used + size > cap) close(i);
+      at.push({ stage: staging.length, offset: used });
+      used += size;
     });
+    close(srcs.length);
     this.flush();
     await this.drain();
     this.waits++;
@@ -628,9 +652,12 @@ export class GpuContext {
         this.error = null;
         throw new Error(e);
       }
-      return staging.map((s, i) =>
-        s.getMappedRange(0, srcs[i].bytes === 0 ? 0 : s.size).slice(0, srcs[i].bytes)
-      );
+      return srcs.map(({ bytes }, i) => {
+        if (bytes === 0) return new ArrayBuffer(0);
+        // a copy: unmap detaches the mapped range
+        return staging[at[i].stage].getMappedRange(at[i].offset, Math.ceil(bytes / 4) * 4)
+          .slice(0, bytes);
+      });
     } finally {
       // Unmap before destroying: destroying a still-mapped buffer is where Deno's WebGPU has
       // been seen to corrupt the heap (an abort at process exit).
