@@ -144,7 +144,8 @@ const DEFINITIONS = "logprobs and lora_train: batch 8 x (64 prompt + 64 completi
   "projections); generate_bN: N sequences x 32 new tokens, greedy, 64-token prompt, KV cache, " +
   "unmerged adapters active, new tokens per second including prefill; snapshot_ms: " +
   "policy.snapshot() of the LoRA policy (fold + host copy + SHA-256 digest; torch: out-of-place " +
-  "fold + SHA-256 + finite check); peak_rss_mib: VmHWM of the child process that ran that " +
+  "fold + SHA-256 + finite check), on webgpu and cpu the median of up to 9 timed runs " +
+  "(`_snapshot_ms_runs`), torch one; peak_rss_mib: VmHWM of the child process that ran that " +
   "(model, backend); each figure is the best of `repetitions` timed runs after one warm-up " +
   "(logprobs: full size on webgpu, which compiles its kernels then, and torch, batch 1 on cpu; " +
   "lora_train: full size on webgpu and torch, batch 1 on cpu; generation: the same batch with an 8-token prompt and 2 new tokens); " +
@@ -302,6 +303,13 @@ const child = async (
       full: () => Promise<unknown>,
       warm: () => Promise<unknown>,
       value: (bestS: number) => number,
+      /**
+       * A sub-second measurement (the snapshot): this many timed runs when they fit, reported
+       * as their median (and listed): one run after the warm-up lands in the first snapshots,
+       * whose device copies still allocate buffers (on lavapipe 100-140 ms against ~65 ms once
+       * the pool holds them; a training run snapshots every step).
+       */
+      medianOf = 0,
     ) => {
       if (only.length > 0 && !only.includes(m)) return;
       const est = estimate(m);
@@ -325,14 +333,23 @@ const child = async (
         await warm();
         let best = Infinity;
         let done = 0;
-        while (done < n) {
+        const times: number[] = [];
+        const want = Math.max(n, medianOf);
+        while (done < want) {
           const t = performance.now();
           await full();
-          best = Math.min(best, (performance.now() - t) / 1000);
+          times.push((performance.now() - t) / 1000);
+          best = Math.min(best, times[times.length - 1]);
           done++;
           if (best + rest(m) > left()) break; // the next run would not fit
         }
-        out[`${p}_${m}`] = round(value(best));
+        if (medianOf > 0) {
+          const sorted = [...times].sort((a, b) => a - b);
+          const mid = sorted.length >> 1;
+          const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+          out[`${p}_${m}`] = round(value(median));
+          out[`${p}_${m}_runs`] = times.map((x) => round(value(x), 1)).join(", ");
+        } else out[`${p}_${m}`] = round(value(best));
         minReps = Math.min(minReps, done);
         out[`${p}_repetitions`] = minReps;
       } catch (e) {
@@ -355,6 +372,7 @@ const child = async (
       () => Effect.runPromise(policy.snapshot()),
       () => Effect.runPromise(policy.snapshot()),
       (s) => s * 1000,
+      9,
     );
     const generation = async (b: number) => {
       const reqs = requests(b, SHAPES.genPrompt, SHAPES.genNew);
