@@ -7,8 +7,9 @@
  * is one subgroup of `lanes` invocations computing a 64-row tile together: each lane loads
  * 64 / lanes rows of A and its own 4 columns of B, and every row of A reaches all lanes by
  * `subgroupBroadcast` (an in-register shuffle, two instructions per scalar). Per 4 k a lane
- * then pays 4 + 64 / lanes gathers for 64 rows x 4 columns of multiply-adds, against 8 per
- * 16x16 tile before: llvmpipe at 512 bits (16 lanes), 1024³, 91 vs 70 GFLOP/s.
+ * then loads 64 / lanes + 4 texels for 64 rows x 4 columns x 4 k of multiply-adds (8 per 1,024
+ * at 16 lanes), against 32 per 1,024 in matmul_t16x16: lavapipe at 512 bits (16 lanes), 1024³
+ * through Ops.matmul, 83 vs 69-71 GFLOP/s (the kernel alone: 91).
  *
  * WGSL wants the broadcast's lane as a constant expression and a loop over lanes does not
  * unroll into one (measured: 7 GFLOP/s through subgroupShuffle), so the kernel text is written
