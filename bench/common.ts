@@ -5,6 +5,7 @@
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
+import { provideRuntimeDir } from "../src/backend/webgpu/wayland_env.ts";
 
 /**
  * Vulkan drivers (ICD manifests) installed: without one, wgpu runs WebGPU on OpenGL ES (on a
@@ -33,6 +34,7 @@ const subgroupSizes = (adapter: GPUAdapter | null): string => {
 /** Machine facts recorded next to every result. */
 export const machine = async (): Promise<Record<string, string | number>> => {
   const simd = preferWideSoftwareSimd();
+  provideRuntimeDir();
   const gpu = (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
   const adapter = gpu ? await gpu.requestAdapter() : null;
   return {

@@ -14,9 +14,11 @@
  * @module
  */
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
+import { provideRuntimeDir } from "../src/backend/webgpu/wayland_env.ts";
 import { openblas, randomFloats, writeResult } from "./common.ts";
 
 preferWideSoftwareSimd();
+provideRuntimeDir();
 const N = 1024;
 const K4 = N / 4;
 const round = (x: number, d = 2): number => Math.round(x * 10 ** d) / 10 ** d;

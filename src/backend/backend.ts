@@ -16,6 +16,7 @@ import { loadKernels } from "./webgpu/kernels.ts";
 import { subgroupLanesSupported } from "./webgpu/matmul_subgroup.ts";
 import { makeGpuOps } from "./webgpu/ops.ts";
 import { preferWideSoftwareSimd } from "./webgpu/software_simd.ts";
+import { provideRuntimeDir } from "./webgpu/wayland_env.ts";
 
 /** Backend shape: static info plus a way to open scoped Ops. */
 export interface BackendShape {
@@ -52,9 +53,13 @@ export const cpuBackend = (precision: CpuPrecision = "f32"): BackendShape => {
   };
 };
 
-/** navigator.gpu, after the software adapter's SIMD width is chosen (see software_simd.ts). */
+/**
+ * navigator.gpu, after the software adapter's SIMD width is chosen (see software_simd.ts) and a
+ * runtime folder is there for Mesa's Vulkan driver (see wayland_env.ts).
+ */
 const gpuApi = (): GPU | undefined => {
   preferWideSoftwareSimd();
+  provideRuntimeDir();
   return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
 };
 
