@@ -62,8 +62,9 @@ const run = (b: BackendShape, c: Case) => withOps(b, (ops) => ops.read([product(
 const cases: fc.Arbitrary<Case> = fc.record({
   // from one tile's rows to a few tiles ending anywhere inside one
   m: fc.integer({ min: SUBGROUP_TILE_ROWS, max: 3 * SUBGROUP_TILE_ROWS + 17 }),
-  // multiples of 4 (the tiled path's vector stores) ending inside a lane's columns or a tile
-  n: fc.integer({ min: 1, max: 80 }).map((v) => 4 * v),
+  // multiples of 4 (the tiled path's vector stores) ending inside a lane's columns or a tile,
+  // from half a tile's columns at 16 lanes (narrower products keep matmul_t16x16)
+  n: fc.integer({ min: 8, max: 80 }).map((v) => 4 * v),
   k: fc.integer({ min: 1, max: 200 }),
   r: fc.constantFrom(4, 8, 16),
   transB: fc.boolean(),
@@ -135,6 +136,29 @@ Deno.test({
       assert(relError(withSg, without) <= TOL, `transB ${transB}: ${relError(withSg, without)}`);
       assert(withSg.some((v) => v !== 0));
     }
+  },
+});
+
+Deno.test({
+  name: "a product narrower than half a subgroup tile (a rank-16 LoRA x·Aᵀ) keeps matmul_t16x16",
+  ignore: lanes === null,
+  fn: async () => {
+    const c: Case = {
+      m: 192,
+      n: 2 * lanes! - 4,
+      k: 384,
+      r: 16,
+      transB: true,
+      half: null,
+      op: "matmul",
+      s: 1,
+      seed: 5,
+    };
+    const before = matmulTuning.subgroupProducts;
+    const [want] = await run(ref, c);
+    const [got] = await run(gpu!, c);
+    assertEquals(matmulTuning.subgroupProducts - before, 0);
+    assert(relError(got, want) <= TOL, `${relError(got, want)}`);
   },
 });
 
