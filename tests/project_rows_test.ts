@@ -126,21 +126,27 @@ Deno.test("projectRows equals x·sliceRows(w)ᵀ of the f64 reference, several r
   await fc.assert(fc.asyncProperty(cases, check), { numRuns: 30 });
 });
 
+/**
+ * `run` on a w of 200 rows split into storage blocks, f32 and bf16: rows of 64 floats (256
+ * bytes, 128 in 16-bit) make 16 KiB blocks of 64 (128) rows; x (m rows) fits one. The ranges
+ * lie inside one block and across two.
+ */
+const onSplitBlocks = async (m: number, run: (c: Case) => Promise<void>) => {
+  gpu!.gpu?.setBindingLimit(16384);
+  try {
+    for (const half of [null, "bf16"] as const) {
+      const ranges = [[8, 48], [40, 48], [0, 64], [100, 60]] as const;
+      await run({ m, rows: 200, k: 64, ranges, half, seed: 9 });
+    }
+  } finally {
+    gpu!.gpu?.setBindingLimit(null);
+  }
+};
+
 Deno.test({
   name: "projectRows on a w split into storage blocks: ranges inside one block and across two",
   ignore: !hasGpu,
-  fn: async () => {
-    // rows of 64 floats (256 bytes, 128 in 16-bit): 16 KiB blocks of 64 (128) rows of w; x fits one
-    gpu!.gpu?.setBindingLimit(16384);
-    try {
-      for (const half of [null, "bf16"] as const) {
-        const ranges = [[8, 48], [40, 48], [0, 64], [100, 60]] as const;
-        await check({ m: 60, rows: 200, k: 64, ranges, half, seed: 9 });
-      }
-    } finally {
-      gpu!.gpu?.setBindingLimit(null);
-    }
-  },
+  fn: () => onSplitBlocks(60, check),
 });
 
 Deno.test("accumulateRows equals c + s·x·sliceRows(w) of the f64 reference, ranges in turn", async () => {
@@ -160,15 +166,7 @@ Deno.test({
       half: "bf16",
       seed: 5,
     });
-    gpu!.gpu?.setBindingLimit(16384);
-    try {
-      for (const half of [null, "bf16"] as const) {
-        const ranges = [[8, 48], [40, 48], [0, 64], [100, 60]] as const;
-        await checkAccumulate({ m: 64, rows: 200, k: 64, ranges, half, seed: 9 });
-      }
-    } finally {
-      gpu!.gpu?.setBindingLimit(null);
-    }
+    await onSplitBlocks(64, checkAccumulate);
   },
 });
 

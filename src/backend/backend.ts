@@ -63,6 +63,19 @@ const gpuApi = (): GPU | undefined => {
   return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
 };
 
+/** An environment variable under Node/Bun (process.env) or Deno; undefined without env permission. */
+const envValue = (name: string): string | undefined => {
+  try {
+    return (globalThis as { process?: { env: Record<string, string | undefined> } }).process?.env[
+      name
+    ] ?? (globalThis as { Deno?: { env: { get(k: string): string | undefined } } }).Deno?.env.get(
+      name,
+    );
+  } catch {
+    return undefined;
+  }
+};
+
 /**
  * The subgroup size a software adapter runs every subgroup at (its SIMD width: min = max),
  * when the subgroup tile matmul supports it and LORAFOLD_SUBGROUPS is not "off"; else null.
@@ -74,14 +87,7 @@ const fixedSubgroupLanes = (info: GPUAdapterInfo, fallback: boolean): number | n
     subgroupMaxSize?: number;
   };
   if (!fallback || min === undefined || min !== max || !subgroupLanesSupported(min)) return null;
-  let off = false;
-  try {
-    off = (globalThis as { Deno?: { env: { get(k: string): string | undefined } } }).Deno?.env
-      .get("LORAFOLD_SUBGROUPS") === "off";
-  } catch {
-    // no env permission: the default
-  }
-  return off ? null : min;
+  return envValue("LORAFOLD_SUBGROUPS") === "off" ? null : min;
 };
 
 /** Opens the WebGPU device with the adapter's raised limits; released with the scope. */
@@ -139,15 +145,7 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
 /** Reads LORAFOLD_BACKEND (auto when unset); an unknown value is an error naming the choices. */
 export const backendChoiceFromEnv = (): Effect.Effect<BackendChoice, BackendError> =>
   Effect.suspend(() => {
-    let v: string | undefined;
-    try {
-      v = (globalThis as { process?: { env: Record<string, string | undefined> } }).process?.env
-        .LORAFOLD_BACKEND ??
-        (globalThis as { Deno?: { env: { get(k: string): string | undefined } } })
-          .Deno?.env.get("LORAFOLD_BACKEND");
-    } catch {
-      v = undefined;
-    }
+    const v = envValue("LORAFOLD_BACKEND");
     const c = (v ?? "auto").trim().toLowerCase();
     return c === "auto" || c === "cpu" || c === "webgpu"
       ? Effect.succeed(c as BackendChoice)

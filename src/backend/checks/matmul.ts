@@ -6,6 +6,7 @@
 import type { LoraProjection, MatmulOptions } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
 import { ensure } from "../tensor.ts";
+import { checkRowRange } from "./elementwise.ts";
 
 /** Shapes of op(A) [M,K] and op(B) [K,N]; throws ShapeError on a non-2-D operand or a mismatch. */
 export const matmulDims = (
@@ -62,13 +63,7 @@ export const accumulateRowsDims = (
   count: number,
 ): [number, number] => {
   ensure(w.shape.length === 2, op, () => `w must be 2-D, got [${w.shape}]`);
-  const [rows, n] = w.shape;
-  ensure(
-    Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 &&
-      start + count <= rows,
-    op,
-    () => `rows [${start}, ${start + count}) out of range [0, ${rows}) of [${w.shape}]`,
-  );
+  const [, n] = checkRowRange(op, w, start, count);
   ensure(x.shape.length === 2 && x.shape[1] === count, op, () => `x [${x.shape}], ${count} rows`);
   const m = x.shape[0];
   ensure(

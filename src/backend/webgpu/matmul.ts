@@ -57,7 +57,14 @@ import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows } from "./elementwise.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
-import { SUBGROUP_TILE_ROWS, subgroupKernelName, subgroupKernelSource } from "./matmul_subgroup.ts";
+import {
+  formatTag,
+  SUBGROUP_TILE_ROWS,
+  subgroupKernelName,
+  subgroupKernelSource,
+  texelLoader,
+  type TexFormat,
+} from "./matmul_subgroup.ts";
 
 /** Products below this many multiply-adds use the direct kernel. */
 const SMALL_MACS = 1 << 17;
@@ -112,9 +119,6 @@ const KEPT_TEX_BYTES = 768 * 1024 * 1024;
  */
 const KEPT_DIRECT_BYTES = 384 * 1024 * 1024;
 const KEEP_DIRECT_ROWS = 64;
-
-/** Operand texture formats: f32 values, or a 16-bit operand's bits as they are. */
-type TexFormat = "rgba32float" | "rgba16uint" | "rgba16float";
 
 interface Packed {
   readonly texture: GPUTexture;
@@ -468,6 +472,21 @@ const encodeLoad = (ctx: GpuContext, l: Load, kk: number): void => {
   }
 };
 
+/**
+ * Texture layout of an operand of a product of inner dimension k: k-major (texel = 4
+ * consecutive k of one row) unless the operand is stored [K, rows] with rows a multiple of 64
+ * and K of the k-step, which is copied as is (texel = 4 consecutive rows at one k). Copies need
+ * rows of a multiple of 256 bytes. A 16-bit operand takes the copied-as-is layout with rows of a
+ * multiple of 4 only (its copies go through a staging buffer of a 256-byte pitch where needed,
+ * see tiled's bits16). `limit`: the device's largest texture side.
+ */
+const kMajorLayout = (
+  op: { readonly kContiguous: boolean; readonly rows: number; readonly dtype: DType },
+  k: number,
+  limit: number,
+): boolean =>
+  op.kContiguous || op.rows % (op.dtype === "f32" ? 64 : 4) !== 0 || k % 4 !== 0 || k > limit;
+
 /** Encodes the tiled path into the context's batch (results land in `c`). */
 const tiled = (
   ctx: GpuContext,
@@ -494,13 +513,7 @@ const tiled = (
   const chunk = Math.floor(limit / TILE) * TILE;
   // kernel parameters, by the kernel they are for (checked against its struct Params when encoded)
   const slot = (_kernel: string, p: Params): Params => p;
-  // Texture layout of an operand: k-major (texel = 4 consecutive k of one row) unless the
-  // operand is stored [K, rows] with rows a multiple of 64 and K of the k-step, which is copied
-  // as is (texel = 4 consecutive rows at one k). Copies need rows of a multiple of 256 bytes.
-  // A 16-bit operand takes the copied-as-is layout with rows of a multiple of 4 only (its
-  // copies go through a staging buffer of a 256-byte pitch where needed, see bits16).
-  const kMajor = (op: Operand) =>
-    op.kContiguous || op.rows % (op.dtype === "f32" ? 64 : 4) !== 0 || k % 4 !== 0 || k > limit;
+  const kMajor = (op: Operand) => kMajorLayout(op, k, limit);
   const copyable = (op: Operand) =>
     op.dtype === "f32" && (!op.kContiguous ? !kMajor(op) : k % 64 === 0);
   // A 16-bit operand with its contiguous dimension a multiple of 4 goes to the texture as raw
@@ -768,16 +781,28 @@ interface Segments {
 }
 
 /**
+ * Edits of matmul_t16x16's source for its derived kernels: `swap` replaces the first `from`
+ * (which must be there: a renamed line fails loudly), `text` is the result.
+ */
+const textSwap = (code: string) => {
+  let out = code;
+  return {
+    swap: (from: string, to: string): void => {
+      if (!out.includes(from)) throw new Error(`matmul.wgsl: matmul_t16x16 lacks "${from}"`);
+      out = out.replace(from, to);
+    },
+    text: (): string => out,
+  };
+};
+
+/**
  * `lora` (a main kernel with its LoRA loop) storing into three outputs by column (see Segments):
  * projectLoraShared's stacked product, whose q/k/v (or gate/up) land in their own tensors.
  */
 const segmentKernel = (ctx: GpuContext, lora: string): string =>
   ctx.derivedKernel(`${lora}_seg`, lora, (code) => {
-    let out = code;
-    const swap = (from: string, to: string) => {
-      if (!out.includes(from)) throw new Error(`matmul.wgsl: matmul_t16x16 lacks "${from}"`);
-      out = out.replace(from, to);
-    };
+    const edit = textSwap(code);
+    const swap = edit.swap;
     swap("zstride4: u32,\n}", "zstride4: u32, seg1: u32, seg2: u32,\n}");
     swap(
       "@group(0) @binding(5) var tb_lora: texture_storage_2d<rgba32float, read>;",
@@ -796,7 +821,7 @@ const segmentKernel = (ctx: GpuContext, lora: string): string =>
       c2[row * ((params.n - params.seg2) / 4u) + (col - params.seg2) / 4u] = v;
     }`,
     );
-    return out;
+    return edit.text();
   });
 
 /**
@@ -806,11 +831,8 @@ const segmentKernel = (ctx: GpuContext, lora: string): string =>
  */
 const loraKernel = (ctx: GpuContext, base: string): string =>
   ctx.derivedKernel(`${base}_lora`, base, (code) => {
-    let out = code;
-    const swap = (from: string, to: string) => {
-      if (!out.includes(from)) throw new Error(`matmul.wgsl: matmul_t16x16 lacks "${from}"`);
-      out = out.replace(from, to);
-    };
+    const edit = textSwap(code);
+    const swap = edit.swap;
     swap(
       "@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;",
       `@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
@@ -846,7 +868,7 @@ fn cols_lb(k: i32, n: i32) -> mat4x4<f32> {
   }
   let r = u32(m0);`,
     );
-    return out;
+    return edit.text();
   });
 
 /**
@@ -856,14 +878,10 @@ fn cols_lb(k: i32, n: i32) -> mat4x4<f32> {
  */
 const mainKernel = (ctx: GpuContext, fa: TexFormat, fb: TexFormat): string => {
   if (fa === "rgba32float" && fb === "rgba32float") return "matmul_t16x16";
-  const tag = (f: TexFormat) => f === "rgba32float" ? "" : f === "rgba16uint" ? "_bf16" : "_f16";
-  const name = `matmul_t16x16_a${tag(fa)}_b${tag(fb)}`;
+  const name = `matmul_t16x16_a${formatTag(fa)}_b${formatTag(fb)}`;
   return ctx.derivedKernel(name, "matmul_t16x16", (code) => {
-    let out = code;
-    const swap = (from: string, to: string) => {
-      if (!out.includes(from)) throw new Error(`matmul.wgsl: matmul_t16x16 lacks "${from}"`);
-      out = out.replace(from, to);
-    };
+    const edit = textSwap(code);
+    const swap = edit.swap;
     for (const [t, f, fmt] of [["at", "ta", fa], ["bt", "tb", fb]] as const) {
       if (fmt === "rgba32float") continue;
       swap(
@@ -871,14 +889,9 @@ const mainKernel = (ctx: GpuContext, fa: TexFormat, fb: TexFormat): string => {
         `var ${t}: texture_storage_2d<${fmt}, read>;`,
       );
       if (fmt === "rgba16float") continue;
-      swap(
-        `fn ${f}(x: i32, y: i32) -> vec4<f32> { return textureLoad(${t}, vec2<i32>(x, y)); }`,
-        `fn ${f}(x: i32, y: i32) -> vec4<f32> {
-  return bitcast<vec4<f32>>(textureLoad(${t}, vec2<i32>(x, y)) << vec4<u32>(16u));
-}`,
-      );
+      swap(texelLoader(f, t, "rgba32float"), texelLoader(f, t, fmt));
     }
-    return out;
+    return edit.text();
   });
 };
 
@@ -1285,12 +1298,14 @@ export function accumulateRows(
     b.start <= start * n && (start + count) * n <= b.start + b.length
   );
   const ctx = sc.ctx;
-  // The rows go to their texture in place only as a plain (not k-major) operand: n of a multiple
-  // of 64 (f32) or 4 (16-bit), count within the texture limit (see tiled's kMajor).
-  const plain = n % (g.dtype === "f32" ? 64 : 4) === 0 && count % 4 === 0 &&
-    count <= ctx.device.limits.maxTextureDimension2D;
+  // the rows go to their texture in place only in the copied-as-is (not k-major) layout
+  const asIs = !kMajorLayout(
+    { kContiguous: false, rows: n, dtype: g.dtype },
+    count,
+    ctx.device.limits.maxTextureDimension2D,
+  );
   if (
-    gpuVariant.usesGpuKernels(ctx) || !block || !plain || cb === xh.buffer || m === 0 ||
+    gpuVariant.usesGpuKernels(ctx) || !block || !asIs || cb === xh.buffer || m === 0 ||
     !useTiled(ctx, m, n, count)
   ) {
     matmulAccumulate(sc, c, x, sliceRows(sc, w, start, count), s);

@@ -22,31 +22,35 @@
 /** Rows of C per workgroup (a subgroup): 64 accumulator vec4s per lane, as matmul_t16x16's 16x16. */
 export const SUBGROUP_TILE_ROWS = 64;
 
-/** Operand texture formats (as in matmul.ts). */
-export type SubgroupTexFormat = "rgba32float" | "rgba16uint" | "rgba16float";
+/** Operand texture formats of the tiled matmul: f32 values, or a 16-bit operand's bits as they are. */
+export type TexFormat = "rgba32float" | "rgba16uint" | "rgba16float";
 
 /** Which text: the subgroup size, the formats of the two operand textures, a LoRA pair or not. */
 export interface SubgroupKernelSpec {
   readonly lanes: number;
-  readonly fa: SubgroupTexFormat;
-  readonly fb: SubgroupTexFormat;
+  readonly fa: TexFormat;
+  readonly fb: TexFormat;
   readonly lora: boolean;
 }
 
-const tag = (f: SubgroupTexFormat) =>
+/** Kernel-name suffix of an operand texture format (matmul.ts names its variants alike). */
+export const formatTag = (f: TexFormat): string =>
   f === "rgba32float" ? "" : f === "rgba16uint" ? "_bf16" : "_f16";
 
 /** Kernel name of a spec (one pipeline per name). */
 export const subgroupKernelName = (s: SubgroupKernelSpec): string =>
-  `matmul_sg${s.lanes}_a${tag(s.fa)}_b${tag(s.fb)}${s.lora ? "_lora" : ""}`;
+  `matmul_sg${s.lanes}_a${formatTag(s.fa)}_b${formatTag(s.fb)}${s.lora ? "_lora" : ""}`;
 
 /** Whether a subgroup size can run the kernel: a power of two from 4 to 64 lanes. */
 export const subgroupLanesSupported = (lanes: number): boolean =>
   Number.isInteger(lanes) && lanes >= 4 && lanes <= SUBGROUP_TILE_ROWS &&
   (lanes & (lanes - 1)) === 0;
 
-/** A texel load of texture `t` as f32 (bf16 bits widened exactly by a shift). */
-const loader = (fn: string, t: string, f: SubgroupTexFormat) =>
+/**
+ * WGSL of function `fn`, a texel load of texture `t` as f32 (bf16 bits widened exactly by a
+ * shift); matmul.ts derives matmul_t16x16's 16-bit variants by swapping one for the other.
+ */
+export const texelLoader = (fn: string, t: string, f: TexFormat): string =>
   f === "rgba16uint"
     ? `fn ${fn}(x: i32, y: i32) -> vec4<f32> {
   return bitcast<vec4<f32>>(textureLoad(${t}, vec2<i32>(x, y)) << vec4<u32>(16u));
@@ -109,8 +113,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 ${lora}override B_KMAJOR: bool = true;
 override ACC: bool = false;
-${loader("ta", "at", s.fa)}
-${loader("tb", "bt", s.fb)}
+${texelLoader("ta", "at", s.fa)}
+${texelLoader("tb", "bt", s.fb)}
 // Column j: op(B)[4k + j, 4q..4q+3]. B_KMAJOR: texel (k, n) holds op(B)[4k..4k+3, n];
 // otherwise texel (x, y) holds op(B)[y, 4x..4x+3].
 fn block_b(k: i32, q: i32) -> mat4x4<f32> {
