@@ -79,27 +79,27 @@ Deno.test({
     "subgroup tile matmul equals the f64 reference (products, accumulate, LoRA; f32 and 16-bit B)",
   ignore: lanes === null,
   fn: async () => {
-    const before = matmulTuning.subgroupProducts;
-    const runs = 40;
     matmulTuning.forceTiled = true;
     try {
       await fc.assert(
         fc.asyncProperty(cases, async (c) => {
           // the reference multiplies the very values the 16-bit B holds
           const [want] = await run(ref, c);
+          const before = matmulTuning.subgroupProducts;
           const [got] = await run(gpu!, c);
           const e = relError(got, want);
           assert(e <= TOL, `${JSON.stringify(c)}: rel error ${e}`);
+          // every case ran the subgroup kernel, but an accumulate of a skinny inner dimension
+          // over at most 64 rows, which matmulAccumulate sends to the direct kernel
+          if (!(c.op === "accumulate" && c.k <= 32 && c.m <= 64)) {
+            assert(matmulTuning.subgroupProducts > before, `${JSON.stringify(c)}: not taken`);
+          }
         }),
-        { numRuns: runs },
+        { numRuns: 40 },
       );
     } finally {
       matmulTuning.forceTiled = false;
     }
-    assert(
-      matmulTuning.subgroupProducts - before >= runs,
-      `subgroup kernel ran ${matmulTuning.subgroupProducts - before} times in ${runs} products`,
-    );
   },
 });
 
