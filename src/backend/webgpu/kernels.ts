@@ -70,6 +70,24 @@ const addWideAttention = (out: Map<string, string>): void => {
   }
 };
 
+/**
+ * sample_cand_wg4: sample_cand_wg for rows of a multiple of 4 logits, which binds them as vec4s
+ * and loads each group of 4 at once (its text between the `//! ld4` markers swapped).
+ */
+const addVec4Candidates = (out: Map<string, string>): void => {
+  const src = out.get("sample_cand_wg");
+  const at = src?.match(/\/\/! ld4 begin\n[^]*?\/\/! ld4 end\n/);
+  const binding = "var<storage, read> logits: array<f32>;";
+  if (!src || !at || !src.includes(binding)) {
+    throw new Error("layers.wgsl: sample_cand_wg lacks its ld4 markers or logits binding");
+  }
+  const ld4 = `fn ld4(base: u32, g: u32, v: u32) -> vec4<f32> { return logits[base / 4u + g]; }\n`;
+  out.set(
+    "sample_cand_wg4",
+    src.replace(at[0], ld4).replace(binding, "var<storage, read> logits: array<vec4<f32>>;"),
+  );
+};
+
 /** Reads a file next to this module from disk (file: URL) or over HTTP (served package). */
 const readText = async (url: URL): Promise<string> =>
   url.protocol === "file:"
@@ -85,5 +103,6 @@ export const loadKernels = async (): Promise<Map<string, string>> => {
     parseKernels(text, common, file, out);
   });
   addWideAttention(out);
+  addVec4Candidates(out);
   return out;
 };

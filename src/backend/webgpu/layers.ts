@@ -34,6 +34,13 @@ import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 
 /** Invocations per workgroup of the one-invocation-per-row kernels (`*_row`). */
 const ROW_WG = 64;
+/**
+ * Rows per workgroup of a `*_row` launch of fewer than ROW_SPLIT_ROWS rows: 16 (one 512-bit
+ * SIMD vector on llvmpipe) so that every CPU thread gets rows. A decode step normalises 64 rows:
+ * at 64 per workgroup one thread of llvmpipe ran them and the others waited.
+ */
+const SMALL_ROW_WG = 16;
+const ROW_SPLIT_ROWS = 8 * ROW_WG;
 /** Invocations per workgroup of the elementwise kernels. */
 const ELEM_WG = 256;
 /**
@@ -64,13 +71,20 @@ export const rowKernel = (
   rows: number,
   cols: number,
   passes = 2,
-): { kernel: string; groups: [number, number] } => {
+): RowLaunch => {
   const fits = passes * Math.ceil(cols / 8) + 16 <= LOOP_BUDGET;
   const row = forcedForm === "row" ? fits : forcedForm === "wg" ? false : ctx.info.fallback && fits;
-  return row
-    ? { kernel: `${base}_row`, groups: groups(rows, ROW_WG) }
-    : { kernel: `${base}_wg`, groups: grid(rows) };
+  if (!row) return { kernel: `${base}_wg`, groups: grid(rows), constants: {} };
+  const wg = rows < ROW_SPLIT_ROWS ? SMALL_ROW_WG : ROW_WG;
+  return { kernel: `${base}_row`, groups: groups(rows, wg), constants: { ROWS: wg } };
 };
+
+/** A row kernel's name, grid and pipeline constants (the `*_row` form's rows per workgroup). */
+interface RowLaunch {
+  readonly kernel: string;
+  readonly groups: [number, number];
+  readonly constants: Record<string, number>;
+}
 
 let forcedForm: "row" | "wg" | undefined;
 
@@ -118,7 +132,13 @@ export function rmsNorm(
   const y = sc.out(x.shape);
   const rstd = sc.out([r]);
   const k = rowKernel4(sc.ctx, "rmsnorm_fwd", r, h);
-  sc.dispatch(k.kernel, [xb, wb, y.buffer, rstd.buffer], k.groups, { rows: r, h, eps: f32(eps) });
+  sc.dispatch(
+    k.kernel,
+    [xb, wb, y.buffer, rstd.buffer],
+    k.groups,
+    { rows: r, h, eps: f32(eps) },
+    k.constants,
+  );
   return { y, rstd };
 }
 
@@ -131,7 +151,7 @@ const rowKernel4 = (
   base: string,
   rows: number,
   cols: number,
-): { kernel: string; groups: [number, number] } => {
+): RowLaunch => {
   const k = rowKernel(ctx, base, rows, cols);
   return cols % 4 === 0 && k.kernel === `${base}_row` ? { ...k, kernel: `${base}_row4` } : k;
 };
@@ -152,7 +172,7 @@ const rmsNormDx = (
   const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
   const dx = sc.out(x.shape);
   const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
-  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h });
+  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h }, k.constants);
   return { dx, buffers: [dyb, xb, sb], r, h };
 };
 
@@ -415,7 +435,7 @@ export function logProbs(
       v,
       inv_t: f32(1 / temperature),
       row0: b.row0,
-    });
+    }, k.constants);
   }
   return { logp, lse };
 }
@@ -463,7 +483,7 @@ export function entropy(sc: GpuScope, logits: Tensor, temperature: number): Tens
       v,
       inv_t: f32(1 / temperature),
       row0: b.row0,
-    });
+    }, k.constants);
   }
   return out;
 }
@@ -490,7 +510,7 @@ export function logSoftmaxChunk(
     inv_t: f32(1 / temperature),
     offset,
     has_acc: acc ? 1 : 0,
-  });
+  }, k.constants);
   return out;
 }
 
@@ -509,7 +529,7 @@ export function logSoftmaxFinish(
   return { logp, lse, entropy: ent };
 }
 
-/** See Ops.sampleCandidates (kernel sample_cand_wg, block by block for split logits). */
+/** See Ops.sampleCandidates (kernel sample_cand_wg[4], block by block for split logits). */
 export function sampleCandidates(
   sc: GpuScope,
   logits: Tensor,
@@ -522,7 +542,8 @@ export function sampleCandidates(
   const temps = sc.upload(Float32Array.from(temperatures), [n], "f32");
   const out = sc.out([n, 4 + 2 * count]);
   for (const b of rowBlocksOf(lt)) {
-    sc.dispatch("sample_cand_wg", [b.buffer, temps.buffer, out.buffer], grid(b.rows), {
+    const kernel = v % 4 === 0 ? "sample_cand_wg4" : "sample_cand_wg";
+    sc.dispatch(kernel, [b.buffer, temps.buffer, out.buffer], grid(b.rows), {
       n: b.rows,
       v,
       count,

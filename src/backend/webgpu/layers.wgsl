@@ -15,9 +15,10 @@ struct Params { rows: u32, h: u32, eps: f32 }
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
 fn sq(i: u32) -> f32 { let v = x[i]; return v * v; }
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.rows) { return; }
   let h = params.h;
   let h8 = h & ~7u;
@@ -54,9 +55,10 @@ struct Params { rows: u32, h: u32, eps: f32 }
 @group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.rows) { return; }
   let h4 = params.h / 4u;
   let base = r * h4;
@@ -112,9 +114,10 @@ struct Params { rows: u32, h: u32 }
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
 fn t(b: u32, j: u32) -> f32 { return dy[b] * w[j] * x[b]; }
 fn g(b: u32, j: u32, s: f32, c: f32) { dx[b] = s * w[j] * dy[b] - c * x[b]; }
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.rows) { return; }
   let h = params.h;
   let h8 = h & ~7u;
@@ -151,9 +154,10 @@ struct Params { rows: u32, h: u32 }
 @group(0) @binding(3) var<storage, read> w: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> rstd: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<vec4<f32>>;
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.rows) { return; }
   let h4 = params.h / 4u;
   let base = r * h4;
@@ -406,9 +410,10 @@ fn mx(b: u32) -> f32 {
     max(max(logits[b + 4u], logits[b + 5u]), max(logits[b + 6u], logits[b + 7u])));
 }
 fn ex(i: u32, it: f32, m: f32) -> f32 { return exp(logits[i] * it - m); }
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.n) { return; }
   let v = params.v;
   let v8 = v & ~7u;
@@ -529,9 +534,10 @@ fn ez(i: u32, it: f32, m: f32) -> vec2<f32> {
   let e = exp(z);
   return vec2<f32>(e, select(0.0, e * z, e > 0.0));
 }
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.n) { return; }
   let v = params.v;
   let v8 = v & ~7u;
@@ -603,9 +609,10 @@ fn ez(i: u32, it: f32, m: f32) -> vec2<f32> {
   let e = exp(z);
   return vec2<f32>(e, select(0.0, e * z, e > 0.0));
 }
-@compute @workgroup_size(64)
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, 64u);
+  let r = linear_id(gid, nwg, ROWS);
   if (r >= params.n) { return; }
   let v = params.v;
   let v8 = v & ~7u;
@@ -694,12 +701,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 //! kernel sample_cand_wg
 // Sampling candidates (Ops.sampleCandidates), one workgroup per row of one storage block of the
 // logits (its rows are rows row0.. of temps/out). Pass 1: each invocation keeps the `count`
-// largest logits of its strided slice in a private list (sorted, value descending; its ids
-// increase, so an equal value ranks after those kept), then `count` rounds of a shared-memory
-// argmax (ties: lower id) pop the global best of the heads. Pass 2: with m = the best,
+// largest logits of its slice in a private list (sorted, value descending; its ids increase,
+// so an equal value ranks after those kept), then `count` rounds of a shared-memory argmax
+// (ties: lower id) pop the global best of the heads. Pass 2: with m = the best,
 // s1 = sum exp(x - m) and sT = sum exp((x - m) / T), compensated (Kahan per invocation, TwoSum
-// in the tree). Out row: (m, s1, sT, min(count, v), values[count], ids[count]) with -inf / -1
-// in unused slots.
+// in the tree); sT is s1 when 1/T is 1 (greedy rows too). Out row: (m, s1, sT, min(count, v),
+// values[count], ids[count]) with -inf / -1 in unused slots.
+// An invocation reads groups of 4 consecutive logits (`ld4`; elements past the row are never
+// kept or summed): sample_cand_wg4, for rows of a multiple of 4, loads each group as one vec4,
+// as a software adapter pays a storage access per lane whatever its width. The list's last
+// value is kept in a register (`thr`): most logits fail that test, and on llvmpipe a private
+// array read at a run-time index is a loop over lanes.
 const WG = 64u;
 const MAXC = 64u;
 const NONE = 0xffffffffu;
@@ -714,6 +726,18 @@ var<workgroup> h1s: array<f32, WG>;
 var<workgroup> l1s: array<f32, WG>;
 var<workgroup> h2s: array<f32, WG>;
 var<workgroup> l2s: array<f32, WG>;
+// logits [base + 4g, base + 4g + 4) of a row of v (elements past v are never used)
+//! ld4 begin
+fn ld4(base: u32, g: u32, v: u32) -> vec4<f32> {
+  let j = 4u * g;
+  return vec4<f32>(
+    logits[base + j],
+    logits[base + min(j + 1u, v - 1u)],
+    logits[base + min(j + 2u, v - 1u)],
+    logits[base + min(j + 3u, v - 1u)],
+  );
+}
+//! ld4 end
 fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
   if (ai == NONE) { return false; }
   if (bi == NONE) { return true; }
@@ -734,24 +758,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let v = params.v;
   let cnt = params.count;
   let base = r * v;
+  let quads = (v + 3u) / 4u;
   let ninf = bitcast<f32>(0xff800000u | (v & 0u));
   var vals: array<f32, MAXC>;
   var ids: array<u32, MAXC>;
   var len = 0u;
-  for (var j = lid; j < v; j += WG) {
-    let x = logits[base + j];
-    if (len == cnt && !(x > vals[cnt - 1u])) { continue; }
-    var p = len;
-    if (len < cnt) { len += 1u; } else { p = cnt - 1u; }
-    loop {
-      if (p == 0u) { break; }
-      if (!(x > vals[p - 1u])) { break; }
-      vals[p] = vals[p - 1u];
-      ids[p] = ids[p - 1u];
-      p -= 1u;
+  // full: the list holds cnt values, the last of them thr
+  var full = false;
+  var thr = ninf;
+  for (var g = lid; g < quads; g += WG) {
+    let x4 = ld4(base, g, v);
+    for (var e = 0u; e < 4u; e++) {
+      let j = 4u * g + e;
+      let x = x4[e];
+      if (j >= v || (full && !(x > thr))) { continue; }
+      var p = len;
+      if (len < cnt) { len += 1u; } else { p = cnt - 1u; }
+      loop {
+        if (p == 0u) { break; }
+        if (!(x > vals[p - 1u])) { break; }
+        vals[p] = vals[p - 1u];
+        ids[p] = ids[p - 1u];
+        p -= 1u;
+      }
+      vals[p] = x;
+      ids[p] = j;
+      full = len == cnt;
+      thr = vals[cnt - 1u];
     }
-    vals[p] = x;
-    ids[p] = j;
   }
   let ro = params.row0 + r;
   let w = 4u + 2u * cnt;
@@ -793,20 +827,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   let t = temps[ro];
   let it = select(1.0, 1.0 / t, t > 0.0);
+  let tempered = it != 1.0;
   var s1 = 0.0;
   var c1 = 0.0;
   var s2 = 0.0;
   var c2 = 0.0;
-  for (var j = lid; j < v; j += WG) {
-    let d = logits[base + j] - m;
-    let y1 = exp(d) - c1;
-    let t1 = s1 + y1;
-    c1 = (t1 - s1) - y1;
-    s1 = t1;
-    let y2 = exp(d * it) - c2;
-    let t2 = s2 + y2;
-    c2 = (t2 - s2) - y2;
-    s2 = t2;
+  for (var g = lid; g < quads; g += WG) {
+    let d4 = ld4(base, g, v) - vec4<f32>(m);
+    let e4 = exp(d4);
+    let f4 = select(e4, exp(d4 * it), tempered);
+    for (var e = 0u; e < 4u; e++) {
+      if (4u * g + e >= v) { break; }
+      let y1 = e4[e] - c1;
+      let t1 = s1 + y1;
+      c1 = (t1 - s1) - y1;
+      s1 = t1;
+      if (tempered) {
+        let y2 = f4[e] - c2;
+        let t2 = s2 + y2;
+        c2 = (t2 - s2) - y2;
+        s2 = t2;
+      }
+    }
+  }
+  if (!tempered) {
+    s2 = s1;
+    c2 = c1;
   }
   h1s[lid] = s1;
   l1s[lid] = -c1;
