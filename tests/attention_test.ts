@@ -331,6 +331,68 @@ forBackends("KV cache: decoding one query over a prefix equals the full causal p
   }
 });
 
+forBackends("KV cache grown by scatterRowsInPlace, step by step, then overwritten", async (b) => {
+  // kvHeads * headDim = 64: on WebGPU the cache is staged through its texture mirror
+  // (texture_mirror.ts), which each scatter updates and any other write drops.
+  const [batch, T, heads, kvHeads, headDim] = [2, 6, 4, 2, 32];
+  const full = { batch, tq: T, tk: T, heads, kvHeads, headDim };
+  const q = values(batch * T * heads * headDim, 21);
+  const k = values(batch * T * kvHeads * headDim, 22, 2);
+  const v = values(batch * T * kvHeads * headDim, 23);
+  const k2 = values(batch * T * kvHeads * headDim, 24, 2);
+  const [out] = await forward(b, q, k, v, full);
+  const [out2] = await forward(b, q, k2, v, full);
+  const C = T + 2;
+  const w = kvHeads * headDim;
+  const qw = heads * headDim;
+  const rowsOf = (x: Float64Array, i: number, width: number) => {
+    const r = new Float64Array(batch * width);
+    for (let s = 0; s < batch; s++) {
+      r.set(x.subarray((s * T + i) * width, (s * T + i + 1) * width), s * width);
+    }
+    return r;
+  };
+  const check = (got: ArrayLike<number>, want: ArrayLike<number>, i: number, what: string) => {
+    for (let s = 0; s < batch; s++) {
+      const r = s * T + i;
+      const err = relError(
+        Array.from(got).slice(s * qw, (s + 1) * qw),
+        Array.from(want).slice(r * qw, (r + 1) * qw),
+      );
+      assert(err <= 1e-6, `${what}: row ${i} seq ${s}: error ${err}`);
+    }
+  };
+  await withOps(b, async (ops) => {
+    const kc = ops.zeros([batch * C, w]);
+    const vc = ops.zeros([batch * C, w]);
+    const step = (i: number) => {
+      const o = { batch, tq: 1, tk: C, heads, kvHeads, headDim, qOffset: i, kvLen: i + 1 };
+      return ops.attention(ops.fromArray(rowsOf(q, i, qw), [batch, qw]), kc, vc, o).out;
+    };
+    for (let i = 0; i < T; i++) {
+      const at = Array.from({ length: batch }, (_, s) => s * C + i);
+      ops.scatterRowsInPlace(kc, ops.fromArray(rowsOf(k, i, w), [batch, w]), at);
+      ops.scatterRowsInPlace(vc, ops.fromArray(rowsOf(v, i, w), [batch, w]), at);
+      check((await Effect.runPromise(ops.read([step(i)])))[0], out, i, "scattered");
+    }
+    // a write that is not a scatter: the keys become k2, which the next read must see
+    for (let s = 0; s < batch; s++) {
+      ops.setRows(kc, s * C, ops.fromArray(k2.subarray(s * T * w, (s + 1) * T * w), [T, w]));
+    }
+    check((await Effect.runPromise(ops.read([step(T - 1)])))[0], out2, T - 1, "overwritten");
+    // and scatters after it keep the cache current again
+    const at = Array.from({ length: batch }, (_, s) => s * C + T - 1);
+    ops.scatterRowsInPlace(kc, ops.fromArray(rowsOf(k, T - 1, w), [batch, w]), at);
+    const mixed = Float64Array.from(k2);
+    for (let s = 0; s < batch; s++) {
+      const r = (s * T + T - 1) * w;
+      mixed.set(k.subarray(r, r + w), r);
+    }
+    const [outMixed] = await forward(b, q, mixed, v, full);
+    check((await Effect.runPromise(ops.read([step(T - 1)])))[0], outMixed, T - 1, "re-scattered");
+  });
+});
+
 Deno.test({
   name: "webgpu: long decode (split key range) matches the CPU reference",
   ignore: !hasGpu,

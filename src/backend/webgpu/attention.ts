@@ -26,6 +26,7 @@ import {
 } from "../checks/attention.ts";
 import { f32, type GpuContext, grid, type Param } from "./context.ts";
 import type { GpuScope } from "./scope.ts";
+import { mirrorOf } from "./texture_mirror.ts";
 
 /**
  * @internal Test and bench hooks: force every kernel's tile size (1, 2 or 4) and/or the
@@ -165,8 +166,12 @@ const stage = (
   const ctx = sc.ctx;
   const hp = padded(hd);
   const w = (heads * hp) / 4;
+  const direct = hp === hd && (w * 16) % 256 === 0;
+  // a KV cache keeps its own texture, updated by each scatter (texture_mirror.ts)
+  const mirror = direct ? mirrorOf(ctx, src, w, rows) : null;
+  if (mirror) return mirror.createView();
   const tex = stagingTexture(ctx, role, w, rows);
-  if (hp === hd && (w * 16) % 256 === 0) {
+  if (direct) {
     ctx.copyToTexture({ buffer: src, bytesPerRow: w * 16, rowsPerImage: rows }, { texture: tex }, [
       w,
       rows,

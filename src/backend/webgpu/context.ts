@@ -317,6 +317,14 @@ export class GpuContext {
     this.derived.set(buf, set);
   }
 
+  /** Forgets `dispose` as an owner registered by `derive` (its owner takes it over). */
+  underive(buf: GPUBuffer, dispose: () => void): void {
+    const set = this.derived.get(buf);
+    if (!set) return;
+    set.delete(dispose);
+    if (set.size === 0) this.derived.delete(buf);
+  }
+
   /**
    * Destroys `obj` (a texture that encoded, not yet submitted work may still use) right after
    * the next submit.

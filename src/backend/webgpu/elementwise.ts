@@ -31,6 +31,7 @@ import {
 import { f32, grid, vec4Form } from "./context.ts";
 import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 import { copyHalfRange, widenBuffer } from "./half.ts";
+import { afterScatter, beforeScatter } from "./texture_mirror.ts";
 
 /** Invocations per workgroup of the 1-D kernels. */
 const WG = 256;
@@ -313,7 +314,9 @@ export function scatterRowsInPlace(
     x = tmp;
   }
   const ib = sc.ctx.upload(idx);
+  const mirror = beforeScatter(sc.ctx, d);
   sc.dispatch("ew_scatter_rows", [x, ib, d], groups1d(n), { n, cols: c });
+  afterScatter(sc.ctx, d, mirror, x, ib, rows.length, c);
   sc.ctx.release(ib);
   if (tmp) sc.ctx.release(tmp);
 }
