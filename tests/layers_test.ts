@@ -222,6 +222,26 @@ for (const b of both) {
         close(gv, [-0.25 * 2, 0.25 * 2], 1e-6, "dlogits");
       })));
 
+  Deno.test(`${n}: logProbsBackward over rows of 8 (vec4 kernel) at T = 0.5`, () =>
+    withOps(b, (ops) =>
+      Effect.gen(function* () {
+        const x = vals(16, 9);
+        const logits = ops.fromArray(x, [2, 8]);
+        const tg = [7, 2];
+        const t = ops.fromArray(tg, [2], "i32");
+        const { lse } = ops.logProbs(logits, t, 0.5);
+        const g = ops.logProbsBackward(ops.fromArray([1.5, -2], [2]), logits, t, lse, 0.5);
+        const [gv] = yield* ops.read([g]);
+        const want: number[] = [];
+        for (const [r, d] of [[0, 1.5], [1, -2]]) {
+          const z = Array.from(x.slice(r * 8, r * 8 + 8), (v) => v / 0.5);
+          const m = Math.max(...z);
+          const s = z.reduce((a, v) => a + Math.exp(v - m), 0);
+          z.forEach((v, j) => want.push(((j === tg[r] ? 1 : 0) - Math.exp(v - m) / s) * d / 0.5));
+        }
+        close(gv, want, 1e-6, "dlogits");
+      })));
+
   Deno.test(`${n}: every op rejects bad shapes with ShapeError`, () =>
     withOps(b, (ops) => {
       const x = ops.fromArray(vals(12, 1), [2, 6]);

@@ -197,6 +197,19 @@ gpuTest("logSoftmaxChunk: the per-row-loop and workgroup kernels both match the 
         assertClose(`${form} extreme T=${t}`, await evalOn(gpu!, streamed(a, x, tg)), want);
         assertClose(`cpu extreme T=${t}`, await evalOn(cpu, streamed(a, x, tg)), want);
       }
+      // the same in chunks of 4 and 12 columns (the vec4 row kernel, lsm_chunk_row4)
+      const x4 = Float32Array.from([
+        ...[-Infinity, -Infinity, -Infinity, -Infinity, 2, 0.5, 1, -1, 0, 3, -2, 1, 1, 1, 1, 4],
+        ...[30, 29, -Infinity, 3, -Infinity, 28, 1, 2, 3, 4, 5, 6, 7, 8, 9, 27],
+        ...Array.from({ length: 15 }, () => -Infinity),
+        0,
+      ]);
+      const tg4 = [6, 1, 15];
+      for (const t of [0.5, 1, 3]) {
+        const a = { n: 3, v: 16, cuts: [4], reverse: false, t, scale: 1, seed: 5 };
+        const want = await evalOn(ref, whole(a, x4, tg4));
+        assertClose(`${form} extreme x4 T=${t}`, await evalOn(gpu!, streamed(a, x4, tg4)), want);
+      }
     }
   } finally {
     setRowForm(undefined);

@@ -460,10 +460,11 @@ export function logProbsBackward(
   const outBlocks = rowBlocksOf(out);
   rowBlocksOf(lt).forEach((b, i) => {
     const total = b.rows * v;
+    const four = v % 4 === 0;
     sc.dispatch(
-      "logprob_bwd",
+      four ? "logprob_bwd4" : "logprob_bwd",
       [gb, b.buffer, tb, sb, outBlocks[i].buffer],
-      groups(total, ELEM_WG),
+      groups(four ? total / 4 : total, ELEM_WG),
       { total, v, inv_t: f32(1 / temperature), row0: b.row0, offset: targetOffset },
     );
   });
@@ -503,7 +504,7 @@ export function logSoftmaxChunk(
   const ab = acc ? sc.f(acc, op) : sc.out([4]).buffer; // never read without a state
   const [n, v] = checkLogSoftmaxChunk(op, acc, logits, targets, offset, temperature);
   const out = sc.out([n, 4]);
-  const k = rowKernel(sc.ctx, "lsm_chunk", n, v);
+  const k = rowKernel4(sc.ctx, "lsm_chunk", n, v);
   sc.dispatch(k.kernel, [lb, tb, ab, out.buffer], k.groups, {
     n,
     v,

@@ -516,6 +516,30 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   out[idx] = (onehot - p) * (dlogp[ro] * params.inv_t);
 }
 
+//! kernel logprob_bwd4
+// logprob_bwd for rows of a multiple of 4 columns, 4 consecutive elements of a row per
+// invocation as vec4s (a quarter of the storage accesses, each per lane on a software adapter).
+struct Params { total: u32, v: u32, inv_t: f32, row0: u32, offset: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> dlogp: array<f32>;
+@group(0) @binding(2) var<storage, read> logits: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> targets: array<i32>;
+@group(0) @binding(4) var<storage, read> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i4 = linear_id(gid, nwg, 256u);
+  if (4u * i4 >= params.total) { return; }
+  let v4 = params.v / 4u;
+  let r = i4 / v4;
+  let j = 4u * (i4 - r * v4);
+  let ro = params.row0 + r;
+  let p = exp(logits[i4] * params.inv_t - vec4<f32>(lse[ro]));
+  let t = targets[ro] - i32(j + params.offset);
+  let onehot = select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<i32>(0, 1, 2, 3) == vec4<i32>(t));
+  out[i4] = (onehot - p) * (dlogp[ro] * params.inv_t);
+}
+
 //! kernel entropy_row
 // Entropy of softmax(logits/T), one invocation per row (loops unrolled by 8, see
 // rmsnorm_fwd_row): with m = max z and e = exp(z - m), H = log(sum e) - sum(e * (z - m)) / sum e.
@@ -636,6 +660,52 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     res = vec4<f32>(softmax_merge(p.xyz, vec3<f32>(m, acc.x, acc.y)), p.w);
   }
   if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t)] * it; }
+  acc_out[r] = res;
+}
+
+//! kernel lsm_chunk_row4
+// lsm_chunk_row for chunks of a multiple of 4 columns, read as vec4s (a software adapter pays a
+// storage access per lane whatever its width); 8 columns per loop iteration, as there.
+const NEG = -3.4028235e38;
+struct Params { n: u32, v: u32, inv_t: f32, offset: u32, has_acc: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read> acc_in: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> acc_out: array<vec4<f32>>;
+// (sum exp(z - m), sum exp(z - m) (z - m)) of one vec4 of logits
+fn ez4(x: vec4<f32>, it: f32, m: f32) -> vec2<f32> {
+  let z = x * it - vec4<f32>(m);
+  let e = exp(z);
+  let u = select(vec4<f32>(0.0), e * z, e > vec4<f32>(0.0));
+  return vec2<f32>((e.x + e.y) + (e.z + e.w), (u.x + u.y) + (u.z + u.w));
+}
+override ROWS: u32 = 64u;
+@compute @workgroup_size(ROWS)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, ROWS);
+  if (r >= params.n) { return; }
+  let v = params.v;
+  let v4 = v / 4u;
+  let v8 = v4 & ~1u;
+  let it = params.inv_t;
+  let base = r * v4;
+  var mv = vec4<f32>(NEG);
+  for (var j = 0u; j < v8; j += 2u) { mv = max(mv, max(logits[base + j], logits[base + j + 1u])); }
+  if (v8 < v4) { mv = max(mv, logits[base + v8]); }
+  let m = max(max(max(mv.x, mv.y), max(mv.z, mv.w)) * it, NEG);
+  var acc = vec2<f32>(0.0, 0.0);
+  for (var j = 0u; j < v8; j += 2u) {
+    acc += ez4(logits[base + j], it, m) + ez4(logits[base + j + 1u], it, m);
+  }
+  if (v8 < v4) { acc += ez4(logits[base + v8], it, m); }
+  let t = targets[r] - i32(params.offset);
+  var res = vec4<f32>(m, acc.x, acc.y, bitcast<f32>(0x7fc00000u | (v & 0u)));
+  if (params.has_acc != 0u) {
+    let p = acc_in[r];
+    res = vec4<f32>(softmax_merge(p.xyz, vec3<f32>(m, acc.x, acc.y)), p.w);
+  }
+  if (t >= 0 && u32(t) < v) { res.w = logits[base + u32(t) / 4u][u32(t) % 4u] * it; }
   acc_out[r] = res;
 }
 
