@@ -1,9 +1,9 @@
 /**
- * Ops.projectLoraShared composed projection by projection from a backend's own products: the CPU
- * twin, and the WebGPU paths for shapes their shared product does not take.
+ * Ops.projectLoraShared and Ops.projectSwiglu composed projection by projection from a backend's
+ * own products: the CPU twins, and the WebGPU paths for shapes their shared products do not take.
  * @module
  */
-import type { LoraProjection, MatmulOptions } from "./ops.ts";
+import type { LoraProjection, MatmulOptions, SwigluPart } from "./ops.ts";
 import type { Tensor } from "./tensor.ts";
 
 /** A backend's own products, for projectEachLora. */
@@ -33,3 +33,30 @@ export const projectEachLora = (
     ops.matmulAccumulate(p.into, xa, p.b, s, { transB: true });
     return p.into;
   });
+
+/**
+ * Ops.projectSwiglu as its parts: both adapted halves through the backend's projectLoraShared
+ * (one x·Aᵀ product where it can), a bare half as a plain product, then swiglu.
+ */
+export const projectSwigluEach = (
+  ops: LoraProducts & {
+    readonly projectLoraShared: (x: Tensor, p: readonly LoraProjection[], s: number) => Tensor[];
+    readonly swiglu: (gate: Tensor, up: Tensor) => Tensor;
+  },
+  x: Tensor,
+  gate: SwigluPart,
+  up: SwigluPart,
+  s: number,
+): Tensor => {
+  const [g, u] = gate.lora && up.lora
+    ? ops.projectLoraShared(x, [
+      { w: gate.w, a: gate.lora.a, b: gate.lora.b },
+      { w: up.w, a: up.lora.a, b: up.lora.b },
+    ], s)
+    : [gate, up].map((p) =>
+      p.lora
+        ? ops.projectLora(x, p.w, ops.matmul(x, p.lora.a, { transB: true }), p.lora.b, s)
+        : ops.matmul(x, p.w, { transB: true })
+    );
+  return ops.swiglu(g, u);
+};

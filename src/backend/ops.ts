@@ -59,6 +59,13 @@ export interface MatmulOptions {
   readonly transB?: boolean;
 }
 
+/** One half of Ops.projectSwiglu: a weight w [N,K] and, when adapted, its LoRA pair. */
+export interface SwigluPart {
+  readonly w: Tensor;
+  /** a [R,K] and b [N,R], or null for the bare weight. */
+  readonly lora: { readonly a: Tensor; readonly b: Tensor } | null;
+}
+
 /** One projection of Ops.projectLoraShared: the weight w [N,K] and its LoRA pair a [R,K], b [N,R]. */
 export interface LoraProjection {
   readonly w: Tensor;
@@ -204,6 +211,12 @@ export interface Ops {
    * backend can, every x·a_iᵀ comes from one product and each delta joins its projection.
    */
   projectLoraShared(x: Tensor, parts: readonly LoraProjection[], s: number): Tensor[];
+  /**
+   * An inference MLP's input: swiglu(x·gateᵀ, x·upᵀ), each projection with its LoRA delta
+   * (scale s) when it has one, no backward. Where the backend can, one product computes both
+   * halves and stores only the activation (no gate or up tensor).
+   */
+  projectSwiglu(x: Tensor, gate: SwigluPart, up: SwigluPart, s: number): Tensor;
   /**
    * x·w[start, start + count)ᵀ: the product with a row range of w (x [M,K], w [R,K]), as
    * matmul(x, sliceRows(w, start, count), {transB: true}) where the backend can read the rows

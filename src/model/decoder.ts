@@ -26,7 +26,7 @@
  * the gradients are bit-identical to those of the full tape.
  * @module
  */
-import type { AttentionOptions, Ops } from "../backend/ops.ts";
+import type { AttentionOptions, Ops, SwigluPart } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import { ensure } from "../backend/tensor.ts";
 import { isGemma, isSlidingLayer, type ModelConfig } from "./config.ts";
@@ -140,8 +140,9 @@ interface LayerTape {
   readonly x2: Tensor;
   readonly rstd2: Tensor;
   readonly h2: Tensor;
-  readonly gate: Tensor;
-  readonly up: Tensor;
+  /** The MLP's gate and up projections; null where an inference pass fused them (mlpInput). */
+  readonly gate: Tensor | null;
+  readonly up: Tensor | null;
   readonly act: Tensor;
   readonly lin: Map<Projection, LinearTape>;
 }
@@ -166,6 +167,12 @@ export const makeKvCache = (ops: Ops, c: ModelConfig, batch: number, maxLen: num
     maxLen,
     len: 0,
   };
+};
+
+/** A tape tensor backward needs: recording forwards never fuse it away (see mlpInput). */
+const recorded = (t: Tensor | null): Tensor => {
+  if (!t) throw new Error("backward: the tape lacks a tensor an inference pass fused away");
+  return t;
 };
 
 const weight = (m: DeviceModel, name: string): Tensor => {
@@ -405,6 +412,31 @@ const linears = (
 };
 
 /**
+ * The MLP's activation of its normed input h, with its gate and up projections when recording.
+ * Without a tape a SwiGLU MLP (gate and up without biases) runs as Ops.projectSwiglu: one
+ * product where the backend can, and no gate or up tensor.
+ */
+const mlpInput = (
+  cx: Ctx,
+  layer: number,
+  h: Tensor,
+  tape: Map<Projection, LinearTape> | null,
+): { gate: Tensor | null; up: Tensor | null; act: Tensor } => {
+  const { ops, model, lora } = cx;
+  const gemma = isGemma(model.config);
+  const paths = (["gate_proj", "up_proj"] as const).map((p) => projectionPath(layer, p));
+  if (!cx.record && !gemma && paths.every((p) => !model.weights.has(`${p}.bias`))) {
+    const [gate, up] = paths.map((p): SwigluPart => {
+      const m = lora?.modules.get(p);
+      return { w: weight(model, `${p}.weight`), lora: m ? { a: m.a, b: m.b } : null };
+    });
+    return { gate: null, up: null, act: ops.projectSwiglu(h, gate, up, lora?.scale ?? 1) };
+  }
+  const [gate, up] = linears(cx, layer, ["gate_proj", "up_proj"], h, tape);
+  return { gate, up, act: gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up) };
+};
+
+/**
  * The residual stream past an output projection (o_proj, down_proj): x + proj(h), or with
  * Gemma's sandwich norm (`post`, the norm's name in the layer) x + norm(proj(h)). Without a tape
  * and without that norm x itself is updated and returned: the projection adds onto it as it
@@ -496,8 +528,7 @@ const decoderLayer = (
   const x2 = ro.sum;
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
   const n2 = ops.rmsNorm(x2, normWeight(ops, model, `${pre}.${mlpNorm}.weight`), c.rmsNormEps);
-  const [gate, up] = linears(cx, l, ["gate_proj", "up_proj"], n2.y, lin);
-  const act = gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up);
+  const { gate, up, act } = mlpInput(cx, l, n2.y, lin);
   const rd = addProjection(
     cx,
     l,
@@ -1048,8 +1079,8 @@ const layerBackward = (
     : dx;
   const dAct = lb("down_proj", dDown);
   const sw = gemma
-    ? ops.gegluTanhBackward(dAct, t.gate, t.up)
-    : ops.swigluBackward(dAct, t.gate, t.up);
+    ? ops.gegluTanhBackward(dAct, recorded(t.gate), recorded(t.up))
+    : ops.swigluBackward(dAct, recorded(t.gate), recorded(t.up));
   const dh2 = lb("up_proj", sw.dUp, lb("gate_proj", sw.dGate));
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
   const dx2 = ops.add(dx, normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2));

@@ -5,8 +5,8 @@
  * four rows and four k-steps at a time (accumulating in the output's precision).
  * @module
  */
-import { projectEachLora } from "../lora_projections.ts";
-import type { LoraProjection, MatmulOptions } from "../ops.ts";
+import { projectEachLora, projectSwigluEach } from "../lora_projections.ts";
+import type { LoraProjection, MatmulOptions, SwigluPart } from "../ops.ts";
 import type { FloatArray, HalfDType, Tensor } from "../tensor.ts";
 import { isHalfDType } from "../tensor.ts";
 import {
@@ -14,7 +14,9 @@ import {
   matmulDims,
   projectLoraDims,
   projectLoraSharedDims,
+  projectSwigluDims,
 } from "../checks/matmul.ts";
+import { swiglu } from "./elementwise.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -221,6 +223,30 @@ export function projectLoraShared(
     },
     x,
     parts,
+    s,
+  );
+}
+
+/** See Ops.projectSwiglu: the two projections, then swiglu. */
+export function projectSwiglu(
+  sc: CpuScope,
+  x: Tensor,
+  gate: SwigluPart,
+  up: SwigluPart,
+  s: number,
+): Tensor {
+  projectSwigluDims("projectSwiglu", x, gate, up);
+  return projectSwigluEach(
+    {
+      matmul: (a, b, opts) => matmul(sc, a, b, opts),
+      matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
+      projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+      projectLoraShared: (xx, parts, k) => projectLoraShared(sc, xx, parts, k),
+      swiglu: (g, u) => swiglu(sc, g, u),
+    },
+    x,
+    gate,
+    up,
     s,
   );
 }

@@ -101,6 +101,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
+    projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
     // the rows are a view already (sliceRows copies nothing here)
     accumulateRows: (c, x, w, start, count, s) => {
       accumulateRowsDims("accumulateRows", c, x, w, start, count);

@@ -41,8 +41,8 @@
  * subgroup with rows of A shared by broadcast (1024³: 83 vs 69-71 GFLOP/s).
  * @module
  */
-import { projectEachLora } from "../lora_projections.ts";
-import type { LoraProjection, MatmulOptions } from "../ops.ts";
+import { projectEachLora, projectSwigluEach } from "../lora_projections.ts";
+import type { LoraProjection, MatmulOptions, SwigluPart } from "../ops.ts";
 import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
 import {
@@ -51,11 +51,12 @@ import {
   matmulDims,
   projectLoraDims,
   projectLoraSharedDims,
+  projectSwigluDims,
 } from "../checks/matmul.ts";
 import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
-import { addScaledInPlace, sliceRows } from "./elementwise.ts";
+import { addScaledInPlace, sliceRows, swiglu } from "./elementwise.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
 import {
   formatTag,
@@ -79,6 +80,7 @@ export const matmulTuning: {
   stackedProducts: number;
   subgroupTiles: boolean;
   subgroupProducts: number;
+  swigluProducts: number;
 } = {
   forceTiled: false,
   /** Products projectLoraShared ran stacked (stackedProjections), counted for tests. */
@@ -87,6 +89,8 @@ export const matmulTuning: {
   subgroupTiles: true,
   /** Dispatches of the subgroup tile kernel (matmul_subgroup.ts), counted for tests. */
   subgroupProducts: 0,
+  /** Calls projectSwiglu ran as one product (swigluProduct), counted for tests. */
+  swigluProducts: 0,
 };
 
 /**
@@ -503,6 +507,11 @@ const tiled = (
   lora: LoraPair | null = null,
   /** Columns stored into separate outputs (with `lora`, no accumulate; see segmentKernel). */
   segments: Segments | null = null,
+  /**
+   * The subgroup kernel's SwiGLU form (matmul_subgroup.ts): b is a gate weight of n rows stacked
+   * on its up weight, c gets swiglu [m, n]; one chunk, no accumulate or segments.
+   */
+  glu = false,
 ): void => {
   const kk = k;
   const st = stateOf(ctx);
@@ -598,8 +607,12 @@ const tiled = (
   const lanes = ctx.subgroupLanes;
   const sg = lanes !== null && matmulTuning.subgroupTiles && !segments &&
     m >= SUBGROUP_TILE_ROWS && n >= 2 * lanes && kMajor(a);
+  if (glu && (!sg || alpha !== null || segments || m > chunk || 2 * n > chunk)) {
+    throw new Error("matmul: the SwiGLU form needs the subgroup kernel and one chunk");
+  }
   const tileRows = sg ? SUBGROUP_TILE_ROWS : TILE;
-  const tileCols = sg ? 4 * lanes! : TILE;
+  // a SwiGLU tile covers 2 units per lane (its 4 columns are their gate and up halves)
+  const tileCols = sg ? (glu ? 2 : 4) * lanes! : TILE;
   // at most half a tile of rows (decoding a few sequences): tiles of 8 rows (HALF_M)
   const halfM = m <= TILE / 2;
   const mains: Main[] = [];
@@ -607,7 +620,7 @@ const tiled = (
   const single = m <= chunk ? load(a, "a", 0, m) : null;
   for (let n0 = 0; n0 < n; n0 += chunk) {
     const nc = Math.min(chunk, n - n0);
-    const bt = load(b, "b", n0, nc);
+    const bt = load(b, "b", n0, glu ? 2 * nc : nc);
     for (let m0 = 0; m0 < m; m0 += chunk) {
       const mc = Math.min(chunk, m - m0);
       const at = single ?? load(a, "a", m0, mc);
@@ -646,7 +659,7 @@ const tiled = (
   }
   const kernel = (() => {
     if (sg) {
-      const spec = { lanes: lanes!, fa: format(a), fb: format(b), lora: lora !== null };
+      const spec = { lanes: lanes!, fa: format(a), fb: format(b), lora: lora !== null, glu };
       return ctx.generatedKernel(subgroupKernelName(spec), () => subgroupKernelSource(spec));
     }
     const base = mainKernel(ctx, format(a), format(b));
@@ -1120,27 +1133,10 @@ export function projectLoraShared(
       s,
     );
   }
-  const stacked = ctx.alloc(r * k * 4);
-  let row = 0;
-  for (const d of dims) {
-    ctx.copy(d.ah.buffer, 0, stacked, row * k * 4, d.r * k * 4);
-    row += d.r;
-  }
-  const xa = ctx.alloc(m * pitch * 4);
   const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
-  tiled(
-    ctx,
-    opX,
-    { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" },
-    xa,
-    m,
-    r,
-    k,
-    pitch,
-  );
+  const xa = sharedXa(ctx, opX, dims.map((d) => d.ah.buffer), dims.map((d) => d.r), m, k, pitch);
   const stackedOuts = stackedProjections(sc, opX, xa, pitch, r, dims, parts, s);
   if (stackedOuts) {
-    ctx.release(stacked);
     ctx.release(xa);
     return stackedOuts;
   }
@@ -1172,7 +1168,6 @@ export function projectLoraShared(
     offset += d.r;
     return out;
   });
-  ctx.release(stacked);
   ctx.release(xa);
   return outs;
 }
@@ -1277,6 +1272,157 @@ const stackedProjections = (
   if (unused) ctx.release(unused);
   matmulTuning.stackedProducts++;
   return outs;
+};
+
+/**
+ * See Ops.projectSwiglu. Where the subgroup tile kernel runs (lavapipe) and the halves allow it
+ * (16-bit weights of one dtype, both adapted or neither, at least a tile of rows): the gate and
+ * up weights stacked in one texture (kept like projectLoraShared's, else filled per call), their
+ * LoRA B block-diagonal, one x·Aᵀ product for both ranks, then one product whose tiles hold
+ * both halves of their units and store only the activation (matmul_subgroup.ts, `glu`).
+ * Otherwise the two projections, then swiglu.
+ */
+export function projectSwiglu(
+  sc: GpuScope,
+  x: Tensor,
+  gate: SwigluPart,
+  up: SwigluPart,
+  s: number,
+): Tensor {
+  const op = "projectSwiglu";
+  const { m, n, k } = projectSwigluDims(op, x, gate, up);
+  const fused = swigluProduct(sc, x, [gate, up], m, n, k, s);
+  if (fused) return fused;
+  return projectSwigluEach(
+    {
+      matmul: (a, b, opts) => matmul(sc, a, b, opts),
+      matmulAccumulate: (c, a, b, kk, opts) => matmulAccumulate(sc, c, a, b, kk, opts),
+      projectLora: (xx, w, xa, b, kk) => projectLora(sc, xx, w, xa, b, kk),
+      projectLoraShared: (xx, parts, kk) => projectLoraShared(sc, xx, parts, kk),
+      swiglu: (g, u) => swiglu(sc, g, u),
+    },
+    x,
+    gate,
+    up,
+    s,
+  );
+}
+
+/** projectSwiglu's single product, or null where its conditions do not hold. */
+const swigluProduct = (
+  sc: GpuScope,
+  x: Tensor,
+  parts: readonly [SwigluPart, SwigluPart],
+  m: number,
+  n: number,
+  k: number,
+  s: number,
+): Tensor | null => {
+  const ctx = sc.ctx;
+  const op = "projectSwiglu";
+  const lanes = ctx.subgroupLanes;
+  const limit = ctx.device.limits.maxTextureDimension2D;
+  const chunk = Math.floor(limit / TILE) * TILE;
+  const xh = sc.fh(x, op);
+  const ws = parts.map((p) => sc.fh(p.w, op));
+  const dtype = ws[0].dtype;
+  const adapted = parts.every((p) => p.lora !== null);
+  const ranks = parts.map((p) => p.lora?.a.shape[0] ?? 0);
+  if (
+    lanes === null || !matmulTuning.subgroupTiles || gpuVariant.usesGpuKernels(ctx) ||
+    xh.dtype !== "f32" || dtype === "f32" || ws[1].dtype !== dtype ||
+    m < SUBGROUP_TILE_ROWS || m > chunk || 2 * n > chunk || n % 4 !== 0 || k % 4 !== 0 ||
+    k / 4 > limit || n < 2 * lanes ||
+    (!adapted && parts.some((p) => p.lora !== null)) || ranks.some((r) => r % 4 !== 0)
+  ) return null;
+  const r = ranks[0] + ranks[1];
+  const pitch = Math.ceil(r / 64) * 64;
+  const st = stateOf(ctx);
+  const kSteps = k / 4;
+  const padded = Math.ceil((2 * n) / TILE) * TILE;
+  const format: TexFormat = dtype === "bf16" ? "rgba16uint" : "rgba16float";
+  const staging: GPUBuffer[] = [];
+  const kept = st.stacked(ws.map((h) => h.buffer), "glu_w", kSteps, padded, format);
+  const w = kept ?? { tex: st.texture("glu_w", kSteps, padded, format), hit: false };
+  if (!w.hit) {
+    ws.forEach((h, i) => {
+      const o: Operand = { buffer: h.buffer, rows: n, kContiguous: true, dtype };
+      encodeLoad(ctx, load16(ctx, o, true, k, 0, n, w.tex, staging, i * n), k);
+    });
+  }
+  const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
+  let pair: LoraPair | null = null;
+  let xa: GPUBuffer | null = null;
+  if (adapted) {
+    const bs = parts.map((p) => sc.f(p.lora!.b, op));
+    const keptB = st.stacked(bs, "glu_lora_b", r / 4, padded, "rgba32float");
+    const b = keptB ?? { tex: st.texture("glu_lora_b", r / 4, padded), hit: false };
+    if (!b.hit) {
+      bs.forEach((buf, i) => {
+        ctx.dispatchResources(
+          "matmul_pack_block",
+          [{ buffer: buf }, b.tex.view],
+          [Math.ceil(r / 16), Math.ceil(n / 16)],
+          { rows: n, r: ranks[i], coff: i * ranks[0], width: r / 4, y0: i * n },
+        );
+      });
+    }
+    xa = sharedXa(ctx, opX, parts.map((p) => sc.f(p.lora!.a, op)), ranks, m, k, pitch);
+    pair = {
+      xa: { buffer: xa, rows: m, kContiguous: true, dtype: "f32" },
+      b: { buffer: bs[0], rows: 2 * n, kContiguous: true, dtype: "f32", packed: b.tex },
+      r,
+      beta: s,
+      xaWidth: pitch,
+      xaOffset: 0,
+    };
+  }
+  const out = sc.out([m, n]);
+  tiled(
+    ctx,
+    opX,
+    { buffer: ws[0].buffer, rows: 2 * n, kContiguous: true, dtype, packed: w.tex },
+    out.buffer,
+    m,
+    n,
+    k,
+    n,
+    null,
+    pair,
+    null,
+    true,
+  );
+  for (const buf of staging) ctx.release(buf);
+  if (xa) ctx.release(xa);
+  matmulTuning.swigluProducts++;
+  return out;
+};
+
+/**
+ * Every x·a_iᵀ in one product (x k-major f32, a_i [r_i, k] f32): the A matrices stacked by buffer
+ * copies, into xa [m, pitch] (a multiple of 64 floats, so that it copies into a texture as is);
+ * the caller releases xa.
+ */
+const sharedXa = (
+  ctx: GpuContext,
+  x: Operand,
+  as: readonly GPUBuffer[],
+  ranks: readonly number[],
+  m: number,
+  k: number,
+  pitch: number,
+): GPUBuffer => {
+  const r = ranks.reduce((t, x) => t + x, 0);
+  const stacked = ctx.alloc(r * k * 4);
+  let row = 0;
+  as.forEach((a, i) => {
+    ctx.copy(a, 0, stacked, row * k * 4, ranks[i] * k * 4);
+    row += ranks[i];
+  });
+  const xa = ctx.alloc(m * pitch * 4);
+  tiled(ctx, x, { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" }, xa, m, r, k, pitch);
+  ctx.release(stacked);
+  return xa;
 };
 
 /** See Ops.accumulateRows. */

@@ -129,6 +129,7 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
+    projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
     projectRows: (x, w, start, count) => matmul.projectRows(sc, x, w, start, count),
     accumulateRows: (c, x, w, start, count, s) =>
       matmul.accumulateRows(sc, c, x, w, start, count, s),
