@@ -24,9 +24,11 @@ export type {
   AdamWOptions,
   AttentionOptions,
   BackendInfo,
+  LoraProjection,
   MatmulOptions,
   Ops,
   RopeFrequencies,
+  SwigluPart,
 } from "./src/backend/ops.ts";
 export {
   Backend,
