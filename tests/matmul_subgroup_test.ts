@@ -165,7 +165,9 @@ Deno.test({
 Deno.test("subgroup kernel text: one name per spec, and lane counts it cannot serve are refused", () => {
   const specs = [4, 8, 16, 32, 64].flatMap((l) =>
     (["rgba32float", "rgba16uint", "rgba16float"] as const).flatMap((fb) =>
-      [false, true].map((lora) => ({ lanes: l, fa: "rgba32float" as const, fb, lora }))
+      [false, true].flatMap((lora) =>
+        [false, true].map((glu) => ({ lanes: l, fa: "rgba32float" as const, fb, lora, glu }))
+      )
     )
   );
   const names = new Set(specs.map(subgroupKernelName));

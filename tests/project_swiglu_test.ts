@@ -132,6 +132,39 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "webgpu: projectSwiglu after a decode-sized projectLoraShared of the same halves (one kept texture)",
+  ignore: lanes === null,
+  fn: async () => {
+    // a decode step's gate/up (8 rows, stackedProjections) keeps the stacked weights and LoRA B
+    // that a prefill's projectSwiglu then finds: both must read them in the same layout
+    const c: Case = { m: 96, n: 64, k: 192, r: 8, adapted: "both", half: "bf16", s: 0.5, seed: 9 };
+    const [want] = await composed(ref, c);
+    const stackedBefore = matmulTuning.stackedProducts;
+    const before = matmulTuning.swigluProducts;
+    const [got] = await withOps(gpu!, (ops) => {
+      const [x, g, u] = parts(ops, c);
+      const small = ops.fromArray(seededValues(8 * c.k, 4), [8, c.k]);
+      // a product this small would go to the direct kernel; the tiled one stacks
+      matmulTuning.forceTiled = true;
+      try {
+        ops.projectLoraShared(small, [
+          { w: g.w, a: g.lora!.a, b: g.lora!.b },
+          { w: u.w, a: u.lora!.a, b: u.lora!.b },
+        ], c.s);
+      } finally {
+        matmulTuning.forceTiled = false;
+      }
+      return ops.read([ops.projectSwiglu(x, g, u, c.s)]);
+    });
+    assert(matmulTuning.stackedProducts - stackedBefore === 1, "decode-sized product not stacked");
+    assert(matmulTuning.swigluProducts - before === 1);
+    const e = relError(got, want);
+    assert(e <= TOL, `rel error ${e}`);
+  },
+});
+
 for (const [name, b] of [["cpu", cpu], ["webgpu", gpu]] as const) {
   Deno.test({
     name: `${name}: projectSwiglu rejects halves of other shapes`,

@@ -96,22 +96,6 @@ export const projectLoraDims = (
  * Shapes of Ops.projectLoraShared: for each part x [M,K]·w [N,K]ᵀ, x·a [R,K]ᵀ and b [N,R]
  * (the delta (x·aᵀ)·bᵀ the size of the projection), and `into`, when given, [M,N] and not x.
  */
-/** Checks Ops.projectSwiglu: both halves [N,K] of x's K with the same N; their pairs. */
-export const projectSwigluDims = (
-  op: string,
-  x: Tensor,
-  gate: SwigluPart,
-  up: SwigluPart,
-): { m: number; n: number; k: number } => {
-  const [g, u] = [gate, up].map((p) => {
-    const base = matmulDims(op, x, p.w, { transB: true });
-    if (p.lora) projectLoraSharedDims(op, x, [{ w: p.w, a: p.lora.a, b: p.lora.b }]);
-    return base;
-  });
-  ensure(g.n === u.n, op, () => `gate has ${g.n} rows, up ${u.n}`);
-  return { m: g.m, n: g.n, k: g.k };
-};
-
 export const projectLoraSharedDims = (
   op: string,
   x: Tensor,
@@ -134,3 +118,19 @@ export const projectLoraSharedDims = (
     ensure(into !== x, op, () => "into is the input x");
     return { m: base.m, n: base.n, k: base.k, r: xa.n };
   });
+
+/** Checks Ops.projectSwiglu: both halves [N,K] of x's K with the same N; their pairs. */
+export const projectSwigluDims = (
+  op: string,
+  x: Tensor,
+  gate: SwigluPart,
+  up: SwigluPart,
+): { m: number; n: number; k: number } => {
+  const [g, u] = [gate, up].map((p) => {
+    const base = matmulDims(op, x, p.w, { transB: true });
+    if (p.lora) projectLoraSharedDims(op, x, [{ w: p.w, a: p.lora.a, b: p.lora.b }]);
+    return base;
+  });
+  ensure(g.n === u.n, op, () => `gate has ${g.n} rows, up ${u.n}`);
+  return { m: g.m, n: g.n, k: g.k };
+};

@@ -1217,26 +1217,7 @@ const stackedProjections = (
     if (!w.hit) st.unstack(w.tex);
     return null;
   }
-  let y0 = 0;
-  let coff = 0;
-  const staging: GPUBuffer[] = [];
-  dims.forEach((d, i) => {
-    if (!w.hit) {
-      const op: Operand = { buffer: ws[i].buffer, rows: d.n, kContiguous: true, dtype };
-      encodeLoad(ctx, load16(ctx, op, true, k, 0, d.n, w.tex, staging, y0), k);
-    }
-    if (!b.hit) {
-      ctx.dispatchResources(
-        "matmul_pack_block",
-        [{ buffer: d.bh.buffer }, b.tex.view],
-        [Math.ceil(r / 16), Math.ceil(d.n / 16)],
-        { rows: d.n, r: d.r, coff, width: r / 4, y0 },
-      );
-    }
-    y0 += d.n;
-    coff += d.r;
-  });
-  for (const buf of staging) ctx.release(buf);
+  fillStacked(ctx, k, dtype, dims.map((d, i) => ({ ...d, w: ws[i].buffer, b: d.bh.buffer })), w, b);
   const outs = dims.map((d) => sc.out([m, d.n]));
   // two parts: the third output is never written (its columns start at n)
   const unused = outs.length === 2 ? ctx.alloc(16) : null;
@@ -1308,6 +1289,42 @@ export function projectSwiglu(
   );
 }
 
+/**
+ * Fills a stacked texture of parts' 16-bit weights (k-major; part i from the row after those
+ * before it) and, when given, the block-diagonal texture of their LoRA B (part i's columns at
+ * its rank's offset, rank total `r` over all parts), each unless it holds them already (`hit`).
+ */
+const fillStacked = (
+  ctx: GpuContext,
+  k: number,
+  dtype: DType,
+  parts: readonly { w: GPUBuffer; n: number; b: GPUBuffer | null; r: number }[],
+  w: { tex: Packed; hit: boolean },
+  b: { tex: Packed; hit: boolean } | null,
+): void => {
+  const r = parts.reduce((t, p) => t + p.r, 0);
+  const staging: GPUBuffer[] = [];
+  let y0 = 0;
+  let coff = 0;
+  for (const p of parts) {
+    if (!w.hit) {
+      const op: Operand = { buffer: p.w, rows: p.n, kContiguous: true, dtype };
+      encodeLoad(ctx, load16(ctx, op, true, k, 0, p.n, w.tex, staging, y0), k);
+    }
+    if (b && !b.hit && p.b) {
+      ctx.dispatchResources(
+        "matmul_pack_block",
+        [{ buffer: p.b }, b.tex.view],
+        [Math.ceil(r / 16), Math.ceil(p.n / 16)],
+        { rows: p.n, r: p.r, coff, width: r / 4, y0 },
+      );
+    }
+    y0 += p.n;
+    coff += p.r;
+  }
+  for (const buf of staging) ctx.release(buf);
+};
+
 /** projectSwiglu's single product, or null where its conditions do not hold. */
 const swigluProduct = (
   sc: GpuScope,
@@ -1341,32 +1358,24 @@ const swigluProduct = (
   const kSteps = k / 4;
   const padded = Math.ceil((2 * n) / TILE) * TILE;
   const format: TexFormat = dtype === "bf16" ? "rgba16uint" : "rgba16float";
-  const staging: GPUBuffer[] = [];
-  const kept = st.stacked(ws.map((h) => h.buffer), "glu_w", kSteps, padded, format);
+  // the same kept textures as stackedProjections' (its decode-sized products of gate/up)
+  const kept = st.stacked(ws.map((h) => h.buffer), "w", kSteps, padded, format);
   const w = kept ?? { tex: st.texture("glu_w", kSteps, padded, format), hit: false };
-  if (!w.hit) {
-    ws.forEach((h, i) => {
-      const o: Operand = { buffer: h.buffer, rows: n, kContiguous: true, dtype };
-      encodeLoad(ctx, load16(ctx, o, true, k, 0, n, w.tex, staging, i * n), k);
-    });
-  }
+  const bs = adapted ? parts.map((p) => sc.f(p.lora!.b, op)) : null;
+  const keptB = bs ? st.stacked(bs, "lora_b", r / 4, padded, "rgba32float") : null;
+  const b = bs ? keptB ?? { tex: st.texture("glu_lora_b", r / 4, padded), hit: false } : null;
+  fillStacked(
+    ctx,
+    k,
+    dtype,
+    ws.map((h, i) => ({ w: h.buffer, n, b: bs?.[i] ?? null, r: ranks[i] })),
+    w,
+    b,
+  );
   const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
   let pair: LoraPair | null = null;
   let xa: GPUBuffer | null = null;
-  if (adapted) {
-    const bs = parts.map((p) => sc.f(p.lora!.b, op));
-    const keptB = st.stacked(bs, "glu_lora_b", r / 4, padded, "rgba32float");
-    const b = keptB ?? { tex: st.texture("glu_lora_b", r / 4, padded), hit: false };
-    if (!b.hit) {
-      bs.forEach((buf, i) => {
-        ctx.dispatchResources(
-          "matmul_pack_block",
-          [{ buffer: buf }, b.tex.view],
-          [Math.ceil(r / 16), Math.ceil(n / 16)],
-          { rows: n, r: ranks[i], coff: i * ranks[0], width: r / 4, y0: i * n },
-        );
-      });
-    }
+  if (bs && b) {
     xa = sharedXa(ctx, opX, parts.map((p) => sc.f(p.lora!.a, op)), ranks, m, k, pitch);
     pair = {
       xa: { buffer: xa, rows: m, kContiguous: true, dtype: "f32" },
@@ -1392,7 +1401,6 @@ const swigluProduct = (
     null,
     true,
   );
-  for (const buf of staging) ctx.release(buf);
   if (xa) ctx.release(xa);
   matmulTuning.swigluProducts++;
   return out;

@@ -124,7 +124,7 @@ fn block_lb(k: i32, q: i32) -> mat4x4<f32> {
 }
 `
     : "";
-  // B_KMAJOR only for glu (its stacked texture is k-major; the host checks)
+  // glu reads B k-major only: its stacked texture always is (B_KMAJOR is not consulted)
   const blockB = glu
     ? `fn block_b(k: i32, q: i32) -> mat4x4<f32> {
   let ng = i32(params.n);
