@@ -96,4 +96,42 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "webgpu: the pool keeps a working set past its base cap, never past the most held",
+  ignore: !hasGpu,
+  fn: async () => {
+    const ctx = gpu!.gpu!;
+    const kib = 1024;
+    ctx.setPoolCap(0); // empties the pool
+    ctx.setPoolCap(1024 * kib, true);
+    try {
+      const phase = (bytes: number, n: number) =>
+        withOps(gpu!, (ops) =>
+          Effect.gen(function* () {
+            const ts = Array.from({ length: n }, () => ops.zeros([bytes / 4]));
+            const [x] = yield* ops.read([ts[n - 1]]);
+            assertEquals(x.length, bytes / 4);
+          }));
+      const step = 400 * kib;
+      // a step that holds 1.6 MiB (past the 1 MiB base): all of it stays for the next step,
+      // which then allocates nothing
+      await phase(step, 4);
+      assertEquals(ctx.pooledBufferCount(step), 4);
+      const before = ctx.pooledBufferCount();
+      await phase(step, 4);
+      assertEquals(ctx.pooledBufferCount(step), 4);
+      assertEquals(ctx.pooledBufferCount(), before);
+      // new sizes: a new buffer or a release gives back the oldest pooled ones until pooled is
+      // within the base (1 MiB) or live + pooled within the most held (1.6 MiB); once the
+      // phase is over the pool holds its two new buffers and one old one, 1.6 MiB
+      const next = 600 * kib;
+      await phase(next, 2);
+      assertEquals(ctx.pooledBufferCount(next), 2);
+      assertEquals(ctx.pooledBufferCount(step), 1);
+    } finally {
+      ctx.setPoolCap(null);
+    }
+  },
+});
+
 gpuTeardown();

@@ -91,7 +91,12 @@ const SLOT = 256;
 const SLOTS = 1024;
 /** Dispatches per submitted batch before an automatic flush. */
 const MAX_BATCH = 1024;
-/** Most bytes the pool keeps idle (past it, the least recently released buffers go). */
+/**
+ * Bytes the pool may always keep idle. It keeps more while the device holds less than the most
+ * it has held (see `poolLimit`): a SmolLM2-135M training step holds ~1.3 GB of activations, and
+ * a 1 GiB cap sent part of them to destruction after every step, so the next step allocated
+ * them again (fresh memory that lavapipe zero-fills and faults in: ~0.5 s of an 11 s step).
+ */
 const POOL_CAP_BYTES = 1 << 30;
 
 /** Largest workgroup count per dimension (WebGPU default limit). */
@@ -204,7 +209,12 @@ export class GpuContext {
   /** Device objects derived from a buffer's contents (see `derive`), by buffer. */
   private readonly derived = new Map<GPUBuffer, Set<() => void>>();
   private bindingOverride: number | null = null;
-  private poolCap = POOL_CAP_BYTES;
+  /** Idle bytes the pool may always keep (POOL_CAP_BYTES unless a test sets it). */
+  private poolBase = POOL_CAP_BYTES;
+  /** Whether the pool may keep more while the device holds less than its most (`poolLimit`). */
+  private poolAdaptive = true;
+  /** Most bytes of live buffers (`outstandingBytes`' high-water mark, reset only by tests). */
+  private mostHeldBytes = 0;
 
   constructor(
     readonly device: GPUDevice,
@@ -250,10 +260,27 @@ export class GpuContext {
     this.bindingOverride = bytes;
   }
 
-  /** @internal Test hook: the pool's cap in bytes (null restores POOL_CAP_BYTES). */
-  setPoolCap(bytes: number | null): void {
-    this.poolCap = bytes ?? POOL_CAP_BYTES;
+  /**
+   * @internal Test hook: the pool's base cap in bytes, fixed or (`adaptive`) under
+   * `poolLimit`'s rule with the high-water mark restarted at the live bytes now; null restores
+   * the default (POOL_CAP_BYTES, adaptive).
+   */
+  setPoolCap(bytes: number | null, adaptive = false): void {
+    this.poolBase = bytes ?? POOL_CAP_BYTES;
+    this.poolAdaptive = bytes === null || adaptive;
+    if (bytes !== null && adaptive) this.mostHeldBytes = this.outstandingBytes;
     this.evictFor(0);
+  }
+
+  /**
+   * Idle bytes the pool may keep now: the base cap, or more where live and pooled buffers
+   * together stay within the most the device has held, so that pooling never raises the
+   * footprint past a peak the workload already reached.
+   */
+  private get poolLimit(): number {
+    return this.poolAdaptive
+      ? Math.max(this.poolBase, this.mostHeldBytes - this.outstandingBytes)
+      : this.poolBase;
   }
 
   /**
@@ -354,6 +381,7 @@ export class GpuContext {
     this.outstandingBytes += size;
     this.peakOutstanding = Math.max(this.peakOutstanding, this.outstanding);
     this.peakOutstandingBytes = Math.max(this.peakOutstandingBytes, this.outstandingBytes);
+    this.mostHeldBytes = Math.max(this.mostHeldBytes, this.outstandingBytes);
   }
 
   /** A storage buffer of at least `bytes` (pooled by exact size; contents undefined). */
@@ -367,6 +395,8 @@ export class GpuContext {
       this.pooledOrder.delete(buf);
       return buf;
     }
+    // a new buffer: the pool gives back what would take the total past the limit
+    this.evictFor(0);
     return this.device.createBuffer({
       size,
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
@@ -387,6 +417,7 @@ export class GpuContext {
   upload(data: Float32Array | Int32Array): GPUBuffer {
     const size = Math.max(4, data.byteLength);
     this.handOut(size);
+    this.evictFor(0);
     const buf = this.device.createBuffer({
       size,
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
@@ -419,7 +450,7 @@ export class GpuContext {
     this.invalidate(buf);
     this.outstanding--;
     this.outstandingBytes -= buf.size;
-    if (buf.size > this.poolCap) {
+    if (buf.size > this.poolLimit) {
       this.retire(buf);
       return;
     }
@@ -441,7 +472,7 @@ export class GpuContext {
    */
   private evictFor(bytes: number): void {
     for (const [old, idleAfter] of this.pooledOrder) {
-      if (this.pooledBytes + bytes <= this.poolCap) return;
+      if (this.pooledBytes + bytes <= this.poolLimit) return;
       this.pooledOrder.delete(old);
       const list = this.pool.get(old.size)!;
       list.splice(list.indexOf(old), 1);
