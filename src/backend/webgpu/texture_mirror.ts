@@ -54,9 +54,17 @@ export const beforeScatter = (ctx: GpuContext, buf: GPUBuffer): Entry | null => 
 };
 
 /**
+ * The mirror taken by `beforeScatter` as a view for a scatter that writes the buffer and the
+ * mirror in one pass, or null when there is none or its rows are not `cols` f32 wide.
+ */
+export const mirrorTarget = (taken: Entry | null, cols: number): GPUTextureView | null =>
+  taken?.tex && cols % 4 === 0 && cols / 4 === taken.width ? taken.tex.createView() : null;
+
+/**
  * After the scatter of `src` rows to rows `idx` of `buf` (`cols` f32 per row) is encoded:
- * writes the same rows into the mirror taken by `beforeScatter`, or marks `buf` as one whose
- * staging keeps a mirror (its first `mirrorOf` makes it).
+ * writes the same rows into the mirror taken by `beforeScatter` (unless the scatter wrote them,
+ * `mirrored`, into `mirrorTarget`'s view), or marks `buf` as one whose staging keeps a mirror
+ * (its first `mirrorOf` makes it).
  */
 export const afterScatter = (
   ctx: GpuContext,
@@ -66,9 +74,10 @@ export const afterScatter = (
   idx: GPUBuffer,
   rows: number,
   cols: number,
+  mirrored = false,
 ): void => {
   const e = taken ?? entryFor(ctx, buf);
-  if (e.tex) {
+  if (e.tex && !mirrored) {
     if (cols % 4 !== 0 || cols / 4 !== e.width) {
       e.dispose();
       register(ctx, buf, entryFor(ctx, buf));
