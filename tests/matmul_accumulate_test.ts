@@ -190,6 +190,66 @@ Deno.test("projectLora: a delta of another shape is a ShapeError naming the op",
   }
 });
 
+Deno.test("projectLora with `into` adds the projection onto it in place: the sum an add pass stores, exactly", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.record({
+        m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 160 })),
+        n: fc.oneof(
+          fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
+          fc.integer({ min: 1, max: 70 }),
+        ),
+        k: fc.integer({ min: 1, max: 80 }),
+        r: fc.constantFrom(1, 8, 16),
+        half: fc.constantFrom<HalfDType | null>(null, "bf16"),
+        s: fc.constantFrom(1, -0.5),
+        seed: fc.integer({ min: 1, max: 0x7fffffff }),
+      }),
+      async (c) => {
+        for (const b of backends) {
+          const [y, res, summed, xAfter] = await withOps(b, (ops) => {
+            const x = ops.fromArray(seededValues(c.m * c.k, c.seed), [c.m, c.k]);
+            const w = ops.fromArray(
+              seededValues(c.n * c.k, c.seed + 1),
+              [c.n, c.k],
+              c.half ?? "f32",
+            );
+            const xa = ops.fromArray(seededValues(c.m * c.r, c.seed + 2), [c.m, c.r]);
+            const lb = ops.fromArray(seededValues(c.n * c.r, c.seed + 3), [c.n, c.r]);
+            const res = ops.fromArray(seededValues(c.m * c.n, c.seed + 4), [c.m, c.n]);
+            const y = ops.projectLora(x, w, xa, lb, c.s);
+            const into = ops.copy(res);
+            const back = ops.projectLora(x, w, xa, lb, c.s, into);
+            assert(back === into, "projectLora returns `into`");
+            return ops.read([y, res, into, x]);
+          });
+          const want = Float32Array.from(y, (v, i) => res[i] + v);
+          assertEquals(Array.from(summed), Array.from(want), `${b.info.name} ${JSON.stringify(c)}`);
+          assertEquals(xAfter.length, c.m * c.k);
+        }
+      },
+    ),
+    { numRuns: 25 },
+  );
+});
+
+Deno.test("projectLora: an `into` of another shape, or one of its inputs, is a ShapeError", async () => {
+  for (const b of backends) {
+    await withOps(b, (ops) => {
+      const x = ops.fromArray(seededValues(6, 1), [2, 3]);
+      const w = ops.fromArray(seededValues(9, 2), [3, 3]);
+      const xa = ops.fromArray(seededValues(4, 3), [2, 2]);
+      const lb = ops.fromArray(seededValues(6, 4), [3, 2]);
+      for (const into of [ops.zeros([3, 2]), x]) {
+        throws(
+          () => ops.projectLora(x, w, xa, lb, 1, into),
+          (e: unknown) => e instanceof ShapeError && e.message.includes("projectLora"),
+        );
+      }
+    });
+  }
+});
+
 interface SharedCase {
   readonly m: number;
   readonly k: number;

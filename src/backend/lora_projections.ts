@@ -16,7 +16,14 @@ export interface LoraProducts {
     s: number,
     opts?: MatmulOptions,
   ) => void;
-  readonly projectLora: (x: Tensor, w: Tensor, xa: Tensor, b: Tensor, s: number) => Tensor;
+  readonly projectLora: (
+    x: Tensor,
+    w: Tensor,
+    xa: Tensor,
+    b: Tensor,
+    s: number,
+    into?: Tensor,
+  ) => Tensor;
 }
 
 /** Each part's x·aᵀ, then its projection with the delta (added onto `into` when given). */
@@ -28,10 +35,7 @@ export const projectEachLora = (
 ): Tensor[] =>
   parts.map((p) => {
     const xa = ops.matmul(x, p.a, { transB: true });
-    if (!p.into) return ops.projectLora(x, p.w, xa, p.b, s);
-    ops.matmulAccumulate(p.into, x, p.w, 1, { transB: true });
-    ops.matmulAccumulate(p.into, xa, p.b, s, { transB: true });
-    return p.into;
+    return ops.projectLora(x, p.w, xa, p.b, s, p.into);
   });
 
 /**

@@ -202,9 +202,11 @@ export interface Ops {
   /**
    * x·Wᵀ + s·xa·Bᵀ (x [M,K], w [N,K], xa [M,R], b [N,R]): a projection and its LoRA delta as
    * one product where the backend can (the delta's rank-long inner loop continues the base
-   * one's in the same registers), else matmul then matmulAccumulate.
+   * one's in the same registers), else matmul then matmulAccumulate. With `into` (f32 [M,N],
+   * not an input) the result is added onto it in place and `into` returned: a training
+   * forward's residual stream takes its output projection with no add pass.
    */
-  projectLora(x: Tensor, w: Tensor, xa: Tensor, b: Tensor, s: number): Tensor;
+  projectLora(x: Tensor, w: Tensor, xa: Tensor, b: Tensor, s: number, into?: Tensor): Tensor;
   /**
    * Projections of one input (q/k/v, gate/up) with their LoRA deltas, no backward:
    * y_i = x·w_iᵀ + s·(x·a_iᵀ)·b_iᵀ (x [M,K], w_i [N_i,K], a_i [R_i,K], b_i [N_i,R_i]). Where the
@@ -261,8 +263,12 @@ export interface Ops {
   rmsNorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
   /** Gradients of rmsNorm: dx [R,H] and dw [H]. */
   rmsNormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
-  /** dx of rmsNormBackward alone (a frozen norm weight needs no dw). */
-  rmsNormBackwardInput(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): Tensor;
+  /**
+   * dx of rmsNormBackward alone (a frozen norm weight needs no dw); plus `residual` (the
+   * gradient the residual stream carries past the norm, same shape) when given, in the same
+   * pass where the backend can.
+   */
+  rmsNormBackwardInput(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, residual?: Tensor): Tensor;
   /**
    * Rotary embedding (Hugging Face "rotate_half" layout) on x [R, heads*headDim] with i32
    * positions [R]: for i < d/2, (x_i, x_{i+d/2}) rotated by pos * inv_freq_i, where inv_freq_i =

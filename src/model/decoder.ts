@@ -350,15 +350,22 @@ const linear = (
   p: Projection,
   x: Tensor,
   tape: Map<Projection, LinearTape> | null,
+  /** A tensor to add the projection onto in place (then returned); needs no bias. */
+  into?: Tensor,
 ): Tensor => {
   const { ops, model } = cx;
   const path = projectionPath(layer, p);
   const w = weight(model, `${path}.weight`);
   const bias = model.weights.get(`${path}.bias`);
+  if (into && bias) throw new Error(`linear ${path}: a bias cannot be added onto a tensor`);
   const m = cx.lora?.modules.get(path);
   if (!m) {
-    const y = ops.matmul(x, w, { transB: true });
     tape?.set(p, { x });
+    if (into) {
+      ops.matmulAccumulate(into, x, w, 1, { transB: true });
+      return into;
+    }
+    const y = ops.matmul(x, w, { transB: true });
     return bias ? ops.addRow(y, bias) : y;
   }
   let xd = x;
@@ -372,7 +379,7 @@ const linear = (
   }
   const xa = ops.matmul(xd, m.a, { transB: true });
   // the projection and its delta in one product where the backend can
-  const y = ops.projectLora(x, w, xa, m.b, cx.lora!.scale);
+  const y = ops.projectLora(x, w, xa, m.b, cx.lora!.scale, into);
   tape?.set(p, { x, xd, xa, mask });
   return bias ? ops.addRow(y, bias) : y;
 };
@@ -453,7 +460,13 @@ const addProjection = (
 ): { sum: Tensor; proj: Tensor | null; norm: { y: Tensor; rstd: Tensor } | null } => {
   const { ops, model, lora } = cx;
   const path = projectionPath(layer, p);
-  if (!cx.record && post === null && !model.weights.has(`${path}.bias`)) {
+  if (post === null && !model.weights.has(`${path}.bias`)) {
+    if (cx.record) {
+      // the tape keeps x: the projection adds onto a copy of it as it stores (no add pass)
+      const sum = ops.copy(x);
+      linear(cx, layer, p, h, tape, sum);
+      return { sum, proj: null, norm: null };
+    }
     const w = weight(model, `${path}.weight`);
     const m = lora?.modules.get(path);
     if (m) ops.projectLoraShared(h, [{ w, a: m.a, b: m.b, into: x }], lora!.scale);
@@ -819,12 +832,14 @@ const normBackward = (
   model: DeviceModel,
   name: string,
   rstd: Tensor,
+  /** The gradient the residual stream carries past the norm, added to d input when given. */
+  residual?: Tensor,
 ): Tensor => {
   const w = normWeight(ops, model, name);
-  if (mode !== "full") return ops.rmsNormBackwardInput(dy, x, w, rstd);
+  if (mode !== "full") return ops.rmsNormBackwardInput(dy, x, w, rstd, residual);
   const nb = ops.rmsNormBackward(dy, x, w, rstd);
   accumulate(ops, grads, name, nb.dw);
-  return nb.dx;
+  return residual ? ops.add(residual, nb.dx) : nb.dx;
 };
 
 /** accumulate, with `g` from a transient scope: the result is owned by `ops`'s scope. */
@@ -1070,8 +1085,8 @@ const layerBackward = (
     linearBackward(ops, tape, l, p, dy, t.lin.get(p)!, mode, grads, into);
   const gemma = isGemma(c);
   // d through a norm: d input, with d weight accumulated in mode "full"
-  const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor) =>
-    normBackward(ops, mode, grads, dy, x, model, name, rstd);
+  const normBack = (dy: Tensor, x: Tensor, name: string, rstd: Tensor, residual?: Tensor) =>
+    normBackward(ops, mode, grads, dy, x, model, name, rstd, residual);
   const sw3 = t.sandwich;
   // x3 = x2 + [norm](down(act)): the residual passes dx through unchanged
   const dDown = sw3
@@ -1083,7 +1098,7 @@ const layerBackward = (
     : ops.swigluBackward(dAct, recorded(t.gate), recorded(t.up));
   const dh2 = lb("up_proj", sw.dUp, lb("gate_proj", sw.dGate));
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
-  const dx2 = ops.add(dx, normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2));
+  const dx2 = normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2, dx);
   const dO = sw3 ? normBack(dx2, sw3.o, `${pre}.post_attention_layernorm.weight`, sw3.rstdO) : dx2;
   const dAtt = lb("o_proj", dO);
   const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
@@ -1119,7 +1134,7 @@ const layerBackward = (
     dkPre = headNormBackward(dkPre, t.qkNorm.kp, names.k, t.qkNorm.rstdK, c.numKvHeads);
   }
   const dh1 = lb("v_proj", ab.dv, lb("k_proj", dkPre, lb("q_proj", dqPre)));
-  return ops.add(dx2, normBack(dh1, t.x, `${pre}.input_layernorm.weight`, t.rstd1));
+  return normBack(dh1, t.x, `${pre}.input_layernorm.weight`, t.rstd1, dx2);
 };
 
 /**

@@ -51,10 +51,12 @@ export const checkRmsNormBackward = (
   x: Tensor,
   w: Tensor,
   rstd: Tensor,
+  residual?: Tensor,
 ): [number, number] => {
   const [r, h] = rmsNormShape(op, x, w);
   expectShape(op, "dy", dy, x.shape);
   expectShape(op, "rstd", rstd, [r]);
+  if (residual) expectShape(op, "residual", residual, x.shape);
   return [r, h];
 };
 

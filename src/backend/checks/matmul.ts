@@ -81,6 +81,7 @@ export const projectLoraDims = (
   w: Tensor,
   xa: Tensor,
   b: Tensor,
+  into?: Tensor,
 ): { m: number; n: number; k: number; r: number } => {
   const base = matmulDims(op, x, w, { transB: true });
   const delta = matmulDims(op, xa, b, { transB: true });
@@ -89,6 +90,12 @@ export const projectLoraDims = (
     op,
     () => `the delta xa·bᵀ is [${delta.m},${delta.n}], the projection [${base.m},${base.n}]`,
   );
+  ensure(
+    !into || (into.shape.length === 2 && into.shape[0] === base.m && into.shape[1] === base.n),
+    op,
+    () => `into is [${into!.shape}], the projection [${base.m},${base.n}]`,
+  );
+  ensure(into !== x && into !== xa, op, () => "into is an input of the product");
   return { m: base.m, n: base.n, k: base.k, r: delta.k };
 };
 

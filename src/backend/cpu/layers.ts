@@ -98,15 +98,26 @@ export function rmsNormBackward(
   return { dx: sc.wrap(x.shape, dx), dw: sc.wrap([h], dwOut) };
 }
 
-/** See Ops.rmsNormBackwardInput: dx of rmsNormBackward (the reference computes both). */
+/**
+ * See Ops.rmsNormBackwardInput: dx of rmsNormBackward (the reference computes both), then
+ * residual + dx.
+ */
 export function rmsNormBackwardInput(
   sc: CpuScope,
   dy: Tensor,
   x: Tensor,
   w: Tensor,
   rstd: Tensor,
+  residual?: Tensor,
 ): Tensor {
-  return rmsNormBackward(sc, dy, x, w, rstd).dx;
+  const op = "rmsNormBackwardInput";
+  checkRmsNormBackward(op, dy, x, w, rstd, residual);
+  const dx = rmsNormBackward(sc, dy, x, w, rstd).dx;
+  if (!residual) return dx;
+  const d = sc.f(dx, op);
+  const r = sc.f(residual, op);
+  for (let i = 0; i < d.length; i++) d[i] = r[i] + d[i];
+  return dx;
 }
 
 /** Rotates every (i, i + d/2) pair of every head by `sign` times its angle. */

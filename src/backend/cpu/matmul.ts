@@ -192,7 +192,10 @@ export function matmulAccumulate(
   for (let i = 0; i < d.length; i++) d[i] = d[i] + s * p[i];
 }
 
-/** See Ops.projectLora: the projection, then the delta accumulated onto it. */
+/**
+ * See Ops.projectLora: the projection, then the delta accumulated onto it (then that added onto
+ * `into`, as the residual add it replaces).
+ */
 export function projectLora(
   sc: CpuScope,
   x: Tensor,
@@ -200,11 +203,17 @@ export function projectLora(
   xa: Tensor,
   b: Tensor,
   s: number,
+  into?: Tensor,
 ): Tensor {
-  projectLoraDims("projectLora", x, w, xa, b);
+  const op = "projectLora";
+  projectLoraDims(op, x, w, xa, b, into);
   const y = matmul(sc, x, w, { transB: true });
   matmulAccumulate(sc, y, xa, b, s, { transB: true });
-  return y;
+  if (!into) return y;
+  const d = sc.f(into, op);
+  const p = sc.f(y, op);
+  for (let i = 0; i < d.length; i++) d[i] = d[i] + p[i];
+  return into;
 }
 
 /** See Ops.projectLoraShared: each projection as projectLora with its own x·aᵀ. */
@@ -219,7 +228,7 @@ export function projectLoraShared(
     {
       matmul: (a, b, opts) => matmul(sc, a, b, opts),
       matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
-      projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+      projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
     },
     x,
     parts,
@@ -240,7 +249,7 @@ export function projectSwiglu(
     {
       matmul: (a, b, opts) => matmul(sc, a, b, opts),
       matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
-      projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+      projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
       projectLoraShared: (xx, parts, k) => projectLoraShared(sc, xx, parts, k),
       swiglu: (g, u) => swiglu(sc, g, u),
     },

@@ -99,7 +99,7 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
-    projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
+    projectLora: (x, w, xa, b, s, into) => matmul.projectLora(sc, x, w, xa, b, s, into),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
     projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
     // the rows are a view already (sliceRows copies nothing here)
@@ -134,7 +134,8 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
     rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
-    rmsNormBackwardInput: (dy, x, w, rstd) => layers.rmsNormBackwardInput(sc, dy, x, w, rstd),
+    rmsNormBackwardInput: (dy, x, w, rstd, residual) =>
+      layers.rmsNormBackwardInput(sc, dy, x, w, rstd, residual),
     rope: (x, positions, heads, headDim, theta) =>
       layers.rope(sc, x, positions, heads, headDim, theta),
     ropeBackward: (dy, positions, heads, headDim, theta) =>

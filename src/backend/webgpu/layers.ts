@@ -15,6 +15,7 @@ import type { RopeFrequencies } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
 import { ensure, isHalfDType } from "../tensor.ts";
 import { halfConstants } from "./half.ts";
+import { addScaledInPlace } from "./elementwise.ts";
 import {
   checkEmbedding,
   checkEmbeddingBackward,
@@ -176,15 +177,38 @@ const rmsNormDx = (
   return { dx, buffers: [dyb, xb, sb], r, h };
 };
 
-/** See Ops.rmsNormBackwardInput. */
+/**
+ * See Ops.rmsNormBackwardInput. With a residual: one pass (rmsnorm_bwd_dx_row4_res) where the
+ * row form runs on rows of a multiple of 4 elements, else dx then an add onto it.
+ */
 export function rmsNormBackwardInput(
   sc: GpuScope,
   dy: Tensor,
   x: Tensor,
   w: Tensor,
   rstd: Tensor,
+  residual?: Tensor,
 ): Tensor {
-  return rmsNormDx(sc, "rmsNormBackwardInput", dy, x, w, rstd).dx;
+  const op = "rmsNormBackwardInput";
+  if (!residual) return rmsNormDx(sc, op, dy, x, w, rstd).dx;
+  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd, residual);
+  const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
+  if (k.kernel !== "rmsnorm_bwd_dx_row4") {
+    const dx = rmsNormDx(sc, op, dy, x, w, rstd).dx;
+    addScaledInPlace(sc, dx, residual, 1);
+    return dx;
+  }
+  const buffers = [dy, x, w, rstd].map((t) => sc.f(t, op));
+  const dx = sc.out(x.shape);
+  const res = sc.f(residual, op);
+  sc.dispatch(
+    "rmsnorm_bwd_dx_row4_res",
+    [...buffers, dx.buffer, res],
+    k.groups,
+    { rows: r, h },
+    k.constants,
+  );
+  return dx;
 }
 
 /** See Ops.rmsNormBackward. */

@@ -1042,10 +1042,13 @@ export function projectLora(
   xa: Tensor,
   b: Tensor,
   s: number,
+  into?: Tensor,
 ): Tensor {
-  if (gpuVariant.usesGpuKernels(sc.ctx)) return gpuVariant.projectLoraGpu(sc, x, w, xa, b, s);
+  if (gpuVariant.usesGpuKernels(sc.ctx)) {
+    return gpuVariant.projectLoraGpu(sc, x, w, xa, b, s, into);
+  }
   const op = "projectLora";
-  const { m, n, k, r } = projectLoraDims(op, x, w, xa, b);
+  const { m, n, k, r } = projectLoraDims(op, x, w, xa, b, into);
   const xh = sc.fh(x, op);
   const wh = sc.fh(w, op);
   const xah = sc.fh(xa, op);
@@ -1054,19 +1057,22 @@ export function projectLora(
   if (!(m > KEEP_DIRECT_ROWS && fusable(ctx, m, n, k, r, [xah.dtype, bh.dtype]))) {
     const y = matmul(sc, x, w, { transB: true });
     matmulAccumulate(sc, y, xa, b, s, { transB: true });
-    return y;
+    if (!into) return y;
+    addScaledInPlace(sc, into, y, 1);
+    return into;
   }
-  const out = sc.out([m, n]);
+  // with `into`: c += the product as the tile stores it (the same x + y as an add pass)
+  const out = into ?? sc.out([m, n]);
   tiled(
     ctx,
     { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
     { buffer: wh.buffer, rows: n, kContiguous: true, dtype: wh.dtype },
-    out.buffer,
+    sc.f(out, op),
     m,
     n,
     k,
     n,
-    null,
+    into ? 1 : null,
     {
       xa: { buffer: xah.buffer, rows: m, kContiguous: true, dtype: "f32" },
       b: { buffer: bh.buffer, rows: n, kContiguous: true, dtype: "f32", keep: true },
@@ -1126,7 +1132,7 @@ export function projectLoraShared(
       {
         matmul: (a, b, opts) => matmul(sc, a, b, opts),
         matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
-        projectLora: (xx, w, xa, b, k) => projectLora(sc, xx, w, xa, b, k),
+        projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
       },
       x,
       parts,
@@ -1278,7 +1284,7 @@ export function projectSwiglu(
     {
       matmul: (a, b, opts) => matmul(sc, a, b, opts),
       matmulAccumulate: (c, a, b, kk, opts) => matmulAccumulate(sc, c, a, b, kk, opts),
-      projectLora: (xx, w, xa, b, kk) => projectLora(sc, xx, w, xa, b, kk),
+      projectLora: (xx, w, xa, b, kk, into) => projectLora(sc, xx, w, xa, b, kk, into),
       projectLoraShared: (xx, parts, kk) => projectLoraShared(sc, xx, parts, kk),
       swiglu: (g, u) => swiglu(sc, g, u),
     },

@@ -307,12 +307,15 @@ export function projectLoraGpu(
   xa: Tensor,
   b: Tensor,
   s: number,
+  into?: Tensor,
 ): Tensor {
-  projectLoraDims("projectLora", x, w, xa, b);
+  projectLoraDims("projectLora", x, w, xa, b, into);
   for (const t of [x, w, xa, b]) floatBlocks(sc, t, "projectLora");
   const y = matmulGpu(sc, x, w, { transB: true });
   matmulAccumulateGpu(sc, y, xa, b, s, { transB: true });
-  return y;
+  if (!into) return y;
+  addScaledInPlace(sc, into, y, 1);
+  return into;
 }
 
 /**
@@ -330,7 +333,7 @@ export function projectLoraSharedGpu(
     {
       matmul: (a, b, opts) => matmulGpu(sc, a, b, opts),
       matmulAccumulate: (c, a, b, k, opts) => matmulAccumulateGpu(sc, c, a, b, k, opts),
-      projectLora: (xx, w, xa, b, k) => projectLoraGpu(sc, xx, w, xa, b, k),
+      projectLora: (xx, w, xa, b, k, into) => projectLoraGpu(sc, xx, w, xa, b, k, into),
     },
     x,
     parts,

@@ -127,7 +127,7 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     setColumns: (dst, start, src) => elementwise.setColumns(sc, dst, start, src),
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
-    projectLora: (x, w, xa, b, s) => matmul.projectLora(sc, x, w, xa, b, s),
+    projectLora: (x, w, xa, b, s, into) => matmul.projectLora(sc, x, w, xa, b, s, into),
     projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
     projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
     projectRows: (x, w, start, count) => matmul.projectRows(sc, x, w, start, count),
@@ -155,7 +155,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     loraFold: (w, b, a, s) => elementwise.loraFold(sc, w, b, a, s),
     rmsNorm: (x, w, eps) => layers.rmsNorm(sc, x, w, eps),
     rmsNormBackward: (dy, x, w, rstd) => layers.rmsNormBackward(sc, dy, x, w, rstd),
-    rmsNormBackwardInput: (dy, x, w, rstd) => layers.rmsNormBackwardInput(sc, dy, x, w, rstd),
+    rmsNormBackwardInput: (dy, x, w, rstd, residual) =>
+      layers.rmsNormBackwardInput(sc, dy, x, w, rstd, residual),
     rope: (x, positions, heads, headDim, theta) =>
       layers.rope(sc, x, positions, heads, headDim, theta),
     ropeBackward: (dy, positions, heads, headDim, theta) =>
