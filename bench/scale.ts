@@ -640,8 +640,12 @@ const torchAvailable = async (): Promise<string | null> => {
   }
 };
 
-/** Alternating rounds of the pairs whose ratios are bars (SmolLM2 vs torch, matmul vs OpenBLAS). */
-const ROUNDS = 2;
+/**
+ * Alternating rounds of the pairs whose ratios are bars (SmolLM2 vs torch, matmul vs OpenBLAS):
+ * three, so that a ratio is a true median. With two, one peer round decided it: torch's
+ * log-probs measured 337 and 243 tokens/s in the two rounds of one run (2026-12-04).
+ */
+const ROUNDS = 3;
 
 const median = (xs: readonly number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -739,7 +743,7 @@ export async function run(args: readonly string[] = []): Promise<Results> {
   // Cheapest and most informative first; each child gets the time left, capped.
   const torchMissing = await torchAvailable();
   // SmolLM2's pair (the ratio bars) runs in ROUNDS alternating rounds (torch, webgpu, torch,
-  // webgpu): see pairRatios.
+  // webgpu, ...): see pairRatios.
   const plan: [ModelName, BackendName | "torch", number, number][] = [
     // model, backend, cap (s), timed repetitions
     ...Array.from({ length: ROUNDS }, (): [ModelName, "torch" | "webgpu", number, number][] => [
