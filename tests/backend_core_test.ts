@@ -61,6 +61,15 @@ Deno.test({
   },
 });
 
+/** One scope that holds `n` buffers of `bytes` at once (a step's working set), then returns them. */
+const phase = (bytes: number, n: number) =>
+  withOps(gpu!, (ops) =>
+    Effect.gen(function* () {
+      const ts = Array.from({ length: n }, () => ops.zeros([bytes / 4]));
+      const [x] = yield* ops.read([ts[n - 1]]);
+      assertEquals(x.length, bytes / 4);
+    }));
+
 Deno.test({
   name: "webgpu: a full pool drops its least recently released buffers, keeps the new sizes",
   ignore: !hasGpu,
@@ -73,13 +82,6 @@ Deno.test({
       const old = 200 * kib;
       const next = 392 * kib;
       // a phase that pools four buffers of one size (800 KiB of the 1 MiB cap) ...
-      const phase = (bytes: number, n: number) =>
-        withOps(gpu!, (ops) =>
-          Effect.gen(function* () {
-            const ts = Array.from({ length: n }, () => ops.zeros([bytes / 4]));
-            const [x] = yield* ops.read([ts[n - 1]]);
-            assertEquals(x.length, bytes / 4);
-          }));
       await phase(old, 4);
       assertEquals(ctx.pooledBufferCount(old), 4);
       // ... then one whose buffers do not fit beside them: the oldest go, the new ones stay
@@ -105,13 +107,6 @@ Deno.test({
     ctx.setPoolCap(0); // empties the pool
     ctx.setPoolCap(1024 * kib, true);
     try {
-      const phase = (bytes: number, n: number) =>
-        withOps(gpu!, (ops) =>
-          Effect.gen(function* () {
-            const ts = Array.from({ length: n }, () => ops.zeros([bytes / 4]));
-            const [x] = yield* ops.read([ts[n - 1]]);
-            assertEquals(x.length, bytes / 4);
-          }));
       const step = 400 * kib;
       // a step that holds 1.6 MiB (past the 1 MiB base): all of it stays for the next step,
       // which then allocates nothing

@@ -31,7 +31,7 @@ import {
 import { f32, grid, vec4Form } from "./context.ts";
 import { columnsOf, type GpuScope, type GpuTensor } from "./scope.ts";
 import { copyHalfRange, widenBuffer } from "./half.ts";
-import { afterScatter, beforeScatter, mirrorTarget } from "./texture_mirror.ts";
+import { afterScatter, beforeScatter, mirroredScatter, mirrorTarget } from "./texture_mirror.ts";
 
 /** Invocations per workgroup of the 1-D kernels. */
 const WG = 256;
@@ -319,11 +319,11 @@ export function scatterRowsInPlace(
   if (view) {
     const p = { n4: n / 4, cols4: c / 4 };
     const res = [{ buffer: x }, { buffer: ib }, { buffer: d }, view];
-    sc.ctx.dispatchResources("ew_scatter_rows4_mirrored", res, groups1d(n / 4), p);
+    sc.ctx.dispatchResources(mirroredScatter(sc.ctx), res, groups1d(n / 4), p);
   } else if (c % 4 === 0) {
     sc.dispatch("ew_scatter_rows4", [x, ib, d], groups1d(n / 4), { n4: n / 4, cols4: c / 4 });
   } else sc.dispatch("ew_scatter_rows", [x, ib, d], groups1d(n), { n, cols: c });
-  afterScatter(sc.ctx, d, mirror, x, ib, rows.length, c, view !== null);
+  afterScatter(sc.ctx, d, mirror, view !== null);
   sc.ctx.release(ib);
   if (tmp) sc.ctx.release(tmp);
 }

@@ -237,43 +237,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   dst[u32(idx[r]) * params.cols4 + c] = src[i];
 }
 
-//! kernel ew_scatter_rows4_mirrored
-// ew_scatter_rows4 into dst and its texture mirror (texture_mirror.ts) in one pass: texel
-// (c, idx[r]) = dst row idx[r], elements 4c..4c+3 (a decode step scatters every layer's k and v).
-struct Params { n4: u32, cols4: u32 }
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> idx: array<i32>;
-@group(0) @binding(3) var<storage, read_write> dst: array<vec4<f32>>;
-@group(0) @binding(4) var mirror: texture_storage_2d<rgba32float, write>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = linear_id(gid, nwg, 256u);
-  if (i >= params.n4) { return; }
-  let r = i / params.cols4;
-  let c = i - r * params.cols4;
-  let v = src[i];
-  dst[u32(idx[r]) * params.cols4 + c] = v;
-  textureStore(mirror, vec2<i32>(i32(c), idx[r]), v);
-}
-
-//! kernel ew_scatter_rows_tex
-// ew_scatter_rows into the texture mirror of dst (texture_mirror.ts): texel (c, idx[r]) =
-// src[r, 4c..4c+3]; n4 = rows * cols4.
-struct Params { n4: u32, cols4: u32 }
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> idx: array<i32>;
-@group(0) @binding(3) var dst: texture_storage_2d<rgba32float, write>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = linear_id(gid, nwg, 256u);
-  if (i >= params.n4) { return; }
-  let r = i / params.cols4;
-  let c = i - r * params.cols4;
-  textureStore(dst, vec2<i32>(i32(c), idx[r]), src[i]);
-}
-
 //! kernel ew_copy_cols
 // Copies a column range between row-major matrices (bit for bit, any 32-bit dtype):
 // dst[dst_off + r * dst_w + c] = src[src_off + r * src_w + c] for c < cols; n = rows * cols.

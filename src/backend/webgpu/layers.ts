@@ -177,9 +177,30 @@ const rmsNormDx = (
   return { dx, buffers: [dyb, xb, sb], r, h };
 };
 
+/** The store of rmsnorm_bwd_dx_row4 that its residual form extends. */
+const DX4_STORE = "dx[base + j] = s * w[j] * dy[base + j] - c * x[base + j];";
+
 /**
- * See Ops.rmsNormBackwardInput. With a residual: one pass (rmsnorm_bwd_dx_row4_res) where the
- * row form runs on rows of a multiple of 4 elements, else dx then an add onto it.
+ * rmsnorm_bwd_dx_row4 plus the gradient the residual stream carries past the norm (binding 6):
+ * dx = res + (s*w*dy - c*x), the sum an add pass would store, in the same pass.
+ */
+const residualForm = (ctx: GpuContext): string =>
+  ctx.derivedKernel("rmsnorm_bwd_dx_row4_res", "rmsnorm_bwd_dx_row4", (code) => {
+    const dxDecl = "var<storage, read_write> dx: array<vec4<f32>>;";
+    if (!code.includes(DX4_STORE) || !code.includes(dxDecl)) {
+      throw new Error("layers.wgsl: rmsnorm_bwd_dx_row4 lacks the store its residual form extends");
+    }
+    return code
+      .replace(dxDecl, `${dxDecl}\n@group(0) @binding(6) var<storage, read> res: array<vec4<f32>>;`)
+      .replace(
+        DX4_STORE,
+        "dx[base + j] = res[base + j] + (s * w[j] * dy[base + j] - c * x[base + j]);",
+      );
+  });
+
+/**
+ * See Ops.rmsNormBackwardInput. With a residual: one pass (`residualForm`) where the row form
+ * runs on rows of a multiple of 4 elements, else dx then an add onto it.
  */
 export function rmsNormBackwardInput(
   sc: GpuScope,
@@ -202,7 +223,7 @@ export function rmsNormBackwardInput(
   const dx = sc.out(x.shape);
   const res = sc.f(residual, op);
   sc.dispatch(
-    "rmsnorm_bwd_dx_row4_res",
+    residualForm(sc.ctx),
     [...buffers, dx.buffer, res],
     k.groups,
     { rows: r, h },

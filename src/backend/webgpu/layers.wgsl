@@ -168,33 +168,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   for (var j = 0u; j < h4; j++) { dx[base + j] = s * w[j] * dy[base + j] - c * x[base + j]; }
 }
 
-//! kernel rmsnorm_bwd_dx_row4_res
-// rmsnorm_bwd_dx_row4 plus the gradient the residual stream carries past the norm:
-// dx = res + (s*w*dy - c*x), the sum a separate add pass would store (one pass fewer).
-struct Params { rows: u32, h: u32 }
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> dy: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> w: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> rstd: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> res: array<vec4<f32>>;
-override ROWS: u32 = 64u;
-@compute @workgroup_size(ROWS)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = linear_id(gid, nwg, ROWS);
-  if (r >= params.rows) { return; }
-  let h4 = params.h / 4u;
-  let base = r * h4;
-  var d = vec4<f32>(0.0);
-  for (var j = 0u; j < h4; j++) { d += dy[base + j] * w[j] * x[base + j]; }
-  let s = rstd[r];
-  let c = s * s * s * ((d.x + d.y) + (d.z + d.w)) / f32(params.h);
-  for (var j = 0u; j < h4; j++) {
-    dx[base + j] = res[base + j] + (s * w[j] * dy[base + j] - c * x[base + j]);
-  }
-}
-
 //! kernel rmsnorm_bwd_dx_wg
 // RMSNorm input gradient, one workgroup per row (shared-memory reduction of the dot product).
 const WG = 64u;

@@ -5,8 +5,8 @@
  * copy every layer's whole cache into a staging texture: SmolLM2-135M at batch 64 copied about
  * 280 MB per step on llvmpipe, on the one thread that runs the queue while the others waited.
  * A buffer written by `scatterRowsInPlace` gets, at its first staging, a texture of its own
- * holding the same rows (one full copy); each later scatter writes its rows into both, so
- * staging it again costs nothing. The mirror is derived from the buffer (GpuContext.derive):
+ * holding the same rows (one full copy); each later scatter writes its rows into both in one
+ * pass (`mirroredScatter`), so staging it again costs nothing. The mirror is derived from the buffer (GpuContext.derive):
  * any other write to the buffer, or its release, destroys it.
  * @module
  */
@@ -61,38 +61,51 @@ export const mirrorTarget = (taken: Entry | null, cols: number): GPUTextureView 
   taken?.tex && cols % 4 === 0 && cols / 4 === taken.width ? taken.tex.createView() : null;
 
 /**
- * After the scatter of `src` rows to rows `idx` of `buf` (`cols` f32 per row) is encoded:
- * writes the same rows into the mirror taken by `beforeScatter` (unless the scatter wrote them,
- * `mirrored`, into `mirrorTarget`'s view), or marks `buf` as one whose staging keeps a mirror
- * (its first `mirrorOf` makes it).
+ * After a scatter into `buf` (`cols` f32 per row) is encoded: puts back the mirror taken by
+ * `beforeScatter` when the scatter wrote its rows there too (`mirrored`, into `mirrorTarget`'s
+ * view), drops one whose rows are of another width, or marks `buf` as one whose staging keeps
+ * a mirror (its first `mirrorOf` makes it).
  */
 export const afterScatter = (
   ctx: GpuContext,
   buf: GPUBuffer,
   taken: Entry | null,
-  src: GPUBuffer,
-  idx: GPUBuffer,
-  rows: number,
-  cols: number,
-  mirrored = false,
+  mirrored: boolean,
 ): void => {
   const e = taken ?? entryFor(ctx, buf);
   if (e.tex && !mirrored) {
-    if (cols % 4 !== 0 || cols / 4 !== e.width) {
-      e.dispose();
-      register(ctx, buf, entryFor(ctx, buf));
-      return;
-    }
-    const n4 = rows * e.width;
-    ctx.dispatchResources(
-      "ew_scatter_rows_tex",
-      [{ buffer: src }, { buffer: idx }, e.tex.createView()],
-      [Math.ceil(n4 / 256)],
-      [n4, e.width],
-    );
+    e.dispose();
+    register(ctx, buf, entryFor(ctx, buf));
+    return;
   }
   register(ctx, buf, e);
 };
+
+/**
+ * ew_scatter_rows4 that also writes each row into the mirror (binding 4): texel (c, idx[r]) =
+ * elements 4c..4c+3 of the row, so the buffer and its mirror take a decode step's k and v rows
+ * in one pass.
+ */
+export const mirroredScatter = (ctx: GpuContext): string =>
+  ctx.derivedKernel("ew_scatter_rows4_mirrored", "ew_scatter_rows4", (code) => {
+    const store = "dst[u32(idx[r]) * params.cols4 + c] = src[i];";
+    const decl = "var<storage, read_write> dst: array<vec4<f32>>;";
+    if (!code.includes(store) || !code.includes(decl)) {
+      throw new Error(
+        "elementwise.wgsl: ew_scatter_rows4 lacks the store its mirrored form extends",
+      );
+    }
+    return code
+      .replace(
+        decl,
+        `${decl}\n@group(0) @binding(4) var mirror: texture_storage_2d<rgba32float, write>;`,
+      )
+      .replace(
+        store,
+        "let v = src[i];\n  dst[u32(idx[r]) * params.cols4 + c] = v;\n" +
+          "  textureStore(mirror, vec2<i32>(i32(c), idx[r]), v);",
+      );
+  });
 
 /**
  * The mirror of `buf` as a texture of `width` rgba32float texels x `rows` rows, or null when
