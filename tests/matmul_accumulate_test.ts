@@ -132,6 +132,20 @@ interface LoraCase {
   readonly seed: number;
 }
 
+/** Shapes of projectLora: past 64 rows the WebGPU product is fused; n a multiple of 4 mostly. */
+const loraCase: fc.Arbitrary<LoraCase> = fc.record({
+  m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 160 })),
+  n: fc.oneof(
+    fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
+    fc.integer({ min: 1, max: 70 }),
+  ),
+  k: fc.integer({ min: 1, max: 80 }),
+  r: fc.constantFrom(1, 3, 8, 16, 64),
+  half: fc.constantFrom<HalfDType | null>(null, "bf16", "f16"),
+  s: fc.constantFrom(1, 2, -0.5),
+  seed: fc.integer({ min: 1, max: 0x7fffffff }),
+});
+
 const project = (b: BackendShape, c: LoraCase) =>
   withOps(b, (ops) => {
     const x = ops.fromArray(seededValues(c.m * c.k, c.seed), [c.m, c.k]);
@@ -148,19 +162,7 @@ const project = (b: BackendShape, c: LoraCase) =>
 Deno.test("projectLora equals x·Wᵀ + s·xa·Bᵀ of the f64 reference, before and after B changes in place", async () => {
   await fc.assert(
     fc.asyncProperty(
-      fc.record({
-        // past 64 rows the WebGPU product is fused; n a multiple of 4 most of the time
-        m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 160 })),
-        n: fc.oneof(
-          fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
-          fc.integer({ min: 1, max: 70 }),
-        ),
-        k: fc.integer({ min: 1, max: 80 }),
-        r: fc.constantFrom(1, 3, 8, 16, 64),
-        half: fc.constantFrom<HalfDType | null>(null, "bf16", "f16"),
-        s: fc.constantFrom(1, 2, -0.5),
-        seed: fc.integer({ min: 1, max: 0x7fffffff }),
-      }),
+      loraCase,
       async (c) => {
         const [w1, w2] = await project(ref, c);
         for (const b of backends) {
@@ -199,18 +201,7 @@ Deno.test("projectLora: a delta of another shape, or an `into` not [M, N] or ali
 Deno.test("projectLora with `into` adds the projection onto it in place: the sum an add pass stores, exactly", async () => {
   await fc.assert(
     fc.asyncProperty(
-      fc.record({
-        m: fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 65, max: 160 })),
-        n: fc.oneof(
-          fc.integer({ min: 1, max: 24 }).map((v) => v * 4),
-          fc.integer({ min: 1, max: 70 }),
-        ),
-        k: fc.integer({ min: 1, max: 80 }),
-        r: fc.constantFrom(1, 8, 16),
-        half: fc.constantFrom<HalfDType | null>(null, "bf16"),
-        s: fc.constantFrom(1, -0.5),
-        seed: fc.integer({ min: 1, max: 0x7fffffff }),
-      }),
+      loraCase,
       async (c) => {
         for (const b of backends) {
           const [y, res, summed, xAfter] = await withOps(b, (ops) => {
