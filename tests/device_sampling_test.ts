@@ -69,6 +69,36 @@ Deno.test("sampleCandidates: hand example (ties by lower id, -inf / -1 padding)"
   }
 });
 
+/** WebGPU's candidates of seeded logits against the f64 reference: ids exact, sums 1e-6. */
+const matchesReference = async (
+  n: number,
+  v: number,
+  count: number,
+  seed: number,
+  scale: number,
+  quant: boolean,
+): Promise<void> => {
+  const data = logitsOf(n, v, seed, scale, quant);
+  const temps = Array.from({ length: n }, (_, i) => [0, 1, 0.7, 1.3][(seed + i) % 4]);
+  const a = await candidatesOn(gpu!, data, [n, v], temps, count);
+  const e = await candidatesOn(ref, data, [n, v], temps, count);
+  const w = 4 + 2 * count;
+  for (let i = 0; i < n; i++) {
+    const o = i * w;
+    assertEquals(a[o], e[o]);
+    assertEquals(a[o + 3], e[o + 3]);
+    for (const k of [1, 2]) {
+      // a row of only -inf (v = 1 hits one) has NaN sums on both: they must agree on that too
+      const bothNaN = Number.isNaN(a[o + k]) && Number.isNaN(e[o + k]);
+      assert(
+        bothNaN || Math.abs(a[o + k] - e[o + k]) <= 1e-6 * e[o + k],
+        `sum ${k}: ${a[o + k]} vs ${e[o + k]}`,
+      );
+    }
+    assertEquals(Array.from(a.slice(o + 4, o + w)), Array.from(e.slice(o + 4, o + w)));
+  }
+};
+
 Deno.test({
   name: "sampleCandidates: WebGPU = CPU f64 reference (ids exact, sums 1e-6 relative)",
   ignore: !hasGpu,
@@ -81,30 +111,30 @@ Deno.test({
         fc.integer({ min: 1, max: 1 << 30 }),
         fc.constantFrom(0.1, 1, 8, 30),
         fc.boolean(),
-        async (n, v, count, seed, scale, quant) => {
-          const data = logitsOf(n, v, seed, scale, quant);
-          const temps = Array.from({ length: n }, (_, i) => [0, 1, 0.7, 1.3][(seed + i) % 4]);
-          const a = await candidatesOn(gpu!, data, [n, v], temps, count);
-          const e = await candidatesOn(ref, data, [n, v], temps, count);
-          const w = 4 + 2 * count;
-          for (let i = 0; i < n; i++) {
-            const o = i * w;
-            assertEquals(a[o], e[o]);
-            assertEquals(a[o + 3], e[o + 3]);
-            for (const k of [1, 2]) {
-              // a row of only -inf (v = 1 hits one) has NaN sums on both: they must agree on that too
-              const bothNaN = Number.isNaN(a[o + k]) && Number.isNaN(e[o + k]);
-              assert(
-                bothNaN || Math.abs(a[o + k] - e[o + k]) <= 1e-6 * e[o + k],
-                `sum ${k}: ${a[o + k]} vs ${e[o + k]}`,
-              );
-            }
-            assertEquals(Array.from(a.slice(o + 4, o + w)), Array.from(e.slice(o + 4, o + w)));
-          }
-        },
+        matchesReference,
       ),
       // the counterexample CI found: v = 1 with the single logit -inf in a row
       { numRuns: 40, examples: [[3, 1, 1, 105159807, 0.1, false]] },
+    );
+  },
+});
+
+Deno.test({
+  name:
+    "sampleCandidates with one candidate (a lane per row on a software adapter) = CPU f64 reference",
+  ignore: !hasGpu,
+  fn: async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 8, max: 40 }),
+        fc.integer({ min: 1, max: 750 }).map((q) => 4 * q),
+        fc.constant(1),
+        fc.integer({ min: 1, max: 1 << 30 }),
+        fc.constantFrom(0.1, 1, 8, 30),
+        fc.boolean(),
+        matchesReference,
+      ),
+      { numRuns: 30 },
     );
   },
 });

@@ -575,7 +575,16 @@ export function logSoftmaxFinish(
   return { logp, lse, entropy: ent };
 }
 
-/** See Ops.sampleCandidates (kernel sample_cand_wg[4], block by block for split logits). */
+/**
+ * Rows from which a software adapter samples one candidate (greedy decoding) with a lane per
+ * row (sample_greedy_row4): enough rows for a workgroup on each of its threads.
+ */
+const GREEDY_ROW_MIN_ROWS = 8;
+
+/**
+ * See Ops.sampleCandidates (kernel sample_cand_wg[4], block by block for split logits; one
+ * candidate of rows of a multiple of 4 on a software adapter: sample_greedy_row4).
+ */
 export function sampleCandidates(
   sc: GpuScope,
   logits: Tensor,
@@ -588,6 +597,21 @@ export function sampleCandidates(
   const temps = sc.upload(Float32Array.from(temperatures), [n], "f32");
   const out = sc.out([n, 4 + 2 * count]);
   for (const b of rowBlocksOf(lt)) {
+    if (
+      count === 1 && v % 4 === 0 && sc.ctx.info.fallback && b.rows >= GREEDY_ROW_MIN_ROWS &&
+      forcedForm !== "wg"
+    ) {
+      // 16 rows a workgroup from 32 rows on, else 4 (both threads get work)
+      const rows = b.rows >= 32 ? 16 : 4;
+      sc.dispatch(
+        "sample_greedy_row4",
+        [b.buffer, temps.buffer, out.buffer],
+        groups(b.rows, rows),
+        { n: b.rows, v, count, row0: b.row0 },
+        { ROWS: rows },
+      );
+      continue;
+    }
     const kernel = v % 4 === 0 ? "sample_cand_wg4" : "sample_cand_wg";
     sc.dispatch(kernel, [b.buffer, temps.buffer, out.buffer], grid(b.rows), {
       n: b.rows,

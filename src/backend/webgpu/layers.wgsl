@@ -768,6 +768,83 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   ent[r] = ls - a.z / a.y;
 }
 
+//! kernel sample_greedy_row4
+// sample_cand_wg's row for one candidate (greedy decoding), one invocation per row of a multiple
+// of 4 logits and no barriers: on llvmpipe a workgroup per row with shared-memory trees took
+// ~21 ms for 64 rows x 49,152 (b64 decoding), a lane per row 3.5 ms. The max is the reference's
+// (Ops.sampleCandidates on the CPU): the first logit, then any strictly greater one, so the
+// lowest id among equals and no NaN past the first; s1 and sT Kahan-compensated element by
+// element (see the sums' comment), sT = s1 when
+// 1/T is 1. Out row (m, s1, sT, 1, m, id) at row row0 + r, as sample_cand_wg with count 1.
+struct Params { n: u32, v: u32, count: u32, row0: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> temps: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+override ROWS: u32 = 16u;
+@compute @workgroup_size(ROWS)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, ROWS);
+  if (r >= params.n) { return; }
+  let q = params.v / 4u;
+  let base = r * q;
+  var m = logits[base].x;
+  var mi = 0u;
+  for (var g = 0u; g < q; g++) {
+    let x = logits[base + g];
+    let j = 4u * g;
+    var b = x.x > m;
+    m = select(m, x.x, b);
+    mi = select(mi, j, b);
+    b = x.y > m;
+    m = select(m, x.y, b);
+    mi = select(mi, j + 1u, b);
+    b = x.z > m;
+    m = select(m, x.z, b);
+    mi = select(mi, j + 2u, b);
+    b = x.w > m;
+    m = select(m, x.w, b);
+    mi = select(mi, j + 3u, b);
+  }
+  let ro = params.row0 + r;
+  let t = temps[ro];
+  let it = select(1.0, 1.0 / t, t > 0.0);
+  let tempered = it != 1.0;
+  // Kahan's (u - s) - y is 0 to the shader compiler's algebra, which folds it away (measured:
+  // as inaccurate as a plain sum); u passes through a bit flip by a zero it cannot see (count is
+  // 1 here), and the compensation survives (1e-8 of the f64 sum of 3,248 logits against 8e-7).
+  let zero = params.count - 1u;
+  var s1 = 0.0;
+  var c1 = 0.0;
+  var st = 0.0;
+  var ct = 0.0;
+  for (var g = 0u; g < q; g++) {
+    let d = logits[base + g] - vec4<f32>(m);
+    let e = exp(d);
+    let f = select(e, exp(d * it), tempered);
+    for (var k = 0u; k < 4u; k++) {
+      let y = e[k] - c1;
+      let u = s1 + y;
+      c1 = (bitcast<f32>(bitcast<u32>(u) ^ zero) - s1) - y;
+      s1 = u;
+      if (tempered) {
+        let z = f[k] - ct;
+        let w = st + z;
+        ct = (bitcast<f32>(bitcast<u32>(w) ^ zero) - st) - z;
+        st = w;
+      }
+    }
+  }
+  let o = ro * 6u;
+  out[o] = m;
+  // the compensation folded back in, as sample_cand_wg's h + l
+  out[o + 1u] = s1 - c1;
+  out[o + 2u] = select(s1 - c1, st - ct, tempered);
+  out[o + 3u] = 1.0;
+  out[o + 4u] = m;
+  out[o + 5u] = f32(mi);
+}
+
 //! kernel sample_cand_wg
 // Sampling candidates (Ops.sampleCandidates), one workgroup per row of one storage block of the
 // logits (its rows are rows row0.. of temps/out). Pass 1: each invocation keeps the `count`
