@@ -6,8 +6,8 @@
  * 280 MB per step on llvmpipe, on the one thread that runs the queue while the others waited.
  * A buffer written by `scatterRowsInPlace` gets, at its first staging, a texture of its own
  * holding the same rows (one full copy); each later scatter writes its rows into both in one
- * pass (`mirroredScatter`), so staging it again costs nothing. The mirror is derived from the buffer (GpuContext.derive):
- * any other write to the buffer, or its release, destroys it.
+ * pass (`mirroredScatter`), so staging it again costs nothing. The mirror is derived from the
+ * buffer (GpuContext.derive): any other write to the buffer, or its release, destroys it.
  * @module
  */
 import type { GpuContext } from "./context.ts";
@@ -61,10 +61,10 @@ export const mirrorTarget = (taken: Entry | null, cols: number): GPUTextureView 
   taken?.tex && cols % 4 === 0 && cols / 4 === taken.width ? taken.tex.createView() : null;
 
 /**
- * After a scatter into `buf` (`cols` f32 per row) is encoded: puts back the mirror taken by
- * `beforeScatter` when the scatter wrote its rows there too (`mirrored`, into `mirrorTarget`'s
- * view), drops one whose rows are of another width, or marks `buf` as one whose staging keeps
- * a mirror (its first `mirrorOf` makes it).
+ * After a scatter into `buf` is encoded: puts back the mirror taken by `beforeScatter` when the
+ * scatter wrote its rows there too (`mirrored`, into `mirrorTarget`'s view), drops one it did
+ * not (its rows are of another width), or marks `buf` as one whose staging keeps a mirror (its
+ * first `mirrorOf` makes it).
  */
 export const afterScatter = (
   ctx: GpuContext,
