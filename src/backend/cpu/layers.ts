@@ -21,6 +21,7 @@ import {
   checkRope,
   checkSampleCandidates,
 } from "../checks/layers.ts";
+import { addScaledInPlace } from "./elementwise.ts";
 import type { CpuScope } from "./scope.ts";
 
 /**
@@ -113,10 +114,7 @@ export function rmsNormBackwardInput(
   const op = "rmsNormBackwardInput";
   checkRmsNormBackward(op, dy, x, w, rstd, residual);
   const dx = rmsNormBackward(sc, dy, x, w, rstd).dx;
-  if (!residual) return dx;
-  const d = sc.f(dx, op);
-  const r = sc.f(residual, op);
-  for (let i = 0; i < d.length; i++) d[i] = r[i] + d[i];
+  if (residual) addScaledInPlace(sc, dx, residual, 1);
   return dx;
 }
 

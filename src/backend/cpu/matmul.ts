@@ -16,7 +16,7 @@ import {
   projectLoraSharedDims,
   projectSwigluDims,
 } from "../checks/matmul.ts";
-import { swiglu } from "./elementwise.ts";
+import { addScaledInPlace, swiglu } from "./elementwise.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -210,9 +210,7 @@ export function projectLora(
   const y = matmul(sc, x, w, { transB: true });
   matmulAccumulate(sc, y, xa, b, s, { transB: true });
   if (!into) return y;
-  const d = sc.f(into, op);
-  const p = sc.f(y, op);
-  for (let i = 0; i < d.length; i++) d[i] = d[i] + p[i];
+  addScaledInPlace(sc, into, y, 1);
   return into;
 }
 

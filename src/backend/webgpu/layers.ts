@@ -157,26 +157,6 @@ const rowKernel4 = (
   return cols % 4 === 0 && k.kernel === `${base}_row` ? { ...k, kernel: `${base}_row4` } : k;
 };
 
-/** d x of rmsNorm into a fresh tensor (the first half of rmsNormBackward). */
-const rmsNormDx = (
-  sc: GpuScope,
-  op: string,
-  dy: Tensor,
-  x: Tensor,
-  w: Tensor,
-  rstd: Tensor,
-): { dx: Tensor; buffers: GPUBuffer[]; r: number; h: number } => {
-  const dyb = sc.f(dy, op);
-  const xb = sc.f(x, op);
-  const wb = sc.f(w, op);
-  const sb = sc.f(rstd, op);
-  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd);
-  const dx = sc.out(x.shape);
-  const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
-  sc.dispatch(k.kernel, [dyb, xb, wb, sb, dx.buffer], k.groups, { rows: r, h }, k.constants);
-  return { dx, buffers: [dyb, xb, sb], r, h };
-};
-
 /** The store of rmsnorm_bwd_dx_row4 that its residual form extends. */
 const DX4_STORE = "dx[base + j] = s * w[j] * dy[base + j] - c * x[base + j];";
 
@@ -199,9 +179,35 @@ const residualForm = (ctx: GpuContext): string =>
   });
 
 /**
- * See Ops.rmsNormBackwardInput. With a residual: one pass (`residualForm`) where the row form
- * runs on rows of a multiple of 4 elements, else dx then an add onto it.
+ * d x of rmsNorm into a fresh tensor (the first half of rmsNormBackward), plus `residual` when
+ * given: in the same pass where the row form runs on rows of a multiple of 4 (`residualForm`),
+ * else an add after it.
  */
+const rmsNormDx = (
+  sc: GpuScope,
+  op: string,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  rstd: Tensor,
+  residual?: Tensor,
+): { dx: Tensor; buffers: GPUBuffer[]; r: number; h: number } => {
+  const dyb = sc.f(dy, op);
+  const xb = sc.f(x, op);
+  const wb = sc.f(w, op);
+  const sb = sc.f(rstd, op);
+  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd, residual);
+  const dx = sc.out(x.shape);
+  const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
+  const fused = residual !== undefined && k.kernel === "rmsnorm_bwd_dx_row4";
+  const buffers = [dyb, xb, wb, sb, dx.buffer, ...(fused ? [sc.f(residual, op)] : [])];
+  const kernel = fused ? residualForm(sc.ctx) : k.kernel;
+  sc.dispatch(kernel, buffers, k.groups, { rows: r, h }, k.constants);
+  if (residual && !fused) addScaledInPlace(sc, dx, residual, 1);
+  return { dx, buffers: [dyb, xb, sb], r, h };
+};
+
+/** See Ops.rmsNormBackwardInput (rmsNormDx, the residual in the same pass where it can). */
 export function rmsNormBackwardInput(
   sc: GpuScope,
   dy: Tensor,
@@ -210,26 +216,7 @@ export function rmsNormBackwardInput(
   rstd: Tensor,
   residual?: Tensor,
 ): Tensor {
-  const op = "rmsNormBackwardInput";
-  if (!residual) return rmsNormDx(sc, op, dy, x, w, rstd).dx;
-  const [r, h] = checkRmsNormBackward(op, dy, x, w, rstd, residual);
-  const k = rowKernel4(sc.ctx, "rmsnorm_bwd_dx", r, h);
-  if (k.kernel !== "rmsnorm_bwd_dx_row4") {
-    const dx = rmsNormDx(sc, op, dy, x, w, rstd).dx;
-    addScaledInPlace(sc, dx, residual, 1);
-    return dx;
-  }
-  const buffers = [dy, x, w, rstd].map((t) => sc.f(t, op));
-  const dx = sc.out(x.shape);
-  const res = sc.f(residual, op);
-  sc.dispatch(
-    residualForm(sc.ctx),
-    [...buffers, dx.buffer, res],
-    k.groups,
-    { rows: r, h },
-    k.constants,
-  );
-  return dx;
+  return rmsNormDx(sc, "rmsNormBackwardInput", dy, x, w, rstd, residual).dx;
 }
 
 /** See Ops.rmsNormBackward. */
