@@ -21,17 +21,12 @@ import {
   generate,
   type GenerationRequest,
   initLora,
-  type LoraConfig,
   parseHfConfig,
-  Policy,
-  PROJECTIONS,
   Rng,
   uploadLora,
   webgpuBackend,
 } from "../mod.ts";
-import { MODELS } from "./scale.ts";
-import { roundToHalfBits } from "../src/io/safetensors.ts";
-import { type BaseTensor, weightSpecs } from "../src/model/weights.ts";
+import { initWeights16, LORA, loraPolicy, meanLogpLoss, MODELS } from "./scale.ts";
 import { GpuContext } from "../src/backend/webgpu/context.ts";
 
 const env = (k: string): string | undefined => Deno.env.get(k);
@@ -166,56 +161,15 @@ const scope = Scope.makeUnsafe();
 const inScope = <A, E>(e: Effect.Effect<A, E, Scope.Scope>) =>
   Effect.runPromise(Scope.provide(scope)(e));
 const config = await Effect.runPromise(parseHfConfig(MODELS[model].hf));
-const draw = new Rng(1);
-const base = new Map<string, BaseTensor>();
-for (const { name, shape } of weightSpecs(config)) {
-  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
-  if (name.endsWith("norm.weight")) data.fill(1);
-  else if (!name.endsWith(".bias")) {
-    for (let i = 0; i < data.length; i++) data[i] = draw.normal() * 0.02;
-  }
-  base.set(
-    name,
-    shape.length === 2
-      ? { shape, format: "bf16", bits: roundToHalfBits(data, "bf16") }
-      : { shape, data },
-  );
-}
-const LORA: LoraConfig = {
-  r: 16,
-  alpha: 32,
-  dropout: 0,
-  targetModules: PROJECTIONS,
-  useRslora: false,
-};
 const backend = await inScope(webgpuBackend);
-const policy = await inScope(Policy.make(backend, config, base, {
-  mode: "lora",
-  lora: LORA,
-  seed: 1,
-  optimizer: {
-    learningRate: 1e-5,
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
-    weightDecay: 0,
-    maxGradNorm: 1,
-    gradientCheckpointing: env("GC") === "1",
-  },
-}));
+const policy = await inScope(
+  loraPolicy(backend, config, initWeights16(config, 1, "bf16"), env("GC") === "1"),
+);
 const rng = new Rng(11);
 const ids = (n: number) => Array.from({ length: n }, () => rng.int(config.vocabSize));
 const batch = Array.from({ length: 8 }, () => ({ prompt: ids(64), completion: ids(64) }));
-const lossFn = (lp: { logp: Float64Array[] }) => {
-  const n = lp.logp.reduce((a, x) => a + x.length, 0);
-  return Effect.succeed({
-    loss: 0,
-    dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
-    metrics: {},
-  });
-};
 let work: () => Promise<unknown>;
-if (mode === "train") work = () => Effect.runPromise(policy.step(batch, 1, lossFn));
+if (mode === "train") work = () => Effect.runPromise(policy.step(batch, 1, meanLogpLoss));
 else if (mode === "logprobs") work = () => Effect.runPromise(policy.logProbs(batch, 1));
 else if (mode === "snapshot") work = () => Effect.runPromise(policy.snapshot());
 else if (mode === "gen") {

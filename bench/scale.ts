@@ -121,12 +121,45 @@ export const SHAPES = {
   loraAlpha: 32,
 } as const;
 
-const LORA: LoraConfig = {
+export const LORA: LoraConfig = {
   r: SHAPES.loraR,
   alpha: SHAPES.loraAlpha,
   dropout: 0,
   targetModules: PROJECTIONS,
   useRslora: false,
+};
+
+/** The bench's LoRA policy (AdamW at lr 1e-5, clip 1) over `base`, held by the current scope. */
+export const loraPolicy = (
+  backend: BackendShape,
+  config: ModelConfig,
+  base: BaseWeightMap,
+  gradientCheckpointing: boolean,
+) =>
+  Policy.make(backend, config, base, {
+    mode: "lora",
+    lora: LORA,
+    seed: 1,
+    optimizer: {
+      learningRate: 1e-5,
+      beta1: 0.9,
+      beta2: 0.999,
+      eps: 1e-8,
+      weightDecay: 0,
+      maxGradNorm: 1,
+      gradientCheckpointing,
+    },
+  });
+
+/** The training step's loss: minus the mean completion log-prob, with its gradient. */
+export const meanLogpLoss = (lp: { logp: Float64Array[] }) => {
+  const n = lp.logp.reduce((a, x) => a + x.length, 0);
+  const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
+  return Effect.succeed({
+    loss,
+    dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
+    metrics: {},
+  });
 };
 
 /** In the order a child runs them: cheapest first, so a tight budget drops the dearest. */
@@ -225,20 +258,7 @@ const child = async (
     const backend: BackendShape = backendName === "webgpu"
       ? await inScope(webgpuBackend)
       : cpuBackend("f32");
-    const policy = await inScope(Policy.make(backend, config, base, {
-      mode: "lora",
-      lora: LORA,
-      seed: 1,
-      optimizer: {
-        learningRate: 1e-5,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-        gradientCheckpointing: checkpointing,
-      },
-    }));
+    const policy = await inScope(loraPolicy(backend, config, base, checkpointing));
     const ops: Ops = await inScope(backend.ops);
     // Generation runs the frozen base plus an unmerged adapter (as the policy's own forward does).
     const lora = uploadLora(ops, initLora(config, LORA, 1));
@@ -260,15 +280,6 @@ const child = async (
       }));
     const train = seqs(SHAPES.batch);
     const small = seqs(1);
-    const lossFn = (lp: { logp: Float64Array[] }) => {
-      const n = lp.logp.reduce((a, x) => a + x.length, 0);
-      const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
-      return Effect.succeed({
-        loss,
-        dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
-        metrics: {},
-      });
-    };
     // On WebGPU the log-probs and the training step warm up at full size (they compile the
     // forward and backward kernels at their shapes, and the pool then holds the step's buffers:
     // a user's steady-state step); the others warm up at ~1/8 of the work, so that the budget
@@ -391,8 +402,8 @@ const child = async (
     await generation(8);
     await measure(
       "lora_train_tokens_per_s",
-      () => Effect.runPromise(policy.step(train, 1, lossFn)),
-      () => Effect.runPromise(policy.step(warmFull ? train : small, 1, lossFn)),
+      () => Effect.runPromise(policy.step(train, 1, meanLogpLoss)),
+      () => Effect.runPromise(policy.step(warmFull ? train : small, 1, meanLogpLoss)),
       (s) => tokens / s,
     );
     await generation(64);
@@ -457,7 +468,11 @@ const matmulChild = async () => {
  * to `format` tensor by tensor as it is drawn (the f32 copy of the model never exists, as when a
  * BF16 checkpoint is loaded with loadFrozenBase); 1-D tensors (norms, biases) stay f32.
  */
-const initWeights16 = (config: ModelConfig, seed: number, format: HalfFormat): BaseWeightMap => {
+export const initWeights16 = (
+  config: ModelConfig,
+  seed: number,
+  format: HalfFormat,
+): BaseWeightMap => {
   const rng = new Rng(seed);
   const out = new Map<string, BaseTensor>();
   for (const { name, shape } of weightSpecs(config)) {
@@ -501,20 +516,7 @@ const memoryChild = async (
     const backend: BackendShape = backendName === "webgpu"
       ? await inScope(webgpuBackend)
       : cpuBackend("f32");
-    const policy = await inScope(Policy.make(backend, config, base, {
-      mode: "lora",
-      lora: LORA,
-      seed: 1,
-      optimizer: {
-        learningRate: 1e-5,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weightDecay: 0,
-        maxGradNorm: 1,
-        gradientCheckpointing: true,
-      },
-    }));
+    const policy = await inScope(loraPolicy(backend, config, base, true));
     out.setup_s = round((performance.now() - t0) / 1000, 1);
     out.peak_rss_after_setup_mib = peakRssMib();
     const rng = new Rng(11);
