@@ -26,7 +26,8 @@ import {
   uploadLora,
   webgpuBackend,
 } from "../mod.ts";
-import { initWeights16, LORA, loraPolicy, meanLogpLoss, MODELS } from "./scale.ts";
+import { initWeights16, LORA, loraPolicy, MODELS } from "./scale.ts";
+import { meanNllLoss } from "../src/train/policy.ts";
 import { GpuContext } from "../src/backend/webgpu/context.ts";
 
 const env = (k: string): string | undefined => Deno.env.get(k);
@@ -169,7 +170,7 @@ const rng = new Rng(11);
 const ids = (n: number) => Array.from({ length: n }, () => rng.int(config.vocabSize));
 const batch = Array.from({ length: 8 }, () => ({ prompt: ids(64), completion: ids(64) }));
 let work: () => Promise<unknown>;
-if (mode === "train") work = () => Effect.runPromise(policy.step(batch, 1, meanLogpLoss));
+if (mode === "train") work = () => Effect.runPromise(policy.step(batch, 1, meanNllLoss));
 else if (mode === "logprobs") work = () => Effect.runPromise(policy.logProbs(batch, 1));
 else if (mode === "snapshot") work = () => Effect.runPromise(policy.snapshot());
 else if (mode === "gen") {

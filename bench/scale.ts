@@ -50,6 +50,7 @@ import {
   webgpuBackend,
 } from "../mod.ts";
 import { openblas, peerEnv, writeResult } from "./common.ts";
+import { meanNllLoss } from "../src/train/policy.ts";
 import { type HalfFormat, roundToHalfBits } from "../src/io/safetensors.ts";
 import { type BaseTensor, type BaseWeightMap, weightSpecs } from "../src/model/weights.ts";
 
@@ -150,17 +151,6 @@ export const loraPolicy = (
       gradientCheckpointing,
     },
   });
-
-/** The training step's loss: minus the mean completion log-prob, with its gradient. */
-export const meanLogpLoss = (lp: { logp: Float64Array[] }) => {
-  const n = lp.logp.reduce((a, x) => a + x.length, 0);
-  const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
-  return Effect.succeed({
-    loss,
-    dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
-    metrics: {},
-  });
-};
 
 /** In the order a child runs them: cheapest first, so a tight budget drops the dearest. */
 const MEASURES = [
@@ -402,8 +392,8 @@ const child = async (
     await generation(8);
     await measure(
       "lora_train_tokens_per_s",
-      () => Effect.runPromise(policy.step(train, 1, meanLogpLoss)),
-      () => Effect.runPromise(policy.step(warmFull ? train : small, 1, meanLogpLoss)),
+      () => Effect.runPromise(policy.step(train, 1, meanNllLoss)),
+      () => Effect.runPromise(policy.step(warmFull ? train : small, 1, meanNllLoss)),
       (s) => tokens / s,
     );
     await generation(64);

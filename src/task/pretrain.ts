@@ -9,7 +9,7 @@ import type { BackendShape } from "../backend/backend.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { initWeights, type WeightMap } from "../model/weights.ts";
 import { Rng } from "../model/rng.ts";
-import { Policy } from "../train/policy.ts";
+import { meanNllLoss, Policy } from "../train/policy.ts";
 import { mergedWeights, snapshotModel } from "../snapshot/snapshot.ts";
 import { arithmeticTask, arithmeticTokenizer, corpusLine } from "./arithmetic.ts";
 import { accuracy, promptIds } from "./evaluate.ts";
@@ -78,15 +78,7 @@ export const pretrain = Effect.fn("pretrain")(
         const p = corpusLine(task, rng, o.dropRate);
         return { prompt: promptIds(tok, p), completion: [...tok.encode(p.answer), tok.eosId] };
       });
-      const stats = yield* policy.step(seqs, 1, (lp) => {
-        const n = lp.logp.reduce((a, x) => a + x.length, 0);
-        const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
-        return Effect.succeed({
-          loss,
-          dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
-          metrics: {},
-        });
-      });
+      const stats = yield* policy.step(seqs, 1, meanNllLoss);
       step++;
       if (step % o.evalEvery === 0) {
         acc = yield* evalNow;

@@ -99,6 +99,20 @@ export type LossFn<E> = (lp: SequenceLogProbs) => Effect.Effect<
   E
 >;
 
+/**
+ * Supervised fine-tuning's loss: minus the mean log-prob of every completion token, and its
+ * gradient (-1/n for each token).
+ */
+export const meanNllLoss: LossFn<never> = (lp) => {
+  const n = lp.logp.reduce((a, x) => a + x.length, 0);
+  const loss = -lp.logp.reduce((a, x) => a + x.reduce((u, v) => u + v, 0), 0) / n;
+  return Effect.succeed({
+    loss,
+    dLogp: lp.logp.map((x) => new Float64Array(x.length).fill(-1 / n)),
+    metrics: {},
+  });
+};
+
 /** What a step reports. */
 export interface StepStats {
   readonly loss: number;
