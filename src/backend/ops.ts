@@ -66,6 +66,17 @@ export interface SwigluPart {
   readonly lora: { readonly a: Tensor; readonly b: Tensor } | null;
 }
 
+/**
+ * An RMSNorm applied to a projection's input first (Ops.projectLoraShared, Ops.projectSwiglu):
+ * x·rstd·w with rstd = 1/sqrt(mean(x²) + eps) per row, as Ops.rmsNorm's y, w f32 [K]. Where the
+ * backend can, the products normalise their rows as they read them and the normed input is
+ * never stored (an inference pass has no use for it).
+ */
+export interface RmsNormFold {
+  readonly w: Tensor;
+  readonly eps: number;
+}
+
 /** One projection of Ops.projectLoraShared: the weight w [N,K] and its LoRA pair a [R,K], b [N,R]. */
 export interface LoraProjection {
   readonly w: Tensor;
@@ -211,14 +222,27 @@ export interface Ops {
    * Projections of one input (q/k/v, gate/up) with their LoRA deltas, no backward:
    * y_i = x·w_iᵀ + s·(x·a_iᵀ)·b_iᵀ (x [M,K], w_i [N_i,K], a_i [R_i,K], b_i [N_i,R_i]). Where the
    * backend can, every x·a_iᵀ comes from one product and each delta joins its projection.
+   * With `norm`, x is rmsNorm(x, norm.w, norm.eps).y (see RmsNormFold).
    */
-  projectLoraShared(x: Tensor, parts: readonly LoraProjection[], s: number): Tensor[];
+  projectLoraShared(
+    x: Tensor,
+    parts: readonly LoraProjection[],
+    s: number,
+    norm?: RmsNormFold,
+  ): Tensor[];
   /**
    * An inference MLP's input: swiglu(x·gateᵀ, x·upᵀ), each projection with its LoRA delta
    * (scale s) when it has one, no backward. Where the backend can, one product computes both
-   * halves and stores only the activation (no gate or up tensor).
+   * halves and stores only the activation (no gate or up tensor). With `norm`, x is
+   * rmsNorm(x, norm.w, norm.eps).y (see RmsNormFold).
    */
-  projectSwiglu(x: Tensor, gate: SwigluPart, up: SwigluPart, s: number): Tensor;
+  projectSwiglu(
+    x: Tensor,
+    gate: SwigluPart,
+    up: SwigluPart,
+    s: number,
+    norm?: RmsNormFold,
+  ): Tensor;
   /**
    * x·w[start, start + count)ᵀ: the product with a row range of w (x [M,K], w [R,K]), as
    * matmul(x, sliceRows(w, start, count), {transB: true}) where the backend can read the rows

@@ -26,7 +26,7 @@
  * the gradients are bit-identical to those of the full tape.
  * @module
  */
-import type { AttentionOptions, Ops, SwigluPart } from "../backend/ops.ts";
+import type { AttentionOptions, Ops, RmsNormFold, SwigluPart } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import { ensure } from "../backend/tensor.ts";
 import { isGemma, isSlidingLayer, type ModelConfig } from "./config.ts";
@@ -123,8 +123,9 @@ interface LinearTape {
 
 interface LayerTape {
   readonly x: Tensor;
-  readonly rstd1: Tensor;
-  readonly h1: Tensor;
+  /** The attention input's norm (rstd, output); null where an inference pass folded it away. */
+  readonly rstd1: Tensor | null;
+  readonly h1: Tensor | null;
   /** q/k projections before the per-head norm and their rstd (qkNorm only). */
   readonly qkNorm: { qp: Tensor; kp: Tensor; rstdQ: Tensor; rstdK: Tensor } | null;
   /**
@@ -138,8 +139,9 @@ interface LayerTape {
   readonly att: Tensor;
   readonly lse: Tensor;
   readonly x2: Tensor;
-  readonly rstd2: Tensor;
-  readonly h2: Tensor;
+  /** The MLP input's norm; null where an inference pass folded it away (mlpInput). */
+  readonly rstd2: Tensor | null;
+  readonly h2: Tensor | null;
   /** The MLP's gate and up projections; null where an inference pass fused them (mlpInput). */
   readonly gate: Tensor | null;
   readonly up: Tensor | null;
@@ -394,11 +396,17 @@ const linears = (
   ps: readonly Projection[],
   x: Tensor,
   tape: Map<Projection, LinearTape> | null,
+  /** x is the input before this norm (only where allAdapted: see sharedNorm). */
+  norm?: RmsNormFold,
 ): Tensor[] => {
   const lora = cx.lora;
   const adapted = ps.filter((p) => lora?.modules.has(projectionPath(layer, p)));
   if (cx.record || !lora || adapted.length === 0) {
+    if (norm) throw new Error("linears: a folded norm needs adapted projections and no tape");
     return ps.map((p) => linear(cx, layer, p, x, tape));
+  }
+  if (norm && adapted.length !== ps.length) {
+    throw new Error("linears: a folded norm needs every projection adapted");
   }
   const { ops, model } = cx;
   const shared = ops.projectLoraShared(
@@ -409,6 +417,7 @@ const linears = (
       return { w: weight(model, `${path}.weight`), a: m.a, b: m.b };
     }),
     lora.scale,
+    norm,
   );
   return ps.map((p) => {
     const i = adapted.indexOf(p);
@@ -426,9 +435,15 @@ const linears = (
 const mlpInput = (
   cx: Ctx,
   layer: number,
-  h: Tensor,
+  x: Tensor,
+  norm: RmsNormFold,
   tape: Map<Projection, LinearTape> | null,
-): { gate: Tensor | null; up: Tensor | null; act: Tensor } => {
+): {
+  gate: Tensor | null;
+  up: Tensor | null;
+  act: Tensor;
+  n: { y: Tensor; rstd: Tensor } | null;
+} => {
   const { ops, model, lora } = cx;
   const gemma = isGemma(model.config);
   const paths = (["gate_proj", "up_proj"] as const).map((p) => projectionPath(layer, p));
@@ -437,10 +452,34 @@ const mlpInput = (
       const m = lora?.modules.get(p);
       return { w: weight(model, `${p}.weight`), lora: m ? { a: m.a, b: m.b } : null };
     });
-    return { gate: null, up: null, act: ops.projectSwiglu(h, gate, up, lora?.scale ?? 1) };
+    // the norm joins the product where the backend can (Ops.projectSwiglu)
+    const act = ops.projectSwiglu(x, gate, up, lora?.scale ?? 1, norm);
+    return { gate: null, up: null, act, n: null };
   }
-  const [gate, up] = linears(cx, layer, ["gate_proj", "up_proj"], h, tape);
-  return { gate, up, act: gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up) };
+  const n = ops.rmsNorm(x, norm.w, norm.eps);
+  const [gate, up] = linears(cx, layer, ["gate_proj", "up_proj"], n.y, tape);
+  return { gate, up, act: gemma ? ops.gegluTanh(gate, up) : ops.swiglu(gate, up), n };
+};
+
+/**
+ * The attention input's projections (q, k, v) of the layer input x through its norm: without a
+ * tape and with all three adapted, the norm joins their products (Ops.projectLoraShared) and
+ * is never stored (`n` null); otherwise it runs first.
+ */
+const attentionInputs = (
+  cx: Ctx,
+  layer: number,
+  x: Tensor,
+  norm: RmsNormFold,
+  tape: Map<Projection, LinearTape> | null,
+): { qkv: Tensor[]; n: { y: Tensor; rstd: Tensor } | null } => {
+  const ps = ["q_proj", "k_proj", "v_proj"] as const;
+  const lora = cx.lora;
+  if (!cx.record && lora && ps.every((p) => lora.modules.has(projectionPath(layer, p)))) {
+    return { qkv: linears(cx, layer, ps, x, tape, norm), n: null };
+  }
+  const n = cx.ops.rmsNorm(x, norm.w, norm.eps);
+  return { qkv: linears(cx, layer, ps, n.y, tape), n };
 };
 
 /**
@@ -509,8 +548,10 @@ const decoderLayer = (
   const lin = cx.record ? new Map<Projection, LinearTape>() : null;
   const pre = `model.layers.${l}`;
   const gemma = isGemma(c);
-  const n1 = ops.rmsNorm(x, normWeight(ops, model, `${pre}.input_layernorm.weight`), c.rmsNormEps);
-  let [qp, kp, v] = linears(cx, l, ["q_proj", "k_proj", "v_proj"], n1.y, lin);
+  const n1w = normWeight(ops, model, `${pre}.input_layernorm.weight`);
+  const inputs = attentionInputs(cx, l, x, { w: n1w, eps: c.rmsNormEps }, lin);
+  const n1 = inputs.n;
+  let [qp, kp, v] = inputs.qkv;
   let qkNorm: LayerTape["qkNorm"] = null;
   if (c.qkNorm) {
     // qwen3: each head normalised over head_dim before the rotation
@@ -540,8 +581,8 @@ const decoderLayer = (
   );
   const x2 = ro.sum;
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
-  const n2 = ops.rmsNorm(x2, normWeight(ops, model, `${pre}.${mlpNorm}.weight`), c.rmsNormEps);
-  const { gate, up, act } = mlpInput(cx, l, n2.y, lin);
+  const n2w = normWeight(ops, model, `${pre}.${mlpNorm}.weight`);
+  const { gate, up, act, n: n2 } = mlpInput(cx, l, x2, { w: n2w, eps: c.rmsNormEps }, lin);
   const rd = addProjection(
     cx,
     l,
@@ -554,8 +595,8 @@ const decoderLayer = (
   const out = rd.sum;
   return {
     x,
-    rstd1: n1.rstd,
-    h1: n1.y,
+    rstd1: n1?.rstd ?? null,
+    h1: n1?.y ?? null,
     qkNorm,
     sandwich: ro.norm && rd.norm
       ? { o: ro.proj!, rstdO: ro.norm.rstd, d: rd.proj!, rstdD: rd.norm.rstd }
@@ -566,8 +607,8 @@ const decoderLayer = (
     att: att.out,
     lse: att.lse,
     x2,
-    rstd2: n2.rstd,
-    h2: n2.y,
+    rstd2: n2?.rstd ?? null,
+    h2: n2?.y ?? null,
     gate,
     up,
     act,
@@ -1098,7 +1139,7 @@ const layerBackward = (
     : ops.swigluBackward(dAct, recorded(t.gate), recorded(t.up));
   const dh2 = lb("up_proj", sw.dUp, lb("gate_proj", sw.dGate));
   const mlpNorm = gemma ? "pre_feedforward_layernorm" : "post_attention_layernorm";
-  const dx2 = normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, t.rstd2, dx);
+  const dx2 = normBack(dh2, t.x2, `${pre}.${mlpNorm}.weight`, recorded(t.rstd2), dx);
   const dO = sw3 ? normBack(dx2, sw3.o, `${pre}.post_attention_layernorm.weight`, sw3.rstdO) : dx2;
   const dAtt = lb("o_proj", dO);
   const ab = ops.attentionBackward(dAtt, t.q, t.k, t.v, t.att, t.lse, attnOpts);
@@ -1134,7 +1175,7 @@ const layerBackward = (
     dkPre = headNormBackward(dkPre, t.qkNorm.kp, names.k, t.qkNorm.rstdK, c.numKvHeads);
   }
   const dh1 = lb("v_proj", ab.dv, lb("k_proj", dkPre, lb("q_proj", dqPre)));
-  return normBack(dh1, t.x, `${pre}.input_layernorm.weight`, t.rstd1, dx2);
+  return normBack(dh1, t.x, `${pre}.input_layernorm.weight`, recorded(t.rstd1), dx2);
 };
 
 /**

@@ -100,8 +100,16 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s, into) => matmul.projectLora(sc, x, w, xa, b, s, into),
-    projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
-    projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
+    // a norm before the projections runs as itself: the reference the folded ones must match
+    projectLoraShared: (x, parts, s, norm) =>
+      matmul.projectLoraShared(
+        sc,
+        norm ? layers.rmsNorm(sc, x, norm.w, norm.eps).y : x,
+        parts,
+        s,
+      ),
+    projectSwiglu: (x, gate, up, s, norm) =>
+      matmul.projectSwiglu(sc, norm ? layers.rmsNorm(sc, x, norm.w, norm.eps).y : x, gate, up, s),
     // the rows are a view already (sliceRows copies nothing here)
     accumulateRows: (c, x, w, start, count, s) => {
       accumulateRowsDims("accumulateRows", c, x, w, start, count);

@@ -157,6 +157,14 @@ const READ_STAGING_BYTES = 256 << 20;
 const UPLOAD_SUBMIT_BYTES = 16 << 20;
 
 /** One WebGPU device with its caches; shared by all scopes of the backend. */
+/**
+ * Usage of every buffer that can reach the pool (alloc, upload). UNIFORM too: a small read-only
+ * table bound as a uniform array (matmul's folded norm weight) is read with vector gathers on
+ * llvmpipe, where a storage-buffer load runs lane by lane.
+ */
+const POOLED_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC |
+  GPUBufferUsage.COPY_DST;
+
 export class GpuContext {
   private readonly pipelines = new Map<string, GPUComputePipeline>();
   private readonly layouts = new Map<string, readonly ParamField[] | null>();
@@ -397,10 +405,7 @@ export class GpuContext {
     }
     // a new buffer: the pool gives back what would take the total past the limit
     this.evictFor(0);
-    return this.device.createBuffer({
-      size,
-      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
-    });
+    return this.device.createBuffer({ size, usage: POOLED_USAGE });
   }
 
   /** Buffers currently idle in the pool (tests check that scopes return what they take). */
@@ -418,11 +423,7 @@ export class GpuContext {
     const size = Math.max(4, data.byteLength);
     this.handOut(size);
     this.evictFor(0);
-    const buf = this.device.createBuffer({
-      size,
-      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
-      mappedAtCreation: true,
-    });
+    const buf = this.device.createBuffer({ size, usage: POOLED_USAGE, mappedAtCreation: true });
     const view = data instanceof Int32Array
       ? new Int32Array(buf.getMappedRange())
       : new Float32Array(buf.getMappedRange());

@@ -42,7 +42,7 @@
  * @module
  */
 import { projectEachLora, projectSwigluEach } from "../lora_projections.ts";
-import type { LoraProjection, MatmulOptions, SwigluPart } from "../ops.ts";
+import type { LoraProjection, MatmulOptions, RmsNormFold, SwigluPart } from "../ops.ts";
 import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
 import {
@@ -57,9 +57,11 @@ import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows, swiglu } from "./elementwise.ts";
+import { rmsNorm } from "./layers.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
 import {
   formatTag,
+  NORM_MAX_K4,
   SUBGROUP_TILE_ROWS,
   subgroupKernelName,
   subgroupKernelSource,
@@ -81,6 +83,7 @@ export const matmulTuning: {
   subgroupTiles: boolean;
   subgroupProducts: number;
   swigluProducts: number;
+  foldedNorms: number;
 } = {
   forceTiled: false,
   /** Products projectLoraShared ran stacked (stackedProjections), counted for tests. */
@@ -91,6 +94,8 @@ export const matmulTuning: {
   subgroupProducts: 0,
   /** Calls projectSwiglu ran as one product (swigluProduct), counted for tests. */
   swigluProducts: 0,
+  /** Calls of projectLoraShared / projectSwiglu whose RMSNorm joined their products, for tests. */
+  foldedNorms: 0,
 };
 
 /**
@@ -398,6 +403,41 @@ interface LoraPair {
 }
 
 /**
+ * An RMSNorm folded into the subgroup kernel (its `norm` form): the norm weight in a uniform
+ * buffer of NORM_MAX_K4 vec4s, the row length h and eps.
+ */
+interface NormFold {
+  readonly w: GPUBuffer;
+  readonly h: number;
+  readonly eps: number;
+}
+
+/** Whether tiled runs the subgroup kernel for an f32 k-contiguous A of m rows, n columns, k. */
+const subgroupRuns = (ctx: GpuContext, m: number, n: number, k: number): boolean => {
+  const lanes = ctx.subgroupLanes;
+  return lanes !== null && matmulTuning.subgroupTiles && !gpuVariant.usesGpuKernels(ctx) &&
+    m >= SUBGROUP_TILE_ROWS && n >= 2 * lanes && k > 0 && k / 4 <= NORM_MAX_K4 &&
+    Math.ceil(k / 4) <= ctx.device.limits.maxTextureDimension2D;
+};
+
+/**
+ * The norm weight w [k] (f32) in a fresh uniform buffer for the `norm` kernels (one small copy);
+ * the caller releases `w` after its products.
+ */
+const normFold = (sc: GpuScope, norm: RmsNormFold, k: number, op: string): NormFold => {
+  const wb = sc.f(norm.w, op);
+  ensure(
+    norm.w.shape.length === 1 && norm.w.shape[0] === k,
+    op,
+    () => `norm weight [${norm.w.shape}] for rows of ${k}`,
+  );
+  ensure(Number.isFinite(norm.eps) && norm.eps >= 0, op, () => `norm eps ${norm.eps}`);
+  const w = sc.ctx.alloc(NORM_MAX_K4 * 16);
+  sc.ctx.copy(wb, 0, w, 0, k * 4);
+  return { w, h: k, eps: norm.eps };
+};
+
+/**
  * How rows [row0, row0 + rows) of a 16-bit operand reach texture `tex` as raw bits, from texture
  * row y0: copied when the run one texture row holds (k of one operand row when `km`, else `rows`
  * operand rows at one k) is a multiple of 256 bytes, as copies need; else through a staging
@@ -512,6 +552,8 @@ const tiled = (
    * on its up weight, c gets swiglu [m, n]; one chunk, no accumulate or segments.
    */
   glu = false,
+  /** op(A)'s rows RMS-normalised in the subgroup kernel (its `norm` form; A f32, k-major). */
+  norm: NormFold | null = null,
 ): void => {
   const kk = k;
   const st = stateOf(ctx);
@@ -610,6 +652,9 @@ const tiled = (
   if (glu && (!sg || alpha !== null || segments || m > chunk || 2 * n > chunk)) {
     throw new Error("matmul: the SwiGLU form needs the subgroup kernel and one chunk");
   }
+  if (norm && (!sg || format(a) !== "rgba32float" || kSteps > NORM_MAX_K4)) {
+    throw new Error("matmul: a folded norm needs the subgroup kernel and an f32 A");
+  }
   const tileRows = sg ? SUBGROUP_TILE_ROWS : TILE;
   // a SwiGLU tile covers 2 units per lane (its 4 columns are their gate and up halves)
   const tileCols = sg ? (glu ? 2 : 4) * lanes! : TILE;
@@ -642,6 +687,7 @@ const tiled = (
         nz: 1,
         kz4: kSteps,
         zstride4: 0,
+        ...(norm ? { norm_h: f32(norm.h), norm_eps: f32(norm.eps) } : {}),
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -659,7 +705,14 @@ const tiled = (
   }
   const kernel = (() => {
     if (sg) {
-      const spec = { lanes: lanes!, fa: format(a), fb: format(b), lora: lora !== null, glu };
+      const spec = {
+        lanes: lanes!,
+        fa: format(a),
+        fb: format(b),
+        lora: lora !== null,
+        glu,
+        norm: norm !== null,
+      };
       return ctx.generatedKernel(subgroupKernelName(spec), () => subgroupKernelSource(spec));
     }
     const base = mainKernel(ctx, format(a), format(b));
@@ -696,6 +749,7 @@ const tiled = (
         { buffer: part ?? c },
         ...pair.map((p) => p.view),
         ...(segments?.outs ?? []).map((buffer) => ({ buffer })),
+        ...(norm ? [{ buffer: norm.w }] : []),
       ],
       // the subgroup kernel: one workgroup (one subgroup) per tile
       grid(sg ? main.tiles : Math.ceil(main.tiles / wg)),
@@ -1108,26 +1162,35 @@ const fusable = (
  */
 export function projectLoraShared(
   sc: GpuScope,
-  x: Tensor,
+  input: Tensor,
   parts: readonly LoraProjection[],
   s: number,
+  norm?: RmsNormFold,
 ): Tensor[] {
-  if (gpuVariant.usesGpuKernels(sc.ctx)) return gpuVariant.projectLoraSharedGpu(sc, x, parts, s);
   const op = "projectLoraShared";
-  const xh = sc.fh(x, op);
   const ctx = sc.ctx;
-  const dims = projectLoraSharedDims(op, x, parts).map((d, i) => ({
+  const dims = projectLoraSharedDims(op, input, parts).map((d, i) => ({
     ...d,
     ah: sc.fh(parts[i].a, op),
     bh: sc.fh(parts[i].b, op),
   }));
-  const [m, k] = x.shape;
+  const [m, k] = input.shape;
   const r = dims.reduce((t, d) => t + d.r, 0);
   const pitch = Math.ceil(r / 64) * 64;
-  const shared = parts.length > 0 && m > 0 && xh.dtype === "f32" &&
+  const fits = (xd: DType) =>
+    parts.length > 0 && m > 0 && xd === "f32" &&
     Math.ceil(pitch / 4) <= ctx.device.limits.maxTextureDimension2D &&
     dims.every((d) => d.r % 4 === 0 && fusable(ctx, m, d.n, k, d.r, [d.ah.dtype, d.bh.dtype]));
-  if (!shared) {
+  // the norm joins the products where all of them (each part and the shared x·Aᵀ) run the
+  // subgroup kernel; elsewhere it runs first
+  const fold = norm && fits(sc.fh(input, op).dtype) && subgroupRuns(ctx, m, r, k) &&
+      dims.every((d) => subgroupRuns(ctx, m, d.n, k))
+    ? normFold(sc, norm, k, op)
+    : null;
+  const x = norm && !fold ? rmsNorm(sc, input, norm.w, norm.eps).y : input;
+  if (gpuVariant.usesGpuKernels(ctx)) return gpuVariant.projectLoraSharedGpu(sc, x, parts, s);
+  const xh = sc.fh(x, op);
+  if (!fits(xh.dtype)) {
     return projectEachLora(
       {
         matmul: (a, b, opts) => matmul(sc, a, b, opts),
@@ -1140,8 +1203,18 @@ export function projectLoraShared(
     );
   }
   const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
-  const xa = sharedXa(ctx, opX, dims.map((d) => d.ah.buffer), dims.map((d) => d.r), m, k, pitch);
-  const stackedOuts = stackedProjections(sc, opX, xa, pitch, r, dims, parts, s);
+  const xa = sharedXa(
+    ctx,
+    opX,
+    dims.map((d) => d.ah.buffer),
+    dims.map((d) => d.r),
+    m,
+    k,
+    pitch,
+    fold,
+  );
+  // (a folded norm has a tile of rows or more: stackedProjections takes at most 16)
+  const stackedOuts = fold ? null : stackedProjections(sc, opX, xa, pitch, r, dims, parts, s);
   if (stackedOuts) {
     ctx.release(xa);
     return stackedOuts;
@@ -1170,11 +1243,18 @@ export function projectLoraShared(
         xaWidth: pitch,
         xaOffset: offset,
       },
+      null,
+      false,
+      fold,
     );
     offset += d.r;
     return out;
   });
   ctx.release(xa);
+  if (fold) {
+    ctx.release(fold.w);
+    matmulTuning.foldedNorms++;
+  }
   return outs;
 }
 
@@ -1271,13 +1351,19 @@ const stackedProjections = (
  */
 export function projectSwiglu(
   sc: GpuScope,
-  x: Tensor,
+  input: Tensor,
   gate: SwigluPart,
   up: SwigluPart,
   s: number,
+  norm?: RmsNormFold,
 ): Tensor {
   const op = "projectSwiglu";
-  const { m, n, k } = projectSwigluDims(op, x, gate, up);
+  const { m, n, k } = projectSwigluDims(op, input, gate, up);
+  if (norm) {
+    const folded = swigluProduct(sc, input, [gate, up], m, n, k, s, norm);
+    if (folded) return folded;
+  }
+  const x = norm ? rmsNorm(sc, input, norm.w, norm.eps).y : input;
   const fused = swigluProduct(sc, x, [gate, up], m, n, k, s);
   if (fused) return fused;
   return projectSwigluEach(
@@ -1340,6 +1426,8 @@ const swigluProduct = (
   n: number,
   k: number,
   s: number,
+  /** Fold this norm of x into the products (null back when they cannot all take it). */
+  norm: RmsNormFold | null = null,
 ): Tensor | null => {
   const ctx = sc.ctx;
   const op = "projectSwiglu";
@@ -1359,6 +1447,11 @@ const swigluProduct = (
     (!adapted && parts.some((p) => p.lora !== null)) || ranks.some((r) => r % 4 !== 0)
   ) return null;
   const r = ranks[0] + ranks[1];
+  // a folded norm: the gate/up product and the shared x·Aᵀ both in the subgroup kernel
+  if (norm && !(subgroupRuns(ctx, m, n, k) && (!adapted || subgroupRuns(ctx, m, r, k)))) {
+    return null;
+  }
+  const fold = norm ? normFold(sc, norm, k, op) : null;
   const pitch = Math.ceil(r / 64) * 64;
   const st = stateOf(ctx);
   const kSteps = k / 4;
@@ -1382,7 +1475,7 @@ const swigluProduct = (
   let pair: LoraPair | null = null;
   let xa: GPUBuffer | null = null;
   if (bs && b) {
-    xa = sharedXa(ctx, opX, parts.map((p) => sc.f(p.lora!.a, op)), ranks, m, k, pitch);
+    xa = sharedXa(ctx, opX, parts.map((p) => sc.f(p.lora!.a, op)), ranks, m, k, pitch, fold);
     pair = {
       xa: { buffer: xa, rows: m, kContiguous: true, dtype: "f32" },
       b: { buffer: bs[0], rows: 2 * n, kContiguous: true, dtype: "f32", packed: b.tex },
@@ -1406,9 +1499,14 @@ const swigluProduct = (
     pair,
     null,
     true,
+    fold,
   );
   if (xa) ctx.release(xa);
   matmulTuning.swigluProducts++;
+  if (fold) {
+    ctx.release(fold.w);
+    matmulTuning.foldedNorms++;
+  }
   return out;
 };
 
@@ -1425,6 +1523,7 @@ const sharedXa = (
   m: number,
   k: number,
   pitch: number,
+  norm: NormFold | null = null,
 ): GPUBuffer => {
   const r = ranks.reduce((t, x) => t + x, 0);
   const stacked = ctx.alloc(r * k * 4);
@@ -1434,7 +1533,21 @@ const sharedXa = (
     row += ranks[i];
   });
   const xa = ctx.alloc(m * pitch * 4);
-  tiled(ctx, x, { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" }, xa, m, r, k, pitch);
+  tiled(
+    ctx,
+    x,
+    { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" },
+    xa,
+    m,
+    r,
+    k,
+    pitch,
+    null,
+    null,
+    null,
+    false,
+    norm,
+  );
   ctx.release(stacked);
   return xa;
 };

@@ -128,8 +128,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     matmul: (a, b, opts) => matmul.matmul(sc, a, b, opts),
     matmulAccumulate: (c, a, b, s, opts) => matmul.matmulAccumulate(sc, c, a, b, s, opts),
     projectLora: (x, w, xa, b, s, into) => matmul.projectLora(sc, x, w, xa, b, s, into),
-    projectLoraShared: (x, parts, s) => matmul.projectLoraShared(sc, x, parts, s),
-    projectSwiglu: (x, gate, up, s) => matmul.projectSwiglu(sc, x, gate, up, s),
+    projectLoraShared: (x, parts, s, norm) => matmul.projectLoraShared(sc, x, parts, s, norm),
+    projectSwiglu: (x, gate, up, s, norm) => matmul.projectSwiglu(sc, x, gate, up, s, norm),
     projectRows: (x, w, start, count) => matmul.projectRows(sc, x, w, start, count),
     accumulateRows: (c, x, w, start, count, s) =>
       matmul.accumulateRows(sc, c, x, w, start, count, s),
