@@ -107,4 +107,43 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "webgpu: projectLoraShared's kept stack of LoRA A follows its buffers (reuse, then an in-place update)",
+  ignore: !hasGpu,
+  fn: async () => {
+    const [m, k, n, r] = [80, 64, 48, 16];
+    const t = (len: number, seed: number, shape: number[]) => (ops: Ops) =>
+      ops.fromArray(seededValues(len, seed), shape);
+    const x = t(m * k, 1, [m, k]);
+    const parts = [0, 1, 2].map((i) => ({
+      w: t(n * k, 10 + i, [n, k]),
+      a: t(r * k, 20 + i, [r, k]),
+      b: t(n * r, 30 + i, [n, r]),
+    }));
+    const delta = t(r * k, 40, [r, k]);
+    /** Two calls on the same A, then A[1] += delta and a third; each checked against the CPU. */
+    const run = (b: typeof gpu) =>
+      withOps(b!, (ops) =>
+        Effect.gen(function* () {
+          const xx = x(ops);
+          const ps = parts.map((p) => ({ w: p.w(ops), a: p.a(ops), b: p.b(ops) }));
+          const first = ops.projectLoraShared(xx, ps, 0.5);
+          const second = ops.projectLoraShared(xx, ps, 0.5);
+          ops.addScaledInPlace(ps[1].a, delta(ops), 1);
+          const third = ops.projectLoraShared(xx, ps, 0.5);
+          return yield* ops.read([...first, ...second, ...third]);
+        }));
+    const got = await run(gpu);
+    const want = await run(cpu);
+    got.forEach((g, i) => {
+      const e = Math.max(...Array.from(g, (v, j) => Math.abs(v - want[i][j])));
+      assert(e < 1e-4, `output ${i}: max error ${e}`);
+    });
+    // the update reached the adapted projection only
+    assert(got[7].some((v, j) => v !== got[4][j]), "the third call saw the old A");
+    assert(got[6].every((v, j) => v === got[3][j]));
+  },
+});
+
 gpuTeardown();

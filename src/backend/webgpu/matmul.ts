@@ -1526,17 +1526,39 @@ const sharedXa = (
   norm: NormFold | null = null,
 ): GPUBuffer => {
   const r = ranks.reduce((t, x) => t + x, 0);
-  const stacked = ctx.alloc(r * k * 4);
-  let row = 0;
-  as.forEach((a, i) => {
-    ctx.copy(a, 0, stacked, row * k * 4, ranks[i] * k * 4);
-    row += ranks[i];
-  });
   const xa = ctx.alloc(m * pitch * 4);
+  // The A matrices stacked in a texture kept until one of them changes (a generation reuses one
+  // adapter for every step: 2 texture copies per layer and step instead of 4 buffer copies and
+  // a texture copy); rows must copy into it as they are (k a multiple of 64 floats).
+  const st = stateOf(ctx);
+  const kept = k % 64 === 0 && Math.ceil(k / 4) <= ctx.device.limits.maxTextureDimension2D
+    ? st.stacked(as, "lora_a", k / 4, Math.ceil(r / TILE) * TILE, "rgba32float")
+    : null;
+  if (kept && !kept.hit) {
+    let y0 = 0;
+    as.forEach((a, i) => {
+      ctx.copyToTexture(
+        { buffer: a, bytesPerRow: k * 4, rowsPerImage: ranks[i] },
+        { texture: kept.tex.texture, origin: [0, y0] },
+        [k / 4, ranks[i]],
+      );
+      y0 += ranks[i];
+    });
+  }
+  const stacked = kept ? null : ctx.alloc(r * k * 4);
+  if (stacked) {
+    let row = 0;
+    as.forEach((a, i) => {
+      ctx.copy(a, 0, stacked, row * k * 4, ranks[i] * k * 4);
+      row += ranks[i];
+    });
+  }
   tiled(
     ctx,
     x,
-    { buffer: stacked, rows: r, kContiguous: true, dtype: "f32" },
+    kept
+      ? { buffer: as[0], rows: r, kContiguous: true, dtype: "f32", packed: kept.tex }
+      : { buffer: stacked!, rows: r, kContiguous: true, dtype: "f32" },
     xa,
     m,
     r,
@@ -1548,7 +1570,7 @@ const sharedXa = (
     false,
     norm,
   );
-  ctx.release(stacked);
+  if (stacked) ctx.release(stacked);
   return xa;
 };
 
