@@ -162,7 +162,9 @@ const UPLOAD_SUBMIT_BYTES = 16 << 20;
  * table bound as a uniform array (matmul's folded norm weight) is read with vector gathers on
  * llvmpipe, where a storage-buffer load runs lane by lane.
  */
-const POOLED_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC |
+const pooledUsage = (): number =>
+  // a function: runtimes without WebGPU (Bun) import this module too
+  GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC |
   GPUBufferUsage.COPY_DST;
 
 export class GpuContext {
@@ -405,7 +407,7 @@ export class GpuContext {
     }
     // a new buffer: the pool gives back what would take the total past the limit
     this.evictFor(0);
-    return this.device.createBuffer({ size, usage: POOLED_USAGE });
+    return this.device.createBuffer({ size, usage: pooledUsage() });
   }
 
   /** Buffers currently idle in the pool (tests check that scopes return what they take). */
@@ -423,7 +425,7 @@ export class GpuContext {
     const size = Math.max(4, data.byteLength);
     this.handOut(size);
     this.evictFor(0);
-    const buf = this.device.createBuffer({ size, usage: POOLED_USAGE, mappedAtCreation: true });
+    const buf = this.device.createBuffer({ size, usage: pooledUsage(), mappedAtCreation: true });
     const view = data instanceof Int32Array
       ? new Int32Array(buf.getMappedRange())
       : new Float32Array(buf.getMappedRange());
