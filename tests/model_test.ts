@@ -339,59 +339,75 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: "webgpu: an inference forward whose norms fold into its products matches the CPU reference",
-  ignore: !hasGpu || gpu?.gpu?.subgroupLanes == null,
-  fn: async () => {
-    // widths, ranks and rows the subgroup kernel takes (see folded_norm_test): both norms of
-    // each layer fold (Ops.projectLoraShared, Ops.projectSwiglu); q/k/v biases after the fold
-    const c = tinyConfig({
-      modelType: "qwen2",
-      attentionBias: true,
-      hiddenSize: 64,
-      intermediateSize: 96,
-      numHeads: 4,
-      numKvHeads: 2,
-      headDim: 16,
-      vocabSize: 40,
-    });
-    // the projections in bf16 (the one-product SwiGLU form takes 16-bit weights), the rest f32
-    const weights: BaseWeightMap = new Map(
-      [...makeWeights(c, 6)].map(([n, t]) => [
-        n,
-        n.endsWith("_proj.weight")
-          ? { shape: t.shape, format: "bf16" as const, bits: roundToHalfBits(t.data, "bf16") }
-          : t,
-      ]),
-    );
-    const lora = initLora(c, {
-      r: 16,
-      alpha: 8,
-      dropout: 0,
-      targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-      useRslora: false,
-    }, 6);
-    const rng = new Rng(17);
-    for (const m of lora.modules.values()) {
-      for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = 0.2 * rng.normal();
-    }
-    const seqLen = 40;
-    const ids = Array.from({ length: 2 * seqLen }, (_, i) => (i * 7 + 3) % c.vocabSize);
-    const long = { ids, batch: 2, seqLen, kvStart: [0, 3] };
-    const run = (b: BackendShape) =>
-      withOps(b, (ops) =>
-        Effect.gen(function* () {
-          const model = uploadModel(ops, c, weights);
-          const { logits } = forward(ops, model, long, { lora: uploadLora(ops, lora) });
-          return (yield* ops.read([logits]))[0];
-        }));
-    const before = matmulTuning.foldedNorms;
-    const got = await run(gpu!);
-    const folds = matmulTuning.foldedNorms - before;
-    assert(folds === 2 * c.numLayers, `norms folded ${folds} times`);
-    const err = relError(got, await run(cpu));
-    assert(err < 1e-5, `relative error ${err}`);
-  },
-});
+for (const bias of [true, false]) {
+  Deno.test({
+    name: `webgpu: an inference forward whose norms${
+      bias ? "" : " and rotations"
+    } fold into its products matches the CPU reference`,
+    ignore: !hasGpu || gpu?.gpu?.subgroupLanes == null,
+    fn: async () => {
+      // widths, ranks and rows the subgroup kernel takes (see folded_norm_test): both norms of
+      // each layer fold (Ops.projectLoraShared, Ops.projectSwiglu); q/k/v biases after the fold
+      // (qwen2), or without biases q and k rotate in their products' stores (llama)
+      const c = tinyConfig({
+        modelType: bias ? "qwen2" : "llama",
+        attentionBias: bias,
+        hiddenSize: 64,
+        intermediateSize: 96,
+        numHeads: 4,
+        numKvHeads: 2,
+        headDim: 16,
+        vocabSize: 40,
+      });
+      // the projections in bf16 (the one-product SwiGLU form takes 16-bit weights), the rest f32
+      const weights: BaseWeightMap = new Map(
+        [...makeWeights(c, 6)].map(([n, t]) => [
+          n,
+          n.endsWith("_proj.weight")
+            ? { shape: t.shape, format: "bf16" as const, bits: roundToHalfBits(t.data, "bf16") }
+            : t,
+        ]),
+      );
+      const lora = initLora(c, {
+        r: 16,
+        alpha: 8,
+        dropout: 0,
+        targetModules: [
+          "q_proj",
+          "k_proj",
+          "v_proj",
+          "o_proj",
+          "gate_proj",
+          "up_proj",
+          "down_proj",
+        ],
+        useRslora: false,
+      }, 6);
+      const rng = new Rng(17);
+      for (const m of lora.modules.values()) {
+        for (let i = 0; i < m.b.data.length; i++) m.b.data[i] = 0.2 * rng.normal();
+      }
+      const seqLen = 40;
+      const ids = Array.from({ length: 2 * seqLen }, (_, i) => (i * 7 + 3) % c.vocabSize);
+      const long = { ids, batch: 2, seqLen, kvStart: [0, 3] };
+      const run = (b: BackendShape) =>
+        withOps(b, (ops) =>
+          Effect.gen(function* () {
+            const model = uploadModel(ops, c, weights);
+            const { logits } = forward(ops, model, long, { lora: uploadLora(ops, lora) });
+            return (yield* ops.read([logits]))[0];
+          }));
+      const before = matmulTuning.foldedNorms;
+      const ropesBefore = matmulTuning.ropeStores;
+      const got = await run(gpu!);
+      const folds = matmulTuning.foldedNorms - before;
+      assert(folds === 2 * c.numLayers, `norms folded ${folds} times`);
+      const ropes = matmulTuning.ropeStores - ropesBefore;
+      assert(ropes === (bias ? 0 : 2 * c.numLayers), `${ropes} rotating stores`);
+      const err = relError(got, await run(cpu));
+      assert(err < 1e-5, `relative error ${err}`);
+    },
+  });
+}
 
 gpuTeardown();

@@ -3,7 +3,7 @@
  * own products: the CPU twins, and the WebGPU paths for shapes their shared products do not take.
  * @module
  */
-import type { LoraProjection, MatmulOptions, SwigluPart } from "./ops.ts";
+import type { LoraProjection, MatmulOptions, RopeFrequencies, SwigluPart } from "./ops.ts";
 import type { Tensor } from "./tensor.ts";
 
 /** A backend's own products, for projectEachLora. */
@@ -24,9 +24,20 @@ export interface LoraProducts {
     s: number,
     into?: Tensor,
   ) => Tensor;
+  /** Ops.rope, for the parts with a RopeFold. */
+  readonly rope: (
+    x: Tensor,
+    positions: Tensor,
+    heads: number,
+    headDim: number,
+    theta: RopeFrequencies,
+  ) => Tensor;
 }
 
-/** Each part's x·aᵀ, then its projection with the delta (added onto `into` when given). */
+/**
+ * Each part's x·aᵀ, then its projection with the delta (added onto `into` when given), rotated
+ * when the part has a RopeFold.
+ */
 export const projectEachLora = (
   ops: LoraProducts,
   x: Tensor,
@@ -35,15 +46,27 @@ export const projectEachLora = (
 ): Tensor[] =>
   parts.map((p) => {
     const xa = ops.matmul(x, p.a, { transB: true });
-    return ops.projectLora(x, p.w, xa, p.b, s, p.into);
+    const y = ops.projectLora(x, p.w, xa, p.b, s, p.into);
+    return p.rope ? rotated(ops, y, p) : y;
   });
+
+/** A part's output y rotated by its RopeFold (see LoraProjection.rope), else y. */
+export const rotated = (
+  ops: Pick<LoraProducts, "rope">,
+  y: Tensor,
+  p: LoraProjection,
+): Tensor => {
+  if (!p.rope) return y;
+  const { positions, heads, headDim, theta } = p.rope;
+  return ops.rope(y, positions, heads, headDim, theta);
+};
 
 /**
  * Ops.projectSwiglu as its parts: both adapted halves through the backend's projectLoraShared
  * (one x·Aᵀ product where it can), a bare half as a plain product, then swiglu.
  */
 export const projectSwigluEach = (
-  ops: LoraProducts & {
+  ops: Omit<LoraProducts, "rope"> & {
     readonly projectLoraShared: (x: Tensor, p: readonly LoraProjection[], s: number) => Tensor[];
     readonly swiglu: (gate: Tensor, up: Tensor) => Tensor;
   },

@@ -77,6 +77,19 @@ export interface RmsNormFold {
   readonly eps: number;
 }
 
+/**
+ * A rotary embedding applied to a projection's output (Ops.projectLoraShared): the part's
+ * result is Ops.rope(y, positions, heads, headDim, theta) of its projection y. Where the backend
+ * can, the product rotates its tiles as it stores them and the unrotated y is never stored.
+ */
+export interface RopeFold {
+  /** i32 [M], one position per row of the input. */
+  readonly positions: Tensor;
+  readonly heads: number;
+  readonly headDim: number;
+  readonly theta: RopeFrequencies;
+}
+
 /** One projection of Ops.projectLoraShared: the weight w [N,K] and its LoRA pair a [R,K], b [N,R]. */
 export interface LoraProjection {
   readonly w: Tensor;
@@ -87,6 +100,8 @@ export interface LoraProjection {
    * stream takes an output projection; by default a fresh tensor.
    */
   readonly into?: Tensor;
+  /** The output rotated (q and k before attention); not with `into`. */
+  readonly rope?: RopeFold;
 }
 
 /** Geometry of an attention call. Rows of q are `batch * tq`, rows of k/v are `batch * tk`. */

@@ -26,7 +26,7 @@
  * the gradients are bit-identical to those of the full tape.
  * @module
  */
-import type { AttentionOptions, Ops, RmsNormFold, SwigluPart } from "../backend/ops.ts";
+import type { AttentionOptions, Ops, RmsNormFold, RopeFold, SwigluPart } from "../backend/ops.ts";
 import type { Tensor } from "../backend/tensor.ts";
 import { ensure } from "../backend/tensor.ts";
 import { isGemma, isSlidingLayer, type ModelConfig } from "./config.ts";
@@ -398,15 +398,19 @@ const linears = (
   tape: Map<Projection, LinearTape> | null,
   /** x is the input before this norm (only where allAdapted: see sharedNorm). */
   norm?: RmsNormFold,
+  /** Rotations of outputs (q, k) joined to the shared product; only for bias-free parts. */
+  ropes?: ReadonlyMap<Projection, RopeFold>,
 ): Tensor[] => {
   const lora = cx.lora;
   const adapted = ps.filter((p) => lora?.modules.has(projectionPath(layer, p)));
   if (cx.record || !lora || adapted.length === 0) {
-    if (norm) throw new Error("linears: a folded norm needs adapted projections and no tape");
+    if (norm || ropes) {
+      throw new Error("linears: a folded norm or rope needs adapted projections and no tape");
+    }
     return ps.map((p) => linear(cx, layer, p, x, tape));
   }
-  if (norm && adapted.length !== ps.length) {
-    throw new Error("linears: a folded norm needs every projection adapted");
+  if ((norm || ropes) && adapted.length !== ps.length) {
+    throw new Error("linears: a folded norm or rope needs every projection adapted");
   }
   const { ops, model } = cx;
   const shared = ops.projectLoraShared(
@@ -414,7 +418,11 @@ const linears = (
     adapted.map((p) => {
       const path = projectionPath(layer, p);
       const m = lora.modules.get(path)!;
-      return { w: weight(model, `${path}.weight`), a: m.a, b: m.b };
+      const rope = ropes?.get(p);
+      if (rope && model.weights.has(`${path}.bias`)) {
+        throw new Error(`linears ${path}: a rope cannot follow a bias added after the product`);
+      }
+      return { w: weight(model, `${path}.weight`), a: m.a, b: m.b, ...(rope ? { rope } : {}) };
     }),
     lora.scale,
     norm,
@@ -464,7 +472,9 @@ const mlpInput = (
 /**
  * The attention input's projections (q, k, v) of the layer input x through its norm: without a
  * tape and with all three adapted, the norm joins their products (Ops.projectLoraShared) and
- * is never stored (`n` null); otherwise it runs first.
+ * is never stored (`n` null); otherwise it runs first. In that shared form q and k also take
+ * their rotation in the product (`rotated`) where nothing comes between the two: no bias, no
+ * qwen3 head norm, no attention scaling of the rope plan.
  */
 const attentionInputs = (
   cx: Ctx,
@@ -472,14 +482,33 @@ const attentionInputs = (
   x: Tensor,
   norm: RmsNormFold,
   tape: Map<Projection, LinearTape> | null,
-): { qkv: Tensor[]; n: { y: Tensor; rstd: Tensor } | null } => {
+  positions: Tensor,
+  rp: RopePlan,
+): { qkv: Tensor[]; n: { y: Tensor; rstd: Tensor } | null; rotated: boolean } => {
   const ps = ["q_proj", "k_proj", "v_proj"] as const;
-  const lora = cx.lora;
+  const { lora, model } = cx;
+  const c = model.config;
   if (!cx.record && lora && ps.every((p) => lora.modules.has(projectionPath(layer, p)))) {
-    return { qkv: linears(cx, layer, ps, x, tape, norm), n: null };
+    const joins = !c.qkNorm && rp.scale === 1 &&
+      (["q_proj", "k_proj"] as const).every((p) =>
+        !model.weights.has(`${projectionPath(layer, p)}.bias`)
+      );
+    const fold = (heads: number): RopeFold => ({
+      positions,
+      heads,
+      headDim: c.headDim,
+      theta: rp.freqs,
+    });
+    const ropes = joins
+      ? new Map<Projection, RopeFold>([
+        ["q_proj", fold(c.numHeads)],
+        ["k_proj", fold(c.numKvHeads)],
+      ])
+      : undefined;
+    return { qkv: linears(cx, layer, ps, x, tape, norm, ropes), n: null, rotated: joins };
   }
   const n = cx.ops.rmsNorm(x, norm.w, norm.eps);
-  return { qkv: linears(cx, layer, ps, n.y, tape), n };
+  return { qkv: linears(cx, layer, ps, n.y, tape), n, rotated: false };
 };
 
 /**
@@ -549,7 +578,8 @@ const decoderLayer = (
   const pre = `model.layers.${l}`;
   const gemma = isGemma(c);
   const n1w = normWeight(ops, model, `${pre}.input_layernorm.weight`);
-  const inputs = attentionInputs(cx, l, x, { w: n1w, eps: c.rmsNormEps }, lin);
+  const rp = ropeOf(c, cx.ropes, l);
+  const inputs = attentionInputs(cx, l, x, { w: n1w, eps: c.rmsNormEps }, lin, positions, rp);
   const n1 = inputs.n;
   let [qp, kp, v] = inputs.qkv;
   let qkNorm: LayerTape["qkNorm"] = null;
@@ -564,9 +594,8 @@ const decoderLayer = (
     qp = qn.y;
     kp = kn.y;
   }
-  const rp = ropeOf(c, cx.ropes, l);
-  const q = rotate(ops, qp, positions, c.numHeads, c, rp);
-  const k = rotate(ops, kp, positions, c.numKvHeads, c, rp);
+  const q = inputs.rotated ? qp : rotate(ops, qp, positions, c.numHeads, c, rp);
+  const k = inputs.rotated ? kp : rotate(ops, kp, positions, c.numKvHeads, c, rp);
   const att = attend(q, k, v);
   // Gemma normalises the attention and MLP outputs too (post_attention_layernorm is then the
   // attention output's norm, pre_feedforward_layernorm the MLP input's)

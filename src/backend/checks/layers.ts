@@ -68,6 +68,16 @@ export const checkRope = (
   heads: number,
   headDim: number,
   theta: RopeFrequencies,
+): number => checkRopeOf(op, x.shape, positions, heads, headDim, theta);
+
+/** checkRope of a tensor of shape `shape` (a projection's output, see RopeFold). */
+export const checkRopeOf = (
+  op: string,
+  shape: readonly number[],
+  positions: Tensor,
+  heads: number,
+  headDim: number,
+  theta: RopeFrequencies,
 ): number => {
   ensure(
     Number.isInteger(heads) && heads > 0 && Number.isInteger(headDim) && headDim > 0 &&
@@ -84,9 +94,13 @@ export const checkRope = (
       () => `inverse-frequency table needs ${headDim / 2} finite values, got ${theta.length}`,
     );
   }
-  ensure(x.shape.length === 2, op, () => `x must be 2-D, got [${x.shape}]`);
-  const rows = x.shape[0];
-  expectShape(op, "x", x, [rows, heads * headDim]);
+  ensure(shape.length === 2, op, () => `x must be 2-D, got [${shape}]`);
+  const rows = shape[0];
+  ensure(
+    shape[1] === heads * headDim,
+    op,
+    () => `x has shape [${shape}], expected [${rows},${heads * headDim}]`,
+  );
   expectShape(op, "positions", positions, [rows]);
   ensure(positions.dtype === "i32", op, () => `positions must be i32, got ${positions.dtype}`);
   return rows;

@@ -7,6 +7,7 @@ import type { LoraProjection, MatmulOptions, SwigluPart } from "../ops.ts";
 import type { Tensor } from "../tensor.ts";
 import { ensure } from "../tensor.ts";
 import { checkRowRange } from "./elementwise.ts";
+import { checkRopeOf } from "./layers.ts";
 
 /** Shapes of op(A) [M,K] and op(B) [K,N]; throws ShapeError on a non-2-D operand or a mismatch. */
 export const matmulDims = (
@@ -123,6 +124,11 @@ export const projectLoraSharedDims = (
       () => `into is [${into!.shape}], the projection [${base.m},${base.n}]`,
     );
     ensure(into !== x, op, () => "into is the input x");
+    if (p.rope) {
+      ensure(!into, op, () => "a rotated projection cannot be added onto a tensor");
+      const { positions, heads, headDim, theta } = p.rope;
+      checkRopeOf(op, [base.m, base.n], positions, heads, headDim, theta);
+    }
     return { m: base.m, n: base.n, k: base.k, r: xa.n };
   });
 

@@ -17,6 +17,7 @@ import {
   projectSwigluDims,
 } from "../checks/matmul.ts";
 import { addScaledInPlace, swiglu } from "./elementwise.ts";
+import { rope } from "./layers.ts";
 import type { CpuScope } from "./scope.ts";
 
 /** Columns of C per block: a KB x NB panel of B (128 KiB in f32) stays in L2. */
@@ -227,6 +228,7 @@ export function projectLoraShared(
       matmul: (a, b, opts) => matmul(sc, a, b, opts),
       matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
       projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
+      rope: (y, pos, heads, hd, theta) => rope(sc, y, pos, heads, hd, theta),
     },
     x,
     parts,

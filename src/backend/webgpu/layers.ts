@@ -119,6 +119,19 @@ const invFreqBuffer = (ctx: GpuContext, headDim: number, theta: number): GPUBuff
   return b;
 };
 
+/**
+ * The inverse frequencies [headDim / 2] of rope_apply (and the subgroup matmul's rope form): the
+ * cached table of a theta, or a table (scaled RoPE), small and per call, uploaded into the scope.
+ */
+export const ropeFrequencies = (
+  sc: GpuScope,
+  headDim: number,
+  theta: RopeFrequencies,
+): GPUBuffer =>
+  typeof theta === "number"
+    ? invFreqBuffer(sc.ctx, headDim, theta)
+    : sc.upload(theta, [theta.length], "f32").buffer;
+
 /** See Ops.rmsNorm. */
 export function rmsNorm(
   sc: GpuScope,
@@ -268,10 +281,7 @@ const rotate = (
     [
       xb,
       pb,
-      // a table (scaled RoPE) is small and per call: uploaded into the scope, not cached
-      typeof theta === "number"
-        ? invFreqBuffer(sc.ctx, headDim, theta)
-        : sc.upload(theta, [theta.length], "f32").buffer,
+      ropeFrequencies(sc, headDim, theta),
       out.buffer,
     ],
     groups(n, ELEM_WG),

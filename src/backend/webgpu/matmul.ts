@@ -41,8 +41,15 @@
  * subgroup with rows of A shared by broadcast (1024³: 83 vs 69-71 GFLOP/s).
  * @module
  */
-import { projectEachLora, projectSwigluEach } from "../lora_projections.ts";
-import type { LoraProjection, MatmulOptions, RmsNormFold, SwigluPart } from "../ops.ts";
+import { projectEachLora, projectSwigluEach, rotated } from "../lora_projections.ts";
+import type {
+  LoraProjection,
+  MatmulOptions,
+  RmsNormFold,
+  RopeFold,
+  RopeFrequencies,
+  SwigluPart,
+} from "../ops.ts";
 import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
 import {
@@ -57,7 +64,7 @@ import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows, swiglu } from "./elementwise.ts";
-import { rmsNorm } from "./layers.ts";
+import { rmsNorm, rope, ropeFrequencies } from "./layers.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
 import {
   formatTag,
@@ -84,6 +91,8 @@ export const matmulTuning: {
   subgroupProducts: number;
   swigluProducts: number;
   foldedNorms: number;
+  ropeInProducts: boolean;
+  ropeStores: number;
 } = {
   forceTiled: false,
   /** Products projectLoraShared ran stacked (stackedProjections), counted for tests. */
@@ -96,6 +105,10 @@ export const matmulTuning: {
   swigluProducts: 0,
   /** Calls of projectLoraShared / projectSwiglu whose RMSNorm joined their products, for tests. */
   foldedNorms: 0,
+  /** Let projectLoraShared rotate in the product's store (false: rope_apply after, for A/B). */
+  ropeInProducts: true,
+  /** projectLoraShared parts rotated in their product's store, counted for tests. */
+  ropeStores: 0,
 };
 
 /**
@@ -412,12 +425,32 @@ interface NormFold {
   readonly eps: number;
 }
 
+/**
+ * A rotary embedding applied by the subgroup kernel as it stores (its `rope` form): the rows'
+ * i32 positions, the inverse frequencies [headDim / 2] and headDim / 4.
+ */
+interface RopeStore {
+  readonly positions: GPUBuffer;
+  readonly freqs: GPUBuffer;
+  readonly hd4: number;
+}
+
 /** Whether tiled runs the subgroup kernel for an f32 k-contiguous A of m rows, n columns, k. */
 const subgroupRuns = (ctx: GpuContext, m: number, n: number, k: number): boolean => {
   const lanes = ctx.subgroupLanes;
   return lanes !== null && matmulTuning.subgroupTiles && !gpuVariant.usesGpuKernels(ctx) &&
     m >= SUBGROUP_TILE_ROWS && n >= 2 * lanes && k > 0 && k / 4 <= NORM_MAX_K4 &&
     Math.ceil(k / 4) <= ctx.device.limits.maxTextureDimension2D;
+};
+
+/**
+ * Whether a projection of m rows, n columns over k rotates in its subgroup product's store (the
+ * `rope` form: one chunk, whole vec4s of a head); elsewhere the rotation runs after.
+ */
+const ropeStores = (ctx: GpuContext, m: number, n: number, k: number, r: RopeFold): boolean => {
+  const chunk = Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
+  return matmulTuning.ropeInProducts && subgroupRuns(ctx, m, n, k) && r.headDim % 4 === 0 &&
+    m <= chunk && n <= chunk;
 };
 
 /**
@@ -554,6 +587,8 @@ const tiled = (
   glu = false,
   /** op(A)'s rows RMS-normalised in the subgroup kernel (its `norm` form; A f32, k-major). */
   norm: NormFold | null = null,
+  /** The product rotated as it is stored (the subgroup kernel's `rope` form; one chunk). */
+  rope: RopeStore | null = null,
 ): void => {
   const kk = k;
   const st = stateOf(ctx);
@@ -655,6 +690,11 @@ const tiled = (
   if (norm && (!sg || format(a) !== "rgba32float" || kSteps > NORM_MAX_K4)) {
     throw new Error("matmul: a folded norm needs the subgroup kernel and an f32 A");
   }
+  if (
+    rope && (!sg || glu || alpha !== null || m > chunk || n > chunk || !kMajor(b))
+  ) {
+    throw new Error("matmul: the rope form needs the subgroup kernel, one chunk and k-major B");
+  }
   const tileRows = sg ? SUBGROUP_TILE_ROWS : TILE;
   // a SwiGLU tile covers 2 units per lane (its 4 columns are their gate and up halves)
   const tileCols = sg ? (glu ? 2 : 4) * lanes! : TILE;
@@ -688,6 +728,7 @@ const tiled = (
         kz4: kSteps,
         zstride4: 0,
         ...(norm ? { norm_h: f32(norm.h), norm_eps: f32(norm.eps) } : {}),
+        ...(rope ? { rope_hd4: rope.hd4 } : {}),
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -712,6 +753,7 @@ const tiled = (
         lora: lora !== null,
         glu,
         norm: norm !== null,
+        rope: rope !== null,
       };
       return ctx.generatedKernel(subgroupKernelName(spec), () => subgroupKernelSource(spec));
     }
@@ -750,6 +792,7 @@ const tiled = (
         ...pair.map((p) => p.view),
         ...(segments?.outs ?? []).map((buffer) => ({ buffer })),
         ...(norm ? [{ buffer: norm.w }] : []),
+        ...(rope ? [{ buffer: rope.positions }, { buffer: rope.freqs }] : []),
       ],
       // the subgroup kernel: one workgroup (one subgroup) per tile
       grid(sg ? main.tiles : Math.ceil(main.tiles / wg)),
@@ -1196,12 +1239,17 @@ export function projectLoraShared(
         matmul: (a, b, opts) => matmul(sc, a, b, opts),
         matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
         projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
+        rope: (y, pos, heads, hd, theta) => rope(sc, y, pos, heads, hd, theta),
       },
       x,
       parts,
       s,
     );
   }
+  const rotate = {
+    rope: (y: Tensor, pos: Tensor, heads: number, hd: number, theta: RopeFrequencies) =>
+      rope(sc, y, pos, heads, hd, theta),
+  };
   const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
   const xa = sharedXa(
     ctx,
@@ -1217,7 +1265,7 @@ export function projectLoraShared(
   const stackedOuts = fold ? null : stackedProjections(sc, opX, xa, pitch, r, dims, parts, s);
   if (stackedOuts) {
     ctx.release(xa);
-    return stackedOuts;
+    return stackedOuts.map((y, i) => rotated(rotate, y, parts[i]));
   }
   let offset = 0;
   const outs = parts.map((p, i) => {
@@ -1225,6 +1273,14 @@ export function projectLoraShared(
     const wh = sc.fh(p.w, op);
     // onto `into` in place (the kernel's accumulating store), else into a fresh tensor
     const out = p.into ?? sc.out([m, d.n]);
+    // a rotation joins the product's store where the subgroup kernel runs it (else after)
+    const ropeStore = p.rope && ropeStores(ctx, m, d.n, k, p.rope)
+      ? {
+        positions: sc.i(p.rope.positions, op),
+        freqs: ropeFrequencies(sc, p.rope.headDim, p.rope.theta),
+        hd4: p.rope.headDim / 4,
+      }
+      : null;
     tiled(
       ctx,
       opX,
@@ -1246,9 +1302,11 @@ export function projectLoraShared(
       null,
       false,
       fold,
+      ropeStore,
     );
     offset += d.r;
-    return out;
+    if (ropeStore) matmulTuning.ropeStores++;
+    return ropeStore ? out : rotated(rotate, out, p);
   });
   ctx.release(xa);
   if (fold) {

@@ -34,6 +34,7 @@ import { f32, type GpuContext, MAX_GROUPS } from "./context.ts";
 import type { GpuBlock, GpuScope, GpuTensor } from "./scope.ts";
 import { columnsOf } from "./scope.ts";
 import { addScaledInPlace } from "./elementwise.ts";
+import { rope } from "./layers.ts";
 
 /** Which matmul kernels to use: by adapter (undefined), or forced (tests, benchmarks). */
 export type MatmulVariant = "gpu" | "software";
@@ -334,6 +335,7 @@ export function projectLoraSharedGpu(
       matmul: (a, b, opts) => matmulGpu(sc, a, b, opts),
       matmulAccumulate: (c, a, b, k, opts) => matmulAccumulateGpu(sc, c, a, b, k, opts),
       projectLora: (xx, w, xa, b, k, into) => projectLoraGpu(sc, xx, w, xa, b, k, into),
+      rope: (y, pos, heads, hd, theta) => rope(sc, y, pos, heads, hd, theta),
     },
     x,
     parts,

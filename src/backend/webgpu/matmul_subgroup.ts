@@ -37,6 +37,8 @@ export interface SubgroupKernelSpec {
   readonly glu?: boolean;
   /** op(A)'s rows RMS-normalised on the fly (see subgroupKernelSource); A must be f32. */
   readonly norm?: boolean;
+  /** The output rotated by RoPE as it is stored (see subgroupKernelSource); not with glu. */
+  readonly rope?: boolean;
 }
 
 /**
@@ -53,7 +55,7 @@ export const formatTag = (f: TexFormat): string =>
 export const subgroupKernelName = (s: SubgroupKernelSpec): string =>
   `matmul_sg${s.lanes}_a${formatTag(s.fa)}_b${formatTag(s.fb)}${s.lora ? "_lora" : ""}${
     s.glu ? "_glu" : ""
-  }${s.norm ? "_norm" : ""}`;
+  }${s.norm ? "_norm" : ""}${s.rope ? "_rope" : ""}`;
 
 /** Whether a subgroup size can run the kernel: a power of two from 4 to 64 lanes. */
 export const subgroupLanesSupported = (lanes: number): boolean =>
@@ -107,10 +109,45 @@ const pass = (
 };
 
 /** B rows (weight rows, k-major texels) of a lane's 4 columns: 4q.. or, for `glu`, a gate/up pair. */
-const bRows = (glu: boolean): string[] =>
+const bRows = (glu: boolean, rope: boolean): string[] =>
   glu
     ? ["2 * q", "2 * q + 1", "ng + 2 * q", "ng + 2 * q + 1"]
+    : rope
+    ? [0, 1, 2, 3].map((j) => `rope_row(q, ${j})`)
     : ["4 * q", "4 * q + 1", "4 * q + 2", "4 * q + 3"];
+
+/**
+ * The `rope` form's rows and store. Lane column q is pair group p = q % (hd/4) of head
+ * h = q / (hd/4): its 4 columns are dims 2p, 2p+1 of the head's first half and the same dims of
+ * its second half (HF's rotate_half pairs), so every rotation pair lies in one lane. Positions
+ * and inverse frequencies as Ops.rope reads them; the angle f32(pos) * inv_freq[i] and its
+ * Cody-Waite reduction are rope_apply's.
+ */
+const ropeSource = (posBinding: number): string =>
+  `@group(0) @binding(${posBinding}) var<storage, read> rope_pos: array<i32>;
+@group(0) @binding(${posBinding + 1}) var<storage, read> rope_freq: array<f32>;
+fn rope_row(q: i32, j: i32) -> i32 {
+  let hd4 = i32(params.rope_hd4);
+  return (q / hd4) * 4 * hd4 + 2 * (q % hd4) + (j & 1) + (j >> 1) * 2 * hd4;
+}
+const ROPE_C1 = 6.28125;
+const ROPE_C2 = 0.0019350051879882812;
+const ROPE_C3 = 3.019916050561733e-07;
+const ROPE_INV_2PI = 0.15915493667125702;
+fn rope_put(row: u32, qq: u32, v: vec4<f32>, a: vec2<f32>) {
+  if (row < params.m && qq < params.n / 4u) {
+    let hd4 = params.rope_hd4;
+    let k = round(a * ROPE_INV_2PI);
+    let red = ((a - k * ROPE_C1) - k * ROPE_C2) - k * ROPE_C3;
+    let cs = cos(red);
+    let sn = sin(red);
+    let base = (qq / hd4) * 4u * hd4 + 2u * (qq % hd4);
+    let i = (params.coff4 * 4u + row * params.ldc4 * 4u + base) / 2u;
+    c[i] = v.xy * cs - v.zw * sn;
+    c[i + hd4] = v.zw * cs + v.xy * sn;
+  }
+}
+`;
 
 /**
  * The WGSL of a spec. op(A) must be k-major (texel (k, row) = op(A)[row, 4k..4k+3]); B either
@@ -141,7 +178,9 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
   const L = s.lanes;
   const glu = s.glu === true;
   const norm = s.norm === true;
+  const rope = s.rope === true;
   if (norm && s.fa !== "rgba32float") throw new Error("a norm kernel reads an f32 A");
+  if (rope && glu) throw new Error("a rope kernel has no SwiGLU form");
   const decl: string[] = [];
   const store: string[] = [];
   for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
@@ -162,12 +201,33 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
       rstd.push(`  c${i} *= subgroupBroadcast(rs${Math.floor(i / L)}, ${i % L}u);`);
     }
   }
+  // bindings past c: the LoRA pair's two textures, the norm weight, rope's positions and table
+  const normBinding = s.lora ? 6 : 4;
   const normDecl = norm
-    ? `@group(0) @binding(${
-      s.lora ? 6 : 4
-    }) var<uniform> norm_w: array<vec4<f32>, ${NORM_MAX_K4}>;\n`
+    ? `@group(0) @binding(${normBinding}) var<uniform> norm_w: array<vec4<f32>, ${NORM_MAX_K4}>;\n`
     : "";
-  const rows = bRows(glu);
+  const ropeDecl = rope ? ropeSource(normBinding + (norm ? 1 : 0)) : "";
+  if (rope) {
+    // the store rotates: this lane's pair group, its frequencies and its rows' positions
+    store.length = 0;
+    store.push(
+      "  let qq = u32(q);",
+      "  let pg = qq % params.rope_hd4;",
+      "  let lastf = 2u * params.rope_hd4 - 1u;",
+      "  let fr = vec2<f32>(rope_freq[min(2u * pg, lastf)], rope_freq[min(2u * pg + 1u, lastf)]);",
+    );
+    for (let j = 0; j < per; j++) {
+      store.push(`  let ps${j} = rope_pos[min(u32(m0) + lane + ${j * L}u, params.m - 1u)];`);
+    }
+    for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
+      store.push(
+        `  rope_put(u32(m0 + ${i}), qq, c${i}, f32(subgroupBroadcast(ps${Math.floor(i / L)}, ${
+          i % L
+        }u)) * fr);`,
+      );
+    }
+  }
+  const rows = bRows(glu, rope);
   const block = (f: string) =>
     `transpose(mat4x4<f32>(${rows.map((r) => `${f}(k, ${r})`).join(", ")}))`;
   const lora = s.lora
@@ -182,8 +242,9 @@ fn block_lb(k: i32, q: i32) -> mat4x4<f32> {
 }
 `
     : "";
-  // glu reads B k-major only: its stacked texture always is (B_KMAJOR is not consulted)
-  const blockB = glu
+  // glu and rope read B k-major only (B_KMAJOR is not consulted): glu's stacked texture always
+  // is, rope's weight is k-contiguous
+  const blockB = glu || rope
     ? `fn block_b(k: i32, q: i32) -> mat4x4<f32> {
   let ng = i32(params.n);
   return ${block("tb")};
@@ -194,7 +255,8 @@ fn block_lb(k: i32, q: i32) -> mat4x4<f32> {
   }
   return mat4x4<f32>(tb(q, 4 * k), tb(q, 4 * k + 1), tb(q, 4 * k + 2), tb(q, 4 * k + 3));
 }`;
-  const put = glu
+  // (rope stores through rope_put)
+  const put = rope ? "" : glu
     ? `fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row < params.m && col / 2u < params.n) {
     let g = v.xy;
@@ -214,13 +276,13 @@ struct Params {
   m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32, alpha: f32,
   k4b: u32, beta: f32, k4b0: u32, nz: u32, kz4: u32, zstride4: u32,${
     norm ? "\n  norm_h: f32, norm_eps: f32," : ""
-  }
+  }${rope ? "\n  rope_hd4: u32," : ""}
 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_storage_2d<${s.fa}, read>;
 @group(0) @binding(2) var bt: texture_storage_2d<${s.fb}, read>;
-@group(0) @binding(3) var<storage, read_write> c: array<vec${glu ? 2 : 4}<f32>>;
-${lora}${normDecl}override B_KMAJOR: bool = true;
+@group(0) @binding(3) var<storage, read_write> c: array<vec${glu || rope ? 2 : 4}<f32>>;
+${lora}${normDecl}${ropeDecl}override B_KMAJOR: bool = true;
 override ACC: bool = false;
 ${texelLoader("ta", "at", s.fa)}
 ${texelLoader("tb", "bt", s.fb)}
