@@ -403,6 +403,20 @@ export interface Ops {
     temperature: number,
   ): Tensor;
   /**
+   * logSoftmaxChunk(acc, projectRows(x, w, start, count), targets, start, temperature): an LM
+   * head's vocabulary chunk folded into the streamed state. Where the backend can, the product
+   * reduces its tiles to partial states as it stores and the [N, count] logits are never written.
+   */
+  projectLogSoftmaxChunk(
+    acc: Tensor | null,
+    x: Tensor,
+    w: Tensor,
+    start: number,
+    count: number,
+    targets: Tensor,
+    temperature: number,
+  ): Tensor;
+  /**
    * Results of a streamed log-softmax state [N, 4] (see logSoftmaxChunk): logp = zt − lse,
    * lse = m + log s (of logits/T, as logProbs returns) and entropy = log s − u / s.
    */

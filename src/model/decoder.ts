@@ -835,10 +835,16 @@ export const forwardLogProbs = (
   let acc: Tensor | null = null;
   for (const [c0, cn] of chunks) {
     const prev: Tensor | null = acc;
-    acc = ops.transient((t) => {
-      const lc = capLogits(t, c, t.projectRows(hSel, head, c0, cn));
-      return ops.logSoftmaxChunk(prev, lc, tgt, c0, temperature);
-    });
+    // without a soft cap the head's product folds its chunk as it stores where the backend can
+    // (no logits tensor); the state leaves the transient scope as a copy (n x 4 floats)
+    acc = c.finalLogitSoftcap
+      ? ops.transient((t) => {
+        const lc = capLogits(t, c, t.projectRows(hSel, head, c0, cn));
+        return ops.logSoftmaxChunk(prev, lc, tgt, c0, temperature);
+      })
+      : ops.transient((t) =>
+        ops.copy(t.projectLogSoftmaxChunk(prev, hSel, head, c0, cn, tgt, temperature))
+      );
   }
   const r = ops.logSoftmaxFinish(acc!);
   return {

@@ -137,10 +137,17 @@ export const checkEmbeddingBackward = (
 };
 
 /** Validates logits [N,V] and i32 targets [N]; returns [N, V]. */
-const logitsShape = (op: string, logits: Tensor, targets: Tensor | null): [number, number] => {
-  ensure(logits.shape.length === 2, op, () => `logits must be [N, V], got [${logits.shape}]`);
-  const [n, v] = logits.shape;
-  ensure(v > 0, op, () => `logits [${logits.shape}] need at least one column`);
+const logitsShape = (op: string, logits: Tensor, targets: Tensor | null): [number, number] =>
+  logitsShapeOf(op, logits.shape, targets);
+
+const logitsShapeOf = (
+  op: string,
+  shape: readonly number[],
+  targets: Tensor | null,
+): [number, number] => {
+  ensure(shape.length === 2, op, () => `logits must be [N, V], got [${shape}]`);
+  const [n, v] = shape;
+  ensure(v > 0, op, () => `logits [${shape}] need at least one column`);
   if (targets) {
     expectShape(op, "targets", targets, [n]);
     ensure(targets.dtype === "i32", op, () => `targets must be i32, got ${targets.dtype}`);
@@ -197,8 +204,18 @@ export const checkLogSoftmaxChunk = (
   targets: Tensor,
   offset: number,
   temperature: number,
+): [number, number] => checkLogSoftmaxChunkOf(op, acc, logits.shape, targets, offset, temperature);
+
+/** checkLogSoftmaxChunk of logits of shape `shape` (a product's, see projectLogSoftmaxChunk). */
+export const checkLogSoftmaxChunkOf = (
+  op: string,
+  acc: Tensor | null,
+  shape: readonly number[],
+  targets: Tensor,
+  offset: number,
+  temperature: number,
 ): [number, number] => {
-  const [n, v] = logitsShape(op, logits, targets);
+  const [n, v] = logitsShapeOf(op, shape, targets);
   if (acc) expectShape(op, "acc", acc, [n, 4]);
   checkOffset(op, offset);
   checkTemperature(op, temperature);

@@ -120,6 +120,14 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
       matmulDims("projectRows", x, rows, { transB: true });
       return matmul.matmul(sc, x, rows, { transB: true });
     },
+    // the chunk's logits, then their fold (the reference the fused products must match)
+    projectLogSoftmaxChunk: (acc, x, w, start, count, targets, temperature) => {
+      const op = "projectLogSoftmaxChunk";
+      const rows = sliceRows(w, start, count, op);
+      matmulDims(op, x, rows, { transB: true });
+      const logits = matmul.matmul(sc, x, rows, { transB: true });
+      return layers.logSoftmaxChunk(sc, acc, logits, targets, start, temperature);
+    },
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),

@@ -557,6 +557,28 @@ export function logSoftmaxChunk(
   return out;
 }
 
+/**
+ * The streamed log-softmax state [n, 4] after one vocabulary chunk, from its product's per-tile
+ * partials part [n, tiles] (vec4s, see matmul.ts projectLogSoftmaxChunk) and the previous state.
+ */
+export function lsmMergeTiles(
+  sc: GpuScope,
+  acc: Tensor | null,
+  part: GPUBuffer,
+  n: number,
+  tiles: number,
+): Tensor {
+  const ab = acc ? sc.f(acc, "projectLogSoftmaxChunk") : sc.out([4]).buffer; // never read
+  const out = sc.out([n, 4]);
+  sc.dispatch("lsm_merge_tiles", [part, ab, out.buffer], groups(n, 64), {
+    n,
+    tiles,
+    has_acc: acc ? 1 : 0,
+    pad: 0,
+  });
+  return out;
+}
+
 /** See Ops.logSoftmaxFinish. */
 export function logSoftmaxFinish(
   sc: GpuScope,

@@ -748,6 +748,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
 }
 
+//! kernel lsm_merge_tiles
+// One vocabulary chunk of a streamed log-softmax from its product's per-tile partials
+// (Ops.projectLogSoftmaxChunk: the subgroup matmul's lsm form, matmul_subgroup.ts), one
+// invocation per row: the row's `tiles` states vec4 (m, s, u, zt) merged in column order at the
+// larger max, zt taken from the tile holding the target (the others carry NaN bits), then
+// merged with the previous state acc_in (when has_acc != 0) as lsm_chunk_row merges its own.
+struct Params { n: u32, tiles: u32, has_acc: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> acc_in: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> acc_out: array<vec4<f32>>;
+const NAN_BITS = 0x7fc00000u;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = linear_id(gid, nwg, 64u);
+  if (r >= params.n) { return; }
+  let p0 = part[r * params.tiles];
+  var st = p0.xyz;
+  var zt = p0.w;
+  for (var t = 1u; t < params.tiles; t++) {
+    let p = part[r * params.tiles + t];
+    st = softmax_merge(st, p.xyz);
+    if (bitcast<u32>(p.w) != NAN_BITS) { zt = p.w; }
+  }
+  var res = vec4<f32>(st, zt);
+  if (params.has_acc != 0u) {
+    let a = acc_in[r];
+    res = vec4<f32>(softmax_merge(a.xyz, st), select(a.w, zt, bitcast<u32>(zt) != NAN_BITS));
+  }
+  acc_out[r] = res;
+}
+
 //! kernel lsm_finish
 // Results of a streamed log-softmax state (m, s, u, zt) per row (Ops.logSoftmaxFinish):
 // lse = m + log s, logp = (zt - m) - log s, entropy = log s - u / s.

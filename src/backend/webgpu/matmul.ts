@@ -52,6 +52,7 @@ import type {
 } from "../ops.ts";
 import { type DType, ensure, type Tensor } from "../tensor.ts";
 import { checkRowRange } from "../checks/elementwise.ts";
+import { checkLogSoftmaxChunkOf } from "../checks/layers.ts";
 import {
   accumulateDims,
   accumulateRowsDims,
@@ -64,7 +65,7 @@ import { f32, type GpuContext, grid, type Params } from "./context.ts";
 import type { GpuScope, GpuTensor } from "./scope.ts";
 import { halfConstants, widenBuffer } from "./half.ts";
 import { addScaledInPlace, sliceRows, swiglu } from "./elementwise.ts";
-import { rmsNorm, rope, ropeFrequencies } from "./layers.ts";
+import { logSoftmaxChunk, lsmMergeTiles, rmsNorm, rope, ropeFrequencies } from "./layers.ts";
 import * as gpuVariant from "./matmul_gpu.ts";
 import {
   formatTag,
@@ -93,6 +94,8 @@ export const matmulTuning: {
   foldedNorms: number;
   ropeInProducts: boolean;
   ropeStores: number;
+  lsmInProducts: boolean;
+  lsmStores: number;
 } = {
   forceTiled: false,
   /** Products projectLoraShared ran stacked (stackedProjections), counted for tests. */
@@ -109,6 +112,10 @@ export const matmulTuning: {
   ropeInProducts: true,
   /** projectLoraShared parts rotated in their product's store, counted for tests. */
   ropeStores: 0,
+  /** Let projectLogSoftmaxChunk reduce in the product's store (false: logits then lsm_chunk). */
+  lsmInProducts: true,
+  /** projectLogSoftmaxChunk calls reduced in their product's store, counted for tests. */
+  lsmStores: 0,
 };
 
 /**
@@ -435,6 +442,17 @@ interface RopeStore {
   readonly hd4: number;
 }
 
+/**
+ * A product reduced by the subgroup kernel to log-softmax partials as it stores (its `lsm`
+ * form, see matmul_subgroup.ts): the rows' i32 targets, the chunk's first vocabulary id and
+ * 1 / temperature.
+ */
+interface LsmStore {
+  readonly targets: GPUBuffer;
+  readonly offset: number;
+  readonly invT: number;
+}
+
 /** Whether tiled runs the subgroup kernel for an f32 k-contiguous A of m rows, n columns, k. */
 const subgroupRuns = (ctx: GpuContext, m: number, n: number, k: number): boolean => {
   const lanes = ctx.subgroupLanes;
@@ -589,6 +607,8 @@ const tiled = (
   norm: NormFold | null = null,
   /** The product rotated as it is stored (the subgroup kernel's `rope` form; one chunk). */
   rope: RopeStore | null = null,
+  /** The product reduced to log-softmax partials (the subgroup kernel's `lsm` form; c: part). */
+  lsm: LsmStore | null = null,
 ): void => {
   const kk = k;
   const st = stateOf(ctx);
@@ -695,6 +715,9 @@ const tiled = (
   ) {
     throw new Error("matmul: the rope form needs the subgroup kernel, one chunk and k-major B");
   }
+  if (lsm && (!sg || glu || alpha !== null || lora || norm || rope || m > chunk || n > chunk)) {
+    throw new Error("matmul: the lsm form needs the subgroup kernel alone and one chunk");
+  }
   const tileRows = sg ? SUBGROUP_TILE_ROWS : TILE;
   // a SwiGLU tile covers 2 units per lane (its 4 columns are their gate and up halves)
   const tileCols = sg ? (glu ? 2 : 4) * lanes! : TILE;
@@ -729,6 +752,7 @@ const tiled = (
         zstride4: 0,
         ...(norm ? { norm_h: f32(norm.h), norm_eps: f32(norm.eps) } : {}),
         ...(rope ? { rope_hd4: rope.hd4 } : {}),
+        ...(lsm ? { lsm_off: lsm.offset, lsm_it: f32(lsm.invT) } : {}),
       });
       mains.push({ loads: loads.splice(0), at, bt, u, tiles });
     }
@@ -754,6 +778,7 @@ const tiled = (
         glu,
         norm: norm !== null,
         rope: rope !== null,
+        lsm: lsm !== null,
       };
       return ctx.generatedKernel(subgroupKernelName(spec), () => subgroupKernelSource(spec));
     }
@@ -793,6 +818,7 @@ const tiled = (
         ...(segments?.outs ?? []).map((buffer) => ({ buffer })),
         ...(norm ? [{ buffer: norm.w }] : []),
         ...(rope ? [{ buffer: rope.positions }, { buffer: rope.freqs }] : []),
+        ...(lsm ? [{ buffer: lsm.targets }] : []),
       ],
       // the subgroup kernel: one workgroup (one subgroup) per tile
       grid(sg ? main.tiles : Math.ceil(main.tiles / wg)),
@@ -1681,6 +1707,80 @@ export function accumulateRows(
     n,
     s,
   );
+}
+
+/**
+ * See Ops.projectLogSoftmaxChunk. Where the subgroup kernel takes the product (lavapipe) and the
+ * rows lie in one storage block: its `lsm` form reduces every 64-row tile to log-softmax
+ * partials per row (tile width: 4 columns per lane) instead of storing the logits, and
+ * lsm_merge_tiles folds a row's partials into the state; no [rows, count] logits tensor is
+ * written or read back. Otherwise projectRows then logSoftmaxChunk.
+ */
+export function projectLogSoftmaxChunk(
+  sc: GpuScope,
+  acc: Tensor | null,
+  x: Tensor,
+  w: Tensor,
+  start: number,
+  count: number,
+  targets: Tensor,
+  temperature: number,
+): Tensor {
+  const op = "projectLogSoftmaxChunk";
+  const g = sc.blocks(w, op);
+  const [, k] = checkRowRange(op, g, start, count);
+  const xh = sc.fh(x, op);
+  ensure(x.shape.length === 2 && x.shape[1] === k, op, () => `x [${x.shape}], rows of ${k}`);
+  const m = x.shape[0];
+  checkLogSoftmaxChunkOf(op, acc, [m, count], targets, start, temperature);
+  const block = g.blocks.find((b) =>
+    b.start <= start * k && (start + count) * k <= b.start + b.length
+  );
+  const ctx = sc.ctx;
+  const chunk = Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
+  if (
+    !block || !matmulTuning.lsmInProducts || xh.dtype !== "f32" || count % 4 !== 0 ||
+    m > chunk || count > chunk || !subgroupRuns(ctx, m, count, k) || !useTiled(ctx, m, count, k)
+  ) {
+    return logSoftmaxChunk(
+      sc,
+      acc,
+      projectRows(sc, x, w, start, count),
+      targets,
+      start,
+      temperature,
+    );
+  }
+  const tilesN = Math.ceil(count / (4 * ctx.subgroupLanes!));
+  const part = ctx.alloc(m * tilesN * 16);
+  const tb = sc.i(targets, op);
+  tiled(
+    ctx,
+    { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
+    {
+      buffer: block.buffer,
+      rows: count,
+      kContiguous: true,
+      dtype: g.dtype,
+      view: { rowBase: (start * k - block.start) / k, bufferRows: block.length / k },
+    },
+    part,
+    m,
+    count,
+    k,
+    count,
+    null,
+    null,
+    null,
+    false,
+    null,
+    null,
+    { targets: tb, offset: start, invT: 1 / temperature },
+  );
+  const out = lsmMergeTiles(sc, acc, part, m, tilesN);
+  ctx.release(part);
+  matmulTuning.lsmStores++;
+  return out;
 }
 
 /**

@@ -39,6 +39,11 @@ export interface SubgroupKernelSpec {
   readonly norm?: boolean;
   /** The output rotated by RoPE as it is stored (see subgroupKernelSource); not with glu. */
   readonly rope?: boolean;
+  /**
+   * The output reduced to log-softmax partials per row and tile instead of stored (see
+   * subgroupKernelSource); only alone (no LoRA pair, glu, norm or rope).
+   */
+  readonly lsm?: boolean;
 }
 
 /**
@@ -55,7 +60,7 @@ export const formatTag = (f: TexFormat): string =>
 export const subgroupKernelName = (s: SubgroupKernelSpec): string =>
   `matmul_sg${s.lanes}_a${formatTag(s.fa)}_b${formatTag(s.fb)}${s.lora ? "_lora" : ""}${
     s.glu ? "_glu" : ""
-  }${s.norm ? "_norm" : ""}${s.rope ? "_rope" : ""}`;
+  }${s.norm ? "_norm" : ""}${s.rope ? "_rope" : ""}${s.lsm ? "_lsm" : ""}`;
 
 /** Whether a subgroup size can run the kernel: a power of two from 4 to 64 lanes. */
 export const subgroupLanesSupported = (lanes: number): boolean =>
@@ -150,6 +155,38 @@ fn rope_put(row: u32, qq: u32, v: vec4<f32>, a: vec2<f32>) {
 `;
 
 /**
+ * The `lsm` form's store: per row of the tile, the online-softmax state (m, s, u) of its scaled
+ * logits z = c * inv_t over the tile's columns (common.wgsl's statistics: m the max, at least
+ * -f32 max as lsm_chunk's, s = sum exp(z - m), u = sum exp(z - m) (z - m)) and zt, the z of the
+ * row's target where it lies in the tile's columns (else NaN bits), reduced over the lanes by
+ * subgroup operations and written by lane 0 as part[row * tiles_n + tile column]. Targets
+ * (i32, vocabulary ids) count from the chunk's first column `lsm_off`.
+ */
+const lsmSource = (binding: number): string =>
+  `@group(0) @binding(${binding}) var<storage, read> lsm_targets: array<i32>;
+const LSM_NEG = -3.4028235e38;
+fn lsm_put(row: u32, qq: u32, tn: u32, lane: u32, v: vec4<f32>, t: i32) {
+  let col = vec4<u32>(4u * qq) + vec4<u32>(0u, 1u, 2u, 3u);
+  let ok = col < vec4<u32>(params.n);
+  let z = v * params.lsm_it;
+  let zm = select(vec4<f32>(LSM_NEG), z, ok);
+  let m = max(subgroupMax(max(max(zm.x, zm.y), max(zm.z, zm.w))), LSM_NEG);
+  let e = select(vec4<f32>(0.0), exp(z - vec4<f32>(m)), ok);
+  let u = select(vec4<f32>(0.0), e * (z - vec4<f32>(m)), e > vec4<f32>(0.0));
+  let s = subgroupAdd((e.x + e.y) + (e.z + e.w));
+  let uu = subgroupAdd((u.x + u.y) + (u.z + u.w));
+  let hit = ok & (vec4<i32>(col) == vec4<i32>(t));
+  let zt = dot(select(vec4<f32>(0.0), z, hit), vec4<f32>(1.0));
+  let found = subgroupMax(select(0u, 1u, any(hit)));
+  let ztAll = subgroupMax(select(LSM_NEG, zt, any(hit)));
+  if (lane == 0u && row < params.m) {
+    let w = select(bitcast<f32>(0x7fc00000u), ztAll, found != 0u);
+    c[row * params.tiles_n + tn] = vec4<f32>(m, s, uu, w);
+  }
+}
+`;
+
+/**
  * The WGSL of a spec. op(A) must be k-major (texel (k, row) = op(A)[row, 4k..4k+3]); B either
  * layout (override B_KMAJOR, as matmul_t16x16). Rows and columns past the tile's edge read
  * whatever the (padded) textures hold there and are never stored. The LoRA variant continues
@@ -172,6 +209,15 @@ fn rope_put(row: u32, qq: u32, v: vec4<f32>, a: vec2<f32>) {
  * (lavapipe, 16 lanes): the sums of squares cost nothing visible, the multiply by w +7% on the
  * gate/up product and +9% on q/k/v, against an rmsnorm pass that reads and writes every element
  * lane by lane (12 ms per norm of a 4096-row prefill).
+ *
+ * `rope`: B's rows are taken per lane as ropeSource maps them (each rotation pair in one lane)
+ * and the tile is stored rotated by rope_put, c as vec2s: q and k leave their products ready
+ * for attention, with no rope pass reading and writing them again lane by lane.
+ *
+ * `lsm`: nothing of the product is stored; lsm_put reduces each row of the tile to its
+ * online-softmax state and target logit (subgroup reductions over the lanes' columns) and lane
+ * 0 writes one vec4 per row and tile: an LM head's chunk of [rows, count] logits becomes
+ * [rows, count / (4 lanes)] partials, folded by lsm_merge_tiles (layers.wgsl).
  */
 export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
   if (!subgroupLanesSupported(s.lanes)) throw new Error(`subgroup size ${s.lanes} unsupported`);
@@ -181,6 +227,8 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
   const rope = s.rope === true;
   if (norm && s.fa !== "rgba32float") throw new Error("a norm kernel reads an f32 A");
   if (rope && glu) throw new Error("a rope kernel has no SwiGLU form");
+  const lsm = s.lsm === true;
+  if (lsm && (s.lora || glu || norm || rope)) throw new Error("an lsm kernel has no other form");
   const decl: string[] = [];
   const store: string[] = [];
   for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
@@ -227,6 +275,28 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
       );
     }
   }
+  if (lsm) {
+    // every lane takes part in each row's reductions, stored or not (see lsmSource)
+    store.length = 0;
+    store.push(
+      "  let qq = u32(q);",
+      "  let tn = tile % params.tiles_n;",
+      "  let toff = i32(params.lsm_off);",
+    );
+    for (let j = 0; j < per; j++) {
+      store.push(
+        `  let tg${j} = lsm_targets[min(u32(m0) + lane + ${j * L}u, params.m - 1u)] - toff;`,
+      );
+    }
+    for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
+      store.push(
+        `  lsm_put(u32(m0 + ${i}), qq, tn, lane, c${i}, subgroupBroadcast(tg${Math.floor(i / L)}, ${
+          i % L
+        }u));`,
+      );
+    }
+  }
+  const lsmDecl = lsm ? lsmSource(4) : "";
   const rows = bRows(glu, rope);
   const block = (f: string) =>
     `transpose(mat4x4<f32>(${rows.map((r) => `${f}(k, ${r})`).join(", ")}))`;
@@ -255,8 +325,8 @@ fn block_lb(k: i32, q: i32) -> mat4x4<f32> {
   }
   return mat4x4<f32>(tb(q, 4 * k), tb(q, 4 * k + 1), tb(q, 4 * k + 2), tb(q, 4 * k + 3));
 }`;
-  // (rope stores through rope_put)
-  const put = rope ? "" : glu
+  // (rope and lsm store through rope_put, lsm_put)
+  const put = rope || lsm ? "" : glu
     ? `fn put(row: u32, col: u32, v: vec4<f32>) {
   if (row < params.m && col / 2u < params.n) {
     let g = v.xy;
@@ -276,13 +346,13 @@ struct Params {
   m: u32, n: u32, k4: u32, ldc4: u32, coff4: u32, tiles_n: u32, tiles_m: u32, alpha: f32,
   k4b: u32, beta: f32, k4b0: u32, nz: u32, kz4: u32, zstride4: u32,${
     norm ? "\n  norm_h: f32, norm_eps: f32," : ""
-  }${rope ? "\n  rope_hd4: u32," : ""}
+  }${rope ? "\n  rope_hd4: u32," : ""}${lsm ? "\n  lsm_off: u32, lsm_it: f32," : ""}
 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var at: texture_storage_2d<${s.fa}, read>;
 @group(0) @binding(2) var bt: texture_storage_2d<${s.fb}, read>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec${glu || rope ? 2 : 4}<f32>>;
-${lora}${normDecl}${ropeDecl}override B_KMAJOR: bool = true;
+${lora}${normDecl}${ropeDecl}${lsmDecl}override B_KMAJOR: bool = true;
 override ACC: bool = false;
 ${texelLoader("ta", "at", s.fa)}
 ${texelLoader("tb", "bt", s.fb)}

@@ -131,6 +131,8 @@ export const makeGpuOps = (ctx: GpuContext): { ops: Ops; scope: GpuScope } => {
     projectLoraShared: (x, parts, s, norm) => matmul.projectLoraShared(sc, x, parts, s, norm),
     projectSwiglu: (x, gate, up, s, norm) => matmul.projectSwiglu(sc, x, gate, up, s, norm),
     projectRows: (x, w, start, count) => matmul.projectRows(sc, x, w, start, count),
+    projectLogSoftmaxChunk: (acc, x, w, start, count, targets, temperature) =>
+      matmul.projectLogSoftmaxChunk(sc, acc, x, w, start, count, targets, temperature),
     accumulateRows: (c, x, w, start, count, s) =>
       matmul.accumulateRows(sc, c, x, w, start, count, s),
     add: (a, b) => elementwise.add(sc, a, b),
