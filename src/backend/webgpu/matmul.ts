@@ -1710,6 +1710,31 @@ export function accumulateRows(
 }
 
 /**
+ * What projectRows and projectLogSoftmaxChunk read: x [m, k] (checked against w's rows) and the
+ * row range [start, start + count) of w as an operand read where it lies, or null where the
+ * range spans storage blocks.
+ */
+const rowRange = (sc: GpuScope, op: string, x: Tensor, w: Tensor, start: number, count: number) => {
+  const g = sc.blocks(w, op);
+  const [, k] = checkRowRange(op, g, start, count);
+  const xh = sc.fh(x, op);
+  ensure(x.shape.length === 2 && x.shape[1] === k, op, () => `x [${x.shape}], rows of ${k}`);
+  const block = g.blocks.find((b) =>
+    b.start <= start * k && (start + count) * k <= b.start + b.length
+  );
+  const rows: Operand | null = block
+    ? {
+      buffer: block.buffer,
+      rows: count,
+      kContiguous: true,
+      dtype: g.dtype,
+      view: { rowBase: (start * k - block.start) / k, bufferRows: block.length / k },
+    }
+    : null;
+  return { m: x.shape[0], k, xh, rows };
+};
+
+/**
  * See Ops.projectLogSoftmaxChunk. Where the subgroup kernel takes the product (lavapipe) and the
  * rows lie in one storage block: its `lsm` form reduces every 64-row tile to log-softmax
  * partials per row (tile width: 4 columns per lane) instead of storing the logits, and
@@ -1727,19 +1752,12 @@ export function projectLogSoftmaxChunk(
   temperature: number,
 ): Tensor {
   const op = "projectLogSoftmaxChunk";
-  const g = sc.blocks(w, op);
-  const [, k] = checkRowRange(op, g, start, count);
-  const xh = sc.fh(x, op);
-  ensure(x.shape.length === 2 && x.shape[1] === k, op, () => `x [${x.shape}], rows of ${k}`);
-  const m = x.shape[0];
+  const { m, k, xh, rows } = rowRange(sc, op, x, w, start, count);
   checkLogSoftmaxChunkOf(op, acc, [m, count], targets, start, temperature);
-  const block = g.blocks.find((b) =>
-    b.start <= start * k && (start + count) * k <= b.start + b.length
-  );
   const ctx = sc.ctx;
   const chunk = Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
   if (
-    !block || !matmulTuning.lsmInProducts || xh.dtype !== "f32" || count % 4 !== 0 ||
+    !rows || !matmulTuning.lsmInProducts || xh.dtype !== "f32" || count % 4 !== 0 ||
     m > chunk || count > chunk || !subgroupRuns(ctx, m, count, k) || !useTiled(ctx, m, count, k)
   ) {
     return logSoftmaxChunk(
@@ -1757,13 +1775,7 @@ export function projectLogSoftmaxChunk(
   tiled(
     ctx,
     { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
-    {
-      buffer: block.buffer,
-      rows: count,
-      kContiguous: true,
-      dtype: g.dtype,
-      view: { rowBase: (start * k - block.start) / k, bufferRows: block.length / k },
-    },
+    rows,
     part,
     m,
     count,
@@ -1795,29 +1807,15 @@ export function projectRows(
   start: number,
   count: number,
 ): Tensor {
-  const op = "projectRows";
-  const g = sc.blocks(w, op);
-  const [, k] = checkRowRange(op, g, start, count);
-  const xh = sc.fh(x, op);
-  ensure(x.shape.length === 2 && x.shape[1] === k, op, () => `x [${x.shape}], rows of ${k}`);
-  const m = x.shape[0];
-  const block = g.blocks.find((b) =>
-    b.start <= start * k && (start + count) * k <= b.start + b.length
-  );
-  if (!block || count % 4 !== 0 || m === 0 || !useTiled(sc.ctx, m, count, k)) {
+  const { m, k, xh, rows } = rowRange(sc, "projectRows", x, w, start, count);
+  if (!rows || count % 4 !== 0 || m === 0 || !useTiled(sc.ctx, m, count, k)) {
     return matmul(sc, x, sliceRows(sc, w, start, count), { transB: true });
   }
   const out = sc.out([m, count]);
   tiled(
     sc.ctx,
     { buffer: xh.buffer, rows: m, kContiguous: true, dtype: xh.dtype },
-    {
-      buffer: block.buffer,
-      rows: count,
-      kContiguous: true,
-      dtype: g.dtype,
-      view: { rowBase: (start * k - block.start) / k, bufferRows: block.length / k },
-    },
+    rows,
     out.buffer,
     m,
     count,
