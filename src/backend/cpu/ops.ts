@@ -48,6 +48,12 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
   /** Storage of `n` zeros of `dtype`. */
   const zerosOf = (n: number, dtype: DType) =>
     dtype === "i32" ? new Int32Array(n) : isHalfDType(dtype) ? new Uint16Array(n) : sc.floats(n);
+  /** x·w[start, start + count)ᵀ with the rows as a view (Ops.projectRows). */
+  const projectRows = (op: string, x: Tensor, w: Tensor, start: number, count: number) => {
+    const rows = sliceRows(w, start, count, op);
+    matmulDims(op, x, rows, { transB: true });
+    return matmul.matmul(sc, x, rows, { transB: true });
+  };
   const ops: Ops = {
     info: cpuInfo(precision),
     fromArray,
@@ -115,19 +121,17 @@ export const makeCpuOps = (precision: CpuPrecision): { ops: Ops; scope: CpuScope
       accumulateRowsDims("accumulateRows", c, x, w, start, count);
       matmul.matmulAccumulate(sc, c, x, sliceRows(w, start, count, "accumulateRows"), s);
     },
-    projectRows: (x, w, start, count) => {
-      const rows = sliceRows(w, start, count, "projectRows");
-      matmulDims("projectRows", x, rows, { transB: true });
-      return matmul.matmul(sc, x, rows, { transB: true });
-    },
+    projectRows: (x, w, start, count) => projectRows("projectRows", x, w, start, count),
     // the chunk's logits, then their fold (the reference the fused products must match)
-    projectLogSoftmaxChunk: (acc, x, w, start, count, targets, temperature) => {
-      const op = "projectLogSoftmaxChunk";
-      const rows = sliceRows(w, start, count, op);
-      matmulDims(op, x, rows, { transB: true });
-      const logits = matmul.matmul(sc, x, rows, { transB: true });
-      return layers.logSoftmaxChunk(sc, acc, logits, targets, start, temperature);
-    },
+    projectLogSoftmaxChunk: (acc, x, w, start, count, targets, temperature) =>
+      layers.logSoftmaxChunk(
+        sc,
+        acc,
+        projectRows("projectLogSoftmaxChunk", x, w, start, count),
+        targets,
+        start,
+        temperature,
+      ),
     add: (a, b) => elementwise.add(sc, a, b),
     sub: (a, b) => elementwise.sub(sc, a, b),
     mul: (a, b) => elementwise.mul(sc, a, b),

@@ -453,6 +453,13 @@ interface LsmStore {
   readonly invT: number;
 }
 
+/**
+ * Rows of A (columns of B) per chunk of the tiled path: the largest multiple of the tile side
+ * within the device's texture limit.
+ */
+const rowChunk = (ctx: GpuContext): number =>
+  Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
+
 /** Whether tiled runs the subgroup kernel for an f32 k-contiguous A of m rows, n columns, k. */
 const subgroupRuns = (ctx: GpuContext, m: number, n: number, k: number): boolean => {
   const lanes = ctx.subgroupLanes;
@@ -466,7 +473,7 @@ const subgroupRuns = (ctx: GpuContext, m: number, n: number, k: number): boolean
  * `rope` form: one chunk, whole vec4s of a head); elsewhere the rotation runs after.
  */
 const ropeStores = (ctx: GpuContext, m: number, n: number, k: number, r: RopeFold): boolean => {
-  const chunk = Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
+  const chunk = rowChunk(ctx);
   return matmulTuning.ropeInProducts && subgroupRuns(ctx, m, n, k) && r.headDim % 4 === 0 &&
     m <= chunk && n <= chunk;
 };
@@ -615,8 +622,7 @@ const tiled = (
   const dev = ctx.device;
   const limit = dev.limits.maxTextureDimension2D;
   const kSteps = Math.ceil(k / 4);
-  // Rows of A (columns of B) per chunk: a multiple of the tile side that fits the texture limit.
-  const chunk = Math.floor(limit / TILE) * TILE;
+  const chunk = rowChunk(ctx);
   // kernel parameters, by the kernel they are for (checked against its struct Params when encoded)
   const slot = (_kernel: string, p: Params): Params => p;
   const kMajor = (op: Operand) => kMajorLayout(op, k, limit);
@@ -1216,7 +1222,7 @@ const fusable = (
   dtypes: readonly DType[],
 ): boolean => {
   const limit = ctx.device.limits.maxTextureDimension2D;
-  const chunk = Math.floor(limit / TILE) * TILE;
+  const chunk = rowChunk(ctx);
   return m <= chunk && n <= chunk && n % 4 === 0 && r > 0 && Math.ceil(r / 4) <= limit &&
     k > 0 && dtypes.every((d) => d === "f32") && useTiled(ctx, m, n, k);
 };
@@ -1259,23 +1265,24 @@ export function projectLoraShared(
   const x = norm && !fold ? rmsNorm(sc, input, norm.w, norm.eps).y : input;
   if (gpuVariant.usesGpuKernels(ctx)) return gpuVariant.projectLoraSharedGpu(sc, x, parts, s);
   const xh = sc.fh(x, op);
+  // the rotation after a product (parts whose product does not rotate as it stores)
+  const rotate = {
+    rope: (y: Tensor, pos: Tensor, heads: number, hd: number, theta: RopeFrequencies) =>
+      rope(sc, y, pos, heads, hd, theta),
+  };
   if (!fits(xh.dtype)) {
     return projectEachLora(
       {
         matmul: (a, b, opts) => matmul(sc, a, b, opts),
         matmulAccumulate: (c, a, b, k, opts) => matmulAccumulate(sc, c, a, b, k, opts),
         projectLora: (xx, w, xa, b, k, into) => projectLora(sc, xx, w, xa, b, k, into),
-        rope: (y, pos, heads, hd, theta) => rope(sc, y, pos, heads, hd, theta),
+        ...rotate,
       },
       x,
       parts,
       s,
     );
   }
-  const rotate = {
-    rope: (y: Tensor, pos: Tensor, heads: number, hd: number, theta: RopeFrequencies) =>
-      rope(sc, y, pos, heads, hd, theta),
-  };
   const opX: Operand = { buffer: xh.buffer, rows: m, kContiguous: true, dtype: "f32" };
   const xa = sharedXa(
     ctx,
@@ -1517,7 +1524,7 @@ const swigluProduct = (
   const op = "projectSwiglu";
   const lanes = ctx.subgroupLanes;
   const limit = ctx.device.limits.maxTextureDimension2D;
-  const chunk = Math.floor(limit / TILE) * TILE;
+  const chunk = rowChunk(ctx);
   const xh = sc.fh(x, op);
   const ws = parts.map((p) => sc.fh(p.w, op));
   const dtype = ws[0].dtype;
@@ -1755,7 +1762,7 @@ export function projectLogSoftmaxChunk(
   const { m, k, xh, rows } = rowRange(sc, op, x, w, start, count);
   checkLogSoftmaxChunkOf(op, acc, [m, count], targets, start, temperature);
   const ctx = sc.ctx;
-  const chunk = Math.floor(ctx.device.limits.maxTextureDimension2D / TILE) * TILE;
+  const chunk = rowChunk(ctx);
   if (
     !rows || !matmulTuning.lsmInProducts || xh.dtype !== "f32" || count % 4 !== 0 ||
     m > chunk || count > chunk || !subgroupRuns(ctx, m, count, k) || !useTiled(ctx, m, count, k)

@@ -249,6 +249,15 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
       rstd.push(`  c${i} *= subgroupBroadcast(rs${Math.floor(i / L)}, ${i % L}u);`);
     }
   }
+  // A per-row value of the tile (rope's positions, lsm's targets): each lane loads those of
+  // its rows (clamped to the last row), and row i's reaches every lane by broadcast.
+  const rowValues = (name: string, load: (row: string) => string) => ({
+    loads: Array.from(
+      { length: per },
+      (_, j) => `  let ${name}${j} = ${load(`min(u32(m0) + lane + ${j * L}u, params.m - 1u)`)};`,
+    ),
+    of: (i: number) => `subgroupBroadcast(${name}${Math.floor(i / L)}, ${i % L}u)`,
+  });
   // bindings past c: the LoRA pair's two textures, the norm weight, rope's positions and table
   const normBinding = s.lora ? 6 : 4;
   const normDecl = norm
@@ -264,15 +273,10 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
       "  let lastf = 2u * params.rope_hd4 - 1u;",
       "  let fr = vec2<f32>(rope_freq[min(2u * pg, lastf)], rope_freq[min(2u * pg + 1u, lastf)]);",
     );
-    for (let j = 0; j < per; j++) {
-      store.push(`  let ps${j} = rope_pos[min(u32(m0) + lane + ${j * L}u, params.m - 1u)];`);
-    }
+    const pos = rowValues("ps", (row) => `rope_pos[${row}]`);
+    store.push(...pos.loads);
     for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
-      store.push(
-        `  rope_put(u32(m0 + ${i}), qq, c${i}, f32(subgroupBroadcast(ps${Math.floor(i / L)}, ${
-          i % L
-        }u)) * fr);`,
-      );
+      store.push(`  rope_put(u32(m0 + ${i}), qq, c${i}, f32(${pos.of(i)}) * fr);`);
     }
   }
   if (lsm) {
@@ -283,17 +287,10 @@ export const subgroupKernelSource = (s: SubgroupKernelSpec): string => {
       "  let tn = tile % params.tiles_n;",
       "  let toff = i32(params.lsm_off);",
     );
-    for (let j = 0; j < per; j++) {
-      store.push(
-        `  let tg${j} = lsm_targets[min(u32(m0) + lane + ${j * L}u, params.m - 1u)] - toff;`,
-      );
-    }
+    const tg = rowValues("tg", (row) => `lsm_targets[${row}] - toff`);
+    store.push(...tg.loads);
     for (let i = 0; i < SUBGROUP_TILE_ROWS; i++) {
-      store.push(
-        `  lsm_put(u32(m0 + ${i}), qq, tn, lane, c${i}, subgroupBroadcast(tg${Math.floor(i / L)}, ${
-          i % L
-        }u));`,
-      );
+      store.push(`  lsm_put(u32(m0 + ${i}), qq, tn, lane, c${i}, ${tg.of(i)});`);
     }
   }
   const lsmDecl = lsm ? lsmSource(4) : "";
