@@ -23,6 +23,7 @@ import {
   type LoraRuntime,
   makeKvCache,
   uploadModel,
+  vocabChunks,
 } from "../src/model/decoder.ts";
 import { Rng } from "../src/model/rng.ts";
 import { initWeights, type WeightMap } from "../src/model/weights.ts";
@@ -287,6 +288,43 @@ gpuTest("slices of split and whole tensors equal the CPU's bit for bit", () =>
     }),
     { numRuns: 30 },
   ));
+
+Deno.test("vocabChunks: tile every block, stay within maxRows, and are multiples of 4 but a block's last", () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.integer({ min: 1, max: 40_000 }), { minLength: 1, maxLength: 6 }),
+      fc.integer({ min: 1, max: 9_000 }),
+      (sizes, maxRows) => {
+        const bounds = [0];
+        for (const n of sizes) bounds.push(bounds[bounds.length - 1] + n);
+        const chunks = vocabChunks(bounds, maxRows);
+        let at = 0;
+        for (let i = 0; i < sizes.length; i++) {
+          const inBlock = chunks.filter(([s]) => s >= bounds[i] && s < bounds[i + 1]);
+          // contiguous, covering the block exactly, as few chunks as maxRows allows
+          for (const [s, n] of inBlock) {
+            assertEquals(s, at);
+            assert(n >= 1 && n <= maxRows, `chunk ${n} rows, bound ${maxRows}`);
+            at += n;
+          }
+          assertEquals(at, bounds[i + 1]);
+          assertEquals(
+            inBlock.length,
+            Math.ceil(sizes[i] / (maxRows >= 4 ? maxRows - (maxRows % 4) : maxRows)),
+          );
+          if (maxRows >= 4) {
+            for (const [, n] of inBlock.slice(0, -1)) assertEquals(n % 4, 0);
+          }
+        }
+      },
+    ),
+    { numRuns: 300 },
+  );
+  // Qwen2.5's head: 151,936 rows in 5 blocks of 30,388, for 512 rows of 4M logits (8,192 rows)
+  const qwen = vocabChunks([0, 30388, 60776, 91164, 121552, 151936], 8192);
+  assertEquals(qwen.length, 20);
+  assertEquals(qwen.slice(0, 4), [[0, 7600], [7600, 7600], [15200, 7600], [22800, 7588]]);
+});
 
 Deno.test("cpu: slices on a hand example; sliceRows is a view", () =>
   withOps(cpu, (ops) =>

@@ -108,6 +108,9 @@ export const webgpuBackend: Effect.Effect<BackendShape, BackendError, Scope.Scop
           maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
           maxComputeWorkgroupSizeY: l.maxComputeWorkgroupSizeY,
           maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+          // lavapipe offers 16,384 (the default is 8,192): Qwen2.5-0.5B's stacked gate/up
+          // weight texture is 9,728 rows high, and a tile product's row chunk is this limit
+          maxTextureDimension2D: l.maxTextureDimension2D,
         };
         const info = adapter.info;
         const fallback = info.isFallbackAdapter ?? false;

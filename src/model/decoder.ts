@@ -192,13 +192,37 @@ const headName = (c: ModelConfig): string =>
  */
 export const LOGITS_CHUNK_ELEMENTS: number = 1 << 22;
 
+/** Vocabulary rows a head chunk's size is a multiple of where it can be (see vocabChunks). */
+const CHUNK_ALIGN = 4;
+
 /** A vocabulary chunk: rows [start, start + count) of the head weight. */
-type Chunk = readonly [start: number, count: number];
+export type Chunk = readonly [start: number, count: number];
+
+/**
+ * Cuts each storage block [bounds[i], bounds[i + 1]) of a head weight into chunks of at most
+ * `maxRows` rows, as evenly as sizes that are multiples of CHUNK_ALIGN allow where maxRows does
+ * (only a block's last chunk may be shorter): the fused head products
+ * (Ops.projectLogSoftmaxChunk on WebGPU) take chunks of 4k rows only, and Qwen2.5's head
+ * (151,936 rows in 5 blocks) cut exactly evenly gave 7,597-row chunks.
+ */
+export const vocabChunks = (bounds: readonly number[], maxRows: number): Chunk[] => {
+  const align = maxRows >= CHUNK_ALIGN ? CHUNK_ALIGN : 1;
+  const step = Math.max(1, Math.floor(maxRows / align) * align);
+  const out: Chunk[] = [];
+  for (let i = 0; i + 1 < bounds.length; i++) {
+    const [b0, n] = [bounds[i], bounds[i + 1] - bounds[i]];
+    // per: a multiple of align, at least ceil(n / k) and at most step
+    const k = Math.max(1, Math.ceil(n / step));
+    const per = Math.ceil(Math.ceil(n / k) / align) * align;
+    for (let s0 = 0; s0 < n; s0 += per) out.push([b0 + s0, Math.min(per, n - s0)]);
+  }
+  return out;
+};
 
 /**
  * Vocabulary chunks of the head weight [V, H] for `rows` logit rows: each lies in one storage
  * block of the weight, and holds at most `chunkRows` vocabulary rows (default: as many as keep
- * rows x chunk within `budget` logits and one storage block); blocks are split evenly.
+ * rows x chunk within `budget` logits and one storage block).
  */
 const headChunks = (
   ops: Ops,
@@ -209,19 +233,7 @@ const headChunks = (
 ): Chunk[] => {
   const limit = Math.min(budget, ops.maxBlockElements());
   const maxRows = Math.max(1, Math.floor(chunkRows ?? limit / Math.max(rows, 1)));
-  const bounds = ops.rowBlocks(head);
-  const out: Chunk[] = [];
-  for (let i = 0; i + 1 < bounds.length; i++) {
-    const [b0, b1] = [bounds[i], bounds[i + 1]];
-    const n = b1 - b0;
-    const k = Math.max(1, Math.ceil(n / maxRows));
-    for (let j = 0; j < k; j++) {
-      const s0 = b0 + Math.floor((j * n) / k);
-      const s1 = b0 + Math.floor(((j + 1) * n) / k);
-      out.push([s0, s1 - s0]);
-    }
-  }
-  return out;
+  return vocabChunks(ops.rowBlocks(head), maxRows);
 };
 
 /**
