@@ -134,7 +134,8 @@ Deno.test({
         fc.boolean(),
         matchesReference,
       ),
-      { numRuns: 30 },
+      // the counterexample CI found: logits of +0 and -0 only, where a max picks either zero
+      { numRuns: 30, examples: [[8, 4, 1, 1, 0.1, true]] },
     );
   },
 });

@@ -868,12 +868,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
   }
   let o = ro * 6u;
-  out[o] = m;
+  // the candidate's value read at its id: the compiler turns the compare-and-select chain
+  // above into a max, whose result for +0 against -0 is either (measured on lavapipe: -0 for a
+  // row whose first logit, the one chosen, is +0); the sums do not see a zero's sign
+  let mv = logits[base + mi / 4u][mi % 4u];
+  out[o] = mv;
   // the compensation folded back in, as sample_cand_wg's h + l
   out[o + 1u] = s1 - c1;
   out[o + 2u] = select(s1 - c1, st - ct, tempered);
   out[o + 3u] = 1.0;
-  out[o + 4u] = m;
+  out[o + 4u] = mv;
   out[o + 5u] = f32(mi);
 }
 
