@@ -11,14 +11,7 @@ import { ok as assert, throws } from "node:assert/strict";
 import fc from "fast-check";
 import type { BackendShape } from "../src/backend/backend.ts";
 import { type HalfDType, ShapeError } from "../src/backend/tensor.ts";
-import {
-  gpuTeardown,
-  hasGpu,
-  relError,
-  seededValues,
-  testBackends,
-  withOps,
-} from "./support/backends.ts";
+import { gpuTeardown, hasGpu, seededValues, testBackends, withOps } from "./support/backends.ts";
 
 const { gpu, cpu, ref } = await testBackends();
 const backends: BackendShape[] = [cpu, ...(gpu ? [gpu] : [])];
@@ -72,13 +65,17 @@ const cases = fc.record({
   }),
 }));
 
-/** c after accumulating each range in turn (read after each), on the reference through sliceRows. */
-const runAccumulate = (b: BackendShape, c: Case, sliced = false) =>
+/**
+ * c after accumulating each range in turn (read after each), on the reference through sliceRows;
+ * with `abs`, of the operands' absolute values (|c| + s·|x|·|w| bounds each output's rounding).
+ */
+const runAccumulate = (b: BackendShape, c: Case, sliced = false, abs = false) =>
   withOps(b, (ops) => {
-    const x = (n: number, i: number) =>
-      ops.fromArray(seededValues(c.m * n, c.seed + 7 * i), [c.m, n]);
-    const w = ops.fromArray(seededValues(c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
-    const acc = ops.fromArray(seededValues(c.m * c.k, c.seed + 2), [c.m, c.k]);
+    const values = (n: number, seed: number) =>
+      abs ? seededValues(n, seed).map(Math.abs) : seededValues(n, seed);
+    const x = (n: number, i: number) => ops.fromArray(values(c.m * n, c.seed + 7 * i), [c.m, n]);
+    const w = ops.fromArray(values(c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
+    const acc = ops.fromArray(values(c.m * c.k, c.seed + 2), [c.m, c.k]);
     const seen = c.ranges.map(([s, n], i) => {
       if (sliced) ops.matmulAccumulate(acc, x(n, i), ops.sliceRows(w, s, n), 0.5);
       else ops.accumulateRows(acc, x(n, i), w, s, n, 0.5);
@@ -87,13 +84,27 @@ const runAccumulate = (b: BackendShape, c: Case, sliced = false) =>
     return ops.read(seen);
   });
 
+/**
+ * c after each range within TOL of the reference, relative to the largest |c| + s·|x|·|w|
+ * output, as `check` measures products: an f32 c that cancels to near zero keeps the rounding
+ * of its terms (c + 0.5·x·w twice, one term each, came out at 2.4e-5 relative to itself on the
+ * CPU backend).
+ */
 const checkAccumulate = async (c: Case) => {
   const want = await runAccumulate(ref, c, true);
+  const scale = await runAccumulate(ref, c, true, true);
   for (const b of backends) {
     const got = await runAccumulate(b, c);
     got.forEach((g, i) => {
-      const e = relError(g, want[i]);
-      assert(e <= TOL, `${b.info.name} ${JSON.stringify(c)} range ${i}: rel error ${e}`);
+      let err = 0;
+      for (let j = 0; j < g.length; j++) err = Math.max(err, Math.abs(g[j] - want[i][j]));
+      let top = 1e-30;
+      for (const v of scale[i]) top = Math.max(top, Math.abs(v));
+      const e = err / top;
+      assert(
+        e <= TOL,
+        `${b.info.name} ${JSON.stringify(c)} range ${i}: error ${e} of max |c| + s·|x|·|w|`,
+      );
     });
   }
 };
@@ -150,7 +161,11 @@ Deno.test({
 });
 
 Deno.test("accumulateRows equals c + s·x·sliceRows(w) of the f64 reference, ranges in turn", async () => {
-  await fc.assert(fc.asyncProperty(cases, checkAccumulate), { numRuns: 30 });
+  await fc.assert(fc.asyncProperty(cases, checkAccumulate), {
+    numRuns: 30,
+    // the counterexample CI found: one output that cancels (see checkAccumulate)
+    examples: [[{ m: 1, rows: 4, k: 1, half: null, seed: 2, ranges: [[0, 1], [0, 1]] }]],
+  });
 });
 
 Deno.test({
