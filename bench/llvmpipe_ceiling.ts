@@ -10,12 +10,17 @@
  * fma to a multiply and an add), LA = LB = 16 the shipped kernel's load count. Results of the
  * reduced variants are not a product; only the full one is checked (against f64 on samples).
  *
+ * Where the device has subgroups of one size (lavapipe), the subgroup tile kernel that the
+ * products run there is taken apart the same way: without its broadcasts of A's rows, without
+ * its texel loads (hoisted out of the k loop), and without both.
+ *
  * Run: deno run -A bench/llvmpipe_ceiling.ts (writes bench/results/llvmpipe_ceiling.json).
  * @module
  */
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
 import { provideRuntimeDir } from "../src/backend/webgpu/wayland_env.ts";
 import { openblas, randomFloats, writeResult } from "./common.ts";
+import { SUBGROUP_TILE_ROWS, subgroupKernelSource } from "../src/backend/webgpu/matmul_subgroup.ts";
 
 preferWideSoftwareSimd();
 provideRuntimeDir();
@@ -74,7 +79,10 @@ if (!adapter) {
   console.log("llvmpipe_ceiling: no WebGPU adapter; nothing measured");
   Deno.exit(0);
 }
-const device = await adapter.requestDevice();
+// subgroups where the adapter grants them (Deno 2.9 leaves them out of adapter.features)
+const device = await adapter.requestDevice({ requiredFeatures: ["subgroups" as GPUFeatureName] })
+  .catch(() => adapter.requestDevice());
+const subgroups = device.features.has("subgroups");
 const storageTexture = (w: number, h: number, data: Float32Array<ArrayBuffer>): GPUTexture => {
   const t = device.createTexture({
     size: [w, h],
@@ -198,17 +206,106 @@ staging.unmap();
 if (worst > 1e-3) throw new Error(`tile kernel wrong: relative error ${worst}`);
 results.tile16_all_loads_max_sample_error = Number(worst.toExponential(2));
 
+// The subgroup tile kernel (matmul_subgroup.ts, what lavapipe's products run) at 1024³ with its
+// costs removed one at a time: the broadcasts of A's rows (each lane uses its own texel
+// instead), the operand texel loads (hoisted out of the k loop), and both. Only the shipped
+// text is a product (checked on samples); the others bound what each cost takes.
+const lanesInfo = adapter.info as GPUAdapterInfo & {
+  subgroupMinSize?: number;
+  subgroupMaxSize?: number;
+};
+const lanes = lanesInfo.subgroupMinSize;
+const sgKeys: string[] = [];
+if (!subgroups || lanes === undefined || lanes !== lanesInfo.subgroupMaxSize) {
+  results.subgroup_tile = "skipped: the device has no subgroups of one fixed size";
+} else {
+  const shipped = subgroupKernelSource({
+    lanes,
+    fa: "rgba32float",
+    fb: "rgba32float",
+    lora: false,
+  });
+  const edit = (code: string, re: RegExp, to: string) => {
+    const out = code.replace(re, to);
+    if (out === code) throw new Error(`llvmpipe_ceiling: ${re} matched nothing in the kernel text`);
+    return out;
+  };
+  // moves the matching loop-body lines before the loop, at k = 0
+  const hoist = (code: string, re: RegExp) => {
+    const lines = code.split("\n");
+    const loop = lines.findIndex((l) => l.includes("for (var k = 0;"));
+    const moved = lines.filter((l, i) => i > loop && re.test(l));
+    if (moved.length === 0) throw new Error(`llvmpipe_ceiling: ${re} matched no loop line`);
+    const rest = lines.filter((l, i) => !(i > loop && re.test(l)));
+    rest.splice(loop, 0, ...moved.map((l) => l.replace("(k, ", "(0, ")));
+    return rest.join("\n");
+  };
+  const noBroadcast = (code: string) => edit(code, /subgroupBroadcast\((a\d+), \d+u\)/g, "$1");
+  const hoisted = hoist(
+    hoist(shipped, /^ {4}let a\d+ = ta\(k, /),
+    /^ {4}let bm = block_b\(k, q\);/,
+  );
+  const variants: [string, string][] = [
+    ["shipped", shipped],
+    ["no_broadcasts", noBroadcast(shipped)],
+    ["no_loads", hoisted],
+    ["arithmetic_only", noBroadcast(hoisted)],
+  ];
+  const tilesN = N / (4 * lanes);
+  const tilesM = N / SUBGROUP_TILE_ROWS;
+  const u = new ArrayBuffer(64);
+  new Uint32Array(u).set([N, N, K4, N / 4, 0, tilesN, tilesM]);
+  new Float32Array(u)[7] = 1;
+  new Uint32Array(u).set([1, K4], 11);
+  const ub = device.createBuffer({
+    size: 64,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  device.queue.writeBuffer(ub, 0, u);
+  // op(A) k-major as `at`; B as the tiled path stores a transposed weight: texel (k, n) = B[4k.., n]
+  const sc = storage(N * N * 4);
+  for (const [key, code] of variants) {
+    const p = pipelineOf(code, [{ buffer: ub }, at.createView(), btT.createView(), { buffer: sc }]);
+    const ms = await perCommand(3, 4, dispatchOf(p, tilesM * tilesN));
+    results[`subgroup_tile_${key}_gflop_s`] = round(flops / ms / 1e6);
+    sgKeys.push(`subgroup_tile_${key}`);
+    if (key === "shipped") {
+      const st = device.createBuffer({
+        size: N * N * 4,
+        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+      const e = device.createCommandEncoder();
+      e.copyBufferToBuffer(sc, 0, st, 0, N * N * 4);
+      device.queue.submit([e.finish()]);
+      await st.mapAsync(GPUMapMode.READ);
+      const o = new Float32Array(st.getMappedRange());
+      let bad = 0;
+      for (const [i, j] of [[0, 0], [5, 17], [1023, 1023], [517, 3], [64, 900]]) {
+        let r = 0;
+        for (let q = 0; q < N; q++) r += a[i * N + q] * b[q * N + j];
+        bad = Math.max(bad, Math.abs(o[i * N + j] - r) / (1 + Math.abs(r)));
+      }
+      st.unmap();
+      if (bad > 1e-3) throw new Error(`subgroup tile kernel wrong: relative error ${bad}`);
+      results.subgroup_tile_shipped_max_sample_error = Number(bad.toExponential(2));
+    }
+  }
+  results.subgroup_tile_lanes = lanes;
+}
+
 const peer = await openblas();
 const ob = peer.openblas_matmul_1024_gflop_s;
 results.openblas_numpy = peer.openblas_numpy;
 if (ob === null) results.openblas_matmul_1024 = "skipped: python3 with numpy not found";
 else {
   results.openblas_matmul_1024_gflop_s = ob;
-  for (const key of ["arithmetic_only", "b_loads", "all_loads"]) {
-    results[`tile16_${key}_vs_openblas_ratio`] = round(
-      (results[`tile16_${key}_gflop_s`] as number) / ob,
-      3,
-    );
+  for (
+    const key of [
+      ...["arithmetic_only", "b_loads", "all_loads"].map((k) => `tile16_${k}`),
+      ...sgKeys,
+    ]
+  ) {
+    results[`${key}_vs_openblas_ratio`] = round((results[`${key}_gflop_s`] as number) / ob, 3);
   }
 }
 device.destroy();
