@@ -31,6 +31,23 @@ const subgroupSizes = (adapter: GPUAdapter | null): string => {
   return info ? `${info.subgroupMinSize ?? "?"}-${info.subgroupMaxSize ?? "?"}` : "none";
 };
 
+/**
+ * The CPU's family / model / stepping from /proc/cpuinfo ("unknown" elsewhere): "AMD EPYC"
+ * alone has named machines whose sgemm peers differ 2x (OpenBLAS on 2 cores ~181 GFLOP/s in
+ * scale.json of 2026-12-05, ~390 on a family 26, Zen 5, on 2026-12-08), and every ratio to a
+ * peer moves with them.
+ */
+const cpuFamily = (): string => {
+  try {
+    const text = Deno.readTextFileSync("/proc/cpuinfo");
+    const field = (name: string) => new RegExp(`^${name}\\s*:\\s*(.+)$`, "m").exec(text)?.[1];
+    const f = field("cpu family");
+    return f === undefined ? "unknown" : `${f} / ${field("model")} / ${field("stepping")}`;
+  } catch {
+    return "unknown";
+  }
+};
+
 /** Machine facts recorded next to every result. */
 export const machine = async (): Promise<Record<string, string | number>> => {
   const simd = preferWideSoftwareSimd();
@@ -40,6 +57,7 @@ export const machine = async (): Promise<Record<string, string | number>> => {
   return {
     cpus: cpus().length,
     cpu_model: cpus()[0]?.model ?? "unknown",
+    cpu_family_model_stepping: cpuFamily(),
     gpu_adapter: adapter?.info.description || "none",
     gpu_fallback_adapter: String(adapter?.info.isFallbackAdapter ?? false),
     llvmpipe_simd_width_choice: simd,
