@@ -186,25 +186,30 @@ for (
   results[`tile16_${key}_gflop_s`] = round(flops / ms / 1e6);
   results[`tile16_${key}_texel_loads_per_k_texel`] = la + lb;
 }
+/** Largest error of C = A·B's samples in `cBuf` vs f64 (relative to 1 + |C|); throws past 1e-3. */
+const sampleError = async (cBuf: GPUBuffer, what: string): Promise<number> => {
+  const staging = device.createBuffer({
+    size: N * N * 4,
+    usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+  });
+  const enc = device.createCommandEncoder();
+  enc.copyBufferToBuffer(cBuf, 0, staging, 0, N * N * 4);
+  device.queue.submit([enc.finish()]);
+  await staging.mapAsync(GPUMapMode.READ);
+  const out = new Float32Array(staging.getMappedRange());
+  let worst = 0;
+  for (const [i, j] of [[0, 0], [5, 17], [1023, 1023], [517, 3], [64, 900]]) {
+    let r = 0;
+    for (let q = 0; q < N; q++) r += a[i * N + q] * b[q * N + j];
+    worst = Math.max(worst, Math.abs(out[i * N + j] - r) / (1 + Math.abs(r)));
+  }
+  staging.unmap();
+  staging.destroy();
+  if (worst > 1e-3) throw new Error(`${what} wrong: relative error ${worst}`);
+  return Number(worst.toExponential(2));
+};
 // the full variant is the product: check samples against f64
-const staging = device.createBuffer({
-  size: N * N * 4,
-  usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-});
-const enc = device.createCommandEncoder();
-enc.copyBufferToBuffer(c, 0, staging, 0, N * N * 4);
-device.queue.submit([enc.finish()]);
-await staging.mapAsync(GPUMapMode.READ);
-const out = new Float32Array(staging.getMappedRange());
-let worst = 0;
-for (const [i, j] of [[0, 0], [5, 17], [1023, 1023], [517, 3], [64, 900]]) {
-  let r = 0;
-  for (let q = 0; q < N; q++) r += a[i * N + q] * b[q * N + j];
-  worst = Math.max(worst, Math.abs(out[i * N + j] - r) / (1 + Math.abs(r)));
-}
-staging.unmap();
-if (worst > 1e-3) throw new Error(`tile kernel wrong: relative error ${worst}`);
-results.tile16_all_loads_max_sample_error = Number(worst.toExponential(2));
+results.tile16_all_loads_max_sample_error = await sampleError(c, "tile kernel");
 
 // The subgroup tile kernel (matmul_subgroup.ts, what lavapipe's products run) at 1024³ with its
 // costs removed one at a time: the broadcasts of A's rows (each lane uses its own texel
@@ -262,7 +267,7 @@ if (!subgroups || lanes === undefined || lanes !== lanesInfo.subgroupMaxSize) {
     usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
   });
   device.queue.writeBuffer(ub, 0, u);
-  // op(A) k-major as `at`; B as the tiled path stores a transposed weight: texel (k, n) = B[4k.., n]
+  // op(A) k-major as `at`; B as the tiled path keeps a weight: texel (k, n) = B[4k..4k+3, n]
   const sc = storage(N * N * 4);
   for (const [key, code] of variants) {
     const p = pipelineOf(code, [{ buffer: ub }, at.createView(), btT.createView(), { buffer: sc }]);
@@ -270,24 +275,10 @@ if (!subgroups || lanes === undefined || lanes !== lanesInfo.subgroupMaxSize) {
     results[`subgroup_tile_${key}_gflop_s`] = round(flops / ms / 1e6);
     sgKeys.push(`subgroup_tile_${key}`);
     if (key === "shipped") {
-      const st = device.createBuffer({
-        size: N * N * 4,
-        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-      });
-      const e = device.createCommandEncoder();
-      e.copyBufferToBuffer(sc, 0, st, 0, N * N * 4);
-      device.queue.submit([e.finish()]);
-      await st.mapAsync(GPUMapMode.READ);
-      const o = new Float32Array(st.getMappedRange());
-      let bad = 0;
-      for (const [i, j] of [[0, 0], [5, 17], [1023, 1023], [517, 3], [64, 900]]) {
-        let r = 0;
-        for (let q = 0; q < N; q++) r += a[i * N + q] * b[q * N + j];
-        bad = Math.max(bad, Math.abs(o[i * N + j] - r) / (1 + Math.abs(r)));
-      }
-      st.unmap();
-      if (bad > 1e-3) throw new Error(`subgroup tile kernel wrong: relative error ${bad}`);
-      results.subgroup_tile_shipped_max_sample_error = Number(bad.toExponential(2));
+      results.subgroup_tile_shipped_max_sample_error = await sampleError(
+        sc,
+        "subgroup tile kernel",
+      );
     }
   }
   results.subgroup_tile_lanes = lanes;

@@ -84,6 +84,19 @@ const runAccumulate = (b: BackendShape, c: Case, sliced = false, abs = false) =>
     return ops.read(seen);
   });
 
+/** The largest |got - want| over the largest |scale| (the magnitudes that bound the rounding). */
+const errorOfScale = (
+  got: ArrayLike<number>,
+  want: ArrayLike<number>,
+  scale: ArrayLike<number>,
+): number => {
+  let err = 0;
+  for (let j = 0; j < got.length; j++) err = Math.max(err, Math.abs(got[j] - want[j]));
+  let top = 1e-30;
+  for (let j = 0; j < scale.length; j++) top = Math.max(top, Math.abs(scale[j]));
+  return err / top;
+};
+
 /**
  * c after each range within TOL of the reference, relative to the largest |c| + s·|x|·|w|
  * output, as `check` measures products: an f32 c that cancels to near zero keeps the rounding
@@ -96,11 +109,7 @@ const checkAccumulate = async (c: Case) => {
   for (const b of backends) {
     const got = await runAccumulate(b, c);
     got.forEach((g, i) => {
-      let err = 0;
-      for (let j = 0; j < g.length; j++) err = Math.max(err, Math.abs(g[j] - want[i][j]));
-      let top = 1e-30;
-      for (const v of scale[i]) top = Math.max(top, Math.abs(v));
-      const e = err / top;
+      const e = errorOfScale(g, want[i], scale[i]);
       assert(
         e <= TOL,
         `${b.info.name} ${JSON.stringify(c)} range ${i}: error ${e} of max |c| + s·|x|·|w|`,
@@ -120,11 +129,7 @@ const check = async (c: Case) => {
   for (const b of backends) {
     const got = await run(b, c);
     got.forEach((g, i) => {
-      let err = 0;
-      for (let j = 0; j < g.length; j++) err = Math.max(err, Math.abs(g[j] - want[i][j]));
-      let top = 1e-30;
-      for (const v of scale[i]) top = Math.max(top, Math.abs(v));
-      const e = err / top;
+      const e = errorOfScale(g, want[i], scale[i]);
       assert(
         e <= TOL,
         `${b.info.name} ${JSON.stringify(c)} range ${i}: error ${e} of max |x|·|w|ᵀ`,
