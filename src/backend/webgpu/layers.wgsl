@@ -869,7 +869,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
   let o = ro * 6u;
   // the candidate's value read at its id: the compiler turns the compare-and-select chain
-  // above into a max, whose result for +0 against -0 is either (measured on lavapipe: -0 for a
+  // above into a max, whose result for +0 against -0 is either (llvmpipe on OpenGL ES gave -0 for a
   // row whose first logit, the one chosen, is +0); the sums do not see a zero's sign
   let mv = logits[base + mi / 4u][mi % 4u];
   out[o] = mv;
