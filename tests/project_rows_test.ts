@@ -26,16 +26,18 @@ interface Case {
   readonly seed: number;
 }
 
+/** Seeded operand values, or their absolute values (`abs`: the magnitudes that bound rounding). */
+const operand = (abs: boolean, n: number, seed: number): Float64Array =>
+  abs ? seededValues(n, seed).map(Math.abs) : seededValues(n, seed);
+
 /**
  * Each range's product, and (on the reference) the same through sliceRows; with `abs`, of the
  * operands' absolute values (|x|·|w|ᵀ bounds the rounding error of each output).
  */
 const run = (b: BackendShape, c: Case, sliced = false, abs = false) =>
   withOps(b, (ops) => {
-    const values = (n: number, seed: number) =>
-      abs ? seededValues(n, seed).map(Math.abs) : seededValues(n, seed);
-    const x = ops.fromArray(values(c.m * c.k, c.seed), [c.m, c.k]);
-    const w = ops.fromArray(values(c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
+    const x = ops.fromArray(operand(abs, c.m * c.k, c.seed), [c.m, c.k]);
+    const w = ops.fromArray(operand(abs, c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
     return ops.read(c.ranges.map(([s, n]) =>
       sliced ? ops.matmul(x, ops.sliceRows(w, s, n), { transB: true }) : ops.projectRows(x, w, s, n)
     ));
@@ -71,11 +73,10 @@ const cases = fc.record({
  */
 const runAccumulate = (b: BackendShape, c: Case, sliced = false, abs = false) =>
   withOps(b, (ops) => {
-    const values = (n: number, seed: number) =>
-      abs ? seededValues(n, seed).map(Math.abs) : seededValues(n, seed);
-    const x = (n: number, i: number) => ops.fromArray(values(c.m * n, c.seed + 7 * i), [c.m, n]);
-    const w = ops.fromArray(values(c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
-    const acc = ops.fromArray(values(c.m * c.k, c.seed + 2), [c.m, c.k]);
+    const x = (n: number, i: number) =>
+      ops.fromArray(operand(abs, c.m * n, c.seed + 7 * i), [c.m, n]);
+    const w = ops.fromArray(operand(abs, c.rows * c.k, c.seed + 1), [c.rows, c.k], c.half ?? "f32");
+    const acc = ops.fromArray(operand(abs, c.m * c.k, c.seed + 2), [c.m, c.k]);
     const seen = c.ranges.map(([s, n], i) => {
       if (sliced) ops.matmulAccumulate(acc, x(n, i), ops.sliceRows(w, s, n), 0.5);
       else ops.accumulateRows(acc, x(n, i), w, s, n, 0.5);
