@@ -20,7 +20,11 @@
 import { preferWideSoftwareSimd } from "../src/backend/webgpu/software_simd.ts";
 import { provideRuntimeDir } from "../src/backend/webgpu/wayland_env.ts";
 import { openblas, randomFloats, writeResult } from "./common.ts";
-import { SUBGROUP_TILE_ROWS, subgroupKernelSource } from "../src/backend/webgpu/matmul_subgroup.ts";
+import {
+  SUBGROUP_TILE_ROWS,
+  subgroupKernelSource,
+  subgroupLanesSupported,
+} from "../src/backend/webgpu/matmul_subgroup.ts";
 
 preferWideSoftwareSimd();
 provideRuntimeDir();
@@ -221,8 +225,11 @@ const lanesInfo = adapter.info as GPUAdapterInfo & {
 };
 const lanes = lanesInfo.subgroupMinSize;
 const sgKeys: string[] = [];
-if (!subgroups || lanes === undefined || lanes !== lanesInfo.subgroupMaxSize) {
-  results.subgroup_tile = "skipped: the device has no subgroups of one fixed size";
+if (
+  !subgroups || lanes === undefined || lanes !== lanesInfo.subgroupMaxSize ||
+  !subgroupLanesSupported(lanes)
+) {
+  results.subgroup_tile = "skipped: the device has no subgroups of one size the kernel takes";
 } else {
   const shipped = subgroupKernelSource({
     lanes,
