@@ -5,6 +5,7 @@
  * n = 1 (distinct seeds), both seeded with ignore_eos so every sequence yields max_tokens tokens.
  *
  *   deno run -A bench/server_batch.ts [--backend cpu|webgpu] [--large-only|--small-only]
+ *     [--hidden 256] [--layers 4] [--vocab 512] [--max-tokens 64] [--reps 3]
  *
  * Prints one line per case (wall-clock tokens/s, and tokens per CPU-second of the server process,
  * which a shared machine disturbs less) and a JSON summary (not written to bench/results).
@@ -117,7 +118,7 @@ try {
       numHeads: 8,
       numKvHeads: 4,
       headDim: Number(arg("--hidden") ?? 256) / 8,
-      vocabSize: 512,
+      vocabSize: Number(arg("--vocab") ?? 512),
       maxPositionEmbeddings: 512,
     });
     const dir = join(root, "large");

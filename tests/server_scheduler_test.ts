@@ -14,6 +14,7 @@ import type { LoraConfig, LoraWeights } from "../src/lora/adapter.ts";
 import { targetPaths } from "../src/lora/adapter.ts";
 import { savePeftAdapter } from "../src/lora/peft.ts";
 import type { ModelConfig } from "../src/model/config.ts";
+import { setDeviceSampling } from "../src/model/generate.ts";
 import { Rng } from "../src/model/rng.ts";
 import { type HostTensor, PROJECTIONS, projectionShape } from "../src/model/weights.ts";
 import {
@@ -314,3 +315,78 @@ Deno.test("scheduler: adapters decode concurrently in batches of their own; unlo
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("scheduler: decode steps sample from device candidates with the tokens of whole-row sampling (logprobs within 1e-5), in both logprobs modes", async () => {
+  for (const mode of ["raw_logprobs", "processed_logprobs"] as const) {
+    await using h = await open({ logprobsMode: mode });
+    await sameAsRows(h, mode);
+  }
+});
+
+/** Runs a mix of requests with whole-row sampling forced, then by default, and compares them. */
+const sameAsRows = async (h: Harness, mode: string) => {
+  const base = { prompt: [1, 3, 4], max_tokens: 14, ignore_eos: true, return_token_ids: true };
+  const reqs: CompletionRequest[] = [
+    { ...base, temperature: 1, seed: 21, logprobs: 3, n: 2 },
+    { ...base, temperature: 0.7, top_k: 5, seed: 22, logprobs: 0 },
+    { ...base, temperature: 1.3, top_p: 0.8, seed: 23 },
+    { ...base, temperature: 0, logprobs: 4 },
+    // whole rows: min_p, a logits rule, and min_tokens bans for their first 5 tokens
+    { ...base, temperature: 1, min_p: 0.1, seed: 24, logprobs: 1 },
+    { ...base, temperature: 1, seed: 25, logit_bias: { "7": 5 } },
+    { ...base, prompt: "ab ", temperature: 0.9, seed: 26, min_tokens: 5, ignore_eos: false },
+  ];
+  const runAll = async (device: boolean | undefined, salt: string) => {
+    setDeviceSampling(device);
+    try {
+      const before = h.engine.scheduler.counters();
+      await run(h.engine.pause("keep", false));
+      const pending = reqs.map((r, i) => h.complete({ ...r, cache_salt: `${salt}-${i}` }));
+      await waitQueued(h, reqs.length);
+      await run(h.engine.resume());
+      const out = await Promise.all(pending);
+      const after = h.engine.scheduler.counters();
+      return {
+        out,
+        device: after.deviceSampledTokens - before.deviceSampledTokens,
+        generated: after.generationTokens - before.generationTokens,
+      };
+    } finally {
+      setDeviceSampling(undefined);
+    }
+  };
+  const rows = await runAll(false, "rows");
+  const cands = await runAll(undefined, "candidates");
+  assert.equal(rows.device, 0, "forced off: every token from its row");
+  // the first token of each sequence comes from its prefill row; the rule-bound ones stay on rows
+  assert.ok(
+    cands.device > 0 && cands.device < cands.generated,
+    `${cands.device} of ${cands.generated}`,
+  );
+  const close = (a: number | null, b: number | null, what: string) =>
+    assert.ok(
+      a === b || (a !== null && b !== null && Math.abs(a - b) <= 1e-5),
+      `${what}: ${a} vs ${b}`,
+    );
+  for (const [i, r] of cands.out.entries()) {
+    const ref = rows.out[i];
+    assert.equal(r.choices.length, ref.choices.length);
+    for (const [j, c] of r.choices.entries()) {
+      const e = ref.choices[j];
+      const what = `${mode}: request ${i} choice ${j}`;
+      assert.deepEqual(c.token_ids, e.token_ids, what);
+      assert.equal(c.text, e.text, what);
+      assert.equal(c.finish_reason, e.finish_reason, what);
+      assert.equal(c.logprobs === null, e.logprobs === null, what);
+      if (!c.logprobs || !e.logprobs) continue;
+      c.logprobs.token_logprobs.forEach((lp, t) =>
+        close(lp, e.logprobs!.token_logprobs[t], `${what} token ${t}`)
+      );
+      c.logprobs.top_logprobs?.forEach((top, t) => {
+        const want = e.logprobs!.top_logprobs![t];
+        assert.deepEqual(Object.keys(top ?? {}), Object.keys(want ?? {}), `${what} top ${t}`);
+        for (const k of Object.keys(top ?? {})) close(top![k], want![k], `${what} top ${t} ${k}`);
+      });
+    }
+  }
+};

@@ -9,7 +9,7 @@
  */
 import { Effect } from "effect";
 import type { BackendShape } from "../backend/backend.ts";
-import type { BackendError } from "../backend/ops.ts";
+import type { BackendError, BackendInfo } from "../backend/ops.ts";
 import { type DeviceModel, forwardCached, type LoraRuntime, makeKvCache } from "./decoder.ts";
 import { Rng } from "./rng.ts";
 import {
@@ -47,6 +47,10 @@ export const SOFTWARE_DEVICE_SAMPLING_ROWS = 16;
 export const setDeviceSampling = (on: boolean | undefined): void => {
   forcedSampling = on;
 };
+
+/** Whether a decode step of `rows` rows samples on the device (see setDeviceSampling). */
+export const samplesOnDevice = (info: BackendInfo, rows: number): boolean =>
+  forcedSampling ?? (!info.fallback || rows >= SOFTWARE_DEVICE_SAMPLING_ROWS);
 
 /** One generation request (vLLM's per-sequence semantics). */
 export interface GenerationRequest extends SamplingParams {
@@ -121,9 +125,7 @@ export const generate: (
       Effect.scoped(Effect.gen(function* () {
         const sops = yield* backend.ops;
         const logits = forwardCached(sops, model, cache, tokens, tq, pad, lora);
-        const onDevice = forcedSampling ??
-          (!sops.info.fallback || B >= SOFTWARE_DEVICE_SAMPLING_ROWS);
-        if (!onDevice) {
+        if (!samplesOnDevice(sops.info, B)) {
           const host = (yield* sops.read([logits]))[0];
           return requests.map((r, b) =>
             done[b]

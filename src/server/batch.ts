@@ -9,7 +9,8 @@
  * the decoder's layout (src/model/decoder.ts `KvCache`): every slot has been fed the same number
  * of rows `len`, a sequence's rows are right-aligned at `len` and the rows before its `kvStart`
  * are masked (left padding). One `step` feeds each live slot its pending token (one
- * `forwardCached` call for the whole batch) and returns a logits row per slot. Sequences join at
+ * `forwardCached` call for the whole batch); slots whose step the device's sampling candidates
+ * decide are sampled from those alone, and the others get their logits row. Sequences join at
  * a step boundary: their prefill rows are written into a free slot, right-aligned at `len`, when
  * they fit; otherwise (no free slot, prompt longer than `len`, or not enough rows left) the cache
  * is rebuilt: a fresh one sized for the live and the joining sequences, the live rows copied over
@@ -32,7 +33,8 @@ import {
   type LoraRuntime,
   makeKvCache,
 } from "../model/decoder.ts";
-import { logSoftmax } from "../model/sampling.ts";
+import { samplesOnDevice } from "../model/generate.ts";
+import { type CandidateRow, candidateRow, logSoftmax } from "../model/sampling.ts";
 import type { PromptPosition } from "./completion.ts";
 import type { PrefixCache, PrefixEntry } from "./prefix_cache.ts";
 import { rankOf, topEntries } from "./sampler.ts";
@@ -42,6 +44,26 @@ import { remainingFeeds, type SeqState } from "./stop_rules.ts";
 export interface StepWeights {
   readonly model: DeviceModel;
   readonly lora: LoraRuntime | null;
+}
+
+/**
+ * How a decode step samples members on the device (the scheduler's sampler and stop rules): a
+ * member with a need is sampled from its row's `Ops.sampleCandidates` output, and only its
+ * candidates come back, never its logits row, unless they cannot decide.
+ */
+export interface DeviceSampling<M> {
+  /** Candidates member `m` needs this step, or null: its whole row is read. */
+  readonly need: (m: M) => number | null;
+  /** The temperature of `m`'s row in the candidates kernel. */
+  readonly temperature: (m: M) => number;
+  /** Samples `m` from its candidates; false when they cannot decide (its row is read then). */
+  readonly take: (m: M, c: CandidateRow, need: number) => boolean;
+}
+
+/** What a decode step leaves to the host: the rows of members still to sample, and who was sampled. */
+export interface StepOutcome<M> {
+  readonly rows: Map<M, FloatArray>;
+  readonly sampled: readonly M[];
 }
 
 /** Bytes of one KV row (all layers, K and V, f32). */
@@ -311,31 +333,64 @@ export class DecodeBatch<M extends BatchMember> {
   }
 
   /**
-   * One decode step: feeds every live sequence its last sampled token and returns the logits
-   * row of each member (by slot; free and finished slots are fed a padding token).
+   * One decode step: feeds every live sequence its last sampled token. Members `sampling` can
+   * sample from their candidates are sampled on the device (batches of at least
+   * SOFTWARE_DEVICE_SAMPLING_ROWS on a software adapter, see `samplesOnDevice`); the logits row
+   * of every other live member is returned (by slot; free and finished slots are fed a padding
+   * token). One wait for the candidates, and one more only for rows they could not decide.
    */
-  step(w: StepWeights): Effect.Effect<Map<M, FloatArray>, BackendError> {
+  step(
+    w: StepWeights,
+    sampling: DeviceSampling<M> | null = null,
+  ): Effect.Effect<StepOutcome<M>, BackendError> {
     return Effect.gen({ self: this }, function* () {
       const cache = this.#cache;
-      const out = new Map<M, FloatArray>();
-      if (!cache) return out;
+      const rows = new Map<M, FloatArray>();
+      const sampled: M[] = [];
+      if (!cache) return { rows, sampled };
       const B = cache.kv.batch;
       const next = new Int32Array(B);
+      const live: number[] = [];
       this.#members.forEach((m, b) => {
-        if (m && !m.state.done) next[b] = m.state.tokens[m.state.tokens.length - 1];
+        if (m && !m.state.done) {
+          next[b] = m.state.tokens[m.state.tokens.length - 1];
+          live.push(b);
+        }
       });
       const kvStart = this.#kvStart.map((s) => Math.min(s, cache.kv.len));
       const backend = this.backend;
-      const host = yield* Effect.scoped(Effect.gen(function* () {
+      const members = this.#members;
+      const V = this.config.vocabSize;
+      yield* Effect.scoped(Effect.gen(function* () {
         const ops = yield* backend.ops;
         const logits = forwardCached(ops, w.model, cache.kv, next, 1, kvStart, w.lora);
-        return (yield* ops.read([logits]))[0];
+        const needs = new Map<number, number>();
+        if (sampling && samplesOnDevice(ops.info, B)) {
+          for (const b of live) {
+            const n = sampling.need(members[b]!);
+            if (n !== null) needs.set(b, Math.min(n, V));
+          }
+        }
+        if (needs.size === 0) {
+          const host = (yield* ops.read([logits]))[0];
+          for (const b of live) rows.set(members[b]!, host.subarray(b * V, (b + 1) * V));
+          return;
+        }
+        const count = Math.max(...needs.values());
+        const temps = members.map((m, b) => needs.has(b) ? sampling!.temperature(m!) : 0);
+        while (temps.length < B) temps.push(0);
+        const cand = (yield* ops.read([ops.sampleCandidates(logits, temps, count)]))[0];
+        const rest = live.filter((b) => !needs.has(b));
+        for (const [b, n] of needs) {
+          const m = members[b]!;
+          if (sampling!.take(m, candidateRow(cand, b, count, V), n)) sampled.push(m);
+          else rest.push(b);
+        }
+        if (rest.length === 0) return;
+        const host = yield* ops.read(rest.map((b) => ops.sliceRows(logits, b, 1)));
+        rest.forEach((b, i) => rows.set(members[b]!, host[i]));
       }));
-      const V = this.config.vocabSize;
-      this.#members.forEach((m, b) => {
-        if (m && !m.state.done) out.set(m, host.subarray(b * V, (b + 1) * V));
-      });
-      return out;
+      return { rows, sampled };
     });
   }
 

@@ -282,6 +282,12 @@ const metricsText = (engine: InferenceEngine): string => {
     "Token boundaries where sequences joined a batch in free KV slots.",
     counts.kvInPlaceJoins,
   );
+  metric(
+    "lorafold:device_sampled_tokens_total",
+    "counter",
+    "Decode tokens sampled from device candidates, without reading their logits row.",
+    counts.deviceSampledTokens,
+  );
   return lines.join("\n") + "\n";
 };
 

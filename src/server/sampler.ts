@@ -11,8 +11,14 @@
  * @module
  */
 import type { FloatArray } from "../backend/tensor.ts";
-import type { Rng } from "../model/rng.ts";
-import { keptTokens, logSoftmax, sampleToken } from "../model/sampling.ts";
+import { SAMPLE_CANDIDATES } from "../model/generate.ts";
+import {
+  type CandidateRow,
+  keptTokens,
+  logSoftmax,
+  sampleFromCandidates,
+  sampleTokenWith,
+} from "../model/sampling.ts";
 
 /** Logprobs mode of the server (vLLM's --logprobs-mode). */
 export type LogprobsMode = "raw_logprobs" | "processed_logprobs";
@@ -82,14 +88,14 @@ export const processedLogprobs = (logits: ArrayLike<number>, p: StepParams): Flo
 /**
  * Samples one token from a row of logits. `processed` is the row after the request's logits
  * rules (logits_rules.ts: allowed ids, bad words, min_tokens bans, bias, penalties), or `row`
- * itself when none apply; `topN` asks for that many alternatives. Raw logprobs are always of
- * `row` (vLLM computes them before any processing).
+ * itself when none apply; `u` is the step's uniform (`drawUniform`); `topN` asks for that many
+ * alternatives. Raw logprobs are always of `row` (vLLM computes them before any processing).
  */
 export const sampleStep = (
   row: FloatArray,
   processed: ArrayLike<number>,
   p: StepParams,
-  rng: Rng,
+  u: number,
   mode: LogprobsMode,
   topN: number | null,
 ): StepResult => {
@@ -112,7 +118,7 @@ export const sampleStep = (
     // can be drawn through rounding at the tail of the cumulative sum
     topK = topK > 0 ? Math.min(topK, kept) : kept;
   }
-  const s = sampleToken(work, { temperature: p.temperature, topP: p.topP, topK }, rng);
+  const s = sampleTokenWith(work, { temperature: p.temperature, topP: p.topP, topK }, u);
   if (mode === "raw_logprobs") {
     const raw = logSoftmax(row);
     return {
@@ -133,4 +139,60 @@ export const sampleStep = (
     ? (topN === null ? null : [])
     : topEntries(processedLogprobs(work, { ...p, topK }), topN);
   return { token: s.token, logprob: s.processedLogprob, top };
+};
+
+/**
+ * Candidates a step of a sequence needs to be sampled from its row's device candidates
+ * (`Ops.sampleCandidates`), or null when only its whole row will do: its processed row is its
+ * raw row (`unprocessed`: no logits rules, no min_tokens ban this step), min_p is off (it masks
+ * by the tempered max over the whole row), and the alternatives asked fit the candidates and are
+ * of the raw distribution (raw mode, or greedy, where the processed row is the raw one). Greedy
+ * needs the best only; sampling 16 or its top-k (a kept set within them decides at once).
+ */
+export const candidatesNeeded = (
+  p: StepParams,
+  unprocessed: boolean,
+  mode: LogprobsMode,
+  topN: number | null,
+): number | null => {
+  if (!unprocessed) return null;
+  const greedy = p.temperature <= 0;
+  if (!greedy && p.minP > 0) return null;
+  if (topN !== null && (topN > SAMPLE_CANDIDATES || (!greedy && mode !== "raw_logprobs"))) {
+    return null;
+  }
+  const own = greedy ? 1 : Math.min(SAMPLE_CANDIDATES, Math.max(16, p.topK > 0 ? p.topK : 0));
+  return Math.max(own, topN ?? 0);
+};
+
+/** The first `n` candidates of a row (a step decides from what it asked for only). */
+export const firstCandidates = (c: CandidateRow, n: number): CandidateRow =>
+  n >= c.values.length
+    ? c
+    : { ...c, values: Array.from(c.values).slice(0, n), ids: Array.from(c.ids).slice(0, n) };
+
+/**
+ * `sampleStep` of an unprocessed row from its candidates, for a step `candidatesNeeded` allowed:
+ * the same token for the same `u`, logprobs within the device sums' ~1e-6, or null when the
+ * candidates cannot decide (the caller samples the read row then, with the same `u`). Top
+ * alternatives are the candidates in their order (value descending, ties by lower id, as
+ * `topEntries`).
+ */
+export const sampleStepFromCandidates = (
+  c: CandidateRow,
+  p: StepParams,
+  u: number,
+  mode: LogprobsMode,
+  topN: number | null,
+): StepResult | null => {
+  if (topN !== null && topN > c.values.length) return null;
+  const s = sampleFromCandidates(c, p, u);
+  if (s === null) return null;
+  const lse1 = c.max + Math.log(c.s1);
+  const top = topN === null
+    ? null
+    : Array.from({ length: topN }, (_, i): [number, number] => [c.ids[i], c.values[i] - lse1]);
+  // greedy: processed logprobs are of the (unprocessed) row itself, as in sampleStep
+  const logprob = mode === "raw_logprobs" || p.temperature <= 0 ? s.rawLogprob : s.processedLogprob;
+  return { token: s.token, logprob, top };
 };

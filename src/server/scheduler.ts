@@ -75,12 +75,16 @@ import {
 } from "./schemas.ts";
 import {
   ABORTED,
+  candidatesFor,
   finish,
   newSeq,
   sampleNext,
+  sampleNextFromCandidates,
+  sampleNextFromRow,
   seededRng,
   seqResult,
   type SeqState,
+  stepUniform,
 } from "./stop_rules.ts";
 import type { ServedWeights } from "./weights.ts";
 
@@ -106,6 +110,8 @@ export interface SchedulerCounters {
   readonly generationTokens: number;
   readonly kvRebuilds: number;
   readonly kvInPlaceJoins: number;
+  /** Decode-step tokens sampled from device candidates (no logits row read back). */
+  readonly deviceSampledTokens: number;
 }
 
 /** Scheduler settings. */
@@ -204,6 +210,7 @@ export class Scheduler {
   #promptTokens = 0;
   #generationTokens = 0;
   #rebuilds = 0;
+  #deviceSampled = 0;
   #inPlaceJoins = 0;
   #lastYield = 0;
   #fiber: Fiber.Fiber<void> | null = null;
@@ -281,8 +288,8 @@ export class Scheduler {
 
   /**
    * Counters for GET /metrics: tokens prefilled (prompts of admitted requests) and generated,
-   * KV caches built (new batches, joins that did not fit, compactions) and joins into free
-   * slots.
+   * KV caches built (new batches, joins that did not fit, compactions), joins into free slots,
+   * and decode tokens sampled on the device.
    */
   counters(): SchedulerCounters {
     return {
@@ -290,6 +297,7 @@ export class Scheduler {
       generationTokens: this.#generationTokens,
       kvRebuilds: this.#rebuilds,
       kvInPlaceJoins: this.#inPlaceJoins,
+      deviceSampledTokens: this.#deviceSampled,
     };
   }
 
@@ -542,19 +550,34 @@ export class Scheduler {
         let seqs = 0;
         for (const g of [...this.#groups]) {
           yield* this.#breathe();
-          const exit = yield* Effect.exit(g.batch.step(this.#weightsOf(g)));
+          // each live sequence's uniform of this step, drawn once for whichever path samples it
+          const us = new Map<Seq, number>();
+          for (const m of g.batch.members) if (!m.state.done) us.set(m, stepUniform(m.state));
+          const tok = this.deps.tokenizer;
+          const mode = this.options.logprobsMode;
+          const V = this.deps.weights.config.vocabSize;
+          const exit = yield* Effect.exit(g.batch.step(this.#weightsOf(g), {
+            need: (m) => candidatesFor(m.state, tok, V, mode),
+            temperature: (m) => m.state.spec.sampling.temperature,
+            take: (m, c, n) => sampleNextFromCandidates(m.state, c, n, us.get(m)!, tok, mode),
+          }));
           if (Exit.isFailure(exit)) {
             yield* this.#failGroup(g, exit.cause);
             continue;
           }
           const streamed = new Set<Job>();
           let k = 0;
-          for (const [m, row] of exit.value) {
-            sampleNext(m.state, row, this.deps.tokenizer, this.options.logprobsMode);
+          const count = (m: Seq) => {
             this.#generationTokens++;
             seqs++;
             ids.add(m.job.spec.id);
             if (m.job.onProgress) streamed.add(m.job);
+          };
+          for (const m of exit.value.sampled) count(m);
+          this.#deviceSampled += exit.value.sampled.length;
+          for (const [m, row] of exit.value.rows) {
+            sampleNextFromRow(m.state, row, us.get(m)!, tok, mode);
+            count(m);
             if ((++k & 63) === 0) yield* this.#breathe();
           }
           for (const j of streamed) this.#progress(j);

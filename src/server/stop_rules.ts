@@ -9,9 +9,17 @@
 import type { FloatArray } from "../backend/tensor.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { checkStopStrings, type CompletionSpec, decodeIds, type SeqResult } from "./completion.ts";
-import { type LogprobsMode, sampleStep } from "./sampler.ts";
-import { applyLogitsRules } from "./logits_rules.ts";
+import {
+  candidatesNeeded,
+  firstCandidates,
+  type LogprobsMode,
+  sampleStep,
+  sampleStepFromCandidates,
+  type StepResult,
+} from "./sampler.ts";
+import { applyLogitsRules, hasRules } from "./logits_rules.ts";
 import { Rng } from "../model/rng.ts";
+import { type CandidateRow, drawUniform } from "../model/sampling.ts";
 
 /** Why a sequence ended. */
 export type FinishReason = "stop" | "length" | "abort";
@@ -69,19 +77,86 @@ export const finish = (
 export const remainingFeeds = (s: SeqState): number =>
   s.done ? 0 : Math.max(0, s.spec.maxTokens - s.tokens.length);
 
+/** The ids min_tokens bans at this step of `s` (its stop ids and EOS while it is short). */
+const bannedOf = (s: SeqState, tokenizer: Tokenizer): number[] => {
+  const spec = s.spec;
+  const stopIds = spec.eosId === null ? spec.stopTokenIds : [spec.eosId, ...spec.stopTokenIds];
+  return s.tokens.length < spec.minTokens ? [...stopIds, tokenizer.eosId] : [];
+};
+
+/** The alternatives `s` asks for per token (null: none). */
+const topNOf = (s: SeqState): number | null =>
+  s.spec.logprobs !== null && s.spec.logprobs > 0 ? s.spec.logprobs : null;
+
+/**
+ * The uniform of this step of `s` (one draw when it samples, none when greedy), drawn once and
+ * used by whichever path samples it, so both give the same token.
+ */
+export const stepUniform = (s: SeqState): number => drawUniform(s.spec.sampling, s.rng);
+
+/**
+ * Candidates this step of `s` needs to be sampled on the device (`sampleStepFromCandidates`), or
+ * null when it needs its whole logits row (logits rules or a min_tokens ban apply, min_p, or
+ * processed alternatives; see `candidatesNeeded`).
+ */
+export const candidatesFor = (
+  s: SeqState,
+  tokenizer: Tokenizer,
+  vocab: number,
+  mode: LogprobsMode,
+): number | null => {
+  const banned = bannedOf(s, tokenizer).some((t) => t >= 0 && t < vocab);
+  return candidatesNeeded(s.spec.sampling, !hasRules(s.spec.rules) && !banned, mode, topNOf(s));
+};
+
+/**
+ * Samples this step of `s` from its row's candidates (the first `candidatesFor` of them, so the
+ * result never depends on what the batch's other rows asked) and applies the stop rules; false
+ * when they cannot decide: the caller reads the row and calls `sampleNextFromRow` with `u`.
+ */
+export const sampleNextFromCandidates = (
+  s: SeqState,
+  c: CandidateRow,
+  need: number,
+  u: number,
+  tokenizer: Tokenizer,
+  mode: LogprobsMode,
+): boolean => {
+  const r = sampleStepFromCandidates(firstCandidates(c, need), s.spec.sampling, u, mode, topNOf(s));
+  if (r === null) return false;
+  accept(s, r, tokenizer);
+  return true;
+};
+
+/** Samples this step of `s` from its logits row, with the step's uniform `u`, and applies the stop rules. */
+export const sampleNextFromRow = (
+  s: SeqState,
+  row: FloatArray,
+  u: number,
+  tokenizer: Tokenizer,
+  mode: LogprobsMode,
+): void => {
+  const processed = applyLogitsRules(
+    row,
+    s.spec.rules,
+    s.promptIds,
+    s.tokens,
+    bannedOf(s, tokenizer),
+  );
+  accept(s, sampleStep(row, processed, s.spec.sampling, u, mode, topNOf(s)), tokenizer);
+};
+
 /** Samples the next token of `s` from its logits row and applies vLLM's stop rules. */
 export const sampleNext = (
   s: SeqState,
   row: FloatArray,
   tokenizer: Tokenizer,
   mode: LogprobsMode,
-): void => {
+): void => sampleNextFromRow(s, row, stepUniform(s), tokenizer, mode);
+
+/** Appends a sampled token to `s`, then EOS, stop_token_ids, stop strings and max_tokens. */
+const accept = (s: SeqState, r: StepResult, tokenizer: Tokenizer): void => {
   const spec = s.spec;
-  const stopIds = spec.eosId === null ? spec.stopTokenIds : [spec.eosId, ...spec.stopTokenIds];
-  const banned = s.tokens.length < spec.minTokens ? [...stopIds, tokenizer.eosId] : [];
-  const topN = spec.logprobs !== null && spec.logprobs > 0 ? spec.logprobs : null;
-  const processed = applyLogitsRules(row, spec.rules, s.promptIds, s.tokens, banned);
-  const r = sampleStep(row, processed, spec.sampling, s.rng, mode, topN);
   s.tokens.push(r.token);
   s.logprobs.push(r.logprob);
   s.tops.push(r.top);
