@@ -37,25 +37,131 @@ export const logSoftmax = (logits: ArrayLike<number>, temperature = 1): Float64A
   return out;
 };
 
+/** Most likely first, ties by lower id: the order every sampling decision walks. */
+const byLikelihood = (lp: ArrayLike<number>) => (a: number, b: number): number =>
+  lp[b] - lp[a] || a - b;
+
+/** The `m`-th largest of `values` (1-based; NaN-free), by quickselect on a copy: O(n) expected. */
+const largest = (values: ArrayLike<number>, m: number): number => {
+  const a = Float64Array.from(values);
+  let lo = 0;
+  let hi = a.length - 1;
+  const want = m - 1; // index in descending order
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >>> 1];
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] > pivot) i++;
+      while (a[j] < pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (want <= j) hi = j;
+    else if (want >= i) lo = i;
+    else return a[want];
+  }
+  return a[want];
+};
+
+/**
+ * The first `m` tokens of the whole row's order (most likely first, ties by id), without sorting
+ * the row: the tokens at least as likely as the m-th largest, in id order, then sorted. A
+ * SmolLM2-sized row (49,152) sorted whole took ~20 ms; a short prefix is O(vocab).
+ */
+export const topOrder = (lp: ArrayLike<number>, m: number): Int32Array => {
+  const n = lp.length;
+  const cmp = byLikelihood(lp);
+  if (m <= 0) return new Int32Array(0);
+  if (m * 4 >= n) return orderAll(lp).subarray(0, Math.min(m, n));
+  const t = largest(lp, m);
+  let count = 0;
+  for (let i = 0; i < n; i++) if (lp[i] >= t) count++;
+  if (count < m) return orderAll(lp).subarray(0, m); // NaN in the row: order it whole
+  const kept = new Int32Array(count);
+  for (let i = 0, c = 0; i < n; i++) if (lp[i] >= t) kept[c++] = i;
+  return kept.sort(cmp).subarray(0, m);
+};
+
+/**
+ * The whole row's order. A stable LSD radix sort of the indices (id order to start with, so
+ * ties stay by id) on the bits of -lp mapped to unsigned order: eight 8-bit passes. On a 49,152
+ * row it took ~2 ms where a sort with the comparator took ~14 (Int32Array) or ~21 ms (Array).
+ * Rows with a NaN take the comparator sort (a NaN has no place in the order).
+ */
+const orderAll = (lp: ArrayLike<number>): Int32Array => {
+  const n = lp.length;
+  let ids = new Int32Array(n);
+  for (let i = 0; i < n; i++) ids[i] = i;
+  const key = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const v = lp[i];
+    if (v !== v) return ids.sort(byLikelihood(lp));
+    key[i] = 0 - v; // -lp, with -0 made +0 (the comparator ties them)
+  }
+  const words = new Uint32Array(key.buffer); // little-endian: [lo, hi] per key
+  for (let i = 0; i < n; i++) {
+    // IEEE order to unsigned order: negatives all bits flipped, positives the sign bit
+    const hi = words[2 * i + 1];
+    if (hi & 0x80000000) {
+      words[2 * i + 1] = ~hi >>> 0;
+      words[2 * i] = ~words[2 * i] >>> 0;
+    } else words[2 * i + 1] = (hi | 0x80000000) >>> 0;
+  }
+  let next = new Int32Array(n);
+  const counts = new Uint32Array(256);
+  for (let pass = 0; pass < 8; pass++) {
+    const word = pass < 4 ? 0 : 1;
+    const shift = (pass & 3) * 8;
+    counts.fill(0);
+    for (let i = 0; i < n; i++) counts[(words[2 * ids[i] + word] >>> shift) & 255]++;
+    if (counts.some((c) => c === n)) continue; // every key has this byte: the pass is a no-op
+    for (let b = 0, sum = 0; b < 256; b++) {
+      const c = counts[b];
+      counts[b] = sum;
+      sum += c;
+    }
+    for (let i = 0; i < n; i++) {
+      const id = ids[i];
+      next[counts[(words[2 * id + word] >>> shift) & 255]++] = id;
+    }
+    [ids, next] = [next, ids];
+  }
+  return ids;
+};
+
+/** Prefix lengths tried in turn when how many tokens a decision needs is not known up front. */
+const prefixLengths = (limit: number): number[] => limit > 256 ? [256, limit] : [limit];
+
 /**
  * Tokens that survive top-k then top-p on a tempered log-distribution, most likely first (ties
- * by id). Top-p keeps the smallest prefix whose mass reaches topP (at least one token).
+ * by id). Top-p keeps the smallest prefix whose mass reaches topP (at least one token). Only
+ * the prefix the cut needs is ordered (see `topOrder`), growing until the cut falls within it.
  */
 export const keptTokens = (
   lp: ArrayLike<number>,
   p: Pick<SamplingParams, "topK" | "topP">,
 ): number[] => {
-  let order = Array.from({ length: lp.length }, (_, i) => i).sort((a, b) => lp[b] - lp[a] || a - b);
-  if (p.topK > 0 && p.topK < order.length) order = order.slice(0, p.topK);
-  if (p.topP < 1) {
+  const k = p.topK > 0 && p.topK < lp.length ? p.topK : lp.length;
+  if (!(p.topP < 1)) return Array.from(topOrder(lp, k));
+  for (const m of prefixLengths(k)) {
+    const order = topOrder(lp, m);
     let mass = 0;
     let keep = 0;
     while (keep < order.length && (keep === 0 || mass < p.topP)) {
       mass += Math.exp(lp[order[keep++]]);
     }
-    order = order.slice(0, keep);
+    // the cut fell inside this prefix, or the prefix is all top-k keeps
+    if (keep < order.length || !(mass < p.topP) || m === k) {
+      return Array.from(order.subarray(0, keep));
+    }
   }
-  return order;
+  throw new Error("unreachable: the last prefix length is k");
 };
 
 /** Samples a token; `rng` is the sequence's own stream (seeded per request). */
@@ -83,19 +189,38 @@ export const sampleTokenWith = (
     return { token: best, rawLogprob: raw[best], processedLogprob: 0 };
   }
   const lp = logSoftmax(logits, p.temperature);
-  const order = keptTokens(lp, p);
+  const filtered = (p.topK > 0 && p.topK < lp.length) || p.topP < 1;
+  if (filtered) {
+    const order = keptTokens(lp, p);
+    let total = 0;
+    for (const i of order) total += Math.exp(lp[i]);
+    const token = walk(lp, order, u0 * total) ?? order[order.length - 1];
+    return { token, rawLogprob: raw[token], processedLogprob: lp[token] - Math.log(total) };
+  }
+  // the whole vocabulary is kept: its mass is summed in id order, and the walk orders only the
+  // prefix it reaches (most draws of a peaked row end in its first few tokens)
   let total = 0;
-  for (const i of order) total += Math.exp(lp[i]);
-  let u = u0 * total;
-  let token = order[order.length - 1];
-  for (const i of order) {
-    u -= Math.exp(lp[i]);
-    if (u <= 0) {
-      token = i;
+  for (let i = 0; i < lp.length; i++) total += Math.exp(lp[i]);
+  let token = -1;
+  for (const m of prefixLengths(lp.length)) {
+    const order = topOrder(lp, m);
+    const hit = walk(lp, order, u0 * total);
+    if (hit !== null || m === lp.length) {
+      token = hit ?? order[order.length - 1];
       break;
     }
   }
   return { token, rawLogprob: raw[token], processedLogprob: lp[token] - Math.log(total) };
+};
+
+/** The token where the running mass of `order` reaches `target`, or null when it never does. */
+const walk = (lp: ArrayLike<number>, order: ArrayLike<number>, target: number): number | null => {
+  let u = target;
+  for (let j = 0; j < order.length; j++) {
+    u -= Math.exp(lp[order[j]]);
+    if (u <= 0) return order[j];
+  }
+  return null;
 };
 
 /**
