@@ -5,7 +5,7 @@
  * n = 1 (distinct seeds), both seeded with ignore_eos so every sequence yields max_tokens tokens.
  *
  *   deno run -A bench/server_batch.ts [--backend cpu|webgpu] [--large-only|--small-only]
- *     [--hidden 256] [--layers 4] [--vocab 512] [--max-tokens 64] [--reps 3]
+ *     [--hidden 256] [--layers 4] [--vocab 512] [--max-tokens 64] [--reps 3] [--temperature 1]
  *
  * Prints one line per case (wall-clock tokens/s, and tokens per CPU-second of the server process,
  * which a shared machine disturbs less) and a JSON summary (not written to bench/results).
@@ -39,7 +39,7 @@ const measure = async (c: Case): Promise<Record<string, number>> => {
     prompt: [...c.prompt],
     n,
     max_tokens: c.maxTokens,
-    temperature: 1,
+    temperature: Number(arg("--temperature") ?? 1),
     seed,
     ignore_eos: true,
     logprobs: 0,
