@@ -24,7 +24,13 @@ import {
   type SamplingParams,
 } from "../src/model/sampling.ts";
 import { Rng } from "../src/model/rng.ts";
-import { gpuTeardown, hasGpu, seededValues, testBackends, withOps } from "./support/backends.ts";
+import {
+  candidatesOn,
+  gpuTeardown,
+  hasGpu,
+  seededValues,
+  testBackends,
+} from "./support/backends.ts";
 import { tinyConfig } from "./support/tiny.ts";
 import { uploadModel } from "../src/model/decoder.ts";
 import { initWeights } from "../src/model/weights.ts";
@@ -39,19 +45,6 @@ const logitsOf = (n: number, v: number, seed: number, scale: number, quant: bool
     const y = x * scale;
     return quant ? Math.round(y * 2) / 2 : y;
   });
-
-const candidatesOn = (
-  b: BackendShape,
-  data: Float32Array,
-  shape: [number, number],
-  temps: number[],
-  count: number,
-): Promise<Float32Array | Float64Array> =>
-  withOps(b, (ops) =>
-    Effect.map(
-      ops.read([ops.sampleCandidates(ops.fromArray(data, shape), temps, count)]),
-      (r) => r[0],
-    ));
 
 Deno.test("sampleCandidates: hand example (ties by lower id, -inf / -1 padding)", async () => {
   for (const b of both) {

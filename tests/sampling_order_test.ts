@@ -1,54 +1,17 @@
 /**
  * The host sampler orders only the prefix of a row a decision needs (src/model/sampling.ts
- * `topOrder`, `keptTokens`, `sampleTokenWith`). Checked against the plain definition written
- * out here: sort the whole row most likely first (ties by lower id), cut top-k then top-p, and
- * walk the kept set's mass in that order. Rows have ties, -inf entries and SmolLM2's vocabulary
+ * `topOrder`, `keptTokens`, `sampleTokenWith`). Checked against the plain definition
+ * (tests/support/sampling_reference.ts): sort the whole row most likely first (ties by lower
+ * id), cut top-k then top-p, and walk the kept set's mass in that order. Rows have ties, -inf entries and SmolLM2's vocabulary
  * size; kept sets must be identical, sampled tokens the same (logprobs within 1e-12) except
  * where the walk ends in rounding: an unfiltered row's mass is summed in id order, not sorted
  * order, so a draw within that rounding (1e-10 of the mass) of a boundary may pick a neighbour.
  */
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import fc from "fast-check";
-import {
-  keptTokens,
-  logSoftmax,
-  sampleTokenWith,
-  type SamplingParams,
-  topOrder,
-} from "../src/model/sampling.ts";
+import { keptTokens, logSoftmax, sampleTokenWith, topOrder } from "../src/model/sampling.ts";
 import { seededValues } from "./support/backends.ts";
-
-/** The definition: the whole row sorted, then cut. */
-const keptByDefinition = (lp: ArrayLike<number>, p: SamplingParams): number[] => {
-  let order = Array.from({ length: lp.length }, (_, i) => i).sort((a, b) => lp[b] - lp[a] || a - b);
-  if (p.topK > 0 && p.topK < order.length) order = order.slice(0, p.topK);
-  if (p.topP < 1) {
-    let mass = 0;
-    let keep = 0;
-    while (keep < order.length && (keep === 0 || mass < p.topP)) {
-      mass += Math.exp(lp[order[keep++]]);
-    }
-    order = order.slice(0, keep);
-  }
-  return order;
-};
-
-const sampleByDefinition = (logits: ArrayLike<number>, p: SamplingParams, u0: number) => {
-  const lp = logSoftmax(logits, p.temperature);
-  const order = keptByDefinition(lp, p);
-  let total = 0;
-  for (const i of order) total += Math.exp(lp[i]);
-  let u = u0 * total;
-  let token = order[order.length - 1];
-  for (const i of order) {
-    u -= Math.exp(lp[i]);
-    if (u <= 0) {
-      token = i;
-      break;
-    }
-  }
-  return { token, processedLogprob: lp[token] - Math.log(total) };
-};
+import { keptByDefinition, sampleByDefinition } from "./support/sampling_reference.ts";
 
 /** A row of `v` logits times `scale`: quantised (ties) when `quant`, some -inf. */
 const rowOf = (v: number, seed: number, scale: number, quant: boolean) =>
@@ -75,7 +38,7 @@ Deno.test("topOrder: the whole row's order, cut to its first m (log-probs, and r
     fc.property(rowArb, fc.integer({ min: 0, max: 60000 }), ({ v, seed, scale, quant }, m) => {
       const logits = rowOf(v, seed, scale, quant);
       for (const row of [logSoftmax(logits), logits]) {
-        const want = keptByDefinition(row, { temperature: 1, topK: 0, topP: 1 }).slice(0, m);
+        const want = keptByDefinition(row, { topK: 0, topP: 1 }).slice(0, m);
         assertEquals(Array.from(topOrder(row, m)), want);
       }
     }),

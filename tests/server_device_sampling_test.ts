@@ -7,9 +7,7 @@
  * only, whatever the batch's largest count was. Sequences needing their whole row are refused.
  */
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
-import { Effect } from "effect";
 import fc from "fast-check";
-import type { BackendShape } from "../src/backend/backend.ts";
 import { SAMPLE_CANDIDATES } from "../src/model/generate.ts";
 import { candidateRow } from "../src/model/sampling.ts";
 import { Rng } from "../src/model/rng.ts";
@@ -21,23 +19,10 @@ import {
   sampleStepFromCandidates,
   type StepParams,
 } from "../src/server/sampler.ts";
-import { gpuTeardown, seededValues, testBackends, withOps } from "./support/backends.ts";
+import { candidatesOn, gpuTeardown, seededValues, testBackends } from "./support/backends.ts";
 
 const { gpu, cpu } = await testBackends();
 const both = [cpu, ...(gpu ? [gpu] : [])];
-
-const candidatesOn = (
-  b: BackendShape,
-  data: Float32Array,
-  shape: [number, number],
-  temps: number[],
-  count: number,
-) =>
-  withOps(b, (ops) =>
-    Effect.map(
-      ops.read([ops.sampleCandidates(ops.fromArray(data, shape), temps, count)]),
-      (r) => r[0],
-    ));
 
 Deno.test("candidatesNeeded: only steps whose result the candidates can hold", () => {
   const p: StepParams = { temperature: 1, topP: 1, topK: 0, minP: 0 };

@@ -73,6 +73,20 @@ export const withOps = <A>(
     ) as Effect.Effect<A, unknown>,
   );
 
+/** A host copy of `Ops.sampleCandidates` of `data` [rows, vocab] on `b`. */
+export const candidatesOn = (
+  b: BackendShape,
+  data: Float32Array,
+  shape: [number, number],
+  temps: number[],
+  count: number,
+): Promise<Float32Array | Float64Array> =>
+  withOps(b, (ops) =>
+    Effect.map(
+      ops.read([ops.sampleCandidates(ops.fromArray(data, shape), temps, count)]),
+      (r) => r[0],
+    ));
+
 /** Normwise relative error: max|x - ref| / max(max|ref|, tiny). */
 export const relError = (x: ArrayLike<number>, ref: ArrayLike<number>): number => {
   if (x.length !== ref.length) throw new Error(`length ${x.length} vs ${ref.length}`);
