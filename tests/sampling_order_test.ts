@@ -2,10 +2,11 @@
  * The host sampler orders only the prefix of a row a decision needs (src/model/sampling.ts
  * `topOrder`, `keptTokens`, `sampleTokenWith`). Checked against the plain definition
  * (tests/support/sampling_reference.ts): sort the whole row most likely first (ties by lower
- * id), cut top-k then top-p, and walk the kept set's mass in that order. Rows have ties, -inf entries and SmolLM2's vocabulary
- * size; kept sets must be identical, sampled tokens the same (logprobs within 1e-12) except
- * where the walk ends in rounding: an unfiltered row's mass is summed in id order, not sorted
- * order, so a draw within that rounding (1e-10 of the mass) of a boundary may pick a neighbour.
+ * id), cut top-k then top-p, and walk the kept set's mass in that order. Rows have ties, -inf
+ * entries and SmolLM2's vocabulary size. Kept sets must be identical; a top-k or top-p row's
+ * token and logprob exactly the same; an unfiltered row's mass is summed in id order, not sorted
+ * order, so its logprob is within 1e-10 and a draw within that rounding of a boundary may pick a
+ * neighbour.
  */
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import fc from "fast-check";
@@ -54,10 +55,15 @@ Deno.test("keptTokens and sampleTokenWith: the same kept set and token as sortin
       assertEquals(keptTokens(lp, p), keptByDefinition(lp, p));
       const got = sampleTokenWith(logits, p, u);
       const want = sampleByDefinition(logits, p, u);
+      // a filtered row sums and walks its kept set in sorted order, as the definition does:
+      // the same token and logprob exactly; an unfiltered row's id-order mass is within 1e-10
+      const filtered = (p.topK > 0 && p.topK < r.v) || p.topP < 1;
       if (got.token === want.token) {
-        assert(Math.abs(got.processedLogprob - want.processedLogprob) <= 1e-12);
+        const err = Math.abs(got.processedLogprob - want.processedLogprob);
+        assert(filtered ? err === 0 : err <= 1e-10, `processed logprob off by ${err}`);
         return;
       }
+      assert(!filtered, `filtered row: token ${got.token} vs ${want.token}`);
       // another token only where the walk ends in rounding: an unfiltered row's mass is summed
       // in id order, so the two targets differ by the sums' rounding (~vocab x 1e-16 of the
       // mass). Then the later choice starts within that of the target, with no more than that

@@ -25,22 +25,29 @@ const { gpu, cpu } = await testBackends();
 const both = [cpu, ...(gpu ? [gpu] : [])];
 
 Deno.test("candidatesNeeded: only steps whose result the candidates can hold", () => {
+  const V = 49152;
   const p: StepParams = { temperature: 1, topP: 1, topK: 0, minP: 0 };
   const raw: LogprobsMode = "raw_logprobs";
   const processed: LogprobsMode = "processed_logprobs";
-  assertEquals(candidatesNeeded({ ...p, temperature: 0 }, true, raw, null), 1);
-  assertEquals(candidatesNeeded({ ...p, temperature: 0 }, true, processed, 5), 5);
-  assertEquals(candidatesNeeded(p, true, raw, null), 16);
-  assertEquals(candidatesNeeded({ ...p, topK: 40 }, true, raw, null), 40);
-  assertEquals(candidatesNeeded({ ...p, topK: 500 }, true, raw, null), SAMPLE_CANDIDATES);
-  assertEquals(candidatesNeeded(p, true, raw, 20), 20);
-  assertEquals(candidatesNeeded(p, true, processed, null), 16);
+  assertEquals(candidatesNeeded({ ...p, temperature: 0 }, V, true, raw, null), 1);
+  assertEquals(candidatesNeeded({ ...p, temperature: 0 }, V, true, processed, 5), 5);
+  assertEquals(candidatesNeeded(p, V, true, raw, null), 16);
+  assertEquals(candidatesNeeded({ ...p, topK: 40 }, V, true, raw, null), 40);
+  assertEquals(
+    candidatesNeeded({ ...p, topK: 500, topP: 0.9 }, V, true, raw, null),
+    SAMPLE_CANDIDATES,
+  );
+  assertEquals(candidatesNeeded({ ...p, topK: 500 }, 300, true, raw, null), 16); // k >= vocab: off
+  assertEquals(candidatesNeeded(p, V, true, raw, 20), 20);
+  assertEquals(candidatesNeeded(p, V, true, processed, null), 16);
   // the whole row: logits rules or bans, min_p, processed alternatives, too many alternatives
-  assertEquals(candidatesNeeded(p, false, raw, null), null);
-  assertEquals(candidatesNeeded({ ...p, minP: 0.1 }, true, raw, null), null);
-  assertEquals(candidatesNeeded({ ...p, minP: 0.1, temperature: 0 }, true, raw, null), 1);
-  assertEquals(candidatesNeeded(p, true, processed, 3), null);
-  assertEquals(candidatesNeeded(p, true, raw, SAMPLE_CANDIDATES + 1), null);
+  assertEquals(candidatesNeeded(p, V, false, raw, null), null);
+  assertEquals(candidatesNeeded({ ...p, minP: 0.1 }, V, true, raw, null), null);
+  assertEquals(candidatesNeeded({ ...p, minP: 0.1, temperature: 0 }, V, true, raw, null), 1);
+  assertEquals(candidatesNeeded(p, V, true, processed, 3), null);
+  assertEquals(candidatesNeeded(p, V, true, raw, SAMPLE_CANDIDATES + 1), null);
+  // a top-k beyond the candidates without a top-p cut: the candidates never decide it
+  assertEquals(candidatesNeeded({ ...p, topK: 500 }, V, true, raw, null), null);
 });
 
 Deno.test("sampleStepFromCandidates: the whole-row step's token, logprob (1e-6) and alternatives", async () => {
@@ -63,7 +70,7 @@ Deno.test("sampleStepFromCandidates: the whole-row step's token, logprob (1e-6) 
         fc.constantFrom(null, 1, 4, 20),
         fc.integer({ min: 0, max: SAMPLE_CANDIDATES }),
         async (n, v, seed, scale, p: StepParams, mode, topN, other) => {
-          const need = candidatesNeeded(p, true, mode, topN);
+          const need = candidatesNeeded(p, v, true, mode, topN);
           if (need === null) return;
           // the batch's count: this step's need or another row's larger one
           const count = Math.min(v, Math.max(need, other));

@@ -145,12 +145,14 @@ export const sampleStep = (
  * Candidates a step of a sequence needs to be sampled from its row's device candidates
  * (`Ops.sampleCandidates`), or null when only its whole row will do: its processed row is its
  * raw row (`unprocessed`: no logits rules, no min_tokens ban this step), min_p is off (it masks
- * by the tempered max over the whole row), and the alternatives asked fit the candidates and are
+ * by the tempered max over the whole row), a top-k beyond the candidates (of a `vocab` row)
+ * comes with a top-p cut, and the alternatives asked fit the candidates and are
  * of the raw distribution (raw mode, or greedy, where the processed row is the raw one). Greedy
  * needs the best only; sampling 16 or its top-k (a kept set within them decides at once).
  */
 export const candidatesNeeded = (
   p: StepParams,
+  vocab: number,
   unprocessed: boolean,
   mode: LogprobsMode,
   topN: number | null,
@@ -158,10 +160,13 @@ export const candidatesNeeded = (
   if (!unprocessed) return null;
   const greedy = p.temperature <= 0;
   if (!greedy && p.minP > 0) return null;
+  const topK = p.topK > 0 && p.topK < vocab ? p.topK : 0; // k >= vocab keeps every token
+  // a top-k beyond the candidates with no top-p cut among them is never decided by them
+  if (!greedy && topK > SAMPLE_CANDIDATES && !(p.topP < 1)) return null;
   if (topN !== null && (topN > SAMPLE_CANDIDATES || (!greedy && mode !== "raw_logprobs"))) {
     return null;
   }
-  const own = greedy ? 1 : Math.min(SAMPLE_CANDIDATES, Math.max(16, p.topK > 0 ? p.topK : 0));
+  const own = greedy ? 1 : Math.min(SAMPLE_CANDIDATES, Math.max(16, topK));
   return Math.max(own, topN ?? 0);
 };
 

@@ -106,7 +106,13 @@ export const candidatesFor = (
   mode: LogprobsMode,
 ): number | null => {
   const banned = bannedOf(s, tokenizer).some((t) => t >= 0 && t < vocab);
-  return candidatesNeeded(s.spec.sampling, !hasRules(s.spec.rules) && !banned, mode, topNOf(s));
+  return candidatesNeeded(
+    s.spec.sampling,
+    vocab,
+    !hasRules(s.spec.rules) && !banned,
+    mode,
+    topNOf(s),
+  );
 };
 
 /**
