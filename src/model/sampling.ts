@@ -37,6 +37,14 @@ export const logSoftmax = (logits: ArrayLike<number>, temperature = 1): Float64A
   return out;
 };
 
+/** Tokens top-k keeps of a `vocab` row: `topK` where it cuts (0 < topK < vocab), else all. */
+export const topKKept = (topK: number, vocab: number): number =>
+  topK > 0 && topK < vocab ? topK : vocab;
+
+/** Whether top-k or top-p removes any token of a `vocab` row. */
+export const filtersRow = (p: Pick<SamplingParams, "topK" | "topP">, vocab: number): boolean =>
+  topKKept(p.topK, vocab) < vocab || p.topP < 1;
+
 /** Most likely first, ties by lower id: the order every sampling decision walks. */
 const byLikelihood = (lp: ArrayLike<number>) => (a: number, b: number): number =>
   lp[b] - lp[a] || a - b;
@@ -147,7 +155,7 @@ export const keptTokens = (
   lp: ArrayLike<number>,
   p: Pick<SamplingParams, "topK" | "topP">,
 ): number[] => {
-  const k = p.topK > 0 && p.topK < lp.length ? p.topK : lp.length;
+  const k = topKKept(p.topK, lp.length);
   if (!(p.topP < 1)) return Array.from(topOrder(lp, k));
   for (const m of prefixLengths(k)) {
     const order = topOrder(lp, m);
@@ -189,8 +197,7 @@ export const sampleTokenWith = (
     return { token: best, rawLogprob: raw[best], processedLogprob: 0 };
   }
   const lp = logSoftmax(logits, p.temperature);
-  const filtered = (p.topK > 0 && p.topK < lp.length) || p.topP < 1;
-  if (filtered) {
+  if (filtersRow(p, lp.length)) {
     const order = keptTokens(lp, p);
     let total = 0;
     for (const i of order) total += Math.exp(lp[i]);
@@ -299,7 +306,7 @@ export const sampleFromCandidates = (
     // distinct logits whose tempered log-probs nearly tie: the host's order may differ
     if (i > 0 && c.values[i] !== c.values[i - 1] && lp[i - 1] - lp[i] < 1e-12) return null;
   }
-  const k = p.topK > 0 && p.topK < c.vocab ? p.topK : c.vocab;
+  const k = topKKept(p.topK, c.vocab);
   let keep = Math.min(k, n);
   // the kept set is a prefix of the candidates when k fits them or the top-p cut falls in them
   let held = k <= n;

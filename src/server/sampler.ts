@@ -14,10 +14,12 @@ import type { FloatArray } from "../backend/tensor.ts";
 import { SAMPLE_CANDIDATES } from "../model/generate.ts";
 import {
   type CandidateRow,
+  filtersRow,
   keptTokens,
   logSoftmax,
   sampleFromCandidates,
   sampleTokenWith,
+  topKKept,
 } from "../model/sampling.ts";
 
 /** Logprobs mode of the server (vLLM's --logprobs-mode). */
@@ -74,8 +76,7 @@ export const rankOf = (lp: ArrayLike<number>, i: number): number => {
  */
 export const processedLogprobs = (logits: ArrayLike<number>, p: StepParams): Float64Array => {
   const lp = logSoftmax(logits, p.temperature);
-  const filtering = (p.topK > 0 && p.topK < lp.length) || p.topP < 1;
-  if (!filtering) return lp;
+  if (!filtersRow(p, lp.length)) return lp;
   const order = keptTokens(lp, p);
   let total = 0;
   for (const i of order) total += Math.exp(lp[i]);
@@ -160,7 +161,8 @@ export const candidatesNeeded = (
   if (!unprocessed) return null;
   const greedy = p.temperature <= 0;
   if (!greedy && p.minP > 0) return null;
-  const topK = p.topK > 0 && p.topK < vocab ? p.topK : 0; // k >= vocab keeps every token
+  const kept = topKKept(p.topK, vocab);
+  const topK = kept < vocab ? kept : 0; // k >= vocab keeps every token
   // a top-k beyond the candidates with no top-p cut among them is never decided by them
   if (!greedy && topK > SAMPLE_CANDIDATES && !(p.topP < 1)) return null;
   if (topN !== null && (topN > SAMPLE_CANDIDATES || (!greedy && mode !== "raw_logprobs"))) {
@@ -172,9 +174,11 @@ export const candidatesNeeded = (
 
 /** The first `n` candidates of a row (a step decides from what it asked for only). */
 export const firstCandidates = (c: CandidateRow, n: number): CandidateRow =>
-  n >= c.values.length
-    ? c
-    : { ...c, values: Array.from(c.values).slice(0, n), ids: Array.from(c.ids).slice(0, n) };
+  n >= c.values.length ? c : {
+    ...c,
+    values: Array.from({ length: n }, (_, i) => c.values[i]),
+    ids: Array.from({ length: n }, (_, i) => c.ids[i]),
+  };
 
 /**
  * `sampleStep` of an unprocessed row from its candidates, for a step `candidatesNeeded` allowed:
